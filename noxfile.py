@@ -1,0 +1,39 @@
+"""Sessions: `nox -s tests` (CPU), `lint`, `gpu` (pytest -m gpu on a CUDA machine), `bench`."""
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.default_venv_backend = "venv"
+
+
+def _install(session: nox.Session, extras: str = "dev,trl") -> None:
+    # CPU torch first: a bare torch requirement pulls a multi-GB CUDA build.
+    session.install("torch==2.13.0")
+    session.install("triton==3.7.1", "-e", f".[{extras}]")
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    _install(session)
+    session.run("pytest", "-q", "-m", "not gpu", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", "src", "tests")
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """On a CUDA machine with torch/triton/transformers already installed."""
+    session.env["PYTHONPATH"] = "src"
+    session.run("python", "-m", "pytest", "-q", "-m", "gpu", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Op and training benchmarks on a CUDA machine; results land in bench/out/."""
+    session.env["PYTHONPATH"] = "src"
+    session.run("python", "bench/ops.py", *session.posargs)

@@ -1,0 +1,45 @@
+"""Small helpers shared by the op files: argument checks and device facts."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+
+def check(cond: bool, op: str, msg: str) -> None:
+    """Raise a ValueError naming the op when ``cond`` is false."""
+    if not cond:
+        raise ValueError(f"chronipatch.ops.{op}: {msg}")
+
+
+def check_same(op: str, **tensors: torch.Tensor) -> None:
+    """All tensors share one device and one floating dtype."""
+    names = list(tensors)
+    first = tensors[names[0]]
+    check(first.is_floating_point(), op, f"{names[0]} must be floating point, got {first.dtype}")
+    for name in names[1:]:
+        t = tensors[name]
+        check(t.device == first.device, op, f"{name} is on {t.device} but {names[0]} is on {first.device}")
+        check(t.dtype == first.dtype, op, f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}")
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors; every other device, and fp64, runs the torch reference
+    (the kernels compute in fp32)."""
+    return t.device.type == "cuda" and t.dtype != torch.float64
+
+
+@functools.cache
+def num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sms_for(t: torch.Tensor) -> int:
+    # CPU tensors reach the kernels only under TRITON_INTERPRET (tests); any width works there.
+    return num_sms(t.device.index or 0) if on_gpu(t) else 4
+
+
+def pow2(n: int) -> int:
+    return triton.next_power_of_2(n)

@@ -1,0 +1,307 @@
+"""Cross-entropy of a linear head, ``CE(hidden @ weight.T, labels)``, without the [N, V] logits.
+
+Per row i with logits z = h_i W^T (rounded to the weight dtype, as HF's lm_head output is):
+    lse_i  = log sum_v exp(z_v)                     (fp32, online over vocabulary chunks)
+    loss_i = lse_i - z_{y_i}                         (0 where y_i == ignore_index)
+    H_i    = lse_i - sum_v softmax(z)_v z_v          (entropy, for logging)
+    hit_i  = [argmax_v z_v == y_i]                   (token accuracy, for logging)
+Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weight dtype:
+    dh = g W,  dW = g^T h
+The vocabulary is walked in chunks of Vc columns: the forward keeps only the running
+(max, sum, entropy sum, argmax, target logit) per row; the backward recomputes each chunk's
+logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head
+does), accumulating dh in fp32. Peak extra memory is one [N, Vc] chunk plus fp32 dh; the
+gradients are exact (no filtering of small probabilities).
+
+The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
+unroll nor reorder it into a larger memory peak.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference
+from ._utils import check, check_same, on_gpu
+
+CHUNK_BYTES = 32 << 20  # bytes of one [N, Vc] logits chunk
+BLOCK_V = 1024
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_chunk_kernel(
+    Z, LABELS, M, S, E, BEST, ARG, ZLAB, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z
+    m = tl.load(M + row)
+    s = tl.load(S + row)
+    e = tl.load(E + row)
+    best = tl.load(BEST + row)
+    arg = tl.load(ARG + row)
+    for c0 in range(0, vc, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        z = tl.load(z_row + cols, mask=cols < vc, other=float("-inf")).to(tl.float32)
+        tile_max = tl.max(z, axis=0)
+        tile_arg = tl.argmax(z, axis=0)
+        # Strictly greater keeps the first maximum, as torch.argmax does.
+        arg = tl.where(tile_max > best, v0 + c0 + tile_arg, arg)
+        best = tl.maximum(best, tile_max)
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new)
+        s = s * alpha + tl.sum(p, axis=0)
+        e = e * alpha + tl.sum(tl.where(cols < vc, p * z, 0.0), axis=0)
+        m = m_new
+    tl.store(M + row, m)
+    tl.store(S + row, s)
+    tl.store(E + row, e)
+    tl.store(BEST + row, best)
+    tl.store(ARG + row, arg)
+    y = tl.load(LABELS + row)
+    if (y != ignore_index) & (y >= v0) & (y < v0 + vc):
+        tl.store(ZLAB + row, tl.load(z_row + (y - v0)).to(tl.float32))
+
+
+@triton.jit
+def _bwd_chunk_kernel(Z, LABELS, LSE, DROWS, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr):
+    """Overwrite the logits chunk with g = (softmax - onehot) * dloss, in place."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z
+    y = tl.load(LABELS + row)
+    lse = tl.load(LSE + row)
+    scale = tl.where(y != ignore_index, tl.load(DROWS + row), 0.0)
+    for c0 in range(0, vc, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = cols < vc
+        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(z - lse) - tl.where(v0 + cols == y, 1.0, 0.0)
+        tl.store(z_row + cols, (g * scale).to(Z.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _chunk(n_rows: int, vocab: int, elt: int) -> int:
+    vc = CHUNK_BYTES // max(1, n_rows * elt)
+    return max(256, min(vocab, 32768, vc // 256 * 256))
+
+
+_MM_OUT_DTYPE: bool | None = None
+
+
+def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with fp32 accumulation for low-precision a, b."""
+    global _MM_OUT_DTYPE
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _MM_OUT_DTYPE is not False:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            _MM_OUT_DTYPE = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    acc.addmm_(a.float(), b.float())
+
+
+def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+    n, vocab = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m = torch.full((n,), float("-inf"), **f32)
+    s, e, zlab = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
+    best = torch.full((n,), float("-inf"), **f32)
+    arg = torch.zeros(n, dtype=torch.int64, device=hidden.device)
+    if n > 0:
+        vc = _chunk(n, vocab, hidden.element_size())
+        for v0 in range(0, vocab, vc):
+            z = hidden @ weight[v0 : v0 + vc].T
+            _fwd_chunk_kernel[(n,)](
+                z,
+                labels,
+                m,
+                s,
+                e,
+                best,
+                arg,
+                zlab,
+                z.stride(0),
+                z.shape[1],
+                v0,
+                ignore_index,
+                BLOCK_V=BLOCK_V,
+                num_warps=4,
+            )
+    lse = m + torch.log(s)
+    loss = torch.where(labels != ignore_index, lse - zlab, 0.0)
+    return loss, lse, lse - e / s, (arg == labels).float()
+
+
+def lce_bwd_triton(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    dw = torch.zeros_like(weight)
+    if n > 0:
+        grad_rows = grad_rows.float().contiguous()
+        vc = _chunk(n, vocab, hidden.element_size())
+        for v0 in range(0, vocab, vc):
+            w = weight[v0 : v0 + vc]
+            g = hidden @ w.T
+            _bwd_chunk_kernel[(n,)](
+                g,
+                labels,
+                lse,
+                grad_rows,
+                g.stride(0),
+                g.shape[1],
+                v0,
+                ignore_index,
+                BLOCK_V=BLOCK_V,
+                num_warps=4,
+            )
+            torch.mm(g.T, hidden, out=dw[v0 : v0 + vc])
+            _acc_mm(dh, g, w)
+    return dh.to(hidden.dtype), dw
+
+
+# ---------------------------------------------------------------- registration
+
+
+@torch.library.custom_op("chronipatch::linear_cross_entropy", mutates_args=())
+def _lce(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if on_gpu(hidden):
+        return lce_fwd_triton(hidden, weight, labels, ignore_index)
+    return reference.lce_fwd(hidden, weight, labels, ignore_index)
+
+
+@_lce.register_fake
+def _(hidden, weight, labels, ignore_index):
+    rows = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op("chronipatch::linear_cross_entropy_bwd", mutates_args=())
+def _lce_bwd(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    if on_gpu(hidden):
+        return lce_bwd_triton(grad_rows, hidden, weight, labels, lse, ignore_index)
+    return reference.lce_bwd(grad_rows, hidden, weight, labels, lse, ignore_index)
+
+
+@_lce_bwd.register_fake
+def _(grad_rows, hidden, weight, labels, lse, ignore_index):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format
+    )
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, labels, ignore_index = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[1])
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_rows, *_):
+    hidden, weight, labels, lse = ctx.saved_tensors
+    dh, dw = _lce_bwd(grad_rows, hidden, weight, labels, lse, ctx.ignore_index)
+    return dh, dw, None, None
+
+
+_lce.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- public
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics, shaped like ``labels``: softmax entropy and argmax == label."""
+
+    entropy: Tensor
+    correct: Tensor
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    shift: bool = True,
+    reduction: str = "mean",
+    return_token_stats: bool = False,
+) -> Tensor | tuple[Tensor, TokenStats]:
+    """Fused ``cross_entropy(hidden @ weight.T, labels)`` with HF ``ForCausalLMLoss`` semantics.
+
+    hidden ``[..., H]``, weight ``[V, H]``, labels ``[...]``. With ``shift`` the position t predicts
+    ``labels[..., t + 1]`` (labels as HF's CausalLM takes them). ``reduction="mean"`` divides the sum by
+    ``num_items_in_batch`` when given, else by the count of non-ignored labels; all ignored gives 0.
+    The loss is fp32; ``return_token_stats`` also returns a :class:`TokenStats` for logging.
+    """
+    op = "linear_cross_entropy"
+    check_same(op, hidden=hidden, weight=weight)
+    check(weight.dim() == 2, op, f"weight must be [V, H], got {tuple(weight.shape)}")
+    check(
+        hidden.dim() >= 1 and hidden.shape[-1] == weight.shape[1],
+        op,
+        f"hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)} in H",
+    )
+    check(
+        labels.device == hidden.device, op, f"labels are on {labels.device} but hidden is on {hidden.device}"
+    )
+    check(
+        not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool,
+        op,
+        f"labels must be integer, got {labels.dtype}",
+    )
+    check(
+        tuple(labels.shape) == tuple(hidden.shape[:-1]),
+        op,
+        f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its last dim",
+    )
+    check(reduction in ("mean", "sum", "none"), op, f"reduction must be mean, sum or none, got {reduction!r}")
+    check(num_items_in_batch is None or reduction == "mean", op, "num_items_in_batch needs reduction='mean'")
+    vocab = weight.shape[0]
+    labels = labels.long()
+    if shift:
+        check(labels.dim() >= 1, op, "shift needs labels with a sequence dim")
+        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if not torch.compiler.is_compiling() and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bad.any():  # one host sync, eager only; compiled runs give NaN rows instead
+            raise ValueError(
+                f"chronipatch.ops.{op}: label {labels[bad][0].item()} outside [0, {vocab}) "
+                f"and not ignore_index={ignore_index}"
+            )
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    rows, _, entropy, correct = _lce(
+        h, weight.contiguous(), labels.reshape(-1).contiguous(), int(ignore_index)
+    )
+    if reduction == "none":
+        loss = rows.reshape(labels.shape)
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        if num_items_in_batch is None:
+            divisor = (labels != ignore_index).sum().float()
+        else:
+            divisor = torch.as_tensor(num_items_in_batch, device=rows.device, dtype=torch.float32)
+        loss = rows.sum() / torch.where(divisor > 0, divisor, 1.0)
+    if return_token_stats:
+        return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
+    return loss

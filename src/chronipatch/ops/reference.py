@@ -1,0 +1,101 @@
+"""Eager torch references of every op: the CPU path, the test oracle and the benchmark baseline.
+
+Each forward returns exactly what its fused op returns, and each backward computes the same
+analytic gradient, so the CPU path of a registered op is these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _f(x: Tensor) -> Tensor:
+    """Upcast to at least fp32 (fp64 stays fp64, so the reference is also the fp64 truth)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# --- RMSNorm: y = w * cast(x * rsqrt(mean(x^2) + eps)), statistics in fp32 (LlamaRMSNorm) ---
+
+
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    xf = _f(x)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    y = weight * (xf * rstd.unsqueeze(-1)).to(x.dtype)
+    return y, rstd
+
+
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    xf, dyf, r = _f(x), _f(dy), rstd.unsqueeze(-1)
+    h = xf * r
+    dh = dyf * _f(weight)
+    dx = r * (dh - h * (dh * h).mean(-1, keepdim=True))
+    dw = (dyf * _f(h.to(x.dtype))).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+# --- SwiGLU: out = silu(g) * u, in fp32 ---
+
+
+def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    return (F.silu(_f(gate)) * _f(up)).to(gate.dtype)
+
+
+def swiglu_bwd(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    g, u, do = _f(gate), _f(up), _f(dout)
+    sig = torch.sigmoid(g)
+    dg = do * u * sig * (1 + g * (1 - sig))
+    du = do * g * sig
+    return dg.to(gate.dtype), du.to(up.dtype)
+
+
+# --- RoPE, HF split-half convention: out = x * cos + rotate_half(x) * sin ---
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    c, s = _f(cos).unsqueeze(1), _f(sin).unsqueeze(1)
+    qf, kf = _f(q), _f(k)
+    return (qf * c + rotate_half(qf) * s).to(q.dtype), (kf * c + rotate_half(kf) * s).to(k.dtype)
+
+
+def rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    # The transpose of x -> x*cos + rotate_half(x)*sin is y -> y*cos - rotate_half(y*sin).
+    c, s = _f(cos).unsqueeze(1), _f(sin).unsqueeze(1)
+    dqf, dkf = _f(dq), _f(dk)
+    return (dqf * c - rotate_half(dqf * s)).to(dq.dtype), (dkf * c - rotate_half(dkf * s)).to(dk.dtype)
+
+
+# --- linear cross-entropy per row: loss_i = lse(h_i W^T) - (h_i W^T)[y_i], 0 where ignored ---
+
+
+def lce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+    """Returns (loss_rows, lse, entropy, correct), all [N] in fp32 (fp64 for fp64 input); logits are
+    rounded to the weight dtype before the fp32 softmax, as HF's lm_head + ForCausalLMLoss do."""
+    logits = _f(hidden @ weight.T)
+    lse = torch.logsumexp(logits, -1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss = torch.where(valid, lse - target, 0.0)
+    p = torch.softmax(logits, -1)
+    entropy = lse - (p * logits).sum(-1)
+    correct = (logits.argmax(-1) == labels).to(lse.dtype)
+    return loss, lse, entropy, correct
+
+
+def lce_bwd(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    logits = _f(hidden @ weight.T)
+    valid = labels != ignore_index
+    scale = torch.where(valid, _f(grad_rows), 0.0).unsqueeze(1)
+    safe = torch.where(valid, labels, 0).unsqueeze(1)
+    g = torch.exp(logits - lse.unsqueeze(1)).scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
+    g = (g * scale).to(hidden.dtype)
+    return g @ weight, g.T @ hidden

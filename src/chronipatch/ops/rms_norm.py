@@ -1,0 +1,192 @@
+"""RMSNorm with HF semantics (LlamaRMSNorm, Qwen2/Qwen3/Mistral RMSNorm).
+
+    rstd = 1 / sqrt(mean(x^2) + eps)            (fp32, per row)
+    y    = w * cast_to_x_dtype(x * rstd)         (output dtype = promote(x, w))
+
+Backward, with h = x * rstd and dh = dy * w:
+    dx = rstd * (dh - h * mean(dh * h))
+    dw = sum_rows(dy * cast(h))
+rstd is the op's second output, so the backward never recomputes the row statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import reference
+from ._utils import check, on_gpu, pow2, sms_for
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, N, eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    rmask, cmask = rows < n_rows, cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    # Round h to the input dtype before the weight multiply, exactly as HF does.
+    h = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(Y + rows64 * stride_y + cols[None, :], (h * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _bwd_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PART,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    N,
+    rows_per_prog,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, n_rows)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        rmask = rows < end
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        h = x * rstd[:, None]
+        dw += tl.sum(dy * h.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        dh = dy * w[None, :]
+        dx = rstd[:, None] * (dh - h * (tl.sum(dh * h, axis=1) / N)[:, None])
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    # One fp32 partial row per program, summed in a fixed order afterwards: deterministic.
+    tl.store(DW_PART + pid * N + cols, dw, mask=cmask)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _tiles(n: int) -> tuple[int, int, int]:
+    block = pow2(n)
+    rows = max(1, min(16, 2048 // block))  # several short rows per program (Qwen3 q/k_norm, d=128)
+    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return block, rows, warps
+
+
+def _rows(t: Tensor) -> Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    n = x.shape[-1]
+    x2 = _rows(x)
+    m = x2.shape[0]
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    block, rows, warps = _tiles(n)
+    if m > 0:
+        wrap_triton(_fwd_kernel)[(triton.cdiv(m, rows),)](
+            x2, weight, y, rstd, x2.stride(0), n, m, n, eps, BLOCK_N=block, ROWS=rows, num_warps=warps
+        )
+    return y, rstd
+
+
+def rms_norm_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    n = x.shape[-1]
+    x2, dy2 = _rows(x), _rows(dy)
+    m = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block, rows, warps = _tiles(n)
+    progs = max(1, min(triton.cdiv(m, rows), 4 * sms_for(x)))
+    rows_per_prog = triton.cdiv(max(m, 1), progs)
+    dw_part = torch.zeros(progs, n, dtype=torch.float32, device=x.device)
+    if m > 0:
+        wrap_triton(_bwd_kernel)[(progs,)](
+            dy2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_part,
+            dy2.stride(0),
+            x2.stride(0),
+            n,
+            m,
+            n,
+            rows_per_prog,
+            BLOCK_N=block,
+            ROWS=rows,
+            num_warps=warps,
+        )
+    return dx, dw_part.sum(0).to(weight.dtype)
+
+
+# ---------------------------------------------------------------- registration
+
+
+@triton_op("chronipatch::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    if on_gpu(x):
+        return rms_norm_fwd_triton(x, weight, eps)
+    return reference.rms_norm_fwd(x, weight, eps)
+
+
+@triton_op("chronipatch::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    if on_gpu(x):
+        return rms_norm_bwd_triton(dy, x, weight, rstd)
+    return reference.rms_norm_bwd(dy, x, weight, rstd)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+_rms_norm.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- public
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """HF RMSNorm over the last dim of ``x`` (any leading shape) with weight ``[N]``."""
+    check(
+        x.is_floating_point() and weight.is_floating_point(),
+        "rms_norm",
+        f"x and weight must be floating point, got {x.dtype} and {weight.dtype}",
+    )
+    check(x.device == weight.device, "rms_norm", f"weight is on {weight.device} but x is on {x.device}")
+    check(x.dim() >= 1, "rms_norm", "x must have at least one dim")
+    check(
+        weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+        "rms_norm",
+        f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
+    )
+    check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")
+    return _rms_norm(x, weight, float(eps))[0]

@@ -1,0 +1,264 @@
+"""Rotary position embedding, HF split-half convention, q and k in one launch.
+
+With x = [x1, x2] split in halves of the head dim and cos/sin = [c1, c2], [s1, s2]:
+    out = x * cos + rotate_half(x) * sin = [x1*c1 - x2*s1, x2*c2 + x1*s2]
+Backward is the transpose (for HF's cos/sin, the inverse rotation):
+    dx = [dy1*c1 + dy2*s2, dy2*c2 - dy1*s1]
+q is [B, Hq, T, D], k is [B, Hk, T, D] (GQA: Hk may be smaller), both usually the transposed
+views of [B, T, H, D] projections that HF builds; they are read through their strides, and the
+outputs keep that [B, T, H, D] memory layout. cos and sin are [B, T, D] or [1, T, D] and carry
+no gradient (HF builds them under no_grad).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import reference
+from ._utils import check, on_gpu, pow2
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _rotate(
+    X,
+    O,
+    x_base,
+    o_base,
+    sx_h,
+    so_h,
+    H,
+    c1,
+    c2,
+    s1,
+    s2,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < H) & (d < HALF)
+    x_ptr = X + x_base + heads * sx_h + d
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    o_ptr = O + o_base + heads * so_h + d
+    tl.store(o_ptr, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + HALF, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q,
+    K,
+    C,
+    S,
+    QO,
+    KO,
+    T,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sqo_b,
+    sqo_h,
+    sqo_t,
+    sko_b,
+    sko_h,
+    sko_t,
+    sc_b,
+    sc_t,
+    ss_b,
+    ss_t,
+    HQ,
+    HK,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (batch, token): cos/sin read once
+    b = pid // T
+    t = pid % T
+    d = tl.arange(0, BLOCK_D)[None, :]
+    dmask = d < HALF
+    c_ptr = C + b * sc_b + t * sc_t + d
+    s_ptr = S + b * ss_b + t * ss_t + d
+    c1 = tl.load(c_ptr, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
+    if BACKWARD:  # the transpose swaps the sine halves and flips their sign
+        s1, s2 = -s2, -s1
+    _rotate(
+        Q,
+        QO,
+        b * sq_b + t * sq_t,
+        b * sqo_b + t * sqo_t,
+        sq_h,
+        sqo_h,
+        HQ,
+        c1,
+        c2,
+        s1,
+        s2,
+        BLOCK_HQ,
+        BLOCK_D,
+        HALF,
+    )
+    _rotate(
+        K,
+        KO,
+        b * sk_b + t * sk_t,
+        b * sko_b + t * sko_t,
+        sk_h,
+        sko_h,
+        HK,
+        c1,
+        c2,
+        s1,
+        s2,
+        BLOCK_HK,
+        BLOCK_D,
+        HALF,
+    )
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _like_hf(x: Tensor) -> Tensor:
+    """Empty [B, H, T, D] tensor laid out as [B, T, H, D], like HF's transposed projections."""
+    b, h, t, d = x.shape
+    return torch.empty(b, t, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _last_dense(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rope_triton(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False
+) -> tuple[Tensor, Tensor]:
+    q, k, cos, sin = _last_dense(q), _last_dense(k), _last_dense(cos), _last_dense(sin)
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    qo, ko = _like_hf(q), _like_hf(k)
+    # A batch of 1 in cos/sin broadcasts over the batch of q/k.
+    sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    ss_b = sin.stride(0) if sin.shape[0] > 1 else 0
+    if b * t > 0:
+        half = d // 2
+        wrap_triton(_rope_kernel)[(b * t,)](
+            q,
+            k,
+            cos,
+            sin,
+            qo,
+            ko,
+            t,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            qo.stride(0),
+            qo.stride(1),
+            qo.stride(2),
+            ko.stride(0),
+            ko.stride(1),
+            ko.stride(2),
+            sc_b,
+            cos.stride(1),
+            ss_b,
+            sin.stride(1),
+            hq,
+            hk,
+            HALF=half,
+            BLOCK_HQ=pow2(hq),
+            BLOCK_HK=pow2(hk),
+            BLOCK_D=pow2(half),
+            BACKWARD=backward,
+            num_warps=4,
+        )
+    return qo, ko
+
+
+# ---------------------------------------------------------------- registration
+
+
+@triton_op("chronipatch::rope", mutates_args=())
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if on_gpu(q):
+        return rope_triton(q, k, cos, sin)
+    return reference.rope_fwd(q, k, cos, sin)
+
+
+@triton_op("chronipatch::rope_bwd", mutates_args=())
+def _rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if on_gpu(dq):
+        return rope_triton(dq, dk, cos, sin, backward=True)
+    return reference.rope_bwd(dq, dk, cos, sin)
+
+
+def _setup(ctx, inputs, output):
+    _, _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq_in, dk_in = _rope_bwd(dq, dk, cos, sin)
+    return dq_in, dk_in, None, None
+
+
+_rope.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- public
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """HF ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``unsqueeze_dim=1``; returns (q_out, k_out)."""
+    op = "rope"
+    check(
+        q.dim() == 4 and k.dim() == 4,
+        op,
+        f"q and k must be [B, H, T, D], got {tuple(q.shape)}, {tuple(k.shape)}",
+    )
+    check(
+        cos.dim() == 3 and sin.dim() == 3,
+        op,
+        f"cos and sin must be [B, T, D], got {tuple(cos.shape)}, {tuple(sin.shape)}",
+    )
+    b, _, t, d = q.shape
+    check(
+        k.shape[0] == b and k.shape[2] == t and k.shape[3] == d,
+        op,
+        f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, tokens or head dim",
+    )
+    check(d % 2 == 0, op, f"head dim must be even, got {d}")
+    check(cos.shape == sin.shape, op, f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
+    check(
+        cos.shape[0] in (1, b) and cos.shape[1:] == (t, d),
+        op,
+        f"cos/sin {tuple(cos.shape)} do not match [B={b} or 1, T={t}, D={d}]",
+    )
+    for name, x in (("k", k), ("cos", cos), ("sin", sin)):
+        check(x.device == q.device, op, f"{name} is on {x.device} but q is on {q.device}")
+    check(
+        q.is_floating_point() and q.dtype == k.dtype,
+        op,
+        f"q and k must share a float dtype, got {q.dtype}, {k.dtype}",
+    )
+    check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
+    return _rope(q, k, cos, sin)

@@ -1,0 +1,107 @@
+"""SwiGLU gating of the Llama-family MLP: out = silu(g) * u, computed in fp32.
+
+Backward recomputes sigmoid(g) from the saved inputs instead of keeping activations:
+    s  = sigmoid(g)
+    dg = dout * u * s * (1 + g * (1 - s))
+    du = dout * g * s
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import reference
+from ._utils import check, check_same, on_gpu
+
+BLOCK = 2048
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_kernel(G, U, O, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(O + offs, (g * tl.sigmoid(g) * u).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(DO, G, U, DG, DU, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    tl.store(DG + offs, (do * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, (do * g * s).to(DU.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def swiglu_fwd_triton(gate: Tensor, up: Tensor) -> Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n > 0:
+        wrap_triton(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=8)
+    return out
+
+
+def swiglu_bwd_triton(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n > 0:
+        wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](
+            dout, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=8
+        )
+    return dg, du
+
+
+# ---------------------------------------------------------------- registration
+
+
+@triton_op("chronipatch::swiglu", mutates_args=())
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    if on_gpu(gate):
+        return swiglu_fwd_triton(gate, up)
+    return reference.swiglu_fwd(gate, up)
+
+
+@triton_op("chronipatch::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    if on_gpu(gate):
+        return swiglu_bwd_triton(dout, gate, up)
+    return reference.swiglu_bwd(dout, gate, up)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    return _swiglu_bwd(dout, gate, up)
+
+
+_swiglu.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- public
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for same-shape, same-dtype tensors."""
+    check_same("swiglu", gate=gate, up=up)
+    check(
+        gate.shape == up.shape, "swiglu", f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape"
+    )
+    return _swiglu(gate, up)

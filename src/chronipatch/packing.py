@@ -1,0 +1,214 @@
+"""Best-fit-decreasing sequence packing for padding-free causal-LM fine-tuning.
+
+`PackingCollator` packs tokenized examples into rows of at most `max_length` tokens with best-fit decreasing
+(`bfd_pack`) and emits the rows concatenated as a single `[1, total_tokens]` sequence with `position_ids` that
+restart at every document, plus the `cu_seq_lens_*` / `max_length_*` keyword arguments that transformers'
+varlen (flash) attention consumes. There is no `attention_mask`: transformers infers document boundaries from
+`position_ids` (eager/sdpa/flex) or from `cu_seq_lens_*` (flash attention).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["PackingCollator", "PackingStats", "bfd_pack"]
+
+_LONG_DOCUMENT_MODES = ("split", "truncate")
+
+
+def bfd_pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Pack items of the given lengths into rows of capacity `max_length` by best-fit decreasing.
+
+    Items are visited longest first (ties by index); each goes into the open row with the least remaining
+    capacity that still fits it, else into a new row. Returns the rows in creation order, each a list of item
+    indices in placement order. Runs in O(n log n) comparisons.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= max_length:
+            raise ValueError(f"length of item {i} is {n}, outside [1, max_length={max_length}]")
+    rows: list[list[int]] = []
+    # Open rows keyed as (remaining << 32) | row: one sorted list of ints, so a single bisect finds the row
+    # with the smallest remaining capacity >= length, ties going to the oldest row.
+    keys: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = lengths[i]
+        pos = bisect.bisect_left(keys, n << 32)
+        if pos < len(keys):
+            key = keys.pop(pos)
+            remaining, row = key >> 32, key & 0xFFFFFFFF
+        else:
+            remaining, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        remaining -= n
+        if remaining > 0:  # full rows can never take another item (lengths are >= 1)
+            bisect.insort(keys, (remaining << 32) | row)
+    return rows
+
+
+@dataclass
+class PackingStats:
+    """Counters accumulated over `PackingCollator` calls (per process: DataLoader workers keep their own)."""
+
+    examples: int = 0  # examples handed to the collator
+    documents: int = 0  # documents emitted (an example split in k fragments counts k)
+    rows: int = 0  # rows of at most max_length tokens built by BFD
+    tokens: int = 0  # tokens emitted
+    capacity: int = 0  # rows * max_length
+    truncated_tokens: int = 0  # tokens dropped by long_documents="truncate"
+    split_documents: int = 0  # examples longer than max_length that were cut into fragments
+    supervised_tokens: int = 0  # labels != ignore_index after masking document starts
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.tokens / self.capacity if self.capacity else 0.0
+
+    @property
+    def documents_per_row(self) -> float:
+        return self.documents / self.rows if self.rows else 0.0
+
+    def as_dict(self, prefix: str = "packing/") -> dict[str, int | float]:
+        """Counters and derived ratios as a flat dict, keys prefixed for a trainer's logger."""
+        out: dict[str, int | float] = dict(asdict(self))
+        out["fill_ratio"] = self.fill_ratio
+        out["documents_per_row"] = self.documents_per_row
+        return {prefix + k: v for k, v in out.items()}
+
+    def reset(self) -> None:
+        for name, value in asdict(PackingStats()).items():
+            setattr(self, name, value)
+
+
+def _as_1d_long(value: Any, key: str, index: int) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.long)
+    if t.ndim != 1:
+        raise ValueError(f"example {index}: {key!r} must be 1-D, got shape {tuple(t.shape)}")
+    return t
+
+
+@dataclass
+class PackingCollator:
+    """Collate examples into one padding-free packed sequence of shape `[1, total_tokens]`.
+
+    Each example is a mapping with `input_ids` and optionally `labels` (`ignore_index` = not supervised)
+    and/or `completion_mask` (1 = supervised; where both are given, tokens with mask 0 are unsupervised too).
+    Without either, every token is supervised. Every `window` examples (all of them if None) are packed by
+    best-fit decreasing into rows of at most `max_length` tokens; rows are laid out one after another.
+    Examples longer than `max_length` are either split into `max_length`-token fragments, each its own
+    document (so each fragment's first label is masked too), or truncated to their first `max_length`
+    tokens, the dropped tokens being counted in `stats`.
+
+    Returns `input_ids`, `labels`, `position_ids` (LongTensor `[1, T]`), `cu_seq_lens_q`/`cu_seq_lens_k`
+    (int32 `[num_docs + 1]`) and `max_length_q`/`max_length_k` (Python int). The label of every document's
+    first token is `ignore_index`: after the causal shift it would be predicted from the previous document.
+    `last_row_offsets` holds the token offsets of the rows of the last batch (`[0, ..., T]`).
+    """
+
+    max_length: int
+    window: int | None = None
+    long_documents: str = "split"
+    ignore_index: int = -100
+    stats: PackingStats = field(default_factory=PackingStats)
+    last_row_offsets: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be None or >= 1, got {self.window}")
+        if self.long_documents not in _LONG_DOCUMENT_MODES:
+            raise ValueError(
+                f"long_documents must be one of {_LONG_DOCUMENT_MODES}, got {self.long_documents!r}"
+            )
+
+    def _example(self, example: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate one example and return its (input_ids, labels) as 1-D LongTensors."""
+        if not isinstance(example, Mapping):
+            raise ValueError(f"example {index} must be a mapping, got {type(example).__name__}")
+        if example.get("input_ids") is None:
+            raise ValueError(f"example {index} has no 'input_ids'")
+        ids = _as_1d_long(example["input_ids"], "input_ids", index)
+        if ids.numel() == 0:
+            raise ValueError(f"example {index} is empty: 'input_ids' has 0 tokens")
+        labels = ids.clone()
+        for key in ("labels", "completion_mask"):
+            if example.get(key) is None:
+                continue
+            value = _as_1d_long(example[key], key, index)
+            if value.numel() != ids.numel():
+                raise ValueError(
+                    f"example {index}: {key!r} has length {value.numel()} but 'input_ids' has {ids.numel()}"
+                )
+            if key == "labels":
+                labels = value.clone()
+            else:
+                labels[value == 0] = self.ignore_index
+        return ids, labels
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if len(examples) == 0:
+            raise ValueError("cannot pack an empty list of examples")
+        # Validate everything before touching the stats, so a rejected batch leaves no partial counts.
+        parsed = [self._example(ex, i) for i, ex in enumerate(examples)]
+
+        window = self.window or len(parsed)
+        docs_ids: list[torch.Tensor] = []
+        docs_labels: list[torch.Tensor] = []
+        row_offsets = [0]
+        truncated = split = 0
+        for start in range(0, len(parsed), window):
+            fragments: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for ids, labels in parsed[start : start + window]:
+                n = ids.numel()
+                if n <= self.max_length:
+                    fragments.append((ids, labels))
+                elif self.long_documents == "truncate":
+                    fragments.append((ids[: self.max_length], labels[: self.max_length]))
+                    truncated += n - self.max_length
+                else:
+                    split += 1
+                    fragments.extend(zip(ids.split(self.max_length), labels.split(self.max_length)))
+            for row in bfd_pack([f[0].numel() for f in fragments], self.max_length):
+                for j in row:
+                    docs_ids.append(fragments[j][0])
+                    docs_labels.append(fragments[j][1])
+                row_offsets.append(row_offsets[-1] + sum(fragments[j][0].numel() for j in row))
+
+        input_ids = torch.cat(docs_ids)
+        labels = torch.cat(docs_labels)
+        doc_lens = torch.tensor([d.numel() for d in docs_ids], dtype=torch.long)
+        starts = torch.cumsum(doc_lens, 0) - doc_lens
+        labels[starts] = self.ignore_index
+        position_ids = torch.arange(input_ids.numel()) - torch.repeat_interleave(starts, doc_lens)
+        cu_seq_lens = torch.zeros(len(docs_ids) + 1, dtype=torch.int32)
+        cu_seq_lens[1:] = torch.cumsum(doc_lens, 0)
+        longest = int(doc_lens.max())
+
+        num_rows = len(row_offsets) - 1
+        s = self.stats
+        s.examples += len(parsed)
+        s.documents += len(docs_ids)
+        s.rows += num_rows
+        s.tokens += input_ids.numel()
+        s.capacity += num_rows * self.max_length
+        s.truncated_tokens += truncated
+        s.split_documents += split
+        s.supervised_tokens += int((labels != self.ignore_index).sum())
+        self.last_row_offsets = row_offsets
+
+        return {
+            "input_ids": input_ids.unsqueeze(0),
+            "labels": labels.unsqueeze(0),
+            "position_ids": position_ids.unsqueeze(0),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens.clone(),
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }

@@ -1,0 +1,27 @@
+"""Shared test helpers: the error-versus-stock rule and input builders."""
+
+from __future__ import annotations
+
+import torch
+
+INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_no_worse_than_stock(ours, stock, truth, dtype, slack=1.1, what=""):
+    """A low-precision result passes when its error against the fp32/fp64 truth is at most the stock
+    module's error in the same dtype, times ``slack``, plus one ulp of the truth's scale."""
+    ours_err, stock_err = max_err(ours, truth), max_err(stock, truth)
+    margin = torch.finfo(dtype).eps * truth.double().abs().max().item()
+    assert ours_err <= slack * stock_err + margin, (
+        f"{what}: error {ours_err:.3e} vs stock {stock_err:.3e} (+margin {margin:.1e})"
+    )
+
+
+def hf_view(b: int, t: int, h: int, d: int, **kw) -> torch.Tensor:
+    """A [B, H, T, D] view of a [B, T, H, D] buffer, as HF attention passes q and k."""
+    return torch.randn(b, t, h, d, **kw).transpose(1, 2)

@@ -1,0 +1,91 @@
+"""The Triton kernels themselves, against the torch reference: through the interpreter on CPU
+(fp32/fp16, tiny shapes) and natively on CUDA."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from chronipatch.ops import reference
+from helpers import INTERPRET, KERNEL_DEVICE, hf_view
+
+pytestmark = pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+rms = importlib.import_module("chronipatch.ops.rms_norm")
+swi = importlib.import_module("chronipatch.ops.swiglu")
+rope = importlib.import_module("chronipatch.ops.rope")
+lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def _r(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape) * scale).to(device=KERNEL_DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (7, 100), (33, 128), (5, 1000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_kernels(rows, n, dtype):
+    torch.manual_seed(rows)
+    x, w, dy = _r(rows, n, dtype=dtype, scale=2), _r(n, dtype=dtype), _r(rows, n, dtype=dtype)
+    y, rstd = rms.rms_norm_fwd_triton(x, w, 1e-6)
+    y_ref, rstd_ref = reference.rms_norm_fwd(x, w, 1e-6)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(rstd, rstd_ref, rtol=1e-5, atol=1e-6)
+    dx, dw = rms.rms_norm_bwd_triton(dy, x, w, rstd)
+    dx_ref, dw_ref = reference.rms_norm_bwd(dy, x, w, rstd_ref)
+    torch.testing.assert_close(dx, dx_ref, **TOL[dtype])
+    torch.testing.assert_close(
+        dw.float(), dw_ref.float(), rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * rows
+    )
+
+
+def test_rms_norm_kernel_strided_rows():
+    x = _r(6, 2 * 64, dtype=torch.float32)[:, :64]  # row stride 128, last dim dense
+    w = _r(64, dtype=torch.float32)
+    torch.testing.assert_close(rms.rms_norm_fwd_triton(x, w, 1e-5)[0], reference.rms_norm_fwd(x, w, 1e-5)[0])
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 1000), (5000,)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_kernels(shape, dtype):
+    g, u, do = _r(*shape, dtype=dtype, scale=3), _r(*shape, dtype=dtype), _r(*shape, dtype=dtype)
+    torch.testing.assert_close(swi.swiglu_fwd_triton(g, u), reference.swiglu_fwd(g, u), **TOL[dtype])
+    for a, b in zip(swi.swiglu_bwd_triton(do, g, u), reference.swiglu_bwd(do, g, u)):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("b,t,hq,hk,d,cos_b", [(1, 3, 2, 1, 8, 1), (2, 5, 6, 2, 64, 2), (1, 4, 3, 3, 24, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
+    q = hf_view(b, t, hq, d).to(KERNEL_DEVICE, dtype)
+    k = hf_view(b, t, hk, d).to(KERNEL_DEVICE, dtype)
+    cos, sin = _r(cos_b, t, d, dtype=dtype), _r(cos_b, t, d, dtype=dtype)
+    for backward, ref in ((False, reference.rope_fwd), (True, reference.rope_bwd)):
+        out = rope.rope_triton(q, k, cos, sin, backward=backward)
+        for a, e in zip(out, ref(q, k, cos, sin)):
+            torch.testing.assert_close(a, e, **TOL[dtype])
+            assert a.stride() == e.stride() or a.is_contiguous() == e.is_contiguous()
+
+
+@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lce_kernels(n, h, v, dtype, monkeypatch):
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 64)  # many vocabulary chunks, also a ragged last one
+    torch.manual_seed(v)
+    hid, w = _r(n, h, dtype=dtype), _r(v, h, dtype=dtype, scale=0.5)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[::3] = -100
+    got = lce.lce_fwd_triton(hid, w, labels, -100)
+    ref = reference.lce_fwd(hid, w, labels, -100)
+    for name, a, e in zip(("loss", "lse", "entropy", "correct"), got, ref):
+        torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-4, msg=name)
+    grad_rows = torch.rand(n, device=KERNEL_DEVICE)
+    dh, dw = lce.lce_bwd_triton(grad_rows, hid, w, labels, got[1], -100)
+    dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)
+    torch.testing.assert_close(dh, dh_ref, **TOL[dtype])
+    torch.testing.assert_close(dw, dw_ref, **TOL[dtype])

@@ -1,0 +1,343 @@
+"""Each op against the stock HF module (fp64 truth), its registration, compile and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from chronipatch import ops
+from helpers import hf_view
+
+OPS = torch.ops.chronipatch
+ROWS = [1, 7, 127, 4099]
+HIDDEN = [64, 896, 1000]
+
+
+def _grads(out, inputs, grad=None):
+    grad = torch.randn_like(out) if grad is None else grad
+    return out, torch.autograd.grad(out, inputs, grad), grad
+
+
+# ------------------------------------------------------------------ RMSNorm
+
+
+def _hf_norm(x, w, eps):
+    if x.dtype == torch.float64:  # the HF module computes in fp32; its math in fp64 is the truth
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(device=w.device, dtype=w.dtype)
+    return torch.func.functional_call(norm, {"weight": w}, (x,))
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n", HIDDEN)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rms_norm_matches_hf(rows, n, dtype):
+    torch.manual_seed(rows * n)
+    x = torch.randn(rows, n, dtype=torch.float64) * 3
+    w = torch.randn(n, dtype=torch.float64)
+    xt, wt = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y, (dx, dw), g = _grads(ops.rms_norm(xt, wt, 1e-6), (xt, wt))
+    y_ref, (dx_ref, dw_ref), _ = _grads(_hf_norm(xr, wr, 1e-6), (xr, wr), g.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(dx.double(), dx_ref, **tol)
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=tol["rtol"], atol=tol["atol"] * rows)
+
+
+def test_rms_norm_leading_dims_and_view():
+    # Qwen3's q_norm sees [B, T, H, D] views of a projection.
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3 * 64, dtype=torch.float64).view(2, 5, 3, 64)
+    w = torch.randn(64, dtype=torch.float64)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), _hf_norm(x, w, 1e-6))
+
+
+# ------------------------------------------------------------------ SwiGLU
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 896), (3, 5, 1000), (4099, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swiglu_matches_hf(shape, dtype):
+    torch.manual_seed(sum(shape))
+    g64, u64 = torch.randn(shape, dtype=torch.float64) * 4, torch.randn(shape, dtype=torch.float64)
+    g, u = g64.to(dtype).requires_grad_(), u64.to(dtype).requires_grad_()
+    gr, ur = g64.clone().requires_grad_(), u64.clone().requires_grad_()
+    out, grads, do = _grads(ops.swiglu(g, u), (g, u))
+    ref, grads_ref, _ = _grads(F.silu(gr) * ur, (gr, ur), do.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+# ------------------------------------------------------------------ RoPE
+
+
+def _cos_sin(b, t, d, dtype=torch.float64, device="cpu"):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    pos = torch.stack([torch.randperm(4 * t)[:t] for _ in range(b)]).double()
+    emb = torch.cat([pos[..., None] * inv, pos[..., None] * inv], -1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "b,t,hq,hk,d,cos_b",
+    [(1, 1, 2, 1, 8, 1), (2, 7, 14, 2, 64, 2), (2, 127, 16, 8, 128, 1), (1, 33, 4, 4, 96, 1)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rope_matches_hf(b, t, hq, hk, d, cos_b, dtype):
+    torch.manual_seed(t)
+    q64, k64 = hf_view(b, t, hq, d, dtype=torch.float64), hf_view(b, t, hk, d, dtype=torch.float64)
+    cos, sin = _cos_sin(cos_b, t, d)
+    q, k = q64.to(dtype).requires_grad_(), k64.to(dtype).requires_grad_()
+    qr, kr = q64.clone().requires_grad_(), k64.clone().requires_grad_()
+    qo, ko = ops.rope(q, k, cos.to(dtype), sin.to(dtype))
+    qo_ref, ko_ref = apply_rotary_pos_emb(qr, kr, cos, sin)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(qo.double(), qo_ref, **tol)
+    torch.testing.assert_close(ko.double(), ko_ref, **tol)
+    gq, gk = hf_view(b, t, hq, d, dtype=torch.float64), hf_view(b, t, hk, d, dtype=torch.float64)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq.to(dtype), gk.to(dtype)))
+    dq_ref, dk_ref = torch.autograd.grad((qo_ref, ko_ref), (qr, kr), (gq, gk))
+    torch.testing.assert_close(dq.double(), dq_ref, **tol)
+    torch.testing.assert_close(dk.double(), dk_ref, **tol)
+
+
+def test_rope_output_keeps_hf_layout():
+    q, k = hf_view(2, 5, 4, 8), hf_view(2, 5, 2, 8)
+    cos, sin = _cos_sin(2, 5, 8, torch.float32)
+    qo, ko = ops.rope(q, k, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
+
+
+# ------------------------------------------------------------------ linear cross-entropy
+
+
+def _hf_lce(hidden, weight, labels, ignore_index=-100, num_items=None):
+    """HF's lm_head + ForCausalLMLoss on already shifted labels."""
+    logits = (hidden @ weight.T).float() if hidden.dtype != torch.float64 else hidden @ weight.T
+    red = "mean" if num_items is None else "sum"
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=red)
+    return loss if num_items is None else loss / num_items
+
+
+@pytest.mark.parametrize("n,h,v", [(1, 64, 50), (7, 896, 1000), (127, 64, 3001), (4099, 64, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lce_matches_hf(n, h, v, dtype):
+    torch.manual_seed(n + v)
+    h64, w64 = torch.randn(n, h, dtype=torch.float64), torch.randn(v, h, dtype=torch.float64) / h**0.5
+    labels = torch.randint(0, v, (n,))
+    labels[torch.rand(n) < 0.3] = -100
+    hid, w = h64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
+    hr, wr = h64.clone().requires_grad_(), w64.clone().requires_grad_()
+    loss = ops.linear_cross_entropy(hid, w, labels, shift=False)
+    ref = _hf_lce(hr, wr, labels)
+    if (labels == -100).all():
+        ref = ref.nan_to_num(0.0)  # HF gives NaN; we give the finite 0
+    grads, grads_ref = (
+        torch.autograd.grad(loss, (hid, w)),
+        torch.autograd.grad(ref, (hr, wr), allow_unused=True),
+    )
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss.double(), ref.double(), **tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), torch.zeros_like(a.double()) if b is None else b, **tol)
+
+
+def test_lce_shift_sum_and_num_items():
+    torch.manual_seed(1)
+    hidden, w = torch.randn(2, 9, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[0, :3] = -100
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    ref_sum = F.cross_entropy((hidden @ w.T).reshape(-1, 40), shifted.reshape(-1), reduction="sum")
+    torch.testing.assert_close(ops.linear_cross_entropy(hidden, w, labels, reduction="sum"), ref_sum)
+    got = ops.linear_cross_entropy(hidden, w, labels, num_items_in_batch=torch.tensor(11))
+    torch.testing.assert_close(got, ref_sum / 11)
+    rows = ops.linear_cross_entropy(hidden, w, labels, reduction="none")
+    assert rows.shape == labels.shape and rows[:, -1].eq(0).all()
+
+
+def test_lce_token_stats():
+    torch.manual_seed(2)
+    hidden, w = torch.randn(13, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    labels = torch.randint(0, 30, (13,))
+    labels[:4] = (hidden[:4] @ w.T).argmax(-1)  # some hits for sure
+    _, stats = ops.linear_cross_entropy(hidden, w, labels, shift=False, return_token_stats=True)
+    logits = hidden @ w.T
+    p = logits.softmax(-1)
+    torch.testing.assert_close(stats.entropy.double(), -(p * p.log()).sum(-1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(stats.correct.bool(), logits.argmax(-1) == labels)
+
+
+def test_lce_all_ignored_is_finite_zero():
+    hidden = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    loss = ops.linear_cross_entropy(hidden, w, torch.full((5,), -100), shift=False)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
+
+
+def test_zero_rows():
+    w = torch.randn(64, requires_grad=True)
+    assert ops.rms_norm(torch.randn(0, 64), w).shape == (0, 64)
+    assert ops.swiglu(torch.randn(0, 8), torch.randn(0, 8)).shape == (0, 8)
+    loss = ops.linear_cross_entropy(
+        torch.randn(0, 8), torch.randn(5, 8), torch.zeros(0, dtype=torch.long), shift=False
+    )
+    assert loss.item() == 0.0
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.rms_norm(torch.randn(3, 8), torch.randn(7)), "rms_norm: weight shape"),
+        (lambda: ops.rms_norm(torch.ones(3, 8, dtype=torch.long), torch.randn(8)), "rms_norm: x and weight"),
+        (lambda: ops.swiglu(torch.randn(3, 8), torch.randn(3, 9)), "swiglu: gate"),
+        (lambda: ops.swiglu(torch.randn(3, 8), torch.randn(3, 8).double()), "swiglu: up has dtype"),
+        (
+            lambda: ops.rope(
+                torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 3, 6), torch.randn(1, 3, 6)
+            ),
+            "rope: cos/sin",
+        ),
+        (
+            lambda: ops.rope(
+                torch.randn(2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+            ),
+            "rope: q and k must be",
+        ),
+        (
+            lambda: ops.rope(
+                torch.randn(1, 2, 3, 7), torch.randn(1, 2, 3, 7), torch.randn(1, 3, 7), torch.randn(1, 3, 7)
+            ),
+            "rope: head dim must be even",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 10, 2]), shift=False
+            ),
+            "label 10 outside",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, -5, 2]), shift=False
+            ),
+            "label -5 outside",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long)
+            ),
+            "does not match weight",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(4, 8), torch.randn(10, 8).half(), torch.zeros(4, dtype=torch.long)
+            ),
+            "weight has dtype",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)),
+            "labels must be integer",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long)
+            ),
+            "labels \\(3,\\) must match",
+        ),
+    ],
+)
+def test_bad_input_is_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_lce_ignore_index_custom():
+    hidden, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
+    labels = torch.tensor([3, 7, 7, 1])
+    got = ops.linear_cross_entropy(hidden, w, labels, ignore_index=7, shift=False)
+    torch.testing.assert_close(got, F.cross_entropy(hidden @ w.T, labels, ignore_index=7))
+
+
+# ------------------------------------------------------------------ registration
+
+
+def _opcheck_cases():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 64, requires_grad=True)
+    q, k = hf_view(2, 5, 4, 8).requires_grad_(), hf_view(2, 5, 2, 8).requires_grad_()
+    cos, sin = _cos_sin(1, 5, 8, torch.float32)
+    h, w = torch.randn(6, 16, requires_grad=True), torch.randn(33, 16, requires_grad=True)
+    return [
+        ("rms_norm", OPS.rms_norm, (x, torch.randn(64, requires_grad=True), 1e-6)),
+        ("rms_norm_nograd", OPS.rms_norm, (torch.randn(7, 100), torch.randn(100), 1e-5)),
+        (
+            "swiglu",
+            OPS.swiglu,
+            (torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)),
+        ),
+        ("rope", OPS.rope, (q, k, cos, sin)),
+        ("lce", OPS.linear_cross_entropy, (h, w, torch.tensor([1, -100, 5, 32, 0, 7]), -100)),
+        (
+            "rms_norm_bwd",
+            OPS.rms_norm_bwd,
+            (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.rand(3)),
+        ),
+        ("swiglu_bwd", OPS.swiglu_bwd, (torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8))),
+        ("rope_bwd", OPS.rope_bwd, (hf_view(1, 5, 4, 8), hf_view(1, 5, 2, 8), cos, sin)),
+        (
+            "lce_bwd",
+            OPS.linear_cross_entropy_bwd,
+            (
+                torch.rand(6),
+                h.detach(),
+                w.detach(),
+                torch.tensor([1, -100, 5, 32, 0, 7]),
+                torch.rand(6) + 3,
+                -100,
+            ),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("name,op,args", _opcheck_cases(), ids=lambda c: c if isinstance(c, str) else "")
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)
+
+
+def _count_breaks(fn, *args):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args).graph_break_count
+
+
+def test_ops_compile_fullgraph_with_backward():
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 32, requires_grad=True), torch.randn(32, requires_grad=True)
+    q, k = hf_view(2, 5, 4, 8).requires_grad_(), hf_view(2, 5, 2, 8).requires_grad_()
+    cos, sin = _cos_sin(2, 5, 8, torch.float32)
+    wv, labels = torch.randn(40, 32, requires_grad=True), torch.randint(0, 40, (6,))
+
+    def step(x, w, q, k, wv):
+        h = ops.rms_norm(x, w, 1e-6)
+        h = ops.swiglu(h, h * 2)
+        qo, ko = ops.rope(q, k, cos, sin)
+        return ops.linear_cross_entropy(h, wv, labels, shift=False) + qo.square().mean() + ko.mean()
+
+    args = (x, w, q, k, wv)
+    assert _count_breaks(step, *args) == 0
+    torch._dynamo.reset()
+    eager = step(*args)
+    eager_grads = torch.autograd.grad(eager, args)
+    compiled = torch.compile(step, fullgraph=True)(*args)
+    compiled_grads = torch.autograd.grad(compiled, args)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,129 @@
+"""GPU: each op in bf16/fp16/fp32 is no less accurate than the stock HF module in that dtype,
+measured against the fp32 truth computed from the same inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from chronipatch import ops
+from helpers import assert_no_worse_than_stock, hf_view
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _check(ours, stock, truth, dtype, what):
+    for i, (a, b, t) in enumerate(zip(ours, stock, truth)):
+        assert_no_worse_than_stock(a, b, t, dtype, what=f"{what}[{i}]")
+
+
+def _run(fn, inputs, grads):
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [*outs, *torch.autograd.grad(outs, inputs, grads[: len(outs)])]
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (127, 128), (4099, 896), (8192, 4096), (7, 8192)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_gpu(rows, n, dtype):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, n, device="cuda") * 2, 1 + 0.1 * torch.randn(n, device="cuda")
+    dy = torch.randn(rows, n, device="cuda")
+
+    def hf(x, w):
+        norm = LlamaRMSNorm(n, 1e-6).to(device="cuda", dtype=w.dtype)
+        return torch.func.functional_call(norm, {"weight": w}, (x,))
+
+    low = [t.to(dtype) for t in (x, w)]
+    truth = _run(hf, [t.float() for t in low], [dy])
+    _check(
+        _run(lambda a, b: ops.rms_norm(a, b, 1e-6), low, [dy.to(dtype)]),
+        _run(hf, low, [dy.to(dtype)]),
+        truth,
+        dtype,
+        "rms_norm",
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (8192, 4864), (3, 1001)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_gpu(shape, dtype):
+    g, u, do = (torch.randn(shape, device="cuda") * s for s in (3, 1, 1))
+    hf = lambda g, u: F.silu(g) * u
+    low = [g.to(dtype), u.to(dtype)]
+    truth = _run(hf, [t.float() for t in low], [do])
+    _check(_run(ops.swiglu, low, [do.to(dtype)]), _run(hf, low, [do.to(dtype)]), truth, dtype, "swiglu")
+
+
+@pytest.mark.parametrize(
+    "b,t,hq,hk,d", [(4, 2048, 14, 2, 64), (4, 2048, 16, 8, 128), (1, 7, 32, 8, 128), (2, 33, 12, 4, 80)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_gpu(b, t, hq, hk, d, dtype):
+    q, k = hf_view(b, t, hq, d, device="cuda"), hf_view(b, t, hk, d, device="cuda")
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda") / d))
+    emb = torch.arange(t, device="cuda")[None, :, None] * torch.cat([inv, inv])
+    cos, sin = emb.cos(), emb.sin()
+    gq, gk = hf_view(b, t, hq, d, device="cuda"), hf_view(b, t, hk, d, device="cuda")
+
+    def run(fn, dt):
+        return _run(
+            lambda q, k: fn(q, k, cos.to(dt), sin.to(dt)), [q.to(dt), k.to(dt)], [gq.to(dt), gk.to(dt)]
+        )
+
+    truth = run(apply_rotary_pos_emb, torch.float32)
+    _check(run(ops.rope, dtype), run(apply_rotary_pos_emb, dtype), truth, dtype, "rope")
+
+
+@pytest.mark.parametrize(
+    "n,h,v", [(1, 896, 151936), (4099, 896, 151936), (8192, 2048, 128256), (127, 64, 1000)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lce_gpu(n, h, v, dtype):
+    torch.manual_seed(n)
+    hid, w = torch.randn(n, h, device="cuda"), torch.randn(v, h, device="cuda") * h**-0.5
+    labels = torch.randint(0, v, (n,), device="cuda")
+    labels[torch.rand(n, device="cuda") < 0.2] = -100
+
+    def hf(hid, w):  # lm_head in the model dtype, loss in fp32, as LlamaForCausalLM does
+        return F.cross_entropy((hid @ w.T).float(), labels, ignore_index=-100)
+
+    def ours(hid, w):
+        return ops.linear_cross_entropy(hid, w, labels, shift=False)
+
+    low = [hid.to(dtype), w.to(dtype)]
+    one = torch.ones((), device="cuda")
+    truth = _run(hf, [t.float() for t in low], [one])
+    _check(_run(ours, low, [one]), _run(hf, low, [one]), truth, dtype, "lce")
+
+
+def test_lce_int64_indexing_gpu():
+    # N * V above 2^31: 16400 rows x 131072 vocabulary.
+    n, h, v = 16400, 64, 131072
+    hid = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.1
+    labels = torch.randint(0, v, (n,), device="cuda")
+    labels[-1] = v - 1
+    loss = ops.linear_cross_entropy(hid, w, labels, shift=False, reduction="none")
+    ref = F.cross_entropy((hid[-64:] @ w.T).float(), labels[-64:], reduction="none")
+    torch.testing.assert_close(loss[-64:], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ops_deterministic_gpu():
+    torch.manual_seed(0)
+    x = torch.randn(4099, 896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wv = torch.randn(32000, 896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 32000, (4099,), device="cuda")
+
+    def once():
+        loss = ops.linear_cross_entropy(ops.rms_norm(x, w), wv, labels, shift=False)
+        return [loss, *torch.autograd.grad(loss, (x, w, wv))]
+
+    first, second = once(), once()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
