@@ -1,0 +1,126 @@
+"""Replacement forwards, bound per instance by ``apply``. Each mirrors the HF 5.x forward it
+replaces line for line, with the fused op in place of the eager math."""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.utils import can_return_tuple
+
+from . import ops
+
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # gate_proj/up_proj/down_proj stay the HF modules, so LoRA wrappers on them keep working.
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _sliding_window(attn) -> int | None:
+    # Qwen2/Qwen3 decide per layer (attribute); Mistral reads its config; Llama has none.
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
+
+
+def attention_forward(
+    self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs
+):
+    """Llama/Qwen2/Qwen3/Mistral attention with the fused RoPE (Qwen3's q_norm/k_norm kept)."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape)
+    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    if hasattr(self, "q_norm"):
+        query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+    query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    query_states, key_states = ops.rope(query_states, key_states, cos, sin)
+
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, eager_attention_forward
+    )
+    window = _sliding_window(self)
+    if window is not None:
+        kwargs["sliding_window"] = window
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+@can_return_tuple
+def causal_lm_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    return_logits: bool = False,
+    **kwargs,
+) -> CausalLMOutputWithPast:
+    """HF ``XxxForCausalLM.forward`` whose loss is the fused ``linear_cross_entropy``.
+
+    With labels (or ``shift_labels``) the logits are never materialised and ``logits`` is None,
+    unless ``return_logits=True``. ``**kwargs`` stays in the signature: Trainer reads it to decide
+    that the model normalises by ``num_items_in_batch`` itself.
+    """
+    if use_cache is None and self.training:
+        use_cache = False  # a training forward never reads a cache; building one hides packed rows
+    outputs = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    hidden_states = outputs.last_hidden_state
+    if isinstance(logits_to_keep, int):
+        hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+    else:
+        hidden_states = hidden_states[:, logits_to_keep, :]
+
+    shift_labels = kwargs.get("shift_labels")
+    loss = logits = None
+    if labels is not None or shift_labels is not None:
+        loss = ops.linear_cross_entropy(
+            hidden_states,
+            self.lm_head.weight,
+            labels if shift_labels is None else shift_labels,
+            ignore_index=kwargs.get("ignore_index", -100),
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            shift=shift_labels is None,
+        )
+    if loss is None or return_logits:
+        logits = self.lm_head(hidden_states)
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=logits,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )

@@ -1,0 +1,72 @@
+"""Which HF classes chronipatch swaps, and with what: one row per swap, one entry per family.
+A new family that shares these forwards is a class name added to each row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import layers
+
+FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral")
+
+
+@dataclass(frozen=True)
+class Swap:
+    switch: str  # the apply() keyword that turns this swap on or off
+    op: str  # what the report says the module now runs
+    suffix: str  # HF class name = family + suffix
+    forward: Callable
+    why_not: Callable[[nn.Module], str | None]  # a reason to leave this instance alone, or None
+
+    @property
+    def classes(self) -> frozenset[str]:
+        return frozenset(f + self.suffix for f in FAMILIES)
+
+
+def _norm_why_not(m: nn.Module) -> str | None:
+    w = getattr(m, "weight", None)
+    if w is None or w.dim() != 1 or not hasattr(m, "variance_epsilon"):
+        return "no 1-D weight / variance_epsilon"
+    return None
+
+
+def _mlp_why_not(m: nn.Module) -> str | None:
+    if not all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")):
+        return "no gate_proj/up_proj/down_proj"
+    act = getattr(getattr(m, "config", None), "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return f"hidden_act={act!r} is not SwiGLU"
+    return None
+
+
+def _attention_why_not(m: nn.Module) -> str | None:
+    cfg = getattr(m, "config", None)
+    if not all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+        return "no q/k/v/o projections"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) not in (None, 1.0):
+        return "partial rotary embedding"
+    return None
+
+
+def _head_why_not(m: nn.Module) -> str | None:
+    head = getattr(m, "lm_head", None)
+    if type(head) is not nn.Linear:
+        return f"lm_head is {type(head).__name__}, not a plain nn.Linear (e.g. an adapter on the head)"
+    if head.bias is not None:
+        return "lm_head has a bias"
+    if not hasattr(m, "model"):
+        return "no backbone at .model"
+    return None
+
+
+SWAPS: tuple[Swap, ...] = (
+    Swap("rms_norm", "rms_norm", "RMSNorm", layers.rms_norm_forward, _norm_why_not),
+    Swap("swiglu", "swiglu", "MLP", layers.mlp_forward, _mlp_why_not),
+    Swap("rope", "rope", "Attention", layers.attention_forward, _attention_why_not),
+    Swap("fused_loss", "linear_cross_entropy", "ForCausalLM", layers.causal_lm_forward, _head_why_not),
+)
+OUR_FORWARDS = frozenset(s.forward for s in SWAPS)

@@ -1,0 +1,116 @@
+"""``apply`` and ``revert``: one walk over ``named_modules()`` driven by ``mapping.SWAPS``.
+
+Swaps are per instance (``module.forward`` in the instance dict), so other models in the process
+are untouched, and ``revert`` deletes exactly what ``apply`` added.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
+
+
+@dataclass
+class PatchReport:
+    """What ``apply`` swapped (path, class, op), and what it left alone and why."""
+
+    model: str
+    swapped: list[tuple[str, str, str]] = field(default_factory=list)
+    already: list[tuple[str, str, str]] = field(default_factory=list)
+    left: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def ops(self) -> Counter:
+        return Counter(op for _, _, op in self.swapped + self.already)
+
+    def __str__(self) -> str:
+        lines = [
+            f"chronipatch on {self.model}: {len(self.swapped)} modules swapped"
+            + (f", {len(self.already)} already patched" if self.already else "")
+        ]
+        by_op = Counter((cls, op) for _, cls, op in self.swapped + self.already)
+        lines += [f"  {n:4d} x {cls:<28} -> {op}" for (cls, op), n in sorted(by_op.items())]
+        if self.left:
+            lines.append("  left alone:")
+            lines += [f"    {path or '<root>'} ({cls}): {why}" for path, cls, why in self.left]
+        return "\n".join(lines)
+
+
+def _compiled(model: nn.Module) -> bool:
+    return (
+        type(model).__name__ == "OptimizedModule" or getattr(model, "_compiled_call_impl", None) is not None
+    )
+
+
+def apply(
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    rope: bool = True,
+    fused_loss: bool = True,
+) -> PatchReport:
+    """Swap the forwards of supported HF modules inside ``model`` for fused-op versions.
+
+    Works on ``XxxForCausalLM`` / ``XxxModel`` of Llama, Qwen2, Qwen3 and Mistral, also inside a
+    peft wrapper. Idempotent. Call it before ``torch.compile``. Keywords turn single swaps off.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"chronipatch.apply expects a torch.nn.Module, got {type(model).__name__}")
+    if _compiled(model):
+        raise ValueError(
+            "chronipatch.apply: the model is already compiled; call apply(model) before "
+            "torch.compile(model) so the compiled graph contains the fused ops"
+        )
+    switches = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "fused_loss": fused_loss}
+    by_class = {cls: swap for swap in SWAPS for cls in swap.classes}
+    report = PatchReport(type(model).__name__)
+    for path, module in model.named_modules():
+        cls = type(module).__name__
+        swap = by_class.get(cls)
+        if swap is None:
+            continue
+        if not switches[swap.switch]:
+            report.left.append((path, cls, f"{swap.switch}=False"))
+            continue
+        current = module.__dict__.get("forward")
+        if current is not None and getattr(current, "__func__", None) is swap.forward:
+            report.already.append((path, cls, swap.op))
+            continue
+        if current is not None:
+            report.left.append((path, cls, "forward already replaced by someone else"))
+            continue
+        why = swap.why_not(module)
+        if why:
+            report.left.append((path, cls, why))
+            continue
+        module.forward = types.MethodType(swap.forward, module)
+        report.swapped.append((path, cls, swap.op))
+    if not report.swapped and not report.already:
+        found = sorted({type(m).__name__ for m in model.modules()} & {c for s in SWAPS for c in s.classes})
+        raise ValueError(
+            f"chronipatch.apply: nothing to patch in {type(model).__name__} "
+            f"(supported families: {', '.join(FAMILIES)}; supported classes found: {found or 'none'}"
+            + (f"; left alone: {report.left}" if report.left else "")
+            + ")"
+        )
+    return report
+
+
+def revert(model: nn.Module) -> int:
+    """Restore the stock forwards inside ``model``; returns how many modules were restored."""
+    restored = 0
+    for module in model.modules():
+        current = module.__dict__.get("forward")
+        if current is not None and getattr(current, "__func__", None) in OUR_FORWARDS:
+            del module.__dict__["forward"]
+            restored += 1
+    return restored
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(getattr(m.__dict__.get("forward"), "__func__", None) in OUR_FORWARDS for m in model.modules())

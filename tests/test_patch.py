@@ -1,0 +1,216 @@
+"""apply/revert on tiny models of every family: same logits, loss and gradients as stock."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import chronipatch
+from tiny import FAMILIES, batch, tiny_model
+
+FAMS = list(FAMILIES)
+
+
+def _loss_and_grads(model, ids, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    return out.loss.detach(), grads
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_patched_matches_stock(family):
+    stock = tiny_model(family)
+    patched = copy.deepcopy(stock)
+    report = chronipatch.apply(patched)
+    n_norms = 2 * 2 + 1 + (4 if family == "qwen3" else 0)
+    assert report.ops() == {"rms_norm": n_norms, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
+    ids, labels = batch()
+    torch.testing.assert_close(patched(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_compiled_training_step_one_graph(family):
+    stock = tiny_model(family)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+
+    def step(model):
+        out = model(input_ids=ids, labels=labels)
+        return out.loss
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda: step(patched))()
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, fullgraph=True)
+    _assert_same(
+        _loss_and_grads(compiled, ids, labels), _loss_and_grads(stock, ids, labels), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_revert_is_bit_identical_and_local():
+    model, other = tiny_model("qwen2"), tiny_model("qwen2")
+    ids, labels = batch()
+    before = model(ids, labels=labels)
+    other_before = other(ids).logits
+    report = chronipatch.apply(model)
+    assert not chronipatch.is_patched(other)
+    assert torch.equal(other(ids).logits, other_before)
+    assert chronipatch.revert(model) == len(report.swapped)
+    assert not chronipatch.is_patched(model)
+    after = model(ids, labels=labels)
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+
+
+def test_apply_twice_is_noop_and_switches():
+    model = tiny_model("llama")
+    first = chronipatch.apply(model, rope=False, fused_loss=False)
+    assert set(first.ops()) == {"rms_norm", "swiglu"}
+    assert {why for _, _, why in first.left} == {"rope=False", "fused_loss=False"}
+    second = chronipatch.apply(model, rope=False, fused_loss=False)
+    assert not second.swapped and second.ops() == first.ops()
+    assert "already patched" in str(second)
+    ids, _ = batch()
+    assert model(ids, labels=ids).logits is not None  # stock head kept
+
+
+def test_unsupported_models_error():
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    )
+    with pytest.raises(ValueError, match=r"nothing to patch in GPT2LMHeadModel.*Llama, Qwen2, Qwen3"):
+        chronipatch.apply(gpt2)
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        chronipatch.apply("model")
+    with pytest.raises(ValueError, match="already compiled"):
+        chronipatch.apply(torch.compile(tiny_model("llama")))
+
+
+def test_report_is_readable():
+    text = str(chronipatch.apply(tiny_model("qwen3")))
+    assert "Qwen3ForCausalLM" in text and "9 x Qwen3RMSNorm" in text and "-> linear_cross_entropy" in text
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_peft_before_and_after_apply(family):
+    peft = pytest.importorskip("peft")
+    lora = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    stock = peft.get_peft_model(tiny_model(family), peft.LoraConfig(**lora))
+    before = copy.deepcopy(stock)
+    chronipatch.apply(before)
+    after = tiny_model(family)
+    chronipatch.apply(after)
+    torch.manual_seed(0)
+    after = peft.get_peft_model(after, peft.LoraConfig(**lora))
+    after.load_state_dict(stock.state_dict())
+    ids, labels = batch()
+    ref = _loss_and_grads(stock, ids, labels)
+    _assert_same(_loss_and_grads(before, ids, labels), ref)
+    _assert_same(_loss_and_grads(after, ids, labels), ref)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing(reentrant):
+    stock = tiny_model("qwen2")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    for m in (stock, patched):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids, labels = batch()
+    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+
+
+def test_loss_kwargs_follow_hf():
+    stock = tiny_model("mistral")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    for kw in (
+        dict(labels=labels, num_items_in_batch=torch.tensor(7)),
+        dict(shift_labels=shift, labels=labels),
+        dict(labels=labels[:, -5:], logits_to_keep=5),
+        dict(labels=labels, return_dict=False),
+    ):
+        ours, ref = patched(ids, **kw), stock(ids, **kw)
+        loss_o, loss_r = (ours[0], ref[0]) if isinstance(ours, tuple) else (ours.loss, ref.loss)
+        torch.testing.assert_close(loss_o, loss_r, rtol=1e-5, atol=1e-6, msg=str(kw.keys()))
+    out = patched(ids, labels=labels, return_logits=True)
+    torch.testing.assert_close(out.logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+    all_ignored = patched(ids, labels=torch.full_like(labels, -100))
+    assert all_ignored.loss.item() == 0.0
+
+
+def test_generate_after_apply():
+    stock = tiny_model("qwen2")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, _ = batch(b=1, t=5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kw), stock.generate(ids, **kw))
+
+
+def test_dtype_move_after_apply_and_meta_device():
+    stock = tiny_model("llama").double()
+    patched = tiny_model("llama")
+    chronipatch.apply(patched)
+    patched.double()  # moved after apply: the forwards read module state at call time
+    ids, labels = batch()
+    (loss, grads), (ref_loss, ref_grads) = (
+        _loss_and_grads(patched, ids, labels),
+        _loss_and_grads(stock, ids, labels),
+    )
+    assert loss.dtype == torch.float64 and grads["lm_head.weight"].dtype == torch.float64
+    # HF upcasts logits with .float(), i.e. its fp64 loss is computed in fp32.
+    _assert_same((loss, grads), (ref_loss.double(), ref_grads), rtol=1e-5, atol=1e-7)
+    # Patch while on the meta device, then materialise and load weights: the usual big-model path.
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(stock.config)
+    chronipatch.apply(meta)
+    meta.to_empty(device="cpu").double().load_state_dict(stock.state_dict())
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are not in the state dict
+        for buf, ref in zip(meta.buffers(), stock.buffers()):
+            buf.copy_(ref)
+    torch.testing.assert_close(meta(ids, labels=labels).loss, patched(ids, labels=labels).loss)
+
+
+def test_training_curve_matches_stock():
+    stock = tiny_model("qwen3")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    curves = []
+    for model in (stock, patched):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for step in range(30):
+            ids, labels = batch(seed=step % 4)
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    assert curves[0][-1] < curves[0][0] - 0.5  # it learns
+    torch.testing.assert_close(curves[1], curves[0], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,45 @@
+"""Tiny random-init configs of every supported family (CPU tests)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=211,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    attn_implementation="sdpa",
+)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(head_dim=16)),
+    "qwen2": ("Qwen2Config", dict()),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "mistral": ("MistralConfig", dict(head_dim=16, sliding_window=None)),
+}
+
+
+def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
+    cls, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    # Random norm weights, so that a swapped norm that ignored its weight would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+def batch(vocab: int = 211, b: int = 2, t: int = 17, seed: int = 0, ignore_frac: float = 0.25):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(b, t, generator=g) < ignore_frac] = -100
+    return ids, labels
