@@ -1,0 +1,181 @@
+"""Helpers shared by the benchmark scripts: environment capture, timing, memory, result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import importlib.metadata as _md
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# (key in env_info, import name, distribution name)
+_PACKAGES = (
+    ("torch", "torch", "torch"),
+    ("triton", "triton", "triton"),
+    ("transformers", "transformers", "transformers"),
+    ("liger_kernel", "liger_kernel", "liger-kernel"),
+    ("cut_cross_entropy", "cut_cross_entropy", "cut-cross-entropy"),
+    ("chronipatch", "chronipatch", "chronipatch"),
+)
+
+
+def _version(module: str, dist: str) -> str | None:
+    """Version of an importable package, or None when it cannot be imported."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return None
+    ver = getattr(mod, "__version__", None)
+    if ver is None:
+        try:
+            ver = _md.version(dist)
+        except _md.PackageNotFoundError:
+            ver = "unknown"
+    return str(ver)
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    device = torch.device(device) if device is not None else _default_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Where and with what a figure was produced: date, host, device, library versions, command line."""
+    info: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "device": device_name(device),
+        "python": platform.python_version(),
+    }
+    for key, module, dist in _PACKAGES:
+        info[key] = _version(module, dist)
+    info["cuda"] = torch.version.cuda
+    info["argv"] = list(sys.argv)
+    return info
+
+
+def sync(device: torch.device | None = None) -> None:
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(
+    fn: Callable[[], Any], warmup: float = 25, rep: float = 100, device: torch.device | None = None
+) -> float:
+    """Median milliseconds of one call of ``fn``.
+
+    On CUDA this is ``triton.testing.do_bench`` (``warmup``/``rep`` are milliseconds of GPU time, L2
+    flushed between calls).  On CPU ``fn`` is warmed up for ``warmup`` ms (at least one call) and then
+    timed with ``time.perf_counter`` for about ``rep`` ms (at least three calls).
+    """
+    device = device or _default_device()
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    t_end = time.perf_counter() + warmup / 1e3
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+    times: list[float] = []
+    t_end = time.perf_counter() + rep / 1e3
+    while len(times) < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | None = None) -> int | None:
+    """Peak CUDA memory of one call of ``fn`` above what was allocated before it (None on CPU)."""
+    device = device or _default_device()
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5 or abs(value) != abs(value):
+            return f"{value:.3g}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        if abs(value) >= 0.01:
+            return f"{value:.3f}"
+        return f"{value:.2e}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (dicts); ``columns`` defaults to the keys of all rows in order."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def meta_header(meta: dict[str, Any]) -> str:
+    """Markdown bullet list naming device, versions, date and command of a result."""
+    versions = ", ".join(f"{k} {meta.get(k) or 'not installed'}" for k, _, _ in _PACKAGES)
+    lines = [
+        f"- device: {meta.get('device')} (host {meta.get('hostname')}, CUDA {meta.get('cuda')})",
+        f"- versions: python {meta.get('python')}, {versions}",
+        f"- date (UTC): {meta.get('date_utc')}",
+        f"- command: `{' '.join(meta.get('argv') or [])}`",
+    ]
+    for note in meta.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+    out_dir: str | os.PathLike = "bench/out",
+    columns: Sequence[str] | None = None,
+    sections: Sequence[tuple[str, Sequence[dict[str, Any]], Sequence[str] | None]] = (),
+) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (meta + rows) and ``<name>.md`` (meta header + tables); return both paths.
+
+    ``sections`` are extra ``(title, rows, columns)`` tables put before the main one in the markdown.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    payload = {"meta": meta, "rows": list(rows)}
+    payload.update({title: list(r) for title, r, _ in sections})
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    parts = [f"# {name}", "", meta_header(meta), ""]
+    for title, sec_rows, sec_cols in sections:
+        parts += [f"## {title}", "", markdown_table(sec_rows, sec_cols), ""]
+    parts += ["## results", "", markdown_table(rows, columns), ""]
+    md_path.write_text("\n".join(parts))
+    return json_path, md_path
