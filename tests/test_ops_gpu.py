@@ -1,5 +1,5 @@
 """GPU: each op in bf16/fp16/fp32 is no less accurate than the stock HF module in that dtype,
-measured against the fp32 truth computed from the same inputs."""
+measured against the fp64 truth computed from the same inputs."""
 
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ def test_rms_norm_gpu(rows, n, dtype):
     dy = torch.randn(rows, n, device="cuda")
 
     def hf(x, w):
+        if x.dtype == torch.float64:  # the module computes in fp32; its math in fp64 is the truth
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
         norm = LlamaRMSNorm(n, 1e-6).to(device="cuda", dtype=w.dtype)
         return torch.func.functional_call(norm, {"weight": w}, (x,))
 
     low = [t.to(dtype) for t in (x, w)]
-    truth = _run(hf, [t.float() for t in low], [dy])
+    truth = _run(hf, [t.double() for t in low], [dy.double()])
     _check(
         _run(lambda a, b: ops.rms_norm(a, b, 1e-6), low, [dy.to(dtype)]),
         _run(hf, low, [dy.to(dtype)]),
@@ -55,7 +57,7 @@ def test_swiglu_gpu(shape, dtype):
     g, u, do = (torch.randn(shape, device="cuda") * s for s in (3, 1, 1))
     hf = lambda g, u: F.silu(g) * u
     low = [g.to(dtype), u.to(dtype)]
-    truth = _run(hf, [t.float() for t in low], [do])
+    truth = _run(hf, [t.double() for t in low], [do.double()])
     _check(_run(ops.swiglu, low, [do.to(dtype)]), _run(hf, low, [do.to(dtype)]), truth, dtype, "swiglu")
 
 
@@ -75,7 +77,7 @@ def test_rope_gpu(b, t, hq, hk, d, dtype):
             lambda q, k: fn(q, k, cos.to(dt), sin.to(dt)), [q.to(dt), k.to(dt)], [gq.to(dt), gk.to(dt)]
         )
 
-    truth = run(apply_rotary_pos_emb, torch.float32)
+    truth = run(apply_rotary_pos_emb, torch.float64)
     _check(run(ops.rope, dtype), run(apply_rotary_pos_emb, dtype), truth, dtype, "rope")
 
 
@@ -90,14 +92,15 @@ def test_lce_gpu(n, h, v, dtype):
     labels[torch.rand(n, device="cuda") < 0.2] = -100
 
     def hf(hid, w):  # lm_head in the model dtype, loss in fp32, as LlamaForCausalLM does
-        return F.cross_entropy((hid @ w.T).float(), labels, ignore_index=-100)
+        logits = hid @ w.T
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
 
     def ours(hid, w):
         return ops.linear_cross_entropy(hid, w, labels, shift=False)
 
     low = [hid.to(dtype), w.to(dtype)]
     one = torch.ones((), device="cuda")
-    truth = _run(hf, [t.float() for t in low], [one])
+    truth = _run(hf, [t.double() for t in low], [one.double()])
     _check(_run(ours, low, [one]), _run(hf, low, [one]), truth, dtype, "lce")
 
 

@@ -1,0 +1,187 @@
+"""CPU: the varlen attention implementation against stock sdpa, run per document, padded and generating."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from chronipatch import attention
+from chronipatch.attention import NAME, varlen_attention_forward
+from chronipatch.packing import PackingCollator
+from tiny import tiny_model
+
+PACK_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    attention.register()
+    attention.register()  # idempotent
+    yield
+    attention.unregister()
+
+
+def _pair(family, dtype=torch.float64, **overrides):
+    """(varlen model, stock sdpa model) with identical weights."""
+    ours = tiny_model(family, dtype=dtype, **overrides)
+    ours.set_attn_implementation(NAME)
+    return ours, tiny_model(family, dtype=dtype, **overrides)
+
+
+def _packed(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, 211, (n,), generator=g) for n in lengths]
+    return PackingCollator(max_length=sum(lengths))([{"input_ids": d} for d in docs])
+
+
+def _segments(b):
+    cu = b["cu_seq_lens_q"].tolist()
+    return list(pairwise(cu))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_matches_documents_alone(family):
+    ours, stock = _pair(family)
+    b = _packed([7, 13, 5])
+    assert len(_segments(b)) == 3
+    w = torch.randn(1, b["input_ids"].shape[1], ours.config.vocab_size, dtype=torch.float64)
+    logits = ours(input_ids=b["input_ids"], **{k: b[k] for k in PACK_KEYS}).logits
+    (logits * w).sum().backward()
+    total = 0
+    for lo, hi in _segments(b):
+        alone = stock(input_ids=b["input_ids"][:, lo:hi]).logits
+        torch.testing.assert_close(logits[:, lo:hi], alone, atol=1e-10, rtol=0)
+        total = total + (alone * w[:, lo:hi]).sum()
+    total.backward()
+    theirs = _grads(stock)
+    for name, grad in _grads(ours).items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-10, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_position_ids_only_equals_cu_seq_lens(family):
+    # Eval with use_cache on (the default): stock sdpa then skips its packed-sequence detection and lets
+    # documents see each other; boundaries here come from position_ids alone.
+    ours, _ = _pair(family)
+    b = _packed([9, 4, 11], seed=1)
+    with torch.no_grad():
+        by_cu = ours(input_ids=b["input_ids"], **{k: b[k] for k in PACK_KEYS}).logits
+        by_pos = ours(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+    torch.testing.assert_close(by_pos, by_cu, atol=1e-12, rtol=0)
+
+
+def test_sliding_window_packed_matches_documents_alone():
+    ours, stock = _pair("mistral", sliding_window=4)
+    b = _packed([10, 6, 8], seed=2)
+    with torch.no_grad():
+        logits = ours(input_ids=b["input_ids"], **{k: b[k] for k in PACK_KEYS}).logits
+        for lo, hi in _segments(b):
+            alone = stock(input_ids=b["input_ids"][:, lo:hi]).logits
+            torch.testing.assert_close(logits[:, lo:hi], alone, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_matches_sdpa(side):
+    ours, stock = _pair("qwen3")
+    ids = torch.randint(0, 211, (3, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    for row, n in enumerate((12, 8, 3)):
+        if side == "right":
+            mask[row, n:] = 0
+        else:
+            mask[row, : 12 - n] = 0
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        b = stock(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("family", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 4})])
+def test_generate_matches_sdpa(family, overrides, padded):
+    ours, stock = _pair(family, **overrides)
+    ids = torch.randint(0, 211, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :4] = 0  # left padding, as generate expects
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw.update(output_logits=True, return_dict_in_generate=True)
+    a, b = ours.generate(ids, **kw), stock.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=1e-10, rtol=0)
+
+
+def test_compile_fullgraph_packed():
+    ours, _ = _pair("llama", dtype=torch.float32)
+    b = _packed([7, 13, 5])
+    inputs = {"input_ids": b["input_ids"], **{k: b[k] for k in PACK_KEYS}}
+    explained = torch._dynamo.explain(ours)(**inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    # 25 tokens each: new boundaries recompile at most once (max_length_* turn dynamic), as does a new
+    # document count (cu_seq_lens' size turns dynamic); after that nothing recompiles.
+    for lengths, frames in (([7, 13, 5], 1), ([12, 3, 10], 2), ([4, 4, 9, 8], 3), ([5, 5, 6, 5, 4], 3)):
+        b = _packed(lengths)
+        inputs = {"input_ids": b["input_ids"], **{k: b[k] for k in PACK_KEYS}}
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**inputs).logits, ours(**inputs).logits)
+        assert counter.frame_count <= frames, (lengths, counter.frame_count)
+    torch._dynamo.reset()
+
+
+def _qkv(t=10, hq=4, hk=2, d=8, b=1):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for h in (hq, hk, hk)]
+
+
+class _Module:
+    is_causal, num_key_value_groups, training = True, 2, False
+
+
+def test_bad_inputs_raise():
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ok = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    varlen_attention_forward(_Module(), q, k, v, None, **ok)
+    with pytest.raises(ValueError, match="batch size 1"):
+        varlen_attention_forward(_Module(), *_qkv(b=2), None, **ok)
+    with pytest.raises(ValueError, match="max_length_q"):
+        varlen_attention_forward(_Module(), q, k, v, None, cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match="max_length_q must be a Python int"):
+        varlen_attention_forward(_Module(), q, k, v, None, **{**ok, "max_length_q": torch.tensor(6)})
+    with pytest.raises(ValueError, match="token count 10"):
+        bad = torch.tensor([0, 4, 9], dtype=torch.int32)
+        varlen_attention_forward(_Module(), q, k, v, None, **{**ok, "cu_seq_lens_q": bad})
+    with pytest.raises(ValueError, match="max_length"):
+        varlen_attention_forward(_Module(), q, k, v, None, **{**ok, "max_length_q": 5})
+    with pytest.raises(ValueError, match="dropout"):
+        varlen_attention_forward(_Module(), q, k, v, None, dropout=0.1, **ok)
+
+
+def test_dropout_in_training_raises():
+    ours, _ = _pair("llama", attention_dropout=0.1)
+    ours.train()
+    b = _packed([7, 5])
+    with pytest.raises(ValueError, match="dropout"):
+        ours(input_ids=b["input_ids"], **{k: b[k] for k in PACK_KEYS})
+
+
+def test_unregister_removes_name():
+    assert NAME in AttentionInterface() and NAME in AttentionMaskInterface()
+    attention.unregister()
+    assert NAME not in AttentionInterface() and NAME not in AttentionMaskInterface()
+    attention.unregister()  # idempotent
