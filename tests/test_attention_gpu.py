@@ -55,7 +55,8 @@ def _per_document(cu, **kw):
 
 
 def _ours(**kw):
-    return lambda q, k, v: varlen_attention_forward(_module(), q, k, v, None, scaling=D**-0.5, **kw)[0]
+    module = _module()  # built outside, so a compiled call traces only the attention function
+    return lambda q, k, v: varlen_attention_forward(module, q, k, v, None, scaling=D**-0.5, **kw)[0]
 
 
 def _assert_within_bf16_noise(ours, stock, truth):
@@ -80,8 +81,9 @@ def test_position_ids_and_rows_match_cu_seq_lens():
     pos = torch.cat([torch.arange(n, device="cuda") for n in LENGTHS])[None]
     by_cu = _run(_ours(**packed), qkv, grad, torch.bfloat16)
     by_pos = _run(_ours(position_ids=pos), qkv, grad, torch.bfloat16)
-    for a, b in zip(by_cu, by_pos):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(by_pos[0], by_cu[0], atol=0, rtol=0)  # same kernel call
+    for a, b in zip(by_pos[1:], by_cu[1:]):  # the flash backward accumulates dq with atomics
+        torch.testing.assert_close(a, b, atol=BF16_EPS * b.abs().max().item(), rtol=0)
     # Case 3: a batch of rows with no mask is one causal sequence per row.
     qkv, grad, _ = _inputs([512, 512])
     rows = [x.view(x.shape[1], 2, 512, D).transpose(0, 1) for x in qkv]
@@ -124,6 +126,6 @@ def test_compile_fullgraph_varlen():
     compiled = torch.compile(_ours(**packed), fullgraph=True)
     got = _run(compiled, qkv, grad, torch.bfloat16)
     want = _run(_ours(**packed), qkv, grad, torch.bfloat16)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    for a, b in zip(got, want):  # dq differs by atomics order only
+        torch.testing.assert_close(a, b, atol=BF16_EPS * b.abs().max().item(), rtol=0)
     torch._dynamo.reset()

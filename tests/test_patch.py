@@ -214,3 +214,27 @@ def test_training_curve_matches_stock():
         curves.append(torch.tensor(losses))
     assert curves[0][-1] < curves[0][0] - 0.5  # it learns
     torch.testing.assert_close(curves[1], curves[0], rtol=1e-4, atol=1e-4)
+
+
+def test_varlen_attention_switch_and_revert():
+    from chronipatch import attention
+    from chronipatch.packing import PackingCollator
+
+    stock = tiny_model("llama", dtype=torch.float64)
+    patched = copy.deepcopy(stock)
+    report = chronipatch.apply(patched, varlen_attention=True)
+    chronipatch.apply(stock)  # same fused ops (HF's own norm rounds through fp32), stock sdpa attention
+    assert patched.config._attn_implementation == attention.NAME
+    assert "attention sdpa -> chronipatch_varlen" in str(report)
+    docs = [torch.randint(0, 211, (n,)) for n in (5, 9, 3)]
+    packed = PackingCollator(max_length=32)([{"input_ids": d} for d in docs])
+    packed.pop("labels")
+    logits = patched(**packed, use_cache=False).logits[0]
+    start = 0
+    for d in sorted(docs, key=len, reverse=True):  # BFD lays documents out longest first
+        torch.testing.assert_close(
+            logits[start : start + len(d)], stock(d[None]).logits[0], rtol=1e-9, atol=1e-9
+        )
+        start += len(d)
+    chronipatch.revert(patched)
+    assert patched.config._attn_implementation == "sdpa"

@@ -43,3 +43,32 @@ def batch(vocab: int = 211, b: int = 2, t: int = 17, seed: int = 0, ignore_frac:
     labels = ids.clone()
     labels[torch.rand(b, t, generator=g) < ignore_frac] = -100
     return ids, labels
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer built in memory (nothing downloaded)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = list("0123456789+-*=:abcdefghijklmnopqrstuvwxyz ")
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def addition_dataset(n: int = 64, seed: int = 0):
+    """Prompt/completion pairs 'a+b=' -> 'c' with ragged lengths."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10 ** rng.randint(1, 4)), rng.randrange(10 ** rng.randint(1, 4))
+        rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b)})
+    return Dataset.from_list(rows)

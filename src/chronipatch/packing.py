@@ -3,8 +3,9 @@
 `PackingCollator` packs tokenized examples into rows of at most `max_length` tokens with best-fit decreasing
 (`bfd_pack`) and emits the rows concatenated as a single `[1, total_tokens]` sequence with `position_ids` that
 restart at every document, plus the `cu_seq_lens_*` / `max_length_*` keyword arguments that transformers'
-varlen (flash) attention consumes. There is no `attention_mask`: transformers infers document boundaries from
-`position_ids` (eager/sdpa/flex) or from `cu_seq_lens_*` (flash attention).
+varlen (flash) attention consumes. There is no `attention_mask`: chronipatch's varlen attention and flash
+attention read `cu_seq_lens_*`; stock eager/sdpa infer the boundaries from `position_ids`, but only when the
+model builds no KV cache (`use_cache=False`), otherwise documents silently see each other.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import attention as varlen
 from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
+
+_PREV_ATTN = "_chronipatch_prev_attn_implementation"
 
 
 @dataclass
@@ -46,6 +49,20 @@ def _compiled(model: nn.Module) -> bool:
     )
 
 
+def _select_varlen(model: nn.Module, report: PatchReport) -> None:
+    """Point the outermost HF model (its config is shared by the submodules) at the varlen attention."""
+    root = next((m for m in model.modules() if hasattr(m, "set_attn_implementation")), None)
+    if root is None:
+        report.left.append(("", type(model).__name__, "no HF model to set the attention implementation on"))
+        return
+    current = root.config._attn_implementation
+    if current != varlen.NAME:
+        varlen.register()
+        root.set_attn_implementation(varlen.NAME)
+        setattr(root, _PREV_ATTN, current)
+    report.swapped.append(("", type(root).__name__, f"attention {current} -> {varlen.NAME}"))
+
+
 def apply(
     model: nn.Module,
     *,
@@ -53,11 +70,13 @@ def apply(
     swiglu: bool = True,
     rope: bool = True,
     fused_loss: bool = True,
+    varlen_attention: bool = False,
 ) -> PatchReport:
     """Swap the forwards of supported HF modules inside ``model`` for fused-op versions.
 
     Works on ``XxxForCausalLM`` / ``XxxModel`` of Llama, Qwen2, Qwen3 and Mistral, also inside a
-    peft wrapper. Idempotent. Call it before ``torch.compile``. Keywords turn single swaps off.
+    peft wrapper. Idempotent. Call it before ``torch.compile``. Keywords turn single swaps off;
+    ``varlen_attention=True`` also selects the varlen attention for packed rows (``cu_seq_lens_*``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"chronipatch.apply expects a torch.nn.Module, got {type(model).__name__}")
@@ -90,6 +109,8 @@ def apply(
             continue
         module.forward = types.MethodType(swap.forward, module)
         report.swapped.append((path, cls, swap.op))
+    if varlen_attention and (report.swapped or report.already):
+        _select_varlen(model, report)
     if not report.swapped and not report.already:
         found = sorted({type(m).__name__ for m in model.modules()} & {c for s in SWAPS for c in s.classes})
         raise ValueError(
@@ -105,6 +126,9 @@ def revert(model: nn.Module) -> int:
     """Restore the stock forwards inside ``model``; returns how many modules were restored."""
     restored = 0
     for module in model.modules():
+        if hasattr(module, _PREV_ATTN):
+            module.set_attn_implementation(getattr(module, _PREV_ATTN))
+            delattr(module, _PREV_ATTN)
         current = module.__dict__.get("forward")
         if current is not None and getattr(current, "__func__", None) in OUR_FORWARDS:
             del module.__dict__["forward"]

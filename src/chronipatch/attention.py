@@ -1,0 +1,258 @@
+"""Padding-free (varlen) causal attention registered as the transformers attention implementation ``NAME``.
+
+After ``register()``, ``model.set_attn_implementation(NAME)`` makes every HF attention call go through
+``varlen_attention_forward``. Packed rows (``cu_seq_lens_*`` from ``PackingCollator``, or ``position_ids``
+restarting per document) run as one varlen kernel call on CUDA fp16/bf16 (``torch.nn.attention.varlen``) and
+never attend across documents; padded batches and KV-cache decoding fall back to SDPA with an explicit mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+__all__ = ["NAME", "register", "unregister", "varlen_attention_forward"]
+
+NAME = "chronipatch_varlen"
+
+try:  # torch >= 2.10; the keywords changed between releases, so read them once here (not under compile)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters)
+except ImportError:  # pragma: no cover - older torch: the SDPA reference path serves every call
+    _varlen_attn, _VARLEN_PARAMS = None, frozenset()
+
+_OUR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Per-forward memo keyed by tensor identity: every layer sees the same cu_seq_lens / position_ids tensor, so
+# the host sync that validates or derives boundaries happens once per forward, not once per layer.
+_memo: dict[int, tuple[weakref.ref, object]] = {}
+
+
+def register() -> None:
+    """Register ``NAME`` with transformers' attention and mask interfaces (idempotent).
+
+    The mask function is transformers' ``flash_attention_mask``: the attention function then receives None
+    (no padding) or the 2-D ``[B, S_k]`` bool padding mask, never a materialized 4-D mask.
+    """
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+def unregister() -> None:
+    """Remove ``NAME`` from both interfaces (``register`` writes their class-level ``_global_mapping``)."""
+    for interface, fn in ((AttentionInterface, varlen_attention_forward), (AttentionMaskInterface, None)):
+        if fn is None or interface._global_mapping.get(NAME) is fn:
+            interface._global_mapping.pop(NAME, None)
+
+
+def _memoized(t: torch.Tensor, key: tuple, compute):
+    hit = _memo.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1][0] == key:
+        return hit[1][1]
+    value = compute()
+    if len(_memo) > 16:
+        _memo.clear()
+    _memo[id(t)] = (weakref.ref(t), (key, value))
+    return value
+
+
+def _check_cu(cu: torch.Tensor, n: int, max_len: int, name: str) -> None:
+    """Validate a cu_seq_lens tensor; value checks: one small sync per forward, skipped under compile."""
+    if not isinstance(cu, torch.Tensor) or cu.ndim != 1 or cu.numel() < 2 or cu.is_floating_point():
+        raise ValueError(f"{name} must be a 1-D integer tensor [num_docs + 1], got {cu!r:.80}")
+    if torch.compiler.is_compiling():
+        return
+
+    def stats():
+        lens = cu.diff()
+        return torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).tolist()
+
+    first, last, shortest, longest = _memoized(cu, (n, max_len), stats)
+    if first != 0 or last != n:
+        raise ValueError(f"{name} must run from 0 to the token count {n}, got {first} .. {last}")
+    if shortest < 0 or longest > max_len:
+        raise ValueError(f"{name} lengths must lie in [0, max_length={max_len}], got {shortest} .. {longest}")
+
+
+def _packed_args(kwargs: dict, batch: int, t_q: int, t_k: int):
+    """(cu_q, cu_k, max_q, max_k) from the packing kwargs, validated."""
+    if batch != 1:
+        raise ValueError(
+            f"cu_seq_lens_q needs the padding-free layout with batch size 1, got batch size {batch}"
+        )
+    cu_q, max_q = kwargs["cu_seq_lens_q"], kwargs.get("max_length_q")
+    cu_k, max_k = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k")
+    if cu_k is None:
+        cu_k, max_k = cu_q, max_q if max_k is None else max_k
+    elif cu_k.shape != cu_q.shape:
+        raise ValueError(f"cu_seq_lens_q/k differ in document count: {cu_q.shape} vs {cu_k.shape}")
+    for name, value in (("max_length_q", max_q), ("max_length_k", max_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            # A tensor would need .item(), a host sync per layer and a graph break under compile.
+            raise ValueError(
+                f"{name} must be a Python int alongside cu_seq_lens_*, got {type(value).__name__}"
+            )
+    _check_cu(cu_q, t_q, max_q, "cu_seq_lens_q")
+    _check_cu(cu_k, t_k, max_k, "cu_seq_lens_k")
+    return cu_q, cu_k, max_q, max_k
+
+
+def _cu_from_positions(position_ids: torch.Tensor):
+    """(cu_seq_lens int32, max_len) of the flattened rows; a new document starts wherever positions do not
+    step by one, and at every row start. Data-dependent size: one host sync per forward (eager only)."""
+    pos = position_ids.reshape(-1)
+    start = torch.ones_like(pos, dtype=torch.bool)
+    start[1:] = pos[1:] != pos[:-1] + 1
+    start[:: position_ids.shape[-1]] = True
+    edges = torch.cat([start.nonzero().flatten(), pos.new_tensor([pos.numel()])])
+    return edges.to(torch.int32), int(edges.diff().max())
+
+
+def _doc_ids(cu: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document index and position inside it of each of n tokens; searchsorted keeps it graph-safe."""
+    t = torch.arange(n, device=device)
+    doc = torch.searchsorted(cu.to(device=device, dtype=torch.long), t, right=True) - 1
+    return doc, t - cu.to(device=device, dtype=torch.long)[doc]
+
+
+def _reference(q, k, v, mask, scaling):
+    """SDPA with an explicit bool mask and repeated kv heads: the exact-math path (CPU, fp32/fp64)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, sliding_window):
+    """One varlen kernel call over the flattened tokens; returns [B, T, Hq, D]."""
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    q3 = q.transpose(1, 2).reshape(b * t, hq, d)
+    k3 = k.transpose(1, 2).reshape(-1, hk, d)
+    v3 = v.transpose(1, 2).reshape(-1, hk, d)
+    kw = {"scale": scaling}
+    if "window_size" in _VARLEN_PARAMS:
+        kw["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+    elif sliding_window is None:  # torch 2.10: causal flag only, no windows
+        kw["is_causal"] = True
+    else:
+        raise ValueError("sliding_window needs a torch whose varlen_attn takes window_size (>= 2.11)")
+    if hq != hk and "enable_gqa" in _VARLEN_PARAMS:
+        kw["enable_gqa"] = True
+    elif hq != hk:
+        k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
+    out = _varlen_attn(q3, k3, v3, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, **kw)
+    return out.view(b, t, hq, d)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention, q ``[B, Hq, Tq, D]``, k/v ``[B, Hk, Tk, D]`` -> (``[B, Tq, Hq, D]``, None).
+
+    1. ``cu_seq_lens_q/k`` + Python-int ``max_length_q/k`` (B must be 1): block-diagonal causal per document.
+    2. No mask, no cache, 2-D ``position_ids``: documents start wherever positions do not step by one (as HF's
+       sdpa mask does); on the varlen path this costs one host sync per forward to size ``cu_seq_lens``.
+    3. No mask, no cache, no ``position_ids``: each row is one causal sequence.
+    4. A 2-D padding mask, or a KV cache (Tq != Tk): transformers' SDPA with an explicit 4-D bool mask
+       (causal aligned to the last query, AND padding, AND window).
+
+    Cases 1-3 use ``torch.nn.attention.varlen.varlen_attn`` on CUDA fp16/bf16 and SDPA with an explicit
+    block-causal mask otherwise. ``sliding_window=w`` keeps keys with ``kv > q - w`` (HF's
+    ``sliding_window_overlay``), i.e. varlen ``window_size=(w - 1, 0)``.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{NAME} does not support softcap")
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        raise ValueError(f"{NAME} implements causal attention only")
+    b, _, t_q, _ = query.shape
+    t_k = key.shape[2]
+    packed = kwargs.get("cu_seq_lens_q") is not None
+    if attention_mask is not None and packed:
+        raise ValueError(
+            "cu_seq_lens_q (padding-free packing) cannot be combined with a padding attention_mask"
+        )
+    if not packed and (attention_mask is not None or t_q != t_k):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device),
+            dropout=dropout,
+            scaling=scaling,
+            **{k: v for k, v in kwargs.items() if k not in _OUR_KWARGS},
+        )
+    if dropout > 0:
+        raise ValueError(f"{NAME} has no attention dropout; got dropout={dropout} (set attention_dropout=0)")
+
+    pos = kwargs.get("position_ids")
+    by_positions = not packed and isinstance(pos, torch.Tensor) and pos.ndim == 2 and pos.shape[-1] == t_q
+    if by_positions:
+        pos = pos.expand(b, -1)
+    fast = _varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if fast:
+        if packed:
+            cu_q, cu_k, max_q, max_k = _packed_args(kwargs, b, t_q, t_k)
+        elif by_positions:
+            derive = lambda: _cu_from_positions(pos)
+            cu_q, max_q = derive() if torch.compiler.is_compiling() else _memoized(pos, (b,), derive)
+            cu_k, max_k = cu_q, max_q
+        else:
+            cu_q = torch.arange(0, b * t_q + 1, t_q, device=query.device, dtype=torch.int32)
+            cu_k, max_q, max_k = cu_q, t_q, t_k
+        return _varlen(query, key, value, cu_q, cu_k, max_q, max_k, scaling, sliding_window), None
+
+    # Reference mask [B or 1, 1, Tq, Tk]: same document, causal aligned to each document's last query.
+    device = query.device
+    if packed:
+        cu_q, cu_k, _, _ = _packed_args(kwargs, b, t_q, t_k)
+        doc_q, i_q = _doc_ids(cu_q, t_q, device)
+        doc_k, i_k = _doc_ids(cu_k, t_k, device)
+        offset = (cu_k.diff() - cu_q.diff()).to(device=device, dtype=torch.long)[doc_q]
+        delta = (i_q + offset)[:, None] - i_k[None, :]
+        mask = (doc_q[:, None] == doc_k[None, :]) & (delta >= 0)
+    else:
+        idx = torch.arange(t_q, device=device)
+        delta = idx[:, None] - idx[None, :]
+        mask = delta >= 0
+        if by_positions:
+            step = torch.ones_like(pos, dtype=torch.bool)
+            step[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+            doc = step.cumsum(-1)
+            mask = mask & (doc[:, :, None] == doc[:, None, :])
+    if sliding_window is not None:
+        mask = mask & (delta < sliding_window)
+    mask = mask.view(-1, 1, t_q, t_k) if mask.ndim == 3 else mask[None, None]
+    return _reference(query, key, value, mask, scaling), None
+
+
+def _decode_mask(padding, b, t_q, t_k, sliding_window, device):
+    """4-D bool mask for padded batches / KV caches: query i sits at key index L - Tq + i, L being the padding
+    mask's length (== Tk, except for a static cache whose unused tail the mask leaves out)."""
+    if padding is None:
+        padding = torch.ones(b, t_k, dtype=torch.bool, device=device)
+    padding = padding.to(device=device, dtype=torch.bool)
+    length = padding.shape[1]
+    if length < t_k:
+        padding = F.pad(padding, (0, t_k - length), value=False)
+    q_idx = torch.arange(t_q, device=device)[:, None] + (length - t_q)
+    delta = q_idx - torch.arange(t_k, device=device)[None, :]
+    mask = delta >= 0
+    if sliding_window is not None:
+        mask = mask & (delta < sliding_window)
+    return mask[None, None] & padding[:, None, None, :]

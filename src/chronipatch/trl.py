@@ -1,0 +1,165 @@
+"""TRL ``SFTTrainer`` integration: one line after building the trainer.
+
+    trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, peft_config=...)
+    chronipatch.trl.integrate(trainer)
+    trainer.train()
+
+What it does, before ``train()``:
+- patches the decoder (``chronipatch.apply``) if that was not done yet;
+- routes the SFT loss through ``ops.linear_cross_entropy``. TRL 1.16 computes its loss with its own
+  chunked lm-head (``model(..., fused_lm_head=True)``) and never calls the CausalLM forward, so the
+  fused head TRL installed is wrapped: same outputs (log_probs, entropy, is_top1, label_mask), our op;
+- builds LoRA+ parameter groups through the trainer's optimizer factory when the model has LoRA
+  adapters, so checkpoints and resume keep the groups;
+- with packing, runs packed rows with the varlen attention (TRL's padding-free batches, or
+  chronipatch's BFD ``PackingCollator`` when TRL packs nothing);
+- adds a callback that logs per-group learning rates, packing statistics and how often the fused
+  loss ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+from torch.distributed.tensor import DTensor
+from transformers import TrainerCallback
+
+from . import attention, loraplus, ops
+from .packing import PackingCollator
+from .patch import apply, is_patched
+
+log = logging.getLogger("chronipatch")
+
+
+def _fused_lm_head_owner(trainer):
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model
+    owner = model.get_base_model() if is_peft_model(model) else model  # where TRL put its head
+    fwd = owner.__dict__.get("forward")
+    code = getattr(
+        getattr(fwd, "__func__", None), "__code__", None
+    )  # functools.wraps renamed it, not its code
+    if getattr(code, "co_name", None) != "_fused_forward":
+        raise ValueError(
+            "chronipatch.trl.integrate: the trainer's model has no TRL fused lm-head "
+            "(model(..., fused_lm_head=True)); it needs trl>=1.16's SFTTrainer, built before integrate()"
+        )
+    return owner, fwd
+
+
+def _make_fused_forward(trl_forward, counter: dict):
+    """TRL's ``_fused_forward`` contract, computed by ``ops.linear_cross_entropy``."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    def forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
+        if not fused_lm_head or getattr(self.config.get_text_config(), "output_router_logits", False):
+            return trl_forward(
+                *args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch, **kwargs,
+            )  # fmt: skip
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        weight = self.get_output_embeddings().weight
+        if isinstance(weight, DTensor):  # FSDP2 shards the head; the loss needs all of it, as TRL's head does
+            weight = weight.full_tensor()
+        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        mask = labels != -100
+        # Like TRL's head: score only supervised positions (one host sync), then scatter back.
+        rows, stats = ops.linear_cross_entropy(
+            hidden[mask], weight, labels[mask], shift=False, reduction="none", return_token_stats=True
+        )
+        counter["calls"] += 1
+
+        def scatter(x):
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+        log_probs = scatter(-rows)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denom,
+            log_probs=log_probs,
+            entropy=scatter(stats.entropy),
+            is_top1=scatter(stats.correct).bool(),
+            label_mask=mask,
+        )
+
+    return forward
+
+
+class ChronipatchCallback(TrainerCallback):
+    """Logs LoRA+ group learning rates, packing statistics and fused-loss calls; checks LoRA+ at start."""
+
+    def __init__(self, counter: dict, collator: PackingCollator | None, loraplus_ratio: float | None):
+        self.counter, self.collator, self.ratio = counter, collator, loraplus_ratio
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.ratio is None or optimizer is None:
+            return
+        lrs = loraplus.group_learning_rates(optimizer)
+        a, b = lrs.get("lr/lora_A"), lrs.get("lr/lora_B")
+        if a is None or b is None or abs(b - self.ratio * a) > 1e-12 * max(1.0, b):
+            raise RuntimeError(f"chronipatch: LoRA+ groups not built as asked (ratio {self.ratio}): {lrs}")
+        log.info("chronipatch: LoRA+ learning rates %s", lrs)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if logs is None:
+            return
+        extra = {"chronipatch/fused_loss_calls": self.counter["calls"]}
+        if self.ratio is not None and optimizer is not None:
+            extra.update(loraplus.group_learning_rates(optimizer))
+        if self.collator is not None:
+            extra.update(self.collator.stats.as_dict())
+        logs.update(extra)  # what later callbacks (reporters) receive
+        if state.log_history:  # Trainer stored a copy of logs just before this event
+            state.log_history[-1].update(extra)
+
+
+def integrate(
+    trainer, *, loraplus_ratio: float = 16.0, loraplus_lr_embedding: float = 1e-6, packing: bool | None = None
+) -> ChronipatchCallback:
+    """Wire chronipatch into a built TRL ``SFTTrainer``; call once, before ``trainer.train()``.
+
+    ``loraplus_ratio=None`` keeps the trainer's optimizer. ``packing=None`` follows the trainer (TRL
+    packing / padding-free on -> varlen attention); ``True`` also packs with chronipatch's collator
+    when TRL does not.
+    """
+    if getattr(trainer, "_chronipatch", None) is not None:
+        return trainer._chronipatch
+    model = trainer.model
+    if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
+        raise ValueError("chronipatch.trl.integrate: the tokenizer has no pad token; set tokenizer.pad_token")
+    if not is_patched(model):
+        apply(model)
+    owner, trl_forward = _fused_lm_head_owner(trainer)
+    counter = {"calls": 0}
+    owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
+
+    ratio = None
+    if loraplus_ratio is not None:
+        if loraplus.install(trainer, ratio=loraplus_ratio, lr_embedding=loraplus_lr_embedding):
+            ratio = loraplus_ratio
+        else:
+            log.info("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
+
+    collator = None
+    trl_packs = bool(getattr(trainer, "padding_free", False))
+    if packing and not trl_packs:
+        collator = PackingCollator(max_length=trainer.args.max_length or 2048)
+        trainer.data_collator = collator
+    if trl_packs or packing:
+        attention.register()
+        model.set_attn_implementation(attention.NAME)
+        model.config.use_cache = False  # a cache would hide the packed boundaries from the mask logic
+
+    callback = ChronipatchCallback(counter, collator, ratio)
+    trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
+    trainer._chronipatch = callback
+    return callback

@@ -1,0 +1,123 @@
+"""SFTTrainer with vs without chronipatch: same per-step losses in fp32 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("trl")
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+import chronipatch
+import chronipatch.trl as ctrl
+from tiny import addition_dataset, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _trainer(tmp_path, *, integrate, seed=0, peft=False, steps=5, **cfg):
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2", seed=seed, vocab_size=len(tok))
+    args = dict(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=seed,
+        max_length=32,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
+    args.update(cfg)
+    kw = {}
+    if peft:
+        from peft import LoraConfig
+
+        kw["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(**args), train_dataset=addition_dataset(), processing_class=tok, **kw
+    )
+    if integrate:
+        chronipatch.apply(trainer.model)
+        callback = ctrl.integrate(trainer)
+        trainer._cb = callback
+    return trainer
+
+
+def _losses(trainer):
+    trainer.train()
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    return torch.tensor([h["loss"] for h in hist]), hist
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(), dict(packing=True), dict(gradient_checkpointing=True)],
+    ids=["plain", "packed", "checkpointing"],
+)
+def test_sft_losses_match_stock(tmp_path, cfg):
+    stock, stock_hist = _losses(_trainer(tmp_path / "a", integrate=False, **cfg))
+    trainer = _trainer(tmp_path / "b", integrate=True, **cfg)
+    ours, hist = _losses(trainer)
+    assert len(ours) == 5
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+    assert trainer._cb.counter["calls"] == 5  # every step's loss came from chronipatch's op
+    for key in ("entropy", "mean_token_accuracy"):
+        torch.testing.assert_close(
+            torch.tensor([h[key] for h in hist]),
+            torch.tensor([h[key] for h in stock_hist]),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+    assert hist[-1]["chronipatch/fused_loss_calls"] == 5
+    if cfg.get("packing"):
+        assert trainer.model.config._attn_implementation == "chronipatch_varlen"
+
+
+def test_sft_lora_plus(tmp_path):
+    from chronipatch import loraplus
+
+    stock = _trainer(tmp_path / "a", integrate=False, peft=True)
+    loraplus.install(stock)  # the same optimizer groups, without chronipatch's kernels
+    ref, _ = _losses(stock)
+    trainer = _trainer(tmp_path / "b", integrate=True, peft=True)
+    ours, hist = _losses(trainer)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    lrs = loraplus.group_learning_rates(trainer.optimizer)
+    assert lrs["lr/lora_B"] == pytest.approx(16 * lrs["lr/lora_A"])
+    assert "lr/lora_B" in hist[-1]
+
+
+def test_sft_resume_reproduces_uninterrupted_run(tmp_path):
+    full = _trainer(tmp_path / "full", integrate=True, peft=True, steps=4)
+    full.train()
+    first = _trainer(
+        tmp_path / "resume", integrate=True, peft=True, steps=4, save_strategy="steps", save_steps=2
+    )
+    first.train()
+    resumed = _trainer(
+        tmp_path / "resume", integrate=True, peft=True, steps=4, save_strategy="steps", save_steps=2
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resume" / "checkpoint-2"))
+    for (name, a), b in zip(resumed.model.named_parameters(), full.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    initial = {g["name"]: g["initial_lr"] for g in resumed.optimizer.param_groups}
+    assert initial["lora_B"] == pytest.approx(16 * initial["lora_A"])
+
+
+def test_integrate_bad_input(tmp_path):
+    trainer = _trainer(tmp_path, integrate=False)
+    trainer.processing_class.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        ctrl.integrate(trainer)
+    with pytest.raises(ValueError, match="no TRL fused lm-head"):
+        ctrl._fused_lm_head_owner(type("T", (), {"model": tiny_model("llama")})())
