@@ -4,6 +4,7 @@ replaces line for line, with the fused op in place of the eager math."""
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -107,9 +108,12 @@ def causal_lm_forward(
     shift_labels = kwargs.get("shift_labels")
     loss = logits = None
     if labels is not None or shift_labels is not None:
+        weight = self.lm_head.weight
+        if isinstance(weight, DTensor):  # FSDP2: the head's own forward never runs, so gather it here
+            weight = weight.full_tensor()
         loss = ops.linear_cross_entropy(
             hidden_states,
-            self.lm_head.weight,
+            weight,
             labels if shift_labels is None else shift_labels,
             ignore_index=kwargs.get("ignore_index", -100),
             num_items_in_batch=kwargs.get("num_items_in_batch"),
