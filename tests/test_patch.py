@@ -238,3 +238,16 @@ def test_varlen_attention_switch_and_revert():
         start += len(d)
     chronipatch.revert(patched)
     assert patched.config._attn_implementation == "sdpa"
+
+
+def test_packed_rows_with_cache_under_sdpa_is_an_error():
+    from chronipatch.packing import PackingCollator
+
+    model = tiny_model("llama")
+    chronipatch.apply(model)
+    packed = PackingCollator(max_length=32)([{"input_ids": torch.arange(1, n)} for n in (6, 9)])
+    packed.pop("labels")
+    model.eval()
+    with pytest.raises(ValueError, match="attend across documents"):
+        model(**packed, use_cache=True)
+    model(**packed, use_cache=False)  # the packed path without a cache is fine

@@ -46,6 +46,13 @@ def attention_forward(
     query_states, key_states = ops.rope(query_states, key_states, cos, sin)
 
     if past_key_values is not None:
+        if "cu_seq_lens_q" in kwargs and self.config._attn_implementation in ("sdpa", "eager"):
+            # With a cache, sdpa/eager build a plain causal mask: packed documents would see each other.
+            raise ValueError(
+                "chronipatch: packed rows (cu_seq_lens_q) with a KV cache under "
+                f"{self.config._attn_implementation!r} attention would attend across documents; pass "
+                "use_cache=False or apply(model, varlen_attention=True)"
+            )
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
