@@ -121,3 +121,11 @@ def test_integrate_bad_input(tmp_path):
         ctrl.integrate(trainer)
     with pytest.raises(ValueError, match="no TRL fused lm-head"):
         ctrl._fused_lm_head_owner(type("T", (), {"model": tiny_model("llama")})())
+
+
+def test_full_finetuning_keeps_optimizer_and_says_so(tmp_path, caplog):
+    trainer = _trainer(tmp_path, integrate=False)
+    with caplog.at_level("WARNING", logger="chronipatch"):
+        ctrl.integrate(trainer)
+    assert "no LoRA adapters (full fine-tuning)" in caplog.text
+    assert trainer.optimizer_cls_and_kwargs is None

@@ -147,7 +147,7 @@ def integrate(
         if loraplus.install(trainer, ratio=loraplus_ratio, lr_embedding=loraplus_lr_embedding):
             ratio = loraplus_ratio
         else:
-            log.info("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
+            log.warning("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
 
     collator = None
     trl_packs = bool(getattr(trainer, "padding_free", False))
