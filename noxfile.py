@@ -37,3 +37,25 @@ def bench(session: nox.Session) -> None:
     """Op and training benchmarks on a CUDA machine; results land in bench/out/."""
     session.env["PYTHONPATH"] = "src"
     session.run("python", "bench/ops.py", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def distributed(session: nox.Session) -> None:
+    """DDP / FSDP2 training benchmark under torchrun on a multi-GPU CUDA machine; results in bench/out/.
+
+    `nox -s distributed -- 8 [bench/distributed.py options]`: the first argument is torchrun's
+    --nproc-per-node (default: gpu, one rank per visible GPU); `-- 2 --smoke` runs on CPU over gloo.
+    """
+    args = list(session.posargs)
+    nproc = args.pop(0) if args and not args[0].startswith("-") else "gpu"
+    session.env["PYTHONPATH"] = "src"
+    session.env["NCCL_NVLS_ENABLE"] = "0"
+    session.run(
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "bench/distributed.py",
+        *args,
+    )

@@ -4,6 +4,7 @@ replaces line for line, with the fused op in place of the eager math."""
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -11,6 +12,30 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import can_return_tuple
 
 from . import ops
+
+
+def head_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The full lm_head weight for a loss that bypasses ``head.__call__``.
+
+    Under FSDP2 a head that is its own ``fully_shard`` unit is only gathered by its own forward, which
+    the fused loss never runs: ``unshard()`` it through FSDP, whose post-backward hook then
+    reduce-scatters the gradient as for a normal call (``DTensor.full_tensor()`` would not).
+    """
+    if isinstance(head, FSDPModule):
+        head.unshard()
+    weight = head.weight
+    if isinstance(weight, DTensor):
+        raise ValueError(
+            "chronipatch: lm_head.weight is a sharded DTensor outside an FSDP2 unit; the fused loss needs "
+            "the whole head (fully_shard the head or the model root, or apply(model, fused_loss=False))"
+        )
+    return weight
+
+
+def reshard_if_idle(head: torch.nn.Module) -> None:
+    """Without autograd no post-backward hook will reshard a head unsharded by ``head_weight``."""
+    if isinstance(head, FSDPModule) and not torch.is_grad_enabled():
+        head.reshard()
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -115,17 +140,15 @@ def causal_lm_forward(
     shift_labels = kwargs.get("shift_labels")
     loss = logits = None
     if labels is not None or shift_labels is not None:
-        weight = self.lm_head.weight
-        if isinstance(weight, DTensor):  # FSDP2: the head's own forward never runs, so gather it here
-            weight = weight.full_tensor()
         loss = ops.linear_cross_entropy(
             hidden_states,
-            weight,
+            head_weight(self.lm_head),
             labels if shift_labels is None else shift_labels,
             ignore_index=kwargs.get("ignore_index", -100),
             num_items_in_batch=kwargs.get("num_items_in_batch"),
             shift=shift_labels is None,
         )
+        reshard_if_idle(self.lm_head)
     if loss is None or return_logits:
         logits = self.lm_head(hidden_states)
     return CausalLMOutputWithPast(

@@ -43,6 +43,15 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _hf_class(module: nn.Module, by_class: dict) -> str | None:
+    """The supported HF class this module is, also through wrappers that subclass it without their
+    own forward (FSDP2's ``FSDP<cls>``); a user subclass that overrides forward is not ours to swap."""
+    for klass in type(module).__mro__:
+        if klass.__name__ in by_class:
+            return klass.__name__ if type(module).forward is klass.forward else None
+    return None
+
+
 def _compiled(model: nn.Module) -> bool:
     return (
         type(model).__name__ == "OptimizedModule" or getattr(model, "_compiled_call_impl", None) is not None
@@ -89,10 +98,10 @@ def apply(
     by_class = {cls: swap for swap in SWAPS for cls in swap.classes}
     report = PatchReport(type(model).__name__)
     for path, module in model.named_modules():
-        cls = type(module).__name__
-        swap = by_class.get(cls)
-        if swap is None:
+        cls = _hf_class(module, by_class)
+        if cls is None:
             continue
+        swap = by_class[cls]
         if not switches[swap.switch]:
             report.left.append((path, cls, f"{swap.switch}=False"))
             continue
@@ -112,7 +121,7 @@ def apply(
     if varlen_attention and (report.swapped or report.already):
         _select_varlen(model, report)
     if not report.swapped and not report.already:
-        found = sorted({type(m).__name__ for m in model.modules()} & {c for s in SWAPS for c in s.classes})
+        found = sorted({_hf_class(m, by_class) for m in model.modules()} - {None})
         raise ValueError(
             f"chronipatch.apply: nothing to patch in {type(model).__name__} "
             f"(supported families: {', '.join(FAMILIES)}; supported classes found: {found or 'none'}"

@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 import types
 
-from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from . import attention, loraplus, ops
+from .layers import head_weight, reshard_if_idle
 from .packing import PackingCollator
 from .patch import apply, is_patched
 
@@ -67,15 +67,15 @@ def _make_fused_forward(trl_forward, counter: dict):
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight = self.get_output_embeddings().weight
-        if isinstance(weight, DTensor):  # FSDP2 shards the head; the loss needs all of it, as TRL's head does
-            weight = weight.full_tensor()
+        head = self.get_output_embeddings()
+        weight = head_weight(head)
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         mask = labels != -100
         # Like TRL's head: score only supervised positions (one host sync), then scatter back.
         rows, stats = ops.linear_cross_entropy(
             hidden[mask], weight, labels[mask], shift=False, reduction="none", return_token_stats=True
         )
+        reshard_if_idle(head)
         counter["calls"] += 1
 
         def scatter(x):
