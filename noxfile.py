@@ -59,3 +59,10 @@ def distributed(session: nox.Session) -> None:
         "bench/distributed.py",
         *args,
     )
+
+
+@nox.session(venv_backend="none")
+def sweep(session: nox.Session) -> None:
+    """Randomized op accuracy sweep on a CUDA machine, 500 cases per op; results land in bench/out/sweep.*."""
+    session.env["PYTHONPATH"] = "src"
+    session.run("python", "bench/sweep.py", "--cases", "500", *session.posargs)

@@ -155,9 +155,11 @@ def integrate(
         collator = PackingCollator(max_length=trainer.args.max_length or 2048)
         trainer.data_collator = collator
     if trl_packs or packing:
-        attention.register()
-        model.set_attn_implementation(attention.NAME)
         model.config.use_cache = False  # a cache would hide the packed boundaries from the mask logic
+        # flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: keep it.
+        if not str(model.config._attn_implementation).startswith("flash_attention"):
+            attention.register()
+            model.set_attn_implementation(attention.NAME)
 
     callback = ChronipatchCallback(counter, collator, ratio)
     trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
