@@ -52,6 +52,8 @@ def unregister() -> None:
 
 
 def _memoized(t: torch.Tensor, key: tuple, compute):
+    # The version counter changes on every in-place write, so an edited tensor is checked again.
+    key = (*key, t._version)
     hit = _memo.get(id(t))
     if hit is not None and hit[0]() is t and hit[1][0] == key:
         return hit[1][1]
@@ -66,7 +68,7 @@ def _check_cu(cu: torch.Tensor, n: int, max_len: int, name: str) -> None:
     """Validate a cu_seq_lens tensor; value checks: one small sync per forward, skipped under compile."""
     if not isinstance(cu, torch.Tensor) or cu.ndim != 1 or cu.numel() < 2 or cu.is_floating_point():
         raise ValueError(f"{name} must be a 1-D integer tensor [num_docs + 1], got {cu!r:.80}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or cu.device.type == "meta":
         return
 
     def stats():
@@ -122,11 +124,16 @@ def _doc_ids(cu: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tens
 
 
 def _reference(q, k, v, mask, scaling):
-    """SDPA with an explicit bool mask and repeated kv heads: the exact-math path (CPU, fp32/fp64)."""
+    """Masked softmax attention with repeated kv heads: the exact-math path (CPU, fp32/fp64).
+
+    Masked scores are overwritten (not added to), so a NaN key of one document stays out of the others.
+    """
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2).contiguous()
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    # Every query sees at least itself (causal), so no row is all -inf.
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).contiguous()
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, sliding_window):
@@ -177,6 +184,15 @@ def varlen_attention_forward(
     """
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{NAME} does not support softcap")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{NAME}: {name} must be a floating [B, H, T, D] tensor, got {got}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(
+            f"{NAME}: query, key and value must have the same dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
     if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         raise ValueError(f"{NAME} implements causal attention only")
     b, _, t_q, _ = query.shape

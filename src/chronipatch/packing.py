@@ -88,7 +88,11 @@ class PackingStats:
 
 
 def _as_1d_long(value: Any, key: str, index: int) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.long)
+    t = torch.as_tensor(value)
+    # Token ids and labels are integers; casting floats or bools would change them silently.
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):  # [] is float
+        raise ValueError(f"example {index}: {key!r} must hold integers, got {t.dtype}")
+    t = t.long()
     if t.ndim != 1:
         raise ValueError(f"example {index}: {key!r} must be 1-D, got shape {tuple(t.shape)}")
     return t
@@ -120,8 +124,8 @@ class PackingCollator:
     last_row_offsets: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be None or >= 1, got {self.window}")
         if self.long_documents not in _LONG_DOCUMENT_MODES:

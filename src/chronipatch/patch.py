@@ -87,8 +87,7 @@ def apply(
     peft wrapper. Idempotent. Call it before ``torch.compile``. Keywords turn single swaps off;
     ``varlen_attention=True`` also selects the varlen attention for packed rows (``cu_seq_lens_*``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"chronipatch.apply expects a torch.nn.Module, got {type(model).__name__}")
+    _module(model, "apply")
     if _compiled(model):
         raise ValueError(
             "chronipatch.apply: the model is already compiled; call apply(model) before "
@@ -131,8 +130,15 @@ def apply(
     return report
 
 
+def _module(model, fn: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"chronipatch.{fn} expects a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def revert(model: nn.Module) -> int:
     """Restore the stock forwards inside ``model``; returns how many modules were restored."""
+    _module(model, "revert")
     restored = 0
     for module in model.modules():
         if hasattr(module, _PREV_ATTN):
@@ -146,4 +152,5 @@ def revert(model: nn.Module) -> int:
 
 
 def is_patched(model: nn.Module) -> bool:
+    _module(model, "is_patched")
     return any(getattr(m.__dict__.get("forward"), "__func__", None) in OUR_FORWARDS for m in model.modules())

@@ -14,8 +14,18 @@ def check(cond: bool, op: str, msg: str) -> None:
         raise ValueError(f"chronipatch.ops.{op}: {msg}")
 
 
+def check_tensors(op: str, **values) -> None:
+    """Every argument is a tensor (a TypeError naming it otherwise)."""
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"chronipatch.ops.{op}: {name} must be a torch.Tensor, got {type(value).__name__}"
+            )
+
+
 def check_same(op: str, **tensors: torch.Tensor) -> None:
     """All tensors share one device and one floating dtype."""
+    check_tensors(op, **tensors)
     names = list(tensors)
     first = tensors[names[0]]
     check(first.is_floating_point(), op, f"{names[0]} must be floating point, got {first.dtype}")

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from ._utils import check, check_same, on_gpu
+from ._utils import check, check_same, check_tensors, on_gpu
 
 CHUNK_BYTES = 32 << 20  # bytes of one [N, Vc] logits chunk
 BLOCK_V = 1024
@@ -228,6 +228,28 @@ _lce.register_autograd(_backward, setup_context=_setup)
 # ---------------------------------------------------------------- public
 
 
+def _check_values(op: str, labels: Tensor, vocab: int, ignore_index: int, num_items) -> None:
+    """Checks that read the data: one host sync, in eager mode only (compiled runs give NaN rows for
+    out-of-range labels instead)."""
+    if torch.compiler.is_compiling() or labels.numel() == 0 or labels.device.type == "meta":
+        return
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    any_bad, any_valid = torch.stack([bad.any(), valid.any()]).tolist()
+    if any_bad:
+        raise ValueError(
+            f"chronipatch.ops.{op}: label {labels[bad][0].item()} outside [0, {vocab}) "
+            f"and not ignore_index={ignore_index}"
+        )
+    if num_items is not None:
+        n = float(num_items)
+        if n < 0 or (n == 0 and any_valid):
+            raise ValueError(
+                f"chronipatch.ops.{op}: num_items_in_batch={n:g} cannot normalise a loss over "
+                "supervised labels"
+            )
+
+
 class TokenStats(NamedTuple):
     """Per-position statistics, shaped like ``labels``: softmax entropy and argmax == label."""
 
@@ -254,7 +276,11 @@ def linear_cross_entropy(
     """
     op = "linear_cross_entropy"
     check_same(op, hidden=hidden, weight=weight)
+    check_tensors(op, labels=labels)
     check(weight.dim() == 2, op, f"weight must be [V, H], got {tuple(weight.shape)}")
+    check(
+        weight.shape[0] > 0 and weight.shape[1] > 0, op, f"weight {tuple(weight.shape)} has an empty V or H"
+    )
     check(
         hidden.dim() >= 1 and hidden.shape[-1] == weight.shape[1],
         op,
@@ -273,20 +299,20 @@ def linear_cross_entropy(
         op,
         f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its last dim",
     )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"chronipatch.ops.{op}: ignore_index must be an int, got {ignore_index!r}")
     check(reduction in ("mean", "sum", "none"), op, f"reduction must be mean, sum or none, got {reduction!r}")
     check(num_items_in_batch is None or reduction == "mean", op, "num_items_in_batch needs reduction='mean'")
-    vocab = weight.shape[0]
+    check(
+        not isinstance(num_items_in_batch, torch.Tensor) or num_items_in_batch.numel() == 1,
+        op,
+        f"num_items_in_batch must be one number, got shape {getattr(num_items_in_batch, 'shape', None)}",
+    )
     labels = labels.long()
     if shift:
         check(labels.dim() >= 1, op, "shift needs labels with a sequence dim")
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    if not torch.compiler.is_compiling() and labels.numel() > 0 and labels.device.type != "meta":
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bad.any():  # one host sync, eager only; compiled runs give NaN rows instead
-            raise ValueError(
-                f"chronipatch.ops.{op}: label {labels[bad][0].item()} outside [0, {vocab}) "
-                f"and not ignore_index={ignore_index}"
-            )
+    _check_values(op, labels, weight.shape[0], ignore_index, num_items_in_batch)
     h = hidden.reshape(-1, hidden.shape[-1])
     h = h if h.stride(-1) == 1 else h.contiguous()
     rows, _, entropy, correct = _lce(
@@ -301,7 +327,7 @@ def linear_cross_entropy(
             divisor = (labels != ignore_index).sum().float()
         else:
             divisor = torch.as_tensor(num_items_in_batch, device=rows.device, dtype=torch.float32)
-        loss = rows.sum() / torch.where(divisor > 0, divisor, 1.0)
+        loss = rows.sum() / torch.where(divisor > 0, divisor, 1.0)  # nothing supervised: a finite 0
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
     return loss

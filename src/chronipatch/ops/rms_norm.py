@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, on_gpu, pow2, sms_for
+from ._utils import check, check_tensors, on_gpu, pow2, sms_for
 
 # ---------------------------------------------------------------- kernels
 
@@ -176,6 +176,7 @@ _rms_norm.register_autograd(_backward, setup_context=_setup)
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """HF RMSNorm over the last dim of ``x`` (any leading shape) with weight ``[N]``."""
+    check_tensors("rms_norm", x=x, weight=weight)
     check(
         x.is_floating_point() and weight.is_floating_point(),
         "rms_norm",

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, on_gpu, pow2
+from ._utils import check, check_tensors, on_gpu, pow2
 
 # ---------------------------------------------------------------- kernels
 
@@ -230,6 +230,7 @@ _rope.register_autograd(_backward, setup_context=_setup)
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """HF ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``unsqueeze_dim=1``; returns (q_out, k_out)."""
     op = "rope"
+    check_tensors(op, q=q, k=k, cos=cos, sin=sin)
     check(
         q.dim() == 4 and k.dim() == 4,
         op,
@@ -259,6 +260,11 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
         q.is_floating_point() and q.dtype == k.dtype,
         op,
         f"q and k must share a float dtype, got {q.dtype}, {k.dtype}",
+    )
+    check(
+        cos.is_floating_point() and sin.is_floating_point(),
+        op,
+        f"cos and sin must be floating point, got {cos.dtype} and {sin.dtype}",
     )
     check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
     return _rope(q, k, cos, sin)
