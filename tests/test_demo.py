@@ -23,7 +23,7 @@ def _load_demo():
     return module
 
 
-# Padded batches, and TRL's padding-free packing (chronipatch's varlen attention, SDPA fallback on CPU).
+# Padded batches, and TRL's padding-free packing (chronipatch's varlen attention: its masked path on CPU).
 @pytest.fixture(scope="module", params=[[], ["--packing"]], ids=["padded", "packed"])
 def demo(request, tmp_path_factory):
     pytest.importorskip("trl")
