@@ -4,18 +4,22 @@ replaces line for line, with the fused op in place of the eager math."""
 from __future__ import annotations
 
 import torch
-
-try:
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed: nothing can be sharded
-    FSDPModule = DTensor = ()
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import can_return_tuple
 
 from . import ops
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: nothing can be sharded
+    FSDPModule = DTensor = ()
+
+
+# transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def head_weight(head: torch.nn.Module) -> torch.Tensor:
@@ -74,7 +78,10 @@ def attention_forward(
     cos, sin = position_embeddings
     query_states, key_states = ops.rope(query_states, key_states, cos, sin)
 
-    if past_key_values is not None:
+    # transformers >= 5.24 passes the cache as ``cache`` (and wants the call kwargs in ``update``).
+    new_api = "cache" in kwargs
+    cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
+    if cache is not None:
         if "cu_seq_lens_q" in kwargs and self.config._attn_implementation in ("sdpa", "eager"):
             # With a cache, sdpa/eager build a plain causal mask: packed documents would see each other.
             raise ValueError(
@@ -82,7 +89,8 @@ def attention_forward(
                 f"{self.config._attn_implementation!r} attention would attend across documents; pass "
                 "use_cache=False or apply(model, varlen_attention=True)"
             )
-        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        extra = {"kwargs": kwargs} if new_api else {}
+        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, **extra)
 
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, eager_attention_forward
@@ -126,11 +134,12 @@ def causal_lm_forward(
     """
     if use_cache is None and self.training:
         use_cache = False  # a training forward never reads a cache; building one hides packed rows
+    if past_key_values is not None:  # the older name of ``cache`` (transformers < 5.24)
+        kwargs["past_key_values"] = past_key_values
     outputs = self.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
         **kwargs,
@@ -158,7 +167,7 @@ def causal_lm_forward(
     return CausalLMOutputWithPast(
         loss=loss,
         logits=logits,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD, None)},
     )
