@@ -301,7 +301,7 @@ def _opcheck_cases():
                 h.detach(),
                 w.detach(),
                 torch.tensor([1, -100, 5, 32, 0, 7]),
-                torch.rand(6) + 3,
+                torch.stack([torch.rand(6), torch.rand(6) + 3], -1),
                 -100,
             ),
         ),

@@ -1,10 +1,13 @@
 """Cross-entropy of a linear head, ``CE(hidden @ weight.T, labels)``, without the [N, V] logits.
 
-Per row i with logits z = h_i W^T (rounded to the weight dtype, as HF's lm_head output is):
-    lse_i  = log sum_v exp(z_v)                     (fp32, online over vocabulary chunks)
-    loss_i = lse_i - z_{y_i}                         (0 where y_i == ignore_index)
-    H_i    = lse_i - sum_v softmax(z)_v z_v          (entropy, for logging)
+Per row i with logits z = h_i W^T (rounded to the weight dtype, as HF's lm_head output is),
+m_i = max_v z_v and s_i = sum_v exp(z_v - m_i) (fp32, online over vocabulary chunks):
+    loss_i = log s_i - (z_{y_i} - m_i)               (0 where y_i == ignore_index)
+    H_i    = log s_i - sum_v softmax(z)_v (z_v - m_i) (entropy, for logging)
     hit_i  = [argmax_v z_v == y_i]                   (token accuracy, for logging)
+The row statistics are kept as the pair (m, s), not as lse = m + log s, and the backward forms
+softmax = exp(z - m) / s as stock does: one fp32 lse loses the probabilities' precision when
+|lse| is large, and z - m keeps both sums free of cancellation.
 Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weight dtype:
     dh = g W,  dW = g^T h
 The vocabulary is walked in chunks of Vc columns: the forward keeps only the running
@@ -42,7 +45,7 @@ def _fwd_chunk_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
-    m = tl.load(M + row)
+    m = tl.load(M + row)  # running max; s = sum exp(z - m); e = sum exp(z - m) * (z - m)
     s = tl.load(S + row)
     e = tl.load(E + row)
     best = tl.load(BEST + row)
@@ -57,9 +60,12 @@ def _fwd_chunk_kernel(
         best = tl.maximum(best, tile_max)
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
-        p = tl.exp(z - m_new)
+        # Re-centre e on the new max; s == 0 only before the first finite logit (m - m_new = nan).
+        e = alpha * (e + tl.where(s > 0, s * (m - m_new), 0.0))
+        zc = z - m_new
+        p = tl.exp(zc)
         s = s * alpha + tl.sum(p, axis=0)
-        e = e * alpha + tl.sum(tl.where(cols < vc, p * z, 0.0), axis=0)
+        e += tl.sum(tl.where(p > 0, p * zc, 0.0), axis=0)  # -inf logits add 0, not 0 * -inf
         m = m_new
     tl.store(M + row, m)
     tl.store(S + row, s)
@@ -72,18 +78,19 @@ def _fwd_chunk_kernel(
 
 
 @triton.jit
-def _bwd_chunk_kernel(Z, LABELS, LSE, DROWS, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr):
+def _bwd_chunk_kernel(Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr):
     """Overwrite the logits chunk with g = (softmax - onehot) * dloss, in place."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     y = tl.load(LABELS + row)
-    lse = tl.load(LSE + row)
+    m = tl.load(STATS + 2 * row)
+    s = tl.load(STATS + 2 * row + 1)
     scale = tl.where(y != ignore_index, tl.load(DROWS + row), 0.0)
     for c0 in range(0, vc, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < vc
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(z - lse) - tl.where(v0 + cols == y, 1.0, 0.0)
+        g = tl.exp(z - m) / s - tl.where(v0 + cols == y, 1.0, 0.0)
         tl.store(z_row + cols, (g * scale).to(Z.dtype.element_ty), mask=mask)
 
 
@@ -141,13 +148,13 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
                 BLOCK_V=BLOCK_V,
                 num_warps=4,
             )
-    lse = m + torch.log(s)
-    loss = torch.where(labels != ignore_index, lse - zlab, 0.0)
-    return loss, lse, lse - e / s, (arg == labels).float()
+    logsum = torch.log(s)
+    loss = torch.where(labels != ignore_index, logsum - (zlab - m), 0.0)
+    return loss, torch.stack([m, s], -1), logsum - e / s, (arg == labels).float()
 
 
 def lce_bwd_triton(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     n, vocab = hidden.shape[0], weight.shape[0]
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -161,7 +168,7 @@ def lce_bwd_triton(
             _bwd_chunk_kernel[(n,)](
                 g,
                 labels,
-                lse,
+                stats,
                 grad_rows,
                 g.stride(0),
                 g.shape[1],
@@ -190,20 +197,21 @@ def _lce(
 @_lce.register_fake
 def _(hidden, weight, labels, ignore_index):
     rows = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
-    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+    stats = rows.new_empty(hidden.shape[0], 2)  # (row max m, sum exp(z - m))
+    return rows, stats, torch.empty_like(rows), torch.empty_like(rows)
 
 
 @torch.library.custom_op("chronipatch::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     if on_gpu(hidden):
-        return lce_bwd_triton(grad_rows, hidden, weight, labels, lse, ignore_index)
-    return reference.lce_bwd(grad_rows, hidden, weight, labels, lse, ignore_index)
+        return lce_bwd_triton(grad_rows, hidden, weight, labels, stats, ignore_index)
+    return reference.lce_bwd(grad_rows, hidden, weight, labels, stats, ignore_index)
 
 
 @_lce_bwd.register_fake
-def _(grad_rows, hidden, weight, labels, lse, ignore_index):
+def _(grad_rows, hidden, weight, labels, stats, ignore_index):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format
     )
@@ -217,8 +225,8 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_rows, *_):
-    hidden, weight, labels, lse = ctx.saved_tensors
-    dh, dw = _lce_bwd(grad_rows, hidden, weight, labels, lse, ctx.ignore_index)
+    hidden, weight, labels, stats = ctx.saved_tensors
+    dh, dw = _lce_bwd(grad_rows, hidden, weight, labels, stats, ctx.ignore_index)
     return dh, dw, None, None
 
 

@@ -71,31 +71,35 @@ def rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
     return (dqf * c - rotate_half(dqf * s)).to(dq.dtype), (dkf * c - rotate_half(dkf * s)).to(dk.dtype)
 
 
-# --- linear cross-entropy per row: loss_i = lse(h_i W^T) - (h_i W^T)[y_i], 0 where ignored ---
+# --- linear cross-entropy per row, m = max z, s = sum exp(z - m): loss_i = log s - (z_y - m) ---
 
 
 def lce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
-    """Returns (loss_rows, lse, entropy, correct), all [N] in fp32 (fp64 for fp64 input); logits are
-    rounded to the weight dtype before the fp32 softmax, as HF's lm_head + ForCausalLMLoss do."""
+    """Returns (loss_rows, stats [N, 2] = (m, s), entropy, correct) in fp32 (fp64 for fp64 input);
+    logits are rounded to the weight dtype before the fp32 softmax, as HF's lm_head + loss do."""
     logits = _f(hidden @ weight.T)
-    lse = torch.logsumexp(logits, -1)
+    m = logits.max(-1).values
+    m = torch.where(m.isinf(), 0.0, m)  # an infinite max: centre on 0, as torch.logsumexp does
+    z = logits - m.unsqueeze(1)  # <= 0: both sums below are free of cancellation
+    s = torch.exp(z).sum(-1)
+    logsum = torch.log(s)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
-    target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-    loss = torch.where(valid, lse - target, 0.0)
-    p = torch.softmax(logits, -1)
-    entropy = lse - (p * logits).sum(-1)
-    correct = (logits.argmax(-1) == labels).to(lse.dtype)
-    return loss, lse, entropy, correct
+    loss = torch.where(valid, logsum - z.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0)
+    p = torch.exp(z) / s.unsqueeze(1)
+    entropy = logsum - torch.where(p > 0, p * z, 0.0).sum(-1)  # a -inf logit adds 0, not 0 * -inf
+    correct = (logits.argmax(-1) == labels).to(loss.dtype)
+    return loss, torch.stack([m, s], -1), entropy, correct
 
 
 def lce_bwd(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     logits = _f(hidden @ weight.T)
     valid = labels != ignore_index
     scale = torch.where(valid, _f(grad_rows), 0.0).unsqueeze(1)
     safe = torch.where(valid, labels, 0).unsqueeze(1)
-    g = torch.exp(logits - lse.unsqueeze(1)).scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
+    p = torch.exp(logits - stats[:, :1]) / stats[:, 1:]  # softmax as stock computes it
+    g = p.scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
     g = (g * scale).to(hidden.dtype)
     return g @ weight, g.T @ hidden
