@@ -10,6 +10,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -179,3 +180,29 @@ def write_results(
     parts += ["## results", "", markdown_table(rows, columns), ""]
     md_path.write_text("\n".join(parts))
     return json_path, md_path
+
+
+RESULT_TAG = "@@bench-result "
+
+
+def emit_result(row: dict[str, Any]) -> None:
+    """A worker process hands its result row to the parent: one tagged JSON line on stdout."""
+    print(RESULT_TAG + json.dumps(row, default=str), flush=True)
+
+
+def run_worker(cmd: list[str], base: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one benchmark variant in its own process (no memory or compile cache shared); its other
+    stdout goes to stderr; a timeout or a crash becomes the row's error."""
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timeout after {timeout} s"}
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG) :])
+        else:
+            print(line, file=sys.stderr)
+    if result is None:
+        return {**base, "error": f"worker exited with code {proc.returncode} and no result"}
+    return {**base, **result}

@@ -34,19 +34,10 @@ import torch
 import torch.distributed as dist
 
 from common import env_info, markdown_table, write_results
-from models import causal_lm
+from models import SMOKE_CONFIG, causal_lm
 
 STRATEGIES = ("ddp", "fsdp2")
 VARIANTS = ("stock", "chronipatch")
-SMOKE_CONFIG = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=512,
-)
 COLUMNS = (
     "strategy",
     "variant",

@@ -68,6 +68,18 @@ PUBLIC = {
 }
 
 
+# A tiny stand-in for any public config: CPU smoke runs of the benchmarks.
+SMOKE_CONFIG = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+)
+
+
 def public_config(name: str, **overrides) -> transformers.PretrainedConfig:
     cls, kw = PUBLIC[name]
     return getattr(transformers, cls)(**{**kw, **overrides})

@@ -17,10 +17,8 @@ that fails records its error and the rest go on.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,10 +30,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import torch
 
-from common import env_info, markdown_table, write_results
-from models import causal_lm
+from common import emit_result, env_info, markdown_table, run_worker, write_results
+from models import SMOKE_CONFIG, causal_lm
 
-RESULT_TAG = "@@sft-result "
 MODEL = "qwen2.5-0.5b"
 # variant -> (chronipatch, TRL packing, Liger via use_liger_kernel, LoRA)
 VARIANTS = {
@@ -47,15 +44,6 @@ VARIANTS = {
     "lora_stock": (False, False, False, True),
     "lora_chronipatch": (True, False, False, True),
 }
-SMOKE_CONFIG = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=512,
-)
 MEDIAN_TOKENS, SIGMA = 400, 0.75
 LORA = dict(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 COLUMNS = (
@@ -240,7 +228,7 @@ def worker(args: argparse.Namespace) -> None:
     except BaseException as e:  # OOM, missing package, rejected option, ...
         traceback.print_exc(file=sys.stderr)
         row = {"error": _short(e)}
-    print(RESULT_TAG + json.dumps(row, default=str), flush=True)
+    emit_result(row)
 
 
 # ----------------------------------------------------------------------------------------- parent
@@ -253,19 +241,7 @@ def spawn(args: argparse.Namespace, variant: str) -> dict:
     cmd += ["--smoke"] if args.smoke else []
     print(f"== {variant}", file=sys.stderr, flush=True)
     base = {"variant": variant}
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timeout after {args.timeout} s"}
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG) :])
-        else:
-            print(line, file=sys.stderr)
-    if result is None:
-        return {**base, "error": f"worker exited with code {proc.returncode} and no result"}
-    return {**base, **result}
+    return run_worker(cmd, base, args.timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

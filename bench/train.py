@@ -15,20 +15,17 @@ variants unless ``--smoke-compile`` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
 
-from common import env_info, markdown_table, write_results
-from models import causal_lm
+from common import emit_result, env_info, markdown_table, run_worker, write_results
+from models import SMOKE_CONFIG, causal_lm
 
 PEAK_FLOP_PER_S = 790e12  # achievable dense bf16 matmul rate on H100 SXM (same figure as bench/ops.py)
-RESULT_TAG = "@@train-result "
 # variant -> (patch applied to the model instance, torch.compile the model afterwards)
 VARIANTS = {
     "hf": (None, False),
@@ -38,15 +35,6 @@ VARIANTS = {
     "chronipatch": ("chronipatch", False),
     "chronipatch_compile": ("chronipatch", True),
 }
-SMOKE_CONFIG = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=512,
-)
 COLUMNS = (
     "model",
     "variant",
@@ -194,7 +182,7 @@ def worker(args: argparse.Namespace) -> None:
     except BaseException as e:  # OOM, missing package, unsupported model, compile failure, ...
         traceback.print_exc(file=sys.stderr)
         row = {"error": _short(e)}
-    print(RESULT_TAG + json.dumps(row, default=str), flush=True)
+    emit_result(row)
 
 
 # ----------------------------------------------------------------------------------------- parent
@@ -222,19 +210,7 @@ def spawn(args: argparse.Namespace, model: str, variant: str) -> dict:
     ] + (["--smoke"] if args.smoke else [])
     print(f"== {model} / {variant}", file=sys.stderr, flush=True)
     base = {"model": model, "variant": variant}
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timeout after {args.timeout} s"}
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG) :])
-        else:
-            print(line, file=sys.stderr)
-    if result is None:
-        return {**base, "error": f"worker exited with code {proc.returncode} and no result"}
-    return {**base, **result}
+    return run_worker(cmd, base, args.timeout)
 
 
 def plot(rows: list[dict], path) -> None:
