@@ -30,7 +30,6 @@ import argparse
 import importlib
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,16 +39,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-OPS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SIZES = ("tiny", "small", "large")
-IMPLS = ("public", "kernel")
+from sweep_cases import DTYPES, EXTREME_LOGIT, IMPLS, OPS, SIZES, Case, make_cases
+from sweep_stock import (
+    _autograd,
+    _gen,
+    _grad_like,
+    _lay,
+    _lce_known,
+    _lce_truth,
+    _randn,
+    _upcast,
+    lce_entropy_stock,
+    lce_logits,
+    lce_rows_stock,
+    lce_stock_chunked,
+    rms_norm_stock,
+    rope_stock,
+    swiglu_stock,
+)
+
 SLACK = 1.1
-STOCK_MAX_LOGITS = 1 << 31  # above this many logits the stock loss runs in row blocks (memory)
 FP32_ULPS = 4
-EXTREME_LOGIT = 1e4
-# Loss case forced at index 0 of the large plan: N * V = 8193 * 262144 > 2^31.
-HUGE_LCE = dict(n=8193, h=64, v=262144)
+STOCK_MAX_LOGITS = 1 << 31  # above this many logits the stock loss runs in row blocks (memory)
 
 # Reported defects of chronipatch's loss; a sweep failure inside their error bound is counted apart (and is an
 # xfail in tests/test_sweep.py), anything beyond it is an unexplained mismatch.
@@ -57,8 +68,6 @@ KNOWN_DEFECTS = {
     "lce-lse-fp32": "in fp32, rows of tiny H (1-3) whose dhidden is a cancelling sum over the vocabulary"
     " can land a few ulps further from the fp64 truth than stock's (another summation order); the loss"
     " statistics are kept as (max, sum exp(z - max)), so large |logits| no longer cost precision",
-    "lce-entropy": "TokenStats.entropy is computed as lse - sum(p*z) in fp32, which cancels: its error grows"
-    " like eps32*(|lse| + max|z|) while stock -sum(p*log p) stays at the entropy's own scale",
 }
 
 _KERNEL_MODULES = {
@@ -72,217 +81,6 @@ _KERNEL_MODULES = {
 def _mod(name: str):
     # Imported on first use: the CLI must set TRITON_INTERPRET before triton.jit decorates the kernels.
     return importlib.import_module(name)
-
-
-# ---------------------------------------------------------------- cases
-
-
-@dataclass(frozen=True)
-class Case:
-    """One reproducible sweep case: the op, how it is called, and the drawn parameters."""
-
-    op: str
-    impl: str
-    dtype: str
-    device: str
-    size: str
-    index: int
-    seed: int
-    params: tuple[tuple[str, Any], ...]
-
-    @property
-    def p(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def __str__(self) -> str:
-        return f"{self.op}-{self.impl}-{self.dtype}-{self.index:03d}"
-
-    def describe(self) -> str:
-        kv = ", ".join(f"{k}={v}" for k, v in self.params)
-        return f"{self} [{self.device}, size={self.size}, seed={self.seed}] {kv}"
-
-
-def _pick(rng: random.Random, options: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
-    return rng.choices(list(options), weights=weights)[0]
-
-
-def _lead(rng: random.Random, rows: int) -> tuple[int, ...]:
-    """Leading dims with ``rows`` rows in total (or close to it): [rows], [B, T] or [B, T, H]."""
-    kind = _pick(rng, ("1d", "2d", "3d"))
-    if kind == "1d" or rows < 2:
-        return (rows,)
-    b = _pick(rng, [d for d in (1, 2, 3, 4) if rows % d == 0])
-    if kind == "2d":
-        return (b, rows // b)
-    h = _pick(rng, [d for d in (1, 2, 3) if (rows // b) % d == 0])
-    return (b, rows // b // h, h)
-
-
-_SHAPES = {
-    "tiny": dict(
-        rows=(1, 2, 3, 5, 7, 9, 12),
-        n=(1, 2, 3, 5, 8, 16, 33, 64, 100, 130),
-        numel=(1, 2, 3, 7, 31, 100, 257, 2047, 2048, 2049),
-        rope_bt=((1, 1), (1, 2), (2, 1), (1, 3), (2, 3), (1, 5), (3, 2)),
-        rope_d=(2, 4, 6, 8, 10, 16, 24),
-        rope_hk=(1, 2, 3),
-        rope_ratio=(1, 2, 3, 4),
-        lce_n=(1, 2, 3, 5, 7, 9),
-        lce_h=(1, 2, 3, 8, 16, 33),
-        lce_v=(1, 2, 3, 17, 100, 255, 256, 257, 300, 1000, 1025, 2049),
-    ),
-    "small": dict(
-        rows=(1, 2, 3, 7, 16, 31, 33, 64, 127),
-        n=(1, 2, 3, 7, 64, 100, 127, 128, 896, 1000, 1031),
-        numel=(1, 3, 7, 100, 1001, 2047, 2049, 4096, 5000, 12345),
-        rope_bt=((1, 1), (1, 7), (2, 5), (2, 33), (3, 17), (1, 64), (4, 9)),
-        rope_d=(2, 6, 8, 24, 64, 80, 96, 128),
-        rope_hk=(1, 2, 3, 4),
-        rope_ratio=(1, 2, 3, 4, 7, 8),
-        lce_n=(1, 2, 7, 16, 33, 64, 127),
-        lce_h=(1, 3, 16, 64, 100, 128),
-        lce_v=(1, 2, 50, 257, 1000, 3001, 4099, 8192),
-    ),
-    "large": dict(
-        rows=(1, 7, 127, 1024, 4099, 8192),
-        n=(1, 64, 127, 896, 1000, 2048, 4096, 5120, 8192),
-        numel=(1, 7, 2049, 1 << 16, 3 * 1001, 4099 * 4864, 8192 * 11008),
-        rope_bt=((1, 1), (1, 7), (2, 33), (4, 2048), (1, 4096), (8, 512), (2, 1031)),
-        rope_d=(2, 64, 80, 96, 128, 256),
-        rope_hk=(1, 2, 4, 8),
-        rope_ratio=(1, 2, 4, 7, 8),
-        lce_n=(1, 7, 127, 1024, 4099, 8192),
-        lce_h=(64, 128, 896, 2048, 4096),
-        lce_v=(1000, 32000, 50257, 128256, 151936, 262144),
-    ),
-}
-# Caps on the elements of the biggest tensor of a case (memory and time of the fp64 truth).
-_MAX_ELEMS = {"tiny": 1 << 13, "small": 1 << 17, "large": 1 << 26}
-_MAX_LOGITS = {"tiny": 1 << 13, "small": 1 << 19, "large": 1 << 30}
-
-
-def _params_rms_norm(rng: random.Random, size: str, low: bool) -> dict[str, Any]:
-    s, cap = _SHAPES[size], _MAX_ELEMS[size]
-    n = _pick(rng, s["n"])
-    rows = _pick(rng, [r for r in s["rows"] if r * n <= cap] or [1])
-    return dict(
-        lead=_lead(rng, rows),
-        n=n,
-        layout=_pick(rng, ("contiguous", "row_strided", "permuted", "last_strided"), (4, 3, 2, 1)),
-        weight_fp32=low and rng.random() < 0.3,  # Llama keeps fp32 norm weights under autocast-style setups
-        eps=_pick(rng, (1e-6, 1e-5, 1e-12)),
-        scale=_pick(rng, (1e-3, 1.0, 3.0, 50.0)),
-        zero_row=rng.random() < 0.2,
-        grad_layout=_pick(rng, ("dense", "expanded"), (5, 1)),
-    )
-
-
-def _params_swiglu(rng: random.Random, size: str, low: bool) -> dict[str, Any]:
-    s, cap = _SHAPES[size], _MAX_ELEMS[size]
-    numel = _pick(rng, [m for m in s["numel"] if m <= cap] or [1])
-    last = _pick(rng, [d for d in (1, 3, 7, 64, 1001, 4864, 11008, numel) if numel % d == 0])
-    return dict(
-        lead=_lead(rng, numel // last),
-        n=last,
-        layout=_pick(rng, ("contiguous", "fused", "permuted", "last_strided"), (4, 3, 2, 1)),
-        gate_scale=_pick(rng, (1.0, 3.0, 20.0)),
-        grad_layout=_pick(rng, ("dense", "expanded"), (5, 1)),
-    )
-
-
-def _params_rope(rng: random.Random, size: str, low: bool) -> dict[str, Any]:
-    s, cap = _SHAPES[size], _MAX_ELEMS[size]
-    d = _pick(rng, s["rope_d"])
-    for _ in range(20):
-        b, t = _pick(rng, s["rope_bt"])
-        hk = _pick(rng, s["rope_hk"])
-        hq = hk * _pick(rng, s["rope_ratio"])
-        if b * t * hq * d <= cap:
-            break
-    else:
-        b, t, hk, hq = 1, 1, 1, 1
-    return dict(
-        b=b,
-        t=t,
-        hq=hq,
-        hk=hk,
-        d=d,
-        cos_batch=_pick(rng, ("one", "batch", "expanded")),
-        layout=_pick(rng, ("hf_view", "contiguous", "fused_qkv", "last_strided"), (4, 2, 3, 1)),
-        angles=_pick(rng, ("rotary", "random")),
-        theta=_pick(rng, (1e4, 1e6)),
-        max_pos=_pick(rng, (t, 4096, 131072)),
-        grad_layout=_pick(rng, ("dense", "hf_view", "expanded"), (3, 3, 1)),
-    )
-
-
-def _params_lce(rng: random.Random, size: str, low: bool, impl: str) -> dict[str, Any]:
-    s, cap = _SHAPES[size], _MAX_LOGITS[size]
-    v = _pick(rng, s["lce_v"])
-    n = _pick(rng, [r for r in s["lce_n"] if r * v <= cap] or [1])
-    h = _pick(rng, s["lce_h"])
-    p: dict[str, Any] = dict(
-        n=n,
-        h=h,
-        v=v,
-        ignore_frac=_pick(rng, (0.0, 0.1, 0.5, 1.0), (3, 2, 3, 2)),
-        ignore_index=_pick(rng, (-100, -1, 0), (6, 1, 1)),
-        logits=_pick(rng, ("normal", "extreme"), (2, 1)),
-        edge_labels=rng.random() < 0.3,
-    )
-    if impl == "kernel":
-        p["chunk_bytes"] = _pick(rng, (None, 64))  # 64 bytes: 256-column chunks, a ragged last one
-        p["grad_rows"] = _pick(rng, ("ones", "random"))
-        return p
-    p["shift"] = rng.random() < 0.6
-    if p["shift"]:
-        b = _pick(rng, [d for d in (1, 2, 3) if n % d == 0])
-        p["lead"] = (b, n // b)
-    else:
-        p["lead"] = (n,)
-    p["reduction"] = _pick(rng, ("mean", "sum", "none", "items_int", "items_tensor"), (4, 2, 2, 1, 1))
-    p["hidden_layout"] = _pick(rng, ("contiguous", "row_strided", "permuted", "last_strided"), (4, 3, 2, 1))
-    p["weight_layout"] = _pick(rng, ("contiguous", "transposed"), (4, 1))
-    p["token_stats"] = rng.random() < 0.3
-    return p
-
-
-def make_cases(
-    op: str,
-    count: int,
-    *,
-    impl: str = "public",
-    dtypes: Sequence[str] = ("fp32",),
-    device: str = "cpu",
-    size: str = "small",
-    seed: int = 0,
-) -> list[Case]:
-    """``count`` cases of ``op``; case ``i`` depends only on (seed, op, impl, size, i), never on ``count``."""
-    if op not in OPS or impl not in IMPLS or size not in SIZES:
-        raise ValueError(f"unknown op/impl/size: {op!r}, {impl!r}, {size!r}")
-    cases = []
-    for i in range(count):
-        rng = random.Random(f"chronipatch-sweep:{seed}:{op}:{impl}:{size}:{i}")
-        dtype = dtypes[i % len(dtypes)]
-        low = dtype != "fp32"
-        if op == "rms_norm":
-            p = _params_rms_norm(rng, size, low)
-        elif op == "swiglu":
-            p = _params_swiglu(rng, size, low)
-        elif op == "rope":
-            p = _params_rope(rng, size, low)
-        else:
-            p = _params_lce(rng, size, low, impl)
-            if size == "large" and i == 0 and impl == "public":
-                p.update(HUGE_LCE, lead=(HUGE_LCE["n"],), shift=False, reduction="mean", logits="normal")
-                p.update(hidden_layout="contiguous", weight_layout="contiguous", token_stats=False)
-                dtype = "bf16" if "bf16" in dtypes else dtype
-        cases.append(Case(op, impl, dtype, device, size, i, rng.getrandbits(31), tuple(p.items())))
-    return cases
 
 
 # ---------------------------------------------------------------- comparison
@@ -371,181 +169,6 @@ def compare(
         return Check(name, ours_err, stock_err, margin, ratio, True)
     label = known[0] if known is not None and ours_err <= bound + known[1] else ""
     return Check(name, ours_err, stock_err, margin, ratio, False, known=label)
-
-
-# ---------------------------------------------------------------- input builders
-
-
-def _gen(case: Case) -> torch.Generator:
-    return torch.Generator(device=case.device).manual_seed(case.seed)
-
-
-def _randn(case: Case, g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    """fp64 normal values on the case device."""
-    return torch.randn(*shape, generator=g, device=case.device, dtype=torch.float64) * scale
-
-
-def _lay(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``x`` in another memory layout (what HF hands the op)."""
-    if layout == "contiguous" or x.dim() == 0:
-        return x.contiguous()
-    if layout == "row_strided":  # slice of a wider last dim: rows are not adjacent, last dim dense
-        buf = x.new_zeros(*x.shape[:-1], x.shape[-1] + 3)
-        buf[..., : x.shape[-1]] = x
-        return buf[..., : x.shape[-1]]
-    if layout == "permuted":  # a transposed view, e.g. [B, T, H, D] read as [B, H, T, D]
-        if x.dim() < 3:
-            return _lay(x, "row_strided")
-        return x.transpose(0, 1).contiguous().transpose(0, 1)
-    if layout == "last_strided":  # last dim not dense
-        buf = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
-        buf[..., ::2] = x
-        return buf[..., ::2]
-    raise ValueError(layout)
-
-
-def _grad_like(case: Case, g: torch.Generator, out: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "expanded":  # what the backward of .sum() hands over: every stride 0
-        return _randn(case, g, 1).to(out.dtype).reshape([1] * out.dim()).expand(out.shape)
-    dy = _randn(case, g, *out.shape).to(out.dtype)
-    if layout == "hf_view" and dy.dim() == 4:
-        return dy.transpose(1, 2).contiguous().transpose(1, 2)
-    return dy
-
-
-def _autograd(fn: Callable, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> list:
-    """[outputs..., d inputs...] of fn at inputs for upstream grads."""
-    inputs = [x.detach().requires_grad_() for x in inputs]
-    out = fn(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, inputs, grads[: len(outs)]))
-
-
-def _upcast(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.detach().double() for t in ts]
-
-
-# ---------------------------------------------------------------- stock formulas (HF eager)
-
-
-def rms_norm_stock(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm.forward; in fp64 the same math without the fp32 round trip (the truth)."""
-    if x.dtype == torch.float64:
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    xf = x.to(torch.float32)
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def swiglu_stock(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return F.silu(g) * u
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_stock(q, k, cos, sin):
-    """transformers' apply_rotary_pos_emb with unsqueeze_dim=1."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def lce_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """lm_head in the model dtype, then ``.float()`` as ForCausalLMLoss does (fp64 stays fp64)."""
-    logits = hidden @ weight.T
-    return logits if logits.dtype == torch.float64 else logits.float()
-
-
-def lce_rows_stock(hidden, weight, labels, ignore_index):
-    """Per-row cross-entropy of flattened, already shifted labels (0 where ignored)."""
-    logits = lce_logits(hidden.reshape(-1, hidden.shape[-1]), weight)
-    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
-
-
-def lce_stock_chunked(hidden, weight, labels, ignore_index, row_grad, rows_per_chunk):
-    """(rows, dhidden, dweight) of the stock formula one block of rows at a time, for N * V too big to hold
-    [N, V] fp32 logits and their gradient: per row the same math as ``lce_rows_stock`` under autograd
-    (lm_head in the model dtype, fp32 cross-entropy, the logits' gradient cast back to the model dtype),
-    and dweight accumulated in fp32 over the blocks as the one [V, N] x [N, H] GEMM accumulates."""
-    n = hidden.shape[0]
-    rows, dh = [], torch.empty_like(hidden)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    for r0 in range(0, n, rows_per_chunk):
-        sl = slice(r0, r0 + rows_per_chunk)
-        hc = hidden[sl]
-        logits = lce_logits(hc, weight).detach().requires_grad_()
-        r = F.cross_entropy(logits, labels[sl], ignore_index=ignore_index, reduction="none")
-        (g,) = torch.autograd.grad(r, logits, row_grad[sl].to(r.dtype))
-        g = g.to(hidden.dtype)
-        dh[sl] = g @ weight
-        dw += g.float().T @ hc.float()
-        rows.append(r.detach())
-    out = torch.cat(rows) if rows else hidden.new_zeros(0, dtype=torch.float32)
-    return out, dh, dw.to(weight.dtype)
-
-
-def lce_entropy_stock(hidden, weight):
-    logits = lce_logits(hidden.reshape(-1, hidden.shape[-1]), weight)
-    logp = torch.log_softmax(logits, -1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-@dataclass
-class _LceTruth:
-    rows: torch.Tensor  # per-row loss, 0 where ignored
-    entropy: torch.Tensor
-    lse: torch.Tensor
-    zmax: torch.Tensor  # max |logit| per row
-    dh: torch.Tensor
-    dw: torch.Tensor
-
-
-def _lce_truth(h64, w64, labels, ignore_index, row_grad, rows_per_chunk) -> _LceTruth:
-    """HF's formula in fp64, in row chunks (bounded memory); row_grad = d(final loss) / d(row loss)."""
-    n = h64.shape[0]
-    rows, ent, lses, zmax = [], [], [], []
-    dh = torch.zeros_like(h64)
-    wg = w64.detach().clone().requires_grad_()
-    for r0 in range(0, n, rows_per_chunk):
-        sl = slice(r0, r0 + rows_per_chunk)
-        hc = h64[sl].detach().requires_grad_()
-        logits = hc @ wg.T
-        r = F.cross_entropy(logits, labels[sl], ignore_index=ignore_index, reduction="none")
-        (r * row_grad[sl]).sum().backward()
-        dh[sl] = hc.grad
-        with torch.no_grad():
-            logp = torch.log_softmax(logits, -1)
-            ent.append(-(logp.exp() * logp).sum(-1))
-            lses.append(torch.logsumexp(logits, -1))
-            zmax.append(logits.abs().amax(-1) if logits.shape[-1] else logits.new_zeros(logits.shape[0]))
-        rows.append(r.detach())
-    cat = lambda xs: torch.cat(xs) if xs else h64.new_zeros(0)
-    dw = wg.grad if wg.grad is not None else torch.zeros_like(w64)
-    return _LceTruth(cat(rows), cat(ent), cat(lses), cat(zmax), dh, dw)
-
-
-def _lce_known(t: _LceTruth, h64, w64, labels, ignore_index, row_grad, loss_weight=None):
-    """Error bounds of the two known loss defects (KNOWN_DEFECTS), per output, 4x their first-order size.
-
-    ``loss_weight`` (per row) reduces the per-row loss bound like the op reduces the rows; None: max."""
-    e32 = torch.finfo(torch.float32).eps
-    valid = (labels != ignore_index).double()
-    if valid.numel() == 0:
-        return {}
-    lse = t.lse.abs().clamp_min(1)
-    a = lse * row_grad.abs() * valid  # |dp / p| * |upstream| per row
-    dh = 4 * e32 * a.max().item() * (w64.abs().max().item() if w64.numel() else 0.0)
-    dw = 4 * e32 * (a * h64.abs().amax(-1)).sum().item() if h64.shape[-1] else 0.0
-    rows = 4 * e32 * (lse + t.zmax) * valid
-    loss = rows.max().item() if loss_weight is None else (rows * loss_weight).sum().item()
-    ent = 4 * e32 * (t.lse.abs() + t.zmax).max().item()
-    return dict(
-        loss=("lce-lse-fp32", loss),
-        dh=("lce-lse-fp32", dh),
-        dw=("lce-lse-fp32", dw),
-        entropy=("lce-entropy", ent),
-    )
 
 
 # ---------------------------------------------------------------- runners
