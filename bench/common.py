@@ -182,6 +182,14 @@ def write_results(
     return json_path, md_path
 
 
+def short_error(e: BaseException) -> str:
+    """One line for a failed variant's row (an OOM message is cut to its first sentence)."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, torch.OutOfMemoryError):
+        msg = "CUDA out of memory. " + msg.split(". ")[0]
+    return f"{type(e).__name__}: {msg}"[:300]
+
+
 RESULT_TAG = "@@bench-result "
 
 

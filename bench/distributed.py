@@ -33,7 +33,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from common import env_info, markdown_table, write_results
+from common import env_info, markdown_table, short_error, write_results
 from models import SMOKE_CONFIG, causal_lm
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -63,13 +63,6 @@ NOTES = [
     "loss of a step: mean over ranks of each rank's mean token loss (every rank scores the same number of"
     " tokens, so this is the global mean)",
 ]
-
-
-def _short(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    if isinstance(e, torch.OutOfMemoryError):
-        msg = "CUDA out of memory. " + msg.split(". ")[0]
-    return f"{type(e).__name__}: {msg}"[:300]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -226,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                     row.update(run(args, strategy, variant, device))
                 except Exception as e:  # OOM, unsupported setup, ...: record it, go on with the next run
                     traceback.print_exc(file=sys.stderr)
-                    row["error"] = _short(e)
+                    row["error"] = short_error(e)
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -30,7 +30,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import torch
 
-from common import emit_result, env_info, markdown_table, run_worker, write_results
+from common import emit_result, env_info, markdown_table, run_worker, short_error, write_results
 from models import SMOKE_CONFIG, causal_lm
 
 MODEL = "qwen2.5-0.5b"
@@ -99,13 +99,6 @@ def documents(n: int, max_length: int, vocab: int, seed: int) -> dict[str, list[
 
 
 # ----------------------------------------------------------------------------------------- worker
-
-
-def _short(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    if isinstance(e, torch.OutOfMemoryError):
-        msg = "CUDA out of memory. " + msg.split(". ")[0]
-    return f"{type(e).__name__}: {msg}"[:300]
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -227,7 +220,7 @@ def worker(args: argparse.Namespace) -> None:
         row = run_variant(args)
     except BaseException as e:  # OOM, missing package, rejected option, ...
         traceback.print_exc(file=sys.stderr)
-        row = {"error": _short(e)}
+        row = {"error": short_error(e)}
     emit_result(row)
 
 

@@ -22,7 +22,7 @@ import traceback
 
 import torch
 
-from common import emit_result, env_info, markdown_table, run_worker, write_results
+from common import emit_result, env_info, markdown_table, run_worker, short_error, write_results
 from models import SMOKE_CONFIG, causal_lm
 
 PEAK_FLOP_PER_S = 790e12  # achievable dense bf16 matmul rate on H100 SXM (same figure as bench/ops.py)
@@ -63,13 +63,6 @@ NOTES = [
 
 
 # ----------------------------------------------------------------------------------------- worker
-
-
-def _short(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    if isinstance(e, torch.OutOfMemoryError):
-        msg = "CUDA out of memory. " + msg.split(". ")[0]
-    return f"{type(e).__name__}: {msg}"[:300]
 
 
 def _flops_per_step(model: torch.nn.Module, batch: int, seq: int) -> float:
@@ -181,7 +174,7 @@ def worker(args: argparse.Namespace) -> None:
         row = run_variant(args)
     except BaseException as e:  # OOM, missing package, unsupported model, compile failure, ...
         traceback.print_exc(file=sys.stderr)
-        row = {"error": _short(e)}
+        row = {"error": short_error(e)}
     emit_result(row)
 
 
