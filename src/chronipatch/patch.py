@@ -104,11 +104,10 @@ def apply(
         if not switches[swap.switch]:
             report.left.append((path, cls, f"{swap.switch}=False"))
             continue
-        current = module.__dict__.get("forward")
-        if current is not None and getattr(current, "__func__", None) is swap.forward:
+        if _instance_forward(module) is swap.forward:
             report.already.append((path, cls, swap.op))
             continue
-        if current is not None:
+        if "forward" in module.__dict__:
             report.left.append((path, cls, "forward already replaced by someone else"))
             continue
         why = swap.why_not(module)
@@ -130,10 +129,14 @@ def apply(
     return report
 
 
-def _module(model, fn: str) -> nn.Module:
+def _module(model, fn: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"chronipatch.{fn} expects a torch.nn.Module, got {type(model).__name__}")
-    return model
+
+
+def _instance_forward(module: nn.Module):
+    """The function behind a forward bound on this instance (None for the class's own forward)."""
+    return getattr(module.__dict__.get("forward"), "__func__", None)
 
 
 def revert(model: nn.Module) -> int:
@@ -144,8 +147,7 @@ def revert(model: nn.Module) -> int:
         if hasattr(module, _PREV_ATTN):
             module.set_attn_implementation(getattr(module, _PREV_ATTN))
             delattr(module, _PREV_ATTN)
-        current = module.__dict__.get("forward")
-        if current is not None and getattr(current, "__func__", None) in OUR_FORWARDS:
+        if _instance_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1
     return restored
@@ -153,4 +155,4 @@ def revert(model: nn.Module) -> int:
 
 def is_patched(model: nn.Module) -> bool:
     _module(model, "is_patched")
-    return any(getattr(m.__dict__.get("forward"), "__func__", None) in OUR_FORWARDS for m in model.modules())
+    return any(_instance_forward(m) in OUR_FORWARDS for m in model.modules())
