@@ -80,6 +80,7 @@ def test_apply_revert_cycles_leak_nothing():
     assert _our_bound_methods() == methods  # none of this model's cycles left a bound forward alive
     assert model.config._attn_implementation == "sdpa"
     assert len(attention._memo) <= 17
+    assert all(ref() is not None for ref, _ in attention._memo.values())  # dead tensors leave the memo
     grown = _object_count() - objects
     assert grown <= 50, f"{grown} more live objects after {CYCLES - 2} apply/revert cycles"
     with torch.no_grad():

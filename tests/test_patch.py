@@ -251,3 +251,24 @@ def test_packed_rows_with_cache_under_sdpa_is_an_error():
     with pytest.raises(ValueError, match="attend across documents"):
         model(**packed, use_cache=True)
     model(**packed, use_cache=False)  # the packed path without a cache is fine
+
+
+def test_autocast_casts_the_head_like_stock():
+    """fp32 weights under bf16 autocast (Trainer's bf16=True): the fused loss sees the bf16 lm_head inputs
+    that F.linear would, so its logits round like stock's; gradients reach the fp32 weights."""
+    stock = tiny_model("llama")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _loss_and_grads(stock, ids, labels)
+        ours = _loss_and_grads(patched, ids, labels)
+        h = torch.randn(5, 64, requires_grad=True)
+        fused = chronipatch.ops.linear_cross_entropy(h, stock.lm_head.weight, labels[0, :5], shift=False)
+    explicit = chronipatch.ops.linear_cross_entropy(
+        h.bfloat16(), stock.lm_head.weight.bfloat16(), labels[0, :5], shift=False
+    )
+    assert torch.equal(fused, explicit)
+    assert ours[1]["lm_head.weight"].dtype == torch.float32
+    _assert_same(ours, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-3, atol=0)

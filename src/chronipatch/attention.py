@@ -60,8 +60,15 @@ def _memoized(t: torch.Tensor, key: tuple, compute):
     value = compute()
     if len(_memo) > 16:
         _memo.clear()
-    _memo[id(t)] = (weakref.ref(t), (key, value))
+    _memo[id(t)] = (weakref.ref(t, _forget), (key, value))
     return value
+
+
+def _forget(ref: weakref.ref) -> None:
+    """Drop a memo entry when its tensor dies, so no derived tensor outlives the forward."""
+    for k, (r, _) in list(_memo.items()):
+        if r is ref:
+            del _memo[k]
 
 
 def _check_cu(cu: torch.Tensor, n: int, max_len: int, name: str) -> None:

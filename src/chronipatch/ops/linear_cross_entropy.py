@@ -33,7 +33,7 @@ from torch import Tensor
 from . import reference
 from ._utils import check, check_same, check_tensors, on_gpu
 
-CHUNK_BYTES = 32 << 20  # bytes of one [N, Vc] logits chunk
+CHUNK_BYTES = 128 << 20  # bytes of one [N, Vc] logits chunk: fewer, larger GEMMs and launches
 BLOCK_V = 1024
 
 # ---------------------------------------------------------------- kernels
@@ -99,25 +99,25 @@ def _bwd_chunk_kernel(Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, B
 
 def _chunk(n_rows: int, vocab: int, elt: int) -> int:
     vc = CHUNK_BYTES // max(1, n_rows * elt)
-    return max(256, min(vocab, 32768, vc // 256 * 256))
+    return max(256, min(vocab, 65536, vc // 256 * 256))
 
 
-_MM_OUT_DTYPE: bool | None = None
+_ADDMM_OUT_DTYPE: bool | None = None
 
 
 def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with fp32 accumulation for low-precision a, b."""
-    global _MM_OUT_DTYPE
+    """acc += a @ b with fp32 accumulation for low-precision a, b (in place: no [N, H] temporary)."""
+    global _ADDMM_OUT_DTYPE
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _MM_OUT_DTYPE is not False:
+    if a.is_cuda and _ADDMM_OUT_DTYPE is not False:
         try:
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-            _MM_OUT_DTYPE = True
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _ADDMM_OUT_DTYPE = True
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
+            _ADDMM_OUT_DTYPE = False
     acc.addmm_(a.float(), b.float())
 
 
@@ -281,8 +281,15 @@ def linear_cross_entropy(
     ``labels[..., t + 1]`` (labels as HF's CausalLM takes them). ``reduction="mean"`` divides the sum by
     ``num_items_in_batch`` when given, else by the count of non-ignored labels; all ignored gives 0.
     The loss is fp32; ``return_token_stats`` also returns a :class:`TokenStats` for logging.
+    Under autocast, hidden and weight are cast to the autocast dtype first, as ``F.linear`` would be.
     """
     op = "linear_cross_entropy"
+    check_tensors(op, hidden=hidden, weight=weight)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and hidden.is_floating_point() and weight.is_floating_point():
+        # As the stock lm_head (F.linear) under autocast: logits in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     check_same(op, hidden=hidden, weight=weight)
     check_tensors(op, labels=labels)
     check(weight.dim() == 2, op, f"weight must be [V, H], got {tuple(weight.shape)}")

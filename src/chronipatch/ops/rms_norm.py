@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_tensors, on_gpu, pow2, sms_for
+from ._utils import check, check_tensors, eager_cuda, on_gpu, pow2, sms_for
 
 # ---------------------------------------------------------------- kernels
 
@@ -171,6 +171,21 @@ def _backward(ctx, dy, _drstd):
 _rms_norm.register_autograd(_backward, setup_context=_setup)
 
 
+class _Eager(torch.autograd.Function):
+    """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = rms_norm_fwd_triton(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, dw = rms_norm_bwd_triton(dy, *ctx.saved_tensors)
+        return dx, dw, None
+
+
 # ---------------------------------------------------------------- public
 
 
@@ -190,4 +205,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
         f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
     )
     check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")
+    if eager_cuda(x):
+        return _Eager.apply(x, weight, float(eps))
     return _rms_norm(x, weight, float(eps))[0]

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_same, on_gpu
+from ._utils import check, check_same, eager_cuda, on_gpu
 
 BLOCK = 2048
 
@@ -95,6 +95,19 @@ def _backward(ctx, dout):
 _swiglu.register_autograd(_backward, setup_context=_setup)
 
 
+class _Eager(torch.autograd.Function):
+    """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return swiglu_fwd_triton(gate, up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return swiglu_bwd_triton(dout, *ctx.saved_tensors)
+
+
 # ---------------------------------------------------------------- public
 
 
@@ -104,4 +117,6 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     check(
         gate.shape == up.shape, "swiglu", f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape"
     )
+    if eager_cuda(gate):
+        return _Eager.apply(gate, up)
     return _swiglu(gate, up)
