@@ -1,14 +1,14 @@
 """Forward+backward of causal attention over one packed row: block-causal masked SDPA vs varlen kernels.
 
-One row of 16,384 tokens holds documents with log-normal lengths (median 440, sigma 1, capped at 2048, the
-last one cut to fit), Qwen2.5-0.5B attention shapes (14 query / 2 kv heads, head_dim 64), bf16:
+One row of 8k, 16k and 32k tokens in turn holds documents with log-normal lengths (median 440, sigma 1, capped
+at 2048, the last one cut to fit), Qwen2.5-0.5B attention shapes (14 query / 2 kv heads, head_dim 64), bf16:
 
 1. ``sdpa_mask``: transformers' ``sdpa_attention_forward`` with the 4-D block-causal bool mask that
    transformers builds for a packed sdpa batch (kv heads repeated, as it does whenever a mask is given);
 2. ``chronipatch_varlen``: ``chronipatch.attention.varlen_attention_forward`` given ``cu_seq_lens_*``;
 3. ``flash_attn_varlen``: flash-attn's ``flash_attn_varlen_func``, when importable.
 
-    python bench/attention.py [--out bench/out] [--tokens 16384] [--seed 0]
+    python bench/attention.py [--out bench/out] [--tokens 8192,16384,32768] [--seed 0]
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from common import env_info, peak_extra_bytes, write_results
 
 HQ, HK, D = 14, 2, 64
 MEDIAN, SIGMA, CAP = 440, 1.0, 2048
-COLUMNS = ("impl", "ms", "speedup", "peak_extra_MiB", "out_err", "dq_err", "dk_err", "dv_err", "out_err_fp32")
+COLUMNS = ("tokens", "impl", "ms", "speedup", "peak_extra_MiB", "MiB_per_1k_tokens")
+COLUMNS += ("out_err", "dq_err", "dk_err", "dv_err", "out_err_fp32")
 
 
 def doc_lengths(total: int, seed: int) -> list[int]:
@@ -47,28 +48,21 @@ def block_causal_mask(lengths: list[int], device) -> torch.Tensor:
     return ((doc[:, None] == doc[None, :]) & (t[None, :] <= t[:, None]))[None, None]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/out")
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/attention.py needs a CUDA device (the varlen kernels are CUDA-only)")
+def measure(tokens: int, seed: int, dev: torch.device) -> tuple[list[dict], list[str]]:
+    """Time, extra peak memory and errors of every implementation on one packed row of ``tokens``."""
     from triton.testing import do_bench
 
     from chronipatch.attention import varlen_attention_forward
 
-    dev = torch.device("cuda")
-    lengths = doc_lengths(args.tokens, args.seed)
+    lengths = doc_lengths(tokens, seed)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
     module = SimpleNamespace(is_causal=True, num_key_value_groups=HQ // HK, training=False, layer_idx=0)
     scale = D**-0.5
-    g = torch.Generator(device=dev).manual_seed(args.seed)
+    g = torch.Generator(device=dev).manual_seed(seed)
     q, k, v = (
-        torch.randn(1, h, args.tokens, D, device=dev, generator=g, dtype=torch.bfloat16) for h in (HQ, HK, HK)
+        torch.randn(1, h, tokens, D, device=dev, generator=g, dtype=torch.bfloat16) for h in (HQ, HK, HK)
     )
-    grad = torch.randn(1, args.tokens, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+    grad = torch.randn(1, tokens, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
     mask = block_causal_mask(lengths, dev)  # built once per forward and shared by all layers: not timed
     packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
 
@@ -78,7 +72,11 @@ def main() -> None:
             module, q, k, v, None, scale, **packed
         )[0],
     }
-    notes = []
+    notes = [
+        f"{tokens} tokens: {len(lengths)} documents, longest {max(lengths)},"
+        f" mean {tokens / len(lengths):.0f}; the sdpa_mask mask ({mask.numel() / 2**20:.0f} MiB of bool)"
+        " is built beforehand, not counted"
+    ]
     try:
         from flash_attn import flash_attn_varlen_func
 
@@ -116,27 +114,43 @@ def main() -> None:
         step = lambda fn=fn, leaves=leaves: fn(*leaves).backward(grad)
         ms = float(do_bench(step, grad_to_none=leaves, return_mode="median"))
         peak = peak_extra_bytes(step, dev)
+        mib = peak / 2**20 if peak is not None else None
+        rows.append(dict(tokens=tokens, impl=name, ms=ms, peak_extra_MiB=mib))
+        rows[-1]["MiB_per_1k_tokens"] = mib / (tokens / 1024) if mib is not None else None
         errs = [(a - b).abs().max().item() for a, b in zip(results[name], base)]
-        rows.append(dict(impl=name, ms=ms, peak_extra_MiB=peak / 2**20 if peak is not None else None))
         rows[-1].update(zip(("out_err", "dq_err", "dk_err", "dv_err"), errs))
         rows[-1]["out_err_fp32"] = (results[name][0] - truth[0]).abs().max().item()
     for r in rows:
         r["speedup"] = rows[0]["ms"] / r["ms"]
+    return rows, notes
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--tokens", default="8192,16384,32768", help="comma list of packed-row lengths")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA device (the varlen kernels are CUDA-only)")
+    dev = torch.device("cuda")
+    rows, notes = [], []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        r, n = measure(tokens, args.seed, dev)
+        rows += r
+        notes += n
     meta = env_info(dev)
     meta["notes"] = [
-        f"one packed row of {args.tokens} tokens, {len(lengths)} documents: log-normal lengths"
-        f" (median {MEDIAN}, sigma {SIGMA}, cap {CAP}, seed {args.seed}); longest {max(lengths)},"
-        f" mean {args.tokens / len(lengths):.0f}",
+        f"one packed row per token count; documents with log-normal lengths (median {MEDIAN}, sigma {SIGMA},"
+        f" cap {CAP}, seed {args.seed}), the last one cut to fit",
         f"bf16, {HQ} query / {HK} kv heads, head_dim {D} (Qwen2.5-0.5B); ms = median fwd+bwd of one"
         " attention call (triton.testing.do_bench)",
         "peak_extra_MiB: max_memory_allocated during one fwd+bwd minus what was allocated before it;"
-        f" the sdpa_mask mask ({mask.numel() / 2**20:.0f} MiB of bool) is built beforehand, not counted",
+        " MiB_per_1k_tokens: the same per 1,024 tokens (flat across token counts = memory linear in tokens)",
         "out_err / dq_err / dk_err / dv_err: max abs difference to sdpa_mask; out_err_fp32: to per-document"
         " SDPA in fp32 on the same inputs",
         *notes,
     ]
-    meta["doc_lengths"] = lengths
     json_path, md_path = write_results("attention", rows, meta, args.out, COLUMNS)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")

@@ -89,3 +89,40 @@ def test_lce_kernels(n, h, v, dtype, monkeypatch):
     dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)
     torch.testing.assert_close(dh, dh_ref, **TOL[dtype])
     torch.testing.assert_close(dw, dw_ref, **TOL[dtype])
+
+
+def test_eager_fast_path_functions_run_the_launchers():
+    """The eager fast path (``_Eager``, taken by the public ops for CUDA tensors outside tracing) gives the
+    launchers' results and gradients bit for bit, launching with wrap_triton off and restoring it after."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    torch.manual_seed(0)
+    x, w = _r(7, 100, dtype=torch.float32), _r(100, dtype=torch.float32)
+    g, u = _r(5, 33, dtype=torch.float32), _r(5, 33, dtype=torch.float32)
+    q, k = hf_view(2, 5, 4, 16).to(KERNEL_DEVICE), hf_view(2, 5, 2, 16).to(KERNEL_DEVICE)
+    cos, sin = _r(1, 5, 16, dtype=torch.float32), _r(1, 5, 16, dtype=torch.float32)
+    cases = [
+        (lambda a, b: rms._Eager.apply(a, b, 1e-6), (x, w)),
+        (swi._Eager.apply, (g, u)),
+        (lambda a, b: rope._Eager.apply(a, b, cos, sin), (q, k)),
+    ]
+    launched = [
+        lambda go, a, b: (
+            rms.rms_norm_fwd_triton(a, b, 1e-6)[0],
+            *rms.rms_norm_bwd_triton(go[0], a, b, rms.rms_norm_fwd_triton(a, b, 1e-6)[1]),
+        ),
+        lambda go, a, b: (swi.swiglu_fwd_triton(a, b), *swi.swiglu_bwd_triton(go[0], a, b)),
+        lambda go, a, b: (
+            *rope.rope_triton(a, b, cos, sin),
+            *rope.rope_triton(go[0], go[1], cos, sin, backward=True),
+        ),
+    ]
+    for (fast, inputs), manual in zip(cases, launched):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fast(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = [torch.randn_like(o) for o in outs]
+        got = [*outs, *torch.autograd.grad(outs, leaves, grads)]
+        for a, b in zip(got, manual(grads, *inputs)):
+            assert torch.equal(a, b)
+    assert is_wrap_triton_enabled()

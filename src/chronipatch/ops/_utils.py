@@ -6,6 +6,7 @@ import functools
 
 import torch
 import triton
+from torch._library.triton import set_wrap_triton_enabled
 
 
 def check(cond: bool, op: str, msg: str) -> None:
@@ -56,6 +57,18 @@ def eager_cuda(t: torch.Tensor) -> bool:
         and torch._C._len_torch_dispatch_stack() == 0
         and not isinstance(t, torch._subclasses.FakeTensor)
     )
+
+
+def direct(launcher):
+    """``launcher`` with ``wrap_triton`` off: its kernels launch straight away instead of through the
+    higher-order-op dispatch (~200 us per launch) that only tracing needs. For the eager fast path."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        with set_wrap_triton_enabled(False):
+            return launcher(*args, **kwargs)
+
+    return run
 
 
 @functools.cache

@@ -5,7 +5,7 @@
 
 Backward, with h = x * rstd and dh = dy * w:
     dx = rstd * (dh - h * mean(dh * h))
-    dw = sum_rows(dy * cast(h))
+    dw = sum_rows(dy * cast(h))                 (fp64 accumulation)
 rstd is the op's second output, so the backward never recomputes the row statistics.
 """
 
@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_tensors, eager_cuda, on_gpu, pow2, sms_for
+from ._utils import check, check_tensors, direct, eager_cuda, on_gpu, pow2, sms_for
 
 # ---------------------------------------------------------------- kernels
 
@@ -31,7 +31,8 @@ def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, N, eps, BLOCK_N: tl.c
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    # IEEE sqrt and division (not rsqrt.approx): rstd is correctly rounded twice, as accurate as stock's.
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / N + eps))
     # Round h to the input dtype before the weight multiply, exactly as HF does.
     h = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -60,7 +61,9 @@ def _bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # dw sums dy * h over every row, often with heavy cancellation: products and sums in fp64, so the
+    # only rounding left is the final cast (stock's fp32 reduction is no more exact than that).
+    dw = tl.zeros([BLOCK_N], dtype=tl.float64)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, n_rows)
     for r0 in range(start, end, ROWS):
@@ -72,11 +75,11 @@ def _bwd_kernel(
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         h = x * rstd[:, None]
-        dw += tl.sum(dy * h.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        dw += tl.sum(dy.to(tl.float64) * h.to(X.dtype.element_ty).to(tl.float64), axis=0)
         dh = dy * w[None, :]
         dx = rstd[:, None] * (dh - h * (tl.sum(dh * h, axis=1) / N)[:, None])
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    # One fp32 partial row per program, summed in a fixed order afterwards: deterministic.
+    # One fp64 partial row per program, summed in a fixed order afterwards: deterministic.
     tl.store(DW_PART + pid * N + cols, dw, mask=cmask)
 
 
@@ -117,7 +120,7 @@ def rms_norm_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> 
     block, rows, warps = _tiles(n)
     progs = max(1, min(triton.cdiv(m, rows), 4 * sms_for(x)))
     rows_per_prog = triton.cdiv(max(m, 1), progs)
-    dw_part = torch.zeros(progs, n, dtype=torch.float32, device=x.device)
+    dw_part = torch.zeros(progs, n, dtype=torch.float64, device=x.device)
     if m > 0:
         wrap_triton(_bwd_kernel)[(progs,)](
             dy2,
@@ -171,18 +174,21 @@ def _backward(ctx, dy, _drstd):
 _rms_norm.register_autograd(_backward, setup_context=_setup)
 
 
+_direct_fwd, _direct_bwd = direct(rms_norm_fwd_triton), direct(rms_norm_bwd_triton)
+
+
 class _Eager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, rstd = rms_norm_fwd_triton(x, weight, eps)
+        y, rstd = _direct_fwd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        dx, dw = rms_norm_bwd_triton(dy, *ctx.saved_tensors)
+        dx, dw = _direct_bwd(dy, *ctx.saved_tensors)
         return dx, dw, None
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_tensors, eager_cuda, on_gpu, pow2
+from ._utils import check, check_tensors, direct, eager_cuda, on_gpu, pow2
 
 # ---------------------------------------------------------------- kernels
 
@@ -224,18 +224,21 @@ def _backward(ctx, dq, dk):
 _rope.register_autograd(_backward, setup_context=_setup)
 
 
+_direct_fwd = direct(rope_triton)
+
+
 class _Eager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return rope_triton(q, k, cos, sin)
+        return _direct_fwd(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq_in, dk_in = rope_triton(dq, dk, cos, sin, backward=True)
+        dq_in, dk_in = _direct_fwd(dq, dk, cos, sin, backward=True)
         return dq_in, dk_in, None, None
 
 

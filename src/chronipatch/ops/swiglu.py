@@ -15,11 +15,25 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_same, eager_cuda, on_gpu
+from ._utils import check, check_same, direct, eager_cuda, on_gpu
 
 BLOCK = 2048
 
 # ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sigmoid(g):
+    """1 / (1 + exp(-g)) to a few fp32 ulps at any g. tl.exp rounds g * log2(e) before its exp2, which
+    costs up to |g| * 2^-24 relative (dozens of ulps at |g| ~ 40, where silu(g) is tiny but not zero).
+    Cody-Waite reduction instead: exp(-g) = 2^n * exp(r), n = round(-g / ln 2), r = -g - n ln 2 with
+    ln 2 split so that n * LN2_HI is exact; then |r| <= ln(2) / 2 and exp2(r * log2(e)) loses nothing."""
+    n = tl.floor(-g * 1.4426950408889634 + 0.5)
+    r = (-g - n * 0.693145751953125) - n * 1.4286068203094172e-06  # LN2_HI (16 bits) + LN2_LO
+    e = tl.exp2(n) * tl.exp2(r * 1.4426950408889634)  # exp2 of an integer is exact
+    # Past |g| = 100, exp(-g) is 0 or inf in fp32 and the reduction would meet inf - inf at g = +-inf.
+    e = tl.where(tl.abs(g) < 100.0, e, tl.exp2(-g * 1.4426950408889634))
+    return tl.div_rn(1.0, 1.0 + e)
 
 
 @triton.jit
@@ -28,7 +42,7 @@ def _fwd_kernel(G, U, O, n, BLOCK: tl.constexpr):
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(O + offs, (g * tl.sigmoid(g) * u).to(O.dtype.element_ty), mask=mask)
+    tl.store(O + offs, (g * _sigmoid(g) * u).to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -38,7 +52,7 @@ def _bwd_kernel(DO, G, U, DG, DU, n, BLOCK: tl.constexpr):
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
+    s = _sigmoid(g)
     tl.store(DG + offs, (do * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, (do * g * s).to(DU.dtype.element_ty), mask=mask)
 
@@ -95,17 +109,20 @@ def _backward(ctx, dout):
 _swiglu.register_autograd(_backward, setup_context=_setup)
 
 
+_direct_fwd, _direct_bwd = direct(swiglu_fwd_triton), direct(swiglu_bwd_triton)
+
+
 class _Eager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
 
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return swiglu_fwd_triton(gate, up)
+        return _direct_fwd(gate, up)
 
     @staticmethod
     def backward(ctx, dout):
-        return swiglu_bwd_triton(dout, *ctx.saved_tensors)
+        return _direct_bwd(dout, *ctx.saved_tensors)
 
 
 # ---------------------------------------------------------------- public
