@@ -42,21 +42,23 @@ def on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and t.dtype != torch.float64
 
 
-def eager_cuda(t: torch.Tensor) -> bool:
+def eager_cuda(*tensors: torch.Tensor) -> bool:
     """Whether a public op may launch its kernels through a plain ``autograd.Function``.
 
     Custom-op dispatch costs ~80 us of CPU per call in eager mode, more than the kernels it
     wraps. The direct path runs the same launchers (bit-identical results) and is taken only for
-    CUDA tensors outside ``torch.compile`` tracing, functorch transforms and dispatch modes
-    (fake tensors, ``make_fx``), where the registered op must be seen.
+    plain CUDA tensors (no subclass: fake, functional, DTensor) outside ``torch.compile`` tracing,
+    functorch transforms and dispatch modes, where the registered op must be seen.
     """
     return (
-        on_gpu(t)
+        all(type(t) in _PLAIN and on_gpu(t) for t in tensors)
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
-        and not isinstance(t, torch._subclasses.FakeTensor)
     )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def direct(launcher):

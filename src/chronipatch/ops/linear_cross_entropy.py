@@ -40,6 +40,12 @@ BLOCK_V = 1024
 
 
 @triton.jit
+def _centred(z, m):
+    """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability)."""
+    return tl.where((z == m) & (z == float("inf")), 0.0, z - m)
+
+
+@triton.jit
 def _fwd_chunk_kernel(
     Z, LABELS, M, S, E, BEST, ARG, ZLAB, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr
 ):
@@ -59,10 +65,12 @@ def _fwd_chunk_kernel(
         arg = tl.where(tile_max > best, v0 + c0 + tile_arg, arg)
         best = tl.maximum(best, tile_max)
         m_new = tl.maximum(m, tile_max)
-        alpha = tl.exp(m - m_new)
-        # Re-centre e on the new max; s == 0 only before the first finite logit (m - m_new = nan).
-        e = alpha * (e + tl.where(s > 0, s * (m - m_new), 0.0))
-        zc = z - m_new
+        # Infinite maxima: m == m_new (-inf before any finite logit, or +inf twice) keeps the sums as
+        # they are, and a +inf logit counts exp(0) = 1 against m = +inf, not exp(inf - inf) = nan.
+        alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        # Re-centre e on the new max; alpha == 0 drops the old terms entirely (no 0 * -inf).
+        e = tl.where(alpha > 0, alpha * (e + tl.where(s > 0, s * (m - m_new), 0.0)), 0.0)
+        zc = _centred(z, m_new)
         p = tl.exp(zc)
         s = s * alpha + tl.sum(p, axis=0)
         e += tl.sum(tl.where(p > 0, p * zc, 0.0), axis=0)  # -inf logits add 0, not 0 * -inf
@@ -90,7 +98,7 @@ def _bwd_chunk_kernel(Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, B
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < vc
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(z - m) / s - tl.where(v0 + cols == y, 1.0, 0.0)
+        g = tl.exp(_centred(z, m)) / s - tl.where(v0 + cols == y, 1.0, 0.0)
         tl.store(z_row + cols, (g * scale).to(Z.dtype.element_ty), mask=mask)
 
 

@@ -211,6 +211,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
         f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
     )
     check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")
-    if eager_cuda(x):
+    if eager_cuda(x, weight):
         return _Eager.apply(x, weight, float(eps))
     return _rms_norm(x, weight, float(eps))[0]

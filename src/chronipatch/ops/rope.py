@@ -285,6 +285,6 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
         f"cos and sin must be floating point, got {cos.dtype} and {sin.dtype}",
     )
     check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
-    if eager_cuda(q):
+    if eager_cuda(q, k, cos, sin):
         return _Eager.apply(q, k, cos, sin)
     return _rope(q, k, cos, sin)

@@ -134,6 +134,6 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     check(
         gate.shape == up.shape, "swiglu", f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape"
     )
-    if eager_cuda(gate):
+    if eager_cuda(gate, up):
         return _Eager.apply(gate, up)
     return _swiglu(gate, up)
