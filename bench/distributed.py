@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
         if rank == 0:
             _report(args, rows, world, backend, device)
+        dist.barrier()  # tear down together: a rank leaving while another works can abort gloo's threads
     finally:
         dist.destroy_process_group()
 

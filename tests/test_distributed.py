@@ -178,6 +178,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, names: list[str]) -
             dist.barrier()
         if rank == 0:
             torch.save(results, out_path)
+        dist.barrier()  # tear down together: a rank leaving while another works can abort gloo's threads
     finally:
         dist.destroy_process_group()
 

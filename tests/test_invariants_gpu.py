@@ -38,9 +38,9 @@ def _loss_and_grad(fn, params, ids, bf16: bool):
 def test_bf16_training_matches_stock_within_bf16_noise(name):
     """A 50-step AdamW run in fp32; at every step the same weights and batch go through stock and patched
     (eager and compiled) models under bf16 autocast (Trainer's ``bf16=True``). Against the fp32 truth, the
-    patched loss and gradient may be off by at most twice the worst error stock bf16 shows along the run, plus
-    a hair: the loss curves and gradient norms match within bf16 noise, step by step, without the chaotic
-    drift that would make two independent bf16 runs incomparable."""
+    patched loss and every parameter's gradient may be off by at most twice the worst error stock bf16 shows
+    along the run, plus a hair: loss curves and gradients match within bf16 noise, step by step, without the
+    chaotic drift that would make two independent bf16 runs incomparable."""
     torch.manual_seed(0)
     stock = causal_lm(name, attn_implementation="sdpa").to("cuda")
     params = [p for p in stock.parameters()]
@@ -51,32 +51,41 @@ def test_bf16_training_matches_stock_within_bf16_noise(name):
     torch._dynamo.reset()
     variants = {"stock": stock, "eager": eager, "compiled": torch.compile(compiled)}
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    errors = {v: ([], []) for v in variants}
+    sizes = [p.numel() for p in params]
+    errors = {v: ([], []) for v in variants}  # per step: |loss error|, relative gradient error per parameter
     curve = []
     for _ in range(STEPS):
         ids = torch.randint(0, stock.config.vocab_size, (2, 256), device="cuda")
         loss, grad = _loss_and_grad(stock, params, ids, bf16=False)
+        norms = torch.stack([g.norm() for g in torch.split(grad, sizes)])
         for v, fn in variants.items():
             l_v, g_v = _loss_and_grad(fn, params, ids, bf16=True)
             errors[v][0].append(abs(l_v - loss).item())
-            errors[v][1].append(((g_v - grad).norm() / grad.norm()).item())
+            errors[v][1].append(torch.stack([d.norm() for d in torch.split(g_v - grad, sizes)]) / norms)
         curve.append(loss.item())
         for p, g in zip(params, torch.split(grad, [p.numel() for p in params])):
             p.grad = g.view_as(p)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    assert curve[-1] < curve[0], f"the run did not train: {curve[0]:.3f} -> {curve[-1]:.3f}"
-    noise_loss, noise_grad = max(errors["stock"][0]), max(errors["stock"][1])
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < first - 0.01, f"the run did not train: {first:.3f} -> {last:.3f}"
+    names = [n for n, _ in stock.named_parameters()]
+    noise_loss = max(errors["stock"][0])
+    noise_grad = torch.stack(errors["stock"][1]).amax(0)  # worst over the run, per parameter
     print(
-        f"{name}: loss {curve[0]:.3f} -> {curve[-1]:.3f}; stock bf16 vs fp32: max |dloss| {noise_loss:.2e}, "
-        f"max rel |dgrad| {noise_grad:.2e}"
+        f"{name}: loss {first:.3f} -> {last:.3f}; stock bf16 vs fp32: max |dloss| {noise_loss:.2e}, "
+        f"relative gradient error up to {noise_grad.max():.2e}"
     )
     for v in ("eager", "compiled"):
-        d_loss, d_grad = max(errors[v][0]), max(errors[v][1])
-        print(f"{name} {v}: max |dloss| {d_loss:.2e}, max rel |dgrad| {d_grad:.2e}")
+        d_loss, d_grad = max(errors[v][0]), torch.stack(errors[v][1]).amax(0)
+        print(
+            f"{name} {v}: max |dloss| {d_loss:.2e}, relative gradient error up to {d_grad.max():.2e}, "
+            f"worst ratio to stock's {(d_grad / noise_grad).max():.2f}"
+        )
         assert d_loss <= 2 * noise_loss + 1e-3, (v, d_loss, noise_loss)
-        assert d_grad <= 2 * noise_grad + 1e-3, (v, d_grad, noise_grad)
+        worse = (d_grad > 2 * noise_grad + 2e-3).nonzero().flatten().tolist()
+        assert not worse, [(v, names[i], d_grad[i].item(), noise_grad[i].item()) for i in worse]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

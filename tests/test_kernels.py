@@ -91,11 +91,11 @@ def test_lce_kernels(n, h, v, dtype, monkeypatch):
     torch.testing.assert_close(dw, dw_ref, **TOL[dtype])
 
 
-def test_eager_fast_path_functions_run_the_launchers():
-    """The eager fast path (``_Eager``, taken by the public ops for CUDA tensors outside tracing) gives the
-    launchers' results and gradients bit for bit, launching with wrap_triton off and restoring it after."""
-    from torch._library.triton import is_wrap_triton_enabled
-
+def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
+    """The eager fast path (``_Eager``, taken by the public ops for plain CUDA tensors outside tracing)
+    gives the launchers' results and gradients bit for bit, and refuses a double backward."""
+    for mod in (rms, swi, rope):  # CPU tensors here: take the direct branch as a CUDA call would
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
     torch.manual_seed(0)
     x, w = _r(7, 100, dtype=torch.float32), _r(100, dtype=torch.float32)
     g, u = _r(5, 33, dtype=torch.float32), _r(5, 33, dtype=torch.float32)
@@ -121,8 +121,15 @@ def test_eager_fast_path_functions_run_the_launchers():
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         out = fast(*leaves)
         outs = out if isinstance(out, tuple) else (out,)
+        assert type(outs[0].grad_fn).__name__.startswith("_EagerBackward")
         grads = [torch.randn_like(o) for o in outs]
         got = [*outs, *torch.autograd.grad(outs, leaves, grads)]
         for a, b in zip(got, manual(grads, *inputs)):
             assert torch.equal(a, b)
-    assert is_wrap_triton_enabled()
+        # The kernels' gradients carry no graph: a second derivative is an error, never a silent zero.
+        again = fast(*leaves)
+        again = again if isinstance(again, tuple) else (again,)
+        first = torch.autograd.grad(sum((o**2).sum() for o in again), leaves[0], create_graph=True)[0]
+        assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            first.sum().backward()

@@ -153,10 +153,11 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
         assert rn.eager_cuda(inputs[0]) and not rn.eager_cuda(inputs[0].cpu())
         grads = None
         results = []
-        for fn in (public, registered):
+        for fn, node in ((public, "_EagerBackward"), (registered, "GeneratedBackwardFor_chronipatch")):
             leaves = [t.detach().clone().requires_grad_() for t in inputs]
             out = fn(*leaves)
             outs = out if isinstance(out, tuple) else (out,)
+            assert type(outs[0].grad_fn).__name__.startswith(node), type(outs[0].grad_fn)
             grads = grads or [torch.randn_like(o) for o in outs]
             results.append([*outs, *torch.autograd.grad(outs, leaves, grads)])
         for a, b in zip(*results):

@@ -68,7 +68,7 @@ def _forget(ref: weakref.ref) -> None:
     """Drop a memo entry when its tensor dies, so no derived tensor outlives the forward."""
     for k, (r, _) in list(_memo.items()):
         if r is ref:
-            del _memo[k]
+            _memo.pop(k, None)
 
 
 def _check_cu(cu: torch.Tensor, n: int, max_len: int, name: str) -> None:

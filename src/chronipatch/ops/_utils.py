@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -66,11 +67,16 @@ def direct(launcher):
     higher-order-op dispatch (~200 us per launch) that only tracing needs. For the eager fast path."""
 
     @functools.wraps(launcher)
-    def run(*args, **kwargs):
-        with set_wrap_triton_enabled(False):
-            return launcher(*args, **kwargs)
+    def run(x, *args, **kwargs):
+        # Triton launches on the current device: follow the input's (models split over GPUs).
+        with set_wrap_triton_enabled(False), _device_of(x):
+            return launcher(x, *args, **kwargs)
 
     return run
+
+
+def _device_of(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache

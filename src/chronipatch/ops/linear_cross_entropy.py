@@ -124,6 +124,8 @@ def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             _ADDMM_OUT_DTYPE = True
             return
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError):
             _ADDMM_OUT_DTYPE = False
     acc.addmm_(a.float(), b.float())
@@ -294,10 +296,12 @@ def linear_cross_entropy(
     op = "linear_cross_entropy"
     check_tensors(op, hidden=hidden, weight=weight)
     device = hidden.device.type
-    if torch.is_autocast_enabled(device) and hidden.is_floating_point() and weight.is_floating_point():
-        # As the stock lm_head (F.linear) under autocast: logits in the autocast dtype.
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # As the stock lm_head (F.linear) under autocast: floating inputs other than fp64 are cast.
         dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden, weight = (
+            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (hidden, weight)
+        )
     check_same(op, hidden=hidden, weight=weight)
     check_tensors(op, labels=labels)
     check(weight.dim() == 2, op, f"weight must be [V, H], got {tuple(weight.shape)}")

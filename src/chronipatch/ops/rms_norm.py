@@ -187,8 +187,11 @@ class _Eager(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        dx, dw = _direct_bwd(dy, *ctx.saved_tensors)
+        # Compiled autograd traces this backward with fake tensors: the registered op then.
+        bwd = _direct_bwd if eager_cuda(dy) else _rms_norm_bwd
+        dx, dw = bwd(dy, *ctx.saved_tensors)
         return dx, dw, None
 
 

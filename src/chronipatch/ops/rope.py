@@ -236,9 +236,14 @@ class _Eager(torch.autograd.Function):
         return _direct_fwd(q, k, cos, sin)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq_in, dk_in = _direct_fwd(dq, dk, cos, sin, backward=True)
+        # Compiled autograd traces this backward with fake tensors: the registered op then.
+        if eager_cuda(dq, dk):
+            dq_in, dk_in = _direct_fwd(dq, dk, cos, sin, backward=True)
+        else:
+            dq_in, dk_in = _rope_bwd(dq, dk, cos, sin)
         return dq_in, dk_in, None, None
 
 

@@ -30,7 +30,9 @@ def _sigmoid(g):
     ln 2 split so that n * LN2_HI is exact; then |r| <= ln(2) / 2 and exp2(r * log2(e)) loses nothing."""
     n = tl.floor(-g * 1.4426950408889634 + 0.5)
     r = (-g - n * 0.693145751953125) - n * 1.4286068203094172e-06  # LN2_HI (16 bits) + LN2_LO
-    e = tl.exp2(n) * tl.exp2(r * 1.4426950408889634)  # exp2 of an integer is exact
+    # exp2 of an integer is exact; n in two halves, as 2^128 alone overflows where exp(-g) does not.
+    half = tl.floor(n * 0.5)
+    e = tl.exp2(r * 1.4426950408889634) * tl.exp2(n - half) * tl.exp2(half)
     # Past |g| = 100, exp(-g) is 0 or inf in fp32 and the reduction would meet inf - inf at g = +-inf.
     e = tl.where(tl.abs(g) < 100.0, e, tl.exp2(-g * 1.4426950408889634))
     return tl.div_rn(1.0, 1.0 + e)
@@ -121,8 +123,10 @@ class _Eager(torch.autograd.Function):
         return _direct_fwd(gate, up)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        return _direct_bwd(dout, *ctx.saved_tensors)
+        # Compiled autograd traces this backward with fake tensors: the registered op then.
+        return (_direct_bwd if eager_cuda(dout) else _swiglu_bwd)(dout, *ctx.saved_tensors)
 
 
 # ---------------------------------------------------------------- public
