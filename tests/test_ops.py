@@ -341,3 +341,15 @@ def test_ops_compile_fullgraph_with_backward():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_lce_autocast_leaves_fp64_and_meta_alone():
+    """Autocast casts like F.linear: fp64 stays fp64 (the reference truth); meta tensors need no autocast."""
+    h, w = torch.randn(6, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.randint(0, 11, (6,))
+    plain = ops.linear_cross_entropy(h, w, labels, shift=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = ops.linear_cross_entropy(h, w, labels, shift=False)
+    assert torch.equal(plain, cast)
+    meta = ops.linear_cross_entropy(h.to("meta"), w.to("meta"), labels.to("meta"), shift=False)
+    assert meta.device.type == "meta" and meta.shape == ()
