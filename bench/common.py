@@ -103,6 +103,25 @@ def timeit(
     return statistics.median(times)
 
 
+def kernel_ms(fn: Callable[[], Any], device: torch.device | None = None, calls: int = 10) -> float | None:
+    """GPU time of one call of ``fn``: the device time of everything it launches (torch.profiler), mean of
+    ``calls`` back-to-back calls, L2 warm. What the call costs inside a training step whose CPU runs ahead
+    of the GPU: no launch gaps, no host overhead (None on CPU)."""
+    device = device or _default_device()
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return total_us / 1e3 / calls
+
+
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | None = None) -> int | None:
     """Peak CUDA memory of one call of ``fn`` above what was allocated before it (None on CPU)."""
     device = device or _default_device()

@@ -27,7 +27,7 @@ from transformers.activations import ACT2FN
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb
 
-from common import env_info, peak_extra_bytes, sync, timeit, write_results
+from common import env_info, kernel_ms, peak_extra_bytes, sync, timeit, write_results
 
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, rounded
 BF16_FLOP_PER_S = 790e12  # achievable dense bf16 matmul rate on H100 SXM
@@ -35,7 +35,18 @@ EPS = 1e-6
 IGNORE = -100
 IMPLS = ("hf_eager", "hf_compile", "liger", "cce", "chronipatch", "chronipatch_compile")
 COMPILED = {"hf_compile": "hf_eager", "chronipatch_compile": "chronipatch"}
-COLUMNS = ("op", "shape", "impl", "ms", "floor_ms", "pct_floor", "peak_extra_MiB", "fwd_err", "grad_err")
+COLUMNS = (
+    "op",
+    "shape",
+    "impl",
+    "ms",
+    "gpu_ms",
+    "floor_ms",
+    "pct_floor",
+    "peak_extra_MiB",
+    "fwd_err",
+    "grad_err",
+)
 COLUMNS += ("first_call_s", "note")
 NOTES = [
     f"floor: memory-bound ops = bytes moved / {HBM_BYTES_PER_S:.3g} B/s, counting rms_norm fwd"
@@ -43,6 +54,9 @@ NOTES = [
     " dq',dk',cos,sin -> dq,dk; swiglu fwd g,u -> h + bwd dh,g,u -> dg,du. Matmul-bound:"
     f" swiglu_mlp 18·M·H·I FLOPs, lce 6·N·H·V FLOPs, at {BF16_FLOP_PER_S:.3g} FLOP/s",
     "pct_floor = 100 · floor_ms / ms",
+    "gpu_ms: device time of all kernels one fwd+bwd launches (torch.profiler, mean of 10 back-to-back calls,"
+    " L2 warm): the call's cost inside a training step whose CPU runs ahead; ms also counts launch gaps and"
+    " host overhead, which dominate the small ops at these sizes",
     "peak_extra_MiB: max_memory_allocated during one fwd+bwd minus what was allocated before it"
     " (inputs and weights excluded; the input/weight gradients it allocates included)",
     "fwd_err / grad_err: max |out − ref| and max |d input − ref| (rope: dq and dk; swiglu: dgate and"
@@ -296,6 +310,7 @@ def run_case(name: str, dims: tuple, dev, dtype, impls, warmup, rep) -> list[dic
             mem = peak_extra_bytes(step, dev)
             row["peak_extra_MiB"] = None if mem is None else mem / 2**20
             row["ms"] = timeit(step, warmup, rep, dev)
+            row["gpu_ms"] = kernel_ms(step, dev)
             row["pct_floor"] = 100 * floor_ms / row["ms"]
         except Skip as e:
             row["note"] = f"skipped: {e}"
@@ -366,6 +381,12 @@ def main() -> None:
         w = wide.setdefault((r["op"], r["shape"]), {k: r[k] for k in ("op", "shape", "floor_ms")})
         w[r["impl"]] = r["ms"] if r["ms"] is not None else r["note"].split(":")[0]
     sections = [("median fwd+bwd ms", list(wide.values()), ["op", "shape", "floor_ms", *impls])]
+    if dev.type == "cuda":
+        gpu: dict[tuple[str, str], dict] = {}
+        for r in rows:
+            w = gpu.setdefault((r["op"], r["shape"]), {k: r[k] for k in ("op", "shape", "floor_ms")})
+            w[r["impl"]] = r["gpu_ms"] if r["gpu_ms"] is not None else r["note"].split(":")[0]
+        sections.append(("GPU time per fwd+bwd, ms (kernels only)", list(gpu.values()), sections[0][2]))
     if "rms_norm" in groups and "chronipatch" in impls:
         title = "chronipatch eager dispatch overhead (µs per call, 1000 calls, best of 5)"
         try:
