@@ -122,6 +122,54 @@ def kernel_ms(fn: Callable[[], Any], device: torch.device | None = None, calls: 
     return total_us / 1e3 / calls
 
 
+# Kernel-name patterns of the categories a profile is summed into (first match wins).
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "varlen")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "matmul", "mm_", "::mm", "bmm")),
+    ("chronipatch", ("_fwd_kernel", "_bwd_kernel", "_rope_kernel", "_chunk_kernel")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill", "cat")),
+    ("reduction", ("reduce", "norm", "softmax", "sum")),
+)
+
+
+def gpu_time_breakdown(fn: Callable[[], Any], calls: int = 2, top: int = 12) -> dict[str, Any]:
+    """Where the GPU time of ``fn`` goes: torch.profiler over ``calls`` calls, device time per call summed
+    by kernel category (``KERNEL_CATEGORIES``, rest "elementwise/other"), busy vs wall time, and the
+    ``top`` kernels. Without CUDA the same over the CPU ops' self time (smoke runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == want:
+            us = e.device_time_total if cuda else e.self_cpu_time_total
+            kernels[e.name] = kernels.get(e.name, 0.0) + us / 1e3 / calls
+    cats: dict[str, float] = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "elementwise/other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    busy = sum(kernels.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "wall_ms": wall_ms,
+        "gpu_busy_ms": busy,
+        "idle_pct": max(0.0, 100 * (1 - busy / wall_ms)) if wall_ms else None,
+        "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": [{"kernel": n[:90], "ms": ms} for n, ms in ranked],
+    }
+
+
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | None = None) -> int | None:
     """Peak CUDA memory of one call of ``fn`` above what was allocated before it (None on CPU)."""
     device = device or _default_device()

@@ -22,7 +22,15 @@ import traceback
 
 import torch
 
-from common import emit_result, env_info, markdown_table, run_worker, short_error, write_results
+from common import (
+    emit_result,
+    env_info,
+    gpu_time_breakdown,
+    markdown_table,
+    run_worker,
+    short_error,
+    write_results,
+)
 from models import SMOKE_CONFIG, causal_lm
 
 PEAK_FLOP_PER_S = 790e12  # achievable dense bf16 matmul rate on H100 SXM (same figure as bench/ops.py)
@@ -166,6 +174,12 @@ def run_variant(args: argparse.Namespace) -> dict:
             "flops_per_step": flops,
         }
     )
+    if args.profile:
+        ids = data[-1]
+        try:
+            row["profile"] = gpu_time_breakdown(lambda: step(ids))
+        except Exception as e:  # the timings above stand without it
+            row["profile_error"] = short_error(e)
     return row
 
 
@@ -182,25 +196,29 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def spawn(args: argparse.Namespace, model: str, variant: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "--variant",
-        variant,
-        "--model",
-        model,
-        "--batch",
-        str(args.batch),
-        "--seq",
-        str(args.seq),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--seed",
-        str(args.seed),
-    ] + (["--smoke"] if args.smoke else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--variant",
+            variant,
+            "--model",
+            model,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--seed",
+            str(args.seed),
+        ]
+        + (["--smoke"] if args.smoke else [])
+        + (["--profile"] if args.profile else [])
+    )
     print(f"== {model} / {variant}", file=sys.stderr, flush=True)
     base = {"model": model, "variant": variant}
     return run_worker(cmd, base, args.timeout)
@@ -232,6 +250,35 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+def _profiles(rows: list[dict]) -> list:
+    """Markdown sections of the --profile breakdowns: GPU ms per step by category, then the top kernels."""
+    prof = [(r, r["profile"]) for r in rows if r.get("profile")]
+    if not prof:
+        return []
+    cats = list(dict.fromkeys(c for _, p in prof for c in p["categories_ms"]))
+    table = [
+        {
+            "model": r["model"],
+            "variant": r["variant"],
+            "wall ms": p["wall_ms"],
+            "GPU busy ms": p["gpu_busy_ms"],
+            "idle %": p["idle_pct"],
+            **p["categories_ms"],
+        }
+        for r, p in prof
+    ]
+    sections = [
+        (
+            "GPU time per step by kernel category, ms (--profile)",
+            table,
+            ["model", "variant", "wall ms", "GPU busy ms", "idle %", *cats],
+        )
+    ]
+    for r, p in prof:
+        sections.append((f"top kernels, {r['model']} / {r['variant']}", p["top_kernels_ms"], None))
+    return sections
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="qwen2.5-0.5b,llama-3.2-1b")
@@ -245,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/out")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU, fp32")
     p.add_argument("--smoke-compile", action="store_true", help="--smoke including the compiled variants")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile 2 steps: GPU time per kernel category"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -284,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.smoke:
         meta["notes"].append("smoke run: tiny configs on CPU in fp32; MFU is against the H100 figure anyway")
-    json_path, md_path = write_results("train", rows, meta, args.out, columns=COLUMNS)
+    json_path, md_path = write_results(
+        "train", rows, meta, args.out, columns=COLUMNS, sections=_profiles(rows)
+    )
     plot(rows, md_path.with_suffix(".png"))
     print(markdown_table(rows, COLUMNS))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
