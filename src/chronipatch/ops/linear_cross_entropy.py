@@ -200,7 +200,8 @@ def _lce(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if on_gpu(hidden):
-        return lce_fwd_triton(hidden, weight, labels, ignore_index)
+        with torch.cuda.device(hidden.device):  # Triton launches on the current device; models may span GPUs
+            return lce_fwd_triton(hidden, weight, labels, ignore_index)
     return reference.lce_fwd(hidden, weight, labels, ignore_index)
 
 
@@ -216,7 +217,8 @@ def _lce_bwd(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     if on_gpu(hidden):
-        return lce_bwd_triton(grad_rows, hidden, weight, labels, stats, ignore_index)
+        with torch.cuda.device(hidden.device):
+            return lce_bwd_triton(grad_rows, hidden, weight, labels, stats, ignore_index)
     return reference.lce_bwd(grad_rows, hidden, weight, labels, stats, ignore_index)
 
 
