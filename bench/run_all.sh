@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one go, each step time-boxed, results under $OUT (default bench/out).
+#
+#   bash bench/run_all.sh [tests|sweep|ops|attention|train|sft ...]   (default: all, in this order)
+#
+# Needs a CUDA machine with torch, triton, transformers (and trl, peft, liger-kernel, cut-cross-entropy for
+# the peer columns). A step that times out or fails is reported and the next one runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD/bench:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+export NCCL_NVLS_ENABLE=0
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests sweep ops attention train sft)
+
+run() {  # name seconds command...
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc in $((SECONDS - t0)) s (limit $limit s), log $OUT/$name.log"
+    tail -n 3 "$OUT/$name.log"
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+    tests) run tests 420 python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_sweep.py tests ;;
+    sweep) for op in rms_norm swiglu rope linear_cross_entropy; do
+        run "sweep_$op" 300 python bench/sweep.py --cases 500 --ops "$op" --out "$OUT/sweep_$op"
+    done ;;
+    ops) run ops 300 python bench/ops.py --out "$OUT" ;;
+    attention) run attention 180 python bench/attention.py --out "$OUT" ;;
+    train) run train 600 python bench/train.py --profile --out "$OUT" ;;
+    sft) run sft 600 python bench/sft.py --out "$OUT" ;;
+    *) echo "unknown step $step" >&2 ;;
+    esac
+done
