@@ -10,10 +10,11 @@ import triton
 from torch._library.triton import set_wrap_triton_enabled
 
 
-def check(cond: bool, op: str, msg: str) -> None:
-    """Raise a ValueError naming the op when ``cond`` is false."""
+def check(cond: bool, op: str, msg) -> None:
+    """Raise a ValueError naming the op when ``cond`` is false. ``msg`` is a string or, to keep the
+    per-call cost of the eager path low, a function that formats it only on failure."""
     if not cond:
-        raise ValueError(f"chronipatch.ops.{op}: {msg}")
+        raise ValueError(f"chronipatch.ops.{op}: {msg() if callable(msg) else msg}")
 
 
 def check_tensors(op: str, **values) -> None:
@@ -30,11 +31,19 @@ def check_same(op: str, **tensors: torch.Tensor) -> None:
     check_tensors(op, **tensors)
     names = list(tensors)
     first = tensors[names[0]]
-    check(first.is_floating_point(), op, f"{names[0]} must be floating point, got {first.dtype}")
+    check(first.is_floating_point(), op, lambda: f"{names[0]} must be floating point, got {first.dtype}")
     for name in names[1:]:
         t = tensors[name]
-        check(t.device == first.device, op, f"{name} is on {t.device} but {names[0]} is on {first.device}")
-        check(t.dtype == first.dtype, op, f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}")
+        check(
+            t.device == first.device,
+            op,
+            lambda name=name, t=t: f"{name} is on {t.device} but {names[0]} is on {first.device}",
+        )
+        check(
+            t.dtype == first.dtype,
+            op,
+            lambda name=name, t=t: f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}",
+        )
 
 
 def on_gpu(t: torch.Tensor) -> bool:

@@ -204,14 +204,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     check(
         x.is_floating_point() and weight.is_floating_point(),
         "rms_norm",
-        f"x and weight must be floating point, got {x.dtype} and {weight.dtype}",
+        lambda: f"x and weight must be floating point, got {x.dtype} and {weight.dtype}",
     )
-    check(x.device == weight.device, "rms_norm", f"weight is on {weight.device} but x is on {x.device}")
+    check(
+        x.device == weight.device, "rms_norm", lambda: f"weight is on {weight.device} but x is on {x.device}"
+    )
     check(x.dim() >= 1, "rms_norm", "x must have at least one dim")
     check(
         weight.dim() == 1 and weight.shape[0] == x.shape[-1],
         "rms_norm",
-        f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
+        lambda: f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
     )
     check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")
     if eager_cuda(x, weight):

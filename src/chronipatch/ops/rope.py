@@ -257,37 +257,39 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     check(
         q.dim() == 4 and k.dim() == 4,
         op,
-        f"q and k must be [B, H, T, D], got {tuple(q.shape)}, {tuple(k.shape)}",
+        lambda: f"q and k must be [B, H, T, D], got {tuple(q.shape)}, {tuple(k.shape)}",
     )
     check(
         cos.dim() == 3 and sin.dim() == 3,
         op,
-        f"cos and sin must be [B, T, D], got {tuple(cos.shape)}, {tuple(sin.shape)}",
+        lambda: f"cos and sin must be [B, T, D], got {tuple(cos.shape)}, {tuple(sin.shape)}",
     )
     b, _, t, d = q.shape
     check(
         k.shape[0] == b and k.shape[2] == t and k.shape[3] == d,
         op,
-        f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, tokens or head dim",
+        lambda: f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, tokens or head dim",
     )
-    check(d % 2 == 0, op, f"head dim must be even, got {d}")
-    check(cos.shape == sin.shape, op, f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
+    check(d % 2 == 0, op, lambda: f"head dim must be even, got {d}")
+    check(cos.shape == sin.shape, op, lambda: f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
     check(
         cos.shape[0] in (1, b) and cos.shape[1:] == (t, d),
         op,
-        f"cos/sin {tuple(cos.shape)} do not match [B={b} or 1, T={t}, D={d}]",
+        lambda: f"cos/sin {tuple(cos.shape)} do not match [B={b} or 1, T={t}, D={d}]",
     )
     for name, x in (("k", k), ("cos", cos), ("sin", sin)):
-        check(x.device == q.device, op, f"{name} is on {x.device} but q is on {q.device}")
+        check(
+            x.device == q.device, op, lambda name=name, x=x: f"{name} is on {x.device} but q is on {q.device}"
+        )
     check(
         q.is_floating_point() and q.dtype == k.dtype,
         op,
-        f"q and k must share a float dtype, got {q.dtype}, {k.dtype}",
+        lambda: f"q and k must share a float dtype, got {q.dtype}, {k.dtype}",
     )
     check(
         cos.is_floating_point() and sin.is_floating_point(),
         op,
-        f"cos and sin must be floating point, got {cos.dtype} and {sin.dtype}",
+        lambda: f"cos and sin must be floating point, got {cos.dtype} and {sin.dtype}",
     )
     check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
     if eager_cuda(q, k, cos, sin):

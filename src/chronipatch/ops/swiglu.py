@@ -136,7 +136,9 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` for same-shape, same-dtype tensors."""
     check_same("swiglu", gate=gate, up=up)
     check(
-        gate.shape == up.shape, "swiglu", f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape"
+        gate.shape == up.shape,
+        "swiglu",
+        lambda: f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape",
     )
     if eager_cuda(gate, up):
         return _Eager.apply(gate, up)
