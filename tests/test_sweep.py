@@ -14,7 +14,7 @@ such as ``linear_cross_entropy-public-fp32-016`` names the same inputs on every 
 ``CHRONIPATCH_SWEEP_CASES=N`` sets the number of cases per op (defaults: 50 public, 25 kernel). A summary
 (cases, mismatches, worst error ratio per op and dtype) is printed at the end of the session; with
 ``CHRONIPATCH_SWEEP_REPORT=1`` (or a directory) it is also written to ``bench/out/sweep.{json,md}``.
-A mismatch inside the error bound of a reported defect (``sweep.KNOWN_DEFECTS``) is an xfail naming it.
+A mismatch inside the error bound of a reported defect (``sweep_report.KNOWN_DEFECTS``) is an xfail naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import sweep
+import sweep_report
 from helpers import INTERPRET
 
 CUDA = torch.cuda.is_available()
@@ -39,7 +40,7 @@ else:
     PUBLIC = dict(device="cpu", dtypes=("fp32",), size="small")
 KERNEL = dict(device="cpu", dtypes=("fp32", "fp16"), size="tiny")
 
-_RESULTS: list[sweep.Result] = []
+_RESULTS: list[sweep_report.Result] = []
 
 
 def _params(impl: str, count: int, plan: dict) -> list:
@@ -59,7 +60,7 @@ class _Summary:
             return
         tr = terminalreporter
         tr.section("chronipatch sweep")
-        for row in sweep.summarize(_RESULTS):
+        for row in sweep_report.summarize(_RESULTS):
             tr.write_line(
                 f"{row['op']:<21} {row['impl']:<6} {row['dtype']:<4} {row['device']:<4} "
                 f"cases {row['cases']:4d}  mismatches {row['mismatches']:3d} "
@@ -69,7 +70,7 @@ class _Summary:
         target = os.environ.get("CHRONIPATCH_SWEEP_REPORT")
         if target:
             out = Path(tr.config.rootpath, "bench", "out") if target in ("1", "true", "yes") else Path(target)
-            json_path, _ = sweep.write_report(_RESULTS, out, ["run by tests/test_sweep.py"])
+            json_path, _ = sweep_report.write_report(_RESULTS, out, ["run by tests/test_sweep.py"])
             tr.write_line(f"wrote {json_path}")
 
 
@@ -85,7 +86,7 @@ def _check(case: sweep.Case) -> None:
     _RESULTS.append(result)
     if result.ok:
         return
-    if result.known:  # the reported defect, described in sweep.KNOWN_DEFECTS
+    if result.known:  # the reported defect, described in sweep_report.KNOWN_DEFECTS
         worst = result.worst
         pytest.xfail(f"known defect {result.known}: {worst.name} error ratio {worst.ratio:.2f} vs stock")
     pytest.fail(result.describe(), pytrace=False)
