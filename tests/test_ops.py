@@ -353,3 +353,32 @@ def test_lce_autocast_leaves_fp64_and_meta_alone():
     assert torch.equal(plain, cast)
     meta = ops.linear_cross_entropy(h.to("meta"), w.to("meta"), labels.to("meta"), shift=False)
     assert meta.device.type == "meta" and meta.shape == ()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_lce_scores_only_supervised_rows_when_many_are_ignored(monkeypatch, reduction):
+    """Eager calls with many ignored labels run the op on the supervised rows only; loss and gradients are
+    those of the full computation (zeros for ignored rows)."""
+    import importlib
+
+    mod = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+    seen = []
+    real = mod._lce
+    monkeypatch.setattr(mod, "_lce", lambda h, *a: seen.append(h.shape[0]) or real(h, *a))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 40, (3, 11), generator=g)
+    labels[torch.rand(3, 11, generator=g) < 0.6] = -100
+    runs = []
+    for compact in (0.25, 2.0):  # 2.0: never compact
+        monkeypatch.setattr(mod, "COMPACT_IGNORED", compact)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = ops.linear_cross_entropy(h, w, labels, reduction=reduction)
+        loss.backward(torch.randn_like(loss, generator=torch.Generator().manual_seed(1)))
+        runs.append((loss.detach(), h.grad, w.grad))
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert seen == [supervised, 33]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (runs[0][1][:, -1] == 0).all()  # the last position predicts nothing under shift
