@@ -162,13 +162,23 @@ def test_lce_plus_inf_logit_public():
     assert rows[1] == INF
     torch.testing.assert_close(rows[[0, 2]], stock[[0, 2]])
     assert not ops.linear_cross_entropy(h, w, labels, shift=False).isfinite()
+    # As the kernels: entropy 0 on that row, loss 0 with the label on the +inf logit, finite gradients.
+    _, stats = ops.linear_cross_entropy(h, w, labels, shift=False, reduction="none", return_token_stats=True)
+    assert stats.entropy[1] == 0 and stats.entropy.isfinite().all()
+    on_it = ops.linear_cross_entropy(h, w, torch.tensor([0, 2, 3]), shift=False, reduction="none")
+    assert on_it[1] == 0 and on_it[[0, 2]].isfinite().all()
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").backward(
+        torch.tensor([1.0, 0, 1])
+    )
+    assert hg.grad.isfinite().all() and wg.grad.isfinite().all()
     sane_lce()
 
 
 @needs_kernels
 def test_lce_plus_inf_logit_kernel():
-    """The kernels meet the +inf logit as the math does: the row's loss is +inf (label elsewhere) or nan
-    (label on it, inf - inf), its entropy 0, other rows match stock; the backward stays finite."""
+    """The kernels meet the +inf logit as the math does: the row's loss is +inf (label elsewhere) or 0 (label
+    on it: probability 1), its entropy 0, other rows match stock; the backward stays finite."""
     h, w = (t.to(KERNEL_DEVICE) for t in _overflow_case(+1.0))
     labels = torch.tensor([0, 1, 3], device=KERNEL_DEVICE)
     rows, stats, entropy, _ = lce_k.lce_fwd_triton(h, w, labels, -100)
@@ -176,7 +186,7 @@ def test_lce_plus_inf_logit_kernel():
     torch.testing.assert_close(rows[[0, 2]], stock[[0, 2]])
     assert rows[1] == INF and entropy[1] == 0 and entropy.isfinite().all()
     on_it = lce_k.lce_fwd_triton(h, w, torch.tensor([0, 2, 3], device=KERNEL_DEVICE), -100)[0]
-    assert on_it[1].isnan() and on_it[[0, 2]].isfinite().all()
+    assert on_it[1] == 0 and on_it[[0, 2]].isfinite().all()
     dh, dw = lce_k.lce_bwd_triton(
         torch.tensor([1.0, 0.0, 1.0], device=KERNEL_DEVICE), h, w, labels, stats, -100
     )

@@ -159,7 +159,9 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
                 num_warps=4,
             )
     logsum = torch.log(s)
-    loss = torch.where(labels != ignore_index, logsum - (zlab - m), 0.0)
+    # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
+    zc = torch.where((zlab == m) & (zlab == torch.inf), 0.0, zlab - m)
+    loss = torch.where(labels != ignore_index, logsum - zc, 0.0)
     return loss, torch.stack([m, s], -1), logsum - e / s, (arg == labels).float()
 
 

@@ -74,13 +74,18 @@ def rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
 # --- linear cross-entropy per row, m = max z, s = sum exp(z - m): loss_i = log s - (z_y - m) ---
 
 
+def _centred(z: Tensor, m: Tensor) -> Tensor:
+    """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability), as the kernels."""
+    return torch.where((z == m) & (z == torch.inf), 0.0, z - m)
+
+
 def lce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
     """Returns (loss_rows, stats [N, 2] = (m, s), entropy, correct) in fp32 (fp64 for fp64 input);
     logits are rounded to the weight dtype before the fp32 softmax, as HF's lm_head + loss do."""
     logits = _f(hidden @ weight.T)
     m = logits.max(-1).values
-    m = torch.where(m.isinf(), 0.0, m)  # an infinite max: centre on 0, as torch.logsumexp does
-    z = logits - m.unsqueeze(1)  # <= 0: both sums below are free of cancellation
+    m = torch.where(m == -torch.inf, 0.0, m)  # no finite logit: centre on 0, as torch.logsumexp does
+    z = _centred(logits, m.unsqueeze(1))  # <= 0: both sums below are free of cancellation
     s = torch.exp(z).sum(-1)
     logsum = torch.log(s)
     valid = labels != ignore_index
@@ -99,7 +104,7 @@ def lce_bwd(
     valid = labels != ignore_index
     scale = torch.where(valid, _f(grad_rows), 0.0).unsqueeze(1)
     safe = torch.where(valid, labels, 0).unsqueeze(1)
-    p = torch.exp(logits - stats[:, :1]) / stats[:, 1:]  # softmax as stock computes it
+    p = torch.exp(_centred(logits, stats[:, :1])) / stats[:, 1:]  # softmax as stock computes it
     g = p.scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
     g = (g * scale).to(hidden.dtype)
     return g @ weight, g.T @ hidden
