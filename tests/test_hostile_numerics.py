@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from chronipatch import ops
+from chronipatch.ops import reference
 from helpers import KERNEL_DEVICE, hf_view
 from hostile import (
     INF,
@@ -377,3 +378,40 @@ def test_attention_on_meta_with_packing():
     q, k, v = (t.to("meta") for t in _qkv())
     meta = {**PACKED, "cu_seq_lens_q": cu10.to("meta"), "cu_seq_lens_k": cu10.to("meta")}
     assert _attn(q, k, v, **meta)[0].shape == (1, 10, 4, 8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])
+def test_lce_plus_inf_logit_before_later_tiles_kernel(monkeypatch, chunk_bytes):
+    """A +inf logit in the first column, with more vocabulary tiles (and chunks) after it: every statistic
+    of its row as the reference gives it (the running entropy must not meet inf - inf)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(lce_k, "CHUNK_BYTES", chunk_bytes)
+    h = (torch.randn(3, 4, generator=_g(6)) * 0.5).half()
+    w = (torch.randn(3000, 4, generator=_g(7)) * 0.1).half()
+    h[1, 0], w[0, 0] = 300.0, 300.0
+    w[1:, 0] = w[1:, 0].clamp(-0.5, 0.5)
+    assert (h @ w.T)[1, 0] == INF and (h @ w.T)[1, 1:].isfinite().all()
+    labels = torch.tensor([5, 7, 9])
+    got = lce_k.lce_fwd_triton(h.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE), labels.to(KERNEL_DEVICE), -100)
+    ref = reference.lce_fwd(h, w, labels, -100)
+    for a, b, what in zip(got, ref, ("loss", "stats", "entropy", "correct")):
+        torch.testing.assert_close(a.cpu(), b, msg=what)
+    assert got[2][1] == 0 and got[0][1] == INF
+
+
+@pytest.mark.parametrize("ignored", [1, 3])  # 1 of 5: the full computation; 3 of 5: supervised rows only
+def test_lce_nan_in_an_ignored_row_leaves_gradients_finite(ignored):
+    """An ignored row takes no part in the loss, so a NaN in it reaches neither the loss nor a gradient
+    (stock's 0 * nan does), whichever path the ignored fraction picks."""
+    h, w = torch.randn(5, 8, generator=_g(1)), torch.randn(11, 8, generator=_g(2))
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    labels[:ignored] = -100
+    h[0, 3] = NAN
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = ops.linear_cross_entropy(hg, wg, labels, shift=False)
+    loss.backward()
+    assert loss.isfinite() and hg.grad.isfinite().all() and wg.grad.isfinite().all()
+    assert (hg.grad[:ignored] == 0).all()
+    keep = labels != -100
+    torch.testing.assert_close(loss, F.cross_entropy(h[keep] @ w.T, labels[keep]))

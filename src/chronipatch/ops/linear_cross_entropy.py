@@ -69,7 +69,8 @@ def _fwd_chunk_kernel(
         # they are, and a +inf logit counts exp(0) = 1 against m = +inf, not exp(inf - inf) = nan.
         alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
         # Re-centre e on the new max; alpha == 0 drops the old terms entirely (no 0 * -inf).
-        e = tl.where(alpha > 0, alpha * (e + tl.where(s > 0, s * (m - m_new), 0.0)), 0.0)
+        shift = tl.where(m == m_new, 0.0, m - m_new)  # not inf - inf once the max is +inf
+        e = tl.where(alpha > 0, alpha * (e + tl.where(s > 0, s * shift, 0.0)), 0.0)
         zc = _centred(z, m_new)
         p = tl.exp(zc)
         s = s * alpha + tl.sum(p, axis=0)
@@ -93,13 +94,15 @@ def _bwd_chunk_kernel(Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, B
     y = tl.load(LABELS + row)
     m = tl.load(STATS + 2 * row)
     s = tl.load(STATS + 2 * row + 1)
-    scale = tl.where(y != ignore_index, tl.load(DROWS + row), 0.0)
+    keep = y != ignore_index
+    scale = tl.where(keep, tl.load(DROWS + row), 0.0)
     for c0 in range(0, vc, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < vc
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.exp(_centred(z, m)) / s - tl.where(v0 + cols == y, 1.0, 0.0)
-        tl.store(z_row + cols, (g * scale).to(Z.dtype.element_ty), mask=mask)
+        # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
+        tl.store(z_row + cols, tl.where(keep, g * scale, 0.0).to(Z.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -140,8 +143,10 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
     arg = torch.zeros(n, dtype=torch.int64, device=hidden.device)
     if n > 0:
         vc = _chunk(n, vocab, hidden.element_size())
+        buf = hidden.new_empty(n * vc)  # one chunk buffer for the whole walk: a single chunk is ever alive
         for v0 in range(0, vocab, vc):
-            z = hidden @ weight[v0 : v0 + vc].T
+            w = weight[v0 : v0 + vc]
+            z = torch.mm(hidden, w.T, out=buf[: n * w.shape[0]].view(n, w.shape[0]))
             _fwd_chunk_kernel[(n,)](
                 z,
                 labels,
@@ -173,10 +178,13 @@ def lce_bwd_triton(
     dw = torch.zeros_like(weight)
     if n > 0:
         grad_rows = grad_rows.float().contiguous()
+        # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
+        h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0)
         vc = _chunk(n, vocab, hidden.element_size())
+        buf = hidden.new_empty(n * vc)
         for v0 in range(0, vocab, vc):
             w = weight[v0 : v0 + vc]
-            g = hidden @ w.T
+            g = torch.mm(hidden, w.T, out=buf[: n * w.shape[0]].view(n, w.shape[0]))
             _bwd_chunk_kernel[(n,)](
                 g,
                 labels,
@@ -189,7 +197,7 @@ def lce_bwd_triton(
                 BLOCK_V=BLOCK_V,
                 num_warps=4,
             )
-            torch.mm(g.T, hidden, out=dw[v0 : v0 + vc])
+            torch.mm(g.T, h_w, out=dw[v0 : v0 + vc])
             _acc_mm(dh, g, w)
     return dh.to(hidden.dtype), dw
 

@@ -106,5 +106,5 @@ def lce_bwd(
     safe = torch.where(valid, labels, 0).unsqueeze(1)
     p = torch.exp(_centred(logits, stats[:, :1])) / stats[:, 1:]  # softmax as stock computes it
     g = p.scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
-    g = (g * scale).to(hidden.dtype)
-    return g @ weight, g.T @ hidden
+    g = torch.where(valid.unsqueeze(1), g * scale, 0.0).to(hidden.dtype)  # ignored rows: exactly 0
+    return g @ weight, g.T @ torch.where(valid.unsqueeze(1), hidden, 0.0)  # no 0 * nan from ignored rows
