@@ -163,3 +163,25 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
         for a, b in zip(*results):
             assert torch.equal(a, b)
             assert a.stride() == b.stride()
+
+
+def test_lce_supervised_rows_only_matches_full_computation_gpu(monkeypatch):
+    """CUDA: scoring only the supervised rows (many labels ignored) gives the full computation's loss and
+    gradients, up to the GEMMs' own shape-dependent rounding."""
+    mod = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 512, 896, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(151936, 896, device="cuda") * 896**-0.5).bfloat16()
+    labels = torch.randint(0, 151936, (4, 512), device="cuda")
+    labels[torch.rand(4, 512, device="cuda") < 0.5] = -100
+    runs = []
+    for compact in (0.25, 2.0):  # 2.0: never compact
+        monkeypatch.setattr(mod, "COMPACT_IGNORED", compact)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = ops.linear_cross_entropy(h, w, labels)
+        loss.backward()
+        runs.append((loss.detach(), h.grad.float(), w.grad.float()))
+    (l_c, dh_c, dw_c), (l_f, dh_f, dw_f) = runs
+    torch.testing.assert_close(l_c, l_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh_c, dh_f, rtol=2e-2, atol=1e-6)
+    torch.testing.assert_close(dw_c, dw_f, rtol=2e-2, atol=1e-6)
