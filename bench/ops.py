@@ -375,30 +375,38 @@ def main() -> None:
         f" timed with {timer}, warmup {warmup} ms, rep {rep} ms",
         *NOTES,
     ]
+    extra = []
+    if "rms_norm" in groups and "chronipatch" in impls:
+        title = "chronipatch eager dispatch overhead (µs per call, 1000 calls, best of 5)"
+        try:
+            extra.append((title, dispatch_overhead(dev, dtype), None))
+        except Skip as e:
+            print(f"dispatch overhead skipped: {e}")
     rows = []
     for name, dims in SMOKE_CASES if args.smoke else CASES:
         if OPS[name].group in groups:
             rows += run_case(name, dims, dev, dtype, impls, warmup, rep)
-    wide: dict[tuple[str, str], dict] = {}
-    for r in rows:
-        w = wide.setdefault((r["op"], r["shape"]), {k: r[k] for k in ("op", "shape", "floor_ms")})
-        w[r["impl"]] = r["ms"] if r["ms"] is not None else r["note"].split(":")[0]
-    sections = [("median fwd+bwd ms", list(wide.values()), ["op", "shape", "floor_ms", *impls])]
-    if dev.type == "cuda":
-        gpu: dict[tuple[str, str], dict] = {}
-        for r in rows:
-            w = gpu.setdefault((r["op"], r["shape"]), {k: r[k] for k in ("op", "shape", "floor_ms")})
-            w[r["impl"]] = r["gpu_ms"] if r["gpu_ms"] is not None else r["note"].split(":")[0]
-        sections.append(("GPU time per fwd+bwd, ms (kernels only)", list(gpu.values()), sections[0][2]))
-    if "rms_norm" in groups and "chronipatch" in impls:
-        title = "chronipatch eager dispatch overhead (µs per call, 1000 calls, best of 5)"
-        try:
-            sections.append((title, dispatch_overhead(dev, dtype), None))
-        except Skip as e:
-            print(f"dispatch overhead skipped: {e}")
-    json_path, md_path = write_results("ops", rows, meta, args.out, columns=COLUMNS, sections=sections)
+            # Written after every case: a run cut short keeps what it measured.
+            sections = _pivots(rows, impls, gpu=dev.type == "cuda") + extra
+            json_path, md_path = write_results(
+                "ops", rows, meta, args.out, columns=COLUMNS, sections=sections
+            )
     print(Path(md_path).read_text())
     print(f"wrote {json_path} and {md_path}")
+
+
+def _pivots(rows: list[dict], impls: list[str], gpu: bool) -> list:
+    """A table per timing (median ms; on CUDA also kernel GPU time): a row per case, a column per impl."""
+    sections = []
+    for key, title in (("ms", "median fwd+bwd ms"), ("gpu_ms", "GPU time per fwd+bwd, ms (kernels only)")):
+        if key == "gpu_ms" and not gpu:
+            continue
+        wide: dict[tuple[str, str], dict] = {}
+        for r in rows:
+            w = wide.setdefault((r["op"], r["shape"]), {k: r[k] for k in ("op", "shape", "floor_ms")})
+            w[r["impl"]] = r[key] if r[key] is not None else r["note"].split(":")[0]
+        sections.append((title, list(wide.values()), ["op", "shape", "floor_ms", *impls]))
+    return sections
 
 
 if __name__ == "__main__":

@@ -263,12 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke and not torch.cuda.is_available():
         p.error("needs a CUDA device (use --smoke for a CPU run)")
 
-    rows = [spawn(args, v) for v in variants]
-    by_name = {r["variant"]: r for r in rows}
-    for r in rows:
-        base = by_name.get("lora_stock" if VARIANTS[r["variant"]][3] else "stock", {})
-        if r.get("supervised tok/s") and base.get("supervised tok/s"):
-            r["× stock"] = r["supervised tok/s"] / base["supervised tok/s"]
     meta = {**env_info("cpu" if args.smoke else "cuda"), "notes": list(NOTES)}
     meta.update(
         model=MODEL,
@@ -283,9 +277,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         meta["notes"].append("smoke run: tiny config on CPU in fp32; the figures say nothing about speed")
     meta["notes"].append("× stock: against stock for full fine-tuning rows, against lora_stock for LoRA rows")
-    json_path, md_path = write_results("sft", rows, meta, args.out, columns=COLUMNS)
+    rows: list[dict] = []
+    for v in variants:
+        rows.append(spawn(args, v))
+        # Written after every variant: a run cut short keeps what it measured.
+        json_path, md_path = write_results("sft", _with_ratios(rows), meta, args.out, columns=COLUMNS)
     print(markdown_table(rows, COLUMNS))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+
+
+def _with_ratios(rows: list[dict]) -> list[dict]:
+    by_name = {r["variant"]: r for r in rows}
+    for r in rows:
+        base = by_name.get("lora_stock" if VARIANTS[r["variant"]][3] else "stock", {})
+        if r.get("supervised tok/s") and base.get("supervised tok/s"):
+            r["× stock"] = r["supervised tok/s"] / base["supervised tok/s"]
+    return rows
 
 
 if __name__ == "__main__":

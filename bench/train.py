@@ -316,11 +316,6 @@ def main(argv: list[str] | None = None) -> None:
     elif not torch.cuda.is_available():
         p.error("needs a CUDA device (use --smoke for a CPU run)")
 
-    rows = [spawn(args, m, v) for m in args.models.split(",") for v in variants]
-    for r in rows:
-        base = next((b for b in rows if b["model"] == r["model"] and b["variant"] == "hf"), None)
-        if r.get("tok/s") and base and base.get("tok/s"):
-            r["× HF eager"] = r["tok/s"] / base["tok/s"]
     meta = {**env_info("cpu" if args.smoke else "cuda"), "notes": list(NOTES)}
     meta.update(
         batch=args.batch,
@@ -334,9 +329,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.smoke:
         meta["notes"].append("smoke run: tiny configs on CPU in fp32; MFU is against the H100 figure anyway")
-    json_path, md_path = write_results(
-        "train", rows, meta, args.out, columns=COLUMNS, sections=_profiles(rows)
-    )
+    rows: list[dict] = []
+    for m in args.models.split(","):
+        for v in variants:
+            rows.append(spawn(args, m, v))
+            for r in rows:
+                base = next((b for b in rows if b["model"] == r["model"] and b["variant"] == "hf"), None)
+                if r.get("tok/s") and base and base.get("tok/s"):
+                    r["× HF eager"] = r["tok/s"] / base["tok/s"]
+            # Written after every variant: a run cut short keeps what it measured.
+            json_path, md_path = write_results(
+                "train", rows, meta, args.out, columns=COLUMNS, sections=_profiles(rows)
+            )
     plot(rows, md_path.with_suffix(".png"))
     print(markdown_table(rows, COLUMNS))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
