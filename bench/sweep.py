@@ -365,24 +365,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name not in OPS and name not in DTYPES:
             ap.error(f"unknown op or dtype {name!r}")
 
+    note = f"cases per op {args.cases}, impl {impl}, size {size}, dtypes {','.join(dtypes)}, seed {args.seed}"
     results: list[Result] = []
     for op in ops:
         cases = make_cases(op, args.cases, impl=impl, dtypes=dtypes, device=device, size=size, seed=args.seed)
         t0 = time.perf_counter()
-        for case in cases:
+        for i, case in enumerate(cases, 1):
             r = run_case(case)
             results.append(r)
             if r.known:
                 print(f"{r.case}: known defect {r.known}", file=sys.stderr)
             elif not r.ok:
                 print(r.describe(), file=sys.stderr)
+            if i % 50 == 0:  # a run cut short keeps its counts so far
+                write_report(results, args.out, [note, f"partial: {op} at case {i} of {len(cases)}"])
         mine = [r for r in results if r.case.op == op]
         bad, known = sum(not r.ok for r in mine), sum(bool(r.known) for r in mine)
         secs = time.perf_counter() - t0
         print(f"{op}: {len(cases)} cases, {bad} mismatches ({known} known defects), {secs:.1f} s", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-    note = f"cases per op {args.cases}, impl {impl}, size {size}, dtypes {','.join(dtypes)}, seed {args.seed}"
     json_path, md_path = write_report(results, args.out, [note])
     print(f"wrote {json_path} and {md_path}")
     failed = [r for r in results if not r.ok and (args.strict or not r.known)]
