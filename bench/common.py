@@ -104,23 +104,16 @@ def timeit(
 
 
 def kernel_ms(fn: Callable[[], Any], device: torch.device | None = None, calls: int = 10) -> float | None:
-    """GPU time of one call of ``fn``: the device time of everything it launches (torch.profiler), mean of
-    ``calls`` back-to-back calls, L2 warm. What the call costs inside a training step whose CPU runs ahead
-    of the GPU: no launch gaps, no host overhead (None on CPU)."""
+    """GPU time of one call of ``fn``: the device time of everything it launches (``gpu_time_breakdown``),
+    mean of ``calls`` back-to-back calls after one warm-up call, L2 warm. What the call costs inside a
+    training step whose CPU runs ahead of the GPU: no launch gaps, no host overhead (None on CPU, or when
+    the profiler saw no kernels)."""
     device = device or _default_device()
     if device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
-    total_us = sum(e.device_time_total for e in prof.events() if e.device_type == cuda)
-    return total_us / 1e3 / calls if total_us > 0 else None  # None: the profiler saw no kernels
+    busy = gpu_time_breakdown(fn, calls=calls)["gpu_busy_ms"]
+    return busy if busy > 0 else None
 
 
 # Kernel-name patterns of the categories a profile is summed into (first match wins).

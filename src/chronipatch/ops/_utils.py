@@ -78,13 +78,14 @@ def direct(launcher):
     @functools.wraps(launcher)
     def run(x, *args, **kwargs):
         # Triton launches on the current device: follow the input's (models split over GPUs).
-        with set_wrap_triton_enabled(False), _device_of(x):
+        with set_wrap_triton_enabled(False), device_of(x):
             return launcher(x, *args, **kwargs)
 
     return run
 
 
-def _device_of(t: torch.Tensor):
+def device_of(t: torch.Tensor):
+    """The CUDA device context of ``t`` (Triton launches on the current device), or a no-op elsewhere."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from ._utils import check, check_same, check_tensors, on_gpu
+from ._utils import check, check_same, check_tensors, device_of, on_gpu
 
 CHUNK_BYTES = 128 << 20  # bytes of one [N, Vc] logits chunk: fewer, larger GEMMs and launches
 BLOCK_V = 1024
@@ -134,19 +134,26 @@ def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
-def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+def _logit_chunks(hidden: Tensor, weight: Tensor):
+    """Yield (v0, weight chunk, logits chunk = hidden @ chunk.T) over the vocabulary; every chunk is written
+    into one preallocated buffer, so a single [N, Vc] chunk is ever alive."""
     n, vocab = hidden.shape[0], weight.shape[0]
+    vc = _chunk(n, vocab, hidden.element_size())
+    buf = hidden.new_empty(n * vc)
+    for v0 in range(0, vocab, vc):
+        w = weight[v0 : v0 + vc]
+        yield v0, w, torch.mm(hidden, w.T, out=buf[: n * w.shape[0]].view(n, w.shape[0]))
+
+
+def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+    n = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m = torch.full((n,), float("-inf"), **f32)
     s, e, zlab = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
     best = torch.full((n,), float("-inf"), **f32)
     arg = torch.zeros(n, dtype=torch.int64, device=hidden.device)
     if n > 0:
-        vc = _chunk(n, vocab, hidden.element_size())
-        buf = hidden.new_empty(n * vc)  # one chunk buffer for the whole walk: a single chunk is ever alive
-        for v0 in range(0, vocab, vc):
-            w = weight[v0 : v0 + vc]
-            z = torch.mm(hidden, w.T, out=buf[: n * w.shape[0]].view(n, w.shape[0]))
+        for v0, _, z in _logit_chunks(hidden, weight):
             _fwd_chunk_kernel[(n,)](
                 z,
                 labels,
@@ -165,26 +172,21 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
             )
     logsum = torch.log(s)
     # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
-    zc = torch.where((zlab == m) & (zlab == torch.inf), 0.0, zlab - m)
-    loss = torch.where(labels != ignore_index, logsum - zc, 0.0)
+    loss = torch.where(labels != ignore_index, logsum - reference.centred(zlab, m), 0.0)
     return loss, torch.stack([m, s], -1), logsum - e / s, (arg == labels).float()
 
 
 def lce_bwd_triton(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     dw = torch.zeros_like(weight)
     if n > 0:
         grad_rows = grad_rows.float().contiguous()
         # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
         h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0)
-        vc = _chunk(n, vocab, hidden.element_size())
-        buf = hidden.new_empty(n * vc)
-        for v0 in range(0, vocab, vc):
-            w = weight[v0 : v0 + vc]
-            g = torch.mm(hidden, w.T, out=buf[: n * w.shape[0]].view(n, w.shape[0]))
+        for v0, w, g in _logit_chunks(hidden, weight):
             _bwd_chunk_kernel[(n,)](
                 g,
                 labels,
@@ -197,7 +199,7 @@ def lce_bwd_triton(
                 BLOCK_V=BLOCK_V,
                 num_warps=4,
             )
-            torch.mm(g.T, h_w, out=dw[v0 : v0 + vc])
+            torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
             _acc_mm(dh, g, w)
     return dh.to(hidden.dtype), dw
 
@@ -210,7 +212,7 @@ def _lce(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if on_gpu(hidden):
-        with torch.cuda.device(hidden.device):  # Triton launches on the current device; models may span GPUs
+        with device_of(hidden):  # Triton launches on the current device; models may span GPUs
             return lce_fwd_triton(hidden, weight, labels, ignore_index)
     return reference.lce_fwd(hidden, weight, labels, ignore_index)
 
@@ -227,7 +229,7 @@ def _lce_bwd(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     if on_gpu(hidden):
-        with torch.cuda.device(hidden.device):
+        with device_of(hidden):
             return lce_bwd_triton(grad_rows, hidden, weight, labels, stats, ignore_index)
     return reference.lce_bwd(grad_rows, hidden, weight, labels, stats, ignore_index)
 

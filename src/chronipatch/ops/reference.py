@@ -74,8 +74,9 @@ def rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
 # --- linear cross-entropy per row, m = max z, s = sum exp(z - m): loss_i = log s - (z_y - m) ---
 
 
-def _centred(z: Tensor, m: Tensor) -> Tensor:
-    """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability), as the kernels."""
+def centred(z: Tensor, m: Tensor) -> Tensor:
+    """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability), as the kernels.
+    Also used by the CUDA path for the label's logit."""
     return torch.where((z == m) & (z == torch.inf), 0.0, z - m)
 
 
@@ -85,7 +86,7 @@ def lce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -
     logits = _f(hidden @ weight.T)
     m = logits.max(-1).values
     m = torch.where(m == -torch.inf, 0.0, m)  # no finite logit: centre on 0, as torch.logsumexp does
-    z = _centred(logits, m.unsqueeze(1))  # <= 0: both sums below are free of cancellation
+    z = centred(logits, m.unsqueeze(1))  # <= 0: both sums below are free of cancellation
     s = torch.exp(z).sum(-1)
     logsum = torch.log(s)
     valid = labels != ignore_index
@@ -104,7 +105,7 @@ def lce_bwd(
     valid = labels != ignore_index
     scale = torch.where(valid, _f(grad_rows), 0.0).unsqueeze(1)
     safe = torch.where(valid, labels, 0).unsqueeze(1)
-    p = torch.exp(_centred(logits, stats[:, :1])) / stats[:, 1:]  # softmax as stock computes it
+    p = torch.exp(centred(logits, stats[:, :1])) / stats[:, 1:]  # softmax as stock computes it
     g = p.scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
     g = torch.where(valid.unsqueeze(1), g * scale, 0.0).to(hidden.dtype)  # ignored rows: exactly 0
     return g @ weight, g.T @ torch.where(valid.unsqueeze(1), hidden, 0.0)  # no 0 * nan from ignored rows
