@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for the H100 (sm_90) on this CPU machine (triton's bundled ptxas), so a
 kernel that only the interpreter accepts cannot land; the PTX also carries the instructions the numerics
-rely on (IEEE sqrt/division in RMSNorm and the sigmoid, fp64 weight-gradient sums).
+rely on (IEEE sqrt/division in RMSNorm, the sigmoid and the softmax, fp64 weight-gradient sums, the
+reduced-range exp).
 
 The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test session sets it on CPU machines,
 which turns every ``@triton.jit`` into an interpreted function)."""
@@ -30,14 +31,18 @@ def _cases() -> list[tuple[str, str, str, dict, dict]]:
     for dt in ("bf16", "fp16", "fp32"):
         io = {"X": f"*{dt}", "W": f"*{dt}", "Y": f"*{dt}", "RSTD": "*fp32"}
         tiles = {"BLOCK_N": 1024, "ROWS": 2}
+        # A direct launch types a Python float fp32; Inductor's wrapper of a triton_op types it fp64.
         cases += [
             (
-                f"rms_fwd_{dt}",
+                f"rms_fwd_{dt}_eps_{eps}",
                 "rms_norm",
                 "_fwd_kernel",
-                io | _ints("stride_x", "stride_y", "n_rows", "N") | {"eps": "fp32"},
+                io | _ints("stride_x", "stride_y", "n_rows", "N") | {"eps": eps},
                 tiles,
-            ),
+            )
+            for eps in ("fp32", "fp64")
+        ]
+        cases += [
             (
                 f"rms_bwd_{dt}",
                 "rms_norm",
@@ -145,6 +150,10 @@ def test_kernel_compiles_for_h100(ptx, case):
         assert "sqrt.rn.f32" in ptx[case] and "div.rn.f32" in ptx[case] and "rsqrt.approx" not in ptx[case]
     if case.startswith("rms_bwd"):
         assert ".f64" in ptx[case]
+    if case.startswith("lce"):  # fp32 logits only: exp_f32's Cody-Waite floor, the backward's IEEE division
+        fp32 = case.endswith("fp32")
+        assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])) == fp32
+        assert ("div.rn.f32" in ptx[case]) == (fp32 and case.startswith("lce_bwd"))
     if case.startswith("swiglu"):
         assert "div.rn.f32" in ptx[case] and re.search(
             r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case]

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
+from ._math import exp_f32
 from ._utils import check, check_same, check_tensors, device_of, on_gpu
 
 CHUNK_BYTES = 128 << 20  # bytes of one [N, Vc] logits chunk: fewer, larger GEMMs and launches
@@ -43,6 +44,17 @@ BLOCK_V = 1024
 def _centred(z, m):
     """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability)."""
     return tl.where((z == m) & (z == float("inf")), 0.0, z - m)
+
+
+@triton.jit
+def _exp(x, dtype: tl.constexpr):
+    """exp for the softmax of ``dtype`` logits. fp32: the reduced-range ``exp_f32`` (a few ulps). bf16/fp16:
+    tl.exp, whose |x| * 2^-24 relative error is far below the 8 or 11 bits g is rounded to, and which
+    costs ~1.5 of 17 ms less per 8192 x 151,936 forward + backward on the H200."""
+    e = tl.exp(x)
+    if dtype == tl.float32:
+        e = exp_f32(x)
+    return e
 
 
 @triton.jit
@@ -67,12 +79,12 @@ def _fwd_chunk_kernel(
         m_new = tl.maximum(m, tile_max)
         # Infinite maxima: m == m_new (-inf before any finite logit, or +inf twice) keeps the sums as
         # they are, and a +inf logit counts exp(0) = 1 against m = +inf, not exp(inf - inf) = nan.
-        alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        alpha = tl.where(m == m_new, 1.0, _exp(m - m_new, Z.dtype.element_ty))
         # Re-centre e on the new max; alpha == 0 drops the old terms entirely (no 0 * -inf).
         shift = tl.where(m == m_new, 0.0, m - m_new)  # not inf - inf once the max is +inf
         e = tl.where(alpha > 0, alpha * (e + tl.where(s > 0, s * shift, 0.0)), 0.0)
         zc = _centred(z, m_new)
-        p = tl.exp(zc)
+        p = _exp(zc, Z.dtype.element_ty)
         s = s * alpha + tl.sum(p, axis=0)
         e += tl.sum(tl.where(p > 0, p * zc, 0.0), axis=0)  # -inf logits add 0, not 0 * -inf
         m = m_new
@@ -100,7 +112,12 @@ def _bwd_chunk_kernel(Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, B
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < vc
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(_centred(z, m)) / s - tl.where(v0 + cols == y, 1.0, 0.0)
+        p = _exp(_centred(z, m), Z.dtype.element_ty)
+        if Z.dtype.element_ty == tl.float32:
+            p = tl.div_rn(p, s)  # IEEE division where g keeps all 24 bits
+        else:
+            p = p / s
+        g = p - tl.where(v0 + cols == y, 1.0, 0.0)
         # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
         tl.store(z_row + cols, tl.where(keep, g * scale, 0.0).to(Z.dtype.element_ty), mask=mask)
 
@@ -260,6 +277,8 @@ _lce.register_autograd(_backward, setup_context=_setup)
 # ---------------------------------------------------------------- public
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
 # Ignored positions carry no loss: when at least this fraction of them is ignored, eager calls score only the
 # supervised rows (4 GEMMs over fewer rows), found without a second host sync.
 COMPACT_IGNORED = 0.25
@@ -318,7 +337,8 @@ def linear_cross_entropy(
     op = "linear_cross_entropy"
     check_tensors(op, hidden=hidden, weight=weight)
     device = hidden.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    # A fixed device list, not torch.amp.is_autocast_available: dynamo (torch 2.11) cannot trace that call.
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         # As the stock lm_head (F.linear) under autocast: floating inputs other than fp64 are cast.
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = (

@@ -32,7 +32,8 @@ def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, N, eps, BLOCK_N: tl.c
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # IEEE sqrt and division (not rsqrt.approx): rstd is correctly rounded twice, as accurate as stock's.
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / N + eps))
+    # eps rounded to fp32 first, as stock adds it to an fp32 tensor (Inductor passes Python floats as fp64).
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / N + tl.cast(eps, tl.float32)))
     # Round h to the input dtype before the weight multiply, exactly as HF does.
     h = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
+from ._math import exp_f32
 from ._utils import check, check_same, direct, eager_cuda, on_gpu
 
 BLOCK = 2048
@@ -24,18 +25,8 @@ BLOCK = 2048
 
 @triton.jit
 def _sigmoid(g):
-    """1 / (1 + exp(-g)) to a few fp32 ulps at any g. tl.exp rounds g * log2(e) before its exp2, which
-    costs up to |g| * 2^-24 relative (dozens of ulps at |g| ~ 40, where silu(g) is tiny but not zero).
-    Cody-Waite reduction instead: exp(-g) = 2^n * exp(r), n = round(-g / ln 2), r = -g - n ln 2 with
-    ln 2 split so that n * LN2_HI is exact; then |r| <= ln(2) / 2 and exp2(r * log2(e)) loses nothing."""
-    n = tl.floor(-g * 1.4426950408889634 + 0.5)
-    r = (-g - n * 0.693145751953125) - n * 1.4286068203094172e-06  # LN2_HI (16 bits) + LN2_LO
-    # exp2 of an integer is exact; n in two halves, as 2^128 alone overflows where exp(-g) does not.
-    half = tl.floor(n * 0.5)
-    e = tl.exp2(r * 1.4426950408889634) * tl.exp2(n - half) * tl.exp2(half)
-    # Past |g| = 100, exp(-g) is 0 or inf in fp32 and the reduction would meet inf - inf at g = +-inf.
-    e = tl.where(tl.abs(g) < 100.0, e, tl.exp2(-g * 1.4426950408889634))
-    return tl.div_rn(1.0, 1.0 + e)
+    """1 / (1 + exp(-g)) to a few fp32 ulps at any g (``exp_f32``: tl.exp loses dozens at |g| ~ 40)."""
+    return tl.div_rn(1.0, 1.0 + exp_f32(-g))
 
 
 @triton.jit
