@@ -86,7 +86,7 @@ def sane_packing():
     out = PackingCollator(max_length=8)([{"input_ids": [5, 6, 7]}, {"input_ids": [1, 2, 3, 4, 5]}])
     assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5, 5, 6, 7]]
     assert out["labels"].tolist() == [[-100, 2, 3, 4, 5, -100, 6, 7]]
-    assert out["cu_seq_lens_q"].tolist() == [0, 5, 8] and out["max_length_q"] == 5
+    assert out["cu_seq_lens_q"].tolist() == [0, 5, 8] and out["max_length_q"] == 8
 
 
 class _Attn:

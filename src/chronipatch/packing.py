@@ -111,7 +111,8 @@ class PackingCollator:
     tokens, the dropped tokens being counted in `stats`.
 
     Returns `input_ids`, `labels`, `position_ids` (LongTensor `[1, T]`), `cu_seq_lens_q`/`cu_seq_lens_k`
-    (int32 `[num_docs + 1]`) and `max_length_q`/`max_length_k` (Python int). The label of every document's
+    (int32 `[num_docs + 1]`) and `max_length_q`/`max_length_k` (Python int: `max_length`, the bound every
+    document keeps, so a compiled model sees the same value for every batch). The label of every document's
     first token is `ignore_index`: after the causal shift it would be predicted from the previous document.
     `last_row_offsets` holds the token offsets of the rows of the last batch (`[0, ..., T]`).
     """
@@ -194,7 +195,6 @@ class PackingCollator:
         position_ids = torch.arange(input_ids.numel()) - torch.repeat_interleave(starts, doc_lens)
         cu_seq_lens = torch.zeros(len(docs_ids) + 1, dtype=torch.int32)
         cu_seq_lens[1:] = torch.cumsum(doc_lens, 0)
-        longest = int(doc_lens.max())
 
         num_rows = len(row_offsets) - 1
         s = self.stats
@@ -214,6 +214,8 @@ class PackingCollator:
             "position_ids": position_ids.unsqueeze(0),
             "cu_seq_lens_q": cu_seq_lens,
             "cu_seq_lens_k": cu_seq_lens.clone(),
-            "max_length_q": longest,
-            "max_length_k": longest,
+            # The bound, not this batch's longest document: attention kernels take any upper bound, and a
+            # value that changes per batch would cost torch.compile a recompile on top of cu_seq_lens'.
+            "max_length_q": self.max_length,
+            "max_length_k": self.max_length,
         }
