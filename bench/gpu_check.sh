@@ -16,12 +16,13 @@ if [ "${steps[0]:-}" = check ]; then
     timeout "${TESTS_LIMIT:-390}" python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_sweep.py \
         tests >"$OUT/tests.log" 2>&1 &
     # The sweeps are small launches: they share the card with the tests, each in its own process.
-    for op in rms_norm swiglu rope linear_cross_entropy; do
+    ops=(rms_norm swiglu rope linear_cross_entropy)
+    for op in "${ops[@]}"; do
         timeout "${SWEEP_LIMIT:-390}" python bench/sweep.py --cases 500 --ops "$op" --out "$OUT/sweep_$op" \
             >"$OUT/sweep_$op.log" 2>&1 &
     done
     wait
-    for op in rms_norm swiglu rope linear_cross_entropy; do
+    for op in "${ops[@]}"; do
         echo "== sweep $op"; tail -n 4 "$OUT/sweep_$op.log"
     done
     echo "== tests"; tail -n 15 "$OUT/tests.log"

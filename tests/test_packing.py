@@ -17,7 +17,7 @@ def _examples(lengths, seed=0, vocab=128):
     return [{"input_ids": torch.randint(0, vocab, (n,), generator=g)} for n in lengths]
 
 
-def _check_layout(batch, max_length=None):
+def _check_layout(batch, max_length):
     """Structural invariants of a packed batch; returns the document lengths."""
     ids, pos, cu = batch["input_ids"], batch["position_ids"], batch["cu_seq_lens_q"]
     assert ids.shape == batch["labels"].shape == pos.shape and ids.shape[0] == 1
@@ -30,10 +30,9 @@ def _check_layout(batch, max_length=None):
     expected_pos = torch.cat([torch.arange(n) for n in doc_lens])
     assert torch.equal(pos[0], expected_pos)
     assert type(batch["max_length_q"]) is int and type(batch["max_length_k"]) is int
-    assert batch["max_length_q"] == batch["max_length_k"] >= max(doc_lens)
+    assert batch["max_length_q"] == batch["max_length_k"] == max_length  # the collator's bound
     assert "attention_mask" not in batch
-    if max_length is not None:
-        assert max(doc_lens) <= max_length == batch["max_length_q"]
+    assert max(doc_lens) <= max_length
     return doc_lens
 
 

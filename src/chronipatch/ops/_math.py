@@ -1,4 +1,5 @@
-"""Triton math shared by the op kernels: an exp as accurate as the one stock torch uses.
+"""Triton math shared by the op kernels: an exp as accurate as the one stock torch uses, and the exp a
+softmax of a given logit dtype takes.
 
 ``tl.exp(x)`` is ``exp2(x * log2(e))`` with the product rounded first: up to ``|x| * 2^-24`` relative
 error (dozens of fp32 ulps at |x| ~ 40). Cody-Waite reduction keeps it to a few ulps at any x:
@@ -23,3 +24,14 @@ def exp_f32(x):
     e = tl.exp2(r * 1.4426950408889634) * tl.exp2(n - half) * tl.exp2(half)
     # Past |x| = 100 exp(x) is 0 or inf in fp32, and the reduction would meet inf - inf at x = +-inf.
     return tl.where(tl.abs(x) < 100.0, e, tl.exp2(x * 1.4426950408889634))
+
+
+@triton.jit
+def softmax_exp(x, dtype: tl.constexpr):
+    """exp for a softmax of ``dtype`` logits. fp32: ``exp_f32``. bf16/fp16: tl.exp, whose |x| * 2^-24
+    relative error is far below the 8 or 11 bits the gradient is rounded to, and which costs ~1.5 of
+    17 ms less per 8192 x 151,936 loss forward + backward on the H200."""
+    e = tl.exp(x)
+    if dtype == tl.float32:
+        e = exp_f32(x)
+    return e
