@@ -1,6 +1,7 @@
 """TRL SFTTrainer benchmark: the same script stock, with TRL packing, with Liger, and with chronipatch.
 
-Random-init Qwen2.5-0.5B (``models.causal_lm``, SDPA attention), TRL 1.16 defaults (fp32 weights, bf16
+Random-init Qwen2.5-0.5B (``models.causal_lm``, SDPA attention) in bf16, the dtype a user's
+``from_pretrained(..., dtype="auto")`` gives for the published checkpoint; TRL 1.16 defaults (bf16
 autocast, gradient checkpointing, AdamW at 2e-5, TRL's fused lm-head loss), batch 8, ``max_length`` 2048,
 30 steps.
 The data are seeded synthetic documents of random token ids with log-normal lengths (median 400 tokens),
@@ -43,6 +44,7 @@ VARIANTS = {
     "chronipatch_packing": (True, True, False, False),
     "lora_stock": (False, False, False, True),
     "lora_chronipatch": (True, False, False, True),
+    "lora_chronipatch_packing": (True, True, False, True),
 }
 MEDIAN_TOKENS, SIGMA = 400, 0.75
 LORA = dict(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -62,7 +64,7 @@ NOTES = [
     "one SFTTrainer script; variants differ only in SFTConfig(packing=…, use_liger_kernel=…), peft_config="
     "LoraConfig(r=32, alpha=64, all-linear) and the two chronipatch lines (apply(model) before the trainer,"
     " chronipatch.trl.integrate(trainer, packing=…) after it)",
-    "TRL defaults otherwise: fp32 weights + bf16 autocast, gradient checkpointing, AdamW lr 2e-5, linear"
+    "TRL defaults otherwise: bf16 weights (random init, then .to(bfloat16)) + bf16=True, gradient checkpointing, AdamW lr 2e-5, linear"
     " schedule, TRL's fused lm-head loss; SDPA attention; logging_steps=1 (a host sync every step, all"
     " variants)",
     "supervised tok/s = completion tokens the loss was taken over (labels[:, 1:] != -100) in the timed steps"
@@ -75,7 +77,8 @@ NOTES = [
     " the varlen attention instead",
     "liger: use_liger_kernel=True, which TRL 1.16 deprecates and restricts to Liger's layer kernels"
     " (fused_linear_cross_entropy forced off, TRL keeps its own fused lm-head loss)",
-    "lora_chronipatch: integrate() also installs LoRA+ groups (lora_B at 16x lr), so its loss curve differs",
+    "lora_chronipatch*: integrate() also installs LoRA+ groups (lora_B at 16x lr), so its loss curve differs;"
+    " lora_chronipatch_packing adds SFTConfig(packing=True), run through the varlen attention",
 ]
 
 
@@ -115,6 +118,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     cuda = not args.smoke
     torch.manual_seed(args.seed)  # same initial weights in every variant
     model = causal_lm(MODEL, attn_implementation="sdpa", **(SMOKE_CONFIG if args.smoke else {}))
+    if cuda:
+        model = model.to(torch.bfloat16)
     row: dict = {}
     if patched:
         import chronipatch

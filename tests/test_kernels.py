@@ -73,9 +73,14 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
 
 
 @pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_lce_kernels(n, h, v, dtype, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype,wide",  # wide: the fp64 backward GEMMs that fp32 inputs take on FAST_FP64 GPUs
+    [(torch.float32, False), (torch.float32, True), (torch.float16, False)],
+    ids=["fp32", "fp32-fp64-gemms", "fp16"],
+)
+def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 64)  # many vocabulary chunks, also a ragged last one
+    monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
     torch.manual_seed(v)
     hid, w = _r(n, h, dtype=dtype), _r(v, h, dtype=dtype, scale=0.5)
     labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)

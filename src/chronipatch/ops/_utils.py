@@ -7,6 +7,7 @@ import functools
 
 import torch
 import triton
+from torch import Tensor
 from torch._library.triton import set_wrap_triton_enabled
 
 
@@ -44,6 +45,27 @@ def check_same(op: str, **tensors: torch.Tensor) -> None:
             op,
             lambda name=name, t=t: f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}",
         )
+
+
+_ADDMM_OUT_DTYPE: bool | None = None
+
+
+def addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with fp32 accumulation for low-precision a, b (in place: no [N, H] temporary)."""
+    global _ADDMM_OUT_DTYPE
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _ADDMM_OUT_DTYPE = True
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
+    acc.addmm_(a.float(), b.float())
 
 
 def on_gpu(t: torch.Tensor) -> bool:
@@ -87,6 +109,16 @@ def direct(launcher):
 def device_of(t: torch.Tensor):
     """The CUDA device context of ``t`` (Triton launches on the current device), or a no-op elsewhere."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# Compute capabilities of the parts whose fp64 GEMMs run at half their fp32 rate or better (P100, V100,
+# A100, H100/H200, B200); consumer parts run fp64 at 1/32-1/64.
+FAST_FP64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+
+
+@functools.cache
+def fast_fp64(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) in FAST_FP64
 
 
 @functools.cache

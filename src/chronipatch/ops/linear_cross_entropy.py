@@ -14,7 +14,10 @@ The vocabulary is walked in chunks of Vc columns: the forward keeps only the run
 (max, sum, entropy sum, argmax, target logit) per row; the backward recomputes each chunk's
 logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head
 does), accumulating dh in fp32. Peak extra memory is one [N, Vc] chunk plus fp32 dh; the
-gradients are exact (no filtering of small probabilities).
+gradients are exact (no filtering of small probabilities). For fp32 inputs on GPUs whose fp64
+GEMMs are as fast as their fp32 ones (``_utils.FAST_FP64``), both backward GEMMs and the dh sum
+run in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and could land
+further from the truth than it; fp64 sums land nearer.
 
 The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
 unroll nor reorder it into a larger memory peak.
@@ -32,7 +35,7 @@ from torch import Tensor
 
 from . import reference
 from ._math import softmax_exp
-from ._utils import check, check_same, check_tensors, device_of, on_gpu
+from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu
 
 CHUNK_BYTES = 128 << 20  # bytes of one [N, Vc] logits chunk: fewer, larger GEMMs and launches
 BLOCK_V = 1024
@@ -119,32 +122,12 @@ def _chunk(n_rows: int, vocab: int, elt: int) -> int:
     return max(256, min(vocab, 65536, vc // 256 * 256))
 
 
-_ADDMM_OUT_DTYPE: bool | None = None
-
-
-def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with fp32 accumulation for low-precision a, b (in place: no [N, H] temporary)."""
-    global _ADDMM_OUT_DTYPE
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _ADDMM_OUT_DTYPE is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            _ADDMM_OUT_DTYPE = True
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):
-            _ADDMM_OUT_DTYPE = False
-    acc.addmm_(a.float(), b.float())
-
-
-def _logit_chunks(hidden: Tensor, weight: Tensor):
+def _logit_chunks(hidden: Tensor, weight: Tensor, elt: int | None = None):
     """Yield (v0, weight chunk, logits chunk = hidden @ chunk.T) over the vocabulary; every chunk is written
-    into one preallocated buffer, so a single [N, Vc] chunk is ever alive."""
+    into one preallocated buffer, so a single [N, Vc] chunk is ever alive. ``elt``: bytes per chunk
+    element the caller keeps alive (default: the logits' own)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    vc = _chunk(n, vocab, hidden.element_size())
+    vc = _chunk(n, vocab, elt or hidden.element_size())
     buf = hidden.new_empty(n * vc)
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
@@ -182,17 +165,25 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
     return loss, torch.stack([m, s], -1), logsum - e / s, (arg == labels).float()
 
 
+def _wide(hidden: Tensor) -> bool:
+    """Whether the backward GEMMs run in fp64: fp32 inputs on a GPU where that costs no time."""
+    return hidden.dtype == torch.float32 and hidden.is_cuda and fast_fp64(hidden.device.index or 0)
+
+
 def lce_bwd_triton(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     n = hidden.shape[0]
-    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    wide = _wide(hidden)
+    dh = torch.zeros(hidden.shape, dtype=torch.float64 if wide else torch.float32, device=hidden.device)
     dw = torch.zeros_like(weight)
     if n > 0:
         grad_rows = grad_rows.float().contiguous()
         # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
         h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0)
-        for v0, w, g in _logit_chunks(hidden, weight):
+        h_w = h_w.double() if wide else h_w
+        # The fp64 copy of each g chunk lives beside it: chunks hold 4 + 8 bytes per logit then.
+        for v0, w, g in _logit_chunks(hidden, weight, 12 if wide else None):
             _bwd_chunk_kernel[(n,)](
                 g,
                 labels,
@@ -205,8 +196,13 @@ def lce_bwd_triton(
                 BLOCK_V=BLOCK_V,
                 num_warps=4,
             )
-            torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
-            _acc_mm(dh, g, w)
+            if wide:
+                g, w = g.double(), w.double()
+                dw[v0 : v0 + w.shape[0]] = g.T @ h_w
+                dh.addmm_(g, w)
+            else:
+                torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
+                addmm_acc(dh, g, w)
     return dh.to(hidden.dtype), dw
 
 
