@@ -142,6 +142,12 @@ def gpu_time_breakdown(fn: Callable[[], Any], calls: int = 2, top: int = 12) -> 
             fn()
         sync()
         wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+    return summarize_profile(prof, calls, wall_ms, top)
+
+
+def summarize_profile(prof, calls: int, wall_ms: float, top: int = 12) -> dict[str, Any]:
+    """``gpu_time_breakdown``'s summary of a finished torch.profiler run over ``calls`` calls."""
+    cuda = torch.cuda.is_available()
     want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     kernels: dict[str, float] = {}
     for e in prof.events():
@@ -162,6 +168,36 @@ def gpu_time_breakdown(fn: Callable[[], Any], calls: int = 2, top: int = 12) -> 
         "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": [{"kernel": n[:90], "ms": ms} for n, ms in ranked],
     }
+
+
+def profile_sections(rows: Sequence[dict], labels: Sequence[str]) -> list:
+    """Markdown sections of the rows' ``profile`` breakdowns (``gpu_time_breakdown``), each row named by its
+    ``labels`` columns: GPU ms per step by kernel category, then the top kernels of each row."""
+    prof = [(r, r["profile"]) for r in rows if r.get("profile")]
+    if not prof:
+        return []
+    cats = list(dict.fromkeys(c for _, p in prof for c in p["categories_ms"]))
+    table = [
+        {
+            **{k: r.get(k) for k in labels},
+            "wall ms": p["wall_ms"],
+            "GPU busy ms": p["gpu_busy_ms"],
+            "idle %": p["idle_pct"],
+            **p["categories_ms"],
+        }
+        for r, p in prof
+    ]
+    sections = [
+        (
+            "GPU time per step by kernel category, ms (--profile)",
+            table,
+            [*labels, "wall ms", "GPU busy ms", "idle %", *cats],
+        )
+    ]
+    for r, p in prof:
+        name = " / ".join(str(r.get(k)) for k in labels)
+        sections.append((f"top kernels, {name}", p["top_kernels_ms"], None))
+    return sections
 
 
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | None = None) -> int | None:

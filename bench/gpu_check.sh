@@ -2,7 +2,7 @@
 # One time-boxed GPU session: the correctness checks (GPU tests beside the accuracy sweeps: neither is
 # timed), then the timed benchmarks alone on the card. Everything lands in one archive under $OUT.
 #
-#   bash bench/gpu_check.sh [check] [timed-steps ...]   e.g. `check attention ops`, `train sft`
+#   [SWEEP_OPS="rope ..."] bash bench/gpu_check.sh [check] [timed-steps ...]   e.g. `check attention ops`
 set -uo pipefail
 cd "$(dirname "$0")/.."
 final=${OUT:-bench/out}
@@ -16,7 +16,7 @@ if [ "${steps[0]:-}" = check ]; then
     timeout "${TESTS_LIMIT:-390}" python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_sweep.py \
         tests >"$OUT/tests.log" 2>&1 &
     # The sweeps are small launches: they share the card with the tests, each in its own process.
-    ops=(rms_norm swiglu rope linear_cross_entropy)
+    read -ra ops <<<"${SWEEP_OPS:-rms_norm swiglu rope linear_cross_entropy}"
     for op in "${ops[@]}"; do
         timeout "${SWEEP_LIMIT:-390}" python bench/sweep.py --cases 500 --ops "$op" --out "$OUT/sweep_$op" \
             >"$OUT/sweep_$op.log" 2>&1 &

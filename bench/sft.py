@@ -31,7 +31,16 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import torch
 
-from common import emit_result, env_info, markdown_table, run_worker, short_error, write_results
+from common import (
+    emit_result,
+    env_info,
+    markdown_table,
+    profile_sections,
+    run_worker,
+    short_error,
+    summarize_profile,
+    write_results,
+)
 from models import SMOKE_CONFIG, causal_lm
 
 MODEL = "qwen2.5-0.5b"
@@ -47,6 +56,7 @@ VARIANTS = {
     "lora_chronipatch_packing": (True, True, False, True),
 }
 MEDIAN_TOKENS, SIGMA = 400, 0.75
+PROFILE_STEPS = 2
 LORA = dict(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 COLUMNS = (
     "variant",
@@ -64,8 +74,9 @@ NOTES = [
     "one SFTTrainer script; variants differ only in SFTConfig(packing=…, use_liger_kernel=…), peft_config="
     "LoraConfig(r=32, alpha=64, all-linear) and the two chronipatch lines (apply(model) before the trainer,"
     " chronipatch.trl.integrate(trainer, packing=…) after it)",
-    "TRL defaults otherwise: bf16 weights (random init, then .to(bfloat16)) + bf16=True, gradient checkpointing, AdamW lr 2e-5, linear"
-    " schedule, TRL's fused lm-head loss; SDPA attention; logging_steps=1 (a host sync every step, all"
+    "TRL defaults otherwise: bf16 weights (random init, then .to(bfloat16)) + bf16=True, gradient"
+    " checkpointing, AdamW lr 2e-5, linear schedule, TRL's fused lm-head loss; SDPA attention;"
+    " logging_steps=1 (a host sync every step, all"
     " variants)",
     "supervised tok/s = completion tokens the loss was taken over (labels[:, 1:] != -100) in the timed steps"
     " / their wall time; the timed steps are those after the first --warmup steps",
@@ -163,6 +174,32 @@ def run_variant(args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
 
+    class Profile(TrainerCallback):
+        """torch.profiler (CUDA and CPU) over PROFILE_STEPS steps right after the warm-up (--profile)."""
+
+        def __init__(self):
+            self.prof, self.t0, self.summary = None, 0.0, None
+
+        def on_step_begin(self, a, state, control, **kwargs):
+            if self.prof is None and self.summary is None and state.global_step == args.warmup:
+                from torch.profiler import ProfilerActivity, profile
+
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kwargs):
+            if self.prof is not None and state.global_step == args.warmup + PROFILE_STEPS:
+                torch.cuda.synchronize()
+                wall_ms = (time.perf_counter() - self.t0) * 1e3 / PROFILE_STEPS
+                self.prof.__exit__(None, None, None)
+                self.summary = summarize_profile(self.prof, PROFILE_STEPS, wall_ms)
+                # Where the host time goes (the GPU idles when the step is CPU-bound): in the worker's log.
+                table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+                print(table, file=sys.stderr, flush=True)
+                self.prof = None
+
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = SFTTrainer(
             model=model,
@@ -177,6 +214,9 @@ def run_variant(args: argparse.Namespace) -> dict:
             chronipatch.trl.integrate(trainer, packing=packing)
         clock = Clock()
         trainer.add_callback(clock)
+        profiler = Profile() if args.profile and cuda else None
+        if profiler is not None:
+            trainer.add_callback(profiler)
         collate, counts = trainer.data_collator, []
 
         def counting_collator(examples):
@@ -217,6 +257,8 @@ def run_variant(args: argparse.Namespace) -> dict:
             "step_s": [b - a for a, b in zip(clock.ends, clock.ends[1:])],
         }
     )
+    if profiler is not None:
+        row["profile"] = profiler.summary
     return row
 
 
@@ -237,6 +279,7 @@ def spawn(args: argparse.Namespace, variant: str) -> dict:
     for flag in ("steps", "batch", "max_length", "warmup", "seed"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--profile"] if args.profile else []
     print(f"== {variant}", file=sys.stderr, flush=True)
     base = {"variant": variant}
     return run_worker(cmd, base, args.timeout)
@@ -253,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per variant subprocess")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU, fp32, 2 steps, max_length 128")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile 2 steps after the warm-up: GPU time per category"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -286,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:
         rows.append(spawn(args, v))
         # Written after every variant: a run cut short keeps what it measured.
-        json_path, md_path = write_results("sft", _with_ratios(rows), meta, args.out, columns=COLUMNS)
+        json_path, md_path = write_results(
+            "sft", _with_ratios(rows), meta, args.out, COLUMNS, sections=profile_sections(rows, ["variant"])
+        )
     print(markdown_table(rows, COLUMNS))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
 

@@ -27,6 +27,7 @@ from common import (
     env_info,
     gpu_time_breakdown,
     markdown_table,
+    profile_sections,
     run_worker,
     short_error,
     write_results,
@@ -250,35 +251,6 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def _profiles(rows: list[dict]) -> list:
-    """Markdown sections of the --profile breakdowns: GPU ms per step by category, then the top kernels."""
-    prof = [(r, r["profile"]) for r in rows if r.get("profile")]
-    if not prof:
-        return []
-    cats = list(dict.fromkeys(c for _, p in prof for c in p["categories_ms"]))
-    table = [
-        {
-            "model": r["model"],
-            "variant": r["variant"],
-            "wall ms": p["wall_ms"],
-            "GPU busy ms": p["gpu_busy_ms"],
-            "idle %": p["idle_pct"],
-            **p["categories_ms"],
-        }
-        for r, p in prof
-    ]
-    sections = [
-        (
-            "GPU time per step by kernel category, ms (--profile)",
-            table,
-            ["model", "variant", "wall ms", "GPU busy ms", "idle %", *cats],
-        )
-    ]
-    for r, p in prof:
-        sections.append((f"top kernels, {r['model']} / {r['variant']}", p["top_kernels_ms"], None))
-    return sections
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="qwen2.5-0.5b,llama-3.2-1b")
@@ -339,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                     r["× HF eager"] = r["tok/s"] / base["tok/s"]
             # Written after every variant: a run cut short keeps what it measured.
             json_path, md_path = write_results(
-                "train", rows, meta, args.out, columns=COLUMNS, sections=_profiles(rows)
+                "train", rows, meta, args.out, COLUMNS, sections=profile_sections(rows, ["model", "variant"])
             )
     plot(rows, md_path.with_suffix(".png"))
     print(markdown_table(rows, COLUMNS))
