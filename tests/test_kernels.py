@@ -96,6 +96,28 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     torch.testing.assert_close(dw, dw_ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["fp32-gemms", "fp64-gemms"])
+def test_lce_backward_recomputes_the_forward_chunks(wide, monkeypatch):
+    """The backward recomputes the logits over exactly the forward's vocabulary chunks (same GEMM shapes,
+    so the same logits the row statistics came from), in both backward GEMM modes."""
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 5000)
+    monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
+    walked, chunks = [], lce._logit_chunks
+
+    def spy(hidden, weight):
+        walked.append([])
+        for v0, w, z in chunks(hidden, weight):
+            walked[-1].append((v0, tuple(z.shape)))
+            yield v0, w, z
+
+    monkeypatch.setattr(lce, "_logit_chunks", spy)
+    hid, w = _r(9, 16, dtype=torch.float32), _r(1000, 16, dtype=torch.float32)
+    labels = torch.randint(0, 1000, (9,), device=KERNEL_DEVICE)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    lce.lce_bwd_triton(torch.ones(9, device=KERNEL_DEVICE), hid, w, labels, stats, -100)
+    assert len(walked) == 2 and len(walked[0]) > 2 and walked[0] == walked[1]
+
+
 def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
     """The eager fast path (``_Eager``, taken by the public ops for plain CUDA tensors outside tracing)
     gives the launchers' results and gradients bit for bit, and refuses a double backward."""

@@ -122,12 +122,13 @@ def _chunk(n_rows: int, vocab: int, elt: int) -> int:
     return max(256, min(vocab, 65536, vc // 256 * 256))
 
 
-def _logit_chunks(hidden: Tensor, weight: Tensor, elt: int | None = None):
+def _logit_chunks(hidden: Tensor, weight: Tensor):
     """Yield (v0, weight chunk, logits chunk = hidden @ chunk.T) over the vocabulary; every chunk is written
-    into one preallocated buffer, so a single [N, Vc] chunk is ever alive. ``elt``: bytes per chunk
-    element the caller keeps alive (default: the logits' own)."""
+    into one preallocated buffer, so a single [N, Vc] chunk is ever alive. Forward and backward walk the
+    same chunks: the same GEMM shapes recompute bit for bit the logits the row statistics came from
+    (another shape can pick another kernel, and a logit of 1e4 one ulp off moves its softmax)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    vc = _chunk(n, vocab, elt or hidden.element_size())
+    vc = _chunk(n, vocab, hidden.element_size())
     buf = hidden.new_empty(n * vc)
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
@@ -182,8 +183,7 @@ def lce_bwd_triton(
         # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
         h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0)
         h_w = h_w.double() if wide else h_w
-        # The fp64 copy of each g chunk lives beside it: chunks hold 4 + 8 bytes per logit then.
-        for v0, w, g in _logit_chunks(hidden, weight, 12 if wide else None):
+        for v0, w, g in _logit_chunks(hidden, weight):
             _bwd_chunk_kernel[(n,)](
                 g,
                 labels,
@@ -197,9 +197,12 @@ def lce_bwd_triton(
                 num_warps=4,
             )
             if wide:
-                g, w = g.double(), w.double()
-                dw[v0 : v0 + w.shape[0]] = g.T @ h_w
-                dh.addmm_(g, w)
+                # fp64 copies of half a chunk at a time: no larger than the fp32 chunk itself.
+                half = -(-g.shape[1] // 2)
+                for c0 in range(0, g.shape[1], half):
+                    g64, w64 = g[:, c0 : c0 + half].double(), w[c0 : c0 + half].double()
+                    dw[v0 + c0 : v0 + c0 + w64.shape[0]] = g64.T @ h_w
+                    dh.addmm_(g64, w64)
             else:
                 torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
                 addmm_acc(dh, g, w)
