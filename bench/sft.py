@@ -175,7 +175,8 @@ def run_variant(args: argparse.Namespace) -> dict:
             self.ends.append(time.perf_counter())
 
     class Profile(TrainerCallback):
-        """torch.profiler (CUDA and CPU) over PROFILE_STEPS steps right after the warm-up (--profile)."""
+        """torch.profiler (CUDA and CPU) over PROFILE_STEPS steps right after the warm-up (--profile).
+        Those steps are timed steps too: a profiled run's tok/s are slowed by the profiler."""
 
         def __init__(self):
             self.prof, self.t0, self.summary = None, 0.0, None
@@ -198,6 +199,11 @@ def run_variant(args: argparse.Namespace) -> dict:
                 # Where the host time goes (the GPU idles when the step is CPU-bound): in the worker's log.
                 table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
                 print(table, file=sys.stderr, flush=True)
+                self.prof = None
+
+        def on_train_end(self, a, state, control, **kwargs):
+            if self.prof is not None:  # stopped early: no summary, but no profiler left running
+                self.prof.__exit__(None, None, None)
                 self.prof = None
 
     with tempfile.TemporaryDirectory() as out_dir:
@@ -304,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.max_length, args.warmup = 2, 128, 1
+    if args.profile and args.steps < args.warmup + PROFILE_STEPS:
+        p.error(f"--profile needs --steps >= --warmup + {PROFILE_STEPS}")
     if args.worker:
         return worker(args)
 

@@ -94,28 +94,39 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)
     torch.testing.assert_close(dh, dh_ref, **TOL[dtype])
     torch.testing.assert_close(dw, dw_ref, **TOL[dtype])
+    # Either gradient alone: the same bits, the other skipped (returned empty).
+    only_dh = lce.lce_bwd_triton(grad_rows, hid, w, labels, got[1], -100, need_dw=False)
+    only_dw = lce.lce_bwd_triton(grad_rows, hid, w, labels, got[1], -100, need_dh=False)
+    assert torch.equal(only_dh[0], dh) and only_dh[1].numel() == 0
+    assert torch.equal(only_dw[1], dw) and only_dw[0].numel() == 0
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["fp32-gemms", "fp64-gemms"])
 def test_lce_backward_recomputes_the_forward_chunks(wide, monkeypatch):
-    """The backward recomputes the logits over exactly the forward's vocabulary chunks (same GEMM shapes,
-    so the same logits the row statistics came from), in both backward GEMM modes."""
-    monkeypatch.setattr(lce, "CHUNK_BYTES", 5000)
+    """The backward recomputes the logits over exactly the forward's vocabulary chunks, so they are bit for
+    bit the logits the row statistics came from, in both backward GEMM modes."""
+    n, vocab = 9, 2000
+    # fp32 chunks of 512 columns; sizing them for any other element width would give 256.
+    monkeypatch.setattr(lce, "CHUNK_BYTES", n * 4 * 512)
     monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
     walked, chunks = [], lce._logit_chunks
 
-    def spy(hidden, weight):
+    def spy(*args, **kwargs):
         walked.append([])
-        for v0, w, z in chunks(hidden, weight):
-            walked[-1].append((v0, tuple(z.shape)))
+        for v0, w, z in chunks(*args, **kwargs):
+            walked[-1].append((v0, z.clone()))  # before the backward overwrites z with g
             yield v0, w, z
 
     monkeypatch.setattr(lce, "_logit_chunks", spy)
-    hid, w = _r(9, 16, dtype=torch.float32), _r(1000, 16, dtype=torch.float32)
-    labels = torch.randint(0, 1000, (9,), device=KERNEL_DEVICE)
+    hid, w = _r(n, 16, dtype=torch.float32), _r(vocab, 16, dtype=torch.float32)
+    labels = torch.randint(0, vocab, (n,), device=KERNEL_DEVICE)
     stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
-    lce.lce_bwd_triton(torch.ones(9, device=KERNEL_DEVICE), hid, w, labels, stats, -100)
-    assert len(walked) == 2 and len(walked[0]) > 2 and walked[0] == walked[1]
+    lce.lce_bwd_triton(torch.ones(n, device=KERNEL_DEVICE), hid, w, labels, stats, -100)
+    fwd, bwd = walked
+    assert [(v0, z.shape[1]) for v0, z in fwd] == [(v0, 512) for v0 in range(0, vocab - 512, 512)] + [
+        (1536, 464)
+    ]
+    assert len(bwd) == len(fwd) and all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(fwd, bwd))
 
 
 def test_eager_fast_path_functions_run_the_launchers(monkeypatch):

@@ -303,6 +303,22 @@ def _opcheck_cases():
                 torch.tensor([1, -100, 5, 32, 0, 7]),
                 torch.stack([torch.rand(6), torch.rand(6) + 3], -1),
                 -100,
+                True,
+                True,
+            ),
+        ),
+        (
+            "lce_bwd_frozen_head",
+            OPS.linear_cross_entropy_bwd,
+            (
+                torch.rand(6),
+                h.detach(),
+                w.detach(),
+                torch.tensor([1, -100, 5, 32, 0, 7]),
+                torch.stack([torch.rand(6), torch.rand(6) + 3], -1),
+                -100,
+                True,
+                False,
             ),
         ),
     ]
@@ -382,3 +398,53 @@ def test_lce_scores_only_supervised_rows_when_many_are_ignored(monkeypatch, redu
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert (runs[0][1][:, -1] == 0).all()  # the last position predicts nothing under shift
+
+
+def test_lce_frozen_head_skips_the_weight_gradient(monkeypatch):
+    """A head that does not require grad (LoRA) gets no dW: the backward op is asked for dh only, and that
+    dh is bit for bit the one a trainable head gets. A frozen body likewise skips dh."""
+    from chronipatch.ops import reference
+
+    seen, real = [], reference.lce_bwd
+    monkeypatch.setattr(reference, "lce_bwd", lambda *a: seen.append(a[-2:]) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    grads = {}
+    for need in ((True, True), (True, False), (False, True)):
+        h, w = hidden.clone().requires_grad_(need[0]), weight.clone().requires_grad_(need[1])
+        ops.linear_cross_entropy(h, w, labels).backward()
+        assert (h.grad is not None, w.grad is not None) == need
+        grads[need] = (h.grad, w.grad)
+    assert seen == [(True, True), (True, False), (False, True)]
+    assert torch.equal(grads[True, True][0], grads[True, False][0])
+    assert torch.equal(grads[True, True][1], grads[False, True][1])
+
+
+def test_tf32_matmuls_reads_every_precision_api():
+    """The fp64 loss GEMMs are skipped under TF32, whichever API turned it on (legacy getters raise once
+    the new one was used, so only the new one is read)."""
+    from chronipatch.ops._utils import tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        assert tf32_matmuls() is (before == "tf32")
+        for turn_on, turn_off in (
+            (lambda: setattr(matmul, "allow_tf32", True), lambda: setattr(matmul, "allow_tf32", False)),
+            (
+                lambda: torch.set_float32_matmul_precision("high"),
+                lambda: torch.set_float32_matmul_precision("highest"),
+            ),
+            (
+                lambda: setattr(matmul, "fp32_precision", "tf32"),
+                lambda: setattr(matmul, "fp32_precision", "none"),
+            ),
+        ):
+            turn_on()
+            assert tf32_matmuls()
+            turn_off()
+            assert not tf32_matmuls()
+    finally:
+        matmul.fp32_precision = before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import torch
 import triton
@@ -111,14 +112,30 @@ def device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-# Compute capabilities of the parts whose fp64 GEMMs run at half their fp32 rate or better (P100, V100,
-# A100, H100/H200, B200); consumer parts run fp64 at 1/32-1/64.
-FAST_FP64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+# Compute capabilities of the parts whose fp64 GEMMs run at their fp32 (non-TF32) rate: A100, H100/H200.
+# P100/V100/B200 run fp64 at half rate, consumer parts at 1/32-1/64. Two sm_90 export parts have their fp64
+# cut to about 1 TFLOP/s and are told apart by name.
+FAST_FP64 = frozenset({(8, 0), (9, 0)})
+_SLOW_FP64_NAMES = re.compile(r"\bH(20|800)\b")
 
 
 @functools.cache
 def fast_fp64(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) in FAST_FP64
+    """Whether device ``index`` runs fp64 GEMMs as fast as fp32 ones (see ``FAST_FP64``)."""
+    name = torch.cuda.get_device_name(index)
+    return torch.cuda.get_device_capability(index) in FAST_FP64 and not _SLOW_FP64_NAMES.search(name)
+
+
+def tf32_matmuls() -> bool:
+    """Whether fp32 CUDA matmuls may run in TF32. Read through the precision API that the legacy flags
+    (``allow_tf32``, ``set_float32_matmul_precision``) also set; the legacy getters raise once it was used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch without the precision API
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
 
 
 @functools.cache

@@ -14,10 +14,11 @@ The vocabulary is walked in chunks of Vc columns: the forward keeps only the run
 (max, sum, entropy sum, argmax, target logit) per row; the backward recomputes each chunk's
 logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head
 does), accumulating dh in fp32. Peak extra memory is one [N, Vc] chunk plus fp32 dh; the
-gradients are exact (no filtering of small probabilities). For fp32 inputs on GPUs whose fp64
-GEMMs are as fast as their fp32 ones (``_utils.FAST_FP64``), both backward GEMMs and the dh sum
-run in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and could land
-further from the truth than it; fp64 sums land nearer.
+gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs
+whose fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and
+the dh sum run in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and can
+land further from the truth than it; fp64 sums land nearer. That path also holds fp64 copies of
+h, dh and half a chunk (as large as the fp32 chunk).
 
 The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
 unroll nor reorder it into a larger memory peak.
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from . import reference
 from ._math import softmax_exp
-from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu
+from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
 
 CHUNK_BYTES = 128 << 20  # bytes of one [N, Vc] logits chunk: fewer, larger GEMMs and launches
 BLOCK_V = 1024
@@ -144,22 +145,8 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
     arg = torch.zeros(n, dtype=torch.int64, device=hidden.device)
     if n > 0:
         for v0, _, z in _logit_chunks(hidden, weight):
-            _fwd_chunk_kernel[(n,)](
-                z,
-                labels,
-                m,
-                s,
-                e,
-                best,
-                arg,
-                zlab,
-                z.stride(0),
-                z.shape[1],
-                v0,
-                ignore_index,
-                BLOCK_V=BLOCK_V,
-                num_warps=4,
-            )
+            chunk = (z.stride(0), z.shape[1], v0, ignore_index)
+            _fwd_chunk_kernel[(n,)](z, labels, m, s, e, best, arg, zlab, *chunk, BLOCK_V=BLOCK_V, num_warps=4)
     logsum = torch.log(s)
     # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
     loss = torch.where(labels != ignore_index, logsum - reference.centred(zlab, m), 0.0)
@@ -167,45 +154,55 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
 
 
 def _wide(hidden: Tensor) -> bool:
-    """Whether the backward GEMMs run in fp64: fp32 inputs on a GPU where that costs no time."""
-    return hidden.dtype == torch.float32 and hidden.is_cuda and fast_fp64(hidden.device.index or 0)
+    """Whether the backward GEMMs run in fp64: fp32 inputs on a GPU where that costs no time. Not with TF32
+    on: the user traded fp32 precision for speed, and stock's GEMMs run in TF32 then, as ours do."""
+    return (
+        hidden.dtype == torch.float32
+        and hidden.is_cuda
+        and not tf32_matmuls()
+        and fast_fp64(hidden.device.index or 0)
+    )
 
 
 def lce_bwd_triton(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
+    grad_rows: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    stats: Tensor,
+    ignore_index: int,
+    need_dh: bool = True,
+    need_dw: bool = True,
 ) -> tuple[Tensor, Tensor]:
+    """(dh, dw); one that is not needed is skipped (its GEMMs too) and returned empty."""
     n = hidden.shape[0]
     wide = _wide(hidden)
-    dh = torch.zeros(hidden.shape, dtype=torch.float64 if wide else torch.float32, device=hidden.device)
-    dw = torch.zeros_like(weight)
-    if n > 0:
+    acc = torch.float64 if wide else torch.float32
+    dh = torch.zeros(hidden.shape if need_dh else (0,), dtype=acc, device=hidden.device)
+    dw = torch.zeros_like(weight) if need_dw else weight.new_zeros(0)
+    if n > 0 and (need_dh or need_dw):
         grad_rows = grad_rows.float().contiguous()
         # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
-        h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0)
-        h_w = h_w.double() if wide else h_w
+        h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0) if need_dw else None
+        h_w = h_w.double() if wide and need_dw else h_w
         for v0, w, g in _logit_chunks(hidden, weight):
-            _bwd_chunk_kernel[(n,)](
-                g,
-                labels,
-                stats,
-                grad_rows,
-                g.stride(0),
-                g.shape[1],
-                v0,
-                ignore_index,
-                BLOCK_V=BLOCK_V,
-                num_warps=4,
-            )
+            chunk = (g.stride(0), g.shape[1], v0, ignore_index)
+            _bwd_chunk_kernel[(n,)](g, labels, stats, grad_rows, *chunk, BLOCK_V=BLOCK_V, num_warps=4)
             if wide:
                 # fp64 copies of half a chunk at a time: no larger than the fp32 chunk itself.
                 half = -(-g.shape[1] // 2)
                 for c0 in range(0, g.shape[1], half):
                     g64, w64 = g[:, c0 : c0 + half].double(), w[c0 : c0 + half].double()
-                    dw[v0 + c0 : v0 + c0 + w64.shape[0]] = g64.T @ h_w
-                    dh.addmm_(g64, w64)
+                    if need_dw:
+                        dw[v0 + c0 : v0 + c0 + w64.shape[0]] = g64.T @ h_w
+                    if need_dh:
+                        dh.addmm_(g64, w64)
+                    del g64, w64  # before the next half's copies are made
             else:
-                torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
-                addmm_acc(dh, g, w)
+                if need_dw:
+                    torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
+                if need_dh:
+                    addmm_acc(dh, g, w)
     return dh.to(hidden.dtype), dw
 
 
@@ -231,19 +228,27 @@ def _(hidden, weight, labels, ignore_index):
 
 @torch.library.custom_op("chronipatch::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
+    grad_rows: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    stats: Tensor,
+    ignore_index: int,
+    need_dh: bool,
+    need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
+    args = (grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
     if on_gpu(hidden):
         with device_of(hidden):
-            return lce_bwd_triton(grad_rows, hidden, weight, labels, stats, ignore_index)
-    return reference.lce_bwd(grad_rows, hidden, weight, labels, stats, ignore_index)
+            return lce_bwd_triton(*args)
+    return reference.lce_bwd(*args)
 
 
 @_lce_bwd.register_fake
-def _(grad_rows, hidden, weight, labels, stats, ignore_index):
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
-        weight, memory_format=torch.contiguous_format
-    )
+def _(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw):
+    dense = torch.contiguous_format
+    dh = torch.empty_like(hidden, memory_format=dense) if need_dh else hidden.new_empty(0)
+    return dh, torch.empty_like(weight, memory_format=dense) if need_dw else weight.new_empty(0)
 
 
 def _setup(ctx, inputs, output):
@@ -255,8 +260,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_rows, *_):
     hidden, weight, labels, stats = ctx.saved_tensors
-    dh, dw = _lce_bwd(grad_rows, hidden, weight, labels, stats, ctx.ignore_index)
-    return dh, dw, None, None
+    # A frozen head (LoRA) needs no dW: its GEMM, a quarter of the loss's work, is skipped.
+    need_dh, need_dw = ctx.needs_input_grad[:2]
+    dh, dw = _lce_bwd(grad_rows, hidden, weight, labels, stats, ctx.ignore_index, need_dh, need_dw)
+    return dh if need_dh else None, dw if need_dw else None, None, None
 
 
 _lce.register_autograd(_backward, setup_context=_setup)

@@ -99,7 +99,14 @@ def lce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -
 
 
 def lce_bwd(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int
+    grad_rows: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    stats: Tensor,
+    ignore_index: int,
+    need_dh: bool = True,
+    need_dw: bool = True,
 ) -> tuple[Tensor, Tensor]:
     logits = _f(hidden @ weight.T)
     valid = labels != ignore_index
@@ -108,4 +115,7 @@ def lce_bwd(
     p = torch.exp(centred(logits, stats[:, :1])) / stats[:, 1:]  # softmax as stock computes it
     g = p.scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
     g = torch.where(valid.unsqueeze(1), g * scale, 0.0).to(hidden.dtype)  # ignored rows: exactly 0
-    return g @ weight, g.T @ torch.where(valid.unsqueeze(1), hidden, 0.0)  # no 0 * nan from ignored rows
+    dh = g @ weight if need_dh else hidden.new_zeros(0)
+    # No 0 * nan from ignored rows: their hidden states are zeroed.
+    dw = g.T @ torch.where(valid.unsqueeze(1), hidden, 0.0) if need_dw else weight.new_zeros(0)
+    return dh, dw
