@@ -24,3 +24,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls of the public ops (``chronipatch.ops.*``) from here on, by name.
+
+    On CPU the ops run the torch reference, so a patched model's outputs equal stock's: these counts are
+    what shows that a model actually runs (or, reverted, no longer runs) the fused ops."""
+    from collections import Counter
+
+    from chronipatch import ops
+
+    counts = Counter()
+    for name in ("rms_norm", "swiglu", "rope", "linear_cross_entropy"):
+        real = getattr(ops, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counted)
+    return counts

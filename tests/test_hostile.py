@@ -57,7 +57,7 @@ ERRORS = [
     (
         "rms_norm",
         lambda: ops.rms_norm([[1.0, 2.0]], torch.ones(2)),
-        "x",
+        "rms_norm: x must be a torch.Tensor, got list",
     ),
     # --- swiglu
     ("swiglu", lambda: ops.swiglu(lab4, lab4), "gate must be floating point, got torch.int64"),
@@ -82,7 +82,7 @@ ERRORS = [
     (
         "rope",
         lambda: ops.rope(q4, k4, c4.long(), s4.long()),
-        "cos",
+        "cos and sin must be floating point, got torch.int64",
     ),
     # --- linear_cross_entropy
     (
@@ -150,18 +150,26 @@ ERRORS = [
     (
         "patch",
         lambda: chronipatch.revert(None),
-        "nn.Module",
+        r"revert expects a torch\.nn\.Module, got NoneType",
     ),
     (
         "patch",
         lambda: chronipatch.is_patched("model"),
-        "nn.Module",
+        r"is_patched expects a torch\.nn\.Module, got str",
     ),
     # --- PackingCollator
-    ("packing", lambda: PackingCollator(max_length=8)(None), ""),
+    ("packing", lambda: PackingCollator(max_length=8)(None), "takes a list of examples, got NoneType"),
     ("packing", lambda: PackingCollator(max_length=8)([{"input_ids": 5}]), "'input_ids' must be 1-D"),
-    ("packing", lambda: PackingCollator(max_length=8)([{"input_ids": "abc"}]), ""),
-    ("packing", lambda: PackingCollator(max_length=8)([{"input_ids": [[1, 2], [3]]}]), ""),
+    (
+        "packing",
+        lambda: PackingCollator(max_length=8)([{"input_ids": "abc"}]),
+        "example 0: 'input_ids' is not a sequence of token ids",
+    ),
+    (
+        "packing",
+        lambda: PackingCollator(max_length=8)([{"input_ids": [[1, 2], [3]]}]),
+        "example 0: 'input_ids' is not a sequence of token ids",
+    ),
     ("packing", lambda: PackingCollator(max_length=True), "max_length must be an int >= 2"),
     (
         "packing",

@@ -47,7 +47,7 @@ def _object_count() -> int:
     return len(gc.get_objects())
 
 
-def test_apply_revert_cycles_leak_nothing():
+def test_apply_revert_cycles_leak_nothing(op_calls):
     torch.manual_seed(0)
     stock = tiny_model("qwen3")
     model = copy.deepcopy(stock)
@@ -83,9 +83,11 @@ def test_apply_revert_cycles_leak_nothing():
     assert all(ref() is not None for ref, _ in attention._memo.values())  # dead tensors leave the memo
     grown = _object_count() - objects
     assert grown <= 50, f"{grown} more live objects after {CYCLES - 2} apply/revert cycles"
+    op_calls.clear()
     with torch.no_grad():
         out = model(ids, labels=labels)
         out_packed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+    assert not op_calls  # reverted after 100 cycles: stock forwards only
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
     assert torch.equal(out_packed, ref_packed)
     assert torch.equal(
@@ -94,17 +96,20 @@ def test_apply_revert_cycles_leak_nothing():
     )
 
 
-def test_patched_output_is_the_same_after_many_cycles():
+def test_patched_output_is_the_same_after_many_cycles(op_calls):
     model = tiny_model("llama")
     ids, labels = batch()
     chronipatch.apply(model)
     with torch.no_grad():
         first = model(ids, labels=labels, return_logits=True)
+    calls = dict(op_calls)
     for _ in range(20):
         chronipatch.revert(model)
         chronipatch.apply(model)
+    op_calls.clear()
     with torch.no_grad():
         later = model(ids, labels=labels, return_logits=True)
+    assert dict(op_calls) == calls and calls["linear_cross_entropy"] == 1  # still every fused op, once
     assert torch.equal(first.logits, later.logits) and torch.equal(first.loss, later.loss)
 
 

@@ -105,10 +105,13 @@ def test_matches_peft_reference(kind):
 
 
 def test_names_survive_state_dict():
+    """The group names travel in the optimizer's state_dict (what a checkpoint saves); loading it restores
+    them over whatever the new optimizer's groups were called."""
     model = lora_model()
     opt = torch.optim.AdamW(loraplus_param_groups(model, LR))
     names = [g["name"] for g in opt.param_groups]
-    fresh = torch.optim.AdamW(loraplus_param_groups(model, LR))
+    assert "lora_B" in names and [g["name"] for g in opt.state_dict()["param_groups"]] == names
+    fresh = torch.optim.AdamW([{**g, "name": "renamed"} for g in loraplus_param_groups(model, LR)])
     fresh.load_state_dict(opt.state_dict())
     assert [g["name"] for g in fresh.param_groups] == names
     assert has_lora(model) and not has_lora(base_model())
@@ -184,6 +187,9 @@ def test_trainer_resume_keeps_groups(tmp_path):
 
     resumed = make_trainer(lora_model(), tmp_path / "resumed", weight_decay=WD)
     assert install(resumed)
+    with torch.no_grad():  # the checkpoint's adapters must replace these, or the run cannot match
+        for p in resumed.model.parameters():
+            p.add_(0.5) if p.requires_grad else None
     resumed.train(resume_from_checkpoint=ckpt)
     assert [g["name"] for g in resumed.optimizer.param_groups] == [
         g["name"] for g in full.optimizer.param_groups

@@ -36,15 +36,20 @@ def _assert_same(a, b, rtol=1e-5, atol=1e-6):
 
 
 @pytest.mark.parametrize("family", FAMS)
-def test_patched_matches_stock(family):
+def test_patched_matches_stock(family, op_calls):
     stock = tiny_model(family)
     patched = copy.deepcopy(stock)
     report = chronipatch.apply(patched)
     n_norms = 2 * 2 + 1 + (4 if family == "qwen3" else 0)
     assert report.ops() == {"rms_norm": n_norms, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
     ids, labels = batch()
-    torch.testing.assert_close(patched(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+    stock_logits = stock(ids).logits
+    assert not op_calls  # the stock model runs none of the fused ops
+    torch.testing.assert_close(patched(ids).logits, stock_logits, rtol=1e-5, atol=1e-5)
+    assert op_calls == {"rms_norm": n_norms, "swiglu": 2, "rope": 2}  # no labels: the stock head
+    op_calls.clear()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    assert op_calls == {"rms_norm": n_norms, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
@@ -61,14 +66,20 @@ def test_compiled_training_step_one_graph(family):
     torch._dynamo.reset()
     explain = torch._dynamo.explain(lambda: step(patched))()
     assert explain.graph_break_count == 0, explain.break_reasons
+    # The one graph holds the fused ops as opaque custom-op nodes (dynamo did not trace into stock math).
+    ops_in_graph = {
+        str(node.target).split(".")[1]
+        for graph in explain.graphs
+        for node in graph.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("chronipatch.")
+    }
+    assert ops_in_graph == {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}
     torch._dynamo.reset()
     compiled = torch.compile(patched, fullgraph=True)
-    _assert_same(
-        _loss_and_grads(compiled, ids, labels), _loss_and_grads(stock, ids, labels), rtol=1e-4, atol=1e-5
-    )
+    _assert_same(_loss_and_grads(compiled, ids, labels), _loss_and_grads(stock, ids, labels))
 
 
-def test_revert_is_bit_identical_and_local():
+def test_revert_is_bit_identical_and_local(op_calls):
     model, other = tiny_model("qwen2"), tiny_model("qwen2")
     ids, labels = batch()
     before = model(ids, labels=labels)
@@ -76,10 +87,16 @@ def test_revert_is_bit_identical_and_local():
     report = chronipatch.apply(model)
     assert not chronipatch.is_patched(other)
     assert torch.equal(other(ids).logits, other_before)
+    assert not op_calls  # the model not passed to apply runs stock code, in the same process
+    model(ids, labels=labels)
+    assert op_calls["rms_norm"] and op_calls["linear_cross_entropy"] == 1
     assert chronipatch.revert(model) == len(report.swapped)
     assert not chronipatch.is_patched(model)
+    op_calls.clear()
     after = model(ids, labels=labels)
+    assert not op_calls  # reverted: stock forwards again
     assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_apply_twice_is_noop_and_switches():

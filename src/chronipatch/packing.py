@@ -88,7 +88,10 @@ class PackingStats:
 
 
 def _as_1d_long(value: Any, key: str, index: int) -> torch.Tensor:
-    t = torch.as_tensor(value)
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # strings, ragged nested lists, ...
+        raise ValueError(f"example {index}: {key!r} is not a sequence of token ids ({e})") from None
     # Token ids and labels are integers; casting floats or bools would change them silently.
     if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):  # [] is float
         raise ValueError(f"example {index}: {key!r} must hold integers, got {t.dtype}")
@@ -159,6 +162,8 @@ class PackingCollator:
         return ids, labels
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not isinstance(examples, Sequence) or isinstance(examples, (str, bytes)):
+            raise TypeError(f"PackingCollator takes a list of examples, got {type(examples).__name__}")
         if len(examples) == 0:
             raise ValueError("cannot pack an empty list of examples")
         # Validate everything before touching the stats, so a rejected batch leaves no partial counts.
