@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import chronipatch
+from helpers import INTERPRET
 from tiny import FAMILIES, batch, tiny_model
 
 FAMS = list(FAMILIES)
@@ -209,7 +210,25 @@ def test_dtype_move_after_apply_and_meta_device():
     with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are not in the state dict
         for buf, ref in zip(meta.buffers(), stock.buffers()):
             buf.copy_(ref)
-    torch.testing.assert_close(meta(ids, labels=labels).loss, patched(ids, labels=labels).loss)
+    assert chronipatch.is_patched(meta)
+    _assert_same(_loss_and_grads(meta, ids, labels), (ref_loss.double(), ref_grads), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_round_trip_after_apply(op_calls):
+    """A patched model moved to bf16 and back keeps running the fused ops and matches stock moved alike."""
+    stock = tiny_model("qwen2")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    for model in (stock, patched):
+        model.bfloat16()
+    low, low_ref = patched(ids, labels=labels).loss, stock(ids, labels=labels).loss
+    assert low.dtype == torch.float32 and abs(low.item() - low_ref.item()) < 0.02 * abs(low_ref.item())
+    for model in (stock, patched):
+        model.float()
+    assert op_calls["linear_cross_entropy"] == 1
+    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    assert op_calls["linear_cross_entropy"] == 2 and op_calls["rms_norm"] > 0
 
 
 def test_training_curve_matches_stock():
@@ -289,3 +308,33 @@ def test_autocast_casts_the_head_like_stock():
     assert ours[1]["lm_head.weight"].dtype == torch.float32
     _assert_same(ours, ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-3, atol=0)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels on CPU tensors through TRITON_INTERPRET=1")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_patched_model_through_the_kernels_matches_stock(family, monkeypatch):
+    """The model-level check run through the Triton kernels (interpreter) instead of the torch reference,
+    which is made to fail if anything still reaches it: logits, loss and every gradient against stock."""
+    import importlib
+
+    from chronipatch.ops import reference
+
+    for name in ("_utils", "rms_norm", "swiglu", "rope", "linear_cross_entropy"):
+        mod = importlib.import_module(f"chronipatch.ops.{name}")
+        monkeypatch.setattr(mod, "on_gpu", lambda t: t.dtype != torch.float64)  # CPU tensors "on a GPU"
+        if hasattr(mod, "sms_for"):
+            monkeypatch.setattr(mod, "sms_for", lambda t: 4)
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the torch reference ran instead of a kernel")
+
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd"):
+        monkeypatch.setattr(reference, name, unreachable)
+    monkeypatch.setattr(reference, "lce_fwd", unreachable)
+    monkeypatch.setattr(reference, "lce_bwd", unreachable)
+    stock = tiny_model(family)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    torch.testing.assert_close(patched(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
