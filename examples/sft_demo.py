@@ -144,6 +144,7 @@ class Run:
     supervised_tokens: int
     report: str | None = None
     model: torch.nn.Module | None = None
+    fused_loss_calls: int = 0  # steps whose loss chronipatch's linear_cross_entropy computed
 
     @property
     def tokens_per_s(self) -> float:
@@ -198,8 +199,9 @@ def train(args: argparse.Namespace, tok, data: datasets.Dataset, patched: bool) 
             processing_class=tok,
             peft_config=peft_config,
         )
+        callback = None
         if patched:
-            chronipatch.trl.integrate(trainer, loraplus_ratio=16.0, packing=args.packing)
+            callback = chronipatch.trl.integrate(trainer, loraplus_ratio=16.0, packing=args.packing)
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
         progress = Progress(name, max(1, args.steps // 10))
@@ -218,7 +220,8 @@ def train(args: argparse.Namespace, tok, data: datasets.Dataset, patched: bool) 
         # Time from the end of step 1: the first step pays one-time costs (lazy imports, allocator growth)
         # that would otherwise favour whichever run goes second.
         seconds, counts = ends[-1] - ends[0], counts[accum:]
-    return Run(name, losses, seconds, sum(counts), report, trainer.model)
+    calls = callback.counter["calls"] if callback is not None else 0
+    return Run(name, losses, seconds, sum(counts), report, trainer.model, calls)
 
 
 def plot(runs: list[Run], path: Path) -> bool:

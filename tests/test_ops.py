@@ -329,6 +329,31 @@ def test_opcheck(name, op, args):
     torch.library.opcheck(op, args)
 
 
+def _opcheck_cuda_cases():
+    # bf16 for the forward ops; a backward op takes the fp32 statistics its forward saved, so fp32 only.
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return [
+        pytest.param(*case, dtype, id=f"{case[0]}-{tag}")
+        for case in _opcheck_cases()
+        for tag, dtype in dtypes.items()
+        if tag == "fp32" or "_bwd" not in case[0]
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,op,args,dtype", _opcheck_cuda_cases())
+def test_opcheck_cuda(name, op, args, dtype):
+    """The same cases on CUDA tensors, where the ops run their Triton kernels."""
+
+    def moved(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        to = a.detach().to(device="cuda", dtype=dtype if a.is_floating_point() else a.dtype)
+        return to.requires_grad_(a.requires_grad)
+
+    torch.library.opcheck(op, tuple(moved(a) for a in args))
+
+
 def _count_breaks(fn, *args):
     torch._dynamo.reset()
     return torch._dynamo.explain(fn)(*args).graph_break_count
