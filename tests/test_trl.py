@@ -160,3 +160,20 @@ def test_full_finetuning_keeps_optimizer_and_says_so(tmp_path, caplog):
         ctrl.integrate(trainer)
     assert "no LoRA adapters (full fine-tuning)" in caplog.text
     assert trainer.optimizer_cls_and_kwargs is None
+
+
+def test_dataset_without_its_text_field_stops_before_training(tmp_path):
+    """A dataset that lacks the field SFTTrainer reads (``dataset_text_field``, default "text") is refused
+    while the trainer is built, naming the field: nothing trains on a different objective."""
+    import datasets
+
+    tok = tiny_tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_steps=1)
+    data = datasets.Dataset.from_dict({"question": ["1+1=", "2+2="]})
+    with pytest.raises(KeyError, match="text"):
+        SFTTrainer(
+            model=tiny_model("qwen2", vocab_size=len(tok)),
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+        )
