@@ -44,16 +44,18 @@ from common import (
 from models import SMOKE_CONFIG, causal_lm
 
 MODEL = "qwen2.5-0.5b"
-# variant -> (chronipatch, TRL packing, Liger via use_liger_kernel, LoRA)
+# variant -> (chronipatch, TRL packing, Liger via use_liger_kernel, LoRA, SFTConfig(torch_compile=True))
 VARIANTS = {
-    "stock": (False, False, False, False),
-    "stock_packing": (False, True, False, False),
-    "liger": (False, False, True, False),
-    "chronipatch": (True, False, False, False),
-    "chronipatch_packing": (True, True, False, False),
-    "lora_stock": (False, False, False, True),
-    "lora_chronipatch": (True, False, False, True),
-    "lora_chronipatch_packing": (True, True, False, True),
+    "stock": (False, False, False, False, False),
+    "stock_packing": (False, True, False, False, False),
+    "stock_packing_compile": (False, True, False, False, True),
+    "liger": (False, False, True, False, False),
+    "chronipatch": (True, False, False, False, False),
+    "chronipatch_packing": (True, True, False, False, False),
+    "chronipatch_packing_compile": (True, True, False, False, True),
+    "lora_stock": (False, False, False, True, False),
+    "lora_chronipatch": (True, False, False, True, False),
+    "lora_chronipatch_packing": (True, True, False, True, False),
 }
 MEDIAN_TOKENS, SIGMA = 400, 0.75
 PROFILE_STEPS = 2
@@ -88,6 +90,8 @@ NOTES = [
     " the varlen attention instead",
     "liger: use_liger_kernel=True, which TRL 1.16 deprecates and restricts to Liger's layer kernels"
     " (fused_linear_cross_entropy forced off, TRL keeps its own fused lm-head loss)",
+    "*_compile: SFTConfig(torch_compile=True), the Trainer's own torch.compile of the model (Inductor's"
+    " first compiles fall in the warm-up steps and in train s)",
     "lora_chronipatch*: integrate() also installs LoRA+ groups (lora_B at 16x lr), so its loss curve differs;"
     " lora_chronipatch_packing adds SFTConfig(packing=True), run through the varlen attention",
 ]
@@ -124,7 +128,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from tokenizer import build_tokenizer
 
-    patched, packing, liger, lora = VARIANTS[args.variant]
+    patched, packing, liger, lora, compiled = VARIANTS[args.variant]
     datasets.disable_progress_bars()
     cuda = not args.smoke
     torch.manual_seed(args.seed)  # same initial weights in every variant
@@ -155,6 +159,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         packing=packing,
         completion_only_loss=True,  # pre-tokenized data: TRL folds completion_mask into the labels only then
         use_liger_kernel=liger,
+        torch_compile=compiled,
         logging_steps=1,
         save_strategy="no",
         report_to=[],

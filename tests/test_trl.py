@@ -87,6 +87,17 @@ def test_sft_losses_match_stock(tmp_path, cfg):
     assert checkpointing == bool(cfg.get("gradient_checkpointing"))
 
 
+def test_sft_compiled_matches_stock(tmp_path):
+    """SFTConfig(torch_compile=True) with TRL's packing: the Trainer compiles the patched model (the decoder
+    one graph up to the fused head's masking of supervised rows) and the per-step losses stay stock's."""
+    cfg = dict(packing=True, gradient_checkpointing=True)
+    stock, _ = _losses(_trainer(tmp_path / "a", integrate=False, **cfg))
+    trainer = _trainer(tmp_path / "b", integrate=True, torch_compile=True, **cfg)
+    ours, _ = _losses(trainer)
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+    assert trainer._cb.counter["calls"] == 5
+
+
 def test_sft_chronipatch_packing_matches_stock_on_the_same_rows(tmp_path):
     """integrate(packing=True) on a trainer that packs nothing: chronipatch's BFD collator with the varlen
     attention. Stock on the same collator (transformers separates the documents by their position_ids)
