@@ -122,6 +122,11 @@ def test_unsupported_models_error():
         chronipatch.apply("model")
     with pytest.raises(ValueError, match="already compiled"):
         chronipatch.apply(torch.compile(tiny_model("llama")))
+    in_place = tiny_model("llama")
+    in_place.compile()  # nn.Module.compile: the module itself, not a wrapper
+    with pytest.raises(ValueError, match="already compiled"):
+        chronipatch.apply(in_place)
+    assert not chronipatch.is_patched(in_place)
 
 
 def test_report_is_readable():

@@ -65,3 +65,22 @@ def test_tiny_families_fp32_cuda_match_stock(family):
     torch.testing.assert_close(l_p, l_s, rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(patched.named_parameters(), stock.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_device_moves_after_apply():
+    """apply on CPU, then .cuda(), bf16, and back to the CPU: the patched model follows its weights (the
+    kernels on CUDA, the reference on CPU) and matches stock moved alike at every stop."""
+    stock = tiny_model("qwen3")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids = torch.randint(0, stock.config.vocab_size, (2, 33))
+    for move, tol in (
+        (lambda m: m.cuda(), 1e-4),
+        (lambda m: m.bfloat16(), 3e-2),
+        (lambda m: m.float().cpu(), 1e-5),
+    ):
+        stock, patched = move(stock), move(patched)
+        x = ids.to(next(stock.parameters()).device)
+        got, want = patched(input_ids=x, labels=x).loss, stock(input_ids=x, labels=x).loss
+        torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol)
+    assert chronipatch.is_patched(patched)
