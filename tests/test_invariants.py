@@ -249,7 +249,7 @@ def test_patched_model_is_bit_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(first, step()))
 
 
-def test_reference_loss_matches_torch_bitwise_in_fp64():
+def test_reference_loss_matches_torch_in_fp64():
     """The CPU path is the oracle of the kernels: in fp64 it is HF's loss to rounding."""
     g = torch.Generator().manual_seed(5)
     h, w = (
