@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, each step time-boxed, results under $OUT (default bench/out).
 #
-#   bash bench/run_all.sh [tests|sweep|ops|attention|train|sft ...]   (default: all, in this order)
+#   bash bench/run_all.sh [tests|sweep|ops|attention|train|sft|sft_compile ...]   (default: all but
+#   sft_compile, in this order)
 #
 # Needs a CUDA machine with torch, triton, transformers (and trl, peft, liger-kernel, cut-cross-entropy for
 # the peer columns). A step that times out or fails is reported and the next one runs.
@@ -33,7 +34,11 @@ for step in "${steps[@]}"; do
     ops) run ops 300 python bench/ops.py --out "$OUT" ;;
     attention) run attention 180 python bench/attention.py --out "$OUT" ;;
     train) run train 600 python bench/train.py --profile --out "$OUT" ;;
-    sft) run sft 600 python bench/sft.py --out "$OUT" ;;
+    sft) run sft 600 python bench/sft.py --timeout 120 --out "$OUT" --variants \
+        stock,stock_packing,liger,chronipatch,chronipatch_packing,lora_stock,lora_chronipatch,lora_chronipatch_packing ;;
+    # Inductor's cold compiles of the whole model: minutes per variant.
+    sft_compile) run sft_compile 590 python bench/sft.py --timeout 290 --out "$OUT/compile" \
+        --variants stock_packing_compile,chronipatch_packing_compile ;;
     *) echo "unknown step $step" >&2 ;;
     esac
 done
