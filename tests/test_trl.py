@@ -165,6 +165,22 @@ def test_integrate_bad_input(tmp_path):
         ctrl._fused_lm_head_owner(type("T", (), {"model": tiny_model("llama")})())
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [dict(temperature=0.7), dict(cast_lm_head_to_fp32=True), dict(outputs=("log_probs", "mean_logits"))],
+    ids=["temperature", "fp32-head", "outputs"],
+)
+def test_integrate_refuses_a_fused_head_it_does_not_compute(tmp_path, setting):
+    """A TRL fused head set up otherwise than SFTTrainer's (temperature, fp32 head, other outputs) would be
+    silently replaced by a different computation: integrate refuses it, naming the setting."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    trainer = _trainer(tmp_path, integrate=False)
+    add_fused_lm_head(trainer.model, **setting)  # what a subclass or another trainer could install
+    with pytest.raises(ValueError, match=next(iter(setting)) if "outputs" not in setting else "mean_logits"):
+        ctrl.integrate(trainer)
+
+
 def test_full_finetuning_keeps_optimizer_and_says_so(tmp_path, caplog):
     trainer = _trainer(tmp_path, integrate=False)
     with caplog.at_level("WARNING", logger="chronipatch"):

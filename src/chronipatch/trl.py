@@ -49,6 +49,34 @@ def _fused_lm_head_owner(trainer):
     return owner, fwd
 
 
+# What TRL's fused head may be set to for our op to compute the same thing (SFTTrainer's own settings).
+_FUSED_HEAD_AS_OURS = dict(
+    temperature=1.0, cast_lm_head_to_fp32=False, final_logit_softcapping=None, logit_scale=1.0
+)
+_FUSED_OUTPUTS_OURS = frozenset({"log_probs", "entropy", "is_top1"})
+
+
+def _check_fused_head(owner, fwd) -> None:
+    """Refuse a TRL fused head whose settings our loss does not implement (a changed objective otherwise).
+    The settings live in the closure of TRL's ``_fused_forward``."""
+    func = getattr(fwd, "__func__", fwd)
+    settings = {n: c.cell_contents for n, c in zip(func.__code__.co_freevars, func.__closure__ or ())}
+    for key, ours in _FUSED_HEAD_AS_OURS.items():
+        if key in settings and settings[key] != ours:
+            raise ValueError(
+                f"chronipatch.trl.integrate: TRL's fused lm-head uses {key}={settings[key]!r}; chronipatch's "
+                f"loss computes {key}={ours!r} only"
+            )
+    extra = set(settings.get("outputs", ())) - _FUSED_OUTPUTS_OURS
+    if extra:
+        raise ValueError(
+            f"chronipatch.trl.integrate: TRL's fused lm-head asks for {sorted(extra)}; chronipatch's loss "
+            f"gives {sorted(_FUSED_OUTPUTS_OURS)}"
+        )
+    if getattr(owner.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError("chronipatch.trl.integrate: the lm_head has a bias; chronipatch's loss has none")
+
+
 def _make_fused_forward(trl_forward, counter: dict):
     """TRL's ``_fused_forward`` contract, computed by ``ops.linear_cross_entropy``."""
     from trl.trainer.utils import FusedCausalLMOutput
@@ -139,6 +167,7 @@ def integrate(
     if not is_patched(model):
         apply(model)
     owner, trl_forward = _fused_lm_head_owner(trainer)
+    _check_fused_head(owner, trl_forward)
     counter = {"calls": 0}
     owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
 
