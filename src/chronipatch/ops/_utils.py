@@ -148,5 +148,15 @@ def sms_for(t: torch.Tensor) -> int:
     return num_sms(t.device.index or 0) if on_gpu(t) else 4
 
 
+# triton.cdiv / next_power_of_2 are ConstexprFunctions: ~2-4 us of dispatch per call from Python, paid on
+# every eager launch. Plain integer math for Python ints; symbolic sizes (tracing) keep triton's.
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def pow2(n: int) -> int:
+    if type(n) is int:
+        return n if n <= 1 else 1 << (n - 1).bit_length()
     return triton.next_power_of_2(n)

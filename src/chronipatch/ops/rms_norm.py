@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_tensors, direct, eager_cuda, on_gpu, pow2, sms_for
+from ._utils import cdiv, check, check_tensors, direct, eager_cuda, on_gpu, pow2, sms_for
 
 # ---------------------------------------------------------------- kernels
 
@@ -107,7 +107,7 @@ def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, 
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     block, rows, warps = _tiles(n)
     if m > 0:
-        wrap_triton(_fwd_kernel)[(triton.cdiv(m, rows),)](
+        wrap_triton(_fwd_kernel)[(cdiv(m, rows),)](
             x2, weight, y, rstd, x2.stride(0), n, m, n, eps, BLOCK_N=block, ROWS=rows, num_warps=warps
         )
     return y, rstd
@@ -119,8 +119,8 @@ def rms_norm_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> 
     m = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, rows, warps = _tiles(n)
-    progs = max(1, min(triton.cdiv(m, rows), 4 * sms_for(x)))
-    rows_per_prog = triton.cdiv(max(m, 1), progs)
+    progs = max(1, min(cdiv(m, rows), 4 * sms_for(x)))
+    rows_per_prog = cdiv(max(m, 1), progs)
     dw_part = torch.zeros(progs, n, dtype=torch.float64, device=x.device)
     if m > 0:
         wrap_triton(_bwd_kernel)[(progs,)](

@@ -16,7 +16,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import reference
 from ._math import exp_f32
-from ._utils import check, check_same, direct, eager_cuda, on_gpu
+from ._utils import cdiv, check, check_same, direct, eager_cuda, on_gpu
 
 BLOCK = 2048
 
@@ -58,7 +58,7 @@ def swiglu_fwd_triton(gate: Tensor, up: Tensor) -> Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
     if n > 0:
-        wrap_triton(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=8)
+        wrap_triton(_fwd_kernel)[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=8)
     return out
 
 
@@ -67,9 +67,7 @@ def swiglu_bwd_triton(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, T
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n > 0:
-        wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](
-            dout, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=8
-        )
+        wrap_triton(_bwd_kernel)[(cdiv(n, BLOCK),)](dout, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=8)
     return dg, du
 
 
