@@ -343,3 +343,21 @@ def test_patched_model_through_the_kernels_matches_stock(family, monkeypatch):
     ids, labels = batch()
     torch.testing.assert_close(patched(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+
+
+def test_lora_on_the_head_keeps_the_stock_head():
+    """LoRA adapters on lm_head change its output, which a fused loss reading ``lm_head.weight`` would miss:
+    apply leaves that CausalLM forward alone (and says so), and loss and gradients stay stock's."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+    stock = peft.get_peft_model(tiny_model("llama"), lora)
+    patched = copy.deepcopy(stock)
+    report = chronipatch.apply(patched)
+    assert "linear_cross_entropy" not in report.ops() and any("lm_head" in why for _, _, why in report.left)
+    ids, labels = batch()
+    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    # The fused losses' shared head accessor refuses such a head outright (the TRL path reads it too).
+    from chronipatch.layers import head_weight
+
+    with pytest.raises(ValueError, match="lm_head carries unmerged LoRA adapters"):
+        head_weight(patched.base_model.model.lm_head)

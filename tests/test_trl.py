@@ -181,6 +181,30 @@ def test_integrate_refuses_a_fused_head_it_does_not_compute(tmp_path, setting):
         ctrl.integrate(trainer)
 
 
+def test_lora_on_the_head_is_refused_before_training(tmp_path):
+    """TRL refuses LoRA on lm_head when it builds the trainer; integrate's own check refuses a fused head
+    over such a head too (a model adapted before TRL saw it), before anything is patched."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    with pytest.raises(ValueError, match="lm_head"):
+        SFTTrainer(
+            model=tiny_model("qwen2", vocab_size=len(tiny_tokenizer())),
+            args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_steps=1),
+            train_dataset=addition_dataset(),
+            processing_class=tiny_tokenizer(),
+            peft_config=lora,
+        )
+    model = tiny_model("qwen2")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, lora)
+    owner = model.get_base_model()
+    with pytest.raises(ValueError, match="lm_head carries unmerged LoRA adapters"):
+        ctrl._check_fused_head(owner, owner.__dict__["forward"])
+    assert not chronipatch.is_patched(model)
+
+
 def test_full_finetuning_keeps_optimizer_and_says_so(tmp_path, caplog):
     trainer = _trainer(tmp_path, integrate=False)
     with caplog.at_level("WARNING", logger="chronipatch"):

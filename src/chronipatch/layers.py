@@ -12,6 +12,11 @@ from transformers.utils import can_return_tuple
 from . import ops
 
 try:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+except ImportError:  # no peft: no adapters anywhere
+    BaseTunerLayer = ()
+
+try:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed: nothing can be sharded
@@ -29,6 +34,12 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
     the fused loss never runs: ``unshard()`` it through FSDP, whose post-backward hook then
     reduce-scatters the gradient as for a normal call (``DTensor.full_tensor()`` would not).
     """
+    if _has_live_adapters(head):
+        raise ValueError(
+            "chronipatch: lm_head carries unmerged LoRA adapters; the fused loss reads the head's weight and "
+            "would leave them untrained. Leave lm_head out of the LoRA target_modules, or apply(model, "
+            "fused_loss=False)"
+        )
     if isinstance(head, FSDPModule):
         head.unshard()
     weight = head.weight
@@ -38,6 +49,12 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
             "the whole head (fully_shard the head or the model root, or apply(model, fused_loss=False))"
         )
     return weight
+
+
+def _has_live_adapters(head: torch.nn.Module) -> bool:
+    """A peft tuner layer (LoRA, ...) whose adapters change the head's output: ``head.weight`` is only its
+    base weight then. Merged or disabled adapters change nothing."""
+    return isinstance(head, BaseTunerLayer) and not head.merged and not head.disable_adapters
 
 
 def reshard_if_idle(head: torch.nn.Module) -> None:

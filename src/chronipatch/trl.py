@@ -61,20 +61,28 @@ def _check_fused_head(owner, fwd) -> None:
     The settings live in the closure of TRL's ``_fused_forward``."""
     func = getattr(fwd, "__func__", fwd)
     settings = {n: c.cell_contents for n, c in zip(func.__code__.co_freevars, func.__closure__ or ())}
+    missing = sorted({*_FUSED_HEAD_AS_OURS, "outputs"} - settings.keys())
+    if missing:  # another TRL: its head may compute something else, and nothing here can tell
+        raise ValueError(
+            f"chronipatch.trl.integrate: cannot read {missing} from TRL's fused lm-head; this TRL version is "
+            "not supported (trl 1.16 is)"
+        )
     for key, ours in _FUSED_HEAD_AS_OURS.items():
-        if key in settings and settings[key] != ours:
+        if settings[key] != ours:
             raise ValueError(
                 f"chronipatch.trl.integrate: TRL's fused lm-head uses {key}={settings[key]!r}; chronipatch's "
                 f"loss computes {key}={ours!r} only"
             )
-    extra = set(settings.get("outputs", ())) - _FUSED_OUTPUTS_OURS
+    extra = set(settings["outputs"]) - _FUSED_OUTPUTS_OURS
     if extra:
         raise ValueError(
             f"chronipatch.trl.integrate: TRL's fused lm-head asks for {sorted(extra)}; chronipatch's loss "
             f"gives {sorted(_FUSED_OUTPUTS_OURS)}"
         )
-    if getattr(owner.get_output_embeddings(), "bias", None) is not None:
+    head = owner.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
         raise ValueError("chronipatch.trl.integrate: the lm_head has a bias; chronipatch's loss has none")
+    head_weight(head)  # raises for LoRA adapters on the head, before training rather than at its first step
 
 
 def _make_fused_forward(trl_forward, counter: dict):
@@ -164,10 +172,12 @@ def integrate(
     model = trainer.model
     if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
         raise ValueError("chronipatch.trl.integrate: the tokenizer has no pad token; set tokenizer.pad_token")
+    _check_fused_head(
+        *_fused_lm_head_owner(trainer)
+    )  # before anything changes: a refusal leaves it all as is
     if not is_patched(model):
         apply(model)
     owner, trl_forward = _fused_lm_head_owner(trainer)
-    _check_fused_head(owner, trl_forward)
     counter = {"calls": 0}
     owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
 

@@ -149,7 +149,8 @@ def sms_for(t: torch.Tensor) -> int:
 
 
 # triton.cdiv / next_power_of_2 are ConstexprFunctions: ~2-4 us of dispatch per call from Python, paid on
-# every eager launch. Plain integer math for Python ints; symbolic sizes (tracing) keep triton's.
+# every eager launch. Plain integer math instead (cdiv's also serves symbolic sizes; pow2 keeps triton's
+# for them).
 
 
 def cdiv(a: int, b: int) -> int:
