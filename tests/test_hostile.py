@@ -163,12 +163,12 @@ ERRORS = [
     (
         "packing",
         lambda: PackingCollator(max_length=8)([{"input_ids": "abc"}]),
-        "example 0: 'input_ids' is not a sequence of token ids",
+        "example 0: 'input_ids' is not a sequence of integers",
     ),
     (
         "packing",
         lambda: PackingCollator(max_length=8)([{"input_ids": [[1, 2], [3]]}]),
-        "example 0: 'input_ids' is not a sequence of token ids",
+        "example 0: 'input_ids' is not a sequence of integers",
     ),
     ("packing", lambda: PackingCollator(max_length=True), "max_length must be an int >= 2"),
     (

@@ -91,7 +91,7 @@ def _as_1d_long(value: Any, key: str, index: int) -> torch.Tensor:
     try:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as e:  # strings, ragged nested lists, ...
-        raise ValueError(f"example {index}: {key!r} is not a sequence of token ids ({e})") from None
+        raise ValueError(f"example {index}: {key!r} is not a sequence of integers ({e})") from None
     # Token ids and labels are integers; casting floats or bools would change them silently.
     if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):  # [] is float
         raise ValueError(f"example {index}: {key!r} must hold integers, got {t.dtype}")
