@@ -25,3 +25,11 @@ def assert_no_worse_than_stock(ours, stock, truth, dtype, slack=1.1, what=""):
 def hf_view(b: int, t: int, h: int, d: int, **kw) -> torch.Tensor:
     """A [B, H, T, D] view of a [B, T, H, D] buffer, as HF attention passes q and k."""
     return torch.randn(b, t, h, d, **kw).transpose(1, 2)
+
+
+def rope_cos_sin(b, t, d, dtype=torch.float64, device="cpu"):
+    """HF-style cos/sin [b, t, d] at random distinct positions per batch row."""
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    pos = torch.stack([torch.randperm(4 * t)[:t] for _ in range(b)]).double()
+    emb = torch.cat([pos[..., None] * inv, pos[..., None] * inv], -1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)

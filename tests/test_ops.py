@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from chronipatch import ops
-from helpers import hf_view
+from helpers import hf_view, rope_cos_sin
 
 OPS = torch.ops.chronipatch
 ROWS = [1, 7, 127, 4099]
@@ -88,13 +88,6 @@ def test_swiglu_matches_hf(shape, dtype):
 # ------------------------------------------------------------------ RoPE
 
 
-def _cos_sin(b, t, d, dtype=torch.float64, device="cpu"):
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    pos = torch.stack([torch.randperm(4 * t)[:t] for _ in range(b)]).double()
-    emb = torch.cat([pos[..., None] * inv, pos[..., None] * inv], -1)
-    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
-
-
 @pytest.mark.parametrize(
     "b,t,hq,hk,d,cos_b",
     [(1, 1, 2, 1, 8, 1), (2, 7, 14, 2, 64, 2), (2, 127, 16, 8, 128, 1), (1, 33, 4, 4, 96, 1)],
@@ -103,7 +96,7 @@ def _cos_sin(b, t, d, dtype=torch.float64, device="cpu"):
 def test_rope_matches_hf(b, t, hq, hk, d, cos_b, dtype):
     torch.manual_seed(t)
     q64, k64 = hf_view(b, t, hq, d, dtype=torch.float64), hf_view(b, t, hk, d, dtype=torch.float64)
-    cos, sin = _cos_sin(cos_b, t, d)
+    cos, sin = rope_cos_sin(cos_b, t, d)
     q, k = q64.to(dtype).requires_grad_(), k64.to(dtype).requires_grad_()
     qr, kr = q64.clone().requires_grad_(), k64.clone().requires_grad_()
     qo, ko = ops.rope(q, k, cos.to(dtype), sin.to(dtype))
@@ -120,7 +113,7 @@ def test_rope_matches_hf(b, t, hq, hk, d, cos_b, dtype):
 
 def test_rope_output_keeps_hf_layout():
     q, k = hf_view(2, 5, 4, 8), hf_view(2, 5, 2, 8)
-    cos, sin = _cos_sin(2, 5, 8, torch.float32)
+    cos, sin = rope_cos_sin(2, 5, 8, torch.float32)
     qo, ko = ops.rope(q, k, cos, sin)
     assert qo.stride() == q.stride() and ko.stride() == k.stride()
 
@@ -277,123 +270,6 @@ def test_lce_ignore_index_custom():
     labels = torch.tensor([3, 7, 7, 1])
     got = ops.linear_cross_entropy(hidden, w, labels, ignore_index=7, shift=False)
     torch.testing.assert_close(got, F.cross_entropy(hidden @ w.T, labels, ignore_index=7))
-
-
-# ------------------------------------------------------------------ registration
-
-
-def _opcheck_cases():
-    torch.manual_seed(0)
-    x = torch.randn(5, 3, 64, requires_grad=True)
-    q, k = hf_view(2, 5, 4, 8).requires_grad_(), hf_view(2, 5, 2, 8).requires_grad_()
-    cos, sin = _cos_sin(1, 5, 8, torch.float32)
-    h, w = torch.randn(6, 16, requires_grad=True), torch.randn(33, 16, requires_grad=True)
-    return [
-        ("rms_norm", OPS.rms_norm, (x, torch.randn(64, requires_grad=True), 1e-6)),
-        ("rms_norm_nograd", OPS.rms_norm, (torch.randn(7, 100), torch.randn(100), 1e-5)),
-        (
-            "swiglu",
-            OPS.swiglu,
-            (torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)),
-        ),
-        ("rope", OPS.rope, (q, k, cos, sin)),
-        ("lce", OPS.linear_cross_entropy, (h, w, torch.tensor([1, -100, 5, 32, 0, 7]), -100)),
-        (
-            "rms_norm_bwd",
-            OPS.rms_norm_bwd,
-            (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.rand(3)),
-        ),
-        ("swiglu_bwd", OPS.swiglu_bwd, (torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8))),
-        ("rope_bwd", OPS.rope_bwd, (hf_view(1, 5, 4, 8), hf_view(1, 5, 2, 8), cos, sin)),
-        (
-            "lce_bwd",
-            OPS.linear_cross_entropy_bwd,
-            (
-                torch.rand(6),
-                h.detach(),
-                w.detach(),
-                torch.tensor([1, -100, 5, 32, 0, 7]),
-                torch.stack([torch.rand(6), torch.rand(6) + 3], -1),
-                -100,
-                True,
-                True,
-            ),
-        ),
-        (
-            "lce_bwd_frozen_head",
-            OPS.linear_cross_entropy_bwd,
-            (
-                torch.rand(6),
-                h.detach(),
-                w.detach(),
-                torch.tensor([1, -100, 5, 32, 0, 7]),
-                torch.stack([torch.rand(6), torch.rand(6) + 3], -1),
-                -100,
-                True,
-                False,
-            ),
-        ),
-    ]
-
-
-@pytest.mark.parametrize("name,op,args", _opcheck_cases(), ids=lambda c: c if isinstance(c, str) else "")
-def test_opcheck(name, op, args):
-    torch.library.opcheck(op, args)
-
-
-def _opcheck_cuda_cases():
-    # bf16 for the forward ops; a backward op takes the fp32 statistics its forward saved, so fp32 only.
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return [
-        pytest.param(*case, dtype, id=f"{case[0]}-{tag}")
-        for case in _opcheck_cases()
-        for tag, dtype in dtypes.items()
-        if tag == "fp32" or "_bwd" not in case[0]
-    ]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name,op,args,dtype", _opcheck_cuda_cases())
-def test_opcheck_cuda(name, op, args, dtype):
-    """The same cases on CUDA tensors, where the ops run their Triton kernels."""
-
-    def moved(a):
-        if not isinstance(a, torch.Tensor):
-            return a
-        to = a.detach().to(device="cuda", dtype=dtype if a.is_floating_point() else a.dtype)
-        return to.requires_grad_(a.requires_grad)
-
-    torch.library.opcheck(op, tuple(moved(a) for a in args))
-
-
-def _count_breaks(fn, *args):
-    torch._dynamo.reset()
-    return torch._dynamo.explain(fn)(*args).graph_break_count
-
-
-def test_ops_compile_fullgraph_with_backward():
-    torch.manual_seed(0)
-    x, w = torch.randn(6, 32, requires_grad=True), torch.randn(32, requires_grad=True)
-    q, k = hf_view(2, 5, 4, 8).requires_grad_(), hf_view(2, 5, 2, 8).requires_grad_()
-    cos, sin = _cos_sin(2, 5, 8, torch.float32)
-    wv, labels = torch.randn(40, 32, requires_grad=True), torch.randint(0, 40, (6,))
-
-    def step(x, w, q, k, wv):
-        h = ops.rms_norm(x, w, 1e-6)
-        h = ops.swiglu(h, h * 2)
-        qo, ko = ops.rope(q, k, cos, sin)
-        return ops.linear_cross_entropy(h, wv, labels, shift=False) + qo.square().mean() + ko.mean()
-
-    args = (x, w, q, k, wv)
-    assert _count_breaks(step, *args) == 0
-    torch._dynamo.reset()
-    eager = step(*args)
-    eager_grads = torch.autograd.grad(eager, args)
-    compiled = torch.compile(step, fullgraph=True)(*args)
-    compiled_grads = torch.autograd.grad(compiled, args)
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b)
 
 
 def test_lce_autocast_leaves_fp64_and_meta_alone():
