@@ -34,12 +34,7 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
     the fused loss never runs: ``unshard()`` it through FSDP, whose post-backward hook then
     reduce-scatters the gradient as for a normal call (``DTensor.full_tensor()`` would not).
     """
-    if _has_live_adapters(head):
-        raise ValueError(
-            "chronipatch: lm_head carries unmerged LoRA adapters; the fused loss reads the head's weight and "
-            "would leave them untrained. Leave lm_head out of the LoRA target_modules, or apply(model, "
-            "fused_loss=False)"
-        )
+    check_head_adapters(head)
     if isinstance(head, FSDPModule):
         head.unshard()
     weight = head.weight
@@ -51,10 +46,15 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-def _has_live_adapters(head: torch.nn.Module) -> bool:
-    """A peft tuner layer (LoRA, ...) whose adapters change the head's output: ``head.weight`` is only its
-    base weight then. Merged or disabled adapters change nothing."""
-    return isinstance(head, BaseTunerLayer) and not head.merged and not head.disable_adapters
+def check_head_adapters(head: torch.nn.Module) -> None:
+    """Refuse a peft tuner layer (LoRA, ...) as the head while its adapters change its output: a loss that
+    reads ``head.weight`` gets only the base weight then. Merged or disabled adapters change nothing."""
+    if isinstance(head, BaseTunerLayer) and not head.merged and not head.disable_adapters:
+        raise ValueError(
+            "chronipatch: lm_head carries unmerged LoRA adapters; the fused loss reads the head's weight and "
+            "would leave them untrained. Leave lm_head out of the LoRA target_modules, or apply(model, "
+            "fused_loss=False)"
+        )
 
 
 def reshard_if_idle(head: torch.nn.Module) -> None:

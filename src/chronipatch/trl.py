@@ -25,7 +25,7 @@ import types
 from transformers import TrainerCallback
 
 from . import attention, loraplus, ops
-from .layers import head_weight, reshard_if_idle
+from .layers import check_head_adapters, head_weight, reshard_if_idle
 from .packing import PackingCollator
 from .patch import apply, is_patched
 
@@ -82,7 +82,7 @@ def _check_fused_head(owner, fwd) -> None:
     head = owner.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("chronipatch.trl.integrate: the lm_head has a bias; chronipatch's loss has none")
-    head_weight(head)  # raises for LoRA adapters on the head, before training rather than at its first step
+    check_head_adapters(head)  # before training, not at its first step
 
 
 def _make_fused_forward(trl_forward, counter: dict):
@@ -172,9 +172,8 @@ def integrate(
     model = trainer.model
     if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
         raise ValueError("chronipatch.trl.integrate: the tokenizer has no pad token; set tokenizer.pad_token")
-    _check_fused_head(
-        *_fused_lm_head_owner(trainer)
-    )  # before anything changes: a refusal leaves it all as is
+    # Before anything changes: a refusal leaves the trainer and the model as they were.
+    _check_fused_head(*_fused_lm_head_owner(trainer))
     if not is_patched(model):
         apply(model)
     owner, trl_forward = _fused_lm_head_owner(trainer)
