@@ -17,6 +17,9 @@ def _opcheck_cases():
     q, k = hf_view(2, 5, 4, 8).requires_grad_(), hf_view(2, 5, 2, 8).requires_grad_()
     cos, sin = rope_cos_sin(1, 5, 8, torch.float32)
     h, w = torch.randn(6, 16, requires_grad=True), torch.randn(33, 16, requires_grad=True)
+    labels = torch.tensor([1, -100, 5, 32, 0, 7])
+    stats = torch.stack([torch.rand(6), torch.rand(6) + 3], -1)  # (row max, sum exp), as the forward saves
+    lce_bwd = (torch.rand(6), h.detach(), w.detach(), labels, stats, -100)  # + need_dh, need_dw
     return [
         ("rms_norm", OPS.rms_norm, (x, torch.randn(64, requires_grad=True), 1e-6)),
         ("rms_norm_nograd", OPS.rms_norm, (torch.randn(7, 100), torch.randn(100), 1e-5)),
@@ -26,7 +29,7 @@ def _opcheck_cases():
             (torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)),
         ),
         ("rope", OPS.rope, (q, k, cos, sin)),
-        ("lce", OPS.linear_cross_entropy, (h, w, torch.tensor([1, -100, 5, 32, 0, 7]), -100)),
+        ("lce", OPS.linear_cross_entropy, (h, w, labels, -100)),
         (
             "rms_norm_bwd",
             OPS.rms_norm_bwd,
@@ -34,34 +37,8 @@ def _opcheck_cases():
         ),
         ("swiglu_bwd", OPS.swiglu_bwd, (torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8))),
         ("rope_bwd", OPS.rope_bwd, (hf_view(1, 5, 4, 8), hf_view(1, 5, 2, 8), cos, sin)),
-        (
-            "lce_bwd",
-            OPS.linear_cross_entropy_bwd,
-            (
-                torch.rand(6),
-                h.detach(),
-                w.detach(),
-                torch.tensor([1, -100, 5, 32, 0, 7]),
-                torch.stack([torch.rand(6), torch.rand(6) + 3], -1),
-                -100,
-                True,
-                True,
-            ),
-        ),
-        (
-            "lce_bwd_frozen_head",
-            OPS.linear_cross_entropy_bwd,
-            (
-                torch.rand(6),
-                h.detach(),
-                w.detach(),
-                torch.tensor([1, -100, 5, 32, 0, 7]),
-                torch.stack([torch.rand(6), torch.rand(6) + 3], -1),
-                -100,
-                True,
-                False,
-            ),
-        ),
+        ("lce_bwd", OPS.linear_cross_entropy_bwd, (*lce_bwd, True, True)),
+        ("lce_bwd_frozen_head", OPS.linear_cross_entropy_bwd, (*lce_bwd, True, False)),
     ]
 
 

@@ -172,11 +172,12 @@ def integrate(
     model = trainer.model
     if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
         raise ValueError("chronipatch.trl.integrate: the tokenizer has no pad token; set tokenizer.pad_token")
-    # Before anything changes: a refusal leaves the trainer and the model as they were.
-    _check_fused_head(*_fused_lm_head_owner(trainer))
+    owner, trl_forward = _fused_lm_head_owner(trainer)
+    # Before anything changes: a refusal leaves the trainer and the model as they were. (apply leaves a
+    # forward someone else bound on the instance, TRL's fused head, where it is.)
+    _check_fused_head(owner, trl_forward)
     if not is_patched(model):
         apply(model)
-    owner, trl_forward = _fused_lm_head_owner(trainer)
     counter = {"calls": 0}
     owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
 

@@ -190,7 +190,7 @@ def lce_bwd_triton(
             _bwd_chunk_kernel[(n,)](g, labels, stats, grad_rows, *chunk, BLOCK_V=BLOCK_V, num_warps=4)
             if wide:
                 # fp64 copies of half a chunk at a time: no larger than the fp32 chunk itself.
-                half = -(-g.shape[1] // 2)
+                half = (g.shape[1] + 1) // 2
                 for c0 in range(0, g.shape[1], half):
                     g64, w64 = g[:, c0 : c0 + half].double(), w[c0 : c0 + half].double()
                     if need_dw:
