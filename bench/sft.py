@@ -211,6 +211,31 @@ def run_variant(args: argparse.Namespace) -> dict:
                 self.prof.__exit__(None, None, None)
                 self.prof = None
 
+    class PyProfile(TrainerCallback):
+        """cProfile over the steps after the warm-up (--pyprofile FILE): the host's Python, by function."""
+
+        def __init__(self, path: str):
+            import cProfile
+
+            self.path, self.prof, self.on = path, cProfile.Profile(), False
+
+        def on_step_begin(self, a, state, control, **kwargs):
+            if not self.on and state.global_step == args.warmup:
+                self.on = True
+                self.prof.enable()
+
+        def on_train_end(self, a, state, control, **kwargs):
+            import io
+            import pstats
+
+            if self.on:
+                self.prof.disable()
+                s = io.StringIO()
+                stats = pstats.Stats(self.prof, stream=s)
+                stats.sort_stats("tottime").print_stats(45)
+                stats.sort_stats("cumulative").print_stats(45)
+                Path(self.path).write_text(s.getvalue())
+
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = SFTTrainer(
             model=model,
@@ -228,6 +253,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         profiler = Profile() if args.profile and cuda else None
         if profiler is not None:
             trainer.add_callback(profiler)
+        if args.pyprofile:
+            trainer.add_callback(PyProfile(args.pyprofile))
         collate, counts = trainer.data_collator, []
 
         def counting_collator(examples):
@@ -291,6 +318,7 @@ def spawn(args: argparse.Namespace, variant: str) -> dict:
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--profile"] if args.profile else []
+    cmd += ["--pyprofile", f"{args.pyprofile}.{variant}.txt"] if args.pyprofile else []
     print(f"== {variant}", file=sys.stderr, flush=True)
     base = {"variant": variant}
     return run_worker(cmd, base, args.timeout)
@@ -310,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--profile", action="store_true", help="also profile 2 steps after the warm-up: GPU time per category"
     )
+    p.add_argument("--pyprofile", metavar="PREFIX", help="cProfile the timed steps into PREFIX.<variant>.txt")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from chronipatch import attention
 from chronipatch.attention import varlen_attention_forward
 
 pytestmark = pytest.mark.gpu
@@ -116,6 +117,23 @@ def test_sliding_window_matches_masked_sdpa():
     stock = _run(per_document, qkv, grad, torch.bfloat16)
     truth = _run(per_document, qkv, grad, torch.float32)
     _assert_within_bf16_noise(ours, stock, truth)
+
+
+@pytest.mark.parametrize("window", [None, 128])
+def test_eager_calls_go_straight_to_the_flash_kernels(monkeypatch, window):
+    """Eager CUDA calls skip varlen_attn's custom op (and, GQA, its repeated k/v); same results."""
+    qkv, grad, cu = _inputs()
+    packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))
+    calls = []
+    apply = attention._FlashVarlen.apply
+    monkeypatch.setattr(attention._FlashVarlen, "apply", lambda *a: calls.append(a[2].shape[1]) or apply(*a))
+    direct = _run(_ours(sliding_window=window, **packed), qkv, grad, torch.bfloat16)
+    assert calls == [HK]  # k reaches the kernel with its own head count
+    monkeypatch.setattr(attention, "eager_cuda", lambda *t: False)
+    via_op = _run(_ours(sliding_window=window, **packed), qkv, grad, torch.bfloat16)
+    assert len(calls) == 1
+    for a, b in zip(direct, via_op):  # dq/dk/dv: atomics and the order of the GQA head sums
+        torch.testing.assert_close(a, b, atol=BF16_EPS * b.abs().max().item(), rtol=0)
 
 
 def test_compile_fullgraph_varlen():

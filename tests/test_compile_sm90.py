@@ -93,7 +93,7 @@ def _cases() -> list[tuple[str, str, str, dict, dict]]:
                 "linear_cross_entropy",
                 "_fwd_chunk_kernel",
                 {"Z": f"*{dt}", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
-                {"BLOCK_V": 1024},
+                {"BLOCK_V": 4096},
             ),
             (
                 f"lce_bwd_{dt}",

@@ -70,6 +70,9 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
         for a, e in zip(out, ref(q, k, cos, sin)):
             torch.testing.assert_close(a, e, **TOL[dtype])
             assert a.stride() == e.stride() or a.is_contiguous() == e.is_contiguous()
+    for a, e in zip(rope.rope_triton(q, k, cos, sin, dense=True), reference.rope_fwd(q, k, cos, sin)):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, e, **TOL[dtype])
 
 
 @pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049)])
@@ -80,6 +83,8 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
 )
 def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 64)  # many vocabulary chunks, also a ragged last one
+    monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)  # and several tiles per chunk (the online rescale)
+    monkeypatch.setattr(lce, "BLOCK_V", 128)
     monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
     torch.manual_seed(v)
     hid, w = _r(n, h, dtype=dtype), _r(v, h, dtype=dtype, scale=0.5)
@@ -142,7 +147,8 @@ def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
     cases = [
         (lambda a, b: rms._Eager.apply(a, b, 1e-6), (x, w)),
         (swi._Eager.apply, (g, u)),
-        (lambda a, b: rope._Eager.apply(a, b, cos, sin), (q, k)),
+        (lambda a, b: rope._Eager.apply(a, b, cos, sin, False), (q, k)),
+        (lambda a, b: rope._Eager.apply(a, b, cos, sin, True), (q, k)),
     ]
     launched = [
         lambda go, a, b: (
@@ -152,6 +158,10 @@ def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
         lambda go, a, b: (swi.swiglu_fwd_triton(a, b), *swi.swiglu_bwd_triton(go[0], a, b)),
         lambda go, a, b: (
             *rope.rope_triton(a, b, cos, sin),
+            *rope.rope_triton(go[0], go[1], cos, sin, backward=True),
+        ),
+        lambda go, a, b: (
+            *rope.rope_triton(a, b, cos, sin, dense=True),
             *rope.rope_triton(go[0], go[1], cos, sin, backward=True),
         ),
     ]

@@ -116,6 +116,19 @@ def test_rope_output_keeps_hf_layout():
     cos, sin = rope_cos_sin(2, 5, 8, torch.float32)
     qo, ko = ops.rope(q, k, cos, sin)
     assert qo.stride() == q.stride() and ko.stride() == k.stride()
+    assert not qo.is_contiguous()
+
+
+def test_rope_dense_outputs_are_contiguous_with_the_same_values():
+    q, k = hf_view(2, 5, 4, 8).requires_grad_(), hf_view(2, 5, 2, 8).requires_grad_()
+    cos, sin = rope_cos_sin(2, 5, 8, torch.float32)
+    views = ops.rope(q, k, cos, sin)
+    dense = ops.rope(q, k, cos, sin, dense=True)
+    grads = [torch.randn_like(o) for o in views]
+    for a, b in zip(views, dense):
+        assert b.is_contiguous() and torch.equal(a, b)
+    for a, b in zip(torch.autograd.grad(views, (q, k), grads), torch.autograd.grad(dense, (q, k), grads)):
+        assert torch.equal(a, b) and a.stride() == b.stride()  # input grads keep the projections' layout
 
 
 # ------------------------------------------------------------------ linear cross-entropy

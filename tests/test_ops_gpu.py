@@ -147,7 +147,12 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
     cases = [
         (lambda a, b: ops.rms_norm(a, b, 1e-6), lambda a, b: rn._rms_norm(a, b, 1e-6)[0], (x, w)),
         (ops.swiglu, sg._swiglu, (g, u)),
-        (lambda a, b: ops.rope(a, b, cos, sin), lambda a, b: rp._rope(a, b, cos, sin), (q, k)),
+        (lambda a, b: ops.rope(a, b, cos, sin), lambda a, b: rp._rope(a, b, cos, sin, False), (q, k)),
+        (
+            lambda a, b: ops.rope(a, b, cos, sin, dense=True),
+            lambda a, b: rp._rope(a, b, cos, sin, True),
+            (q, k),
+        ),
     ]
     for public, registered, inputs in cases:
         assert rn.eager_cuda(inputs[0]) and not rn.eager_cuda(inputs[0].cpu())

@@ -28,7 +28,8 @@ def _opcheck_cases():
             OPS.swiglu,
             (torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)),
         ),
-        ("rope", OPS.rope, (q, k, cos, sin)),
+        ("rope", OPS.rope, (q, k, cos, sin, False)),
+        ("rope_dense", OPS.rope, (q, k, cos, sin, True)),
         ("lce", OPS.linear_cross_entropy, (h, w, labels, -100)),
         (
             "rms_norm_bwd",

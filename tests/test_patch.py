@@ -53,6 +53,28 @@ def test_patched_matches_stock(family, op_calls):
     assert op_calls == {"rms_norm": n_norms, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
 
 
+def test_padded_batch_matches_stock_with_dense_rope(monkeypatch):
+    """A padding mask under SDPA: RoPE hands SDPA contiguous q/k, as stock's does; results equal stock's."""
+    from chronipatch import layers
+
+    stock = tiny_model("qwen3")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding in the first row
+    labels[0, :5] = -100
+    seen = []
+    rope = layers.ops.rope
+    monkeypatch.setattr(layers.ops, "rope", lambda *a, dense: seen.append(dense) or rope(*a, dense=dense))
+    kw = dict(attention_mask=mask)
+    _assert_same(_loss_and_grads(patched, ids, labels, **kw), _loss_and_grads(stock, ids, labels, **kw))
+    assert seen == [True, True]
+    seen.clear()
+    patched(ids)  # no mask: SDPA's causal flash path, which reads the projections' layout as it is
+    assert seen == [False, False]
+
+
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_compiled_training_step_one_graph(family):
     stock = tiny_model(family)

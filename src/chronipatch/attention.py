@@ -17,6 +17,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
+from .ops._utils import eager_cuda
+
 __all__ = ["NAME", "register", "unregister", "varlen_attention_forward"]
 
 NAME = "chronipatch_varlen"
@@ -143,6 +145,38 @@ def _reference(q, k, v, mask, scaling):
     return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).contiguous()
 
 
+class _FlashVarlen(torch.autograd.Function):
+    """The flash kernels behind ``varlen_attn``, called straight for eager CUDA calls (``eager_cuda``).
+
+    ``varlen_attn``'s custom-op dispatch costs about 0.3 ms of host time per call in torch 2.11, paid twice
+    per layer under gradient checkpointing and once more in the backward; and the kernels take k/v with fewer
+    heads (GQA) as they are, where torch 2.11's ``varlen_attn`` wants them repeated. The arguments mirror
+    ``varlen_attn``'s (causal: window ``(left, 0)``, ``is_causal`` when ``left == -1``; no dropout).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, left):
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, left == -1, False,
+            scale=scale, window_size_left=left, window_size_right=0,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, scale, left)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, left = ctx.args
+        rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: as varlen_attn passes it
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, left == -1, rng,
+            torch.empty(0, device=q.device), scale=scale, window_size_left=left, window_size_right=0,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, sliding_window):
     """One varlen kernel call over the flattened tokens; returns [B, T, Hq, D]."""
     b, hq, t, d = q.shape
@@ -150,9 +184,15 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, sliding_window):
     q3 = q.transpose(1, 2).reshape(b * t, hq, d)
     k3 = k.transpose(1, 2).reshape(-1, hk, d)
     v3 = v.transpose(1, 2).reshape(-1, hk, d)
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    left = -1 if sliding_window is None else sliding_window - 1
+    if "window_size" in _VARLEN_PARAMS and eager_cuda(q3, k3, v3):
+        scale = d**-0.5 if scaling is None else scaling
+        out = _FlashVarlen.apply(_dense(q3), _dense(k3), _dense(v3), cu_q, cu_k, max_q, max_k, scale, left)
+        return out.view(b, t, hq, d)
     kw = {"scale": scaling}
     if "window_size" in _VARLEN_PARAMS:
-        kw["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+        kw["window_size"] = (left, 0)
     elif sliding_window is None:  # torch 2.10: causal flag only, no windows
         kw["is_causal"] = True
     else:
@@ -161,8 +201,13 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, sliding_window):
         kw["enable_gqa"] = True
     elif hq != hk:
         k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
-    out = _varlen_attn(q3, k3, v3, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, **kw)
+    out = _varlen_attn(q3, k3, v3, cu_q, cu_k, max_q, max_k, **kw)
     return out.view(b, t, hq, d)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    # The flash kernels read rows by stride but need a unit stride along the head dim.
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def varlen_attention_forward(

@@ -93,7 +93,10 @@ def attention_forward(
     value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
-    query_states, key_states = ops.rope(query_states, key_states, cos, sin)
+    # Flash/varlen kernels read q/k in the projections' [B, T, H, D] layout; masked attention (SDPA, eager)
+    # runs faster on the contiguous [B, H, T, D] that stock's RoPE leaves (SDPA masked fwd+bwd: -9% time).
+    dense = attention_mask is not None and "flash" not in str(self.config._attn_implementation)
+    query_states, key_states = ops.rope(query_states, key_states, cos, sin, dense=dense)
 
     # transformers >= 5.24 passes the cache as ``cache`` (and wants the call kwargs in ``update``).
     new_api = "cache" in kwargs

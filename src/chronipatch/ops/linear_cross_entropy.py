@@ -39,7 +39,9 @@ from ._math import softmax_exp
 from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
 
 CHUNK_BYTES = 128 << 20  # bytes of one [N, Vc] logits chunk: fewer, larger GEMMs and launches
-BLOCK_V = 1024
+BLOCK_V = 1024  # backward: no reductions, bandwidth-bound at this width
+# Forward: each tile ends in four row reductions on the loop-carried max/sum chain; wide tiles run fewer.
+FWD_BLOCK_V, FWD_WARPS = 4096, 8
 
 # ---------------------------------------------------------------- kernels
 
@@ -146,7 +148,9 @@ def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index:
     if n > 0:
         for v0, _, z in _logit_chunks(hidden, weight):
             chunk = (z.stride(0), z.shape[1], v0, ignore_index)
-            _fwd_chunk_kernel[(n,)](z, labels, m, s, e, best, arg, zlab, *chunk, BLOCK_V=BLOCK_V, num_warps=4)
+            _fwd_chunk_kernel[(n,)](
+                z, labels, m, s, e, best, arg, zlab, *chunk, BLOCK_V=FWD_BLOCK_V, num_warps=FWD_WARPS
+            )
     logsum = torch.log(s)
     # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
     loss = torch.where(labels != ignore_index, logsum - reference.centred(zlab, m), 0.0)

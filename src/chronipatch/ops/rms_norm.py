@@ -121,7 +121,8 @@ def rms_norm_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> 
     block, rows, warps = _tiles(n)
     progs = max(1, min(cdiv(m, rows), 4 * sms_for(x)))
     rows_per_prog = cdiv(max(m, 1), progs)
-    dw_part = torch.zeros(progs, n, dtype=torch.float64, device=x.device)
+    # Every launched program stores its partial row (zeros when it has no rows): no fill unless nothing runs.
+    dw_part = (torch.empty if m > 0 else torch.zeros)(progs, n, dtype=torch.float64, device=x.device)
     if m > 0:
         wrap_triton(_bwd_kernel)[(progs,)](
             dy2,

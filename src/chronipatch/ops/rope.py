@@ -146,12 +146,19 @@ def _last_dense(x: Tensor) -> Tensor:
 
 
 def rope_triton(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False, dense: bool = False
 ) -> tuple[Tensor, Tensor]:
     q, k, cos, sin = _last_dense(q), _last_dense(k), _last_dense(cos), _last_dense(sin)
     b, hq, t, d = q.shape
     hk = k.shape[1]
-    qo, ko = _like_hf(q), _like_hf(k)
+    qo, ko = (
+        (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+        )
+        if dense
+        else (_like_hf(q), _like_hf(k))
+    )
     # A batch of 1 in cos/sin broadcasts over the batch of q/k.
     sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
     ss_b = sin.stride(0) if sin.shape[0] > 1 else 0
@@ -197,10 +204,11 @@ def rope_triton(
 
 
 @triton_op("chronipatch::rope", mutates_args=())
-def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
     if on_gpu(q):
-        return rope_triton(q, k, cos, sin)
-    return reference.rope_fwd(q, k, cos, sin)
+        return rope_triton(q, k, cos, sin, dense=dense)
+    qo, ko = reference.rope_fwd(q, k, cos, sin)
+    return (qo.contiguous(), ko.contiguous()) if dense else (qo, ko)
 
 
 @triton_op("chronipatch::rope_bwd", mutates_args=())
@@ -211,14 +219,14 @@ def _rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor,
 
 
 def _setup(ctx, inputs, output):
-    _, _, cos, sin = inputs
+    _, _, cos, sin, _ = inputs
     ctx.save_for_backward(cos, sin)
 
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
     dq_in, dk_in = _rope_bwd(dq, dk, cos, sin)
-    return dq_in, dk_in, None, None
+    return dq_in, dk_in, None, None, None
 
 
 _rope.register_autograd(_backward, setup_context=_setup)
@@ -231,9 +239,9 @@ class _Eager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, dense):
         ctx.save_for_backward(cos, sin)
-        return _direct_fwd(q, k, cos, sin)
+        return _direct_fwd(q, k, cos, sin, dense=dense)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -244,14 +252,19 @@ class _Eager(torch.autograd.Function):
             dq_in, dk_in = _direct_fwd(dq, dk, cos, sin, backward=True)
         else:
             dq_in, dk_in = _rope_bwd(dq, dk, cos, sin)
-        return dq_in, dk_in, None, None
+        return dq_in, dk_in, None, None, None
 
 
 # ---------------------------------------------------------------- public
 
 
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """HF ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``unsqueeze_dim=1``; returns (q_out, k_out)."""
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool = False) -> tuple[Tensor, Tensor]:
+    """HF ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``unsqueeze_dim=1``; returns (q_out, k_out).
+
+    The outputs are ``[B, H, T, D]`` views of ``[B, T, H, D]`` memory, the layout of HF's projections that
+    flash/varlen attention read as they are; ``dense`` makes them contiguous ``[B, H, T, D]`` instead, as
+    stock's RoPE leaves them (SDPA with a mask runs its kernels faster on that layout).
+    """
     op = "rope"
     check_tensors(op, q=q, k=k, cos=cos, sin=sin)
     check(
@@ -293,5 +306,5 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     )
     check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
     if eager_cuda(q, k, cos, sin):
-        return _Eager.apply(q, k, cos, sin)
-    return _rope(q, k, cos, sin)
+        return _Eager.apply(q, k, cos, sin, bool(dense))
+    return _rope(q, k, cos, sin, bool(dense))
