@@ -151,52 +151,24 @@ def rope_triton(
     q, k, cos, sin = _last_dense(q), _last_dense(k), _last_dense(cos), _last_dense(sin)
     b, hq, t, d = q.shape
     hk = k.shape[1]
-    qo, ko = (
-        (
-            torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-        )
-        if dense
-        else (_like_hf(q), _like_hf(k))
-    )
-    # A batch of 1 in cos/sin broadcasts over the batch of q/k.
-    sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
-    ss_b = sin.stride(0) if sin.shape[0] > 1 else 0
+    if dense:
+        qo, ko = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
+    else:
+        qo, ko = _like_hf(q), _like_hf(k)
     if b * t > 0:
         half = d // 2
+        # One stride() call per tensor: each costs as much host time as a small kernel's arithmetic.
+        sq, sk, sqo, sko, sc, ss = (x.stride() for x in (q, k, qo, ko, cos, sin))
         wrap_triton(_rope_kernel)[(b * t,)](
-            q,
-            k,
-            cos,
-            sin,
-            qo,
-            ko,
-            t,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            qo.stride(0),
-            qo.stride(1),
-            qo.stride(2),
-            ko.stride(0),
-            ko.stride(1),
-            ko.stride(2),
-            sc_b,
-            cos.stride(1),
-            ss_b,
-            sin.stride(1),
-            hq,
-            hk,
-            HALF=half,
-            BLOCK_HQ=pow2(hq),
-            BLOCK_HK=pow2(hk),
-            BLOCK_D=pow2(half),
-            BACKWARD=backward,
-            num_warps=4,
-        )
+            q, k, cos, sin, qo, ko, t,
+            *sq[:3], *sk[:3], *sqo[:3], *sko[:3],
+            # A batch of 1 in cos/sin broadcasts over the batch of q/k.
+            sc[0] if cos.shape[0] > 1 else 0, sc[1],
+            ss[0] if sin.shape[0] > 1 else 0, ss[1],
+            hq, hk,
+            HALF=half, BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), BLOCK_D=pow2(half),
+            BACKWARD=backward, num_warps=4,
+        )  # fmt: skip
     return qo, ko
 
 
