@@ -85,15 +85,18 @@ def _cases() -> list[tuple[str, str, str, dict, dict]]:
         for bwd in (False, True):
             tiles = {"HALF": 32, "BLOCK_HQ": 16, "BLOCK_HK": 2, "BLOCK_D": 32, "BACKWARD": bwd}
             cases.append((f"rope_{'bwd' if bwd else 'fwd'}_{dt}", "rope", "_rope_kernel", rope, tiles))
-        stats = dict.fromkeys(("M", "S", "E", "BEST", "ZLAB"), "*fp32")
+        stats = dict.fromkeys(("M", "S", "E", "ZLAB"), "*fp32")
         chunk = _ints("stride_z", "vc", "v0", "ignore_index")
         cases += [
-            (
-                f"lce_fwd_{dt}",
-                "linear_cross_entropy",
-                "_fwd_chunk_kernel",
-                {"Z": f"*{dt}", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
-                {"BLOCK_V": 4096},
+            *(
+                (
+                    f"lce_fwd_{dt}{'' if token_stats else '_no_token_stats'}",
+                    "linear_cross_entropy",
+                    "_fwd_chunk_kernel",
+                    {"Z": f"*{dt}", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
+                    {"BLOCK_V": 4096, "TOKEN_STATS": token_stats},
+                )
+                for token_stats in (True, False)
             ),
             (
                 f"lce_bwd_{dt}",
@@ -151,7 +154,7 @@ def test_kernel_compiles_for_h100(ptx, case):
     if case.startswith("rms_bwd"):
         assert ".f64" in ptx[case]
     if case.startswith("lce"):  # fp32 logits only: exp_f32's Cody-Waite floor, the backward's IEEE division
-        fp32 = case.endswith("fp32")
+        fp32 = "_fp32" in case
         assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])) == fp32
         assert ("div.rn.f32" in ptx[case]) == (fp32 and case.startswith("lce_bwd"))
     if case.startswith("swiglu"):

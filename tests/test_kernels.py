@@ -94,6 +94,10 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     ref = reference.lce_fwd(hid, w, labels, -100)
     for name, a, e in zip(("loss", "lse", "entropy", "correct"), got, ref):
         torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-4, msg=name)
+    # Without the logged statistics: the same loss and row statistics, bit for bit, and no per-token stats.
+    lean = lce.lce_fwd_triton(hid, w, labels, -100, token_stats=False)
+    assert torch.equal(lean[0], got[0]) and torch.equal(lean[1], got[1])
+    assert lean[2].numel() == lean[3].numel() == 0
     grad_rows = torch.rand(n, device=KERNEL_DEVICE)
     dh, dw = lce.lce_bwd_triton(grad_rows, hid, w, labels, got[1], -100)
     dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)

@@ -30,7 +30,8 @@ def _opcheck_cases():
         ),
         ("rope", OPS.rope, (q, k, cos, sin, False)),
         ("rope_dense", OPS.rope, (q, k, cos, sin, True)),
-        ("lce", OPS.linear_cross_entropy, (h, w, labels, -100)),
+        ("lce", OPS.linear_cross_entropy, (h, w, labels, -100, True)),
+        ("lce_no_token_stats", OPS.linear_cross_entropy, (h, w, labels, -100, False)),
         (
             "rms_norm_bwd",
             OPS.rms_norm_bwd,

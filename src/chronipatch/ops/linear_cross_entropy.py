@@ -10,8 +10,8 @@ softmax = exp(z - m) / s as stock does: one fp32 lse loses the probabilities' pr
 |lse| is large, and z - m keeps both sums free of cancellation.
 Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weight dtype:
     dh = g W,  dW = g^T h
-The vocabulary is walked in chunks of Vc columns: the forward keeps only the running
-(max, sum, entropy sum, argmax, target logit) per row; the backward recomputes each chunk's
+The vocabulary is walked in chunks of Vc columns: the forward keeps only the running (max, sum,
+target logit; entropy sum and argmax when asked for) per row; the backward recomputes each chunk's
 logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head
 does), accumulating dh in fp32. Peak extra memory is one [N, Vc] chunk plus fp32 dh; the
 gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs
@@ -54,40 +54,42 @@ def _centred(z, m):
 
 @triton.jit
 def _fwd_chunk_kernel(
-    Z, LABELS, M, S, E, BEST, ARG, ZLAB, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr
-):
+    Z, LABELS, M, S, E, ARG, ZLAB, stride_z, vc, v0, ignore_index,
+    BLOCK_V: tl.constexpr, TOKEN_STATS: tl.constexpr,
+):  # fmt: skip
+    """Fold one logits chunk into each row's running (max m, sum s); with TOKEN_STATS also the entropy sum e
+    and the argmax (a training step that logs neither skips their per-element work)."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     m = tl.load(M + row)  # running max; s = sum exp(z - m); e = sum exp(z - m) * (z - m)
     s = tl.load(S + row)
-    e = tl.load(E + row)
-    best = tl.load(BEST + row)
-    arg = tl.load(ARG + row)
+    if TOKEN_STATS:
+        e = tl.load(E + row)
+        arg = tl.load(ARG + row)
     for c0 in range(0, vc, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         z = tl.load(z_row + cols, mask=cols < vc, other=float("-inf")).to(tl.float32)
         tile_max = tl.max(z, axis=0)
-        tile_arg = tl.argmax(z, axis=0)
-        # Strictly greater keeps the first maximum, as torch.argmax does.
-        arg = tl.where(tile_max > best, v0 + c0 + tile_arg, arg)
-        best = tl.maximum(best, tile_max)
         m_new = tl.maximum(m, tile_max)
         # Infinite maxima: m == m_new (-inf before any finite logit, or +inf twice) keeps the sums as
         # they are, and a +inf logit counts exp(0) = 1 against m = +inf, not exp(inf - inf) = nan.
         alpha = tl.where(m == m_new, 1.0, softmax_exp(m - m_new, Z.dtype.element_ty))
-        # Re-centre e on the new max; alpha == 0 drops the old terms entirely (no 0 * -inf).
-        shift = tl.where(m == m_new, 0.0, m - m_new)  # not inf - inf once the max is +inf
-        e = tl.where(alpha > 0, alpha * (e + tl.where(s > 0, s * shift, 0.0)), 0.0)
         zc = _centred(z, m_new)
         p = softmax_exp(zc, Z.dtype.element_ty)
+        if TOKEN_STATS:
+            # Strictly greater keeps the first maximum, as torch.argmax does.
+            arg = tl.where(tile_max > m, v0 + c0 + tl.argmax(z, axis=0), arg)
+            # Re-centre e on the new max; alpha == 0 drops the old terms entirely (no 0 * -inf).
+            shift = tl.where(m == m_new, 0.0, m - m_new)  # not inf - inf once the max is +inf
+            e = tl.where(alpha > 0, alpha * (e + tl.where(s > 0, s * shift, 0.0)), 0.0)
+            e += tl.sum(tl.where(p > 0, p * zc, 0.0), axis=0)  # -inf logits add 0, not 0 * -inf
         s = s * alpha + tl.sum(p, axis=0)
-        e += tl.sum(tl.where(p > 0, p * zc, 0.0), axis=0)  # -inf logits add 0, not 0 * -inf
         m = m_new
     tl.store(M + row, m)
     tl.store(S + row, s)
-    tl.store(E + row, e)
-    tl.store(BEST + row, best)
-    tl.store(ARG + row, arg)
+    if TOKEN_STATS:
+        tl.store(E + row, e)
+        tl.store(ARG + row, arg)
     y = tl.load(LABELS + row)
     if (y != ignore_index) & (y >= v0) & (y < v0 + vc):
         tl.store(ZLAB + row, tl.load(z_row + (y - v0)).to(tl.float32))
@@ -138,22 +140,29 @@ def _logit_chunks(hidden: Tensor, weight: Tensor):
         yield v0, w, torch.mm(hidden, w.T, out=buf[: n * w.shape[0]].view(n, w.shape[0]))
 
 
-def lce_fwd_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+def lce_fwd_triton(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool = True
+) -> tuple[Tensor, ...]:
+    """(loss rows, stats [N, 2] = (m, s), entropy, correct); the last two empty without ``token_stats``."""
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m = torch.full((n,), float("-inf"), **f32)
-    s, e, zlab = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
-    best = torch.full((n,), float("-inf"), **f32)
-    arg = torch.zeros(n, dtype=torch.int64, device=hidden.device)
+    s, zlab = torch.zeros(n, **f32), torch.zeros(n, **f32)
+    # Without token stats the kernel never touches E and ARG: any tensors of their dtypes stand in.
+    e = torch.zeros(n, **f32) if token_stats else s
+    arg = torch.zeros(n, dtype=torch.int64, device=hidden.device) if token_stats else labels
     if n > 0:
         for v0, _, z in _logit_chunks(hidden, weight):
             chunk = (z.stride(0), z.shape[1], v0, ignore_index)
             _fwd_chunk_kernel[(n,)](
-                z, labels, m, s, e, best, arg, zlab, *chunk, BLOCK_V=FWD_BLOCK_V, num_warps=FWD_WARPS
-            )
+                z, labels, m, s, e, arg, zlab, *chunk,
+                BLOCK_V=FWD_BLOCK_V, TOKEN_STATS=token_stats, num_warps=FWD_WARPS,
+            )  # fmt: skip
     logsum = torch.log(s)
     # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
     loss = torch.where(labels != ignore_index, logsum - reference.centred(zlab, m), 0.0)
+    if not token_stats:
+        return loss, torch.stack([m, s], -1), loss.new_empty(0), loss.new_empty(0)
     return loss, torch.stack([m, s], -1), logsum - e / s, (arg == labels).float()
 
 
@@ -215,19 +224,24 @@ def lce_bwd_triton(
 
 @torch.library.custom_op("chronipatch::linear_cross_entropy", mutates_args=())
 def _lce(
-    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss rows, (m, s) per row, entropy, correct); the last two are empty without ``token_stats``."""
     if on_gpu(hidden):
         with device_of(hidden):  # Triton launches on the current device; models may span GPUs
-            return lce_fwd_triton(hidden, weight, labels, ignore_index)
-    return reference.lce_fwd(hidden, weight, labels, ignore_index)
+            return lce_fwd_triton(hidden, weight, labels, ignore_index, token_stats)
+    rows, stats, entropy, correct = reference.lce_fwd(hidden, weight, labels, ignore_index)
+    return (
+        (rows, stats, entropy, correct) if token_stats else (rows, stats, rows[:0].clone(), rows[:0].clone())
+    )
 
 
 @_lce.register_fake
-def _(hidden, weight, labels, ignore_index):
+def _(hidden, weight, labels, ignore_index, token_stats):
     rows = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
     stats = rows.new_empty(hidden.shape[0], 2)  # (row max m, sum exp(z - m))
-    return rows, stats, torch.empty_like(rows), torch.empty_like(rows)
+    per_token = rows.shape[0] if token_stats else 0
+    return rows, stats, rows.new_empty(per_token), rows.new_empty(per_token)
 
 
 @torch.library.custom_op("chronipatch::linear_cross_entropy_bwd", mutates_args=())
@@ -256,7 +270,7 @@ def _(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw):
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, labels, ignore_index = inputs
+    hidden, weight, labels, ignore_index, _ = inputs
     ctx.save_for_backward(hidden, weight, labels, output[1])
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(*output[1:])
@@ -267,7 +281,7 @@ def _backward(ctx, grad_rows, *_):
     # A frozen head (LoRA) needs no dW: its GEMM, a quarter of the loss's work, is skipped.
     need_dh, need_dw = ctx.needs_input_grad[:2]
     dh, dw = _lce_bwd(grad_rows, hidden, weight, labels, stats, ctx.ignore_index, need_dh, need_dw)
-    return dh if need_dh else None, dw if need_dw else None, None, None
+    return dh if need_dh else None, dw if need_dw else None, None, None, None
 
 
 _lce.register_autograd(_backward, setup_context=_setup)
@@ -389,7 +403,9 @@ def linear_cross_entropy(
         # A stable sort of the mask puts the supervised positions first, in order: no second sync.
         keep = torch.argsort((flat != ignore_index).to(torch.int8), descending=True, stable=True)[:n_valid]
         h, flat = h.index_select(0, keep), flat.index_select(0, keep)
-    rows, _, entropy, correct = _lce(h, weight.contiguous(), flat.contiguous(), int(ignore_index))
+    rows, _, entropy, correct = _lce(
+        h, weight.contiguous(), flat.contiguous(), int(ignore_index), bool(return_token_stats)
+    )
     if keep is not None:
         rows = rows.new_zeros(labels.numel()).index_copy(0, keep, rows)
     if reduction == "none":
