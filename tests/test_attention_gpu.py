@@ -136,6 +136,28 @@ def test_eager_calls_go_straight_to_the_flash_kernels(monkeypatch, window):
         torch.testing.assert_close(a, b, atol=BF16_EPS * b.abs().max().item(), rtol=0)
 
 
+def test_direct_flash_path_on_projection_layout_rows(monkeypatch):
+    """Unpacked rows (B=2, no cu_seq_lens) with q/k/v laid out as HF's projections leave them: the direct
+    path matches the custom op's; under a dispatch mode (the flop counter) the custom op runs instead."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, t = 2, 512
+    qkv = [torch.randn(b, t, h, D, device="cuda", generator=g).bfloat16() for h in (HQ, HK, HK)]
+    qkv = [x.transpose(1, 2) for x in qkv]  # [B, H, T, D] views of [B, T, H, D]
+    grad = torch.randn(b, t, HQ, D, device="cuda", generator=g).bfloat16()
+    calls = []
+    apply = attention._FlashVarlen.apply
+    monkeypatch.setattr(attention._FlashVarlen, "apply", lambda *a: calls.append(1) or apply(*a))
+    direct = _run(_ours(), qkv, grad, torch.bfloat16)
+    assert calls == [1]
+    with torch.utils.flop_counter.FlopCounterMode(display=False):
+        _ours()(*qkv)
+    assert calls == [1]
+    monkeypatch.setattr(attention, "eager_cuda", lambda *t: False)
+    via_op = _run(_ours(), qkv, grad, torch.bfloat16)
+    for a, c in zip(direct, via_op):
+        torch.testing.assert_close(a, c, atol=BF16_EPS * c.abs().max().item(), rtol=0)
+
+
 def test_compile_fullgraph_varlen():
     qkv, grad, cu = _inputs()
     packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))

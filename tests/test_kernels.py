@@ -110,6 +110,39 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     assert torch.equal(only_dw[1], dw) and only_dw[0].numel() == 0
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 64], ids=["ties-across-tiles", "ties-across-chunks"])
+def test_lce_argmax_keeps_the_first_of_tied_maxima(chunk_bytes, monkeypatch):
+    """Token accuracy counts argmax == label with torch's first-maximum rule, across tiles and chunks."""
+    monkeypatch.setattr(lce, "CHUNK_BYTES", chunk_bytes)  # 64: vocabulary chunks of 256 columns
+    monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)
+    z = torch.zeros(600)
+    z[5] = z[300] = 3.0  # tied maxima: tile 0 / chunk 0 and tile 2 / chunk 1
+    hid = torch.ones(3, 1, device=KERNEL_DEVICE)
+    w = z.unsqueeze(1).to(KERNEL_DEVICE)
+    labels = torch.tensor([5, 300, 7], device=KERNEL_DEVICE)
+    correct = lce.lce_fwd_triton(hid, w, labels, -100)[3]
+    assert correct.tolist() == [1.0, 0.0, 0.0] == (z.argmax() == labels.cpu()).float().tolist()
+
+
+def test_rms_norm_backward_idle_programs_store_zero_partials(monkeypatch):
+    """More programs than row blocks: the idle ones store zero partials, so an unfilled buffer is safe."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    x, w = _r(65, 2048, dtype=torch.float32), _r(2048, dtype=torch.float32)
+    dy = _r(65, 2048, dtype=torch.float32)
+    rstd = rms.rms_norm_fwd_triton(x, w, 1e-6)[1]
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    dx, dw = rms.rms_norm_bwd_triton(dy, x, w, rstd)
+    monkeypatch.undo()
+    dx_ref, dw_ref = reference.rms_norm_bwd(dy, x, w, rstd)
+    torch.testing.assert_close(dx, dx_ref, **TOL[torch.float32])
+    torch.testing.assert_close(dw, dw_ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("wide", [False, True], ids=["fp32-gemms", "fp64-gemms"])
 def test_lce_backward_recomputes_the_forward_chunks(wide, monkeypatch):
     """The backward recomputes the logits over exactly the forward's vocabulary chunks, so they are bit for

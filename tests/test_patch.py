@@ -53,13 +53,15 @@ def test_patched_matches_stock(family, op_calls):
     assert op_calls == {"rms_norm": n_norms, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
 
 
-def test_padded_batch_matches_stock_with_dense_rope(monkeypatch):
-    """A padding mask under SDPA: RoPE hands SDPA contiguous q/k, as stock's does; results equal stock's."""
+@pytest.mark.parametrize("varlen", [False, True], ids=["sdpa", "chronipatch_varlen"])
+def test_padded_batch_matches_stock_with_dense_rope(monkeypatch, varlen):
+    """A padding mask reaching SDPA (directly, or as the varlen attention's padded fallback): RoPE hands it
+    contiguous q/k, as stock's does; results equal stock's."""
     from chronipatch import layers
 
     stock = tiny_model("qwen3")
     patched = copy.deepcopy(stock)
-    chronipatch.apply(patched)
+    chronipatch.apply(patched, varlen_attention=varlen)
     ids, labels = batch()
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding in the first row

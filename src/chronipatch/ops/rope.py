@@ -6,8 +6,9 @@ Backward is the transpose (for HF's cos/sin, the inverse rotation):
     dx = [dy1*c1 + dy2*s2, dy2*c2 - dy1*s1]
 q is [B, Hq, T, D], k is [B, Hk, T, D] (GQA: Hk may be smaller), both usually the transposed
 views of [B, T, H, D] projections that HF builds; they are read through their strides, and the
-outputs keep that [B, T, H, D] memory layout. cos and sin are [B, T, D] or [1, T, D] and carry
-no gradient (HF builds them under no_grad).
+outputs keep that [B, T, H, D] memory layout (or, ``dense``, are contiguous [B, H, T, D]); the input
+gradients always keep it. cos and sin are [B, T, D] or [1, T, D] and carry no gradient (HF builds
+them under no_grad).
 """
 
 from __future__ import annotations
