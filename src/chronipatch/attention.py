@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from .ops._utils import eager_cuda
+from .ops._utils import eager_cuda, last_dense
 
 __all__ = ["NAME", "register", "unregister", "varlen_attention_forward"]
 
@@ -188,7 +188,9 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, sliding_window):
     left = -1 if sliding_window is None else sliding_window - 1
     if "window_size" in _VARLEN_PARAMS and eager_cuda(q3, k3, v3):
         scale = d**-0.5 if scaling is None else scaling
-        out = _FlashVarlen.apply(_dense(q3), _dense(k3), _dense(v3), cu_q, cu_k, max_q, max_k, scale, left)
+        # The flash kernels read rows by stride but need a unit stride along the head dim.
+        q3, k3, v3 = last_dense(q3), last_dense(k3), last_dense(v3)
+        out = _FlashVarlen.apply(q3, k3, v3, cu_q, cu_k, max_q, max_k, scale, left)
         return out.view(b, t, hq, d)
     kw = {"scale": scaling}
     if "window_size" in _VARLEN_PARAMS:
@@ -203,11 +205,6 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, sliding_window):
         k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
     out = _varlen_attn(q3, k3, v3, cu_q, cu_k, max_q, max_k, **kw)
     return out.view(b, t, hq, d)
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    # The flash kernels read rows by stride but need a unit stride along the head dim.
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def varlen_attention_forward(

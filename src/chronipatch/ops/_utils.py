@@ -69,6 +69,11 @@ def addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+def last_dense(x: Tensor) -> Tensor:
+    """``x`` itself when its last dim has unit stride (what the kernels index by), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def on_gpu(t: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors; every other device, and fp64, runs the torch reference
     (the kernels compute in fp32)."""

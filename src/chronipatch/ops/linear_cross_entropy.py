@@ -230,10 +230,7 @@ def _lce(
     if on_gpu(hidden):
         with device_of(hidden):  # Triton launches on the current device; models may span GPUs
             return lce_fwd_triton(hidden, weight, labels, ignore_index, token_stats)
-    rows, stats, entropy, correct = reference.lce_fwd(hidden, weight, labels, ignore_index)
-    return (
-        (rows, stats, entropy, correct) if token_stats else (rows, stats, rows[:0].clone(), rows[:0].clone())
-    )
+    return reference.lce_fwd(hidden, weight, labels, ignore_index, token_stats)
 
 
 @_lce.register_fake

@@ -80,9 +80,12 @@ def centred(z: Tensor, m: Tensor) -> Tensor:
     return torch.where((z == m) & (z == torch.inf), 0.0, z - m)
 
 
-def lce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
-    """Returns (loss_rows, stats [N, 2] = (m, s), entropy, correct) in fp32 (fp64 for fp64 input);
-    logits are rounded to the weight dtype before the fp32 softmax, as HF's lm_head + loss do."""
+def lce_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool = True
+) -> tuple[Tensor, ...]:
+    """Returns (loss_rows, stats [N, 2] = (m, s), entropy, correct) in fp32 (fp64 for fp64 input), the last
+    two empty without ``token_stats``; logits are rounded to the weight dtype before the fp32 softmax, as
+    HF's lm_head + loss do."""
     logits = _f(hidden @ weight.T)
     m = logits.max(-1).values
     m = torch.where(m == -torch.inf, 0.0, m)  # no finite logit: centre on 0, as torch.logsumexp does
@@ -92,6 +95,8 @@ def lce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     loss = torch.where(valid, logsum - z.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0)
+    if not token_stats:
+        return loss, torch.stack([m, s], -1), loss.new_empty(0), loss.new_empty(0)
     p = torch.exp(z) / s.unsqueeze(1)
     entropy = logsum - torch.where(p > 0, p * z, 0.0).sum(-1)  # a -inf logit adds 0, not 0 * -inf
     correct = (logits.argmax(-1) == labels).to(loss.dtype)

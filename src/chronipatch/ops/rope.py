@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_tensors, direct, eager_cuda, on_gpu, pow2
+from ._utils import check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2
 
 # ---------------------------------------------------------------- kernels
 
@@ -142,14 +142,10 @@ def _like_hf(x: Tensor) -> Tensor:
     return torch.empty(b, t, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
-def _last_dense(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def rope_triton(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False, dense: bool = False
 ) -> tuple[Tensor, Tensor]:
-    q, k, cos, sin = _last_dense(q), _last_dense(k), _last_dense(cos), _last_dense(sin)
+    q, k, cos, sin = last_dense(q), last_dense(k), last_dense(cos), last_dense(sin)
     b, hq, t, d = q.shape
     hk = k.shape[1]
     if dense:
