@@ -44,6 +44,11 @@ VARIANTS = {
     "chronipatch": ("chronipatch", False),
     "chronipatch_compile": ("chronipatch", True),
 }
+# Ablations, run only when named: chronipatch with one of its parts turned off.
+ABLATIONS = {
+    # the loss's label check at the loss (one host sync that drains the GPU queue), not prefetched
+    "chronipatch_sync_check": ("chronipatch_sync_check", False),
+}
 COLUMNS = (
     "model",
     "variant",
@@ -87,9 +92,11 @@ def _patch(model: torch.nn.Module, kind: str | None) -> dict | None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model)
-    elif kind == "chronipatch":
+    elif kind in ("chronipatch", "chronipatch_sync_check"):
         import chronipatch
 
+        if kind == "chronipatch_sync_check":
+            chronipatch.ops.prefetch_label_check = lambda *args, **kwargs: None
         report = chronipatch.apply(model)
         print(report, file=sys.stderr, flush=True)
         return dict(report.ops())
@@ -104,7 +111,7 @@ def _optimizer(params: list[torch.Tensor]) -> tuple[torch.optim.Optimizer, bool]
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    patch, compiled = VARIANTS[args.variant]
+    patch, compiled = (VARIANTS | ABLATIONS)[args.variant]
     dev = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     torch.manual_seed(args.seed)  # same seed -> same initial weights in every variant
@@ -276,14 +283,14 @@ def main(argv: list[str] | None = None) -> None:
 
     args.smoke = args.smoke or args.smoke_compile
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS) - set(ABLATIONS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
         if not args.smoke_compile:
-            skipped = [v for v in variants if VARIANTS[v][1]]
-            variants = [v for v in variants if not VARIANTS[v][1]]
+            skipped = [v for v in variants if (VARIANTS | ABLATIONS)[v][1]]
+            variants = [v for v in variants if not (VARIANTS | ABLATIONS)[v][1]]
             print(f"--smoke: skipping compiled variants {skipped} (add --smoke-compile)", file=sys.stderr)
     elif not torch.cuda.is_available():
         p.error("needs a CUDA device (use --smoke for a CPU run)")

@@ -93,8 +93,9 @@ def _cases() -> list[tuple[str, str, str, dict, dict]]:
                     f"lce_fwd_{dt}{'' if token_stats else '_no_token_stats'}",
                     "linear_cross_entropy",
                     "_fwd_chunk_kernel",
-                    {"Z": f"*{dt}", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
-                    {"BLOCK_V": 4096, "TOKEN_STATS": token_stats},
+                    # The logits chunk is fp32 for every input dtype; EXACT follows the input's.
+                    {"Z": "*fp32", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
+                    {"BLOCK_V": 4096, "TOKEN_STATS": token_stats, "EXACT": dt == "fp32"},
                 )
                 for token_stats in (True, False)
             ),
@@ -102,8 +103,10 @@ def _cases() -> list[tuple[str, str, str, dict, dict]]:
                 f"lce_bwd_{dt}",
                 "linear_cross_entropy",
                 "_bwd_chunk_kernel",
-                {"Z": f"*{dt}", "LABELS": "*i64", "STATS": "*fp32", "DROWS": "*fp32"} | chunk,
-                {"BLOCK_V": 1024},
+                {"Z": "*fp32", "G": f"*{dt}", "LABELS": "*i64", "STATS": "*fp32", "DROWS": "*fp32"}
+                | chunk
+                | _ints("stride_g"),
+                {"BLOCK_V": 1024, "EXACT": dt == "fp32"},
             ),
         ]
     return cases

@@ -156,6 +156,16 @@ def causal_lm_forward(
         use_cache = False  # a training forward never reads a cache; building one hides packed rows
     if past_key_values is not None:  # the older name of ``cache`` (transformers < 5.24)
         kwargs["past_key_values"] = past_key_values
+    shift_labels = kwargs.get("shift_labels")
+    targets = labels if shift_labels is None else shift_labels
+    ignore_index = kwargs.get("ignore_index", -100)
+    # The loss's label check starts before the backbone: its one host sync then finds the counts already
+    # there instead of draining the GPU queue that the backbone's launches filled.
+    label_check = None
+    if targets is not None:
+        label_check = ops.prefetch_label_check(
+            targets, self.lm_head.weight.shape[0], ignore_index, shift=shift_labels is None
+        )
     outputs = self.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -170,16 +180,16 @@ def causal_lm_forward(
     else:
         hidden_states = hidden_states[:, logits_to_keep, :]
 
-    shift_labels = kwargs.get("shift_labels")
     loss = logits = None
-    if labels is not None or shift_labels is not None:
+    if targets is not None:
         loss = ops.linear_cross_entropy(
             hidden_states,
             head_weight(self.lm_head),
-            labels if shift_labels is None else shift_labels,
-            ignore_index=kwargs.get("ignore_index", -100),
+            targets,
+            ignore_index=ignore_index,
             num_items_in_batch=kwargs.get("num_items_in_batch"),
             shift=shift_labels is None,
+            label_check=label_check,
         )
         reshard_if_idle(self.lm_head)
     if loss is None or return_logits:

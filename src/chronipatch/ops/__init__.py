@@ -1,8 +1,17 @@
 """Fused ops, registered as ``chronipatch::`` torch.library ops: Triton on CUDA, torch elsewhere."""
 
+from ._labels import LabelCheck, prefetch_label_check
 from .linear_cross_entropy import TokenStats, linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import rope
 from .swiglu import swiglu
 
-__all__ = ["TokenStats", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = [
+    "LabelCheck",
+    "TokenStats",
+    "linear_cross_entropy",
+    "prefetch_label_check",
+    "rms_norm",
+    "rope",
+    "swiglu",
+]

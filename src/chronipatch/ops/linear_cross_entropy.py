@@ -1,7 +1,9 @@
 """Cross-entropy of a linear head, ``CE(hidden @ weight.T, labels)``, without the [N, V] logits.
 
-Per row i with logits z = h_i W^T (rounded to the weight dtype, as HF's lm_head output is),
-m_i = max_v z_v and s_i = sum_v exp(z_v - m_i) (fp32, online over vocabulary chunks):
+Per row i with logits z = h_i W^T, kept as the GEMM's fp32 accumulator (HF's lm_head rounds it to
+the weight dtype first; where logits are large, as at 1e4, one ulp of a bf16 logit decides a whole
+softmax row, and the unrounded logit is the nearer to the truth), m_i = max_v z_v and
+s_i = sum_v exp(z_v - m_i) (fp32, online over vocabulary chunks):
     loss_i = log s_i - (z_{y_i} - m_i)               (0 where y_i == ignore_index)
     H_i    = log s_i - sum_v softmax(z)_v (z_v - m_i) (entropy, for logging)
     hit_i  = [argmax_v z_v == y_i]                   (token accuracy, for logging)
@@ -10,10 +12,11 @@ softmax = exp(z - m) / s as stock does: one fp32 lse loses the probabilities' pr
 |lse| is large, and z - m keeps both sums free of cancellation.
 Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weight dtype:
     dh = g W,  dW = g^T h
-The vocabulary is walked in chunks of Vc columns: the forward keeps only the running (max, sum,
+The vocabulary is walked in chunks of Vc fp32 columns: the forward keeps only the running (max, sum,
 target logit; entropy sum and argmax when asked for) per row; the backward recomputes each chunk's
 logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head
-does), accumulating dh in fp32. Peak extra memory is one [N, Vc] chunk plus fp32 dh; the
+does), accumulating dh in fp32. Peak extra memory is one fp32 [N, Vc] chunk, its g in the weight dtype and
+fp32 dh; the
 gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs
 whose fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and
 the dh sum run in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and can
@@ -29,16 +32,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import reference
+from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._math import softmax_exp
 from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
 
-CHUNK_BYTES = 128 << 20  # bytes of one [N, Vc] logits chunk: fewer, larger GEMMs and launches
+CHUNK_BYTES = 128 << 20  # bytes of one fp32 [N, Vc] logits chunk: fewer, larger GEMMs and launches
 BLOCK_V = 1024  # backward: no reductions, bandwidth-bound at this width
 # Forward: each tile ends in four row reductions on the loop-carried max/sum chain; wide tiles run fewer.
 FWD_BLOCK_V, FWD_WARPS = 4096, 8
@@ -55,7 +58,7 @@ def _centred(z, m):
 @triton.jit
 def _fwd_chunk_kernel(
     Z, LABELS, M, S, E, ARG, ZLAB, stride_z, vc, v0, ignore_index,
-    BLOCK_V: tl.constexpr, TOKEN_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr, TOKEN_STATS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     """Fold one logits chunk into each row's running (max m, sum s); with TOKEN_STATS also the entropy sum e
     and the argmax (a training step that logs neither skips their per-element work)."""
@@ -73,9 +76,9 @@ def _fwd_chunk_kernel(
         m_new = tl.maximum(m, tile_max)
         # Infinite maxima: m == m_new (-inf before any finite logit, or +inf twice) keeps the sums as
         # they are, and a +inf logit counts exp(0) = 1 against m = +inf, not exp(inf - inf) = nan.
-        alpha = tl.where(m == m_new, 1.0, softmax_exp(m - m_new, Z.dtype.element_ty))
+        alpha = tl.where(m == m_new, 1.0, softmax_exp(m - m_new, EXACT))
         zc = _centred(z, m_new)
-        p = softmax_exp(zc, Z.dtype.element_ty)
+        p = softmax_exp(zc, EXACT)
         if TOKEN_STATS:
             # Strictly greater keeps the first maximum, as torch.argmax does.
             arg = tl.where(tile_max > m, v0 + c0 + tl.argmax(z, axis=0), arg)
@@ -96,10 +99,14 @@ def _fwd_chunk_kernel(
 
 
 @triton.jit
-def _bwd_chunk_kernel(Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr):
-    """Overwrite the logits chunk with g = (softmax - onehot) * dloss, in place."""
+def _bwd_chunk_kernel(
+    Z, G, LABELS, STATS, DROWS, stride_z, stride_g, vc, v0, ignore_index,
+    BLOCK_V: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """Write g = (softmax - onehot) * dloss of the fp32 logits chunk Z into G (Z itself for fp32 inputs)."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
+    g_row = G + row * stride_g
     y = tl.load(LABELS + row)
     m = tl.load(STATS + 2 * row)
     s = tl.load(STATS + 2 * row + 1)
@@ -109,14 +116,14 @@ def _bwd_chunk_kernel(Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, B
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < vc
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        p = softmax_exp(_centred(z, m), Z.dtype.element_ty)
-        if Z.dtype.element_ty == tl.float32:
+        p = softmax_exp(_centred(z, m), EXACT)
+        if EXACT:
             p = tl.div_rn(p, s)  # IEEE division where g keeps all 24 bits
         else:
             p = p / s
         g = p - tl.where(v0 + cols == y, 1.0, 0.0)
         # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
-        tl.store(z_row + cols, tl.where(keep, g * scale, 0.0).to(Z.dtype.element_ty), mask=mask)
+        tl.store(g_row + cols, tl.where(keep, g * scale, 0.0).to(G.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -127,17 +134,28 @@ def _chunk(n_rows: int, vocab: int, elt: int) -> int:
     return max(256, min(vocab, 65536, vc // 256 * 256))
 
 
+def _chunk_width(hidden: Tensor, weight: Tensor) -> int:
+    return _chunk(hidden.shape[0], weight.shape[0], 4)
+
+
 def _logit_chunks(hidden: Tensor, weight: Tensor):
-    """Yield (v0, weight chunk, logits chunk = hidden @ chunk.T) over the vocabulary; every chunk is written
-    into one preallocated buffer, so a single [N, Vc] chunk is ever alive. Forward and backward walk the
-    same chunks: the same GEMM shapes recompute bit for bit the logits the row statistics came from
+    """Yield (v0, weight chunk, fp32 logits chunk = hidden @ chunk.T) over the vocabulary; every chunk is
+    written into one preallocated buffer, so a single [N, Vc] chunk is ever alive. Forward and backward walk
+    the same chunks: the same GEMM shapes recompute bit for bit the logits the row statistics came from
     (another shape can pick another kernel, and a logit of 1e4 one ulp off moves its softmax)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    vc = _chunk(n, vocab, hidden.element_size())
-    buf = hidden.new_empty(n * vc)
+    vc = _chunk_width(hidden, weight)
+    buf = hidden.new_empty(n * vc, dtype=torch.float32)
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
-        yield v0, w, torch.mm(hidden, w.T, out=buf[: n * w.shape[0]].view(n, w.shape[0]))
+        z = buf[: n * w.shape[0]].view(n, w.shape[0])
+        if hidden.dtype == torch.float32:
+            torch.mm(hidden, w.T, out=z)
+        elif hidden.is_cuda:
+            torch.mm(hidden, w.T, out_dtype=torch.float32, out=z)  # the fp32 accumulator, unrounded
+        else:  # the interpreter tests on CPU: bf16/fp16 products are exact in fp32, as in the GEMM
+            torch.mm(hidden.float(), w.T.float(), out=z)
+        yield v0, w, z
 
 
 def lce_fwd_triton(
@@ -156,7 +174,8 @@ def lce_fwd_triton(
             chunk = (z.stride(0), z.shape[1], v0, ignore_index)
             _fwd_chunk_kernel[(n,)](
                 z, labels, m, s, e, arg, zlab, *chunk,
-                BLOCK_V=FWD_BLOCK_V, TOKEN_STATS=token_stats, num_warps=FWD_WARPS,
+                BLOCK_V=FWD_BLOCK_V, TOKEN_STATS=token_stats, EXACT=hidden.dtype == torch.float32,
+                num_warps=FWD_WARPS,
             )  # fmt: skip
     logsum = torch.log(s)
     # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
@@ -198,9 +217,15 @@ def lce_bwd_triton(
         # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
         h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0) if need_dw else None
         h_w = h_w.double() if wide and need_dw else h_w
-        for v0, w, g in _logit_chunks(hidden, weight):
-            chunk = (g.stride(0), g.shape[1], v0, ignore_index)
-            _bwd_chunk_kernel[(n,)](g, labels, stats, grad_rows, *chunk, BLOCK_V=BLOCK_V, num_warps=4)
+        exact = hidden.dtype == torch.float32
+        # g in the weight dtype for the GEMMs: its own buffer for bf16/fp16, the fp32 chunk itself for fp32.
+        g_buf = None if exact else hidden.new_empty(n * _chunk_width(hidden, weight))
+        for v0, w, z in _logit_chunks(hidden, weight):
+            g = z if exact else g_buf[: z.numel()].view(z.shape)
+            chunk = (z.stride(0), g.stride(0), z.shape[1], v0, ignore_index)
+            _bwd_chunk_kernel[(n,)](
+                z, g, labels, stats, grad_rows, *chunk, BLOCK_V=BLOCK_V, EXACT=exact, num_warps=4
+            )
             if wide:
                 # fp64 copies of half a chunk at a time: no larger than the fp32 chunk itself.
                 half = (g.shape[1] + 1) // 2
@@ -294,30 +319,6 @@ _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
 COMPACT_IGNORED = 0.25
 
 
-def _check_values(op: str, labels: Tensor, vocab: int, ignore_index: int, num_items) -> int | None:
-    """Checks that read the data: one host sync, in eager mode only (compiled runs give NaN rows for
-    out-of-range labels instead). Returns the count of supervised labels (None when not checked)."""
-    if torch.compiler.is_compiling() or labels.numel() == 0 or labels.device.type == "meta":
-        return None
-    valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= vocab))
-    any_bad, n_valid = torch.stack([bad.any().long(), valid.sum()]).tolist()
-    any_valid = n_valid > 0
-    if any_bad:
-        raise ValueError(
-            f"chronipatch.ops.{op}: label {labels[bad][0].item()} outside [0, {vocab}) "
-            f"and not ignore_index={ignore_index}"
-        )
-    if num_items is not None:
-        n = float(num_items)
-        if n < 0 or (n == 0 and any_valid):
-            raise ValueError(
-                f"chronipatch.ops.{op}: num_items_in_batch={n:g} cannot normalise a loss over "
-                "supervised labels"
-            )
-    return n_valid
-
-
 class TokenStats(NamedTuple):
     """Per-position statistics, shaped like ``labels``: softmax entropy and argmax == label."""
 
@@ -334,6 +335,7 @@ def linear_cross_entropy(
     shift: bool = True,
     reduction: str = "mean",
     return_token_stats: bool = False,
+    label_check: LabelCheck | None = None,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """Fused ``cross_entropy(hidden @ weight.T, labels)`` with HF ``ForCausalLMLoss`` semantics.
 
@@ -343,6 +345,7 @@ def linear_cross_entropy(
     The loss is fp32; ``return_token_stats`` also returns a :class:`TokenStats` for logging. In eager mode,
     with at least ``COMPACT_IGNORED`` of the labels ignored, only the supervised rows are computed.
     Under autocast, hidden and weight are cast to the autocast dtype first, as ``F.linear`` would be.
+    ``label_check`` from :func:`prefetch_label_check` on these labels spares the check's wait for the GPU.
     """
     op = "linear_cross_entropy"
     check_tensors(op, hidden=hidden, weight=weight)
@@ -387,11 +390,10 @@ def linear_cross_entropy(
         op,
         f"num_items_in_batch must be one number, got shape {getattr(num_items_in_batch, 'shape', None)}",
     )
-    labels = labels.long()
-    if shift:
-        check(labels.dim() >= 1, op, "shift needs labels with a sequence dim")
-        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    n_valid = _check_values(op, labels, weight.shape[0], ignore_index, num_items_in_batch)
+    check(not shift or labels.dim() >= 1, op, "shift needs labels with a sequence dim")
+    prefetched = label_counts_matching(label_check, labels, (weight.shape[0], ignore_index, shift))
+    labels = targets_of(labels, ignore_index, shift)
+    n_valid = check_values(op, labels, weight.shape[0], ignore_index, num_items_in_batch, prefetched)
     h = hidden.reshape(-1, hidden.shape[-1])
     h = h if h.stride(-1) == 1 else h.contiguous()
     flat = labels.reshape(-1)

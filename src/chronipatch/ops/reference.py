@@ -84,9 +84,9 @@ def lce_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool = True
 ) -> tuple[Tensor, ...]:
     """Returns (loss_rows, stats [N, 2] = (m, s), entropy, correct) in fp32 (fp64 for fp64 input), the last
-    two empty without ``token_stats``; logits are rounded to the weight dtype before the fp32 softmax, as
-    HF's lm_head + loss do."""
-    logits = _f(hidden @ weight.T)
+    two empty without ``token_stats``; logits stay in fp32 (HF's lm_head rounds them to the weight dtype
+    before its fp32 softmax), as the kernels keep the GEMM's fp32 accumulator."""
+    logits = _f(hidden) @ _f(weight).T
     m = logits.max(-1).values
     m = torch.where(m == -torch.inf, 0.0, m)  # no finite logit: centre on 0, as torch.logsumexp does
     z = centred(logits, m.unsqueeze(1))  # <= 0: both sums below are free of cancellation
@@ -113,7 +113,7 @@ def lce_bwd(
     need_dh: bool = True,
     need_dw: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    logits = _f(hidden @ weight.T)
+    logits = _f(hidden) @ _f(weight).T
     valid = labels != ignore_index
     scale = torch.where(valid, _f(grad_rows), 0.0).unsqueeze(1)
     safe = torch.where(valid, labels, 0).unsqueeze(1)

@@ -1,0 +1,87 @@
+"""The loss's label checks: the range check that needs one host sync in eager mode, and its prefetch."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def targets_of(labels: Tensor, ignore_index: int, shift: bool) -> Tensor:
+    """The label each position is scored against: ``labels[..., t + 1]`` under ``shift``."""
+    labels = labels.long()
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:] if shift else labels
+
+
+def label_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """[any label out of range, supervised count, the first such label] on the labels' device."""
+    flat = targets.reshape(-1)
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= vocab))
+    return torch.stack([bad.any().long(), valid.sum(), flat[bad.int().argmax()]])
+
+
+class LabelCheck(NamedTuple):
+    """The label counts of ``prefetch_label_check``, on their way to the host."""
+
+    labels: Tensor
+    version: int
+    key: tuple  # (vocab, ignore_index, shift)
+    counts: Tensor  # pinned host memory, filled once ``done`` has passed
+    done: torch.cuda.Event
+
+
+def prefetch_label_check(
+    labels: Tensor, vocab: int, ignore_index: int = -100, shift: bool = True
+) -> LabelCheck | None:
+    """Start the loss's label check on the GPU and its copy to the host, without waiting for either.
+
+    Taken before the backbone's forward (as ``apply``'s CausalLM forward does), the loss that receives it
+    as ``label_check`` reads counts that arrived long before: the one host sync of the eager check then
+    no longer drains the GPU queue at the loss. None where there is nothing to prefetch (not CUDA, empty
+    labels, inside ``torch.compile``)."""
+    if not labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    counts = label_counts(targets_of(labels, ignore_index, shift), vocab, ignore_index)
+    host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), host, done)
+
+
+def check_values(
+    op: str, labels: Tensor, vocab: int, ignore_index: int, num_items, prefetched: Tensor | None = None
+) -> int | None:
+    """Checks that read the data: one host sync, in eager mode only (compiled runs give NaN rows for
+    out-of-range labels instead), or none with ``prefetched`` counts. Returns the count of supervised labels
+    (None when not checked)."""
+    if torch.compiler.is_compiling() or labels.numel() == 0 or labels.device.type == "meta":
+        return None
+    counts = prefetched if prefetched is not None else label_counts(labels, vocab, ignore_index)
+    any_bad, n_valid, first_bad = counts.tolist()
+    any_valid = n_valid > 0
+    if any_bad:
+        raise ValueError(
+            f"chronipatch.ops.{op}: label {first_bad} outside [0, {vocab}) "
+            f"and not ignore_index={ignore_index}"
+        )
+    if num_items is not None:
+        n = float(num_items)
+        if n < 0 or (n == 0 and any_valid):
+            raise ValueError(
+                f"chronipatch.ops.{op}: num_items_in_batch={n:g} cannot normalise a loss over "
+                "supervised labels"
+            )
+    return n_valid
+
+
+def label_counts_matching(check: LabelCheck | None, labels: Tensor, key: tuple) -> Tensor | None:
+    """The prefetched counts when ``check`` was taken of these very labels (unwritten since) with the same
+    vocabulary, ignore_index and shift; None otherwise (the check then runs at the loss)."""
+    if check is None or check.labels is not labels or check.version != labels._version or check.key != key:
+        return None
+    check.done.synchronize()
+    return check.counts

@@ -1,0 +1,97 @@
+"""The loss's prefetched label check: used only for the labels it was taken of, same answers as the check at
+the loss, and ``apply``'s CausalLM forward takes it before the backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chronipatch import ops
+from chronipatch.ops import _labels
+
+gpu = pytest.mark.gpu
+
+
+class _Done:
+    """A passed event (CPU tests: the matching logic without CUDA)."""
+
+    def synchronize(self):
+        pass
+
+
+def _fake_check(labels, counts, key=(11, -100, True)):
+    return _labels.LabelCheck(labels, labels._version, key, torch.tensor(counts), _Done())
+
+
+def _inputs(dev="cpu"):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g)
+    return h.to(dev), w.to(dev), torch.randint(0, 11, (2, 5), generator=g).to(dev)
+
+
+def test_prefetched_counts_are_what_the_loss_reads():
+    h, w, labels = _inputs()
+    # Counts that claim a bad label 123: the loss raises with them, so it read them and not the data.
+    with pytest.raises(ValueError, match="label 123 outside"):
+        ops.linear_cross_entropy(h, w, labels, label_check=_fake_check(labels, [1, 8, 123]))
+
+
+@pytest.mark.parametrize("stale", ["other labels", "written since", "other vocab", "other shift"])
+def test_a_check_of_other_labels_is_not_used(stale):
+    h, w, labels = _inputs()
+    key = (11, -100, True)
+    if stale == "other labels":
+        check = _fake_check(labels.clone(), [1, 8, 123])
+    elif stale == "other vocab":
+        check = _fake_check(labels, [1, 8, 123], key=(12, -100, True))
+    elif stale == "other shift":
+        check = _fake_check(labels, [1, 8, 123], key=(11, -100, False))
+    else:
+        check = _fake_check(labels, [1, 8, 123], key=key)
+        labels[0, 1] = 3  # an in-place write after the check bumps the version
+    want = ops.linear_cross_entropy(h, w, labels)
+    got = ops.linear_cross_entropy(h, w, labels, label_check=check)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_nothing_to_prefetch_on_cpu():
+    assert ops.prefetch_label_check(torch.tensor([[1, 2]]), 11) is None
+
+
+@gpu
+@pytest.mark.parametrize("shift", [True, False])
+def test_prefetch_on_cuda_matches_the_check_at_the_loss(shift):
+    h, w, labels = _inputs("cuda")
+    labels[0, :2] = -100
+    check = ops.prefetch_label_check(labels, 11, shift=shift)
+    assert check is not None
+    got = ops.linear_cross_entropy(h, w, labels, shift=shift, label_check=check)
+    torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, labels, shift=shift), rtol=0, atol=0)
+    n_valid = int((_labels.targets_of(labels, -100, shift) != -100).sum())
+    assert check.counts.tolist()[:2] == [0, n_valid]
+    bad = labels.clone()
+    bad[1, 3] = 11
+    with pytest.raises(ValueError, match="label 11 outside"):
+        ops.linear_cross_entropy(h, w, bad, label_check=ops.prefetch_label_check(bad, 11))
+    labels[1, 4] = -7  # written after the prefetch: the loss checks again and finds it
+    with pytest.raises(ValueError, match="label -7 outside"):
+        ops.linear_cross_entropy(h, w, labels, shift=False, label_check=ops.prefetch_label_check(labels, 11))
+
+
+def test_causal_lm_forward_prefetches_the_check(monkeypatch):
+    import chronipatch
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    chronipatch.apply(model)
+    seen = []
+    real = ops.prefetch_label_check
+
+    def spy(labels, vocab, ignore_index=-100, shift=True):
+        seen.append((labels, vocab, shift))
+        return real(labels, vocab, ignore_index, shift)
+
+    monkeypatch.setattr(ops, "prefetch_label_check", spy)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    model(input_ids=ids, labels=ids)
+    assert len(seen) == 1 and seen[0][0] is ids and seen[0][1:] == (model.config.vocab_size, True)
