@@ -157,13 +157,19 @@ def main() -> None:
     stats = torch.stack([ref_m, ref_s], -1).contiguous()
     drows = torch.full((a.n,), 1.0 / a.n, **f32)
     g16 = torch.empty(a.n, vc, device=dev, dtype=bf)
-    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8)):
-        for z, g, name in ((z32, g16, "fp32 -> bf16"), (z16, z16, "bf16 in place")):
+    narrow = z32.view(bf)[:, :vc]  # the op's layout: g over the first half of each fp32 row
+    cases = (
+        (z32, g16, "fp32 -> bf16 buffer", False),
+        (z16, z16, "bf16 in place", False),
+        (z32, narrow, "fp32 -> bf16 over it (the op)", True),  # last: it overwrites z32
+    )
+    for z, g, name, nar in cases:
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8)):
 
-            def bwd(z=z, g=g, block=block, warps=warps):
+            def bwd(z=z, g=g, block=block, warps=warps, nar=nar):
                 lce._bwd_chunk_kernel[(a.n,)](
                     z, g, labels, stats, drows, z.stride(0), g.stride(0), z.shape[1], 0, -100,
-                    BLOCK_V=block, EXACT=False, num_warps=warps,
+                    BLOCK_V=block, EXACT=False, NARROW=nar, num_warps=warps,
                 )  # fmt: skip
 
             name_ = f"bwd kernel {name} [{a.n},{z.shape[1]}] BLOCK_V={block} warps={warps}"

@@ -106,7 +106,7 @@ def _cases() -> list[tuple[str, str, str, dict, dict]]:
                 {"Z": "*fp32", "G": f"*{dt}", "LABELS": "*i64", "STATS": "*fp32", "DROWS": "*fp32"}
                 | chunk
                 | _ints("stride_g"),
-                {"BLOCK_V": 1024, "EXACT": dt == "fp32"},
+                {"BLOCK_V": 1024, "EXACT": dt == "fp32", "NARROW": dt != "fp32"},
             ),
         ]
     return cases

@@ -14,13 +14,12 @@ Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weigh
     dh = g W,  dW = g^T h
 The vocabulary is walked in chunks of Vc fp32 columns: the forward keeps only the running (max, sum,
 target logit; entropy sum and argmax when asked for) per row; the backward recomputes each chunk's
-logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head
-does), accumulating dh in fp32. Peak extra memory is one fp32 [N, Vc] chunk, its g in the weight dtype and
-fp32 dh; the
-gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs
-whose fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and
-the dh sum run in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and can
-land further from the truth than it; fp64 sums land nearer. That path also holds fp64 copies of
+logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head does),
+accumulating dh in fp32. Peak extra memory is one fp32 [N, Vc] chunk (the backward writes g over it)
+and fp32 dh; the gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32
+off, on GPUs whose fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward
+GEMMs and the dh sum run in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and
+can land further from the truth than it; fp64 sums land nearer. That path also holds fp64 copies of
 h, dh and half a chunk (as large as the fp32 chunk).
 
 The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
@@ -41,10 +40,11 @@ from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._math import softmax_exp
 from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
 
-CHUNK_BYTES = 128 << 20  # bytes of one fp32 [N, Vc] logits chunk: fewer, larger GEMMs and launches
+CHUNK_BYTES = 192 << 20  # bytes of one fp32 [N, Vc] logits chunk: fewer, larger GEMMs and launches
 BLOCK_V = 1024  # backward: no reductions, bandwidth-bound at this width
-# Forward: each tile ends in four row reductions on the loop-carried max/sum chain; wide tiles run fewer.
-FWD_BLOCK_V, FWD_WARPS = 4096, 8
+# Forward over fp32 logits: of the tiles bench/lce_kernels.py timed (H200), 1024-4096 wide ran within 3%;
+# 2048 with 4 warps divides the 6144-column chunks of 8192 rows.
+FWD_BLOCK_V, FWD_WARPS = 2048, 4
 
 # ---------------------------------------------------------------- kernels
 
@@ -101,9 +101,12 @@ def _fwd_chunk_kernel(
 @triton.jit
 def _bwd_chunk_kernel(
     Z, G, LABELS, STATS, DROWS, stride_z, stride_g, vc, v0, ignore_index,
-    BLOCK_V: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_V: tl.constexpr, EXACT: tl.constexpr, NARROW: tl.constexpr,
 ):  # fmt: skip
-    """Write g = (softmax - onehot) * dloss of the fp32 logits chunk Z into G (Z itself for fp32 inputs)."""
+    """Write g = (softmax - onehot) * dloss of the fp32 logits chunk Z into G, in place. For fp32 inputs G
+    is Z. NARROW: G is Z's own memory read as the 2-byte weight dtype, each g row at the start of its row
+    of Z; the stores of a tile then overwrite logits of this tile or earlier ones only, once every thread
+    has read them."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     g_row = G + row * stride_g
@@ -122,6 +125,8 @@ def _bwd_chunk_kernel(
         else:
             p = p / s
         g = p - tl.where(v0 + cols == y, 1.0, 0.0)
+        if NARROW:
+            tl.debug_barrier()  # this tile's logits are read by all threads before any g lands on them
         # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
         tl.store(g_row + cols, tl.where(keep, g * scale, 0.0).to(G.dtype.element_ty), mask=mask)
 
@@ -218,14 +223,15 @@ def lce_bwd_triton(
         h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0) if need_dw else None
         h_w = h_w.double() if wide and need_dw else h_w
         exact = hidden.dtype == torch.float32
-        # g in the weight dtype for the GEMMs: its own buffer for bf16/fp16, the fp32 chunk itself for fp32.
-        g_buf = None if exact else hidden.new_empty(n * _chunk_width(hidden, weight))
         for v0, w, z in _logit_chunks(hidden, weight):
-            g = z if exact else g_buf[: z.numel()].view(z.shape)
+            # g in the weight dtype for the GEMMs, written over the chunk: the first half of each fp32 row
+            # (a row stride of twice its width, which the GEMMs take as it is).
+            g = z if exact else z.view(hidden.dtype)[:, : z.shape[1]]
             chunk = (z.stride(0), g.stride(0), z.shape[1], v0, ignore_index)
             _bwd_chunk_kernel[(n,)](
-                z, g, labels, stats, grad_rows, *chunk, BLOCK_V=BLOCK_V, EXACT=exact, num_warps=4
-            )
+                z, g, labels, stats, grad_rows, *chunk,
+                BLOCK_V=BLOCK_V, EXACT=exact, NARROW=not exact, num_warps=4,
+            )  # fmt: skip
             if wide:
                 # fp64 copies of half a chunk at a time: no larger than the fp32 chunk itself.
                 half = (g.shape[1] + 1) // 2
