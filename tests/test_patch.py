@@ -320,7 +320,8 @@ def test_packed_rows_with_cache_under_sdpa_is_an_error():
 
 def test_autocast_casts_the_head_like_stock():
     """fp32 weights under bf16 autocast (Trainer's bf16=True): the fused loss sees the bf16 lm_head inputs
-    that F.linear would, so its logits round like stock's; gradients reach the fp32 weights."""
+    that F.linear would (the same loss as called with them outside autocast); gradients reach the fp32
+    weights."""
     stock = tiny_model("llama")
     patched = copy.deepcopy(stock)
     chronipatch.apply(patched)

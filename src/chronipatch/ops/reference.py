@@ -80,13 +80,23 @@ def centred(z: Tensor, m: Tensor) -> Tensor:
     return torch.where((z == m) & (z == torch.inf), 0.0, z - m)
 
 
+def _fp32_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """hidden @ weight.T in at least fp32, as the kernels' GEMM accumulator: not in the autocast dtype, also
+    when the op runs under autocast (its inputs are cast to that dtype before, as F.linear's would be)."""
+    dev = hidden.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return _f(hidden) @ _f(weight).T
+    return _f(hidden) @ _f(weight).T
+
+
 def lce_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool = True
 ) -> tuple[Tensor, ...]:
     """Returns (loss_rows, stats [N, 2] = (m, s), entropy, correct) in fp32 (fp64 for fp64 input), the last
     two empty without ``token_stats``; logits stay in fp32 (HF's lm_head rounds them to the weight dtype
     before its fp32 softmax), as the kernels keep the GEMM's fp32 accumulator."""
-    logits = _f(hidden) @ _f(weight).T
+    logits = _fp32_logits(hidden, weight)
     m = logits.max(-1).values
     m = torch.where(m == -torch.inf, 0.0, m)  # no finite logit: centre on 0, as torch.logsumexp does
     z = centred(logits, m.unsqueeze(1))  # <= 0: both sums below are free of cancellation
@@ -113,7 +123,7 @@ def lce_bwd(
     need_dh: bool = True,
     need_dw: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    logits = _f(hidden) @ _f(weight).T
+    logits = _fp32_logits(hidden, weight)
     valid = labels != ignore_index
     scale = torch.where(valid, _f(grad_rows), 0.0).unsqueeze(1)
     safe = torch.where(valid, labels, 0).unsqueeze(1)
