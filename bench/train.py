@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -188,7 +189,33 @@ def run_variant(args: argparse.Namespace) -> dict:
             row["profile"] = gpu_time_breakdown(lambda: step(ids))
         except Exception as e:  # the timings above stand without it
             row["profile_error"] = short_error(e)
+    if args.pyprofile:
+        path = f"{args.pyprofile}.{args.model}.{args.variant}.txt"
+        row["pyprofile"] = _pyprofile(lambda: step(data[-1]), path, cuda)
     return row
+
+
+def _pyprofile(step, path: str, cuda: bool, steps: int = 5) -> str:
+    """cProfile of ``steps`` more steps after the timed ones (it slows the host, so it times nothing):
+    where the host's time per step goes, by function. Returns the file written."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    out.write(f"# cProfile of {steps} training steps\n")
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    Path(path).write_text(out.getvalue())
+    return path
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -226,6 +253,7 @@ def spawn(args: argparse.Namespace, model: str, variant: str) -> dict:
         ]
         + (["--smoke"] if args.smoke else [])
         + (["--profile"] if args.profile else [])
+        + (["--pyprofile", args.pyprofile] if args.pyprofile else [])
     )
     print(f"== {model} / {variant}", file=sys.stderr, flush=True)
     base = {"model": model, "variant": variant}
@@ -273,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke-compile", action="store_true", help="--smoke including the compiled variants")
     p.add_argument(
         "--profile", action="store_true", help="also profile 2 steps: GPU time per kernel category"
+    )
+    p.add_argument(
+        "--pyprofile", metavar="PREFIX", help="cProfile 5 more steps into PREFIX.<model>.<variant>.txt"
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
