@@ -72,10 +72,33 @@ def test_prefetch_on_cuda_matches_the_check_at_the_loss(shift):
     bad = labels.clone()
     bad[1, 3] = 11
     with pytest.raises(ValueError, match="label 11 outside"):
-        ops.linear_cross_entropy(h, w, bad, label_check=ops.prefetch_label_check(bad, 11))
+        ops.linear_cross_entropy(
+            h, w, bad, shift=False, label_check=ops.prefetch_label_check(bad, 11, shift=False)
+        )
+    clean = ops.prefetch_label_check(labels, 11, shift=False)
     labels[1, 4] = -7  # written after the prefetch: the loss checks again and finds it
     with pytest.raises(ValueError, match="label -7 outside"):
-        ops.linear_cross_entropy(h, w, labels, shift=False, label_check=ops.prefetch_label_check(labels, 11))
+        ops.linear_cross_entropy(h, w, labels, shift=False, label_check=clean)
+
+
+@gpu
+def test_prefetch_never_waits_for_the_gpu():
+    _, _, labels = _inputs("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        check = ops.prefetch_label_check(labels, 11)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert check is not None
+
+
+def test_no_prefetch_of_inference_labels():
+    with torch.inference_mode():
+        labels = torch.tensor([[1, 2, 3]])
+    assert ops.prefetch_label_check(labels, 11) is None
+    h, w, _ = _inputs()
+    ops.linear_cross_entropy(h[:1, :3], w, labels)  # and the loss takes them as before
 
 
 def test_causal_lm_forward_prefetches_the_check(monkeypatch):
@@ -95,3 +118,6 @@ def test_causal_lm_forward_prefetches_the_check(monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     model(input_ids=ids, labels=ids)
     assert len(seen) == 1 and seen[0][0] is ids and seen[0][1:] == (model.config.vocab_size, True)
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    model(input_ids=ids, shift_labels=shifted)  # already shifted: the check takes them as they are
+    assert len(seen) == 2 and seen[1][0] is shifted and seen[1][2] is False

@@ -20,7 +20,9 @@ def label_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
     flat = targets.reshape(-1)
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab))
-    return torch.stack([bad.any().long(), valid.sum(), flat[bad.int().argmax()]])
+    # gather, not flat[i]: indexing by a 0-dim device tensor reads it on the host (a sync).
+    first = flat.gather(0, bad.int().argmax().view(1)).squeeze(0)
+    return torch.stack([bad.any().long(), valid.sum(), first])
 
 
 class LabelCheck(NamedTuple):
@@ -41,14 +43,21 @@ def prefetch_label_check(
     Taken before the backbone's forward (as ``apply``'s CausalLM forward does), the loss that receives it
     as ``label_check`` reads counts that arrived long before: the one host sync of the eager check then
     no longer drains the GPU queue at the loss. None where there is nothing to prefetch (not CUDA, empty
-    labels, inside ``torch.compile``)."""
-    if not labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():
+    or inference-mode labels, inside ``torch.compile``). A write through ``.data`` escapes the version
+    counter that tells a check of since-changed labels apart: don't write labels that way in between."""
+    if (
+        not labels.is_cuda
+        or labels.numel() == 0
+        or labels.is_inference()  # no version counter
+        or torch.compiler.is_compiling()
+    ):
         return None
     counts = label_counts(targets_of(labels, ignore_index, shift), vocab, ignore_index)
     host = torch.empty(3, dtype=torch.int64, pin_memory=True)
     host.copy_(counts, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    # On the labels' stream, where the counts and their copy were queued (not the current device's).
+    done.record(torch.cuda.current_stream(labels.device))
     return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), host, done)
 
 
@@ -81,7 +90,13 @@ def check_values(
 def label_counts_matching(check: LabelCheck | None, labels: Tensor, key: tuple) -> Tensor | None:
     """The prefetched counts when ``check`` was taken of these very labels (unwritten since) with the same
     vocabulary, ignore_index and shift; None otherwise (the check then runs at the loss)."""
-    if check is None or check.labels is not labels or check.version != labels._version or check.key != key:
+    if (
+        check is None
+        or torch.compiler.is_compiling()
+        or check.labels is not labels
+        or check.version != labels._version
+        or check.key != key
+    ):
         return None
     check.done.synchronize()
     return check.counts

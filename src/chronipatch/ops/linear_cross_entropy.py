@@ -15,12 +15,12 @@ Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weigh
 The vocabulary is walked in chunks of Vc fp32 columns: the forward keeps only the running (max, sum,
 target logit; entropy sum and argmax when asked for) per row; the backward recomputes each chunk's
 logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head does),
-accumulating dh in fp32. Peak extra memory is one fp32 [N, Vc] chunk (the backward writes g over it)
-and fp32 dh; the gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32
-off, on GPUs whose fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward
-GEMMs and the dh sum run in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and
-can land further from the truth than it; fp64 sums land nearer. That path also holds fp64 copies of
-h, dh and half a chunk (as large as the fp32 chunk).
+accumulating dh in fp32. Peak extra memory is one fp32 [N, Vc] chunk (the backward writes g over it),
+fp32 dh and a copy of h with ignored rows zeroed; the gradients are exact (no filtering of small
+probabilities). For fp32 inputs with TF32 off, on GPUs whose fp64 GEMMs are as fast as their fp32 ones
+(``_utils.fast_fp64``), both backward GEMMs and the dh sum run in fp64: chunked fp32 GEMMs sum in
+another order than stock's single GEMM and can land further from the truth than it; fp64 sums land
+nearer. That path also holds fp64 copies of h, dh and half a chunk (as large as the fp32 chunk).
 
 The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
 unroll nor reorder it into a larger memory peak.
