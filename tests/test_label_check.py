@@ -19,8 +19,9 @@ class _Done:
         pass
 
 
-def _fake_check(labels, counts, key=(11, -100, True)):
-    return _labels.LabelCheck(labels, labels._version, key, torch.tensor(counts), _Done())
+def _fake_check(labels, counts, key=(11, -100, True), num_items=None):
+    version = -1 if num_items is None else num_items._version
+    return _labels.LabelCheck(labels, labels._version, key, num_items, version, torch.tensor(counts), _Done())
 
 
 def _inputs(dev="cpu"):
@@ -33,7 +34,7 @@ def test_prefetched_counts_are_what_the_loss_reads():
     h, w, labels = _inputs()
     # Counts that claim a bad label 123: the loss raises with them, so it read them and not the data.
     with pytest.raises(ValueError, match="label 123 outside"):
-        ops.linear_cross_entropy(h, w, labels, label_check=_fake_check(labels, [1, 8, 123]))
+        ops.linear_cross_entropy(h, w, labels, label_check=_fake_check(labels, [1, 8, 123, 0]))
 
 
 @pytest.mark.parametrize("stale", ["other labels", "written since", "other vocab", "other shift"])
@@ -41,17 +42,45 @@ def test_a_check_of_other_labels_is_not_used(stale):
     h, w, labels = _inputs()
     key = (11, -100, True)
     if stale == "other labels":
-        check = _fake_check(labels.clone(), [1, 8, 123])
+        check = _fake_check(labels.clone(), [1, 8, 123, 0])
     elif stale == "other vocab":
-        check = _fake_check(labels, [1, 8, 123], key=(12, -100, True))
+        check = _fake_check(labels, [1, 8, 123, 0], key=(12, -100, True))
     elif stale == "other shift":
-        check = _fake_check(labels, [1, 8, 123], key=(11, -100, False))
+        check = _fake_check(labels, [1, 8, 123, 0], key=(11, -100, False))
     else:
-        check = _fake_check(labels, [1, 8, 123], key=key)
+        check = _fake_check(labels, [1, 8, 123, 0], key=key)
         labels[0, 1] = 3  # an in-place write after the check bumps the version
     want = ops.linear_cross_entropy(h, w, labels)
     got = ops.linear_cross_entropy(h, w, labels, label_check=check)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_prefetched_num_items_check_is_what_the_loss_reads():
+    h, w, labels = _inputs()
+    items = torch.tensor(8)
+    # Counts that call these num_items unusable: the loss raises, naming them.
+    with pytest.raises(ValueError, match="num_items_in_batch=8 cannot normalise"):
+        ops.linear_cross_entropy(
+            h,
+            w,
+            labels,
+            num_items_in_batch=items,
+            label_check=_fake_check(labels, [0, 8, 0, 1], num_items=items),
+        )
+    # Taken with other num_items (or none): not used, the loss checks itself and the 8 are fine.
+    for other in (torch.tensor(8), None):
+        check = _fake_check(labels, [0, 8, 0, 1], num_items=other)
+        got = ops.linear_cross_entropy(h, w, labels, num_items_in_batch=items, label_check=check)
+        torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, labels, num_items_in_batch=8))
+
+
+@pytest.mark.parametrize("items", [0, -3])
+def test_num_items_tensor_on_the_labels_device_is_checked_there(items):
+    h, w, labels = _inputs()
+    with pytest.raises(ValueError, match=f"num_items_in_batch={items} cannot normalise"):
+        ops.linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(items))
+    ok = ops.linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(4.0))
+    torch.testing.assert_close(ok, ops.linear_cross_entropy(h, w, labels, reduction="sum") / 4)
 
 
 def test_nothing_to_prefetch_on_cpu():
@@ -87,7 +116,7 @@ def test_prefetch_never_waits_for_the_gpu():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync raises
     try:
-        check = ops.prefetch_label_check(labels, 11)
+        check = ops.prefetch_label_check(labels, 11, num_items=torch.tensor(9, device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert check is not None
@@ -110,9 +139,9 @@ def test_causal_lm_forward_prefetches_the_check(monkeypatch):
     seen = []
     real = ops.prefetch_label_check
 
-    def spy(labels, vocab, ignore_index=-100, shift=True):
+    def spy(labels, vocab, ignore_index=-100, shift=True, num_items=None):
         seen.append((labels, vocab, shift))
-        return real(labels, vocab, ignore_index, shift)
+        return real(labels, vocab, ignore_index, shift, num_items)
 
     monkeypatch.setattr(ops, "prefetch_label_check", spy)
     ids = torch.randint(0, model.config.vocab_size, (2, 6))

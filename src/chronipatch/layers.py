@@ -164,7 +164,11 @@ def causal_lm_forward(
     label_check = None
     if targets is not None:
         label_check = ops.prefetch_label_check(
-            targets, self.lm_head.weight.shape[0], ignore_index, shift=shift_labels is None
+            targets,
+            self.lm_head.weight.shape[0],
+            ignore_index,
+            shift=shift_labels is None,
+            num_items=kwargs.get("num_items_in_batch"),
         )
     outputs = self.model(
         input_ids=input_ids,

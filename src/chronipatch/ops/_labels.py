@@ -15,14 +15,27 @@ def targets_of(labels: Tensor, ignore_index: int, shift: bool) -> Tensor:
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:] if shift else labels
 
 
-def label_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
-    """[any label out of range, supervised count, the first such label] on the labels' device."""
+def on_device_items(num_items, labels: Tensor) -> bool:
+    """Whether ``num_items`` is one number in a tensor on the labels' device, checked there (reading it on
+    the host would be a sync of its own: Trainer hands it over on the model's device)."""
+    return isinstance(num_items, Tensor) and num_items.numel() == 1 and num_items.device == labels.device
+
+
+def label_counts(targets: Tensor, vocab: int, ignore_index: int, num_items: Tensor | None = None) -> Tensor:
+    """[any label out of range, supervised count, the first such label, num_items unusable] on the labels'
+    device; num_items is unusable when negative, or 0 with labels to normalise."""
     flat = targets.reshape(-1)
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab))
     # gather, not flat[i]: indexing by a 0-dim device tensor reads it on the host (a sync).
     first = flat.gather(0, bad.int().argmax().view(1)).squeeze(0)
-    return torch.stack([bad.any().long(), valid.sum(), first])
+    n_valid = valid.sum()
+    if num_items is None:
+        bad_items = torch.zeros_like(n_valid)
+    else:
+        n = num_items.reshape(())
+        bad_items = ((n < 0) | ((n == 0) & (n_valid > 0))).long()
+    return torch.stack([bad.any().long(), n_valid, first, bad_items])
 
 
 class LabelCheck(NamedTuple):
@@ -31,20 +44,24 @@ class LabelCheck(NamedTuple):
     labels: Tensor
     version: int
     key: tuple  # (vocab, ignore_index, shift)
+    num_items: Tensor | None  # the on-device num_items_in_batch checked with them, if any
+    items_version: int
     counts: Tensor  # pinned host memory, filled once ``done`` has passed
     done: torch.cuda.Event
 
 
 def prefetch_label_check(
-    labels: Tensor, vocab: int, ignore_index: int = -100, shift: bool = True
+    labels: Tensor, vocab: int, ignore_index: int = -100, shift: bool = True, num_items=None
 ) -> LabelCheck | None:
     """Start the loss's label check on the GPU and its copy to the host, without waiting for either.
 
     Taken before the backbone's forward (as ``apply``'s CausalLM forward does), the loss that receives it
     as ``label_check`` reads counts that arrived long before: the one host sync of the eager check then
-    no longer drains the GPU queue at the loss. None where there is nothing to prefetch (not CUDA, empty
-    or inference-mode labels, inside ``torch.compile``). A write through ``.data`` escapes the version
-    counter that tells a check of since-changed labels apart: don't write labels that way in between."""
+    no longer drains the GPU queue at the loss. ``num_items`` (``num_items_in_batch``), when one number in
+    a tensor on the labels' device, is checked with them. None where there is nothing to prefetch (not
+    CUDA, empty or inference-mode labels, inside ``torch.compile``). A write through ``.data`` escapes the
+    version counter that tells a check of since-changed labels apart: don't write labels that way in
+    between."""
     if (
         not labels.is_cuda
         or labels.numel() == 0
@@ -52,13 +69,15 @@ def prefetch_label_check(
         or torch.compiler.is_compiling()
     ):
         return None
-    counts = label_counts(targets_of(labels, ignore_index, shift), vocab, ignore_index)
-    host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+    items = num_items if on_device_items(num_items, labels) and not num_items.is_inference() else None
+    counts = label_counts(targets_of(labels, ignore_index, shift), vocab, ignore_index, items)
+    host = torch.empty(4, dtype=torch.int64, pin_memory=True)
     host.copy_(counts, non_blocking=True)
     done = torch.cuda.Event()
     # On the labels' stream, where the counts and their copy were queued (not the current device's).
     done.record(torch.cuda.current_stream(labels.device))
-    return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), host, done)
+    items_version = -1 if items is None else items._version
+    return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), items, items_version, host, done)
 
 
 def check_values(
@@ -69,17 +88,21 @@ def check_values(
     (None when not checked)."""
     if torch.compiler.is_compiling() or labels.numel() == 0 or labels.device.type == "meta":
         return None
-    counts = prefetched if prefetched is not None else label_counts(labels, vocab, ignore_index)
-    any_bad, n_valid, first_bad = counts.tolist()
-    any_valid = n_valid > 0
+    device_items = on_device_items(num_items, labels)
+    if prefetched is None:
+        prefetched = label_counts(labels, vocab, ignore_index, num_items if device_items else None)
+    any_bad, n_valid, first_bad, bad_items = prefetched.tolist()
     if any_bad:
         raise ValueError(
             f"chronipatch.ops.{op}: label {first_bad} outside [0, {vocab}) "
             f"and not ignore_index={ignore_index}"
         )
     if num_items is not None:
-        n = float(num_items)
-        if n < 0 or (n == 0 and any_valid):
+        if not device_items:
+            n = float(num_items)
+            bad_items = n < 0 or (n == 0 and n_valid > 0)
+        if bad_items:
+            n = float(num_items)  # read only to name it
             raise ValueError(
                 f"chronipatch.ops.{op}: num_items_in_batch={n:g} cannot normalise a loss over "
                 "supervised labels"
@@ -87,15 +110,22 @@ def check_values(
     return n_valid
 
 
-def label_counts_matching(check: LabelCheck | None, labels: Tensor, key: tuple) -> Tensor | None:
+def label_counts_matching(
+    check: LabelCheck | None, labels: Tensor, key: tuple, num_items=None
+) -> Tensor | None:
     """The prefetched counts when ``check`` was taken of these very labels (unwritten since) with the same
-    vocabulary, ignore_index and shift; None otherwise (the check then runs at the loss)."""
+    vocabulary, ignore_index and shift, and of this on-device num_items if there is one; None otherwise (the
+    check then runs at the loss)."""
     if (
         check is None
         or torch.compiler.is_compiling()
         or check.labels is not labels
         or check.version != labels._version
         or check.key != key
+    ):
+        return None
+    if on_device_items(num_items, labels) and (
+        check.num_items is not num_items or check.items_version != num_items._version
     ):
         return None
     check.done.synchronize()

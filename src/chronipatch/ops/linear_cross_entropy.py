@@ -397,7 +397,8 @@ def linear_cross_entropy(
         f"num_items_in_batch must be one number, got shape {getattr(num_items_in_batch, 'shape', None)}",
     )
     check(not shift or labels.dim() >= 1, op, "shift needs labels with a sequence dim")
-    prefetched = label_counts_matching(label_check, labels, (weight.shape[0], ignore_index, shift))
+    key = (weight.shape[0], ignore_index, shift)
+    prefetched = label_counts_matching(label_check, labels, key, num_items_in_batch)
     labels = targets_of(labels, ignore_index, shift)
     n_valid = check_values(op, labels, weight.shape[0], ignore_index, num_items_in_batch, prefetched)
     h = hidden.reshape(-1, hidden.shape[-1])
