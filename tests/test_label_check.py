@@ -113,10 +113,11 @@ def test_prefetch_on_cuda_matches_the_check_at_the_loss(shift):
 @gpu
 def test_prefetch_never_waits_for_the_gpu():
     _, _, labels = _inputs("cuda")
+    items = torch.tensor(9, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync raises
     try:
-        check = ops.prefetch_label_check(labels, 11, num_items=torch.tensor(9, device="cuda"))
+        check = ops.prefetch_label_check(labels, 11, num_items=items)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert check is not None
