@@ -83,6 +83,34 @@ def test_num_items_tensor_on_the_labels_device_is_checked_there(items):
     torch.testing.assert_close(ok, ops.linear_cross_entropy(h, w, labels, reduction="sum") / 4)
 
 
+def test_prefetch_steps_with_cpu_stand_ins(monkeypatch):
+    """The prefetch's own steps (counts, pinned copy, event on the labels' stream) with CPU stand-ins for
+    pinned memory and the CUDA event, so a CPU run reads every line the GPU runs; then the loss uses it."""
+    recorded = []
+
+    class Event:
+        def record(self, stream):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    h, w, labels = _inputs()
+    items = torch.tensor(0)
+    check = _labels._start(labels, 11, -100, True, items)
+    assert recorded == [("stream of", labels.device)]
+    assert check.counts.tolist() == [0, int((_labels.targets_of(labels, -100, True) != -100).sum()), 0, 1]
+    with pytest.raises(ValueError, match="num_items_in_batch=0 cannot normalise"):
+        ops.linear_cross_entropy(h, w, labels, num_items_in_batch=items, label_check=check)
+    check = _labels._start(labels, 11, -100, True, None)
+    got = ops.linear_cross_entropy(h, w, labels, label_check=check)
+    torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, labels), rtol=0, atol=0)
+
+
 def test_nothing_to_prefetch_on_cpu():
     assert ops.prefetch_label_check(torch.tensor([[1, 2]]), 11) is None
 

@@ -69,6 +69,10 @@ def prefetch_label_check(
         or torch.compiler.is_compiling()
     ):
         return None
+    return _start(labels, vocab, ignore_index, shift, num_items)
+
+
+def _start(labels: Tensor, vocab: int, ignore_index: int, shift: bool, num_items) -> LabelCheck:
     items = num_items if on_device_items(num_items, labels) and not num_items.is_inference() else None
     counts = label_counts(targets_of(labels, ignore_index, shift), vocab, ignore_index, items)
     host = torch.empty(4, dtype=torch.int64, pin_memory=True)
