@@ -21,7 +21,7 @@ class _Done:
 
 def _fake_check(labels, counts, key=(11, -100, True), num_items=None):
     version = -1 if num_items is None else num_items._version
-    return _labels.LabelCheck(labels, labels._version, key, num_items, version, torch.tensor(counts), _Done())
+    return _labels.LabelCheck(labels, labels._version, key, torch.tensor(counts), _Done(), num_items, version)
 
 
 def _inputs(dev="cpu"):
@@ -75,12 +75,29 @@ def test_prefetched_num_items_check_is_what_the_loss_reads():
 
 
 @pytest.mark.parametrize("items", [0, -3])
-def test_num_items_tensor_on_the_labels_device_is_checked_there(items):
+def test_num_items_tensor_on_the_labels_device_is_checked_there(items, monkeypatch):
     h, w, labels = _inputs()
+    want = ops.linear_cross_entropy(h, w, labels, reduction="sum") / 4
+    all_ignored = torch.full_like(labels, -100)
+
+    def no_host_read(self):
+        raise AssertionError("num_items read on the host")
+
+    # On the passing paths the tensor is never read on the host (it would be a sync on a GPU).
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__float__", no_host_read)
+        ok = ops.linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(4.0))
+        nothing = ops.linear_cross_entropy(h, w, all_ignored, num_items_in_batch=torch.tensor(0))
+    torch.testing.assert_close(ok, want)
+    assert nothing == 0  # 0 items with nothing supervised is fine
     with pytest.raises(ValueError, match=f"num_items_in_batch={items} cannot normalise"):
         ops.linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(items))
-    ok = ops.linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(4.0))
-    torch.testing.assert_close(ok, ops.linear_cross_entropy(h, w, labels, reduction="sum") / 4)
+
+
+def test_complex_num_items_are_read_on_the_host():
+    h, w, labels = _inputs()
+    got = ops.linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(4 + 0j))
+    torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, labels, reduction="sum") / 4)
 
 
 def test_prefetch_steps_with_cpu_stand_ins(monkeypatch):
@@ -169,13 +186,16 @@ def test_causal_lm_forward_prefetches_the_check(monkeypatch):
     real = ops.prefetch_label_check
 
     def spy(labels, vocab, ignore_index=-100, shift=True, num_items=None):
-        seen.append((labels, vocab, shift))
+        seen.append((labels, vocab, shift, num_items))
         return real(labels, vocab, ignore_index, shift, num_items)
 
     monkeypatch.setattr(ops, "prefetch_label_check", spy)
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     model(input_ids=ids, labels=ids)
-    assert len(seen) == 1 and seen[0][0] is ids and seen[0][1:] == (model.config.vocab_size, True)
+    assert len(seen) == 1 and seen[0][0] is ids and seen[0][1:] == (model.config.vocab_size, True, None)
     shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
     model(input_ids=ids, shift_labels=shifted)  # already shifted: the check takes them as they are
     assert len(seen) == 2 and seen[1][0] is shifted and seen[1][2] is False
+    items = torch.tensor(9)
+    model(input_ids=ids, labels=ids, num_items_in_batch=items)  # checked with the labels
+    assert len(seen) == 3 and seen[2][3] is items

@@ -18,7 +18,12 @@ def targets_of(labels: Tensor, ignore_index: int, shift: bool) -> Tensor:
 def on_device_items(num_items, labels: Tensor) -> bool:
     """Whether ``num_items`` is one number in a tensor on the labels' device, checked there (reading it on
     the host would be a sync of its own: Trainer hands it over on the model's device)."""
-    return isinstance(num_items, Tensor) and num_items.numel() == 1 and num_items.device == labels.device
+    return (
+        isinstance(num_items, Tensor)
+        and num_items.numel() == 1
+        and num_items.device == labels.device
+        and not num_items.is_complex()  # float() takes a zero imaginary part; the device compare cannot
+    )
 
 
 def label_counts(targets: Tensor, vocab: int, ignore_index: int, num_items: Tensor | None = None) -> Tensor:
@@ -44,10 +49,10 @@ class LabelCheck(NamedTuple):
     labels: Tensor
     version: int
     key: tuple  # (vocab, ignore_index, shift)
-    num_items: Tensor | None  # the on-device num_items_in_batch checked with them, if any
-    items_version: int
     counts: Tensor  # pinned host memory, filled once ``done`` has passed
     done: torch.cuda.Event
+    num_items: Tensor | None = None  # the on-device num_items_in_batch checked with them, if any
+    items_version: int = -1
 
 
 def prefetch_label_check(
@@ -81,7 +86,7 @@ def _start(labels: Tensor, vocab: int, ignore_index: int, shift: bool, num_items
     # On the labels' stream, where the counts and their copy were queued (not the current device's).
     done.record(torch.cuda.current_stream(labels.device))
     items_version = -1 if items is None else items._version
-    return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), items, items_version, host, done)
+    return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), host, done, items, items_version)
 
 
 def check_values(
