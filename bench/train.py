@@ -50,6 +50,7 @@ ABLATIONS = {
     # the loss's label check at the loss (one host sync that drains the GPU queue), not prefetched
     "chronipatch_sync_check": ("chronipatch_sync_check", False),
 }
+RUNNABLE = VARIANTS | ABLATIONS
 COLUMNS = (
     "model",
     "variant",
@@ -112,7 +113,7 @@ def _optimizer(params: list[torch.Tensor]) -> tuple[torch.optim.Optimizer, bool]
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    patch, compiled = (VARIANTS | ABLATIONS)[args.variant]
+    patch, compiled = RUNNABLE[args.variant]
     dev = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     torch.manual_seed(args.seed)  # same seed -> same initial weights in every variant
@@ -314,14 +315,14 @@ def main(argv: list[str] | None = None) -> None:
 
     args.smoke = args.smoke or args.smoke_compile
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS) - set(ABLATIONS)
+    unknown = set(variants) - set(RUNNABLE)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
         if not args.smoke_compile:
-            skipped = [v for v in variants if (VARIANTS | ABLATIONS)[v][1]]
-            variants = [v for v in variants if not (VARIANTS | ABLATIONS)[v][1]]
+            skipped = [v for v in variants if RUNNABLE[v][1]]
+            variants = [v for v in variants if not RUNNABLE[v][1]]
             print(f"--smoke: skipping compiled variants {skipped} (add --smoke-compile)", file=sys.stderr)
     elif not torch.cuda.is_available():
         p.error("needs a CUDA device (use --smoke for a CPU run)")

@@ -111,9 +111,8 @@ def check_values(
             n = float(num_items)
             bad_items = n < 0 or (n == 0 and n_valid > 0)
         if bad_items:
-            n = float(num_items)  # read only to name it
-            raise ValueError(
-                f"chronipatch.ops.{op}: num_items_in_batch={n:g} cannot normalise a loss over "
+            raise ValueError(  # an on-device num_items is read on the host only here, to name it
+                f"chronipatch.ops.{op}: num_items_in_batch={float(num_items):g} cannot normalise a loss over "
                 "supervised labels"
             )
     return n_valid

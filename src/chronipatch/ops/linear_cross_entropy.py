@@ -134,13 +134,10 @@ def _bwd_chunk_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def _chunk(n_rows: int, vocab: int, elt: int) -> int:
-    vc = CHUNK_BYTES // max(1, n_rows * elt)
-    return max(256, min(vocab, 65536, vc // 256 * 256))
-
-
 def _chunk_width(hidden: Tensor, weight: Tensor) -> int:
-    return _chunk(hidden.shape[0], weight.shape[0], 4)
+    """Vocabulary columns per fp32 logits chunk of CHUNK_BYTES (a multiple of 256, at least 256)."""
+    vc = CHUNK_BYTES // max(1, hidden.shape[0] * 4)
+    return max(256, min(weight.shape[0], 65536, vc // 256 * 256))
 
 
 def _logit_chunks(hidden: Tensor, weight: Tensor):
