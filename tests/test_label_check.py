@@ -128,6 +128,18 @@ def test_prefetch_steps_with_cpu_stand_ins(monkeypatch):
     torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, labels), rtol=0, atol=0)
 
 
+def test_prefetch_reads_nothing_of_the_labels_while_compiling(monkeypatch):
+    """Inside torch.compile the prefetch returns before asking the labels anything: dynamo (torch 2.11) cannot
+    trace ``is_inference()``, and a graph break there would split every compiled training step."""
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"labels.{name} read while compiling")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.prefetch_label_check(Untouchable(), 11) is None
+
+
 def test_nothing_to_prefetch_on_cpu():
     assert ops.prefetch_label_check(torch.tensor([[1, 2]]), 11) is None
 

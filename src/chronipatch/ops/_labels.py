@@ -68,10 +68,10 @@ def prefetch_label_check(
     version counter that tells a check of since-changed labels apart: don't write labels that way in
     between."""
     if (
-        not labels.is_cuda
+        torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference()
+        or not labels.is_cuda
         or labels.numel() == 0
         or labels.is_inference()  # no version counter
-        or torch.compiler.is_compiling()
     ):
         return None
     return _start(labels, vocab, ignore_index, shift, num_items)
