@@ -64,3 +64,12 @@ def test_sft_bench_smoke(tmp_path):
     # Same weights and rows: the first step's loss is the same with and without chronipatch.
     assert rows[1]["first loss"] == pytest.approx(rows[0]["first loss"], rel=1e-4)
     assert "linear_cross_entropy" in rows[1]["patched"]
+
+
+def test_host_time_bench_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    cmd = [sys.executable, str(ROOT / "bench" / "host_time.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = (tmp_path / "host_time_b1_t16.md").read_text()
+    assert "## hf" in text and "## chronipatch" in text and "Traceback" not in text, text

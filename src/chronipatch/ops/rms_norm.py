@@ -179,7 +179,7 @@ _rms_norm.register_autograd(_backward, setup_context=_setup)
 _direct_fwd, _direct_bwd = direct(rms_norm_fwd_triton), direct(rms_norm_bwd_triton)
 
 
-class _Eager(torch.autograd.Function):
+class _RMSNormEager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
 
     @staticmethod
@@ -219,5 +219,5 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     )
     check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")
     if eager_cuda(x, weight):
-        return _Eager.apply(x, weight, float(eps))
+        return _RMSNormEager.apply(x, weight, float(eps))
     return _rms_norm(x, weight, float(eps))[0]

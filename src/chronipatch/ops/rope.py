@@ -204,7 +204,7 @@ _rope.register_autograd(_backward, setup_context=_setup)
 _direct_fwd = direct(rope_triton)
 
 
-class _Eager(torch.autograd.Function):
+class _RoPEEager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
 
     @staticmethod
@@ -275,5 +275,5 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool = False) ->
     )
     check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
     if eager_cuda(q, k, cos, sin):
-        return _Eager.apply(q, k, cos, sin, bool(dense))
+        return _RoPEEager.apply(q, k, cos, sin, bool(dense))
     return _rope(q, k, cos, sin, bool(dense))

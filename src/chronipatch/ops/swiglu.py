@@ -103,7 +103,7 @@ _swiglu.register_autograd(_backward, setup_context=_setup)
 _direct_fwd, _direct_bwd = direct(swiglu_fwd_triton), direct(swiglu_bwd_triton)
 
 
-class _Eager(torch.autograd.Function):
+class _SwiGLUEager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``)."""
 
     @staticmethod
@@ -130,5 +130,5 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         lambda: f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape",
     )
     if eager_cuda(gate, up):
-        return _Eager.apply(gate, up)
+        return _SwiGLUEager.apply(gate, up)
     return _swiglu(gate, up)
