@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
 
 from chronipatch import ops
 
@@ -48,15 +47,10 @@ def launch_table(dev) -> list[tuple[str, float]]:
         kern[(1,)](x, w, y, rstd, 64, 64, 8, 64, 1e-6, BLOCK_N=64, ROWS=16, num_warps=4)
 
     def launcher():
-        with set_wrap_triton_enabled(False):
-            rms_mod.rms_norm_fwd_triton(x, w, 1e-6)
+        rms_mod.rms_norm_fwd_triton(x, w, 1e-6, wrap=False)
 
     def device_ctx():
         with torch.cuda.device(x.device):
-            pass
-
-    def wrap_ctx():
-        with set_wrap_triton_enabled(False):
             pass
 
     def fwd_bwd():
@@ -69,13 +63,13 @@ def launch_table(dev) -> list[tuple[str, float]]:
         ("x * 1.0", lambda: x * 1.0),
         ("torch.empty_like x2", lambda: (torch.empty_like(x), torch.empty(8, device=dev))),
         ("with torch.cuda.device(x.device)", device_ctx),
-        ("with set_wrap_triton_enabled(False)", wrap_ctx),
         ("raw JIT launch kern[grid](...)", raw),
         ("rms_norm_fwd_triton (launcher)", launcher),
         ("_direct_fwd (launcher + contexts)", lambda: rms_mod._direct_fwd(x, w, 1e-6)),
         ("ops.rms_norm(x, w) no grad", lambda: ops.rms_norm(x, w, 1e-6)),
         ("(x*1).sum().backward() (autograd floor)", hf_like_bwd),
         ("ops.rms_norm fwd+bwd", fwd_bwd),
+        *_hf_vs_ops(dev),
     ]
     out = []
     for name, fn in rows:
@@ -83,6 +77,31 @@ def launch_table(dev) -> list[tuple[str, float]]:
             fn()
         out.append((name, per_call_us(fn)))
     return out
+
+
+def _hf_vs_ops(dev) -> list:
+    """fwd+bwd of each small op and of the stock math it replaces, on tiny tensors (host time only)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    x = torch.randn(8, 64, **bf, requires_grad=True)
+    norm = Qwen2RMSNorm(64).to(**bf)
+    g, u = (torch.randn(8, 64, **bf, requires_grad=True) for _ in range(2))
+    q = torch.randn(1, 8, 4, 2, 16, **bf).transpose(1, 2)[..., 0, :].requires_grad_()  # [1, 4, 8, 16] view
+    k = torch.randn(1, 2, 8, 16, **bf, requires_grad=True)
+    cos, sin = torch.randn(1, 8, 16, **bf), torch.randn(1, 8, 16, **bf)
+
+    def back(*outs):
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    return [
+        ("HF RMSNorm fwd+bwd", lambda: back(norm(x))),
+        ("ops.rms_norm fwd+bwd (module weight)", lambda: back(ops.rms_norm(x, norm.weight, 1e-6))),
+        ("F.silu(g) * u fwd+bwd", lambda: back(torch.nn.functional.silu(g) * u)),
+        ("ops.swiglu fwd+bwd", lambda: back(ops.swiglu(g, u))),
+        ("HF apply_rotary_pos_emb fwd+bwd", lambda: back(*apply_rotary_pos_emb(q, k, cos, sin))),
+        ("ops.rope fwd+bwd", lambda: back(*ops.rope(q, k, cos, sin))),
+    ]
 
 
 def profile_calls(dev) -> str:

@@ -4,6 +4,7 @@ measured against the fp64 truth computed from the same inputs."""
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -159,11 +160,11 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
         assert rn.eager_cuda(inputs[0]) and not rn.eager_cuda(inputs[0].cpu())
         grads = None
         results = []
-        for fn, node in ((public, "_EagerBackward"), (registered, "GeneratedBackwardFor_chronipatch")):
+        for fn, node in ((public, r"_\w+EagerBackward"), (registered, r"GeneratedBackwardFor_chronipatch")):
             leaves = [t.detach().clone().requires_grad_() for t in inputs]
             out = fn(*leaves)
             outs = out if isinstance(out, tuple) else (out,)
-            assert type(outs[0].grad_fn).__name__.startswith(node), type(outs[0].grad_fn)
+            assert re.match(node, type(outs[0].grad_fn).__name__), type(outs[0].grad_fn)
             grads = grads or [torch.randn_like(o) for o in outs]
             results.append([*outs, *torch.autograd.grad(outs, leaves, grads)])
         for a, b in zip(*results):

@@ -9,7 +9,6 @@ import re
 import torch
 import triton
 from torch import Tensor
-from torch._library.triton import set_wrap_triton_enabled
 
 
 def check(cond: bool, op: str, msg) -> None:
@@ -77,7 +76,7 @@ def last_dense(x: Tensor) -> Tensor:
 def on_gpu(t: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors; every other device, and fp64, runs the torch reference
     (the kernels compute in fp32)."""
-    return t.device.type == "cuda" and t.dtype != torch.float64
+    return t.is_cuda and t.dtype is not torch.float64
 
 
 def eager_cuda(*tensors: torch.Tensor) -> bool:
@@ -100,14 +99,18 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def direct(launcher):
-    """``launcher`` with ``wrap_triton`` off: its kernels launch straight away instead of through the
+    """``launcher`` launching its kernels straight away (``wrap=False``) instead of through the
     higher-order-op dispatch (~200 us per launch) that only tracing needs. For the eager fast path."""
 
     @functools.wraps(launcher)
     def run(x, *args, **kwargs):
-        # Triton launches on the current device: follow the input's (models split over GPUs).
-        with set_wrap_triton_enabled(False), device_of(x):
-            return launcher(x, *args, **kwargs)
+        # Triton launches on the current device: follow the input's (models split over GPUs). Switching
+        # costs a context manager per call, so only when it differs (-1: a CPU tensor, in the interpreter).
+        index = x.get_device()
+        if index < 0 or index == torch.cuda.current_device():
+            return launcher(x, *args, wrap=False, **kwargs)
+        with torch.cuda.device(index):
+            return launcher(x, *args, wrap=False, **kwargs)
 
     return run
 

@@ -99,7 +99,7 @@ def _rows(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float, wrap: bool = True) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
@@ -107,13 +107,15 @@ def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, 
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     block, rows, warps = _tiles(n)
     if m > 0:
-        wrap_triton(_fwd_kernel)[(cdiv(m, rows),)](
+        (wrap_triton(_fwd_kernel) if wrap else _fwd_kernel)[(cdiv(m, rows),)](
             x2, weight, y, rstd, x2.stride(0), n, m, n, eps, BLOCK_N=block, ROWS=rows, num_warps=warps
         )
     return y, rstd
 
 
-def rms_norm_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+def rms_norm_bwd_triton(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, wrap: bool = True
+) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     m = x2.shape[0]
@@ -124,7 +126,7 @@ def rms_norm_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> 
     # Every launched program stores its partial row (zeros when it has no rows): no fill unless nothing runs.
     dw_part = (torch.empty if m > 0 else torch.zeros)(progs, n, dtype=torch.float64, device=x.device)
     if m > 0:
-        wrap_triton(_bwd_kernel)[(progs,)](
+        (wrap_triton(_bwd_kernel) if wrap else _bwd_kernel)[(progs,)](
             dy2,
             x2,
             weight,

@@ -143,7 +143,13 @@ def _like_hf(x: Tensor) -> Tensor:
 
 
 def rope_triton(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False, dense: bool = False
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    backward: bool = False,
+    dense: bool = False,
+    wrap: bool = True,
 ) -> tuple[Tensor, Tensor]:
     q, k, cos, sin = last_dense(q), last_dense(k), last_dense(cos), last_dense(sin)
     b, hq, t, d = q.shape
@@ -156,7 +162,7 @@ def rope_triton(
         half = d // 2
         # One stride() call per tensor: each costs as much host time as a small kernel's arithmetic.
         sq, sk, sqo, sko, sc, ss = (x.stride() for x in (q, k, qo, ko, cos, sin))
-        wrap_triton(_rope_kernel)[(b * t,)](
+        (wrap_triton(_rope_kernel) if wrap else _rope_kernel)[(b * t,)](
             q, k, cos, sin, qo, ko, t,
             *sq[:3], *sk[:3], *sqo[:3], *sko[:3],
             # A batch of 1 in cos/sin broadcasts over the batch of q/k.

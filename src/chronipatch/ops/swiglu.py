@@ -53,21 +53,23 @@ def _bwd_kernel(DO, G, U, DG, DU, n, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------- launchers
 
 
-def swiglu_fwd_triton(gate: Tensor, up: Tensor) -> Tensor:
+def swiglu_fwd_triton(gate: Tensor, up: Tensor, wrap: bool = True) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
     if n > 0:
-        wrap_triton(_fwd_kernel)[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=8)
+        kernel = wrap_triton(_fwd_kernel) if wrap else _fwd_kernel
+        kernel[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=8)
     return out
 
 
-def swiglu_bwd_triton(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+def swiglu_bwd_triton(dout: Tensor, gate: Tensor, up: Tensor, wrap: bool = True) -> tuple[Tensor, Tensor]:
     dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n > 0:
-        wrap_triton(_bwd_kernel)[(cdiv(n, BLOCK),)](dout, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=8)
+        kernel = wrap_triton(_bwd_kernel) if wrap else _bwd_kernel
+        kernel[(cdiv(n, BLOCK),)](dout, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=8)
     return dg, du
 
 
