@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._math import exp_f32
+from ._math import softmax_exp
 from ._utils import cdiv, check, check_same, direct, eager_cuda, on_gpu
 
 BLOCK = 2048
@@ -24,28 +24,30 @@ BLOCK = 2048
 
 
 @triton.jit
-def _sigmoid(g):
-    """1 / (1 + exp(-g)) to a few fp32 ulps at any g (``exp_f32``: tl.exp loses dozens at |g| ~ 40)."""
-    return tl.div_rn(1.0, 1.0 + exp_f32(-g))
+def _sigmoid(g, EXACT: tl.constexpr):
+    """1 / (1 + exp(-g)) with an IEEE division; EXACT (fp32 results) takes the few-ulp ``exp_f32``, else the
+    hardware exp, whose |g| * 2^-24 relative error is far below a bf16/fp16 result's rounding and which keeps
+    the forward memory-bound (``exp_f32`` is three hardware exp2 per element)."""
+    return tl.div_rn(1.0, 1.0 + softmax_exp(-g, EXACT))
 
 
 @triton.jit
-def _fwd_kernel(G, U, O, n, BLOCK: tl.constexpr):
+def _fwd_kernel(G, U, O, n, BLOCK: tl.constexpr, EXACT: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(O + offs, (g * _sigmoid(g) * u).to(O.dtype.element_ty), mask=mask)
+    tl.store(O + offs, (g * _sigmoid(g, EXACT) * u).to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_kernel(DO, G, U, DG, DU, n, BLOCK: tl.constexpr):
+def _bwd_kernel(DO, G, U, DG, DU, n, BLOCK: tl.constexpr, EXACT: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _sigmoid(g)
+    s = _sigmoid(g, EXACT)
     tl.store(DG + offs, (do * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, (do * g * s).to(DU.dtype.element_ty), mask=mask)
 
@@ -59,7 +61,8 @@ def swiglu_fwd_triton(gate: Tensor, up: Tensor, wrap: bool = True) -> Tensor:
     n = gate.numel()
     if n > 0:
         kernel = wrap_triton(_fwd_kernel) if wrap else _fwd_kernel
-        kernel[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=8)
+        exact = gate.dtype == torch.float32
+        kernel[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, EXACT=exact, num_warps=8)
     return out
 
 
@@ -69,7 +72,8 @@ def swiglu_bwd_triton(dout: Tensor, gate: Tensor, up: Tensor, wrap: bool = True)
     n = gate.numel()
     if n > 0:
         kernel = wrap_triton(_bwd_kernel) if wrap else _bwd_kernel
-        kernel[(cdiv(n, BLOCK),)](dout, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=8)
+        exact = gate.dtype == torch.float32
+        kernel[(cdiv(n, BLOCK),)](dout, gate, up, dg, du, n, BLOCK=BLOCK, EXACT=exact, num_warps=8)
     return dg, du
 
 
