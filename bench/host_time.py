@@ -10,7 +10,7 @@ variant:
   wait inside the part (at tiny shapes the GPU keeps up, so this is the host's own cost);
 - host µs per call of each module class in the forward (inclusive, through forward hooks);
 - CPU ms per step of each autograd node type in the backward (torch.profiler, which inflates all of them);
-- every host sync of one step (``torch.cuda.set_sync_debug_mode``), with the Python line that caused it.
+- every host sync of one step (``torch.cuda.set_sync_debug_mode``), with the file:line its warning names.
 
 ``--smoke`` runs a tiny config on CPU in fp32, to keep the script working (its figures mean nothing).
 """
@@ -103,7 +103,7 @@ def _backward_nodes(loss) -> list[tuple[str, int, float]]:
 
 
 def _syncs(step) -> Counter:
-    """The host syncs of one ``step()``: (warning text, innermost frame of our code or the model's)."""
+    """The host syncs of one ``step()``: (warning text, the file:line the warning is attributed to)."""
     seen: Counter = Counter()
     if not torch.cuda.is_available():
         return seen

@@ -65,7 +65,7 @@ def launch_table(dev) -> list[tuple[str, float]]:
         ("with torch.cuda.device(x.device)", device_ctx),
         ("raw JIT launch kern[grid](...)", raw),
         ("rms_norm_fwd_triton (launcher)", launcher),
-        ("_direct_fwd (launcher + contexts)", lambda: rms_mod._direct_fwd(x, w, 1e-6)),
+        ("_direct_fwd (launcher + device check)", lambda: rms_mod._direct_fwd(x, w, 1e-6)),
         ("ops.rms_norm(x, w) no grad", lambda: ops.rms_norm(x, w, 1e-6)),
         ("(x*1).sum().backward() (autograd floor)", hf_like_bwd),
         ("ops.rms_norm fwd+bwd", fwd_bwd),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -171,6 +172,39 @@ def test_lce_backward_recomputes_the_forward_chunks(wide, monkeypatch):
     assert len(bwd) == len(fwd) and all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(fwd, bwd))
 
 
+def test_direct_launch_runs_on_the_inputs_device(monkeypatch):
+    """The eager fast path launches raw kernels (``wrap=False``) on the input's GPU: with no device context
+    when that is the current device already (one per call costs ~2 us), with one otherwise; CPU tensors (the
+    interpreter) need none."""
+    from chronipatch.ops import _utils
+
+    entered, calls = [], []
+
+    def launcher(x, *args, wrap=True, **kwargs):
+        calls.append((wrap, args, kwargs))
+        return "out"
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    class OnGpu:  # a CUDA tensor on GPU ``index``, as far as ``direct`` looks
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    run = _utils.direct(launcher)
+    assert run(OnGpu(0), 1, k=2) == "out" and entered == []
+    assert run(OnGpu(1), 1, k=2) == "out" and entered == [1]
+    assert run(torch.zeros(1), 1, k=2) == "out" and entered == [1]
+    assert calls == [(False, (1,), {"k": 2})] * 3
+
+
 def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
     """The eager fast path (``_*Eager``, taken by the public ops for plain CUDA tensors outside tracing)
     gives the launchers' results and gradients bit for bit, and refuses a double backward."""
@@ -202,11 +236,12 @@ def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
             *rope.rope_triton(go[0], go[1], cos, sin, backward=True),
         ),
     ]
-    for (fast, inputs), manual in zip(cases, launched):
+    nodes = ["_RMSNormEagerBackward", "_SwiGLUEagerBackward", "_RoPEEagerBackward", "_RoPEEagerBackward"]
+    for (fast, inputs), manual, node in zip(cases, launched, nodes):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         out = fast(*leaves)
         outs = out if isinstance(out, tuple) else (out,)
-        assert type(outs[0].grad_fn).__name__.endswith("EagerBackward")
+        assert type(outs[0].grad_fn).__name__ == node  # named after its op in profiles
         grads = [torch.randn_like(o) for o in outs]
         got = [*outs, *torch.autograd.grad(outs, leaves, grads)]
         for a, b in zip(got, manual(grads, *inputs)):

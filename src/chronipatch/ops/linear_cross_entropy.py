@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
-from ._math import softmax_exp
+from ._math import exp_for
 from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
 
 CHUNK_BYTES = 192 << 20  # bytes of one fp32 [N, Vc] logits chunk: fewer, larger GEMMs and launches
@@ -76,9 +76,9 @@ def _fwd_chunk_kernel(
         m_new = tl.maximum(m, tile_max)
         # Infinite maxima: m == m_new (-inf before any finite logit, or +inf twice) keeps the sums as
         # they are, and a +inf logit counts exp(0) = 1 against m = +inf, not exp(inf - inf) = nan.
-        alpha = tl.where(m == m_new, 1.0, softmax_exp(m - m_new, EXACT))
+        alpha = tl.where(m == m_new, 1.0, exp_for(m - m_new, EXACT))
         zc = _centred(z, m_new)
-        p = softmax_exp(zc, EXACT)
+        p = exp_for(zc, EXACT)
         if TOKEN_STATS:
             # Strictly greater keeps the first maximum, as torch.argmax does.
             arg = tl.where(tile_max > m, v0 + c0 + tl.argmax(z, axis=0), arg)
@@ -119,7 +119,7 @@ def _bwd_chunk_kernel(
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < vc
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        p = softmax_exp(_centred(z, m), EXACT)
+        p = exp_for(_centred(z, m), EXACT)
         if EXACT:
             p = tl.div_rn(p, s)  # IEEE division where g keeps all 24 bits
         else:
