@@ -12,6 +12,9 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD/bench:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0
+# Two pytest-xdist workers share the card when xdist is installed (241 s on an H200, where one ran past 335 s; more
+# workers run out of its memory together).
+xdist=(); python -c "import xdist" 2>/dev/null && xdist=(-n 2)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sweep ops attention train sft)
 
@@ -27,7 +30,7 @@ run() {  # name seconds command...
 
 for step in "${steps[@]}"; do
     case $step in
-    tests) run tests 420 python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_sweep.py tests ;;
+    tests) run tests 420 python -m pytest -q -m gpu "${xdist[@]}" -p no:cacheprovider --ignore=tests/test_sweep.py tests ;;
     sweep) for op in rms_norm swiglu rope linear_cross_entropy; do
         run "sweep_$op" 300 python bench/sweep.py --cases 500 --ops "$op" --out "$OUT/sweep_$op"
     done ;;
