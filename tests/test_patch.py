@@ -318,39 +318,6 @@ def test_packed_rows_with_cache_under_sdpa_is_an_error():
     model(**packed, use_cache=False)  # the packed path without a cache is fine
 
 
-def test_training_forward_looks_for_packed_rows_only_where_there_can_be_some(monkeypatch):
-    """A training forward turns the cache off when position_ids can carry packed rows, so that HF's mask logic
-    keeps the documents apart; without position_ids it builds the cache stock builds, which skips that
-    logic's packed-row check (a host sync on CUDA) and changes nothing else."""
-    import transformers.masking_utils as masking
-
-    from chronipatch.packing import PackingCollator
-
-    checks = []
-    real = masking.find_packed_sequence_indices
-    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda p: checks.append(p) or real(p))
-    stock = tiny_model("llama", dtype=torch.float64)
-    patched = copy.deepcopy(stock)
-    chronipatch.apply(patched)
-    stock.train(), patched.train()
-    ids, labels = batch()
-    got = patched(input_ids=ids, labels=labels).loss
-    assert checks == []
-    ref = stock(input_ids=ids, labels=labels).loss  # fp32: stock upcasts its logits with .float()
-    torch.testing.assert_close(got.float(), ref, rtol=1e-6, atol=1e-6)
-    docs = [torch.randint(0, 211, (n,)) for n in (5, 9, 3)]
-    packed = PackingCollator(max_length=32)([{"input_ids": d} for d in docs])
-    packed.pop("labels")
-    checks.clear()
-    logits = patched(**packed).logits[0]
-    assert len(checks) == 1
-    start = 0
-    for d in sorted(docs, key=len, reverse=True):  # BFD lays documents out longest first
-        alone = patched(input_ids=d[None], use_cache=False).logits[0]
-        torch.testing.assert_close(logits[start : start + len(d)], alone, rtol=1e-9, atol=1e-9)
-        start += len(d)
-
-
 def test_autocast_casts_the_head_like_stock():
     """fp32 weights under bf16 autocast (Trainer's bf16=True): the fused loss sees the bf16 lm_head inputs
     that F.linear would (the same loss as called with them outside autocast); gradients reach the fp32

@@ -152,11 +152,8 @@ def causal_lm_forward(
     unless ``return_logits=True``. ``**kwargs`` stays in the signature: Trainer reads it to decide
     that the model normalises by ``num_items_in_batch`` itself.
     """
-    if use_cache is None and self.training and (position_ids is not None or "cu_seq_lens_q" in kwargs):
-        # Packed rows show in position_ids (or come with cu_seq_lens), and a cache hides them from HF's mask
-        # logic. Without either no row can be packed: the cache that stock builds then spares the forward
-        # that logic's packed-row check, a host sync.
-        use_cache = False
+    if use_cache is None and self.training:
+        use_cache = False  # a training forward never reads a cache; building one hides packed rows
     if past_key_values is not None:  # the older name of ``cache`` (transformers < 5.24)
         kwargs["past_key_values"] = past_key_values
     shift_labels = kwargs.get("shift_labels")
