@@ -318,6 +318,25 @@ def test_packed_rows_with_cache_under_sdpa_is_an_error():
     model(**packed, use_cache=False)  # the packed path without a cache is fine
 
 
+def test_training_forward_keeps_packed_documents_apart_by_default():
+    """In training the CausalLM forward turns the cache off by itself (stock's default cache hides packed rows
+    from HF's mask logic): packed documents give the logits they give alone, with no use_cache passed."""
+    from chronipatch.packing import PackingCollator
+
+    model = tiny_model("llama", dtype=torch.float64)
+    chronipatch.apply(model)
+    model.train()
+    docs = [torch.randint(0, 211, (n,)) for n in (5, 9, 3)]
+    packed = PackingCollator(max_length=32)([{"input_ids": d} for d in docs])
+    packed.pop("labels")
+    logits = model(**packed).logits[0]
+    start = 0
+    for d in sorted(docs, key=len, reverse=True):  # BFD lays documents out longest first
+        alone = model(input_ids=d[None]).logits[0]
+        torch.testing.assert_close(logits[start : start + len(d)], alone, rtol=1e-9, atol=1e-9)
+        start += len(d)
+
+
 def test_autocast_casts_the_head_like_stock():
     """fp32 weights under bf16 autocast (Trainer's bf16=True): the fused loss sees the bf16 lm_head inputs
     that F.linear would (the same loss as called with them outside autocast); gradients reach the fp32
