@@ -41,21 +41,20 @@ def _sync() -> None:
 
 
 def _step_parts(model, params, opt, ids):
-    sync = _sync
     times = {}
-    sync()
+    _sync()
     t0 = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     times["forward"] = time.perf_counter() - t0
-    sync()
+    _sync()
     t0 = time.perf_counter()
     loss.backward()
     times["backward"] = time.perf_counter() - t0
-    sync()
+    _sync()
     t0 = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     times["clip"] = time.perf_counter() - t0
-    sync()
+    _sync()
     t0 = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import cdiv, check, check_tensors, direct, eager_cuda, on_gpu, pow2, sms_for
+from ._utils import cdiv, check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2, sms_for
 
 # ---------------------------------------------------------------- kernels
 
@@ -95,8 +95,7 @@ def _tiles(n: int) -> tuple[int, int, int]:
 
 
 def _rows(t: Tensor) -> Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return last_dense(t.reshape(-1, t.shape[-1]))
 
 
 def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float, wrap: bool = True) -> tuple[Tensor, Tensor]:
