@@ -25,8 +25,9 @@ def _ints(*names):
     return dict.fromkeys(names, "i32")
 
 
-def _cases() -> list[tuple[str, str, str, dict, dict]]:
-    """(case id, op module, kernel, argument types, constexprs) for every kernel and dtype."""
+def _cases() -> list[tuple]:
+    """(case id, op module, kernel, argument types, constexprs[, launch options]) for every kernel and
+    dtype."""
     cases = []
     for dt in ("bf16", "fp16", "fp32"):
         io = {"X": f"*{dt}", "W": f"*{dt}", "Y": f"*{dt}", "RSTD": "*fp32"}
@@ -85,30 +86,69 @@ def _cases() -> list[tuple[str, str, str, dict, dict]]:
         for bwd in (False, True):
             tiles = {"HALF": 32, "BLOCK_HQ": 16, "BLOCK_HK": 2, "BLOCK_D": 32, "BACKWARD": bwd}
             cases.append((f"rope_{'bwd' if bwd else 'fwd'}_{dt}", "rope", "_rope_kernel", rope, tiles))
-        stats = dict.fromkeys(("M", "S", "E", "ZLAB"), "*fp32")
-        chunk = _ints("stride_z", "vc", "v0", "ignore_index")
+        if dt == "fp32":  # fp32 inputs: cuBLAS logits chunks and these two kernels over them
+            stats = dict.fromkeys(("M", "S", "E", "ZLAB"), "*fp32")
+            chunk = _ints("stride_z", "vc", "v0", "ignore_index")
+            cases += [
+                *(
+                    (
+                        f"lce_fwd_{dt}{'' if token_stats else '_no_token_stats'}",
+                        "linear_cross_entropy",
+                        "_fwd_chunk_kernel",
+                        {"Z": "*fp32", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
+                        {"BLOCK_V": 2048, "TOKEN_STATS": token_stats},
+                    )
+                    for token_stats in (True, False)
+                ),
+                (
+                    f"lce_bwd_{dt}",
+                    "linear_cross_entropy",
+                    "_bwd_chunk_kernel",
+                    {"Z": "*fp32", "LABELS": "*i64", "STATS": "*fp32", "DROWS": "*fp32"} | chunk,
+                    {"BLOCK_V": 1024},
+                ),
+            ]
+            continue
+        # 2-byte inputs: the tile kernels, at the launch config
+        from chronipatch.ops._lce_tiles import TILE
+
+        bm, bn, bk, warps, stages = TILE
+        gemm = {"H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"} | _ints(
+            "stride_h", "stride_w", "n", "vocab", "hdim", "ignore_index"
+        )
+        shape = {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": True, "GROUP_M": 8, "UPCAST": False}
+        parts = dict.fromkeys(("MP", "SP", "EP", "ZLAB"), "*fp32") | {"AP": "*i64", "n_tiles_v": "i32"}
         cases += [
             *(
                 (
-                    f"lce_fwd_{dt}{'' if token_stats else '_no_token_stats'}",
-                    "linear_cross_entropy",
-                    "_fwd_chunk_kernel",
-                    # The logits chunk is fp32 for every input dtype; EXACT follows the input's.
-                    {"Z": "*fp32", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
-                    {"BLOCK_V": 2048, "TOKEN_STATS": token_stats, "EXACT": dt == "fp32"},
+                    f"lce_tiles_fwd_{dt}{'' if token_stats else '_no_token_stats'}",
+                    "_lce_tiles",
+                    "_fwd_tiles_kernel",
+                    gemm | parts,
+                    shape | {"TOKEN_STATS": token_stats},
+                    {"num_warps": warps, "num_stages": stages},
                 )
                 for token_stats in (True, False)
             ),
             (
-                f"lce_bwd_{dt}",
-                "linear_cross_entropy",
-                "_bwd_chunk_kernel",
-                {"Z": "*fp32", "G": f"*{dt}", "LABELS": "*i64", "STATS": "*fp32", "DROWS": "*fp32"}
-                | chunk
-                | _ints("stride_g"),
-                {"BLOCK_V": 1024, "EXACT": dt == "fp32", "NARROW": dt != "fp32"},
+                f"lce_tiles_bwd_{dt}",
+                "_lce_tiles",
+                "_bwd_tiles_kernel",
+                gemm | {"G": f"*{dt}", "STATS": "*fp32", "DROWS": "*fp32"} | _ints("stride_g", "v0", "vc"),
+                shape,
+                {"num_warps": warps, "num_stages": stages},
             ),
         ]
+    cases.append(
+        (
+            "lce_tiles_merge",
+            "_lce_tiles",
+            "_merge_kernel",
+            dict.fromkeys(("MP", "SP", "EP", "M", "S", "E"), "*fp32")
+            | {"AP": "*i64", "ARG": "*i64", "n_tiles_v": "i32"},
+            {"BLOCK_T": 1024, "TOKEN_STATS": True},
+        )
+    )
     return cases
 
 
@@ -119,13 +159,14 @@ def _compile_all() -> dict[str, str]:
     from triton.compiler import ASTSource
 
     out = {}
-    for case, mod, name, types, constexprs in _cases():
+    for case, mod, name, types, constexprs, *launch in _cases():
         kernel = getattr(importlib.import_module(f"chronipatch.ops.{mod}"), name)
         signature = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in kernel.params}
         try:
             compiled = triton.compile(
                 ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                 target=GPUTarget("cuda", 90, 32),
+                options=launch[0] if launch else None,
             )
             out[case] = compiled.asm["ptx"] if compiled.asm.get("cubin") else "error: no cubin"
         except Exception as e:  # reported per case by the test
@@ -156,12 +197,11 @@ def test_kernel_compiles_for_h100(ptx, case):
         assert "sqrt.rn.f32" in ptx[case] and "div.rn.f32" in ptx[case] and "rsqrt.approx" not in ptx[case]
     if case.startswith("rms_bwd"):
         assert ".f64" in ptx[case]
-    if case.startswith("lce"):  # fp32 inputs only: exp_f32's Cody-Waite floor, the backward's IEEE division
-        fp32 = "_fp32" in case
-        assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])) == fp32
-        assert ("div.rn.f32" in ptx[case]) == (fp32 and case.startswith("lce_bwd"))
-    if case.startswith("lce_bwd"):  # g written over bf16/fp16 inputs' fp32 logits: the barrier is there
-        assert ("bar.sync" in ptx[case]) == ("_fp32" not in case)
+    if case.startswith(("lce_fwd", "lce_bwd")):  # fp32: exp_f32's Cody-Waite floor, IEEE division backward
+        assert re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])
+        assert ("div.rn.f32" in ptx[case]) == case.startswith("lce_bwd")
+    if case.startswith(("lce_tiles_fwd", "lce_tiles_bwd")):  # the logits GEMM on Hopper's tensor cores
+        assert "wgmma.mma_async" in ptx[case]
     if case.startswith("swiglu"):  # IEEE division always; exp_f32's Cody-Waite floor for fp32 only
         assert "div.rn.f32" in ptx[case]
         assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])) == ("_fp32" in case)

@@ -19,6 +19,7 @@ rms = importlib.import_module("chronipatch.ops.rms_norm")
 swi = importlib.import_module("chronipatch.ops.swiglu")
 rope = importlib.import_module("chronipatch.ops.rope")
 lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+tiles = importlib.import_module("chronipatch.ops._lce_tiles")
 
 DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -76,7 +77,7 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
         torch.testing.assert_close(a, e, **TOL[dtype])
 
 
-@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049)])
+@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049), (37, 24, 130)])
 @pytest.mark.parametrize(
     "dtype,wide",  # wide: the fp64 backward GEMMs that fp32 inputs take on FAST_FP64 GPUs
     [(torch.float32, False), (torch.float32, True), (torch.float16, False)],
@@ -87,6 +88,11 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)  # and several tiles per chunk (the online rescale)
     monkeypatch.setattr(lce, "BLOCK_V", 128)
     monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
+    # fp16: tiles of 16 x 32 (several row blocks and vocabulary tiles), g chunks of one tile width, and a
+    # merge that loops over the partials
+    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2))
+    monkeypatch.setattr(tiles, "G_CHUNK_BYTES", 64)
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     torch.manual_seed(v)
     hid, w = _r(n, h, dtype=dtype), _r(v, h, dtype=dtype, scale=0.5)
     labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)

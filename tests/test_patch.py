@@ -405,3 +405,70 @@ def test_lora_on_the_head_keeps_the_stock_head():
 
     with pytest.raises(ValueError, match="lm_head carries unmerged LoRA adapters"):
         head_weight(patched.base_model.model.lm_head)
+
+
+def _compiled_sdpa_masks(model, **kw) -> list[bool]:
+    """Whether each SDPA call of the compiled training forward gets a mask (dynamo's graph, labels given)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ids, labels = batch()
+    torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=labels, **kw)
+    torch._dynamo.reset()
+    calls = [
+        n
+        for gm in graphs
+        for n in gm.graph.nodes
+        if n.op == "call_function" and "scaled_dot_product_attention" in str(n.target)
+    ]
+    assert calls, "no SDPA call in the graph"
+    return [n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) is not None for n in calls]
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_compiled_training_forward_runs_causal_sdpa_without_a_mask(family, monkeypatch):
+    """No padding mask, no positions, no cache: every layer runs SDPA's is_causal kernel with no mask, as
+    stock eager does, not the dense [B, 1, T, T] mask that transformers builds while compiling a forward
+    without a cache (it cannot read the default positions to rule out packed rows)."""
+    from chronipatch import layers
+
+    model = tiny_model(family).train()
+    chronipatch.apply(model)
+    assert _compiled_sdpa_masks(model) == [False, False]
+    monkeypatch.setattr(layers, "_causal_only", lambda *args: False)
+    assert _compiled_sdpa_masks(model) == [True, True]  # what the forward avoids
+
+
+@pytest.mark.parametrize(
+    "case", ["padding", "position_ids", "eval", "sliding_window"], ids=lambda c: c.replace("_", "-")
+)
+def test_compiled_forward_keeps_the_mask_where_it_is_more_than_causal(case, monkeypatch):
+    """A padding mask, positions (which may restart: packed rows), a cache (eval: the config's use_cache), or
+    a sliding window shorter than the rows: the attention gets what transformers built, a mask where it
+    built one."""
+    from chronipatch import layers
+
+    model = tiny_model("mistral", sliding_window=8 if case == "sliding_window" else None).train()
+    chronipatch.apply(model)
+    ids, _ = batch()
+    kw = {}
+    if case == "padding":
+        kw["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)
+    elif case == "position_ids":
+        kw["position_ids"] = torch.arange(ids.shape[1]).expand_as(ids)
+    elif case == "eval":
+        model.eval()
+    got = _compiled_sdpa_masks(model, **kw)
+    if case != "eval":  # with a cache, transformers itself may skip the mask while compiling
+        assert got == [True, True]
+    with monkeypatch.context() as m:
+        m.setattr(layers, "_causal_only", lambda *args: False)
+        assert _compiled_sdpa_masks(model, **kw) == got
+    if case == "sliding_window":  # a window that covers the rows is causal alone
+        for layer in model.model.layers:
+            layer.self_attn.config.sliding_window = 64
+        assert _compiled_sdpa_masks(model) == [False, False]

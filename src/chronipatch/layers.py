@@ -79,11 +79,35 @@ def _sliding_window(attn) -> int | None:
     return getattr(attn.config, "sliding_window", None)
 
 
+# Set by ``causal_lm_forward`` for calls whose mask is causal alone (see ``_causal_only``).
+CAUSAL_ONLY = "chronipatch_causal_only"
+
+
+def _causal_only(self, attention_mask, position_ids, use_cache, kwargs) -> bool:
+    """Whether this CausalLM call's attention mask is the causal one alone: SDPA, no padding mask, no
+    positions (packed rows restart them), no cache. Stock eager then runs SDPA's ``is_causal`` kernel with no
+    mask; while compiling (torch < 2.14) transformers cannot tell and builds the dense [B, 1, T, T] mask,
+    whose masked kernels took 2.4x the time (cuDNN, H200). The attention forwards drop that mask, as eager
+    would, in every layer whose sliding window (if any) covers the rows."""
+    return (
+        self.config._attn_implementation == "sdpa"
+        and attention_mask is None
+        and position_ids is None
+        and use_cache is False  # None: the config's choice, which may build a cache
+        and kwargs.get("past_key_values") is None
+        and kwargs.get("cache") is None
+        and kwargs.get("cu_seq_lens_q") is None
+    )
+
+
 def attention_forward(
     self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs
 ):
     """Llama/Qwen2/Qwen3/Mistral attention with the fused RoPE (Qwen3's q_norm/k_norm kept)."""
     input_shape = hidden_states.shape[:-1]
+    window = _sliding_window(self)
+    if kwargs.pop(CAUSAL_ONLY, False) and (window is None or window >= input_shape[-1]):
+        attention_mask = None  # SDPA's is_causal, as stock eager runs it
     hidden_shape = (*input_shape, -1, self.head_dim)
     query_states = self.q_proj(hidden_states).view(hidden_shape)
     key_states = self.k_proj(hidden_states).view(hidden_shape)
@@ -115,7 +139,6 @@ def attention_forward(
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, eager_attention_forward
     )
-    window = _sliding_window(self)
     if window is not None:
         kwargs["sliding_window"] = window
     attn_output, attn_weights = attention_interface(
@@ -156,6 +179,8 @@ def causal_lm_forward(
         use_cache = False  # a training forward never reads a cache; building one hides packed rows
     if past_key_values is not None:  # the older name of ``cache`` (transformers < 5.24)
         kwargs["past_key_values"] = past_key_values
+    if _causal_only(self, attention_mask, position_ids, use_cache, kwargs):
+        kwargs[CAUSAL_ONLY] = True
     shift_labels = kwargs.get("shift_labels")
     targets = labels if shift_labels is None else shift_labels
     ignore_index = kwargs.get("ignore_index", -100)

@@ -35,3 +35,9 @@ def exp_for(x, EXACT: tl.constexpr):
     if EXACT:
         e = exp_f32(x)
     return e
+
+
+@triton.jit
+def centred(z, m):
+    """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability)."""
+    return tl.where((z == m) & (z == float("inf")), 0.0, z - m)

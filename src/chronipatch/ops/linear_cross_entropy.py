@@ -12,15 +12,18 @@ softmax = exp(z - m) / s as stock does: one fp32 lse loses the probabilities' pr
 |lse| is large, and z - m keeps both sums free of cancellation.
 Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weight dtype:
     dh = g W,  dW = g^T h
-The vocabulary is walked in chunks of Vc fp32 columns: the forward keeps only the running (max, sum,
+bf16/fp16 inputs run ``_lce_tiles``: each kernel computes [BM, BN] tiles of the logits in registers and
+folds them at once (row statistics forward; g of one vocabulary chunk backward, whose dh and dW[chunk]
+are cuBLAS GEMMs), so fp32 logits never reach memory. fp32 inputs walk the vocabulary in chunks of Vc
+fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's): the forward keeps only the running (max, sum,
 target logit; entropy sum and argmax when asked for) per row; the backward recomputes each chunk's
-logits and writes dW[chunk] in one GEMM (fp32 accumulation over all rows, as the stock head does),
-accumulating dh in fp32. Peak extra memory is one fp32 [N, Vc] chunk (the backward writes g over it),
-fp32 dh and a copy of h with ignored rows zeroed; the gradients are exact (no filtering of small
-probabilities). For fp32 inputs with TF32 off, on GPUs whose fp64 GEMMs are as fast as their fp32 ones
-(``_utils.fast_fp64``), both backward GEMMs and the dh sum run in fp64: chunked fp32 GEMMs sum in
-another order than stock's single GEMM and can land further from the truth than it; fp64 sums land
-nearer. That path also holds fp64 copies of h, dh and half a chunk (as large as the fp32 chunk).
+logits, writes g over them and dW[chunk] in one GEMM. Both accumulate dh in fp32 and sum dW over all
+rows in one GEMM per chunk (fp32 accumulation, as the stock head). Peak extra memory is one [N, Vc]
+chunk (of g, or of fp32 logits), fp32 dh and a copy of h with ignored rows zeroed; the gradients are
+exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs whose fp64 GEMMs are
+as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and the dh sum run in fp64:
+chunked fp32 GEMMs sum in another order than stock's single GEMM and can land further from the truth
+than it; fp64 sums land nearer. That path also holds fp64 copies of h, dh and half a chunk.
 
 The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
 unroll nor reorder it into a larger memory peak.
@@ -37,10 +40,11 @@ from torch import Tensor
 
 from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
-from ._math import exp_for
+from ._lce_tiles import tiles_bwd, tiles_fwd
+from ._math import centred, exp_f32
 from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
 
-CHUNK_BYTES = 192 << 20  # bytes of one fp32 [N, Vc] logits chunk: fewer, larger GEMMs and launches
+CHUNK_BYTES = 192 << 20  # fp32 inputs: bytes of one [N, Vc] logits chunk (fewer, larger GEMMs and launches)
 BLOCK_V = 1024  # backward: no reductions, bandwidth-bound at this width
 # Forward over fp32 logits: of the tiles bench/lce_kernels.py timed (H200), 1024-4096 wide ran within 3%;
 # 2048 with 4 warps divides the 6144-column chunks of 8192 rows.
@@ -50,15 +54,9 @@ FWD_BLOCK_V, FWD_WARPS = 2048, 4
 
 
 @triton.jit
-def _centred(z, m):
-    """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability)."""
-    return tl.where((z == m) & (z == float("inf")), 0.0, z - m)
-
-
-@triton.jit
 def _fwd_chunk_kernel(
     Z, LABELS, M, S, E, ARG, ZLAB, stride_z, vc, v0, ignore_index,
-    BLOCK_V: tl.constexpr, TOKEN_STATS: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_V: tl.constexpr, TOKEN_STATS: tl.constexpr,
 ):  # fmt: skip
     """Fold one logits chunk into each row's running (max m, sum s); with TOKEN_STATS also the entropy sum e
     and the argmax (a training step that logs neither skips their per-element work)."""
@@ -76,9 +74,9 @@ def _fwd_chunk_kernel(
         m_new = tl.maximum(m, tile_max)
         # Infinite maxima: m == m_new (-inf before any finite logit, or +inf twice) keeps the sums as
         # they are, and a +inf logit counts exp(0) = 1 against m = +inf, not exp(inf - inf) = nan.
-        alpha = tl.where(m == m_new, 1.0, exp_for(m - m_new, EXACT))
-        zc = _centred(z, m_new)
-        p = exp_for(zc, EXACT)
+        alpha = tl.where(m == m_new, 1.0, exp_f32(m - m_new))
+        zc = centred(z, m_new)
+        p = exp_f32(zc)
         if TOKEN_STATS:
             # Strictly greater keeps the first maximum, as torch.argmax does.
             arg = tl.where(tile_max > m, v0 + c0 + tl.argmax(z, axis=0), arg)
@@ -100,16 +98,11 @@ def _fwd_chunk_kernel(
 
 @triton.jit
 def _bwd_chunk_kernel(
-    Z, G, LABELS, STATS, DROWS, stride_z, stride_g, vc, v0, ignore_index,
-    BLOCK_V: tl.constexpr, EXACT: tl.constexpr, NARROW: tl.constexpr,
+    Z, LABELS, STATS, DROWS, stride_z, vc, v0, ignore_index, BLOCK_V: tl.constexpr
 ):  # fmt: skip
-    """Write g = (softmax - onehot) * dloss of the fp32 logits chunk Z into G, in place. For fp32 inputs G
-    is Z. NARROW: G is Z's own memory read as the 2-byte weight dtype, each g row at the start of its row
-    of Z; the stores of a tile then overwrite logits of this tile or earlier ones only, once every thread
-    has read them."""
+    """Write g = (softmax - onehot) * dloss of the fp32 logits chunk Z over Z, in place."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
-    g_row = G + row * stride_g
     y = tl.load(LABELS + row)
     m = tl.load(STATS + 2 * row)
     s = tl.load(STATS + 2 * row + 1)
@@ -118,17 +111,11 @@ def _bwd_chunk_kernel(
     for c0 in range(0, vc, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = cols < vc
-        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        p = exp_for(_centred(z, m), EXACT)
-        if EXACT:
-            p = tl.div_rn(p, s)  # IEEE division where g keeps all 24 bits
-        else:
-            p = p / s
+        z = tl.load(z_row + cols, mask=mask, other=0.0)
+        p = tl.div_rn(exp_f32(centred(z, m)), s)  # IEEE division: g keeps all 24 bits
         g = p - tl.where(v0 + cols == y, 1.0, 0.0)
-        if NARROW:
-            tl.debug_barrier()  # this tile's logits are read by all threads before any g lands on them
         # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
-        tl.store(g_row + cols, tl.where(keep, g * scale, 0.0).to(G.dtype.element_ty), mask=mask)
+        tl.store(z_row + cols, tl.where(keep, g * scale, 0.0), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -147,17 +134,18 @@ def _logit_chunks(hidden: Tensor, weight: Tensor):
     (another shape can pick another kernel, and a logit of 1e4 one ulp off moves its softmax)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     vc = _chunk_width(hidden, weight)
-    buf = hidden.new_empty(n * vc, dtype=torch.float32)
+    buf = hidden.new_empty(n * vc)
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
         z = buf[: n * w.shape[0]].view(n, w.shape[0])
-        if hidden.dtype == torch.float32:
-            torch.mm(hidden, w.T, out=z)
-        elif hidden.is_cuda:
-            torch.mm(hidden, w.T, out_dtype=torch.float32, out=z)  # the fp32 accumulator, unrounded
-        else:  # the interpreter tests on CPU: bf16/fp16 products are exact in fp32, as in the GEMM
-            torch.mm(hidden.float(), w.T.float(), out=z)
+        torch.mm(hidden, w.T, out=z)
         yield v0, w, z
+
+
+def _tiled(hidden: Tensor) -> bool:
+    """Whether the loss runs the fused tile kernels (2-byte inputs, whose GEMMs run on tensor cores in the
+    kernels); fp32 keeps cuBLAS's IEEE (or fp64) GEMMs and the chunk kernels."""
+    return hidden.dtype in (torch.bfloat16, torch.float16)
 
 
 def lce_fwd_triton(
@@ -165,19 +153,20 @@ def lce_fwd_triton(
 ) -> tuple[Tensor, ...]:
     """(loss rows, stats [N, 2] = (m, s), entropy, correct); the last two empty without ``token_stats``."""
     n = hidden.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    m = torch.full((n,), float("-inf"), **f32)
-    s, zlab = torch.zeros(n, **f32), torch.zeros(n, **f32)
-    # Without token stats the kernel never touches E and ARG: any tensors of their dtypes stand in.
-    e = torch.zeros(n, **f32) if token_stats else s
-    arg = torch.zeros(n, dtype=torch.int64, device=hidden.device) if token_stats else labels
-    if n > 0:
-        for v0, _, z in _logit_chunks(hidden, weight):
+    if _tiled(hidden):
+        m, s, e, arg, zlab = tiles_fwd(hidden, weight, labels, ignore_index, token_stats)
+    else:
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        m = torch.full((n,), float("-inf"), **f32)
+        s, zlab = torch.zeros(n, **f32), torch.zeros(n, **f32)
+        # Without token stats the kernel never touches E and ARG: any tensors of their dtypes stand in.
+        e = torch.zeros(n, **f32) if token_stats else s
+        arg = torch.zeros(n, dtype=torch.int64, device=hidden.device) if token_stats else labels
+        for v0, _, z in _logit_chunks(hidden, weight) if n > 0 else ():
             chunk = (z.stride(0), z.shape[1], v0, ignore_index)
             _fwd_chunk_kernel[(n,)](
                 z, labels, m, s, e, arg, zlab, *chunk,
-                BLOCK_V=FWD_BLOCK_V, TOKEN_STATS=token_stats, EXACT=hidden.dtype == torch.float32,
-                num_warps=FWD_WARPS,
+                BLOCK_V=FWD_BLOCK_V, TOKEN_STATS=token_stats, num_warps=FWD_WARPS,
             )  # fmt: skip
     logsum = torch.log(s)
     # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
@@ -213,22 +202,20 @@ def lce_bwd_triton(
     wide = _wide(hidden)
     acc = torch.float64 if wide else torch.float32
     dh = torch.zeros(hidden.shape if need_dh else (0,), dtype=acc, device=hidden.device)
-    dw = torch.zeros_like(weight) if need_dw else weight.new_zeros(0)
+    # Every row of dW is written, chunk by chunk (zeros only when there are no rows to sum).
+    dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_zeros(0)
     if n > 0 and (need_dh or need_dw):
         grad_rows = grad_rows.float().contiguous()
         # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
         h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0) if need_dw else None
+        if _tiled(hidden):
+            tiles_bwd(grad_rows, hidden, weight, labels, stats, ignore_index, dh, dw, h_w)
+            return dh.to(hidden.dtype), dw
         h_w = h_w.double() if wide and need_dw else h_w
-        exact = hidden.dtype == torch.float32
-        for v0, w, z in _logit_chunks(hidden, weight):
-            # g in the weight dtype for the GEMMs, written over the chunk: the first half of each fp32 row
-            # (a row stride of twice its width, which the GEMMs take as it is).
-            g = z if exact else z.view(hidden.dtype)[:, : z.shape[1]]
-            chunk = (z.stride(0), g.stride(0), z.shape[1], v0, ignore_index)
+        for v0, w, g in _logit_chunks(hidden, weight):
             _bwd_chunk_kernel[(n,)](
-                z, g, labels, stats, grad_rows, *chunk,
-                BLOCK_V=BLOCK_V, EXACT=exact, NARROW=not exact, num_warps=4,
-            )  # fmt: skip
+                g, labels, stats, grad_rows, g.stride(0), g.shape[1], v0, ignore_index, BLOCK_V=BLOCK_V
+            )  # g written over the logits
             if wide:
                 # fp64 copies of half a chunk at a time: no larger than the fp32 chunk itself.
                 half = (g.shape[1] + 1) // 2

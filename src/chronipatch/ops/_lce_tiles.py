@@ -1,0 +1,243 @@
+"""The loss's kernels for 2-byte inputs (bf16, fp16): the logits GEMM and the softmax in one kernel.
+
+Each program computes one [BM, BN] tile of z = h W^T in fp32 registers (the GEMM's accumulator, never
+stored) and folds it at once:
+    forward:  per row, the tile's max m_j, sum s_j = sum exp(z - m_j) (and entropy sum e_j, first argmax),
+              written as [N, T] partials (T = ceil(V / BN)); one program per row then merges them,
+              m = max_j m_j, s = sum_j s_j exp(m_j - m), e = sum_j exp(m_j - m) (e_j + s_j (m_j - m));
+    backward: g = (exp(z - m) / s - onehot(y)) * dloss, stored in the weight dtype for one vocabulary
+              chunk, whose dh = g W and dW = g^T h are cuBLAS GEMMs.
+So the fp32 logits never reach memory (the chunked path writes and reads them twice per pass). Forward and
+backward compute every tile with the same function on the same tile grid (a backward chunk starts at a
+multiple of BN), so the backward's logits are bit for bit those the statistics came from.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._math import centred
+from ._utils import addmm_acc, cdiv, pow2
+
+# (BM, BN, BK, warps, stages): one config for both passes, which must tile alike (see above).
+TILE = (128, 256, 64, 8, 3)
+G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
+L2_ROWS_BYTES = 16 << 20  # hidden rows per group of programs sharing a weight tile (kept in L2)
+MERGE_BLOCK = 1024  # partials per step of the merge kernel's loop
+
+
+@triton.jit
+def _tile_logits(
+    H, W, stride_h, stride_w, n, vocab, hdim, row0, col0,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """fp32 z[row0 : row0 + BM, col0 : col0 + BN] = h W^T. Rows and columns past the end read the last
+    one (no masks in the K loop); the callers mask them out. UPCAST (CPU tensors: the interpreter, whose
+    dot reads bf16 as raw integers) multiplies in fp32, where 2-byte products are exact as on tensor cores."""
+    rows = tl.minimum(row0 + tl.arange(0, BM), n - 1).to(tl.int64)
+    cols = tl.minimum(col0 + tl.arange(0, BN), vocab - 1).to(tl.int64)
+    ks = tl.arange(0, BK)
+    a_ptr = H + rows[:, None] * stride_h + ks[None, :]
+    b_ptr = W + cols[:, None] * stride_w + ks[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, hdim, BK):
+        if EVEN_K:
+            a = tl.load(a_ptr)
+            b = tl.load(b_ptr)
+        else:
+            kmask = (k0 + ks) < hdim
+            a = tl.load(a_ptr, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=kmask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptr += BK
+        b_ptr += BK
+    return acc
+
+
+@triton.jit
+def _tile_coords(n, n_tiles_v, GROUP_M: tl.constexpr, BM: tl.constexpr):
+    """(row block, vocabulary tile) of this program: row blocks vary fastest within a group of GROUP_M, so
+    the programs running together read one weight tile from memory and the group's hidden rows from L2."""
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(n, BM)
+    per_group = GROUP_M * n_tiles_v
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    local = pid % per_group
+    return first_m + local % group_m, local // group_m
+
+
+@triton.jit
+def _fwd_tiles_kernel(
+    H, W, LABELS, MP, SP, EP, AP, ZLAB, stride_h, stride_w, n, vocab, hdim, n_tiles_v, ignore_index,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, TOKEN_STATS: tl.constexpr,
+):  # fmt: skip
+    """Per row of one tile: max, sum exp(z - max) (with TOKEN_STATS the entropy sum and the first argmax)
+    into the [N, T] partials; the label's logit into ZLAB where the label falls in this tile."""
+    pid_m, pid_v = _tile_coords(n, n_tiles_v, GROUP_M, BM)
+    row0, col0 = pid_m * BM, pid_v * BN
+    acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    z = tl.where((cols < vocab)[None, :], acc, float("-inf"))
+    m = tl.max(z, axis=1)
+    zc = centred(z, m[:, None])
+    # -inf logits add 0, also where the whole tile is -inf (m = -inf, where z - m is nan).
+    p = tl.where(z == float("-inf"), 0.0, tl.exp(zc))
+    live = rows < n
+    part = rows.to(tl.int64) * n_tiles_v + pid_v
+    tl.store(MP + part, m, mask=live)
+    tl.store(SP + part, tl.sum(p, axis=1), mask=live)
+    if TOKEN_STATS:
+        tl.store(EP + part, tl.sum(tl.where(p > 0, p * zc, 0.0), axis=1), mask=live)
+        tl.store(AP + part, col0 + tl.argmax(z, axis=1), mask=live)  # the first maximum, as torch.argmax
+    y = tl.load(LABELS + rows, mask=live, other=ignore_index)
+    mine = live & (y != ignore_index) & (y >= col0) & (y < col0 + BN)
+    zy = tl.sum(tl.where(cols[None, :] == y[:, None], acc, 0.0), axis=1)
+    tl.store(ZLAB + rows, zy, mask=mine)
+
+
+@triton.jit
+def _merge_kernel(
+    MP, SP, EP, AP, M, S, E, ARG, n_tiles_v, BLOCK_T: tl.constexpr, TOKEN_STATS: tl.constexpr
+):  # fmt: skip
+    """One row's partials merged: m = max m_j, s = sum s_j a_j with a_j = exp(m_j - m) (1 where m_j == m,
+    also for infinite maxima), e = sum a_j (e_j + s_j (m_j - m)), argmax from the first tile holding m."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_tiles_v
+    m = float("-inf")
+    s = 0.0
+    e = 0.0
+    arg = tl.full((), 0, tl.int64)
+    for t0 in range(0, n_tiles_v, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        mask = ts < n_tiles_v
+        mj = tl.load(MP + base + ts, mask=mask, other=float("-inf"))
+        sj = tl.load(SP + base + ts, mask=mask, other=0.0)
+        m_new = tl.maximum(m, tl.max(mj, axis=0))
+        a_old = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        aj = tl.where(mj == m_new, 1.0, tl.exp(mj - m_new))
+        if TOKEN_STATS:
+            ej = tl.load(EP + base + ts, mask=mask, other=0.0)
+            argj = tl.load(AP + base + ts, mask=mask, other=0)
+            # Strictly greater keeps the earlier blocks' first maximum.
+            first = tl.argmax(tl.where(mj == m_new, 1, 0), axis=0)
+            arg = tl.where(m_new > m, tl.sum(tl.where(tl.arange(0, BLOCK_T) == first, argj, 0), axis=0), arg)
+            # Re-centred on m_new; a factor of 0 drops its terms (no 0 * -inf), as does an empty s.
+            shift_old = tl.where(m == m_new, 0.0, m - m_new)
+            shift_j = tl.where(mj == m_new, 0.0, mj - m_new)
+            e = tl.where(a_old > 0, a_old * (e + tl.where(s > 0, s * shift_old, 0.0)), 0.0)
+            e += tl.sum(tl.where(aj > 0, aj * (ej + tl.where(sj > 0, sj * shift_j, 0.0)), 0.0), axis=0)
+        s = s * a_old + tl.sum(tl.where(sj > 0, sj * aj, 0.0), axis=0)
+        m = m_new
+    tl.store(M + row, m)
+    tl.store(S + row, s)
+    if TOKEN_STATS:
+        tl.store(E + row, e)
+        tl.store(ARG + row, arg)
+
+
+@triton.jit
+def _bwd_tiles_kernel(
+    H, W, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """g = (softmax - onehot) * dloss of one tile of the chunk [v0, v0 + vc), into G [N, vc]."""
+    pid_m, pid_v = _tile_coords(n, tl.cdiv(vc, BN), GROUP_M, BM)
+    row0, col0 = pid_m * BM, v0 + pid_v * BN
+    acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    live = rows < n
+    y = tl.load(LABELS + rows, mask=live, other=ignore_index)
+    m = tl.load(STATS + 2 * rows, mask=live, other=0.0)
+    s = tl.load(STATS + 2 * rows + 1, mask=live, other=1.0)
+    keep = y != ignore_index
+    scale = tl.where(keep, tl.load(DROWS + rows, mask=live, other=0.0), 0.0)
+    p = tl.exp(centred(acc, m[:, None])) / s[:, None]
+    g = p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+    # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
+    g = tl.where(keep[:, None], g * scale[:, None], 0.0)
+    g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
+    tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _group_m(hidden: Tensor, bm: int) -> int:
+    """Row blocks per group: as many as keep the group's hidden rows within L2_ROWS_BYTES."""
+    per_block = bm * hidden.shape[1] * hidden.element_size()
+    return max(1, min(cdiv(hidden.shape[0], bm), L2_ROWS_BYTES // per_block))
+
+
+def tiles_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    bm, bn, bk, warps, stages = TILE
+    t = cdiv(vocab, bn)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    mp, sp = torch.empty(n, t, **f32), torch.empty(n, t, **f32)
+    # Without token stats the kernels never touch E and ARG: any tensors of their dtypes stand in.
+    ep = torch.empty(n, t, **f32) if token_stats else sp
+    ap = torch.empty(n, t, dtype=torch.int64, device=hidden.device) if token_stats else labels
+    zlab = torch.zeros(n, **f32)
+    m, s = torch.empty(n, **f32), torch.empty(n, **f32)
+    e = torch.empty(n, **f32) if token_stats else s
+    arg = torch.empty(n, dtype=torch.int64, device=hidden.device) if token_stats else labels
+    if n > 0:
+        _fwd_tiles_kernel[(cdiv(n, bm) * t,)](
+            hidden, weight, labels, mp, sp, ep, ap, zlab, hidden.stride(0), weight.stride(0), n, vocab, hdim,
+            t, ignore_index, BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=_group_m(hidden, bm),
+            UPCAST=not hidden.is_cuda, TOKEN_STATS=token_stats, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        merge = (mp, sp, ep, ap, m, s, e, arg, t)
+        _merge_kernel[(n,)](*merge, BLOCK_T=min(pow2(t), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4)
+    if not token_stats:
+        e, arg = m.new_empty(0), labels.new_empty(0)
+    return m, s, e, arg, zlab
+
+
+def g_chunk_width(hidden: Tensor, weight: Tensor) -> int:
+    """Vocabulary columns per chunk of g (G_CHUNK_BYTES in the weight dtype), a multiple of the tile width."""
+    bn = TILE[1]
+    vc = G_CHUNK_BYTES // max(1, hidden.shape[0] * hidden.element_size())
+    return max(bn, min(cdiv(weight.shape[0], bn) * bn, vc // bn * bn))
+
+
+def tiles_bwd(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int,
+    dh: Tensor, dw: Tensor, h_w: Tensor | None,
+) -> None:  # fmt: skip
+    """Accumulate dh (fp32, [N, H] or empty) and write dw ([V, H] or empty), chunk by chunk of g; ``h_w``
+    is hidden with ignored rows zeroed, for dW."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    bm, bn, bk, warps, stages = TILE
+    vc = g_chunk_width(hidden, weight)
+    buf = hidden.new_empty(n * min(vc, vocab))  # one chunk of g alive at a time
+    group_m = _group_m(hidden, bm)
+    for v0 in range(0, vocab, vc):
+        w = weight[v0 : v0 + vc]
+        g = buf[: n * w.shape[0]].view(n, w.shape[0])
+        _bwd_tiles_kernel[(cdiv(n, bm) * cdiv(w.shape[0], bn),)](
+            hidden, weight, g, labels, stats, grad_rows, hidden.stride(0), weight.stride(0), g.stride(0),
+            n, vocab, hdim, v0, w.shape[0], ignore_index,
+            BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=group_m, UPCAST=not hidden.is_cuda,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        if dw.numel():
+            torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
+        if dh.numel():
+            addmm_acc(dh, g, w)
