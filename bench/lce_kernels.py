@@ -23,15 +23,17 @@ from triton.testing import do_bench
 from chronipatch import ops
 
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
-CONFIGS = [
-    (128, 256, 64, 8, 3),
-    (128, 256, 64, 8, 4),
-    (256, 128, 64, 8, 3),
-    (256, 128, 64, 8, 4),
-    (128, 128, 64, 4, 4),
-    (128, 128, 64, 8, 4),
-    (128, 128, 128, 8, 3),
-    (64, 256, 64, 4, 4),
+CONFIGS = [  # (BM, BN, BK, warps, stages, programs per SM); a large last entry: one tile per program
+    (128, 128, 64, 8, 4, 1),
+    (128, 128, 64, 8, 3, 1),
+    (128, 128, 64, 8, 4, 2),
+    (128, 128, 64, 8, 4, 1000),
+    (128, 256, 64, 8, 3, 1),
+    (128, 256, 64, 8, 3, 1000),
+    (256, 128, 64, 8, 3, 1),
+    (128, 128, 128, 8, 3, 1),
+    (128, 64, 64, 4, 4, 1),
+    (64, 128, 64, 4, 4, 2),
 ]
 
 
@@ -42,13 +44,15 @@ def ms(fn) -> float:
 def _bwd_chunk_ms(cfg, h, w, labels, stats) -> float:
     """The backward tile kernel over one g chunk, scaled to the whole vocabulary."""
     (n, hdim), vocab = h.shape, w.shape[0]
-    bm, bn, bk, warps, stages = cfg
+    bm, bn, bk, warps, stages, per_sm = cfg
+    progs = tiles.sms_for(h) * per_sm
     cw = tiles.g_chunk_width(h, w)
     g = torch.empty(n, cw, device=h.device, dtype=h.dtype)
     drows = torch.full((n,), 1.0 / n, device=h.device)
-    launch = tiles._bwd_tiles_kernel[(tiles.cdiv(n, bm) * tiles.cdiv(cw, bn),)]
+    launch = tiles._bwd_tiles_kernel[(min(progs, tiles.cdiv(n, bm) * tiles.cdiv(cw, bn)),)]
     args = (h, w, g, labels, stats, drows, h.stride(0), w.stride(0), g.stride(0), n, vocab, hdim, 0, cw, -100)
     consts = dict(BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=tiles._group_m(h, bm), UPCAST=False)
+    consts["NUM_PROGS"] = progs
     return ms(functools.partial(launch, *args, **consts, num_warps=warps, num_stages=stages)) * vocab / cw
 
 

@@ -212,18 +212,20 @@ def _chunk_rows(v: int) -> int:
 
 
 class _ChunkBytes:
-    """Temporarily set linear_cross_entropy.CHUNK_BYTES (None keeps the default)."""
+    """Temporarily set the loss's chunk sizes (None keeps the defaults): CHUNK_BYTES of fp32 logits, and
+    G_CHUNK_BYTES of g in the tile kernels' backward."""
 
     def __init__(self, value: int | None):
-        self.value, self.mod, self.old = value, _mod(_KERNEL_MODULES["linear_cross_entropy"]), None
+        self.value, self.old = value, None
+        self.mods = (_mod(_KERNEL_MODULES["linear_cross_entropy"]), _mod("chronipatch.ops._lce_tiles"))
 
     def __enter__(self):
-        self.old = self.mod.CHUNK_BYTES
+        self.old = (self.mods[0].CHUNK_BYTES, self.mods[1].G_CHUNK_BYTES)
         if self.value is not None:
-            self.mod.CHUNK_BYTES = self.value
+            self.mods[0].CHUNK_BYTES = self.mods[1].G_CHUNK_BYTES = self.value
 
     def __exit__(self, *exc):
-        self.mod.CHUNK_BYTES = self.old
+        self.mods[0].CHUNK_BYTES, self.mods[1].G_CHUNK_BYTES = self.old
 
 
 def _run_lce_kernel(case: Case) -> list[Check]:

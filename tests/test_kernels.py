@@ -88,9 +88,9 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)  # and several tiles per chunk (the online rescale)
     monkeypatch.setattr(lce, "BLOCK_V", 128)
     monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
-    # fp16: tiles of 16 x 32 (several row blocks and vocabulary tiles), g chunks of one tile width, and a
-    # merge that loops over the partials
-    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2))
+    # fp16: tiles of 16 x 32 (several row blocks and vocabulary tiles, several per program), g chunks of one
+    # tile width, and a merge that loops over the partials
+    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))
     monkeypatch.setattr(tiles, "G_CHUNK_BYTES", 64)
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     torch.manual_seed(v)
@@ -117,17 +117,22 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     assert torch.equal(only_dw[1], dw) and only_dw[0].numel() == 0
 
 
-@pytest.mark.parametrize("chunk_bytes", [1 << 20, 64], ids=["ties-across-tiles", "ties-across-chunks"])
-def test_lce_argmax_keeps_the_first_of_tied_maxima(chunk_bytes, monkeypatch):
-    """Token accuracy counts argmax == label with torch's first-maximum rule, across tiles and chunks."""
-    monkeypatch.setattr(lce, "CHUNK_BYTES", chunk_bytes)  # 64: vocabulary chunks of 256 columns
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["chunks", "tiles"])
+@pytest.mark.parametrize("small", [False, True], ids=["ties-across-tiles", "ties-across-chunks-or-merges"])
+def test_lce_argmax_keeps_the_first_of_tied_maxima(dtype, small, monkeypatch):
+    """Token accuracy counts argmax == label with torch's first-maximum rule, across tiles, vocabulary chunks
+    (fp32) and the merge's blocks of partials (fp16)."""
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 64 if small else 1 << 20)  # 64: vocabulary chunks of 256 columns
     monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)
-    z = torch.zeros(600)
-    z[5] = z[300] = 3.0  # tied maxima: tile 0 / chunk 0 and tile 2 / chunk 1
-    hid = torch.ones(3, 1, device=KERNEL_DEVICE)
-    w = z.unsqueeze(1).to(KERNEL_DEVICE)
-    labels = torch.tensor([5, 300, 7], device=KERNEL_DEVICE)
-    correct = lce.lce_fwd_triton(hid, w, labels, -100)[3]
+    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))  # tile 0 holds column 5, tile 18 column 600
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16 if small else 1024)
+    z = torch.zeros(700)
+    z[5] = z[600] = 3.0  # tied maxima
+    hid = torch.ones(3, 16, device=KERNEL_DEVICE, dtype=dtype)
+    w = torch.zeros(700, 16, dtype=dtype)
+    w[:, 0] = z
+    labels = torch.tensor([5, 600, 7], device=KERNEL_DEVICE)
+    correct = lce.lce_fwd_triton(hid, w.to(KERNEL_DEVICE), labels, -100)[3]
     assert correct.tolist() == [1.0, 0.0, 0.0] == (z.argmax() == labels.cpu()).float().tolist()
 
 

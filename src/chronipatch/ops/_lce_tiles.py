@@ -20,10 +20,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._math import centred
-from ._utils import addmm_acc, cdiv, pow2
+from ._utils import addmm_acc, cdiv, pow2, sms_for
 
-# (BM, BN, BK, warps, stages): one config for both passes, which must tile alike (see above).
-TILE = (128, 256, 64, 8, 3)
+# (BM, BN, BK, warps, stages, programs per SM): one config for both passes, which must tile alike (see above).
+TILE = (128, 128, 64, 8, 4, 1)
 G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
 L2_ROWS_BYTES = 16 << 20  # hidden rows per group of programs sharing a weight tile (kept in L2)
 MERGE_BLOCK = 1024  # partials per step of the merge kernel's loop
@@ -61,47 +61,79 @@ def _tile_logits(
 
 
 @triton.jit
-def _tile_coords(n, n_tiles_v, GROUP_M: tl.constexpr, BM: tl.constexpr):
-    """(row block, vocabulary tile) of this program: row blocks vary fastest within a group of GROUP_M, so
+def _tile_coords(tile, n, n_tiles_v, GROUP_M: tl.constexpr, BM: tl.constexpr):
+    """(row block, vocabulary tile) of a tile index: row blocks vary fastest within a group of GROUP_M, so
     the programs running together read one weight tile from memory and the group's hidden rows from L2."""
-    pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(n, BM)
     per_group = GROUP_M * n_tiles_v
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
-    local = pid % per_group
+    local = tile % per_group
     return first_m + local % group_m, local // group_m
+
+
+@triton.jit
+def _all(flags):
+    return tl.min(flags.to(tl.int32), axis=0) == 1
+
+
+@triton.jit
+def _any(flags):
+    return tl.max(flags.to(tl.int32), axis=0) == 1
+
+
+@triton.jit
+def _fold(z, m, TOKEN_STATS: tl.constexpr, FINITE: tl.constexpr):
+    """(sum exp(z - m), entropy sum or m) of a tile's rows. FINITE: every row max is finite, so
+    z - m is the centred logit and exp(-inf) the 0 of a column past the vocabulary. Otherwise a +inf logit
+    holds its row's probability and -inf ones add 0, also in a row of them only."""
+    if FINITE:
+        zc = z - m[:, None]
+        p = tl.exp(zc)
+    else:
+        zc = centred(z, m[:, None])
+        p = tl.where(z == float("-inf"), 0.0, tl.exp(zc))
+    e = tl.sum(tl.where(p > 0, p * zc, 0.0), axis=1) if TOKEN_STATS else m
+    return tl.sum(p, axis=1), e
 
 
 @triton.jit
 def _fwd_tiles_kernel(
     H, W, LABELS, MP, SP, EP, AP, ZLAB, stride_h, stride_w, n, vocab, hdim, n_tiles_v, ignore_index,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, TOKEN_STATS: tl.constexpr,
+    UPCAST: tl.constexpr, TOKEN_STATS: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
-    """Per row of one tile: max, sum exp(z - max) (with TOKEN_STATS the entropy sum and the first argmax)
-    into the [N, T] partials; the label's logit into ZLAB where the label falls in this tile."""
-    pid_m, pid_v = _tile_coords(n, n_tiles_v, GROUP_M, BM)
-    row0, col0 = pid_m * BM, pid_v * BN
-    acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
-    z = tl.where((cols < vocab)[None, :], acc, float("-inf"))
-    m = tl.max(z, axis=1)
-    zc = centred(z, m[:, None])
-    # -inf logits add 0, also where the whole tile is -inf (m = -inf, where z - m is nan).
-    p = tl.where(z == float("-inf"), 0.0, tl.exp(zc))
-    live = rows < n
-    part = rows.to(tl.int64) * n_tiles_v + pid_v
-    tl.store(MP + part, m, mask=live)
-    tl.store(SP + part, tl.sum(p, axis=1), mask=live)
-    if TOKEN_STATS:
-        tl.store(EP + part, tl.sum(tl.where(p > 0, p * zc, 0.0), axis=1), mask=live)
-        tl.store(AP + part, col0 + tl.argmax(z, axis=1), mask=live)  # the first maximum, as torch.argmax
-    y = tl.load(LABELS + rows, mask=live, other=ignore_index)
-    mine = live & (y != ignore_index) & (y >= col0) & (y < col0 + BN)
-    zy = tl.sum(tl.where(cols[None, :] == y[:, None], acc, 0.0), axis=1)
-    tl.store(ZLAB + rows, zy, mask=mine)
+    """Per row of each tile: max, sum exp(z - max) (with TOKEN_STATS the entropy sum and the first argmax)
+    into the [N, T] partials; the label's logit into ZLAB where the label falls in the tile. Persistent:
+    NUM_PROGS programs walk the tiles, and the loads of the next tile overlap this one's epilogue."""
+    num_tiles = tl.cdiv(n, BM) * n_tiles_v
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+        pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, GROUP_M, BM)
+        row0, col0 = pid_m * BM, pid_v * BN
+        acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
+        rows = row0 + tl.arange(0, BM)
+        cols = col0 + tl.arange(0, BN)
+        z = tl.where((cols < vocab)[None, :], acc, float("-inf"))
+        m = tl.max(z, axis=1)
+        live = rows < n
+        part = rows.to(tl.int64) * n_tiles_v + pid_v
+        tl.store(MP + part, m, mask=live)
+        if TOKEN_STATS:
+            tl.store(AP + part, col0 + tl.argmax(z, axis=1), mask=live)  # the first maximum, as torch.argmax
+        y = tl.load(LABELS + rows, mask=live, other=ignore_index)
+        mine = live & (y != ignore_index) & (y >= col0) & (y < col0 + BN)
+        zy = tl.zeros((BM,), dtype=tl.float32)
+        if _any(mine):  # one tile in T holds a row's label: the others skip the search
+            zy = tl.sum(tl.where(cols[None, :] == y[:, None], acc, 0.0), axis=1)
+        tl.store(ZLAB + rows, zy, mask=mine)
+        # Branches only compute (triton's pipelining of this loop, 3.7, fails on a store inside one).
+        if _all((m > float("-inf")) & (m < float("inf"))):
+            sums = _fold(z, m, TOKEN_STATS, FINITE=True)
+        else:
+            sums = _fold(z, m, TOKEN_STATS, FINITE=False)
+        tl.store(SP + part, sums[0], mask=live)
+        if TOKEN_STATS:
+            tl.store(EP + part, sums[1], mask=live)
 
 
 @triton.jit
@@ -148,26 +180,34 @@ def _merge_kernel(
 def _bwd_tiles_kernel(
     H, W, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
-    """g = (softmax - onehot) * dloss of one tile of the chunk [v0, v0 + vc), into G [N, vc]."""
-    pid_m, pid_v = _tile_coords(n, tl.cdiv(vc, BN), GROUP_M, BM)
-    row0, col0 = pid_m * BM, v0 + pid_v * BN
-    acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
-    live = rows < n
-    y = tl.load(LABELS + rows, mask=live, other=ignore_index)
-    m = tl.load(STATS + 2 * rows, mask=live, other=0.0)
-    s = tl.load(STATS + 2 * rows + 1, mask=live, other=1.0)
-    keep = y != ignore_index
-    scale = tl.where(keep, tl.load(DROWS + rows, mask=live, other=0.0), 0.0)
-    p = tl.exp(centred(acc, m[:, None])) / s[:, None]
-    g = p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-    # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
-    g = tl.where(keep[:, None], g * scale[:, None], 0.0)
-    g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
-    tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
+    """g = (softmax - onehot) * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent,
+    as the forward)."""
+    n_tiles_v = tl.cdiv(vc, BN)
+    num_tiles = tl.cdiv(n, BM) * n_tiles_v
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+        pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, GROUP_M, BM)
+        row0, col0 = pid_m * BM, v0 + pid_v * BN
+        acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
+        rows = row0 + tl.arange(0, BM)
+        cols = col0 + tl.arange(0, BN)
+        live = rows < n
+        y = tl.load(LABELS + rows, mask=live, other=ignore_index)
+        m = tl.load(STATS + 2 * rows.to(tl.int64), mask=live, other=0.0)
+        s = tl.load(STATS + 2 * rows.to(tl.int64) + 1, mask=live, other=1.0)
+        keep = y != ignore_index
+        scale = tl.where(keep, tl.load(DROWS + rows, mask=live, other=0.0), 0.0)
+        if _all((m > float("-inf")) & (m < float("inf"))):
+            g = tl.exp(acc - m[:, None]) * (scale / s)[:, None]
+        else:  # a +inf logit holds its row's probability
+            g = tl.exp(centred(acc, m[:, None])) / s[:, None] * scale[:, None]
+        if _any(keep & (y >= col0) & (y < col0 + BN)):  # the onehot, in the tiles that hold a label
+            g -= tl.where(cols[None, :] == y[:, None], scale[:, None], 0.0)
+        # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
+        g = tl.where(keep[:, None], g, 0.0)
+        g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
+        tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
 
 
 # ---------------------------------------------------------------- launchers
@@ -185,8 +225,9 @@ def tiles_fwd(
     """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    bm, bn, bk, warps, stages = TILE
+    bm, bn, bk, warps, stages, per_sm = TILE
     t = cdiv(vocab, bn)
+    progs = sms_for(hidden) * per_sm
     f32 = dict(dtype=torch.float32, device=hidden.device)
     mp, sp = torch.empty(n, t, **f32), torch.empty(n, t, **f32)
     # Without token stats the kernels never touch E and ARG: any tensors of their dtypes stand in.
@@ -197,10 +238,11 @@ def tiles_fwd(
     e = torch.empty(n, **f32) if token_stats else s
     arg = torch.empty(n, dtype=torch.int64, device=hidden.device) if token_stats else labels
     if n > 0:
-        _fwd_tiles_kernel[(cdiv(n, bm) * t,)](
+        _fwd_tiles_kernel[(min(progs, cdiv(n, bm) * t),)](
             hidden, weight, labels, mp, sp, ep, ap, zlab, hidden.stride(0), weight.stride(0), n, vocab, hdim,
             t, ignore_index, BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=_group_m(hidden, bm),
-            UPCAST=not hidden.is_cuda, TOKEN_STATS=token_stats, num_warps=warps, num_stages=stages,
+            UPCAST=not hidden.is_cuda, TOKEN_STATS=token_stats, NUM_PROGS=progs,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
         merge = (mp, sp, ep, ap, m, s, e, arg, t)
         _merge_kernel[(n,)](*merge, BLOCK_T=min(pow2(t), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4)
@@ -224,18 +266,19 @@ def tiles_bwd(
     is hidden with ignored rows zeroed, for dW."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    bm, bn, bk, warps, stages = TILE
+    bm, bn, bk, warps, stages, per_sm = TILE
+    progs = sms_for(hidden) * per_sm
     vc = g_chunk_width(hidden, weight)
     buf = hidden.new_empty(n * min(vc, vocab))  # one chunk of g alive at a time
     group_m = _group_m(hidden, bm)
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
         g = buf[: n * w.shape[0]].view(n, w.shape[0])
-        _bwd_tiles_kernel[(cdiv(n, bm) * cdiv(w.shape[0], bn),)](
+        _bwd_tiles_kernel[(min(progs, cdiv(n, bm) * cdiv(w.shape[0], bn)),)](
             hidden, weight, g, labels, stats, grad_rows, hidden.stride(0), weight.stride(0), g.stride(0),
             n, vocab, hdim, v0, w.shape[0], ignore_index,
             BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=group_m, UPCAST=not hidden.is_cuda,
-            num_warps=warps, num_stages=stages,
+            NUM_PROGS=progs, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if dw.numel():
             torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
