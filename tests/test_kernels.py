@@ -264,3 +264,29 @@ def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
         assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
         with pytest.raises(RuntimeError, match="once_differentiable"):
             first.sum().backward()
+
+
+def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
+    """The tile kernels' compile-time arguments do not depend on the row count, so batches of other lengths
+    reuse the compiled kernels."""
+    seen = {"fwd": [], "bwd": []}
+
+    class Recorder:
+        def __init__(self, key):
+            self.key = key
+
+        def __getitem__(self, grid):
+            return lambda *args, **consts: seen[self.key].append(consts)
+
+    monkeypatch.setattr(tiles, "_fwd_tiles_kernel", Recorder("fwd"))
+    monkeypatch.setattr(tiles, "_bwd_tiles_kernel", Recorder("bwd"))
+    monkeypatch.setattr(tiles, "_merge_kernel", Recorder("merge"))
+    seen["merge"] = []
+    w = torch.zeros(1000, 64, dtype=torch.float16)
+    for n in (7, 300, 5000):
+        h, labels = torch.zeros(n, 64, dtype=torch.float16), torch.zeros(n, dtype=torch.long)
+        tiles.tiles_fwd(h, w, labels, -100, False)
+        dh, dw = torch.zeros(n, 64), torch.empty_like(w)
+        tiles.tiles_bwd(torch.ones(n), h, w, labels, torch.ones(n, 2), -100, dh, dw, h)
+    for key in ("fwd", "bwd"):
+        assert len(seen[key]) >= 3 and all(c == seen[key][0] for c in seen[key]), seen[key]

@@ -214,9 +214,10 @@ def _bwd_tiles_kernel(
 
 
 def _group_m(hidden: Tensor, bm: int) -> int:
-    """Row blocks per group: as many as keep the group's hidden rows within L2_ROWS_BYTES."""
-    per_block = bm * hidden.shape[1] * hidden.element_size()
-    return max(1, min(cdiv(hidden.shape[0], bm), L2_ROWS_BYTES // per_block))
+    """Row blocks per group: as many as keep the group's hidden rows within L2_ROWS_BYTES. A constexpr of H
+    alone (the kernels clip the last group): a row count in it would compile the kernels anew for every
+    batch of another length."""
+    return max(1, L2_ROWS_BYTES // (bm * hidden.shape[1] * hidden.element_size()))
 
 
 def tiles_fwd(
