@@ -93,6 +93,7 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))
     monkeypatch.setattr(tiles, "G_CHUNK_BYTES", 64)
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
+    monkeypatch.setattr(tiles, "PART_BYTES", 1)  # forward launches of one row block each
     torch.manual_seed(v)
     hid, w = _r(n, h, dtype=dtype), _r(v, h, dtype=dtype, scale=0.5)
     labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
@@ -290,3 +291,18 @@ def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
         tiles.tiles_bwd(torch.ones(n), h, w, labels, torch.ones(n, 2), -100, dh, dw, h)
     for key in ("fwd", "bwd"):
         assert len(seen[key]) >= 3 and all(c == seen[key][0] for c in seen[key]), seen[key]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["chunks", "tiles"])
+def test_lce_nan_logit_gives_a_nan_loss(dtype, monkeypatch):
+    """A nan weight entry (a diverged head) makes every row's logit there nan: the loss is nan, as stock's,
+    not a finite loss without that column's tile (the row max skips nan; the sums must not)."""
+    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(4, 16, generator=g).to(KERNEL_DEVICE, dtype)
+    w = (torch.randn(100, 16, generator=g) * 0.5).to(dtype)
+    w[40, 3] = float("nan")
+    labels = torch.tensor([1, 2, 3, 90], device=KERNEL_DEVICE)
+    got = lce.lce_fwd_triton(hid, w.to(KERNEL_DEVICE), labels, -100)
+    assert got[0].isnan().all() and got[2].isnan().all()  # loss and entropy
+    assert reference.lce_fwd(hid.cpu(), w, labels.cpu(), -100)[0].isnan().all()

@@ -3,6 +3,8 @@ takes all the probability, a -inf one none), and an fp16 logit past fp16's range
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,10 +128,13 @@ def test_lce_minus_inf_logit_entropy_is_finite(impl):
 @needs_kernels
 @pytest.mark.parametrize("chunk_bytes", [None, 4096])
 def test_lce_plus_inf_logit_before_later_tiles_kernel(monkeypatch, chunk_bytes):
-    """A +inf logit in the first column, with more vocabulary tiles (and chunks) after it: every statistic
-    of its row as the reference gives it (the running entropy must not meet inf - inf)."""
+    """A +inf logit in the first column, with more vocabulary tiles (and chunks, and merge blocks) after it:
+    every statistic of its row as the reference gives it (the running entropy must not meet inf - inf)."""
     if chunk_bytes is not None:
+        tiles = importlib.import_module("chronipatch.ops._lce_tiles")
         monkeypatch.setattr(lce_k, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))  # bf16 inputs: 94 tiles
+        monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     h = (torch.randn(3, 4, generator=_g(6)) * 0.5).bfloat16()
     w = (torch.randn(3000, 4, generator=_g(7)) * 0.1).bfloat16()
     h[[0, 2], 0] = 0.0

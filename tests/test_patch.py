@@ -462,7 +462,12 @@ def test_compiled_forward_keeps_the_mask_where_it_is_more_than_causal(case, monk
         kw["position_ids"] = torch.arange(ids.shape[1]).expand_as(ids)
     elif case == "eval":
         model.eval()
+    decided = []
+    causal_only = layers._causal_only
+    monkeypatch.setattr(layers, "_causal_only", lambda *a: decided.append(causal_only(*a)) or decided[-1])
     got = _compiled_sdpa_masks(model, **kw)
+    # A window is checked per layer; every other case is refused for the whole call.
+    assert decided == [case == "sliding_window"]
     if case != "eval":  # with a cache, transformers itself may skip the mask while compiling
         assert got == [True, True]
     with monkeypatch.context() as m:

@@ -27,6 +27,7 @@ TILE = (128, 128, 64, 8, 4, 1)
 G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
 L2_ROWS_BYTES = 16 << 20  # hidden rows per group of programs sharing a weight tile (kept in L2)
 MERGE_BLOCK = 1024  # partials per step of the merge kernel's loop
+PART_BYTES = 128 << 20  # the forward's [rows, T] partials per launch: its rows are walked in chunks of this
 
 
 @triton.jit
@@ -167,7 +168,7 @@ def _merge_kernel(
             shift_j = tl.where(mj == m_new, 0.0, mj - m_new)
             e = tl.where(a_old > 0, a_old * (e + tl.where(s > 0, s * shift_old, 0.0)), 0.0)
             e += tl.sum(tl.where(aj > 0, aj * (ej + tl.where(sj > 0, sj * shift_j, 0.0)), 0.0), axis=0)
-        s = s * a_old + tl.sum(tl.where(sj > 0, sj * aj, 0.0), axis=0)
+        s = s * a_old + tl.sum(sj * aj, axis=0)  # a nan partial sum (a nan logit) stays nan, as stock's
         m = m_new
     tl.store(M + row, m)
     tl.store(S + row, s)
@@ -229,24 +230,31 @@ def tiles_fwd(
     bm, bn, bk, warps, stages, per_sm = TILE
     t = cdiv(vocab, bn)
     progs = sms_for(hidden) * per_sm
+    # Rows per launch, a multiple of BM (the backward's row blocks), whose partials fit PART_BYTES: m and s
+    # in fp32, with token stats also e (fp32) and the argmax (int64).
+    per_row = t * (20 if token_stats else 8)
+    chunk = max(bm, PART_BYTES // per_row // bm * bm)
+    cap = min(n, chunk)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    mp, sp = torch.empty(n, t, **f32), torch.empty(n, t, **f32)
+    mp, sp = torch.empty(cap, t, **f32), torch.empty(cap, t, **f32)
     # Without token stats the kernels never touch E and ARG: any tensors of their dtypes stand in.
-    ep = torch.empty(n, t, **f32) if token_stats else sp
-    ap = torch.empty(n, t, dtype=torch.int64, device=hidden.device) if token_stats else labels
+    ep = torch.empty(cap, t, **f32) if token_stats else sp
+    ap = torch.empty(cap, t, dtype=torch.int64, device=hidden.device) if token_stats else labels
     zlab = torch.zeros(n, **f32)
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
-    e = torch.empty(n, **f32) if token_stats else s
-    arg = torch.empty(n, dtype=torch.int64, device=hidden.device) if token_stats else labels
-    if n > 0:
-        _fwd_tiles_kernel[(min(progs, cdiv(n, bm) * t),)](
-            hidden, weight, labels, mp, sp, ep, ap, zlab, hidden.stride(0), weight.stride(0), n, vocab, hdim,
+    e = torch.empty(n, **f32) if token_stats else None
+    arg = torch.empty(n, dtype=torch.int64, device=hidden.device) if token_stats else None
+    for r0 in range(0, n, chunk):
+        h, y, k = hidden[r0 : r0 + chunk], labels[r0 : r0 + chunk], min(chunk, n - r0)
+        _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
+            h, weight, y, mp, sp, ep, ap, zlab[r0:], h.stride(0), weight.stride(0), k, vocab, hdim,
             t, ignore_index, BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=_group_m(hidden, bm),
             UPCAST=not hidden.is_cuda, TOKEN_STATS=token_stats, NUM_PROGS=progs,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        merge = (mp, sp, ep, ap, m, s, e, arg, t)
-        _merge_kernel[(n,)](*merge, BLOCK_T=min(pow2(t), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4)
+        outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
+        merge = (mp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), t)
+        _merge_kernel[(k,)](*merge, BLOCK_T=min(pow2(t), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4)
     if not token_stats:
         e, arg = m.new_empty(0), labels.new_empty(0)
     return m, s, e, arg, zlab

@@ -3,7 +3,7 @@
 Per row i with logits z = h_i W^T, kept as the GEMM's fp32 accumulator (HF's lm_head rounds it to
 the weight dtype first; where logits are large, as at 1e4, one ulp of a bf16 logit decides a whole
 softmax row, and the unrounded logit is the nearer to the truth), m_i = max_v z_v and
-s_i = sum_v exp(z_v - m_i) (fp32, online over vocabulary chunks):
+s_i = sum_v exp(z_v - m_i) (fp32; over vocabulary chunks, or tiles merged at the end):
     loss_i = log s_i - (z_{y_i} - m_i)               (0 where y_i == ignore_index)
     H_i    = log s_i - sum_v softmax(z)_v (z_v - m_i) (entropy, for logging)
     hit_i  = [argmax_v z_v == y_i]                   (token accuracy, for logging)
@@ -19,8 +19,10 @@ fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's): the forward keeps only th
 target logit; entropy sum and argmax when asked for) per row; the backward recomputes each chunk's
 logits, writes g over them and dW[chunk] in one GEMM. Both accumulate dh in fp32 and sum dW over all
 rows in one GEMM per chunk (fp32 accumulation, as the stock head). Peak extra memory is one [N, Vc]
-chunk (of g, or of fp32 logits), fp32 dh and a copy of h with ignored rows zeroed; the gradients are
-exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs whose fp64 GEMMs are
+chunk (of g, or of fp32 logits; 192 MiB), fp32 dh and a copy of h with ignored rows zeroed, or in the
+tile forward its per-tile partials (8 bytes per row and 128 columns, 20 with token stats; at most
+``_lce_tiles.PART_BYTES`` = 128 MiB per launch, rows walked in chunks); the gradients are exact (no
+filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs whose fp64 GEMMs are
 as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and the dh sum run in fp64:
 chunked fp32 GEMMs sum in another order than stock's single GEMM and can land further from the truth
 than it; fp64 sums land nearer. That path also holds fp64 copies of h, dh and half a chunk.
@@ -46,8 +48,8 @@ from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast
 
 CHUNK_BYTES = 192 << 20  # fp32 inputs: bytes of one [N, Vc] logits chunk (fewer, larger GEMMs and launches)
 BLOCK_V = 1024  # backward: no reductions, bandwidth-bound at this width
-# Forward over fp32 logits: of the tiles bench/lce_kernels.py timed (H200), 1024-4096 wide ran within 3%;
-# 2048 with 4 warps divides the 6144-column chunks of 8192 rows.
+# Forward over fp32 logits: tiles 1024-4096 wide ran within 3% (H200, bench/results/2026-12-02-h200/
+# lce_kernels_call1.md); 2048 with 4 warps divides the 6144-column chunks of 8192 rows.
 FWD_BLOCK_V, FWD_WARPS = 2048, 4
 
 # ---------------------------------------------------------------- kernels
