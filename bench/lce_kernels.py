@@ -51,7 +51,8 @@ def _bwd_chunk_ms(cfg, h, w, labels, stats) -> float:
     drows = torch.full((n,), 1.0 / n, device=h.device)
     launch = tiles._bwd_tiles_kernel[(min(progs, tiles.cdiv(n, bm) * tiles.cdiv(cw, bn)),)]
     args = (h, w, g, labels, stats, drows, h.stride(0), w.stride(0), g.stride(0), n, vocab, hdim, 0, cw, -100)
-    consts = dict(BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=tiles._group_m(h, bm), UPCAST=False)
+    args += (tiles._group_m(h, bm),)
+    consts = dict(BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, UPCAST=False)
     consts["NUM_PROGS"] = progs
     return ms(functools.partial(launch, *args, **consts, num_warps=warps, num_stages=stages)) * vocab / cw
 

@@ -114,9 +114,9 @@ def _cases() -> list[tuple]:
 
         bm, bn, bk, warps, stages, per_sm = TILE
         gemm = {"H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"} | _ints(
-            "stride_h", "stride_w", "n", "vocab", "hdim", "ignore_index"
+            "stride_h", "stride_w", "n", "vocab", "hdim", "ignore_index", "group"
         )
-        shape = {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": True, "GROUP_M": 8, "UPCAST": False}
+        shape = {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": True, "UPCAST": False}
         shape["NUM_PROGS"] = 132 * per_sm  # an H100 SXM's SMs
         parts = dict.fromkeys(("MP", "SP", "EP", "ZLAB"), "*fp32") | {"AP": "*i64", "n_tiles_v": "i32"}
         cases += [

@@ -268,8 +268,8 @@ def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
 
 
 def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
-    """The tile kernels' compile-time arguments do not depend on the row count, so batches of other lengths
-    reuse the compiled kernels."""
+    """The tile kernels' compile-time arguments do not depend on the row count or (but for H % BK) the hidden
+    size, so batches of other lengths reuse the compiled kernels."""
     seen = {"fwd": [], "bwd": []}
 
     class Recorder:
@@ -283,11 +283,11 @@ def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
     monkeypatch.setattr(tiles, "_bwd_tiles_kernel", Recorder("bwd"))
     monkeypatch.setattr(tiles, "_merge_kernel", Recorder("merge"))
     seen["merge"] = []
-    w = torch.zeros(1000, 64, dtype=torch.float16)
-    for n in (7, 300, 5000):
-        h, labels = torch.zeros(n, 64, dtype=torch.float16), torch.zeros(n, dtype=torch.long)
+    for n, hdim in ((7, 64), (300, 64), (5000, 64), (300, 128), (300, 4096)):
+        w = torch.zeros(1000, hdim, dtype=torch.float16)
+        h, labels = torch.zeros(n, hdim, dtype=torch.float16), torch.zeros(n, dtype=torch.long)
         tiles.tiles_fwd(h, w, labels, -100, False)
-        dh, dw = torch.zeros(n, 64), torch.empty_like(w)
+        dh, dw = torch.zeros(n, hdim), torch.empty_like(w)
         tiles.tiles_bwd(torch.ones(n), h, w, labels, torch.ones(n, 2), -100, dh, dw, h)
     for key in ("fwd", "bwd"):
         assert len(seen[key]) >= 3 and all(c == seen[key][0] for c in seen[key]), seen[key]

@@ -62,13 +62,13 @@ def _tile_logits(
 
 
 @triton.jit
-def _tile_coords(tile, n, n_tiles_v, GROUP_M: tl.constexpr, BM: tl.constexpr):
-    """(row block, vocabulary tile) of a tile index: row blocks vary fastest within a group of GROUP_M, so
+def _tile_coords(tile, n, n_tiles_v, group, BM: tl.constexpr):
+    """(row block, vocabulary tile) of a tile index: row blocks vary fastest within a group of ``group``, so
     the programs running together read one weight tile from memory and the group's hidden rows from L2."""
     n_tiles_m = tl.cdiv(n, BM)
-    per_group = GROUP_M * n_tiles_v
-    first_m = (tile // per_group) * GROUP_M
-    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    per_group = group * n_tiles_v
+    first_m = (tile // per_group) * group
+    group_m = tl.minimum(n_tiles_m - first_m, group)
     local = tile % per_group
     return first_m + local % group_m, local // group_m
 
@@ -100,16 +100,16 @@ def _fold(z, m, TOKEN_STATS: tl.constexpr, FINITE: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles_kernel(
-    H, W, LABELS, MP, SP, EP, AP, ZLAB, stride_h, stride_w, n, vocab, hdim, n_tiles_v, ignore_index,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, TOKEN_STATS: tl.constexpr, NUM_PROGS: tl.constexpr,
+    H, W, LABELS, MP, SP, EP, AP, ZLAB, stride_h, stride_w, n, vocab, hdim, n_tiles_v, ignore_index, group,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    TOKEN_STATS: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """Per row of each tile: max, sum exp(z - max) (with TOKEN_STATS the entropy sum and the first argmax)
     into the [N, T] partials; the label's logit into ZLAB where the label falls in the tile. Persistent:
     NUM_PROGS programs walk the tiles, and the loads of the next tile overlap this one's epilogue."""
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
-        pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, GROUP_M, BM)
+        pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
         row0, col0 = pid_m * BM, pid_v * BN
         acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
         rows = row0 + tl.arange(0, BM)
@@ -179,16 +179,16 @@ def _merge_kernel(
 
 @triton.jit
 def _bwd_tiles_kernel(
-    H, W, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, NUM_PROGS: tl.constexpr,
+    H, W, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index, group,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """g = (softmax - onehot) * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent,
     as the forward)."""
     n_tiles_v = tl.cdiv(vc, BN)
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
-        pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, GROUP_M, BM)
+        pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
         row0, col0 = pid_m * BM, v0 + pid_v * BN
         acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
         rows = row0 + tl.arange(0, BM)
@@ -215,9 +215,9 @@ def _bwd_tiles_kernel(
 
 
 def _group_m(hidden: Tensor, bm: int) -> int:
-    """Row blocks per group: as many as keep the group's hidden rows within L2_ROWS_BYTES. A constexpr of H
-    alone (the kernels clip the last group): a row count in it would compile the kernels anew for every
-    batch of another length."""
+    """Row blocks per group: as many as keep the group's hidden rows within L2_ROWS_BYTES (the kernels clip
+    the last group). A runtime argument: as a compile-time one it compiled the kernels anew for every
+    hidden size (and, with the row count in it, for every batch length)."""
     return max(1, L2_ROWS_BYTES // (bm * hidden.shape[1] * hidden.element_size()))
 
 
@@ -248,7 +248,7 @@ def tiles_fwd(
         h, y, k = hidden[r0 : r0 + chunk], labels[r0 : r0 + chunk], min(chunk, n - r0)
         _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
             h, weight, y, mp, sp, ep, ap, zlab[r0:], h.stride(0), weight.stride(0), k, vocab, hdim,
-            t, ignore_index, BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=_group_m(hidden, bm),
+            t, ignore_index, _group_m(hidden, bm), BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0,
             UPCAST=not hidden.is_cuda, TOKEN_STATS=token_stats, NUM_PROGS=progs,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
@@ -286,7 +286,7 @@ def tiles_bwd(
         _bwd_tiles_kernel[(min(progs, cdiv(n, bm) * cdiv(w.shape[0], bn)),)](
             hidden, weight, g, labels, stats, grad_rows, hidden.stride(0), weight.stride(0), g.stride(0),
             n, vocab, hdim, v0, w.shape[0], ignore_index,
-            BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, GROUP_M=group_m, UPCAST=not hidden.is_cuda,
+            group_m, BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda,
             NUM_PROGS=progs, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if dw.numel():
