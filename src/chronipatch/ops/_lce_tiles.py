@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._math import centred
+from ._math import centred, recentred_entropy
 from ._utils import addmm_acc, cdiv, pow2, sms_for
 
 # (BM, BN, BK, warps, stages, programs per SM): one config for both passes, which must tile alike (see above).
@@ -163,11 +163,8 @@ def _merge_kernel(
             # Strictly greater keeps the earlier blocks' first maximum.
             first = tl.argmax(tl.where(mj == m_new, 1, 0), axis=0)
             arg = tl.where(m_new > m, tl.sum(tl.where(tl.arange(0, BLOCK_T) == first, argj, 0), axis=0), arg)
-            # Re-centred on m_new; a factor of 0 drops its terms (no 0 * -inf), as does an empty s.
-            shift_old = tl.where(m == m_new, 0.0, m - m_new)
-            shift_j = tl.where(mj == m_new, 0.0, mj - m_new)
-            e = tl.where(a_old > 0, a_old * (e + tl.where(s > 0, s * shift_old, 0.0)), 0.0)
-            e += tl.sum(tl.where(aj > 0, aj * (ej + tl.where(sj > 0, sj * shift_j, 0.0)), 0.0), axis=0)
+            e = recentred_entropy(e, s, a_old, m, m_new)
+            e += tl.sum(recentred_entropy(ej, sj, aj, mj, m_new), axis=0)
         s = s * a_old + tl.sum(sj * aj, axis=0)  # a nan partial sum (a nan logit) stays nan, as stock's
         m = m_new
     tl.store(M + row, m)

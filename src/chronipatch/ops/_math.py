@@ -41,3 +41,12 @@ def exp_for(x, EXACT: tl.constexpr):
 def centred(z, m):
     """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability)."""
     return tl.where((z == m) & (z == float("inf")), 0.0, z - m)
+
+
+@triton.jit
+def recentred_entropy(e, s, a, m, m_new):
+    """An entropy sum e = sum p (z - m) with s = sum p, moved from max m to m_new with a = exp(m - m_new):
+    a (e + s (m - m_new)). a == 0 drops the terms entirely (no 0 * -inf), and so does an empty s; m == m_new
+    shifts by 0, not inf - inf once the max is +inf."""
+    shift = tl.where(m == m_new, 0.0, m - m_new)
+    return tl.where(a > 0, a * (e + tl.where(s > 0, s * shift, 0.0)), 0.0)

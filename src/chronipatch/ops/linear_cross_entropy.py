@@ -43,7 +43,7 @@ from torch import Tensor
 from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._lce_tiles import tiles_bwd, tiles_fwd
-from ._math import centred, exp_f32
+from ._math import centred, exp_f32, recentred_entropy
 from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
 
 CHUNK_BYTES = 192 << 20  # fp32 inputs: bytes of one [N, Vc] logits chunk (fewer, larger GEMMs and launches)
@@ -82,9 +82,7 @@ def _fwd_chunk_kernel(
         if TOKEN_STATS:
             # Strictly greater keeps the first maximum, as torch.argmax does.
             arg = tl.where(tile_max > m, v0 + c0 + tl.argmax(z, axis=0), arg)
-            # Re-centre e on the new max; alpha == 0 drops the old terms entirely (no 0 * -inf).
-            shift = tl.where(m == m_new, 0.0, m - m_new)  # not inf - inf once the max is +inf
-            e = tl.where(alpha > 0, alpha * (e + tl.where(s > 0, s * shift, 0.0)), 0.0)
+            e = recentred_entropy(e, s, alpha, m, m_new)
             e += tl.sum(tl.where(p > 0, p * zc, 0.0), axis=0)  # -inf logits add 0, not 0 * -inf
         s = s * alpha + tl.sum(p, axis=0)
         m = m_new
