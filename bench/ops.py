@@ -123,7 +123,9 @@ def _mlp(cls, a):
 
 def cp_mlp(a, dev):
     ops = _cp()
-    return lambda x, wg, wu, wd: F.linear(ops.swiglu(F.linear(x, wg), F.linear(x, wu)), wd)
+    return lambda x, wg, wu, wd: ops.swiglu_linear(
+        F.linear(x, wg), F.linear(x, wu), wd
+    )  # as layers.mlp_forward
 
 
 # lm_head, then HF's causal-LM loss on already shifted labels (fp32 upcast + mean F.cross_entropy)

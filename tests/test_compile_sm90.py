@@ -66,13 +66,16 @@ def _cases() -> list[tuple]:
                 {"G": f"*{dt}", "U": f"*{dt}", "O": f"*{dt}", "n": "i32"},
                 {"BLOCK": 2048, "EXACT": dt == "fp32"},
             ),
+        ]
+        cases += [
             (
-                f"swiglu_bwd_{dt}",
+                f"swiglu_bwd_{dt}{'_h' if store_h else ''}",
                 "swiglu",
                 "_bwd_kernel",
-                {"DO": f"*{dt}", "G": f"*{dt}", "U": f"*{dt}", "DG": f"*{dt}", "DU": f"*{dt}", "n": "i32"},
-                {"BLOCK": 2048, "EXACT": dt == "fp32"},
-            ),
+                {p: f"*{dt}" for p in ("DO", "G", "U", "DG", "DU", "H")} | {"n": "i32"},
+                {"BLOCK": 2048, "EXACT": dt == "fp32", "STORE_H": store_h},
+            )
+            for store_h in (False, True)
         ]
         strides = _ints(
             *(f"s{x}_{d}" for x in ("q", "k", "qo", "ko") for d in "bht"), "sc_b", "sc_t", "ss_b", "ss_t"

@@ -188,6 +188,7 @@ def _op_calls(device: str, dtype: torch.dtype):
     return {
         "rms_norm": (lambda x, w: ops.rms_norm(x, w, 1e-6), (x, w)),
         "swiglu": (ops.swiglu, (gate, up)),
+        "swiglu_linear": (ops.swiglu_linear, (gate, up, r(48, 130, scale=0.1))),
         "rope": (lambda q, k: ops.rope(q, k, cos, sin), (q, k)),
         "lce": (lambda h, w: ops.linear_cross_entropy(h, w, labels), (hid, wv)),
     }
@@ -201,7 +202,7 @@ def _fwd_bwd(fn, inputs):
     return [o.detach() for o in outs] + list(torch.autograd.grad(outs, inputs, seeds))
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "rope", "lce"])
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "swiglu_linear", "rope", "lce"])
 def test_public_ops_are_bit_deterministic_on_cpu(op):
     fn, inputs = _op_calls("cpu", torch.float32)[op]
     first = _fwd_bwd(fn, inputs)

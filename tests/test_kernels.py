@@ -59,6 +59,10 @@ def test_swiglu_kernels(shape, dtype):
     torch.testing.assert_close(swi.swiglu_fwd_triton(g, u), reference.swiglu_fwd(g, u), **TOL[dtype])
     for a, b in zip(swi.swiglu_bwd_triton(do, g, u), reference.swiglu_bwd(do, g, u)):
         torch.testing.assert_close(a, b, **TOL[dtype])
+    *grads, h = swi.swiglu_bwd_h_triton(do, g, u)
+    assert torch.equal(h, swi.swiglu_fwd_triton(g, u))  # the forward's product, recomputed bit for bit
+    for a, b in zip(grads, swi.swiglu_bwd_triton(do, g, u)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("b,t,hq,hk,d,cos_b", [(1, 3, 2, 1, 8, 1), (2, 5, 6, 2, 64, 2), (1, 4, 3, 3, 24, 1)])

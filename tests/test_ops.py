@@ -85,6 +85,90 @@ def test_swiglu_matches_hf(shape, dtype):
         torch.testing.assert_close(a.double(), b, **tol)
 
 
+# ------------------------------------------------------------------ SwiGLU + down projection
+
+
+def _hf_mlp_tail(g, u, w, b):
+    return F.linear(F.silu(g) * u, w, b)
+
+
+@pytest.mark.parametrize("shape,out", [((1, 64), 8), ((7, 896), 33), ((3, 5, 1000), 64), ((4099, 64), 17)])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swiglu_linear_matches_hf(shape, out, bias, dtype):
+    torch.manual_seed(sum(shape) + out)
+    f64 = dict(dtype=torch.float64)
+    truth = [torch.randn(shape, **f64) * 4, torch.randn(shape, **f64), torch.randn(out, shape[-1], **f64) / 8]
+    truth += [torch.randn(out, **f64)] if bias else [None]
+    mine = [t.to(dtype).requires_grad_() if t is not None else None for t in truth]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in truth]
+    used = lambda ts: [t for t in ts if t is not None]
+    y, grads, do = _grads(ops.swiglu_linear(*mine), used(mine))
+    y_ref, grads_ref, _ = _grads(_hf_mlp_tail(*ref), used(ref), do.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    rows = y.numel() // out  # dW and db sum over rows: their rounding adds up like a random walk
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), b, rtol=tol["rtol"], atol=tol["atol"] * rows**0.5)
+
+
+def test_swiglu_linear_frozen_weight_and_views():
+    """A frozen projection gets no dW (and needs no h); gate/up given as views of one [N, 2I] tensor."""
+    torch.manual_seed(0)
+    gu = torch.randn(2, 9, 2 * 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 24, dtype=torch.float64)
+    g, u = gu[..., :24], gu[..., 24:]
+    assert not g.is_contiguous()
+    y = ops.swiglu_linear(g, u, w)
+    (dgu,) = torch.autograd.grad(y, gu, torch.ones_like(y))
+    gu_ref = gu.detach().clone().requires_grad_()
+    y_ref = _hf_mlp_tail(gu_ref[..., :24], gu_ref[..., 24:], w, None)
+    (dgu_ref,) = torch.autograd.grad(y_ref, gu_ref, torch.ones_like(y_ref))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dgu, dgu_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_swiglu_linear_keeps_no_product():
+    """What autograd keeps for the backward: gate, up and the weight, not the [N, I] product (which
+    stock's F.linear keeps), so this test fails if h is saved again."""
+    torch.manual_seed(0)
+    g, u = torch.randn(64, 96, requires_grad=True), torch.randn(64, 96, requires_grad=True)
+    w = torch.randn(32, 96, requires_grad=True)
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.nbytes
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    inputs = g.nbytes + u.nbytes + w.nbytes
+    assert saved_bytes(lambda: ops.swiglu_linear(g, u, w)) == inputs
+    assert saved_bytes(lambda: _hf_mlp_tail(g, u, w, None)) >= inputs + g.nbytes  # stock keeps h as well
+
+
+def test_swiglu_linear_autocast_like_linear():
+    """Under autocast the weight is cast as F.linear would cast it; gate in another dtype than autocast's
+    takes the composition (h rounded after its computation): either way the result is the unfused
+    ``F.linear(ops.swiglu(g, u), w)``'s, bit for bit."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 24, requires_grad=True)
+    for g in (torch.randn(5, 24).bfloat16(), torch.randn(5, 24)):
+        u = torch.randn_like(g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ops.swiglu_linear(g, u, w)
+            y_ref = F.linear(ops.swiglu(g, u), w)
+        assert y.dtype == y_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        (dw,), (dw_ref,) = torch.autograd.grad(y.sum(), w), torch.autograd.grad(y_ref.sum(), w)
+        assert dw.dtype == torch.float32
+        torch.testing.assert_close(dw, dw_ref, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ RoPE
 
 
@@ -203,6 +287,11 @@ def test_zero_rows():
     w = torch.randn(64, requires_grad=True)
     assert ops.rms_norm(torch.randn(0, 64), w).shape == (0, 64)
     assert ops.swiglu(torch.randn(0, 8), torch.randn(0, 8)).shape == (0, 8)
+    g = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    y = ops.swiglu_linear(g, g, w)
+    y.sum().backward()
+    assert y.shape == (0, 3) and w.grad.abs().sum() == 0
     loss = ops.linear_cross_entropy(
         torch.randn(0, 8), torch.randn(5, 8), torch.zeros(0, dtype=torch.long), shift=False
     )
@@ -219,6 +308,24 @@ def test_zero_rows():
         (lambda: ops.rms_norm(torch.ones(3, 8, dtype=torch.long), torch.randn(8)), "rms_norm: x and weight"),
         (lambda: ops.swiglu(torch.randn(3, 8), torch.randn(3, 9)), "swiglu: gate"),
         (lambda: ops.swiglu(torch.randn(3, 8), torch.randn(3, 8).double()), "swiglu: up has dtype"),
+        (
+            lambda: ops.swiglu_linear(torch.randn(3, 8), torch.randn(3, 8), torch.randn(4, 9)),
+            r"swiglu_linear: weight \(4, 9\) does not match gate \(3, 8\)",
+        ),
+        (
+            lambda: ops.swiglu_linear(
+                torch.randn(3, 8), torch.randn(3, 8), torch.randn(4, 8), torch.randn(5)
+            ),
+            r"swiglu_linear: bias \(5,\) does not match weight \(4, 8\)",
+        ),
+        (
+            lambda: ops.swiglu_linear(torch.randn(3, 8), torch.randn(3, 7), torch.randn(4, 8)),
+            "swiglu_linear: gate",
+        ),
+        (
+            lambda: ops.swiglu_linear(torch.randn(3, 8), torch.randn(3, 8), torch.randn(4, 8).double()),
+            "swiglu_linear: weight has dtype",
+        ),
         (
             lambda: ops.rope(
                 torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 3, 6), torch.randn(1, 3, 6)

@@ -64,6 +64,20 @@ def test_swiglu_gpu(shape, dtype):
     _check(_run(ops.swiglu, low, [do.to(dtype)]), _run(hf, low, [do.to(dtype)]), truth, dtype, "swiglu")
 
 
+@pytest.mark.parametrize("rows,inner,out", [(8192, 4864, 896), (7, 1001, 64), (4099, 8192, 2048)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_linear_gpu(rows, inner, out, dtype):
+    """Against stock's ``down_proj(act(gate) * up)``: the output and the gate, up and weight gradients."""
+    torch.manual_seed(rows)
+    g, u, do = (torch.randn(rows, n, device="cuda") * s for n, s in ((inner, 3), (inner, 1), (out, 1)))
+    w = torch.randn(out, inner, device="cuda") / inner**0.5
+    hf = lambda g, u, w: F.linear(F.silu(g) * u, w)
+    low = [t.to(dtype) for t in (g, u, w)]
+    truth = _run(hf, [t.double() for t in low], [do.double()])
+    ours = _run(ops.swiglu_linear, low, [do.to(dtype)])
+    _check(ours, _run(hf, low, [do.to(dtype)]), truth, dtype, "swiglu_linear")
+
+
 @pytest.mark.parametrize(
     "b,t,hq,hk,d", [(4, 2048, 14, 2, 64), (4, 2048, 16, 8, 128), (1, 7, 32, 8, 128), (2, 33, 12, 4, 80)]
 )
@@ -138,17 +152,22 @@ def test_ops_deterministic_gpu():
 
 def test_eager_fast_path_matches_the_registered_op_gpu():
     """Eager CUDA calls skip custom-op dispatch; results and gradients are bit-identical to the op's."""
-    rn, rp, sg = (importlib.import_module(f"chronipatch.ops.{m}") for m in ("rms_norm", "rope", "swiglu"))
+    rn, rp, sg, sl = (
+        importlib.import_module(f"chronipatch.ops.{m}")
+        for m in ("rms_norm", "rope", "swiglu", "swiglu_linear")
+    )
 
     torch.manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
     x, w = torch.randn(3, 37, 896, **bf), 1 + 0.1 * torch.randn(896, **bf)
     g, u = torch.randn(5, 4864, **bf), torch.randn(5, 4864, **bf)
+    wd = torch.randn(896, 4864, **bf).requires_grad_()  # needing dW: the backward recomputes the product
     q, k = hf_view(2, 37, 14, 64, **bf), hf_view(2, 37, 2, 64, **bf)
     cos, sin = torch.randn(1, 37, 64, **bf), torch.randn(1, 37, 64, **bf)
     cases = [
         (lambda a, b: ops.rms_norm(a, b, 1e-6), lambda a, b: rn._rms_norm(a, b, 1e-6)[0], (x, w)),
         (ops.swiglu, sg._swiglu, (g, u)),
+        (lambda a, b: ops.swiglu_linear(a, b, wd), lambda a, b: sl._swiglu_linear(a, b, wd, None), (g, u)),
         (lambda a, b: ops.rope(a, b, cos, sin), lambda a, b: rp._rope(a, b, cos, sin, False), (q, k)),
         (
             lambda a, b: ops.rope(a, b, cos, sin, dense=True),

@@ -28,6 +28,16 @@ def _opcheck_cases():
             OPS.swiglu,
             (torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)),
         ),
+        (
+            "swiglu_linear",
+            OPS.swiglu_linear,
+            (*(torch.randn(2, 3, 9, requires_grad=True) for _ in range(2)), torch.randn(5, 9), None),
+        ),
+        (
+            "swiglu_linear_bias",
+            OPS.swiglu_linear,
+            tuple(torch.randn(*s, requires_grad=True) for s in ((4, 9), (4, 9), (5, 9), (5,))),
+        ),
         ("rope", OPS.rope, (q, k, cos, sin, False)),
         ("rope_dense", OPS.rope, (q, k, cos, sin, True)),
         ("lce", OPS.linear_cross_entropy, (h, w, labels, -100, True)),
@@ -38,6 +48,15 @@ def _opcheck_cases():
             (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.rand(3)),
         ),
         ("swiglu_bwd", OPS.swiglu_bwd, (torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8))),
+        *(
+            (
+                f"swiglu_linear_bwd_{dw}_{db}",
+                OPS.swiglu_linear_bwd,
+                (*(torch.randn(3, k) for k in (5, 8, 8)), torch.randn(5, 8), dw, db),
+            )
+            for dw in (True, False)
+            for db in (True, False)
+        ),
         ("rope_bwd", OPS.rope_bwd, (hf_view(1, 5, 4, 8), hf_view(1, 5, 2, 8), cos, sin)),
         ("lce_bwd", OPS.linear_cross_entropy_bwd, (*lce_bwd, True, True)),
         ("lce_bwd_frozen_head", OPS.linear_cross_entropy_bwd, (*lce_bwd, True, False)),
@@ -88,7 +107,7 @@ def test_ops_compile_fullgraph_with_backward():
 
     def step(x, w, q, k, wv):
         h = ops.rms_norm(x, w, 1e-6)
-        h = ops.swiglu(h, h * 2)
+        h = ops.swiglu(h, h * 2) + ops.swiglu_linear(h, h * 3, wv[:32])
         qo, ko = ops.rope(q, k, cos, sin)
         return ops.linear_cross_entropy(h, wv, labels, shift=False) + qo.square().mean() + ko.mean()
 

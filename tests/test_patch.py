@@ -47,10 +47,11 @@ def test_patched_matches_stock(family, op_calls):
     stock_logits = stock(ids).logits
     assert not op_calls  # the stock model runs none of the fused ops
     torch.testing.assert_close(patched(ids).logits, stock_logits, rtol=1e-5, atol=1e-5)
-    assert op_calls == {"rms_norm": n_norms, "swiglu": 2, "rope": 2}  # no labels: the stock head
+    # no labels: the stock head; each MLP's plain down_proj runs inside swiglu_linear
+    assert op_calls == {"rms_norm": n_norms, "swiglu_linear": 2, "rope": 2}
     op_calls.clear()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
-    assert op_calls == {"rms_norm": n_norms, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
+    assert op_calls == {"rms_norm": n_norms, "swiglu_linear": 2, "rope": 2, "linear_cross_entropy": 1}
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["sdpa", "chronipatch_varlen"])
@@ -98,7 +99,7 @@ def test_compiled_training_step_one_graph(family):
         for node in graph.graph.nodes
         if node.op == "call_function" and str(node.target).startswith("chronipatch.")
     }
-    assert ops_in_graph == {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}
+    assert ops_in_graph == {"rms_norm", "swiglu_linear", "rope", "linear_cross_entropy"}
     torch._dynamo.reset()
     compiled = torch.compile(patched, fullgraph=True)
     _assert_same(_loss_and_grads(compiled, ids, labels), _loss_and_grads(stock, ids, labels))
@@ -174,6 +175,37 @@ def test_peft_before_and_after_apply(family):
     ref = _loss_and_grads(stock, ids, labels)
     _assert_same(_loss_and_grads(before, ids, labels), ref)
     _assert_same(_loss_and_grads(after, ids, labels), ref)
+
+
+@pytest.mark.parametrize("case", ["lora_down", "lora_attention_only", "hooked_down"])
+def test_mlp_fuses_the_down_projection_only_when_it_is_a_plain_linear(case, op_calls):
+    """``swiglu_linear`` stands in for ``down_proj(h)`` only where that call is ``F.linear``: a LoRA-wrapped
+    or hooked down_proj keeps its own call (its adapter trains, its hook fires). A frozen plain down_proj
+    (LoRA elsewhere) is fused and gets no gradient. Loss and gradients equal stock's in every case."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    if case == "hooked_down":
+        calls = []
+        for layer in model.model.layers:
+            layer.mlp.down_proj.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    else:
+        targets = "all-linear" if case == "lora_down" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        model = peft.get_peft_model(model, lora)
+    patched = copy.deepcopy(model)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    ref = _loss_and_grads(model, ids, labels)
+    op_calls.clear()
+    if case == "hooked_down":
+        calls.clear()
+    _assert_same(_loss_and_grads(patched, ids, labels), ref)
+    fused = case == "lora_attention_only"
+    assert op_calls["swiglu_linear"] == (2 if fused else 0) and op_calls["swiglu"] == (0 if fused else 2)
+    if case == "hooked_down":
+        assert len(calls) == 2
+    if fused:
+        assert all(p.grad is None for n, p in patched.named_parameters() if "down_proj" in n)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -368,7 +400,7 @@ def test_patched_model_through_the_kernels_matches_stock(family, monkeypatch):
 
     from chronipatch.ops import reference
 
-    for name in ("_utils", "rms_norm", "swiglu", "rope", "linear_cross_entropy"):
+    for name in ("_utils", "rms_norm", "swiglu", "swiglu_linear", "rope", "linear_cross_entropy"):
         mod = importlib.import_module(f"chronipatch.ops.{name}")
         monkeypatch.setattr(mod, "on_gpu", lambda t: t.dtype != torch.float64)  # CPU tensors "on a GPU"
         if hasattr(mod, "sms_for"):

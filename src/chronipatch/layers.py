@@ -69,7 +69,21 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     # gate_proj/up_proj/down_proj stay the HF modules, so LoRA wrappers on them keep working.
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    if plain_linear(down):  # the gating and down projection as one op, which keeps no [N, I] product
+        return ops.swiglu_linear(gate, up, down.weight, down.bias)
+    return down(ops.swiglu(gate, up))
+
+
+def plain_linear(m: torch.nn.Module) -> bool:
+    """Whether ``m(x)`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (no adapter or
+    quantised subclass), no hooks, not its own FSDP unit (whose forward gathers the weight), no DTensor."""
+    return (
+        type(m) is torch.nn.Linear
+        and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+        and not isinstance(m, FSDPModule)
+        and not isinstance(m.weight, DTensor)
+    )
 
 
 def _sliding_window(attn) -> int | None:

@@ -5,6 +5,7 @@ from .linear_cross_entropy import TokenStats, linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import rope
 from .swiglu import swiglu
+from .swiglu_linear import swiglu_linear
 
 __all__ = [
     "LabelCheck",
@@ -14,4 +15,5 @@ __all__ = [
     "rms_norm",
     "rope",
     "swiglu",
+    "swiglu_linear",
 ]

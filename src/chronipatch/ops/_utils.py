@@ -68,6 +68,28 @@ def addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+# A fixed device list, not torch.amp.is_autocast_available: dynamo (torch 2.11) cannot trace that call.
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast ``t``'s device's matmul inputs to, or None outside autocast."""
+    device = t.device.type
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def autocast_like_linear(dtype: torch.dtype | None, *tensors: Tensor | None):
+    """The tensors as ``F.linear`` under autocast to ``dtype`` sees them: floating ones but fp64 cast."""
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
 def last_dense(x: Tensor) -> Tensor:
     """``x`` itself when its last dim has unit stride (what the kernels index by), else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

@@ -44,7 +44,18 @@ from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._lce_tiles import tiles_bwd, tiles_fwd
 from ._math import centred, exp_f32, recentred_entropy
-from ._utils import addmm_acc, check, check_same, check_tensors, device_of, fast_fp64, on_gpu, tf32_matmuls
+from ._utils import (
+    addmm_acc,
+    autocast_dtype,
+    autocast_like_linear,
+    check,
+    check_same,
+    check_tensors,
+    device_of,
+    fast_fp64,
+    on_gpu,
+    tf32_matmuls,
+)
 
 CHUNK_BYTES = 192 << 20  # fp32 inputs: bytes of one [N, Vc] logits chunk (fewer, larger GEMMs and launches)
 BLOCK_V = 1024  # backward: no reductions, bandwidth-bound at this width
@@ -302,8 +313,6 @@ _lce.register_autograd(_backward, setup_context=_setup)
 # ---------------------------------------------------------------- public
 
 
-_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
-
 # Ignored positions carry no loss: when at least this fraction of them is ignored, eager calls score only the
 # supervised rows (4 GEMMs over fewer rows), found without a second host sync.
 COMPACT_IGNORED = 0.25
@@ -339,14 +348,8 @@ def linear_cross_entropy(
     """
     op = "linear_cross_entropy"
     check_tensors(op, hidden=hidden, weight=weight)
-    device = hidden.device.type
-    # A fixed device list, not torch.amp.is_autocast_available: dynamo (torch 2.11) cannot trace that call.
-    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
-        # As the stock lm_head (F.linear) under autocast: floating inputs other than fp64 are cast.
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = (
-            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (hidden, weight)
-        )
+    # As the stock lm_head (F.linear) under autocast: floating inputs other than fp64 are cast.
+    hidden, weight = autocast_like_linear(autocast_dtype(hidden), hidden, weight)
     check_same(op, hidden=hidden, weight=weight)
     check_tensors(op, labels=labels)
     check(weight.dim() == 2, op, f"weight must be [V, H], got {tuple(weight.shape)}")

@@ -42,7 +42,7 @@ def _fwd_kernel(G, U, O, n, BLOCK: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(DO, G, U, DG, DU, n, BLOCK: tl.constexpr, EXACT: tl.constexpr):
+def _bwd_kernel(DO, G, U, DG, DU, H, n, BLOCK: tl.constexpr, EXACT: tl.constexpr, STORE_H: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
@@ -51,6 +51,8 @@ def _bwd_kernel(DO, G, U, DG, DU, n, BLOCK: tl.constexpr, EXACT: tl.constexpr):
     s = _sigmoid(g, EXACT)
     tl.store(DG + offs, (do * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, (do * g * s).to(DU.dtype.element_ty), mask=mask)
+    if STORE_H:  # the forward's product again, as the forward kernel computes it (``swiglu_linear``)
+        tl.store(H + offs, (g * s * u).to(H.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -68,14 +70,28 @@ def swiglu_fwd_triton(gate: Tensor, up: Tensor, wrap: bool = True) -> Tensor:
 
 
 def swiglu_bwd_triton(dout: Tensor, gate: Tensor, up: Tensor, wrap: bool = True) -> tuple[Tensor, Tensor]:
+    return _bwd(dout, gate, up, wrap, store_h=False)[:2]
+
+
+def swiglu_bwd_h_triton(
+    dout: Tensor, gate: Tensor, up: Tensor, wrap: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dgate, dup, silu(gate) * up): the backward that also recomputes the forward's result."""
+    return _bwd(dout, gate, up, wrap, store_h=True)
+
+
+def _bwd(dout, gate, up, wrap, store_h):
     dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
     dg, du = torch.empty_like(gate), torch.empty_like(up)
+    h = torch.empty_like(gate) if store_h else dg  # dg: a placeholder the kernel never writes
     n = gate.numel()
     if n > 0:
         kernel = wrap_triton(_bwd_kernel) if wrap else _bwd_kernel
         exact = gate.dtype not in _HALF
-        kernel[(cdiv(n, BLOCK),)](dout, gate, up, dg, du, n, BLOCK=BLOCK, EXACT=exact, num_warps=8)
-    return dg, du
+        kernel[(cdiv(n, BLOCK),)](
+            dout, gate, up, dg, du, h, n, BLOCK=BLOCK, EXACT=exact, STORE_H=store_h, num_warps=8
+        )
+    return dg, du, h
 
 
 # ---------------------------------------------------------------- registration
