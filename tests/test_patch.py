@@ -177,32 +177,42 @@ def test_peft_before_and_after_apply(family):
     _assert_same(_loss_and_grads(after, ids, labels), ref)
 
 
-@pytest.mark.parametrize("case", ["lora_down", "lora_attention_only", "hooked_down"])
+@pytest.mark.parametrize("case", ["lora_down", "lora_attention_only", "hooked_down", "global_hook"])
 def test_mlp_fuses_the_down_projection_only_when_it_is_a_plain_linear(case, op_calls):
     """``swiglu_linear`` stands in for ``down_proj(h)`` only where that call is ``F.linear``: a LoRA-wrapped
     or hooked down_proj keeps its own call (its adapter trains, its hook fires). A frozen plain down_proj
     (LoRA elsewhere) is fused and gets no gradient. Loss and gradients equal stock's in every case."""
     peft = pytest.importorskip("peft")
     model = tiny_model("llama")
+    calls = []
     if case == "hooked_down":
-        calls = []
         for layer in model.model.layers:
             layer.mlp.down_proj.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    elif case == "global_hook":
+        downs = {layer.mlp.down_proj for layer in model.model.layers}
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: calls.append(out.shape) if m in downs else None
+        )
     else:
         targets = "all-linear" if case == "lora_down" else ["q_proj", "k_proj", "v_proj", "o_proj"]
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
         model = peft.get_peft_model(model, lora)
     patched = copy.deepcopy(model)
     chronipatch.apply(patched)
+    if case == "global_hook":
+        downs |= {layer.mlp.down_proj for layer in patched.model.layers}
     ids, labels = batch()
-    ref = _loss_and_grads(model, ids, labels)
-    op_calls.clear()
-    if case == "hooked_down":
+    try:
+        ref = _loss_and_grads(model, ids, labels)
+        op_calls.clear()
         calls.clear()
-    _assert_same(_loss_and_grads(patched, ids, labels), ref)
+        _assert_same(_loss_and_grads(patched, ids, labels), ref)
+    finally:
+        if case == "global_hook":
+            hook.remove()
     fused = case == "lora_attention_only"
     assert op_calls["swiglu_linear"] == (2 if fused else 0) and op_calls["swiglu"] == (0 if fused else 2)
-    if case == "hooked_down":
+    if case in ("hooked_down", "global_hook"):
         assert len(calls) == 2
     if fused:
         assert all(p.grad is None for n, p in patched.named_parameters() if "down_proj" in n)

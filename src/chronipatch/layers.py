@@ -77,13 +77,28 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def plain_linear(m: torch.nn.Module) -> bool:
     """Whether ``m(x)`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (no adapter or
-    quantised subclass), no hooks, not its own FSDP unit (whose forward gathers the weight), no DTensor."""
+    quantised subclass), no hooks of its own or global ones, not its own FSDP unit (whose forward gathers the
+    weight), no DTensor."""
+    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
     return (
         type(m) is torch.nn.Linear
-        and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+        and not any(hooks)
+        and not any(_GLOBAL_HOOKS)
         and not isinstance(m, FSDPModule)
         and not isinstance(m.weight, DTensor)
     )
+
+
+# The registries of torch.nn.modules.module.register_module_*_hook, which every module call runs.
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name)
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+)
 
 
 def _sliding_window(attn) -> int | None:
