@@ -123,9 +123,8 @@ def _mlp(cls, a):
 
 def cp_mlp(a, dev):
     ops = _cp()
-    return lambda x, wg, wu, wd: ops.swiglu_linear(
-        F.linear(x, wg), F.linear(x, wu), wd
-    )  # as layers.mlp_forward
+    # as layers.mlp_forward runs an MLP whose down_proj is a plain nn.Linear
+    return lambda x, wg, wu, wd: ops.swiglu_linear(F.linear(x, wg), F.linear(x, wu), wd)
 
 
 # lm_head, then HF's causal-LM loss on already shifted labels (fp32 upcast + mean F.cross_entropy)

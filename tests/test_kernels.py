@@ -65,6 +65,21 @@ def test_swiglu_kernels(shape, dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("need_dw", [True, False], ids=["dw", "frozen"])
+def test_swiglu_linear_backward_kernels(need_dw, monkeypatch):
+    """The op's backward through the kernels (the recomputing one, or the plain one for a frozen weight)
+    against its torch reference path."""
+    sl = importlib.import_module("chronipatch.ops.swiglu_linear")
+    g, u = _r(3, 5, 40, dtype=torch.float32, scale=3), _r(3, 5, 40, dtype=torch.float32)
+    w, do = _r(24, 40, dtype=torch.float32), _r(3, 5, 24, dtype=torch.float32)
+    ref = sl._bwd(do.cpu(), g.cpu(), u.cpu(), w.cpu(), need_dw, True)  # CPU tensors: the reference
+    monkeypatch.setattr(sl, "on_gpu", lambda t: True)  # the kernels, on KERNEL_DEVICE
+    ours = sl._bwd(do, g, u, w, need_dw, True)
+    assert ours[2].shape == ((24, 40) if need_dw else (0,))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.cpu(), b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("b,t,hq,hk,d,cos_b", [(1, 3, 2, 1, 8, 1), (2, 5, 6, 2, 64, 2), (1, 4, 3, 3, 24, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):

@@ -147,11 +147,16 @@ class _SwiGLUEager(torch.autograd.Function):
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` for same-shape, same-dtype tensors."""
     check_same("swiglu", gate=gate, up=up)
-    check(
-        gate.shape == up.shape,
-        "swiglu",
-        lambda: f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape",
-    )
+    check_pair("swiglu", gate, up)
     if eager_cuda(gate, up):
         return _SwiGLUEager.apply(gate, up)
     return _swiglu(gate, up)
+
+
+def check_pair(op: str, gate: Tensor, up: Tensor) -> None:
+    """gate and up have one shape (dtype and device: ``check_same``)."""
+    check(
+        gate.shape == up.shape,
+        op,
+        lambda: f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape",
+    )

@@ -27,7 +27,7 @@ from ._utils import (
     eager_cuda,
     on_gpu,
 )
-from .swiglu import swiglu, swiglu_bwd_h_triton, swiglu_bwd_triton, swiglu_fwd_triton
+from .swiglu import check_pair, swiglu, swiglu_bwd_h_triton, swiglu_bwd_triton, swiglu_fwd_triton
 
 # ---------------------------------------------------------------- launchers (kernels: ``swiglu``)
 
@@ -42,23 +42,19 @@ def _bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     do = dout.reshape(-1, dout.shape[-1])
     dh = (do @ weight).view(gate.shape)
-    if not need_dw:  # a frozen projection (LoRA elsewhere): no h, no dW GEMM
-        dg, du = _gate_grads(dh, gate, up, wrap)
-        dw = weight.new_empty(0)
+    # A frozen projection (LoRA elsewhere) needs no dW: no h then, and no dW GEMM.
+    if on_gpu(gate) and need_dw:
+        dg, du, h = swiglu_bwd_h_triton(dh, gate, up, wrap=wrap)
+    elif on_gpu(gate):
+        (dg, du), h = swiglu_bwd_triton(dh, gate, up, wrap=wrap), None
     else:
-        if on_gpu(gate):
-            dg, du, h = swiglu_bwd_h_triton(dh, gate, up, wrap=wrap)
-        else:
-            (dg, du), h = reference.swiglu_bwd(dh, gate, up), reference.swiglu_fwd(gate, up)
-        dw = do.T @ h.reshape(-1, h.shape[-1])
+        (dg, du), h = (
+            reference.swiglu_bwd(dh, gate, up),
+            (reference.swiglu_fwd(gate, up) if need_dw else None),
+        )
+    dw = do.T @ h.reshape(-1, h.shape[-1]) if need_dw else weight.new_empty(0)
     db = do.sum(0) if need_db else weight.new_empty(0)
     return dg, du, dw, db
-
-
-def _gate_grads(dh, gate, up, wrap):
-    if on_gpu(gate):
-        return swiglu_bwd_triton(dh, gate, up, wrap=wrap)
-    return reference.swiglu_bwd(dh, gate, up)
 
 
 # ---------------------------------------------------------------- registration
@@ -119,25 +115,20 @@ def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None 
     """``F.linear(silu(gate) * up, weight, bias)`` for gate, up ``[..., I]`` and weight ``[O, I]``, without
     keeping ``silu(gate) * up`` for the backward."""
     op = "swiglu_linear"
-    check_tensors(op, gate=gate, up=up, weight=weight)
+    check_tensors(op, gate=gate, up=up, weight=weight, **({} if bias is None else {"bias": bias}))
     dtype = autocast_dtype(gate)
     if dtype is not None and gate.dtype not in (dtype, torch.float64):
         # Stock rounds h to the autocast dtype after computing it in gate's: its composition, as written.
         return F.linear(swiglu(gate, up), weight, bias)
     weight, bias = autocast_like_linear(dtype, weight, bias)  # as F.linear under autocast
     check_same(op, gate=gate, up=up, weight=weight)
-    check(
-        gate.shape == up.shape,
-        op,
-        lambda: f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape",
-    )
+    check_pair(op, gate, up)
     check(
         gate.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == gate.shape[-1],
         op,
         lambda: f"weight {tuple(weight.shape)} does not match gate {tuple(gate.shape)} in its last dim",
     )
     if bias is not None:
-        check_tensors(op, bias=bias)
         check_same(op, weight=weight, bias=bias)
         check(
             bias.shape == weight.shape[:1],
