@@ -1,12 +1,12 @@
 """Tuning table for the loss's tile kernels (``ops/_lce_tiles.py``) on 2-byte inputs (CUDA only).
 
-    python bench/lce_kernels.py [--n 8192] [--h 896] [--v 151936] [--dtype bf16] [--out DIR]
+    python bench/lce_kernels.py [--n 8192] [--h 896] [--v 151936] [--dtype bf16] [--first K] [--out DIR]
 
-For each tile config (BM, BN, BK, warps, stages) it times (median of ``triton.testing.do_bench``) the
-forward (tile kernel + merge), the backward kernel of one g chunk scaled to the whole vocabulary, and the
-whole op forward + backward; the row statistics and the loss are checked against fp32 logits from cuBLAS
-(max |delta| of m, relative of s, absolute of the loss). The cuBLAS logits GEMM with 2-byte output, over
-the whole vocabulary, is the reference rate of one of the op's four GEMMs.
+For each load path (TMA, pointers) and tile config (BM, BN, BK, warps, stages) it times (median of
+``triton.testing.do_bench``) the forward (tile kernel + merge), the backward kernel of one g chunk scaled
+to the whole vocabulary, and the whole op forward + backward; the row statistics and the loss are checked
+against fp32 logits from cuBLAS (max |delta| of m, relative of s, absolute of the loss). The cuBLAS logits
+GEMM with 2-byte output, over the whole vocabulary, is the reference rate of one of the op's four GEMMs.
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from triton.testing import do_bench
 from chronipatch import ops
 
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
-CONFIGS = [  # (BM, BN, BK, warps, stages, programs per SM); a large last entry: one tile per program
-    (128, 128, 64, 8, 4, 1),
-    (128, 128, 64, 8, 3, 1),
-    (128, 128, 64, 8, 4, 2),
-    (128, 128, 64, 8, 4, 1000),
-    (128, 256, 64, 8, 3, 1),
-    (128, 256, 64, 8, 3, 1000),
-    (256, 128, 64, 8, 3, 1),
-    (128, 128, 128, 8, 3, 1),
-    (128, 64, 64, 4, 4, 1),
-    (64, 128, 64, 4, 4, 2),
+# (TMA loads, (BM, BN, BK, warps, stages, programs per SM)); a large last entry: one tile per program
+CONFIGS = [  # the two defaults first
+    (True, (128, 256, 64, 8, 4, 1)),
+    (False, (128, 128, 64, 8, 4, 1)),
+    (True, (128, 256, 64, 8, 3, 1)),
+    (True, (256, 128, 64, 8, 3, 1)),
+    (True, (128, 128, 64, 8, 4, 1)),
+    (True, (128, 256, 64, 8, 4, 1000)),
+    (False, (64, 128, 64, 4, 4, 2)),
 ]
 
 
@@ -41,7 +39,7 @@ def ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _bwd_chunk_ms(cfg, h, w, labels, stats) -> float:
+def _bwd_chunk_ms(tma, cfg, h, w, labels, stats) -> float:
     """The backward tile kernel over one g chunk, scaled to the whole vocabulary."""
     (n, hdim), vocab = h.shape, w.shape[0]
     bm, bn, bk, warps, stages, per_sm = cfg
@@ -50,9 +48,9 @@ def _bwd_chunk_ms(cfg, h, w, labels, stats) -> float:
     g = torch.empty(n, cw, device=h.device, dtype=h.dtype)
     drows = torch.full((n,), 1.0 / n, device=h.device)
     launch = tiles._bwd_tiles_kernel[(min(progs, tiles.cdiv(n, bm) * tiles.cdiv(cw, bn)),)]
-    args = (h, w, g, labels, stats, drows, h.stride(0), w.stride(0), g.stride(0), n, vocab, hdim, 0, cw, -100)
-    args += (tiles._group_m(h, bm),)
-    consts = dict(BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, UPCAST=False)
+    args = (h, w, *tiles._loads(h, w, tma, bm, bn, bk), g, labels, stats, drows, h.stride(0), w.stride(0))
+    args += (g.stride(0), n, vocab, hdim, 0, cw, -100, tiles._group_m(h, bm))
+    consts = dict(BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, UPCAST=False, TMA=tma)
     consts["NUM_PROGS"] = progs
     return ms(functools.partial(launch, *args, **consts, num_warps=warps, num_stages=stages)) * vocab / cw
 
@@ -63,6 +61,7 @@ def main() -> None:
     p.add_argument("--h", type=int, default=896)
     p.add_argument("--v", type=int, default=151936)
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--first", type=int, default=len(CONFIGS), help="time only the first K configs")
     p.add_argument("--out", default="bench/out")
     a = p.parse_args()
     dev = torch.device("cuda")
@@ -85,10 +84,11 @@ def main() -> None:
         ops.linear_cross_entropy(hg, wg, labels, shift=False).backward()
         hg.grad = wg.grad = None
 
-    default = tiles.TILE
-    for cfg in CONFIGS:
-        tiles.TILE = cfg
-        row: dict = dict(config=str(cfg))
+    default = tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS
+    for tma, cfg in CONFIGS[: a.first]:
+        tiles.TMA_LOADS = tma
+        setattr(tiles, "TILE" if tma else "TILE_PTR", cfg)
+        row: dict = dict(config=f"{'TMA' if tma else 'pointers'} {cfg}")
         try:
             m, s, *_ = tiles.tiles_fwd(h, w, labels, -100, False)
             loss = ops.linear_cross_entropy(h, w, labels, shift=False, reduction="none")
@@ -96,13 +96,13 @@ def main() -> None:
             row["lse_err"] = (m + s.log() - ref_lse).abs().max().item()
             row["loss_err"] = (loss - ref_loss).abs().max().item()
             row["fwd_ms"] = round(ms(lambda: tiles.tiles_fwd(h, w, labels, -100, False)), 3)
-            row["bwd_kernel_ms"] = round(_bwd_chunk_ms(cfg, h, w, labels, torch.stack([m, s], -1)), 3)
+            row["bwd_kernel_ms"] = round(_bwd_chunk_ms(tma, cfg, h, w, labels, torch.stack([m, s], -1)), 3)
             row["op_ms"] = round(ms(op), 3)
         except Exception as e:  # a config past the shared memory or register limits
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         print(row, flush=True)
         rows.append(row)
-    tiles.TILE = default
+        tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS = default
     keys = ["config", "fwd_ms", "bwd_kernel_ms", "op_ms", "m_err", "lse_err", "loss_err", "error"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]

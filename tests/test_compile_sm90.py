@@ -112,37 +112,44 @@ def _cases() -> list[tuple]:
                 ),
             ]
             continue
-        # 2-byte inputs: the tile kernels, at the launch config
-        from chronipatch.ops._lce_tiles import TILE
+        # 2-byte inputs: the tile kernels, at the launch configs of both load paths
+        from chronipatch.ops._lce_tiles import TILE, TILE_PTR
 
-        bm, bn, bk, warps, stages, per_sm = TILE
-        gemm = {"H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"} | _ints(
-            "stride_h", "stride_w", "n", "vocab", "hdim", "ignore_index", "group"
-        )
-        shape = {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": True, "UPCAST": False}
-        shape["NUM_PROGS"] = 132 * per_sm  # an H100 SXM's SMs
-        parts = dict.fromkeys(("MP", "SP", "EP", "ZLAB"), "*fp32") | {"AP": "*i64", "n_tiles_v": "i32"}
-        cases += [
-            *(
+        for tma, (bm, bn, bk, warps, stages, per_sm) in ((True, TILE), (False, TILE_PTR)):
+            loads = (
+                {"HD": f"tensordesc<{dt}[{bm}, {bk}]>", "WD": f"tensordesc<{dt}[{bn}, {bk}]>"}
+                if tma
+                else {"HD": f"*{dt}", "WD": f"*{dt}"}  # stand-ins the kernels never read
+            )
+            gemm = {"H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"} | loads
+            gemm |= _ints("stride_h", "stride_w", "n", "vocab", "hdim", "ignore_index", "group")
+            shape = {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": True, "UPCAST": False, "TMA": tma}
+            shape["NUM_PROGS"] = 132 * per_sm  # an H100 SXM's SMs
+            parts = dict.fromkeys(("MP", "SP", "EP", "ZLAB"), "*fp32") | {"AP": "*i64", "n_tiles_v": "i32"}
+            path = "" if tma else "_pointer_loads"
+            cases += [
+                *(
+                    (
+                        f"lce_tiles_fwd_{dt}{'' if token_stats else '_no_token_stats'}{path}",
+                        "_lce_tiles",
+                        "_fwd_tiles_kernel",
+                        gemm | parts,
+                        shape | {"TOKEN_STATS": token_stats},
+                        {"num_warps": warps, "num_stages": stages},
+                    )
+                    for token_stats in (True, False)
+                ),
                 (
-                    f"lce_tiles_fwd_{dt}{'' if token_stats else '_no_token_stats'}",
+                    f"lce_tiles_bwd_{dt}{path}",
                     "_lce_tiles",
-                    "_fwd_tiles_kernel",
-                    gemm | parts,
-                    shape | {"TOKEN_STATS": token_stats},
+                    "_bwd_tiles_kernel",
+                    gemm
+                    | {"G": f"*{dt}", "STATS": "*fp32", "DROWS": "*fp32"}
+                    | _ints("stride_g", "v0", "vc"),
+                    shape,
                     {"num_warps": warps, "num_stages": stages},
-                )
-                for token_stats in (True, False)
-            ),
-            (
-                f"lce_tiles_bwd_{dt}",
-                "_lce_tiles",
-                "_bwd_tiles_kernel",
-                gemm | {"G": f"*{dt}", "STATS": "*fp32", "DROWS": "*fp32"} | _ints("stride_g", "v0", "vc"),
-                shape,
-                {"num_warps": warps, "num_stages": stages},
-            ),
-        ]
+                ),
+            ]
     cases.append(
         (
             "lce_tiles_merge",
@@ -206,6 +213,7 @@ def test_kernel_compiles_for_h100(ptx, case):
         assert ("div.rn.f32" in ptx[case]) == case.startswith("lce_bwd")
     if case.startswith(("lce_tiles_fwd", "lce_tiles_bwd")):  # the logits GEMM on Hopper's tensor cores
         assert "wgmma.mma_async" in ptx[case]
+        assert ("cp.async.bulk.tensor" in ptx[case]) == (not case.endswith("_pointer_loads"))  # TMA loads
     if case.startswith("swiglu"):  # IEEE division always; exp_f32's Cody-Waite floor for fp32 only
         assert "div.rn.f32" in ptx[case]
         assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])) == ("_fp32" in case)

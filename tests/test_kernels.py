@@ -96,20 +96,33 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
         torch.testing.assert_close(a, e, **TOL[dtype])
 
 
+def _small_tiles(monkeypatch):
+    """Tiles of 16 x 32 on both load paths of the loss's tile kernels."""
+    for name in ("TILE", "TILE_PTR"):
+        monkeypatch.setattr(tiles, name, (16, 32, 16, 4, 2, 1))
+
+
 @pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049), (37, 24, 130)])
 @pytest.mark.parametrize(
-    "dtype,wide",  # wide: the fp64 backward GEMMs that fp32 inputs take on FAST_FP64 GPUs
-    [(torch.float32, False), (torch.float32, True), (torch.float16, False)],
-    ids=["fp32", "fp32-fp64-gemms", "fp16"],
+    "dtype,wide,tma",  # wide: the fp64 backward GEMMs that fp32 inputs take on FAST_FP64 GPUs
+    [
+        (torch.float32, False, True),
+        (torch.float32, True, True),
+        (torch.float16, False, True),
+        (torch.float16, False, False),
+    ],
+    ids=["fp32", "fp32-fp64-gemms", "fp16", "fp16-pointer-loads"],
 )
-def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
+def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 64)  # many vocabulary chunks, also a ragged last one
     monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)  # and several tiles per chunk (the online rescale)
     monkeypatch.setattr(lce, "BLOCK_V", 128)
     monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
     # fp16: tiles of 16 x 32 (several row blocks and vocabulary tiles, several per program), g chunks of one
-    # tile width, and a merge that loops over the partials
-    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))
+    # tile width, and a merge that loops over the partials; loads by TMA (every shape here has 16-byte rows)
+    # or by pointers
+    _small_tiles(monkeypatch)
+    monkeypatch.setattr(tiles, "TMA_LOADS", tma)
     monkeypatch.setattr(tiles, "G_CHUNK_BYTES", 64)
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     monkeypatch.setattr(tiles, "PART_BYTES", 1)  # forward launches of one row block each
@@ -137,6 +150,19 @@ def test_lce_kernels(n, h, v, dtype, wide, monkeypatch):
     assert torch.equal(only_dw[1], dw) and only_dw[0].numel() == 0
 
 
+def test_lce_tiles_load_by_tma_only_where_rows_are_16_byte_aligned(monkeypatch):
+    """TMA needs rows with contiguous columns whose base and stride are 16-byte aligned (any width); anything
+    else loads by pointers."""
+    h, w = torch.zeros(5, 24, dtype=torch.float16), torch.zeros(40, 24, dtype=torch.float16)
+    assert tiles._tma(h, w)
+    assert tiles._tma(h[:, :20], w[:, :20])  # rows of 40 bytes, 48 apart
+    assert not tiles._tma(h[:, 1:17], w[:, :16])  # a base 2 bytes past an aligned one
+    assert not tiles._tma(torch.zeros(5, 12, dtype=torch.float16), torch.zeros(40, 12, dtype=torch.float16))
+    assert not tiles._tma(h.T.contiguous().T, w)  # columns contiguous, rows not
+    monkeypatch.setattr(tiles, "TMA_LOADS", False)
+    assert not tiles._tma(h, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["chunks", "tiles"])
 @pytest.mark.parametrize("small", [False, True], ids=["ties-across-tiles", "ties-across-chunks-or-merges"])
 def test_lce_argmax_keeps_the_first_of_tied_maxima(dtype, small, monkeypatch):
@@ -144,7 +170,7 @@ def test_lce_argmax_keeps_the_first_of_tied_maxima(dtype, small, monkeypatch):
     (fp32) and the merge's blocks of partials (fp16)."""
     monkeypatch.setattr(lce, "CHUNK_BYTES", 64 if small else 1 << 20)  # 64: vocabulary chunks of 256 columns
     monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)
-    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))  # tile 0 holds column 5, tile 18 column 600
+    _small_tiles(monkeypatch)  # tile 0 holds column 5, tile 18 column 600
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16 if small else 1024)
     z = torch.zeros(700)
     z[5] = z[600] = 3.0  # tied maxima
@@ -316,7 +342,7 @@ def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
 def test_lce_nan_logit_gives_a_nan_loss(dtype, monkeypatch):
     """A nan weight entry (a diverged head) makes every row's logit there nan: the loss is nan, as stock's,
     not a finite loss without that column's tile (the row max skips nan; the sums must not)."""
-    monkeypatch.setattr(tiles, "TILE", (16, 32, 16, 4, 2, 1))
+    _small_tiles(monkeypatch)
     g = torch.Generator().manual_seed(0)
     hid = torch.randn(4, 16, generator=g).to(KERNEL_DEVICE, dtype)
     w = (torch.randn(100, 16, generator=g) * 0.5).to(dtype)

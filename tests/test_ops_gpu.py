@@ -99,10 +99,20 @@ def test_rope_gpu(b, t, hq, hk, d, dtype):
 
 
 @pytest.mark.parametrize(
-    "n,h,v", [(1, 896, 151936), (4099, 896, 151936), (8192, 2048, 128256), (127, 64, 1000)]
+    "n,h,v,loads",  # loads: the tile kernels' (2-byte inputs) TMA loads, or pointers (also for rows that
+    # are not 16-byte aligned: 900 columns)
+    [
+        (1, 896, 151936, "tma"),
+        (4099, 896, 151936, "tma"),
+        (4099, 896, 151936, "pointers"),
+        (8192, 2048, 128256, "tma"),
+        (127, 64, 1000, "tma"),
+        (300, 900, 5003, "tma"),
+    ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lce_gpu(n, h, v, dtype):
+def test_lce_gpu(n, h, v, loads, dtype, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("chronipatch.ops._lce_tiles"), "TMA_LOADS", loads == "tma")
     torch.manual_seed(n)
     hid, w = torch.randn(n, h, device="cuda"), torch.randn(v, h, device="cuda") * h**-0.5
     labels = torch.randint(0, v, (n,), device="cuda")
@@ -211,3 +221,15 @@ def test_lce_supervised_rows_only_matches_full_computation_gpu(monkeypatch):
     torch.testing.assert_close(l_c, l_f, rtol=1e-5, atol=1e-5)
     for got, full in ((dh_c, dh_f), (dw_c, dw_f)):  # one bf16 rounding apart at most, at the tensor's scale
         torch.testing.assert_close(got, full, rtol=2e-2, atol=1e-3 * full.abs().max().item())
+
+
+def test_lce_tile_kernels_load_by_tma_on_hopper_gpu():
+    """On sm_90 and newer the loss's tile kernels take the TMA path wherever rows are 16-byte aligned."""
+    tiles = importlib.import_module("chronipatch.ops._lce_tiles")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
+    h = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1000, 896, device="cuda", dtype=torch.bfloat16)
+    assert tiles._tma(h, w)
+    odd = torch.randn(64, 781, device="cuda", dtype=torch.bfloat16)  # rows 1562 bytes apart
+    assert not tiles._tma(odd, w[:, :781])

@@ -10,6 +10,11 @@ stored) and folds it at once:
 So the fp32 logits never reach memory (the chunked path writes and reads them twice per pass). Forward and
 backward compute every tile with the same function on the same tile grid (a backward chunk starts at a
 multiple of BN), so the backward's logits are bit for bit those the statistics came from.
+
+On Hopper and newer, the GEMM's operands arrive by TMA (16-byte aligned rows; rows and columns past the
+end read 0) in 128 x 256 tiles, the forward's loads in their own warps: 4.5 ms forward and 4.3 ms backward
+kernel at 8192 x 896, V = 151,936 on the H200, against 5.7 and 4.7 with pointer loads in 128 x 128 tiles
+(bench/results/2026-12-02-h200/tiles_probe_call20.md). Pointer loads serve older GPUs and unaligned rows.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._math import centred, recentred_entropy
-from ._utils import addmm_acc, cdiv, pow2, sms_for
+from ._utils import addmm_acc, capability, cdiv, pow2, sms_for
 
-# (BM, BN, BK, warps, stages, programs per SM): one config for both passes, which must tile alike (see above).
-TILE = (128, 128, 64, 8, 4, 1)
+# (BM, BN, BK, warps, stages, programs per SM), one config for both passes, which must tile alike (see
+# above): TILE with TMA loads, TILE_PTR with pointer loads (its 128 KiB of stages also fit an A100).
+TILE = (128, 256, 64, 8, 4, 1)
+TILE_PTR = (128, 128, 64, 8, 4, 1)
+TMA_LOADS = True  # off: pointer loads everywhere (tests of that path on aligned shapes)
 G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
 L2_ROWS_BYTES = 16 << 20  # hidden rows per group of programs sharing a weight tile (kept in L2)
 MERGE_BLOCK = 1024  # partials per step of the merge kernel's loop
@@ -32,12 +41,24 @@ PART_BYTES = 128 << 20  # the forward's [rows, T] partials per launch: its rows 
 
 @triton.jit
 def _tile_logits(
-    H, W, stride_h, stride_w, n, vocab, hdim, row0, col0,
+    H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
-    """fp32 z[row0 : row0 + BM, col0 : col0 + BN] = h W^T. Rows and columns past the end read the last
-    one (no masks in the K loop); the callers mask them out. UPCAST (CPU tensors: the interpreter, whose
-    dot reads bf16 as raw integers) multiplies in fp32, where 2-byte products are exact as on tensor cores."""
+    """fp32 z[row0 : row0 + BM, col0 : col0 + BN] = h W^T, from the descriptors HD, WD with TMA, else from
+    pointers. Rows and columns past the end read 0 (TMA) or the last one (no masks in the K loop); the
+    callers mask them out. UPCAST (CPU tensors: the interpreter, whose dot reads bf16 as raw integers)
+    multiplies in fp32, where 2-byte products are exact as on tensor cores."""
+    if TMA:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, hdim, BK):
+            a = HD.load([row0, k0])
+            b = WD.load([col0, k0])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc)
+        return acc
     rows = tl.minimum(row0 + tl.arange(0, BM), n - 1).to(tl.int64)
     cols = tl.minimum(col0 + tl.arange(0, BN), vocab - 1).to(tl.int64)
     ks = tl.arange(0, BK)
@@ -100,18 +121,21 @@ def _fold(z, m, TOKEN_STATS: tl.constexpr, FINITE: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles_kernel(
-    H, W, LABELS, MP, SP, EP, AP, ZLAB, stride_h, stride_w, n, vocab, hdim, n_tiles_v, ignore_index, group,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    TOKEN_STATS: tl.constexpr, NUM_PROGS: tl.constexpr,
+    H, W, HD, WD, LABELS, MP, SP, EP, AP, ZLAB, stride_h, stride_w, n, vocab, hdim, n_tiles_v, ignore_index,
+    group, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, TOKEN_STATS: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """Per row of each tile: max, sum exp(z - max) (with TOKEN_STATS the entropy sum and the first argmax)
     into the [N, T] partials; the label's logit into ZLAB where the label falls in the tile. Persistent:
-    NUM_PROGS programs walk the tiles, and the loads of the next tile overlap this one's epilogue."""
+    NUM_PROGS programs walk the tiles, and the loads of the next tile overlap this one's epilogue (with TMA
+    issued by warps of their own)."""
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True, warp_specialize=TMA):
         pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
         row0, col0 = pid_m * BM, pid_v * BN
-        acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
+        acc = _tile_logits(
+            H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST, TMA
+        )  # fmt: skip
         rows = row0 + tl.arange(0, BM)
         cols = col0 + tl.arange(0, BN)
         z = tl.where((cols < vocab)[None, :], acc, float("-inf"))
@@ -176,18 +200,20 @@ def _merge_kernel(
 
 @triton.jit
 def _bwd_tiles_kernel(
-    H, W, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index, group,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    NUM_PROGS: tl.constexpr,
+    H, W, HD, WD, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index,
+    group, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """g = (softmax - onehot) * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent,
-    as the forward)."""
+    as the forward; its loads stay in the compute warps, which measured faster here)."""
     n_tiles_v = tl.cdiv(vc, BN)
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
         pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
         row0, col0 = pid_m * BM, v0 + pid_v * BN
-        acc = _tile_logits(H, W, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST)
+        acc = _tile_logits(
+            H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST, TMA
+        )  # fmt: skip
         rows = row0 + tl.arange(0, BM)
         cols = col0 + tl.arange(0, BN)
         live = rows < n
@@ -196,10 +222,9 @@ def _bwd_tiles_kernel(
         s = tl.load(STATS + 2 * rows.to(tl.int64) + 1, mask=live, other=1.0)
         keep = y != ignore_index
         scale = tl.where(keep, tl.load(DROWS + rows, mask=live, other=0.0), 0.0)
-        if _all((m > float("-inf")) & (m < float("inf"))):
-            g = tl.exp(acc - m[:, None]) * (scale / s)[:, None]
-        else:  # a +inf logit holds its row's probability
-            g = tl.exp(centred(acc, m[:, None])) / s[:, None] * scale[:, None]
+        # centred: a +inf logit holds its row's probability. Where every row max is finite it is acc - m; a
+        # branch to the plain difference there cost more than the select (the forward keeps its branch).
+        g = tl.exp(centred(acc, m[:, None])) * (scale / s)[:, None]
         if _any(keep & (y >= col0) & (y < col0 + BN)):  # the onehot, in the tiles that hold a label
             g -= tl.where(cols[None, :] == y[:, None], scale[:, None], 0.0)
         # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
@@ -209,6 +234,25 @@ def _bwd_tiles_kernel(
 
 
 # ---------------------------------------------------------------- launchers
+
+
+def _tma(hidden: Tensor, weight: Tensor) -> bool:
+    """Whether the kernels load by TMA: rows contiguous, 16-byte aligned (bases and row strides), on a
+    Hopper or newer GPU (CPU tensors: the interpreter, which models the descriptors)."""
+    if not TMA_LOADS or (hidden.is_cuda and capability(hidden.device.index or 0) < (9, 0)):
+        return False
+    return all(
+        t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in (hidden, weight)
+    )
+
+
+def _loads(hidden: Tensor, weight: Tensor, tma: bool, bm: int, bn: int, bk: int) -> tuple:
+    """The kernels' (HD, WD) operands: TMA descriptors of [BM, BK] and [BN, BK] boxes, or the tensors as
+    stand-ins the kernels never read."""
+    if not tma:
+        return hidden, weight
+    return TensorDescriptor.from_tensor(hidden, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk])
 
 
 def _group_m(hidden: Tensor, bm: int) -> int:
@@ -224,7 +268,8 @@ def tiles_fwd(
     """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    bm, bn, bk, warps, stages, per_sm = TILE
+    tma = _tma(hidden, weight)
+    bm, bn, bk, warps, stages, per_sm = TILE if tma else TILE_PTR
     t = cdiv(vocab, bn)
     progs = sms_for(hidden) * per_sm
     # Rows per launch, a multiple of BM (the backward's row blocks), whose partials fit PART_BYTES: m and s
@@ -244,10 +289,10 @@ def tiles_fwd(
     for r0 in range(0, n, chunk):
         h, y, k = hidden[r0 : r0 + chunk], labels[r0 : r0 + chunk], min(chunk, n - r0)
         _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
-            h, weight, y, mp, sp, ep, ap, zlab[r0:], h.stride(0), weight.stride(0), k, vocab, hdim,
-            t, ignore_index, _group_m(hidden, bm), BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0,
-            UPCAST=not hidden.is_cuda, TOKEN_STATS=token_stats, NUM_PROGS=progs,
-            num_warps=warps, num_stages=stages,
+            h, weight, *_loads(h, weight, tma, bm, bn, bk), y, mp, sp, ep, ap, zlab[r0:], h.stride(0),
+            weight.stride(0), k, vocab, hdim, t, ignore_index, _group_m(hidden, bm), BM=bm, BN=bn, BK=bk,
+            EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, TOKEN_STATS=token_stats,
+            NUM_PROGS=progs, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
         merge = (mp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), t)
@@ -259,7 +304,7 @@ def tiles_fwd(
 
 def g_chunk_width(hidden: Tensor, weight: Tensor) -> int:
     """Vocabulary columns per chunk of g (G_CHUNK_BYTES in the weight dtype), a multiple of the tile width."""
-    bn = TILE[1]
+    bn = (TILE if _tma(hidden, weight) else TILE_PTR)[1]
     vc = G_CHUNK_BYTES // max(1, hidden.shape[0] * hidden.element_size())
     return max(bn, min(cdiv(weight.shape[0], bn) * bn, vc // bn * bn))
 
@@ -272,19 +317,21 @@ def tiles_bwd(
     is hidden with ignored rows zeroed, for dW."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    bm, bn, bk, warps, stages, per_sm = TILE
+    tma = _tma(hidden, weight)
+    bm, bn, bk, warps, stages, per_sm = TILE if tma else TILE_PTR
     progs = sms_for(hidden) * per_sm
     vc = g_chunk_width(hidden, weight)
+    hd, wd = _loads(hidden, weight, tma, bm, bn, bk)
     buf = hidden.new_empty(n * min(vc, vocab))  # one chunk of g alive at a time
     group_m = _group_m(hidden, bm)
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
         g = buf[: n * w.shape[0]].view(n, w.shape[0])
         _bwd_tiles_kernel[(min(progs, cdiv(n, bm) * cdiv(w.shape[0], bn)),)](
-            hidden, weight, g, labels, stats, grad_rows, hidden.stride(0), weight.stride(0), g.stride(0),
-            n, vocab, hdim, v0, w.shape[0], ignore_index,
-            group_m, BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda,
-            NUM_PROGS=progs, num_warps=warps, num_stages=stages,
+            hidden, weight, hd, wd, g, labels, stats, grad_rows, hidden.stride(0), weight.stride(0),
+            g.stride(0), n, vocab, hdim, v0, w.shape[0], ignore_index, group_m, BM=bm, BN=bn, BK=bk,
+            EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, NUM_PROGS=progs,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if dw.numel():
             torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])

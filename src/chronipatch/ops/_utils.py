@@ -173,6 +173,11 @@ def num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def sms_for(t: torch.Tensor) -> int:
     # CPU tensors reach the kernels only under TRITON_INTERPRET (tests); any width works there.
     return num_sms(t.device.index or 0) if on_gpu(t) else 4
