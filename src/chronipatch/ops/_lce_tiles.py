@@ -12,9 +12,10 @@ backward compute every tile with the same function on the same tile grid (a back
 multiple of BN), so the backward's logits are bit for bit those the statistics came from.
 
 On Hopper and newer, the GEMM's operands arrive by TMA (16-byte aligned rows; rows and columns past the
-end read 0) in 128 x 256 tiles, the forward's loads in their own warps: 4.5 ms forward and 4.3 ms backward
-kernel at 8192 x 896, V = 151,936 on the H200, against 5.7 and 4.7 with pointer loads in 128 x 128 tiles
-(bench/results/2026-12-02-h200/tiles_probe_call20.log; the op, lce_kernels_call21.md). Pointer loads serve older GPUs and unaligned rows.
+end read 0) in 128 x 256 tiles, the forward's loads in their own warps: 4.7 ms forward and 4.6 ms backward
+kernel at 8192 x 896, V = 151,936 on the H200, against 5.8 and 5.1 with pointer loads in 128 x 128 tiles
+in the same run (bench/results/2026-12-02-h200/lce_kernels_call21.md; the probe behind the choice,
+tiles_probe_call20.log). Pointer loads serve older GPUs and unaligned rows.
 """
 
 from __future__ import annotations
