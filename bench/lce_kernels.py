@@ -44,7 +44,7 @@ def _bwd_chunk_ms(tma, cfg, h, w, labels, stats) -> float:
     (n, hdim), vocab = h.shape, w.shape[0]
     bm, bn, bk, warps, stages, per_sm = cfg
     progs = tiles.sms_for(h) * per_sm
-    cw = tiles.g_chunk_width(h, w)
+    cw = tiles.g_chunk_width(h, w, bn)
     g = torch.empty(n, cw, device=h.device, dtype=h.dtype)
     drows = torch.full((n,), 1.0 / n, device=h.device)
     launch = tiles._bwd_tiles_kernel[(min(progs, tiles.cdiv(n, bm) * tiles.cdiv(cw, bn)),)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
@@ -20,6 +22,13 @@ def assert_no_worse_than_stock(ours, stock, truth, dtype, slack=1.1, what=""):
     assert ours_err <= slack * stock_err + margin, (
         f"{what}: error {ours_err:.3e} vs stock {stock_err:.3e} (+margin {margin:.1e})"
     )
+
+
+def small_lce_tiles(monkeypatch) -> None:
+    """Tiles of 16 x 32 on both load paths (TMA and pointers) of the loss's tile kernels."""
+    tiles = importlib.import_module("chronipatch.ops._lce_tiles")
+    for name in ("TILE", "TILE_PTR"):
+        monkeypatch.setattr(tiles, name, (16, 32, 16, 4, 2, 1))
 
 
 def hf_view(b: int, t: int, h: int, d: int, **kw) -> torch.Tensor:

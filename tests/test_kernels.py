@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chronipatch.ops import reference
-from helpers import INTERPRET, KERNEL_DEVICE, hf_view
+from helpers import INTERPRET, KERNEL_DEVICE, hf_view, small_lce_tiles
 
 pytestmark = pytest.mark.skipif(
     not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
@@ -96,12 +96,6 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
         torch.testing.assert_close(a, e, **TOL[dtype])
 
 
-def _small_tiles(monkeypatch):
-    """Tiles of 16 x 32 on both load paths of the loss's tile kernels."""
-    for name in ("TILE", "TILE_PTR"):
-        monkeypatch.setattr(tiles, name, (16, 32, 16, 4, 2, 1))
-
-
 @pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049), (37, 24, 130)])
 @pytest.mark.parametrize(
     "dtype,wide,tma",  # wide: the fp64 backward GEMMs that fp32 inputs take on FAST_FP64 GPUs
@@ -121,7 +115,7 @@ def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
     # fp16: tiles of 16 x 32 (several row blocks and vocabulary tiles, several per program), g chunks of one
     # tile width, and a merge that loops over the partials; loads by TMA (every shape here has 16-byte rows)
     # or by pointers
-    _small_tiles(monkeypatch)
+    small_lce_tiles(monkeypatch)
     monkeypatch.setattr(tiles, "TMA_LOADS", tma)
     monkeypatch.setattr(tiles, "G_CHUNK_BYTES", 64)
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
@@ -170,7 +164,7 @@ def test_lce_argmax_keeps_the_first_of_tied_maxima(dtype, small, monkeypatch):
     (fp32) and the merge's blocks of partials (fp16)."""
     monkeypatch.setattr(lce, "CHUNK_BYTES", 64 if small else 1 << 20)  # 64: vocabulary chunks of 256 columns
     monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)
-    _small_tiles(monkeypatch)  # tile 0 holds column 5, tile 18 column 600
+    small_lce_tiles(monkeypatch)  # tile 0 holds column 5, tile 18 column 600
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16 if small else 1024)
     z = torch.zeros(700)
     z[5] = z[600] = 3.0  # tied maxima
@@ -342,7 +336,7 @@ def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
 def test_lce_nan_logit_gives_a_nan_loss(dtype, monkeypatch):
     """A nan weight entry (a diverged head) makes every row's logit there nan: the loss is nan, as stock's,
     not a finite loss without that column's tile (the row max skips nan; the sums must not)."""
-    _small_tiles(monkeypatch)
+    small_lce_tiles(monkeypatch)
     g = torch.Generator().manual_seed(0)
     hid = torch.randn(4, 16, generator=g).to(KERNEL_DEVICE, dtype)
     w = (torch.randn(100, 16, generator=g) * 0.5).to(dtype)

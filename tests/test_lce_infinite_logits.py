@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from chronipatch import ops
 from chronipatch.ops import reference
-from helpers import KERNEL_DEVICE
+from helpers import KERNEL_DEVICE, small_lce_tiles
 from hostile import INF, _g, lce_k, needs_kernels, sane_lce
 from test_hostile_numerics import IMPLS, _lce_rows
 
@@ -133,8 +133,7 @@ def test_lce_plus_inf_logit_before_later_tiles_kernel(monkeypatch, chunk_bytes):
     if chunk_bytes is not None:
         tiles = importlib.import_module("chronipatch.ops._lce_tiles")
         monkeypatch.setattr(lce_k, "CHUNK_BYTES", chunk_bytes)
-        for name in ("TILE", "TILE_PTR"):  # bf16 inputs: 94 tiles (rows of 8 bytes: pointer loads)
-            monkeypatch.setattr(tiles, name, (16, 32, 16, 4, 2, 1))
+        small_lce_tiles(monkeypatch)  # bf16 inputs: 94 tiles (rows of 8 bytes: pointer loads)
         monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     h = (torch.randn(3, 4, generator=_g(6)) * 0.5).bfloat16()
     w = (torch.randn(3000, 4, generator=_g(7)) * 0.1).bfloat16()

@@ -248,6 +248,12 @@ def _tma(hidden: Tensor, weight: Tensor) -> bool:
     )
 
 
+def _config(hidden: Tensor, weight: Tensor) -> tuple[bool, tuple]:
+    """(whether the kernels load by TMA, the tile config of that load path)."""
+    tma = _tma(hidden, weight)
+    return tma, TILE if tma else TILE_PTR
+
+
 def _loads(hidden: Tensor, weight: Tensor, tma: bool, bm: int, bn: int, bk: int) -> tuple:
     """The kernels' (HD, WD) operands: TMA descriptors of [BM, BK] and [BN, BK] boxes, or the tensors as
     stand-ins the kernels never read."""
@@ -269,8 +275,7 @@ def tiles_fwd(
     """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    tma = _tma(hidden, weight)
-    bm, bn, bk, warps, stages, per_sm = TILE if tma else TILE_PTR
+    tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
     t = cdiv(vocab, bn)
     progs = sms_for(hidden) * per_sm
     # Rows per launch, a multiple of BM (the backward's row blocks), whose partials fit PART_BYTES: m and s
@@ -303,9 +308,9 @@ def tiles_fwd(
     return m, s, e, arg, zlab
 
 
-def g_chunk_width(hidden: Tensor, weight: Tensor) -> int:
-    """Vocabulary columns per chunk of g (G_CHUNK_BYTES in the weight dtype), a multiple of the tile width."""
-    bn = (TILE if _tma(hidden, weight) else TILE_PTR)[1]
+def g_chunk_width(hidden: Tensor, weight: Tensor, bn: int) -> int:
+    """Vocabulary columns per chunk of g (G_CHUNK_BYTES in the weight dtype), a multiple of the tile width
+    ``bn``."""
     vc = G_CHUNK_BYTES // max(1, hidden.shape[0] * hidden.element_size())
     return max(bn, min(cdiv(weight.shape[0], bn) * bn, vc // bn * bn))
 
@@ -318,10 +323,9 @@ def tiles_bwd(
     is hidden with ignored rows zeroed, for dW."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    tma = _tma(hidden, weight)
-    bm, bn, bk, warps, stages, per_sm = TILE if tma else TILE_PTR
+    tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
     progs = sms_for(hidden) * per_sm
-    vc = g_chunk_width(hidden, weight)
+    vc = g_chunk_width(hidden, weight, bn)
     hd, wd = _loads(hidden, weight, tma, bm, bn, bk)
     buf = hidden.new_empty(n * min(vc, vocab))  # one chunk of g alive at a time
     group_m = _group_m(hidden, bm)
