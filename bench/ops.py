@@ -44,6 +44,7 @@ COLUMNS = (
     "floor_ms",
     "pct_floor",
     "peak_extra_MiB",
+    "grads_MiB",
     "fwd_err",
     "grad_err",
 )
@@ -57,8 +58,9 @@ NOTES = [
     "gpu_ms: device time of all kernels one fwd+bwd launches (torch.profiler, mean of 10 back-to-back calls,"
     " L2 warm): the call's cost inside a training step whose CPU runs ahead; ms also counts launch gaps and"
     " host overhead, which dominate the small ops at these sizes",
-    "peak_extra_MiB: max_memory_allocated during one fwd+bwd minus what was allocated before it"
-    " (inputs and weights excluded; the input/weight gradients it allocates included)",
+    "peak_extra_MiB: max_memory_allocated during one fwd+bwd minus what was allocated before it, with no"
+    " gradients allocated before it: inputs and weights excluded, the input/weight gradients it allocates"
+    " included (grads_MiB of them; peak_extra_MiB - grads_MiB is the call's scratch at its peak, at most)",
     "fwd_err / grad_err: max |out − ref| and max |d input − ref| (rope: dq and dk; swiglu: dgate and"
     " dup; else dx / dhidden), ref = HF eager in fp32 on the same inputs upcast, same upstream grad",
     "first_call_s: first fwd+bwd call, includes torch.compile and Triton autotuning",
@@ -308,6 +310,11 @@ def run_case(name: str, dims: tuple, dev, dtype, impls, warmup, rep) -> list[dic
                     a.grad = None
                 torch.autograd.backward(_outs(fn(*args)), grads)
 
+            # The first call's gradients go first: a step frees them before allocating its own, which would
+            # net the gradients out of the peak (the peers' figures in notes/measured.md count them).
+            row["grads_MiB"] = sum(a.grad.nbytes for a in leaves if a.grad is not None) / 2**20
+            for a in leaves:
+                a.grad = None
             mem = peak_extra_bytes(step, dev)
             row["peak_extra_MiB"] = None if mem is None else mem / 2**20
             row["ms"] = timeit(step, warmup, rep, dev)

@@ -28,6 +28,8 @@ from common import (
     env_info,
     gpu_time_breakdown,
     markdown_table,
+    memory_at_peak,
+    memory_sections,
     profile_sections,
     run_worker,
     short_error,
@@ -190,6 +192,8 @@ def run_variant(args: argparse.Namespace) -> dict:
             row["profile"] = gpu_time_breakdown(lambda: step(ids))
         except Exception as e:  # the timings above stand without it
             row["profile_error"] = short_error(e)
+    if args.memory and cuda:
+        row["memory"] = memory_at_peak(lambda: step(data[-1]))
     if args.pyprofile:
         path = f"{args.pyprofile}.{args.model}.{args.variant}.txt"
         row["pyprofile"] = _pyprofile(lambda: step(data[-1]), path, cuda)
@@ -254,6 +258,7 @@ def spawn(args: argparse.Namespace, model: str, variant: str) -> dict:
         ]
         + (["--smoke"] if args.smoke else [])
         + (["--profile"] if args.profile else [])
+        + (["--memory"] if args.memory else [])
         + (["--pyprofile", args.pyprofile] if args.pyprofile else [])
     )
     print(f"== {model} / {variant}", file=sys.stderr, flush=True)
@@ -303,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--profile", action="store_true", help="also profile 2 steps: GPU time per kernel category"
     )
+    p.add_argument("--memory", action="store_true", help="also record one step: what is alive at its peak")
     p.add_argument(
         "--pyprofile", metavar="PREFIX", help="cProfile 5 more steps into PREFIX.<model>.<variant>.txt"
     )
@@ -341,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         meta["notes"].append("smoke run: tiny configs on CPU in fp32; MFU is against the H100 figure anyway")
     rows: list[dict] = []
+    labels = ["model", "variant"]
     for m in args.models.split(","):
         for v in variants:
             rows.append(spawn(args, m, v))
@@ -350,7 +357,12 @@ def main(argv: list[str] | None = None) -> None:
                     r["× HF eager"] = r["tok/s"] / base["tok/s"]
             # Written after every variant: a run cut short keeps what it measured.
             json_path, md_path = write_results(
-                "train", rows, meta, args.out, COLUMNS, sections=profile_sections(rows, ["model", "variant"])
+                "train",
+                rows,
+                meta,
+                args.out,
+                COLUMNS,
+                sections=[*profile_sections(rows, labels), *memory_sections(rows, labels)],
             )
     plot(rows, md_path.with_suffix(".png"))
     print(markdown_table(rows, COLUMNS))

@@ -63,6 +63,12 @@ def test_swiglu_kernels(shape, dtype):
     assert torch.equal(h, swi.swiglu_fwd_triton(g, u))  # the forward's product, recomputed bit for bit
     for a, b in zip(grads, swi.swiglu_bwd_triton(do, g, u)):
         assert torch.equal(a, b)
+    # into_dout: dgate lands in the caller's dout buffer (swiglu_linear's dh), with the same values.
+    for bwd in (swi.swiglu_bwd_h_triton, swi.swiglu_bwd_triton):
+        buf = do.clone()
+        dg, du = bwd(buf, g, u, into_dout=True)[:2]
+        assert dg.data_ptr() == buf.data_ptr()
+        assert torch.equal(dg, grads[0]) and torch.equal(du, grads[1])
 
 
 @pytest.mark.parametrize("need_dw", [True, False], ids=["dw", "frozen"])

@@ -78,6 +78,28 @@ def test_swiglu_linear_gpu(rows, inner, out, dtype):
     _check(ours, _run(hf, low, [do.to(dtype)]), truth, dtype, "swiglu_linear")
 
 
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "registered-op"])
+def test_swiglu_linear_backward_scratch_gpu(eager, monkeypatch):
+    """The backward's peak holds three [N, I] buffers (dg written over dh, du, the recomputed h) and dW; the
+    stock MLP tail's backward holds four (dh, dg, du and the saved h). Memory, not time: deterministic."""
+    if not eager:  # the registered op, as compiled graphs and functorch run it
+        monkeypatch.setattr(
+            importlib.import_module("chronipatch.ops.swiglu_linear"), "eager_cuda", lambda *t: False
+        )
+    rows, inner, out = 4096, 2048, 512
+    g, u = (torch.randn(rows, inner, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "gu")
+    w = torch.randn(out, inner, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(rows, out, device="cuda", dtype=torch.bfloat16)
+    y = ops.swiglu_linear(g, u, w)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y.backward(do)
+    torch.cuda.synchronize()
+    buf = rows * inner * 2
+    assert torch.cuda.max_memory_allocated() - base <= 3 * buf + w.nbytes + (1 << 20)
+
+
 @pytest.mark.parametrize(
     "b,t,hq,hk,d", [(4, 2048, 14, 2, 64), (4, 2048, 16, 8, 128), (1, 7, 32, 8, 128), (2, 33, 12, 4, 80)]
 )

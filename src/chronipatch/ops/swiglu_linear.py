@@ -6,7 +6,10 @@ recomputes it, in the kernel that reads g and u for their gradients anyway (``sw
     dg, du, h  = the SwiGLU backward of dh, and the forward's product again (bit-identical)
     dW         = dout.T @ h,   db = sum of dout over rows
 so a layer keeps g and u only: one [N, I] tensor less per layer (80 MB at Qwen2.5-0.5B's 8192 x 4864 in bf16),
-at the cost of writing h once more. Every result equals ``F.linear(swiglu(g, u), W, b)`` and its gradients.
+at the cost of writing h once more. dg is written over dh (each element read just before), so the backward
+holds three [N, I] buffers, not four: it runs while every layer's activations are alive, and in a training
+step its scratch sets the memory peak. Every result equals ``F.linear(swiglu(g, u), W, b)`` and its
+gradients.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ def _bwd(
     dh = (do @ weight).view(gate.shape)
     # A frozen projection (LoRA elsewhere) needs no dW: no h then, and no dW GEMM.
     if on_gpu(gate) and need_dw:
-        dg, du, h = swiglu_bwd_h_triton(dh, gate, up, wrap=wrap)
+        dg, du, h = swiglu_bwd_h_triton(dh, gate, up, wrap=wrap, into_dout=True)
     elif on_gpu(gate):
-        (dg, du), h = swiglu_bwd_triton(dh, gate, up, wrap=wrap), None
+        (dg, du), h = swiglu_bwd_triton(dh, gate, up, wrap=wrap, into_dout=True), None
     else:
         (dg, du), h = (
             reference.swiglu_bwd(dh, gate, up),
