@@ -123,6 +123,16 @@ def _mlp(cls, a):
     return lambda x, *_: m(x)
 
 
+def _norm_qkv(cls, a):
+    norm = _norm(cls, a)
+    return lambda x, w, *ws: tuple(F.linear(norm(x, w), p) for p in ws)
+
+
+def cp_norm_qkv(a, dev):
+    ops = _cp()  # as layers.attention_forward runs a decoder layer's input norm and q/k/v projections
+    return lambda x, w, *ws: tuple(ops.rms_norm_linear(x, w, EPS, list(ws)))
+
+
 def cp_mlp(a, dev):
     ops = _cp()
     # as layers.mlp_forward runs an MLP whose down_proj is a plain nn.Linear
@@ -205,6 +215,15 @@ OPS = {
          "liger": lambda a, dev: _norm(_need(LIGER + "rms_norm", dev).LigerRMSNorm, a),
          "chronipatch": cp_op("rms_norm", EPS)},
     ),
+    "rms_norm_qkv": Op(
+        "rms_norm_linear", "{0}x{1} -> q{2} k/v{3}",
+        lambda d, dev, dt: [_x(d[0], d[1], dev=dev, dt=dt), _w(d[1], dev=dev, dt=dt, scale=0.1, shift=1.0)]
+        + [_w(o, d[1], dev=dev, dt=dt, scale=d[1] ** -0.5) for o in (d[2], d[3], d[3])],
+        (0,), lambda d, e: 6 * d[0] * d[1] * (d[2] + 2 * d[3]) / BF16_FLOP_PER_S,
+        {"hf_eager": lambda a, dev: _norm_qkv(LlamaRMSNorm, a),
+         "liger": lambda a, dev: _norm_qkv(_need(LIGER + "rms_norm", dev).LigerRMSNorm, a),
+         "chronipatch": cp_norm_qkv},
+    ),
     "rope": Op(
         "rope", "B{0} T{1} q{2}/k{3} d{4}", build_rope, (0, 1),
         lambda d, e: 4 * d[0] * d[1] * d[4] * (d[2] + d[3] + 1) * e / HBM_BYTES_PER_S,
@@ -236,10 +255,12 @@ OPS = {
     ),
 }
 
-CASES = [("rms_norm", (8192, 896)), ("rms_norm", (8192, 4096)), ("rope", (4, 2048, 14, 2, 64)),
+CASES = [("rms_norm", (8192, 896)), ("rms_norm", (8192, 4096)), ("rms_norm_qkv", (8192, 2048, 2048, 512)),
+         ("rms_norm_qkv", (8192, 896, 896, 128)), ("rope", (4, 2048, 14, 2, 64)),
          ("rope", (4, 2048, 16, 8, 128)), ("swiglu_mlp", (8192, 896, 4864)), ("swiglu", (8192, 4864)),
          ("lce", (8192, 896, 151936)), ("lce", (8192, 2048, 128256)), ("lce", (8192, 4096, 128256))]
-SMOKE_CASES = [("rms_norm", (64, 96)), ("rms_norm", (64, 256)), ("rope", (1, 16, 14, 2, 64)),
+SMOKE_CASES = [("rms_norm", (64, 96)), ("rms_norm", (64, 256)), ("rms_norm_qkv", (64, 96, 96, 32)),
+               ("rope", (1, 16, 14, 2, 64)),
                ("rope", (1, 16, 16, 8, 128)), ("swiglu_mlp", (64, 32, 96)), ("swiglu", (64, 96)),
                ("lce", (64, 32, 1000)), ("lce", (64, 48, 777))]
 # fmt: on
@@ -366,7 +387,7 @@ def dispatch_overhead(dev, dtype, n=1000) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, few reps, runs on CPU")
-    ap.add_argument("--ops", default="rms_norm,rope,swiglu,lce", help="comma list: rms_norm,rope,swiglu,lce")
+    ap.add_argument("--ops", default="rms_norm,rms_norm_linear,rope,swiglu,lce", help="comma list of groups")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list: {','.join(IMPLS)}")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default="bench/out")

@@ -78,6 +78,42 @@ def test_swiglu_linear_gpu(rows, inner, out, dtype):
     _check(ours, _run(hf, low, [do.to(dtype)]), truth, dtype, "swiglu_linear")
 
 
+@pytest.mark.parametrize(
+    "rows,n,outs,bias",
+    [
+        (8192, 2048, (2048, 512, 512), False),
+        (4099, 896, (896, 128, 128), True),
+        (8192, 896, (4864,) * 2, False),
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_linear_gpu(rows, n, outs, bias, dtype):
+    """Against stock's norm then projections (Llama's q/k/v, Qwen2's with biases, an MLP's gate/up): the
+    outputs and the gradients of x, the norm weight, the weights and the biases."""
+    torch.manual_seed(rows)
+    x, nw = torch.randn(rows, n, device="cuda") * 2, 1 + 0.1 * torch.randn(n, device="cuda")
+    ws = [torch.randn(o, n, device="cuda") / n**0.5 for o in outs]
+    bs = [torch.randn(o, device="cuda") for o in outs] if bias else []
+    dos = [torch.randn(rows, o, device="cuda") for o in outs]
+    k = len(outs)
+
+    def hf(x, nw, *params):
+        if x.dtype == torch.float64:
+            y = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        else:
+            norm = LlamaRMSNorm(n, 1e-6).to(device="cuda", dtype=nw.dtype)
+            y = torch.func.functional_call(norm, {"weight": nw}, (x,))
+        return tuple(F.linear(y, w, b) for w, b in zip(params[:k], params[k:] or [None] * k))
+
+    def ours(x, nw, *params):
+        return tuple(ops.rms_norm_linear(x, nw, 1e-6, list(params[:k]), list(params[k:]) or None))
+
+    low = [t.to(dtype) for t in (x, nw, *ws, *bs)]
+    truth = _run(hf, [t.double() for t in low], [d.double() for d in dos])
+    grads = [d.to(dtype) for d in dos]
+    _check(_run(ours, low, grads), _run(hf, low, grads), truth, dtype, "rms_norm_linear")
+
+
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "registered-op"])
 def test_swiglu_linear_backward_scratch_gpu(eager, monkeypatch):
     """The backward's peak holds three [N, I] buffers (dg written over dh, du, the recomputed h) and dW; the
@@ -184,9 +220,9 @@ def test_ops_deterministic_gpu():
 
 def test_eager_fast_path_matches_the_registered_op_gpu():
     """Eager CUDA calls skip custom-op dispatch; results and gradients are bit-identical to the op's."""
-    rn, rp, sg, sl = (
+    rn, rp, sg, sl, rnl = (
         importlib.import_module(f"chronipatch.ops.{m}")
-        for m in ("rms_norm", "rope", "swiglu", "swiglu_linear")
+        for m in ("rms_norm", "rope", "swiglu", "swiglu_linear", "rms_norm_linear")
     )
 
     torch.manual_seed(0)
@@ -196,7 +232,13 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
     wd = torch.randn(896, 4864, **bf).requires_grad_()  # needing dW: the backward recomputes the product
     q, k = hf_view(2, 37, 14, 64, **bf), hf_view(2, 37, 2, 64, **bf)
     cos, sin = torch.randn(1, 37, 64, **bf), torch.randn(1, 37, 64, **bf)
+    wp = [torch.randn(o, 896, **bf).requires_grad_() for o in (896, 128)]
     cases = [
+        (
+            lambda a, b: tuple(ops.rms_norm_linear(a, b, 1e-6, wp)),
+            lambda a, b: tuple(rnl._rms_norm_linear(a, b, 1e-6, wp, [], [False, False])),
+            (x, w),
+        ),
         (lambda a, b: ops.rms_norm(a, b, 1e-6), lambda a, b: rn._rms_norm(a, b, 1e-6)[0], (x, w)),
         (ops.swiglu, sg._swiglu, (g, u)),
         (lambda a, b: ops.swiglu_linear(a, b, wd), lambda a, b: sl._swiglu_linear(a, b, wd, None), (g, u)),

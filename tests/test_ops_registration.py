@@ -17,6 +17,7 @@ def _opcheck_cases():
     q, k = hf_view(2, 5, 4, 8).requires_grad_(), hf_view(2, 5, 2, 8).requires_grad_()
     cos, sin = rope_cos_sin(1, 5, 8, torch.float32)
     h, w = torch.randn(6, 16, requires_grad=True), torch.randn(33, 16, requires_grad=True)
+    wq, wk = torch.randn(12, 64, requires_grad=True), torch.randn(6, 64)  # k's frozen, as under LoRA
     labels = torch.tensor([1, -100, 5, 32, 0, 7])
     stats = torch.stack([torch.rand(6), torch.rand(6) + 3], -1)  # (row max, sum exp), as the forward saves
     lce_bwd = (torch.rand(6), h.detach(), w.detach(), labels, stats, -100)  # + need_dh, need_dw
@@ -37,6 +38,25 @@ def _opcheck_cases():
             "swiglu_linear_bias",
             OPS.swiglu_linear,
             tuple(torch.randn(*s, requires_grad=True) for s in ((4, 9), (4, 9), (5, 9), (5,))),
+        ),
+        (
+            "rms_norm_linear",
+            OPS.rms_norm_linear,
+            (x, torch.randn(64, requires_grad=True), 1e-6, [wq, wk], [], [False, False]),
+        ),
+        (
+            "rms_norm_linear_bias",
+            OPS.rms_norm_linear,
+            (x, torch.randn(64), 1e-6, [wq, wk], [torch.randn(6, requires_grad=True)], [False, True]),
+        ),
+        *(
+            (
+                f"rms_norm_linear_bwd_{dw}_{db}",
+                OPS.rms_norm_linear_bwd,
+                (x.detach(), torch.randn(64), 1e-6, [wq.detach()], [torch.randn(5, 3, 12)], [dw], [db]),
+            )
+            for dw in (True, False)
+            for db in (True, False)
         ),
         ("rope", OPS.rope, (q, k, cos, sin, False)),
         ("rope_dense", OPS.rope, (q, k, cos, sin, True)),
@@ -85,6 +105,8 @@ def test_opcheck_cuda(name, op, args, dtype):
     """The same cases on CUDA tensors, where the ops run their Triton kernels."""
 
     def moved(a):
+        if isinstance(a, list):
+            return [moved(t) for t in a]
         if not isinstance(a, torch.Tensor):
             return a
         to = a.detach().to(device="cuda", dtype=dtype if a.is_floating_point() else a.dtype)
@@ -106,7 +128,7 @@ def test_ops_compile_fullgraph_with_backward():
     wv, labels = torch.randn(40, 32, requires_grad=True), torch.randint(0, 40, (6,))
 
     def step(x, w, q, k, wv):
-        h = ops.rms_norm(x, w, 1e-6)
+        h = ops.rms_norm(x, w, 1e-6) + ops.rms_norm_linear(x, w, 1e-6, [wv[:32], wv[8:40]])[1]
         h = ops.swiglu(h, h * 2) + ops.swiglu_linear(h, h * 3, wv[:32])
         qo, ko = ops.rope(q, k, cos, sin)
         return ops.linear_cross_entropy(h, wv, labels, shift=False) + qo.square().mean() + ko.mean()

@@ -41,17 +41,26 @@ def test_patched_matches_stock(family, op_calls):
     stock = tiny_model(family)
     patched = copy.deepcopy(stock)
     report = chronipatch.apply(patched)
-    n_norms = 2 * 2 + 1 + (4 if family == "qwen3" else 0)
-    assert report.ops() == {"rms_norm": n_norms, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
+    qk_norms = 4 if family == "qwen3" else 0
+    n_norms = 2 * 2 + 1 + qk_norms
+    assert report.ops() == {
+        "rms_norm": n_norms,
+        "swiglu": 2,
+        "rope": 2,
+        "rms_norm_linear": 2,
+        "linear_cross_entropy": 1,
+    }
     ids, labels = batch()
     stock_logits = stock(ids).logits
     assert not op_calls  # the stock model runs none of the fused ops
     torch.testing.assert_close(patched(ids).logits, stock_logits, rtol=1e-5, atol=1e-5)
-    # no labels: the stock head; each MLP's plain down_proj runs inside swiglu_linear
-    assert op_calls == {"rms_norm": n_norms, "swiglu_linear": 2, "rope": 2}
+    # no labels: the stock head; each MLP's plain down_proj runs inside swiglu_linear, and each decoder
+    # layer's two norms inside the projections they feed (the final norm, and Qwen3's q/k norms, alone)
+    calls = {"rms_norm": 1 + qk_norms, "rms_norm_linear": 4, "swiglu_linear": 2, "rope": 2}
+    assert op_calls == calls
     op_calls.clear()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
-    assert op_calls == {"rms_norm": n_norms, "swiglu_linear": 2, "rope": 2, "linear_cross_entropy": 1}
+    assert op_calls == {**calls, "linear_cross_entropy": 1}
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["sdpa", "chronipatch_varlen"])
@@ -99,7 +108,7 @@ def test_compiled_training_step_one_graph(family):
         for node in graph.graph.nodes
         if node.op == "call_function" and str(node.target).startswith("chronipatch.")
     }
-    assert ops_in_graph == {"rms_norm", "swiglu_linear", "rope", "linear_cross_entropy"}
+    assert ops_in_graph == {"rms_norm", "rms_norm_linear", "swiglu_linear", "rope", "linear_cross_entropy"}
     torch._dynamo.reset()
     compiled = torch.compile(patched, fullgraph=True)
     _assert_same(_loss_and_grads(compiled, ids, labels), _loss_and_grads(stock, ids, labels))
@@ -128,7 +137,7 @@ def test_revert_is_bit_identical_and_local(op_calls):
 def test_apply_twice_is_noop_and_switches():
     model = tiny_model("llama")
     first = chronipatch.apply(model, rope=False, fused_loss=False)
-    assert set(first.ops()) == {"rms_norm", "swiglu"}
+    assert set(first.ops()) == {"rms_norm", "rms_norm_linear", "swiglu"}
     assert {why for _, _, why in first.left} == {"rope=False", "fused_loss=False"}
     second = chronipatch.apply(model, rope=False, fused_loss=False)
     assert not second.swapped and second.ops() == first.ops()
@@ -410,7 +419,8 @@ def test_patched_model_through_the_kernels_matches_stock(family, monkeypatch):
 
     from chronipatch.ops import reference
 
-    for name in ("_utils", "rms_norm", "swiglu", "swiglu_linear", "rope", "linear_cross_entropy"):
+    ops = ("_utils", "rms_norm", "rms_norm_linear", "swiglu", "swiglu_linear", "rope", "linear_cross_entropy")
+    for name in ops:
         mod = importlib.import_module(f"chronipatch.ops.{name}")
         monkeypatch.setattr(mod, "on_gpu", lambda t: t.dtype != torch.float64)  # CPU tensors "on a GPU"
         if hasattr(mod, "sms_for"):

@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import can_return_tuple
 
 from . import ops
+from .ops._utils import autocast_dtype
 
 try:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -67,23 +68,77 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
+    """HF decoder layer whose RMSNorms run inside the projections they feed (``normed_projections``), where
+    the attention and the MLP run our forwards: their [N, H] outputs are recomputed in the backward."""
+    attn_norm = self.input_layernorm if bound_forward(self.self_attn) is attention_forward else None
+    mlp_norm = self.post_attention_layernorm if bound_forward(self.mlp) is mlp_forward else None
+    residual = hidden_states
+    if attn_norm is None:
+        hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **kwargs,
+        **({} if attn_norm is None else {"input_norm": attn_norm}),
+    )
+    hidden_states = residual + hidden_states
+    residual = hidden_states
+    if mlp_norm is None:
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+    else:
+        hidden_states = self.mlp(hidden_states, input_norm=mlp_norm)
+    return residual + hidden_states
+
+
+def normed_projections(norm, x: torch.Tensor, projections) -> list[torch.Tensor]:
+    """``[p(norm(x)) for p in projections]`` (``norm`` None: x is normalised already), as one
+    ``ops.rms_norm_linear`` where that computes exactly this: the norm runs our forward with no hooks, the
+    projections are plain ``nn.Linear`` in x's dtype, no autocast. Otherwise the modules' own calls."""
+    if norm is None:
+        return [p(x) for p in projections]
+    if (
+        bound_forward(norm) is rms_norm_forward
+        and no_hooks(norm)
+        and norm.weight.dtype == x.dtype
+        and not isinstance(norm.weight, DTensor)
+        and all(plain_linear(p) and p.weight.dtype == x.dtype for p in projections)
+        and autocast_dtype(x) is None
+    ):
+        weights, biases = [p.weight for p in projections], [p.bias for p in projections]
+        return ops.rms_norm_linear(x, norm.weight, norm.variance_epsilon, weights, biases)
+    x = norm(x)
+    return [p(x) for p in projections]
+
+
+def mlp_forward(self, x: torch.Tensor, input_norm=None) -> torch.Tensor:
     # gate_proj/up_proj/down_proj stay the HF modules, so LoRA wrappers on them keep working.
-    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    gate, up = normed_projections(input_norm, x, (self.gate_proj, self.up_proj))
+    down = self.down_proj
     if plain_linear(down):  # the gating and down projection as one op, which keeps no [N, I] product
         return ops.swiglu_linear(gate, up, down.weight, down.bias)
     return down(ops.swiglu(gate, up))
+
+
+def bound_forward(module: torch.nn.Module):
+    """The function behind a forward bound on this instance (None for the class's own forward)."""
+    return getattr(module.__dict__.get("forward"), "__func__", None)
+
+
+def no_hooks(m: torch.nn.Module) -> bool:
+    """No hooks of its own nor global ones: a module call would run nothing but its forward."""
+    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    return not any(hooks) and not any(_GLOBAL_HOOKS)
 
 
 def plain_linear(m: torch.nn.Module) -> bool:
     """Whether ``m(x)`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (no adapter or
     quantised subclass), no hooks of its own or global ones, not its own FSDP unit (whose forward gathers the
     weight), no DTensor."""
-    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
     return (
         type(m) is torch.nn.Linear
-        and not any(hooks)
-        and not any(_GLOBAL_HOOKS)
+        and no_hooks(m)
         and not isinstance(m, FSDPModule)
         and not isinstance(m.weight, DTensor)
     )
@@ -130,20 +185,27 @@ def _causal_only(self, attention_mask, position_ids, use_cache, kwargs) -> bool:
 
 
 def attention_forward(
-    self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs
+    self,
+    hidden_states,
+    position_embeddings,
+    attention_mask=None,
+    past_key_values=None,
+    input_norm=None,
+    **kwargs,
 ):
-    """Llama/Qwen2/Qwen3/Mistral attention with the fused RoPE (Qwen3's q_norm/k_norm kept)."""
+    """Llama/Qwen2/Qwen3/Mistral attention with the fused RoPE (Qwen3's q_norm/k_norm kept); with
+    ``input_norm`` (the decoder layer's), ``hidden_states`` are its input, normalised with the projections."""
     input_shape = hidden_states.shape[:-1]
     window = _sliding_window(self)
     if kwargs.pop(CAUSAL_ONLY, False) and (window is None or window >= input_shape[-1]):
         attention_mask = None  # SDPA's is_causal, as stock eager runs it
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query_states = self.q_proj(hidden_states).view(hidden_shape)
-    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    q, k, v = normed_projections(input_norm, hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    query_states, key_states = q.view(hidden_shape), k.view(hidden_shape)
     if hasattr(self, "q_norm"):
         query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
     query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
-    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = v.view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
     # Flash/varlen kernels read q/k in the projections' [B, T, H, D] layout; masked attention (SDPA, eager)

@@ -52,6 +52,21 @@ def _attention_why_not(m: nn.Module) -> str | None:
     return None
 
 
+def _decoder_why_not(m: nn.Module) -> str | None:
+    # ``apply`` visits a layer after its children: whether they run our forwards is known here.
+    parts = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    if not all(hasattr(m, p) for p in parts):
+        return "no input_layernorm/post_attention_layernorm/self_attn/mlp"
+    ours = layers.bound_forward
+    if not (
+        ours(m.input_layernorm) is layers.rms_norm_forward and ours(m.self_attn) is layers.attention_forward
+    ) and not (
+        ours(m.post_attention_layernorm) is layers.rms_norm_forward and ours(m.mlp) is layers.mlp_forward
+    ):
+        return "no RMSNorm of ours before an attention or MLP of ours (rms_norm, rope or swiglu off or left)"
+    return None
+
+
 def _head_why_not(m: nn.Module) -> str | None:
     head = getattr(m, "lm_head", None)
     if type(head) is not nn.Linear:
@@ -67,6 +82,7 @@ SWAPS: tuple[Swap, ...] = (
     Swap("rms_norm", "rms_norm", "RMSNorm", layers.rms_norm_forward, _norm_why_not),
     Swap("swiglu", "swiglu", "MLP", layers.mlp_forward, _mlp_why_not),
     Swap("rope", "rope", "Attention", layers.attention_forward, _attention_why_not),
+    Swap("norm_recompute", "rms_norm_linear", "DecoderLayer", layers.decoder_layer_forward, _decoder_why_not),
     Swap("fused_loss", "linear_cross_entropy", "ForCausalLM", layers.causal_lm_forward, _head_why_not),
 )
 OUR_FORWARDS = frozenset(s.forward for s in SWAPS)

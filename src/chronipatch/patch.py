@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import attention as varlen
+from .layers import bound_forward
 from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
 
 _PREV_ATTN = "_chronipatch_prev_attn_implementation"
@@ -79,13 +80,16 @@ def apply(
     swiglu: bool = True,
     rope: bool = True,
     fused_loss: bool = True,
+    norm_recompute: bool = True,
     varlen_attention: bool = False,
 ) -> PatchReport:
     """Swap the forwards of supported HF modules inside ``model`` for fused-op versions.
 
     Works on ``XxxForCausalLM`` / ``XxxModel`` of Llama, Qwen2, Qwen3 and Mistral, also inside a
-    peft wrapper. Idempotent. Call it before ``torch.compile``. Keywords turn single swaps off;
-    ``varlen_attention=True`` also selects the varlen attention for packed rows (``cu_seq_lens_*``).
+    peft wrapper. Idempotent. Call it before ``torch.compile``. Keywords turn single swaps off
+    (``norm_recompute``: decoder layers run each RMSNorm inside the projections it feeds, which recompute
+    its output in the backward); ``varlen_attention=True`` also selects the varlen attention for packed rows
+    (``cu_seq_lens_*``).
     """
     _module(model, "apply")
     if _compiled(model):
@@ -93,10 +97,18 @@ def apply(
             "chronipatch.apply: the model is already compiled; call apply(model) before "
             "torch.compile(model) so the compiled graph contains the fused ops"
         )
-    switches = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "fused_loss": fused_loss}
+    switches = {
+        "rms_norm": rms_norm,
+        "swiglu": swiglu,
+        "rope": rope,
+        "fused_loss": fused_loss,
+        "norm_recompute": norm_recompute,
+    }
     by_class = {cls: swap for swap in SWAPS for cls in swap.classes}
     report = PatchReport(type(model).__name__)
-    for path, module in model.named_modules():
+    # Children before their parents (a decoder layer's swap depends on what its children run); the report
+    # keeps the modules' order.
+    for path, module in reversed(list(model.named_modules())):
         cls = _hf_class(module, by_class)
         if cls is None:
             continue
@@ -104,7 +116,7 @@ def apply(
         if not switches[swap.switch]:
             report.left.append((path, cls, f"{swap.switch}=False"))
             continue
-        if _instance_forward(module) is swap.forward:
+        if bound_forward(module) is swap.forward:
             report.already.append((path, cls, swap.op))
             continue
         if "forward" in module.__dict__:
@@ -116,6 +128,8 @@ def apply(
             continue
         module.forward = types.MethodType(swap.forward, module)
         report.swapped.append((path, cls, swap.op))
+    for entries in (report.swapped, report.already, report.left):
+        entries.reverse()
     if varlen_attention and (report.swapped or report.already):
         _select_varlen(model, report)
     if not report.swapped and not report.already:
@@ -134,11 +148,6 @@ def _module(model, fn: str) -> None:
         raise TypeError(f"chronipatch.{fn} expects a torch.nn.Module, got {type(model).__name__}")
 
 
-def _instance_forward(module: nn.Module):
-    """The function behind a forward bound on this instance (None for the class's own forward)."""
-    return getattr(module.__dict__.get("forward"), "__func__", None)
-
-
 def revert(model: nn.Module) -> int:
     """Restore the stock forwards inside ``model``; returns how many modules were restored."""
     _module(model, "revert")
@@ -147,7 +156,7 @@ def revert(model: nn.Module) -> int:
         if hasattr(module, _PREV_ATTN):
             module.set_attn_implementation(getattr(module, _PREV_ATTN))
             delattr(module, _PREV_ATTN)
-        if _instance_forward(module) in OUR_FORWARDS:
+        if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1
     return restored
@@ -155,4 +164,4 @@ def revert(model: nn.Module) -> int:
 
 def is_patched(model: nn.Module) -> bool:
     _module(model, "is_patched")
-    return any(_instance_forward(m) in OUR_FORWARDS for m in model.modules())
+    return any(bound_forward(m) in OUR_FORWARDS for m in model.modules())

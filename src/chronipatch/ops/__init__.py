@@ -3,6 +3,7 @@
 from ._labels import LabelCheck, prefetch_label_check
 from .linear_cross_entropy import TokenStats, linear_cross_entropy
 from .rms_norm import rms_norm
+from .rms_norm_linear import rms_norm_linear
 from .rope import rope
 from .swiglu import swiglu
 from .swiglu_linear import swiglu_linear
@@ -13,6 +14,7 @@ __all__ = [
     "linear_cross_entropy",
     "prefetch_label_check",
     "rms_norm",
+    "rms_norm_linear",
     "rope",
     "swiglu",
     "swiglu_linear",

@@ -1,0 +1,201 @@
+"""RMSNorm feeding linear projections, whose output is recomputed in the backward instead of kept:
+    y      = rms_norm(x, w_n, eps)                 (``rms_norm``: fp32 statistics, HF's casts)
+    out_i  = y W_i^T + b_i
+Autograd would keep y ([N, H]) for the projections' weight gradients, beside the x the norm keeps. Here the
+backward runs the forward's kernel on x again (the same y, bit for bit, and its rstd), then
+    dy     = sum_i dout_i W_i                      (fp32 accumulation)
+    dW_i   = dout_i^T y,   db_i = sum_rows dout_i
+    dx, dw_n = the RMSNorm backward of dy
+so a decoder layer keeps one [N, H] tensor less per norm: 1 GiB at Llama-3.2-1B's 16 layers of 4 x 2048
+tokens in bf16, for one more norm kernel per norm in the backward. The outputs equal
+``F.linear(rms_norm(x, w_n, eps), W_i, b_i)`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op
+
+from . import reference
+from ._utils import autocast_dtype, check, check_same, check_tensors, direct, eager_cuda, on_gpu
+from .rms_norm import rms_norm, rms_norm_bwd_triton, rms_norm_fwd_triton
+
+# ---------------------------------------------------------------- launchers (kernels: ``rms_norm``)
+
+
+def _norm(x: Tensor, weight: Tensor, eps: float, wrap: bool) -> tuple[Tensor, Tensor]:
+    if on_gpu(x):
+        return rms_norm_fwd_triton(x, weight, eps, wrap=wrap)
+    return reference.rms_norm_fwd(x, weight, eps)
+
+
+def _fwd(
+    x: Tensor, norm_weight: Tensor, eps: float, weights: list[Tensor], biases: list[Tensor],
+    has_bias: list[bool], wrap: bool = True,
+) -> list[Tensor]:  # fmt: skip
+    y = _norm(x, norm_weight, eps, wrap)[0]
+    bias = iter(biases)
+    return [F.linear(y, w, next(bias) if b else None) for w, b in zip(weights, has_bias)]
+
+
+def _bwd(
+    x: Tensor, norm_weight: Tensor, eps: float, weights: list[Tensor], douts: list[Tensor],
+    need_dw: list[bool], need_db: list[bool], wrap: bool = True,
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
+    """(dx, dnorm_weight, dW_i, db_i); a dW or db not needed is returned empty (its GEMM or sum skipped)."""
+    y, rstd = _norm(x, norm_weight, eps, wrap)
+    y2 = y.reshape(-1, y.shape[-1])
+    dy, dws, dbs = None, [], []
+    for w, do, want_dw, want_db in zip(weights, douts, need_dw, need_db):
+        do = do.reshape(-1, do.shape[-1])
+        dy = _mm_acc(dy, do, w)
+        dws.append(do.T @ y2 if want_dw else w.new_empty(0))
+        dbs.append(do.sum(0) if want_db else w.new_empty(0))
+    del y, y2  # before the norm's backward allocates dx
+    dy = dy.view(x.shape)
+    if on_gpu(x):
+        dx, dnw = rms_norm_bwd_triton(dy, x, norm_weight, rstd, wrap=wrap)
+    else:
+        dx, dnw = reference.rms_norm_bwd(dy, x, norm_weight, rstd)
+    return dx.contiguous(), dnw, dws, dbs
+
+
+def _mm_acc(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """acc + a @ b in fp32 or wider: the projections' input gradients summed unrounded (stock rounds each to
+    the weight dtype, then adds). Functional on CUDA, where compiled graphs trace it."""
+    wide = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype != wide and not a.is_cuda:  # no 2-byte GEMM into fp32 on the CPU
+        a, b = a.to(wide), b.to(wide)
+    kw = {"out_dtype": wide} if a.dtype != wide else {}
+    return torch.mm(a, b, **kw) if acc is None else torch.addmm(acc, a, b, **kw)
+
+
+# ---------------------------------------------------------------- registration
+
+_direct_fwd, _direct_bwd = direct(_fwd), direct(_bwd)
+
+
+@triton_op("chronipatch::rms_norm_linear", mutates_args=())
+def _rms_norm_linear(
+    x: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    has_bias: list[bool],
+) -> list[Tensor]:
+    return _fwd(x, norm_weight, eps, weights, biases, has_bias)
+
+
+# Opaque to the compiler, unlike the forward: traced into the graph, its recompute of y would be merged
+# with the forward's y by common-subexpression elimination, and that y kept for the backward after all.
+@torch.library.custom_op("chronipatch::rms_norm_linear_bwd", mutates_args=())
+def _rms_norm_linear_bwd(
+    x: Tensor, norm_weight: Tensor, eps: float, weights: list[Tensor], douts: list[Tensor],
+    need_dw: list[bool], need_db: list[bool],
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
+    return _direct_bwd(x, norm_weight, eps, weights, douts, need_dw, need_db)
+
+
+@_rms_norm_linear_bwd.register_fake
+def _(x, norm_weight, eps, weights, douts, need_dw, need_db):
+    dws = [torch.empty_like(w) if want else w.new_empty(0) for w, want in zip(weights, need_dw)]
+    dbs = [w.new_empty(w.shape[:1] if want else (0,)) for w, want in zip(weights, need_db)]
+    return x.new_empty(x.shape), torch.empty_like(norm_weight), dws, dbs
+
+
+def _setup(ctx, inputs, output):
+    x, norm_weight, eps, weights, _, has_bias = inputs
+    ctx.save_for_backward(x, norm_weight, *weights)
+    ctx.eps, ctx.has_bias = eps, has_bias
+
+
+def _backward(ctx, douts):
+    x, norm_weight, *weights = ctx.saved_tensors
+    need_dw, need_b = ctx.needs_input_grad[3], iter(ctx.needs_input_grad[4])
+    need_db = [b and next(need_b) for b in ctx.has_bias]
+    dx, dnw, dws, dbs = _rms_norm_linear_bwd(x, norm_weight, ctx.eps, weights, list(douts), need_dw, need_db)
+    dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
+    return dx, dnw, None, [dw if want else None for dw, want in zip(dws, need_dw)], dbs, None
+
+
+_rms_norm_linear.register_autograd(_backward, setup_context=_setup)
+
+
+class _RMSNormLinearEager(torch.autograd.Function):
+    """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``). Arguments:
+    x, norm weight, eps, has_bias, then the weights and the biases given."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, has_bias, *params):
+        weights, biases = list(params[: len(has_bias)]), list(params[len(has_bias) :])
+        ctx.save_for_backward(x, norm_weight, *weights)
+        ctx.eps, ctx.has_bias = eps, has_bias
+        return tuple(_direct_fwd(x, norm_weight, eps, weights, biases, has_bias))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *douts):
+        x, norm_weight, *weights = ctx.saved_tensors
+        n = len(weights)
+        need_dw, need_b = list(ctx.needs_input_grad[4 : 4 + n]), iter(ctx.needs_input_grad[4 + n :])
+        need_db = [b and next(need_b) for b in ctx.has_bias]
+        # Compiled autograd traces this backward with fake tensors: the registered op then.
+        bwd = _direct_bwd if eager_cuda(x) else _rms_norm_linear_bwd
+        dx, dnw, dws, dbs = bwd(x, norm_weight, ctx.eps, weights, list(douts), need_dw, need_db)
+        dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
+        return dx, dnw, None, None, *(dw if want else None for dw, want in zip(dws, need_dw)), *dbs
+
+
+# ---------------------------------------------------------------- public
+
+
+def rms_norm_linear(
+    x: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    weights: list[Tensor],
+    biases: list[Tensor | None] | None = None,
+) -> list[Tensor]:
+    """``[F.linear(rms_norm(x, norm_weight, eps), W, b) for W, b in zip(weights, biases)]`` without keeping
+    the norm's output for the backward. One dtype and device for all; weights ``[O_i, H]``. Under autocast
+    this composition itself (its projections cast as autocast casts them), which keeps y."""
+    op = "rms_norm_linear"
+    biases = [None] * len(weights) if biases is None else list(biases)
+    if isinstance(x, torch.Tensor) and autocast_dtype(x) is not None:
+        y = rms_norm(x, norm_weight, eps)
+        return [F.linear(y, w, b) for w, b in zip(weights, biases, strict=True)]
+    check(len(weights) > 0, op, "needs at least one weight")
+    check(len(biases) == len(weights), op, lambda: f"{len(weights)} weights but {len(biases)} biases")
+    given = [b for b in biases if b is not None]
+    named = {f"weights[{i}]": w for i, w in enumerate(weights)}
+    named.update({f"biases[{i}]": b for i, b in enumerate(biases) if b is not None})
+    check_tensors(op, x=x, norm_weight=norm_weight)
+    check_same(op, x=x, norm_weight=norm_weight, **named)
+    h = x.shape[-1] if x.dim() else 0
+    check(x.dim() >= 1, op, "x must have at least one dim")
+    check(
+        norm_weight.shape == (h,),
+        op,
+        lambda: f"norm_weight {tuple(norm_weight.shape)} does not match x's last dim {h}",
+    )
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        check(
+            w.dim() == 2 and w.shape[1] == h,
+            op,
+            lambda i=i, w=w: f"weights[{i}] {tuple(w.shape)} does not match x's last dim {h}",
+        )
+        check(
+            b is None or b.shape == w.shape[:1],
+            op,
+            lambda i=i, w=w, b=b: (
+                f"biases[{i}] {tuple(b.shape)} does not match weights[{i}] {tuple(w.shape)}"
+            ),
+        )
+    check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")
+    has_bias = [b is not None for b in biases]
+    if eager_cuda(x, norm_weight, *weights, *given):
+        return list(_RMSNormLinearEager.apply(x, norm_weight, float(eps), has_bias, *weights, *given))
+    return _rms_norm_linear(x, norm_weight, float(eps), list(weights), given, has_bias)

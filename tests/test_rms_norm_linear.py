@@ -1,0 +1,211 @@
+"""``ops.rms_norm_linear`` against the stock composition (HF RMSNorm, then ``nn.Linear`` projections):
+values and gradients in fp32/fp64, what it keeps for the backward, its kernel path, autocast, bad input."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from chronipatch import ops
+from chronipatch.ops import reference
+
+EPS = 1e-6
+
+
+def _stock(x, nw, weights, biases):
+    """HF's layer: ``LlamaRMSNorm`` (fp32 statistics; its math in fp64 for fp64), then each ``nn.Linear``."""
+    if x.dtype == torch.float64:
+        y = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
+    else:
+        norm = LlamaRMSNorm(x.shape[-1], eps=EPS).to(dtype=nw.dtype)
+        y = torch.func.functional_call(norm, {"weight": nw}, (x,))
+    return [F.linear(y, w, b) for w, b in zip(weights, biases)]
+
+
+def _case(shape, outs, bias, seed):
+    torch.manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    h = shape[-1]
+    x, nw = torch.randn(shape, **f64) * 3, torch.randn(h, **f64)
+    weights = [torch.randn(o, h, **f64) / h**0.5 for o in outs]
+    biases = [torch.randn(o, **f64) if bias else None for o in outs]
+    return x, nw, weights, biases
+
+
+def _run(fn, x, nw, weights, biases, douts, frozen=()):
+    """Outputs and the gradients of every input that requires one, for upstream gradients ``douts``."""
+    leaves = {"x": x, "nw": nw, **{f"w{i}": w for i, w in enumerate(weights)}}
+    leaves.update({f"b{i}": b for i, b in enumerate(biases) if b is not None})
+    leaves = {k: v.clone().requires_grad_(k not in frozen) for k, v in leaves.items()}
+    n = len(weights)
+    ws = [leaves[f"w{i}"] for i in range(n)]
+    bs = [leaves.get(f"b{i}") for i in range(n)]
+    outs = fn(leaves["x"], leaves["nw"], ws, bs)
+    grads = torch.autograd.grad(outs, [v for k, v in leaves.items() if k not in frozen], douts)
+    return outs, dict(zip([k for k in leaves if k not in frozen], grads))
+
+
+def _ours(x, nw, weights, biases):
+    return ops.rms_norm_linear(x, nw, EPS, weights, biases)
+
+
+@pytest.mark.parametrize(
+    "shape,outs", [((1, 64), [8]), ((7, 100), [16, 4, 4]), ((2, 9, 96), [32, 24]), ((4099, 64), [17])]
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_stock(shape, outs, bias, dtype):
+    x, nw, weights, biases = _case(shape, outs, bias, seed=sum(shape) + len(outs))
+    douts = [torch.randn(*shape[:-1], o, dtype=torch.float64) for o in outs]
+    cast = lambda ts: [t.to(dtype) if t is not None else None for t in ts]
+    mine, g = _run(_ours, x.to(dtype), nw.to(dtype), cast(weights), cast(biases), cast(douts))
+    ref, g_ref = _run(_stock, x, nw, weights, biases, douts)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for a, b in zip(mine, ref, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, **tol)
+    rows = x.numel() // shape[-1]  # dW, db, dnorm_weight sum over rows: their rounding adds up
+    assert g.keys() == g_ref.keys()
+    for k in g:
+        atol = tol["atol"] * (rows**0.5 if k != "x" else 1)
+        torch.testing.assert_close(g[k].double(), g_ref[k], rtol=tol["rtol"], atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("frozen", [("w0", "w1"), ("nw",), ("x",), ("w1", "b0")], ids=str)
+def test_frozen_inputs_get_no_gradient(frozen):
+    """LoRA bases and frozen norms: only what requires a gradient gets one, the rest stay stock's."""
+    x, nw, weights, biases = _case((3, 5, 48), [16, 8], True, seed=1)
+    douts = [torch.randn(3, 5, o, dtype=torch.float64) for o in (16, 8)]
+    _, g = _run(_ours, x, nw, weights, biases, douts, frozen)
+    _, g_ref = _run(_stock, x, nw, weights, biases, douts, frozen)
+    assert g.keys() == g_ref.keys() and not set(frozen) & g.keys()
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_outputs_equal_the_composition_bit_for_bit():
+    """The forward is ``F.linear(rms_norm(x), W)``: the same values as the unfused ops, in every dtype."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, nw = torch.randn(2, 7, 64, dtype=dtype), torch.randn(64, dtype=dtype)
+        ws = [torch.randn(24, 64, dtype=dtype), torch.randn(8, 64, dtype=dtype)]
+        got = ops.rms_norm_linear(x, nw, EPS, ws)
+        want = [F.linear(ops.rms_norm(x, nw, EPS), w) for w in ws]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_keeps_no_normed_activation():
+    """What autograd keeps: x, the norm weight and the projection weights, not the normalised [N, H]
+    (which the stock composition keeps for the weight gradients), so this fails if y is saved again."""
+    torch.manual_seed(0)
+    x, nw = torch.randn(64, 96, requires_grad=True), torch.randn(96, requires_grad=True)
+    ws = [torch.randn(32, 96, requires_grad=True), torch.randn(16, 96, requires_grad=True)]
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.nbytes
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    inputs = x.nbytes + nw.nbytes + sum(w.nbytes for w in ws)
+    assert saved_bytes(lambda: ops.rms_norm_linear(x, nw, EPS, ws)) == inputs
+    assert saved_bytes(lambda: _stock(x, nw, ws, [None, None])) >= inputs + x.nbytes  # stock keeps y
+
+
+def test_compiled_graph_keeps_no_normed_activation():
+    """Compiled, the forward graph's saved tensors are x (here 2x), the norm weight and the weight: the
+    backward's recompute of y must not be merged with the forward's y (which would then be kept)."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    saved = []
+
+    def forward_graph(gm, _):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:])  # after the loss
+        return make_boxed_func(gm)
+
+    from functorch.compile import make_boxed_func
+
+    x, nw = torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    fn = lambda x, nw, w: ops.rms_norm_linear(x * 2, nw, EPS, [w])[0].sum()
+    compiled = aot_function(
+        fn, forward_graph, lambda gm, _: make_boxed_func(gm), partition_fn=min_cut_rematerialization_partition
+    )
+    compiled(x, nw, w).backward()
+    assert sorted(saved) == [(16, 32), (32,), (64, 32)]
+
+
+def test_autocast_is_the_composition():
+    """Under autocast the projections run as autocast runs ``F.linear``: the composition's values."""
+    torch.manual_seed(0)
+    x, nw = torch.randn(5, 32), torch.randn(32)
+    w = torch.randn(8, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y,) = ops.rms_norm_linear(x, nw, EPS, [w])
+        y_ref = F.linear(ops.rms_norm(x, nw, EPS), w)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def test_no_rows():
+    x = torch.randn(0, 16, requires_grad=True)
+    nw, w = torch.randn(16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    (y,) = ops.rms_norm_linear(x, nw, EPS, [w])
+    y.sum().backward()
+    assert y.shape == (0, 4) and w.grad.abs().sum() == 0 and nw.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_path_matches_reference(dtype, monkeypatch):
+    """The Triton path (interpreter on CPU, natively on CUDA) against the torch reference path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    x, nw, weights, biases = _case((2, 5, 64), [24, 8], True, seed=2)
+    douts = [torch.randn(2, 5, o, dtype=torch.float64) for o in (24, 8)]
+    to = lambda ts: [t.to(device=device, dtype=dtype) for t in ts]
+    args = (*to([x, nw]), to(weights), to(biases), to(douts))
+    ref, g_ref = _run(_ours, *args)
+    mod = importlib.import_module("chronipatch.ops.rms_norm_linear")
+    monkeypatch.setattr(mod, "on_gpu", lambda t: True)
+    for name in ("rms_norm_fwd", "rms_norm_bwd"):
+        monkeypatch.setattr(reference, name, lambda *a: pytest.fail("the reference ran"))
+    mine, g = _run(_ours, *args)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=tol["rtol"], atol=tol["atol"] * 10, msg=k)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, nw, w: ops.rms_norm_linear(x, nw, EPS, []), "needs at least one weight"),
+        (lambda x, nw, w: ops.rms_norm_linear(x, nw, EPS, [w], [None, None]), "1 weights but 2 biases"),
+        (lambda x, nw, w: ops.rms_norm_linear(x, nw[:8], EPS, [w]), r"norm_weight \(8,\) does not match"),
+        (lambda x, nw, w: ops.rms_norm_linear(x, nw, EPS, [w[:, :8]]), r"weights\[0\] \(4, 8\) does not"),
+        (lambda x, nw, w: ops.rms_norm_linear(x, nw, EPS, [w], [torch.zeros(3)]), r"biases\[0\] \(3,\)"),
+        (lambda x, nw, w: ops.rms_norm_linear(x, nw.double(), EPS, [w]), "dtype"),
+        (lambda x, nw, w: ops.rms_norm_linear(x.long(), nw, EPS, [w]), "floating point"),
+        (lambda x, nw, w: ops.rms_norm_linear(x, nw, EPS, [w.numpy()]), "must be a torch.Tensor"),
+        (lambda x, nw, w: ops.rms_norm_linear(x, torch.randn(32)[::2], EPS, [w]), "must be contiguous"),
+    ],
+)
+def test_bad_input(call, match):
+    x, nw, w = torch.randn(3, 16), torch.randn(16), torch.randn(4, 16)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(x, nw, w)
