@@ -43,13 +43,14 @@ def _cases() -> list[tuple]:
             )
             for eps in ("fp32", "fp64")
         ]
+        # dy in fp32 too: rms_norm_linear's backward sums its projections' input gradients in fp32.
         cases += [
             (
-                f"rms_bwd_{dt}",
+                f"rms_bwd_{dt}_dy_{dy}",
                 "rms_norm",
                 "_bwd_kernel",
                 {
-                    "DY": f"*{dt}",
+                    "DY": f"*{dy}",
                     "X": f"*{dt}",
                     "W": f"*{dt}",
                     "RSTD": "*fp32",
@@ -58,7 +59,10 @@ def _cases() -> list[tuple]:
                 }
                 | _ints("stride_dy", "stride_x", "stride_dx", "n_rows", "N", "rows_per_prog"),
                 tiles,
-            ),
+            )
+            for dy in dict.fromkeys((dt, "fp32"))
+        ]
+        cases += [
             (
                 f"swiglu_fwd_{dt}",
                 "swiglu",
