@@ -24,6 +24,19 @@ def assert_no_worse_than_stock(ours, stock, truth, dtype, slack=1.1, what=""):
     )
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the storages autograd keeps for the backward while ``fn()`` runs (each storage once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def small_lce_tiles(monkeypatch) -> None:
     """Tiles of 16 x 32 on both load paths (TMA and pointers) of the loss's tile kernels."""
     tiles = importlib.import_module("chronipatch.ops._lce_tiles")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import chronipatch
+from helpers import saved_bytes
 from test_patch import _assert_same, _loss_and_grads
 from tiny import COMMON, FAMILIES, batch, tiny_model
 
@@ -87,19 +88,11 @@ def test_keeps_two_fewer_activations_per_layer():
     if they are kept."""
     ids, labels = batch()
 
-    def saved_bytes(**switches):
+    def kept(**switches):
         model = tiny_model("llama")
         chronipatch.apply(model, **switches)
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=labels)
-        return sum(seen.values())
+        return saved_bytes(lambda: model(input_ids=ids, labels=labels))
 
     per_norm = ids.numel() * (COMMON["hidden_size"] + 1) * 4
-    saved = saved_bytes(norm_recompute=False) - saved_bytes()
+    saved = kept(norm_recompute=False) - kept()
     assert saved == 2 * COMMON["num_hidden_layers"] * per_norm

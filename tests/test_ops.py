@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from chronipatch import ops
-from helpers import hf_view, rope_cos_sin
+from helpers import hf_view, rope_cos_sin, saved_bytes
 
 OPS = torch.ops.chronipatch
 ROWS = [1, 7, 127, 4099]
@@ -134,17 +134,6 @@ def test_swiglu_linear_keeps_no_product():
     torch.manual_seed(0)
     g, u = torch.randn(64, 96, requires_grad=True), torch.randn(64, 96, requires_grad=True)
     w = torch.randn(32, 96, requires_grad=True)
-
-    def saved_bytes(fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.nbytes
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
 
     inputs = g.nbytes + u.nbytes + w.nbytes
     assert saved_bytes(lambda: ops.swiglu_linear(g, u, w)) == inputs

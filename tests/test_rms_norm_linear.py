@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from chronipatch import ops
 from chronipatch.ops import reference
+from helpers import saved_bytes
 
 EPS = 1e-6
 
@@ -105,17 +106,6 @@ def test_keeps_no_normed_activation():
     torch.manual_seed(0)
     x, nw = torch.randn(64, 96, requires_grad=True), torch.randn(96, requires_grad=True)
     ws = [torch.randn(32, 96, requires_grad=True), torch.randn(16, 96, requires_grad=True)]
-
-    def saved_bytes(fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.nbytes
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
 
     inputs = x.nbytes + nw.nbytes + sum(w.nbytes for w in ws)
     assert saved_bytes(lambda: ops.rms_norm_linear(x, nw, EPS, ws)) == inputs
