@@ -213,12 +213,14 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | None = None) 
     return int(torch.cuda.max_memory_allocated() - base)
 
 
-def memory_at_peak(fn: Callable[[], Any], top: int = 12) -> dict[str, Any]:
+def memory_at_peak(fn: Callable[[], Any], top: int = 24, marker: str | None = None) -> dict[str, Any]:
     """What is alive when one call of ``fn`` reaches its peak of allocated CUDA memory.
 
     Records the allocator's history for the call, replays it to the peak, and sums the live blocks by the
     innermost frame of the code that allocated them (chronipatch, transformers, torch's compiled graphs);
-    blocks from before the call are one line. Also names where the peak was reached.
+    blocks from before the call are one line. Also names where the peak was reached. ``marker``: the name of
+    a function that ``fn`` calls to allocate one small block at a point worth comparing (a forward's end);
+    the live blocks at that point are summed the same way.
     """
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -238,28 +240,53 @@ def memory_at_peak(fn: Callable[[], Any], top: int = 12) -> dict[str, Any]:
                 peak, at = cur, i
         elif ev["action"] == "free_requested":
             cur -= ev["size"]
-    live: dict[int, dict] = {}
-    for ev in trace[: at + 1]:
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-        elif ev["action"] == "free_requested":
-            live.pop(ev["addr"], None)
-    by_site: dict[str, list] = {}
-    for ev in live.values():
-        entry = by_site.setdefault(_alloc_site(ev.get("frames", [])), [0, 0])
-        entry[0] += ev["size"]
-        entry[1] += 1
-    freed_early = before + sum(ev["size"] for ev in live.values()) - peak  # blocks of before freed by then
-    rows = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]
-    return {
+    live = _live_blocks(trace, at)
+    freed_early = before + sum(ev["size"] for ev in live) - peak  # blocks of before freed by then
+    out = {
         "peak_GiB": peak / 2**30,
         "before_GiB": before / 2**30,
         "before_freed_GiB": freed_early / 2**30,
         "peak_reached_in": _alloc_site(trace[at].get("frames", []), depth=4)
         if at >= 0
         else "before the call",
-        "live_at_peak_MiB": [(site, round(size / 2**20, 1), n) for site, (size, n) in rows],
+        "live_at_peak_MiB": _by_site(live, top),
     }
+    marks = [i for i, ev in enumerate(trace) if ev["action"] == "alloc" and _called(ev, marker)]
+    if marker and marks:
+        live = _live_blocks(trace, marks[0])
+        out["at_marker_GiB"] = (before + sum(ev["size"] for ev in live) - freed_early) / 2**30
+        out["live_at_marker_MiB"] = _by_site(live, top)
+    return out
+
+
+def _live_blocks(trace: list[dict], at: int) -> list[dict]:
+    """The blocks allocated within the trace and not yet freed at its event ``at``."""
+    live: dict[int, dict] = {}
+    for ev in trace[: at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] == "free_requested":
+            live.pop(ev["addr"], None)
+    return list(live.values())
+
+
+def _by_site(blocks: list[dict], top: int) -> list[tuple[str, float, int]]:
+    """(site, MiB, blocks) of the ``top`` sites by bytes, and the rest as one row."""
+    by_site: dict[str, list] = {}
+    for ev in blocks:
+        entry = by_site.setdefault(_alloc_site(ev.get("frames", [])), [0, 0])
+        entry[0] += ev["size"]
+        entry[1] += 1
+    rows = sorted(by_site.items(), key=lambda kv: -kv[1][0])
+    rest = rows[top:]
+    out = [(site, round(size / 2**20, 1), n) for site, (size, n) in rows[:top]]
+    if rest:
+        out.append(("(the rest)", round(sum(v[0] for _, v in rest) / 2**20, 1), sum(v[1] for _, v in rest)))
+    return out
+
+
+def _called(ev: dict, name: str | None) -> bool:
+    return name is not None and any(f["name"] == name for f in ev.get("frames", []))
 
 
 def memory_sections(rows: Sequence[dict], labels: Sequence[str]) -> list:
@@ -276,6 +303,10 @@ def memory_sections(rows: Sequence[dict], labels: Sequence[str]) -> list:
         )
         table = [{"allocated by": s, "MiB": m, "blocks": n} for s, m, n in mem["live_at_peak_MiB"]]
         sections.append((f"live at the memory peak, {name} (--memory): {head}", table, None))
+        if "live_at_marker_MiB" in mem:
+            table = [{"allocated by": s, "MiB": m, "blocks": n} for s, m, n in mem["live_at_marker_MiB"]]
+            head = f"{mem['at_marker_GiB']:.3f} GiB allocated"
+            sections.append((f"live at the end of the forward, {name} (--memory): {head}", table, None))
     return sections
 
 

@@ -5,6 +5,7 @@ fallbacks (LoRA, hooks, autocast, mixed dtypes) and the memory it saves, against
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -96,3 +97,60 @@ def test_keeps_two_fewer_activations_per_layer():
     per_norm = ids.numel() * (COMMON["hidden_size"] + 1) * 4
     saved = kept(norm_recompute=False) - kept()
     assert saved == 2 * COMMON["num_hidden_layers"] * per_norm
+
+
+def _graph_ops(model, ids, labels) -> Counter:
+    """The chronipatch ops in dynamo's graph of a compiled training forward, by name."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=labels)
+    torch._dynamo.reset()
+    return Counter(
+        str(n.target).split(".")[1]
+        for gm in graphs
+        for n in gm.graph.nodes
+        if n.op == "call_function" and str(n.target).startswith("chronipatch.")
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_forward_runs_the_eager_ops(family, op_calls):
+    """A compiled forward fuses what the eager one does: each layer's norms inside their projections, not
+    a norm whose [N, H] output the projections' backward then keeps. (The checks that choose the fused
+    path read the modules; a check that traced differently would fall back silently, losing only memory.)"""
+    model = tiny_model(family).train()
+    chronipatch.apply(model)
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels)
+    eager = Counter({op: n for op, n in op_calls.items() if n})
+    layers = COMMON["num_hidden_layers"]
+    assert eager["rms_norm_linear"] == 2 * layers
+    # Public names and op names differ only where the public function picks between two ops.
+    graph = _graph_ops(model, ids, labels)
+    assert graph == eager, (graph, eager)
+
+
+def test_compiled_forward_fuses_where_the_binding_traces_to_none(monkeypatch, op_calls):
+    """torch 2.11's dynamo traces ``bound_forward`` (the function behind a module's bound forward) to
+    None; the compiled forward must still find the fused path (``layers.runs`` reads ``apply``'s own mark)."""
+    from chronipatch import layers
+
+    real = layers.bound_forward
+    monkeypatch.setattr(layers, "bound_forward", lambda m: None if torch.compiler.is_compiling() else real(m))
+    model = tiny_model("llama").train()
+    chronipatch.apply(model)
+    graph = _graph_ops(model, *batch())
+    assert graph["rms_norm_linear"] == 2 * COMMON["num_hidden_layers"] and graph["rms_norm"] == 1, graph
+
+
+def test_revert_removes_the_mark():
+    model = tiny_model("llama")
+    before = {name: set(m.__dict__) for name, m in model.named_modules()}
+    chronipatch.apply(model)
+    chronipatch.revert(model)
+    assert {name: set(m.__dict__) for name, m in model.named_modules()} == before

@@ -71,8 +71,8 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
     """HF decoder layer whose RMSNorms run inside the projections they feed (``normed_projections``), where
     the attention and the MLP run our forwards: their [N, H] outputs are recomputed in the backward."""
-    attn_norm = self.input_layernorm if bound_forward(self.self_attn) is attention_forward else None
-    mlp_norm = self.post_attention_layernorm if bound_forward(self.mlp) is mlp_forward else None
+    attn_norm = self.input_layernorm if runs(self.self_attn, attention_forward) else None
+    mlp_norm = self.post_attention_layernorm if runs(self.mlp, mlp_forward) else None
     residual = hidden_states
     if attn_norm is None:
         hidden_states = self.input_layernorm(hidden_states)
@@ -99,7 +99,7 @@ def normed_projections(norm, x: torch.Tensor, projections) -> list[torch.Tensor]
     if norm is None:
         return [p(x) for p in projections]
     if (
-        bound_forward(norm) is rms_norm_forward
+        runs(norm, rms_norm_forward)
         and no_hooks(norm)
         and norm.weight.dtype == x.dtype
         and not isinstance(norm.weight, DTensor)
@@ -124,6 +124,20 @@ def mlp_forward(self, x: torch.Tensor, input_norm=None) -> torch.Tensor:
 def bound_forward(module: torch.nn.Module):
     """The function behind a forward bound on this instance (None for the class's own forward)."""
     return getattr(module.__dict__.get("forward"), "__func__", None)
+
+
+# ``apply`` also keeps the function it binds as a plain attribute: while compiling, torch 2.11 traces
+# ``bound_forward`` to None (silently: the layers then took the unfused path, and their compiled graph kept
+# every norm's output), and a plain attribute holding a function traces exactly.
+BOUND = "_chronipatch_forward"
+
+
+def runs(module: torch.nn.Module, fn) -> bool:
+    """Whether ``module``'s forward is ``fn`` as ``apply`` bound it (eager calls also check the binding
+    itself, which a later rebinding would have replaced)."""
+    if getattr(module, BOUND, None) is not fn:
+        return False
+    return torch.compiler.is_compiling() or bound_forward(module) is fn
 
 
 def no_hooks(m: torch.nn.Module) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import attention as varlen
-from .layers import bound_forward
+from .layers import BOUND, bound_forward
 from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
 
 _PREV_ATTN = "_chronipatch_prev_attn_implementation"
@@ -127,6 +127,7 @@ def apply(
             report.left.append((path, cls, why))
             continue
         module.forward = types.MethodType(swap.forward, module)
+        setattr(module, BOUND, swap.forward)
         report.swapped.append((path, cls, swap.op))
     for entries in (report.swapped, report.already, report.left):
         entries.reverse()
@@ -159,6 +160,8 @@ def revert(model: nn.Module) -> int:
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1
+        if BOUND in module.__dict__:
+            delattr(module, BOUND)
     return restored
 
 
