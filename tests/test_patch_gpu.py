@@ -92,14 +92,15 @@ def test_fused_down_projection_changes_only_its_weight_gradient_gpu(autocast, mo
     """``swiglu_linear`` against the unfused ``down_proj(swiglu(g, u))`` in one patched model, in bf16 and
     under autocast over fp32 weights: the same kernels and GEMMs, so loss and every gradient but down_proj's
     are bit-identical; down_proj's dW (the one GEMM written differently: dout.T @ h, where autograd computes
-    (h.T @ dout).T) agrees to bf16 rounding."""
+    (h.T @ dout).T) agrees to bf16 rounding. The norm recompute stays off: the unfused switch below
+    (``plain_linear``) also turns it off, and its dy sum rounds differently from autograd's."""
     from chronipatch import layers
 
     torch.manual_seed(0)
     model = causal_lm("llama-3.2-1b", num_hidden_layers=4, attn_implementation="sdpa").to("cuda")
     if not autocast:
         model = model.to(torch.bfloat16)
-    chronipatch.apply(model)
+    chronipatch.apply(model, norm_recompute=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 512), device="cuda")
 
     def run():
