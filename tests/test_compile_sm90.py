@@ -98,7 +98,7 @@ def _cases() -> list[tuple]:
                 *(
                     (
                         f"lce_fwd_{dt}{'' if token_stats else '_no_token_stats'}",
-                        "linear_cross_entropy",
+                        "_lce_chunks",
                         "_fwd_chunk_kernel",
                         {"Z": "*fp32", "LABELS": "*i64", "ARG": "*i64"} | stats | chunk,
                         {"BLOCK_V": 2048, "TOKEN_STATS": token_stats},
@@ -107,7 +107,7 @@ def _cases() -> list[tuple]:
                 ),
                 (
                     f"lce_bwd_{dt}",
-                    "linear_cross_entropy",
+                    "_lce_chunks",
                     "_bwd_chunk_kernel",
                     {"Z": "*fp32", "LABELS": "*i64", "STATS": "*fp32", "DROWS": "*fp32"} | chunk,
                     {"BLOCK_V": 1024},

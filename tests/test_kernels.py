@@ -19,6 +19,7 @@ rms = importlib.import_module("chronipatch.ops.rms_norm")
 swi = importlib.import_module("chronipatch.ops.swiglu")
 rope = importlib.import_module("chronipatch.ops.rope")
 lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+chunks = importlib.import_module("chronipatch.ops._lce_chunks")
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
 
 DTYPES = [torch.float32, torch.float16]
@@ -114,9 +115,9 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
     ids=["fp32", "fp32-fp64-gemms", "fp16", "fp16-pointer-loads"],
 )
 def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
-    monkeypatch.setattr(lce, "CHUNK_BYTES", 64)  # many vocabulary chunks, also a ragged last one
-    monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)  # and several tiles per chunk (the online rescale)
-    monkeypatch.setattr(lce, "BLOCK_V", 128)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 64)  # many vocabulary chunks, also a ragged last one
+    monkeypatch.setattr(chunks, "FWD_BLOCK_V", 128)  # and several tiles per chunk (the online rescale)
+    monkeypatch.setattr(chunks, "BLOCK_V", 128)
     monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
     # fp16: tiles of 16 x 32 (several row blocks and vocabulary tiles, several per program), g chunks of one
     # tile width, and a merge that loops over the partials; loads by TMA (every shape here has 16-byte rows)
@@ -168,8 +169,8 @@ def test_lce_tiles_load_by_tma_only_where_rows_are_16_byte_aligned(monkeypatch):
 def test_lce_argmax_keeps_the_first_of_tied_maxima(dtype, small, monkeypatch):
     """Token accuracy counts argmax == label with torch's first-maximum rule, across tiles, vocabulary chunks
     (fp32) and the merge's blocks of partials (fp16)."""
-    monkeypatch.setattr(lce, "CHUNK_BYTES", 64 if small else 1 << 20)  # 64: vocabulary chunks of 256 columns
-    monkeypatch.setattr(lce, "FWD_BLOCK_V", 128)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 64 if small else 1 << 20)  # 64: chunks of 256 columns
+    monkeypatch.setattr(chunks, "FWD_BLOCK_V", 128)
     small_lce_tiles(monkeypatch)  # tile 0 holds column 5, tile 18 column 600
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16 if small else 1024)
     z = torch.zeros(700)
@@ -207,17 +208,17 @@ def test_lce_backward_recomputes_the_forward_chunks(wide, monkeypatch):
     bit the logits the row statistics came from, in both backward GEMM modes."""
     n, vocab = 9, 2000
     # fp32 chunks of 512 columns; sizing them for any other element width would give 256.
-    monkeypatch.setattr(lce, "CHUNK_BYTES", n * 4 * 512)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", n * 4 * 512)
     monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
-    walked, chunks = [], lce._logit_chunks
+    walked, logit_chunks = [], chunks._logit_chunks
 
     def spy(*args, **kwargs):
         walked.append([])
-        for v0, w, z in chunks(*args, **kwargs):
+        for v0, w, z in logit_chunks(*args, **kwargs):
             walked[-1].append((v0, z.clone()))  # before the backward overwrites z with g
             yield v0, w, z
 
-    monkeypatch.setattr(lce, "_logit_chunks", spy)
+    monkeypatch.setattr(chunks, "_logit_chunks", spy)
     hid, w = _r(n, 16, dtype=torch.float32), _r(vocab, 16, dtype=torch.float32)
     labels = torch.randint(0, vocab, (n,), device=KERNEL_DEVICE)
     stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
