@@ -233,6 +233,7 @@ def memory_at_peak(fn: Callable[[], Any], top: int = 24, marker: str | None = No
         torch.cuda.memory._record_memory_history(enabled=None)
     cur = peak = before
     at = -1
+    allocated = []  # bytes allocated after each event
     for i, ev in enumerate(trace):
         if ev["action"] == "alloc":
             cur += ev["size"]
@@ -240,6 +241,7 @@ def memory_at_peak(fn: Callable[[], Any], top: int = 24, marker: str | None = No
                 peak, at = cur, i
         elif ev["action"] == "free_requested":
             cur -= ev["size"]
+        allocated.append(cur)
     live = _live_blocks(trace, at)
     freed_early = before + sum(ev["size"] for ev in live) - peak  # blocks of before freed by then
     out = {
@@ -254,7 +256,7 @@ def memory_at_peak(fn: Callable[[], Any], top: int = 24, marker: str | None = No
     marks = [i for i, ev in enumerate(trace) if ev["action"] == "alloc" and _called(ev, marker)]
     if marker and marks:
         live = _live_blocks(trace, marks[0])
-        out["at_marker_GiB"] = (before + sum(ev["size"] for ev in live) - freed_early) / 2**30
+        out["at_marker_GiB"] = allocated[marks[0]] / 2**30
         out["live_at_marker_MiB"] = _by_site(live, top)
     return out
 

@@ -135,7 +135,7 @@ def test_compiled_forward_runs_the_eager_ops(family, op_calls):
     assert graph == eager, (graph, eager)
 
 
-def test_compiled_forward_fuses_where_the_binding_traces_to_none(monkeypatch, op_calls):
+def test_compiled_forward_fuses_where_the_binding_traces_to_none(monkeypatch):
     """torch 2.11's dynamo traces ``bound_forward`` (the function behind a module's bound forward) to
     None; the compiled forward must still find the fused path (``layers.runs`` reads ``apply``'s own mark)."""
     from chronipatch import layers
@@ -154,3 +154,32 @@ def test_revert_removes_the_mark():
     chronipatch.apply(model)
     chronipatch.revert(model)
     assert {name: set(m.__dict__) for name, m in model.named_modules()} == before
+
+
+def test_apply_marks_forwards_bound_without_their_mark(op_calls):
+    """A forward of ours bound without the mark (by hand) is reported as already patched and marked, so
+    its layer fuses as after a fresh ``apply``."""
+    from chronipatch import layers
+
+    model = tiny_model("llama")
+    chronipatch.apply(model)
+    for m in model.modules():
+        m.__dict__.pop(layers.BOUND, None)
+    report = chronipatch.apply(model)
+    assert not report.swapped and report.already
+    op_calls.clear()
+    model(*batch())
+    assert op_calls["rms_norm_linear"] == 2 * COMMON["num_hidden_layers"]
+
+
+def test_accelerate_hooked_modules_keep_their_calls(op_calls):
+    """A module carrying an accelerate hook (``_hf_hook``, whose wrapper rebinds forward) is called, not
+    fused past, in eager and compiled forwards alike."""
+    model = tiny_model("llama")
+    chronipatch.apply(model)
+    model.model.layers[0].input_layernorm._hf_hook = object()
+    ids, labels = batch()
+    op_calls.clear()
+    model(input_ids=ids, labels=labels)
+    assert op_calls["rms_norm_linear"] == 2 * COMMON["num_hidden_layers"] - 1
+    assert _graph_ops(model, ids, labels)["rms_norm_linear"] == 2 * COMMON["num_hidden_layers"] - 1

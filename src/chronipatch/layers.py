@@ -133,9 +133,10 @@ BOUND = "_chronipatch_forward"
 
 
 def runs(module: torch.nn.Module, fn) -> bool:
-    """Whether ``module``'s forward is ``fn`` as ``apply`` bound it (eager calls also check the binding
-    itself, which a later rebinding would have replaced)."""
-    if getattr(module, BOUND, None) is not fn:
+    """Whether ``module``'s forward is ``fn`` as ``apply`` bound it. Eager calls also check the binding
+    itself; compiled ones read the mark alone, so a forward rebound or deleted by hand after ``apply`` (not
+    by ``revert``) is not seen there. accelerate's hooks, which rebind it, are (``_hf_hook``)."""
+    if getattr(module, BOUND, None) is not fn or hasattr(module, "_hf_hook"):
         return False
     return torch.compiler.is_compiling() or bound_forward(module) is fn
 

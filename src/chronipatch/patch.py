@@ -117,6 +117,7 @@ def apply(
             report.left.append((path, cls, f"{swap.switch}=False"))
             continue
         if bound_forward(module) is swap.forward:
+            setattr(module, BOUND, swap.forward)  # bound without its mark (by hand): the layers read the mark
             report.already.append((path, cls, swap.op))
             continue
         if "forward" in module.__dict__:

@@ -12,20 +12,20 @@ softmax = exp(z - m) / s as stock does: one fp32 lse loses the probabilities' pr
 |lse| is large, and z - m keeps both sums free of cancellation.
 Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weight dtype:
     dh = g W,  dW = g^T h
-bf16/fp16 inputs run ``_lce_tiles``: each kernel computes [BM, BN] tiles of the logits in registers and
-folds them at once (row statistics forward; g of one vocabulary chunk backward, whose dh and dW[chunk]
-are cuBLAS GEMMs), so fp32 logits never reach memory. fp32 inputs walk the vocabulary in chunks of Vc
-fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's): the forward keeps only the running (max, sum,
-target logit; entropy sum and argmax when asked for) per row; the backward recomputes each chunk's
-logits, writes g over them and dW[chunk] in one GEMM. Both accumulate dh in fp32 and sum dW over all
-rows in one GEMM per chunk (fp32 accumulation, as the stock head). Peak extra memory is one [N, Vc]
-chunk (of g, or of fp32 logits; 192 MiB), fp32 dh and a copy of h with ignored rows zeroed, or in the
-tile forward its per-tile partials (8 bytes per row and 128 columns, 20 with token stats; at most
-``_lce_tiles.PART_BYTES`` = 128 MiB per launch, rows walked in chunks); the gradients are exact (no
-filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs whose fp64 GEMMs are
-as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and the dh sum run in fp64:
-chunked fp32 GEMMs sum in another order than stock's single GEMM and can land further from the truth
-than it; fp64 sums land nearer. That path also holds fp64 copies of h, dh and half a chunk.
+bf16/fp16 inputs run ``_lce_tiles``, fp32 inputs ``_lce_chunks``. The tiles: each kernel computes [BM,
+BN] tiles of the logits in registers and folds them at once (row statistics forward; g of one vocabulary
+chunk backward, whose dh and dW[chunk] are cuBLAS GEMMs), so fp32 logits never reach memory. fp32 inputs
+walk the vocabulary in chunks of Vc fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's): the forward
+keeps only the running (max, sum, target logit; entropy sum and argmax when asked for) per row; the
+backward recomputes each chunk's logits, writes g over them and dW[chunk] in one GEMM. Both accumulate
+dh in fp32 and sum dW over all rows in one GEMM per chunk (fp32 accumulation, as the stock head). Peak
+extra memory is one [N, Vc] chunk (of g, or of fp32 logits; 192 MiB), fp32 dh and a copy of h with
+ignored rows zeroed, or in the tile forward its per-tile partials (8 bytes per row and 128 columns, 20
+with token stats; at most ``_lce_tiles.PART_BYTES`` = 128 MiB per launch, rows walked in chunks); the
+gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs whose
+fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and the dh sum run
+in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and can land further from the
+truth than it; fp64 sums land nearer. That path also holds fp64 copies of h, dh and half a chunk.
 
 The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
 unroll nor reorder it into a larger memory peak.

@@ -3,7 +3,7 @@
     out_i  = y W_i^T + b_i
 Autograd would keep y ([N, H]) for the projections' weight gradients, beside the x the norm keeps. Here the
 backward runs the forward's kernel on x again (the same y, bit for bit, and its rstd), then
-    dy     = sum_i dout_i W_i                      (in x's dtype: each GEMM adds the running sum in fp32)
+    dy     = sum_i dout_i W_i                      (in x's dtype: each GEMM adds the running sum)
     dW_i   = dout_i^T y,   db_i = sum_rows dout_i
     dx, dw_n = the RMSNorm backward of dy
 so a decoder layer keeps one [N, H] tensor less per norm: 1 GiB at Llama-3.2-1B's 16 layers of 4 x 2048
@@ -63,10 +63,12 @@ def _bwd(
 
 
 def _mm_acc(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    """acc + a @ b, with acc updated in place: cuBLAS adds acc to the fp32 product before its one rounding, so
-    the sum of the projections' input gradients rounds once per projection (stock rounds each product and
-    then each sum). An fp32 sum cost 0.668 ms against 0.541 at Llama-3.2-1B's q/k/v and 3% of its compiled
-    training step (fp32-output GEMMs), for a dx error of 0.024 against this sum's 0.071 and stock's 0.080
+    """acc + a @ b, with acc updated in place: cuBLAS adds acc to the product, accumulated in fp32, before
+    rounding to the weight dtype, so the sum of the projections' input gradients rounds about once per
+    projection (stock rounds each product and then each sum; cuBLAS may also round partial sums where
+    torch's reduced-precision reductions are allowed, its default for bf16/fp16). An fp32 sum cost 0.668
+    ms against 0.541 at Llama-3.2-1B's q/k/v and 3% of its compiled training step (fp32-output GEMMs), for
+    a dx error of 0.024 against this sum's 0.071 and stock's 0.080
     (bench/results/2026-12-03-h200/README.md)."""
     return a @ b if acc is None else acc.addmm_(a, b)
 
