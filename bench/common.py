@@ -253,11 +253,10 @@ def memory_at_peak(fn: Callable[[], Any], top: int = 24, marker: str | None = No
         else "before the call",
         "live_at_peak_MiB": _by_site(live, top),
     }
-    marks = [i for i, ev in enumerate(trace) if ev["action"] == "alloc" and _called(ev, marker)]
-    if marker and marks:
-        live = _live_blocks(trace, marks[0])
-        out["at_marker_GiB"] = allocated[marks[0]] / 2**30
-        out["live_at_marker_MiB"] = _by_site(live, top)
+    mark = next((i for i, ev in enumerate(trace) if marker and _called(ev, marker)), None)
+    if mark is not None:
+        out["at_marker_GiB"] = allocated[mark] / 2**30
+        out["live_at_marker_MiB"] = _by_site(_live_blocks(trace, mark), top)
     return out
 
 
@@ -287,8 +286,9 @@ def _by_site(blocks: list[dict], top: int) -> list[tuple[str, float, int]]:
     return out
 
 
-def _called(ev: dict, name: str | None) -> bool:
-    return name is not None and any(f["name"] == name for f in ev.get("frames", []))
+def _called(ev: dict, name: str) -> bool:
+    """Whether the event is an allocation made inside a call of the function ``name``."""
+    return ev["action"] == "alloc" and any(f["name"] == name for f in ev.get("frames", []))
 
 
 def memory_sections(rows: Sequence[dict], labels: Sequence[str]) -> list:

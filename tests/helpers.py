@@ -37,6 +37,20 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def dynamo_graphs(model, **inputs) -> list:
+    """The graphs dynamo captures for one compiled call ``model(**inputs)`` (fullgraph, run by eager)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(**inputs)
+    torch._dynamo.reset()
+    return graphs
+
+
 def small_lce_tiles(monkeypatch) -> None:
     """Tiles of 16 x 32 on both load paths (TMA and pointers) of the loss's tile kernels."""
     tiles = importlib.import_module("chronipatch.ops._lce_tiles")

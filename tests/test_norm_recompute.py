@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import chronipatch
-from helpers import saved_bytes
+from helpers import dynamo_graphs, saved_bytes
 from test_patch import _assert_same, _loss_and_grads
 from tiny import COMMON, FAMILIES, batch, tiny_model
 
@@ -101,18 +101,9 @@ def test_keeps_two_fewer_activations_per_layer():
 
 def _graph_ops(model, ids, labels) -> Counter:
     """The chronipatch ops in dynamo's graph of a compiled training forward, by name."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=labels)
-    torch._dynamo.reset()
     return Counter(
         str(n.target).split(".")[1]
-        for gm in graphs
+        for gm in dynamo_graphs(model, input_ids=ids, labels=labels)
         for n in gm.graph.nodes
         if n.op == "call_function" and str(n.target).startswith("chronipatch.")
     )

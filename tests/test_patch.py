@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import chronipatch
-from helpers import INTERPRET
+from helpers import INTERPRET, dynamo_graphs
 from tiny import FAMILIES, batch, tiny_model
 
 FAMS = list(FAMILIES)
@@ -461,16 +461,8 @@ def test_lora_on_the_head_keeps_the_stock_head():
 
 def _compiled_sdpa_masks(model, **kw) -> list[bool]:
     """Whether each SDPA call of the compiled training forward gets a mask (dynamo's graph, labels given)."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     ids, labels = batch()
-    torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=labels, **kw)
-    torch._dynamo.reset()
+    graphs = dynamo_graphs(model, input_ids=ids, labels=labels, **kw)
     calls = [
         n
         for gm in graphs

@@ -14,10 +14,8 @@ Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weigh
     dh = g W,  dW = g^T h
 bf16/fp16 inputs run ``_lce_tiles``, fp32 inputs ``_lce_chunks``. The tiles: each kernel computes [BM,
 BN] tiles of the logits in registers and folds them at once (row statistics forward; g of one vocabulary
-chunk backward, whose dh and dW[chunk] are cuBLAS GEMMs), so fp32 logits never reach memory. fp32 inputs
-walk the vocabulary in chunks of Vc fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's): the forward
-keeps only the running (max, sum, target logit; entropy sum and argmax when asked for) per row; the
-backward recomputes each chunk's logits, writes g over them and dW[chunk] in one GEMM. Both accumulate
+chunk backward, whose dh and dW[chunk] are cuBLAS GEMMs), so fp32 logits never reach memory; the chunks
+are Vc fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's; their module says how). Both accumulate
 dh in fp32 and sum dW over all rows in one GEMM per chunk (fp32 accumulation, as the stock head). Peak
 extra memory is one [N, Vc] chunk (of g, or of fp32 logits; 192 MiB), fp32 dh and a copy of h with
 ignored rows zeroed, or in the tile forward its per-tile partials (8 bytes per row and 128 columns, 20
