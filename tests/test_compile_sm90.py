@@ -123,11 +123,12 @@ def _cases() -> list[tuple]:
                 if tma
                 else {"HD": f"*{dt}", "WD": f"*{dt}"}  # stand-ins the kernels never read
             )
-            gemm = {"H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"} | loads
-            gemm |= _ints("stride_h", "stride_w", "n", "vocab", "hdim", "ignore_index", "group")
+            gemm = {"H": f"*{dt}", "W": f"*{dt}"} | loads
+            gemm |= _ints("stride_h", "stride_w", "n", "vocab", "hdim")
+            labels = {"LABELS": "*i64"} | _ints("ignore_index")
             shape = {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": True, "UPCAST": False, "TMA": tma}
             shape["NUM_PROGS"] = 132 * per_sm  # an H100 SXM's SMs
-            parts = dict.fromkeys(("MP", "SP", "EP", "ZLAB"), "*fp32") | {"AP": "*i64", "n_tiles_v": "i32"}
+            parts = dict.fromkeys(("MP", "SP", "EP"), "*fp32") | _ints("n_tiles_v", "group") | {"AP": "*i64"}
             path = "" if tma else "_pointer_loads"
             cases += [
                 *(
@@ -146,22 +147,25 @@ def _cases() -> list[tuple]:
                     "_lce_tiles",
                     "_bwd_tiles_kernel",
                     gemm
+                    | labels
                     | {"G": f"*{dt}", "STATS": "*fp32", "DROWS": "*fp32"}
-                    | _ints("stride_g", "v0", "vc"),
+                    | _ints("stride_g", "v0", "vc", "group"),
                     shape,
                     {"num_warps": warps, "num_stages": stages},
                 ),
             ]
-    cases.append(
+    cases += [
         (
-            "lce_tiles_merge",
+            f"lce_tiles_merge_{dt}",
             "_lce_tiles",
             "_merge_kernel",
-            dict.fromkeys(("MP", "SP", "EP", "M", "S", "E"), "*fp32")
-            | {"AP": "*i64", "ARG": "*i64", "n_tiles_v": "i32"},
-            {"BLOCK_T": 1024, "TOKEN_STATS": True},
+            dict.fromkeys(("MP", "SP", "EP", "M", "S", "E", "ZLAB"), "*fp32")
+            | {"AP": "*i64", "ARG": "*i64", "H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"}
+            | _ints("stride_h", "stride_w", "vocab", "hdim", "n_tiles_v", "ignore_index"),
+            {"BLOCK_T": 1024, "BLOCK_H": 1024, "TOKEN_STATS": True},
         )
-    )
+        for dt in ("bf16", "fp16")
+    ]
     return cases
 
 

@@ -66,8 +66,9 @@ def lce_fwd_triton(
     run = tiles_fwd if _tiled(hidden) else chunks_fwd
     m, s, e, arg, zlab = run(hidden, weight, labels, ignore_index, token_stats)
     logsum = torch.log(s)
-    # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
-    loss = torch.where(labels != ignore_index, logsum - reference.centred(zlab, m), 0.0)
+    # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability. The
+    # tiles' label logit is summed apart from the max (another order): at or above 0 keeps CE's sign.
+    loss = torch.where(labels != ignore_index, (logsum - reference.centred(zlab, m)).clamp_min(0.0), 0.0)
     if not token_stats:
         return loss, torch.stack([m, s], -1), loss.new_empty(0), loss.new_empty(0)
     return loss, torch.stack([m, s], -1), logsum - e / s, (arg == labels).float()
