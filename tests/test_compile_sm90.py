@@ -166,6 +166,27 @@ def _cases() -> list[tuple]:
         )
         for dt in ("bf16", "fp16")
     ]
+    cases += [
+        (
+            f"lce_tiles_label_grad_{dt}",
+            "_lce_tiles",
+            "_label_grad_kernel",
+            {"H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"}
+            | dict.fromkeys(("STATS", "DROWS", "GY"), "*fp32")
+            | _ints("stride_h", "stride_w", "vocab", "hdim", "ignore_index"),
+            {"BLOCK_H": 1024},
+        )
+        for dt in ("bf16", "fp16")
+    ]
+    cases.append(
+        (
+            "lce_tiles_put_label_grad",
+            "_lce_tiles",
+            "_put_label_grad_kernel",
+            {"G": "*bf16", "LABELS": "*i64", "GY": "*fp32"} | _ints("stride_g", "n", "v0", "vc"),
+            {"BLOCK": 1024},
+        )
+    )
     return cases
 
 

@@ -4,18 +4,22 @@ Each program computes one [BM, BN] tile of z = h W^T in fp32 registers (the GEMM
 stored) and folds it at once:
     forward:  per row, the tile's max m_j, sum s_j = sum exp(z - m_j) (and entropy sum e_j, first argmax),
               written as [N, T] partials (T = ceil(V / BN)); one program per row then merges them,
-              m = max_j m_j, s = sum_j s_j exp(m_j - m), e = sum_j exp(m_j - m) (e_j + s_j (m_j - m));
-    backward: g = (exp(z - m) / s - onehot(y)) * dloss, stored in the weight dtype for one vocabulary
-              chunk, whose dh = g W and dW = g^T h are cuBLAS GEMMs.
+              m = max_j m_j, s = sum_j s_j exp(m_j - m), e = sum_j exp(m_j - m) (e_j + s_j (m_j - m)),
+              and takes the label's logit z_y = h . w_y;
+    backward: g = exp(z - m) / s * dloss, stored in the weight dtype for one vocabulary chunk, the label's
+              entry (exp(z_y - m) / s - 1) * dloss put in after; dh = g W and dW = g^T h of the chunk are
+              cuBLAS GEMMs.
 So the fp32 logits never reach memory (the chunked path writes and reads them twice per pass). Forward and
 backward compute every tile with the same function on the same tile grid (a backward chunk starts at a
-multiple of BN), so the backward's logits are bit for bit those the statistics came from.
+multiple of BN), so the backward's logits are bit for bit those the statistics came from. The tiles carry
+no per-label work: searching each tile for its rows' labels cost ~1 ms of a 4.7 ms forward (8192 x 896,
+V = 151,936, H200).
 
 On Hopper and newer, the GEMM's operands arrive by TMA (16-byte aligned rows; rows and columns past the
-end read 0) in 128 x 256 tiles, the forward's loads in their own warps: 4.7 ms forward and 4.6 ms backward
-kernel at 8192 x 896, V = 151,936 on the H200, against 5.8 and 5.1 with pointer loads in 128 x 128 tiles
-in the same run (bench/results/2026-12-02-h200/lce_kernels_call21.md; the probe behind the choice,
-tiles_probe_call20.log). Pointer loads serve older GPUs and unaligned rows.
+end read 0) in 128 x 256 tiles, the forward's loads in their own warps (bench/results/2026-12-02-h200/
+lce_kernels_call21.md: 4.7 ms forward and 4.6 ms backward kernel then, against 5.8 and 5.1 with pointer
+loads in 128 x 128 tiles; the probe behind the choice, tiles_probe_call20.log). Pointer loads serve older
+GPUs and unaligned rows.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ TILE_PTR = (128, 128, 64, 8, 4, 1)
 TMA_LOADS = True  # off: pointer loads everywhere (tests of that path on aligned shapes)
 G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
 L2_ROWS_BYTES = 16 << 20  # hidden rows per group of programs sharing a weight tile (kept in L2)
-MERGE_BLOCK = 1024  # partials per step of the merge kernel's loop
+MERGE_BLOCK = 1024  # partials (or hidden features) per step of the merge kernel's loops
+LABEL_BLOCK = 1024  # rows per program of the kernel that puts the label's entries into g
 PART_BYTES = 128 << 20  # the forward's [rows, T] partials per launch: its rows are walked in chunks of this
 
 
@@ -96,11 +101,6 @@ def _tile_coords(tile, n, n_tiles_v, group, BM: tl.constexpr):
 
 
 @triton.jit
-def _any(flags):
-    return tl.max(flags.to(tl.int32), axis=0) == 1
-
-
-@triton.jit
 def _fold(z, m, TOKEN_STATS: tl.constexpr):
     """(sum exp(z - m), entropy sum or m) of a tile's rows, one form for every row max: z - m is taken as 0
     where z == m, so a +inf logit holds its row's probability (1 per +inf logit) and the other logits of
@@ -145,6 +145,18 @@ def _fwd_tiles_kernel(
 
 
 @triton.jit
+def _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H: tl.constexpr):
+    """h_row . w_y in fp32 (the products of 2-byte inputs are exact)."""
+    zy = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k0 in range(0, hdim, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        h = tl.load(H + row * stride_h + ks, mask=ks < hdim, other=0.0)
+        w = tl.load(W + y * stride_w + ks, mask=ks < hdim, other=0.0)
+        zy += h.to(tl.float32) * w.to(tl.float32)
+    return tl.sum(zy, axis=0)
+
+
+@triton.jit
 def _merge_kernel(
     MP, SP, EP, AP, M, S, E, ARG, H, W, LABELS, ZLAB, stride_h, stride_w, vocab, hdim, n_tiles_v,
     ignore_index, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TOKEN_STATS: tl.constexpr,
@@ -184,13 +196,7 @@ def _merge_kernel(
         tl.store(ARG + row, arg)
     y = tl.load(LABELS + row)
     if (y != ignore_index) & (y >= 0) & (y < vocab):  # the label check runs apart: no read out of bounds
-        zy = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        for k0 in range(0, hdim, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            h = tl.load(H + row * stride_h + ks, mask=ks < hdim, other=0.0)
-            w = tl.load(W + y * stride_w + ks, mask=ks < hdim, other=0.0)
-            zy += h.to(tl.float32) * w.to(tl.float32)
-        tl.store(ZLAB + row, tl.sum(zy, axis=0))
+        tl.store(ZLAB + row, _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H))
 
 
 @triton.jit
@@ -199,8 +205,9 @@ def _bwd_tiles_kernel(
     group, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     TMA: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
-    """g = (softmax - onehot) * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent,
-    as the forward; its loads stay in the compute warps, which measured faster here)."""
+    """g = softmax * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent, as the
+    forward; its loads stay in the compute warps, which measured faster here). The label's entry, softmax
+    - 1, is ``_label_grad_kernel``'s."""
     n_tiles_v = tl.cdiv(vc, BN)
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
@@ -220,12 +227,36 @@ def _bwd_tiles_kernel(
         # centred: a +inf logit holds its row's probability (where every row max is finite, acc - m; a branch
         # to that difference cost more than the select).
         g = tl.exp(centred(acc, m[:, None])) * (scale / s)[:, None]
-        if _any(keep & (y >= col0) & (y < col0 + BN)):  # the onehot, in the tiles that hold a label
-            g -= tl.where(cols[None, :] == y[:, None], scale[:, None], 0.0)
         # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
         g = tl.where(keep[:, None], g, 0.0)
         g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
         tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
+
+
+@triton.jit
+def _label_grad_kernel(
+    H, W, LABELS, STATS, DROWS, GY, stride_h, stride_w, vocab, hdim, ignore_index, BLOCK_H: tl.constexpr
+):  # fmt: skip
+    """g's entry at the label, (exp(z_y - m) / s - 1) * dloss, with z_y = h . w_y (0 for an ignored row).
+    Apart from the tiles: a search for the label in each tile cost them a branch and a [BM, BN] select."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(LABELS + row)
+    gy = 0.0
+    if (y != ignore_index) & (y >= 0) & (y < vocab):
+        zy = _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H)
+        m = tl.load(STATS + 2 * row)
+        gy = (tl.exp(centred(zy, m)) / tl.load(STATS + 2 * row + 1) - 1.0) * tl.load(DROWS + row)
+    tl.store(GY + row, gy)
+
+
+@triton.jit
+def _put_label_grad_kernel(G, LABELS, GY, stride_g, n, v0, vc, BLOCK: tl.constexpr):
+    """G[i, y_i - v0] = GY[i] for the rows whose label falls in the chunk [v0, v0 + vc)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(LABELS + rows, mask=rows < n, other=-1)
+    mine = (rows < n) & (y >= v0) & (y < v0 + vc)
+    gy = tl.load(GY + rows, mask=mine, other=0.0)
+    tl.store(G + rows.to(tl.int64) * stride_g + (y - v0), gy.to(G.dtype.element_ty), mask=mine)
 
 
 # ---------------------------------------------------------------- launchers
@@ -326,6 +357,11 @@ def tiles_bwd(
     hd, wd = _loads(hidden, weight, tma, bm, bn, bk)
     buf = hidden.new_empty(n * min(vc, vocab))  # one chunk of g alive at a time
     group_m = _group_m(hidden, bm)
+    gy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    _label_grad_kernel[(n,)](
+        hidden, weight, labels, stats, grad_rows, gy, hidden.stride(0), weight.stride(0), vocab, hdim,
+        ignore_index, BLOCK_H=min(pow2(hdim), MERGE_BLOCK), num_warps=4,
+    )  # fmt: skip
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
         g = buf[: n * w.shape[0]].view(n, w.shape[0])
@@ -334,6 +370,9 @@ def tiles_bwd(
             g.stride(0), n, vocab, hdim, v0, w.shape[0], ignore_index, group_m, BM=bm, BN=bn, BK=bk,
             EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, NUM_PROGS=progs,
             num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        _put_label_grad_kernel[(cdiv(n, LABEL_BLOCK),)](
+            g, labels, gy, g.stride(0), n, v0, w.shape[0], BLOCK=LABEL_BLOCK, num_warps=4
         )  # fmt: skip
         if dw.numel():
             torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])

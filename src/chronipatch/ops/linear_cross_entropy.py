@@ -18,8 +18,8 @@ chunk backward, whose dh and dW[chunk] are cuBLAS GEMMs), so fp32 logits never r
 are Vc fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's; their module says how). Both accumulate
 dh in fp32 and sum dW over all rows in one GEMM per chunk (fp32 accumulation, as the stock head). Peak
 extra memory is one [N, Vc] chunk (of g, or of fp32 logits; 192 MiB), fp32 dh and a copy of h with
-ignored rows zeroed, or in the tile forward its per-tile partials (8 bytes per row and 128 columns, 20
-with token stats; at most ``_lce_tiles.PART_BYTES`` = 128 MiB per launch, rows walked in chunks); the
+ignored rows zeroed, or in the tile forward its per-tile partials (8 bytes per row and tile of BN columns,
+20 with token stats; at most ``_lce_tiles.PART_BYTES`` = 128 MiB per launch, rows walked in chunks); the
 gradients are exact (no filtering of small probabilities). For fp32 inputs with TF32 off, on GPUs whose
 fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward GEMMs and the dh sum run
 in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and can land further from the
