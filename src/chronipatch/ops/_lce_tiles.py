@@ -12,14 +12,14 @@ stored) and folds it at once:
 So the fp32 logits never reach memory (the chunked path writes and reads them twice per pass). Forward and
 backward compute every tile with the same function on the same tile grid (a backward chunk starts at a
 multiple of BN), so the backward's logits are bit for bit those the statistics came from. The tiles carry
-no per-label work: searching each tile for its rows' labels cost ~1 ms of a 4.7 ms forward (8192 x 896,
-V = 151,936, H200).
+no per-label work and no branch on the rows' finiteness: at 8192 x 896, V = 151,936 on the H200 that took
+the forward from 4.7 to 3.7 ms and the backward kernel from 4.6 to 4.2 (bench/results/2026-12-03-h200/
+lce_kernels_call8.md against 2026-12-02-h200/lce_kernels_call21.md; the probe, lce_probe_call7.log).
 
 On Hopper and newer, the GEMM's operands arrive by TMA (16-byte aligned rows; rows and columns past the
-end read 0) in 128 x 256 tiles, the forward's loads in their own warps (bench/results/2026-12-02-h200/
-lce_kernels_call21.md: 4.7 ms forward and 4.6 ms backward kernel then, against 5.8 and 5.1 with pointer
-loads in 128 x 128 tiles; the probe behind the choice, tiles_probe_call20.log). Pointer loads serve older
-GPUs and unaligned rows.
+end read 0) in 128 x 256 tiles, the forward's loads in their own warps (5.8 ms forward and 5.1 backward
+kernel with pointer loads in 128 x 128 tiles, 4.7 and 4.6 by TMA, in call 21; the probe behind the choice,
+tiles_probe_call20.log). Pointer loads serve older GPUs and unaligned rows.
 """
 
 from __future__ import annotations
