@@ -352,3 +352,15 @@ def test_lce_nan_logit_gives_a_nan_loss(dtype, monkeypatch):
     got = lce.lce_fwd_triton(hid, w.to(KERNEL_DEVICE), labels, -100)
     assert got[0].isnan().all() and got[2].isnan().all()  # loss and entropy
     assert reference.lce_fwd(hid.cpu(), w, labels.cpu(), -100)[0].isnan().all()
+
+
+def test_lce_loss_of_a_label_logit_summed_above_the_max_is_zero(monkeypatch):
+    """The tiles' label logit is summed in another order than the row max: where it lands one ulp above the
+    max of a row holding all the probability, the loss is CE's 0, not a negative one."""
+    m, s = torch.tensor([5.0, 5.0]), torch.tensor([1.0, 1.5])
+    zlab = torch.nextafter(m, torch.tensor(float("inf")))
+    empty = m.new_empty(0)
+    monkeypatch.setattr(lce, "tiles_fwd", lambda *args: (m, s, empty, empty.long(), zlab))
+    hid, w = torch.zeros(2, 8, dtype=torch.float16), torch.zeros(4, 8, dtype=torch.float16)
+    loss = lce.lce_fwd_triton(hid, w, torch.tensor([1, 2]), -100, token_stats=False)[0]
+    assert loss[0] == 0 and loss[1] == torch.log(s[1]) - (zlab[1] - m[1])
