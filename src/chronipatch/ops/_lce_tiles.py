@@ -145,6 +145,12 @@ def _fwd_tiles_kernel(
 
 
 @triton.jit
+def _scored(y, ignore_index, vocab):
+    """Whether a row's label is scored and in range (the label check runs apart: no read out of bounds)."""
+    return (y != ignore_index) & (y >= 0) & (y < vocab)
+
+
+@triton.jit
 def _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H: tl.constexpr):
     """h_row . w_y in fp32 (the products of 2-byte inputs are exact)."""
     zy = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -195,7 +201,7 @@ def _merge_kernel(
         tl.store(E + row, e)
         tl.store(ARG + row, arg)
     y = tl.load(LABELS + row)
-    if (y != ignore_index) & (y >= 0) & (y < vocab):  # the label check runs apart: no read out of bounds
+    if _scored(y, ignore_index, vocab):
         tl.store(ZLAB + row, _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H))
 
 
@@ -242,7 +248,7 @@ def _label_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     gy = 0.0
-    if (y != ignore_index) & (y >= 0) & (y < vocab):
+    if _scored(y, ignore_index, vocab):
         zy = _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H)
         m = tl.load(STATS + 2 * row)
         gy = (tl.exp(centred(zy, m)) / tl.load(STATS + 2 * row + 1) - 1.0) * tl.load(DROWS + row)
