@@ -84,6 +84,10 @@ def main() -> None:
         ops.linear_cross_entropy(hg, wg, labels, shift=False).backward()
         hg.grad = wg.grad = None
 
+    def op_recompute():  # reduction="none" takes the forward-then-recompute path (four GEMMs)
+        ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").sum().div(a.n).backward()
+        hg.grad = wg.grad = None
+
     default = tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS
     for tma, cfg in CONFIGS[: a.first]:
         tiles.TMA_LOADS = tma
@@ -103,7 +107,41 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
         tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS = default
-    keys = ["config", "fwd_ms", "bwd_kernel_ms", "op_ms", "m_err", "lse_err", "loss_err", "error"]
+    # The bf16 op's one-pass path (``_lce_rows``) by chunk size of p, against the recompute path: time, extra
+    # peak memory (the two gradients included) and the gradients' difference from the recompute path's.
+    rows_mod = importlib.import_module("chronipatch.ops._lce_rows")
+    default_p = rows_mod.P_BYTES
+    op_recompute()
+    hg.grad = wg.grad = None
+    ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").sum().div(a.n).backward()
+    ref_dh, ref_dw = hg.grad, wg.grad
+    hg.grad = wg.grad = None
+    for name, fn, p_bytes in [("op, recompute path", op_recompute, default_p)] + [
+        (f"op, one pass, P_BYTES {b >> 20} MiB", op, b) for b in (256 << 20, 512 << 20, 1 << 30)
+    ]:
+        rows_mod.P_BYTES = p_bytes
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = (
+            ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").sum().div(a.n)
+            if fn is op_recompute
+            else ops.linear_cross_entropy(hg, wg, labels, shift=False)
+        )
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        dh_err = (hg.grad.float() - ref_dh.float()).abs().max().item()
+        dw_err = (wg.grad.float() - ref_dw.float()).abs().max().item()
+        hg.grad = wg.grad = None
+        row = dict(
+            config=name, op_ms=round(ms(fn), 3), peak_MiB=round(peak, 1), dh_diff=dh_err, dw_diff=dw_err
+        )
+        print(row, flush=True)
+        rows.append(row)
+    rows_mod.P_BYTES = default_p
+    keys = ["config", "fwd_ms", "bwd_kernel_ms", "op_ms", "m_err", "lse_err", "loss_err", "peak_MiB"]
+    keys += ["dh_diff", "dw_diff", "error"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     text = "\n".join(lines)

@@ -133,14 +133,15 @@ def _cases() -> list[tuple]:
             cases += [
                 *(
                     (
-                        f"lce_tiles_fwd_{dt}{'' if token_stats else '_no_token_stats'}{path}",
+                        f"lce_tiles_fwd_{dt}{'' if token_stats else '_no_stats'}{'_p' if p else ''}{path}",
                         "_lce_tiles",
                         "_fwd_tiles_kernel",
-                        gemm | parts,
-                        shape | {"TOKEN_STATS": token_stats},
+                        gemm | parts | {"P": "*fp16" if p else f"*{dt}"} | _ints("stride_p"),
+                        shape | {"TOKEN_STATS": token_stats, "STORE_P": p},
                         {"num_warps": warps, "num_stages": stages},
                     )
                     for token_stats in (True, False)
+                    for p in ((False, True) if dt == "bf16" else (False,))  # p: the one-pass bf16 path
                 ),
                 (
                     f"lce_tiles_bwd_{dt}{path}",
@@ -166,6 +167,17 @@ def _cases() -> list[tuple]:
         )
         for dt in ("bf16", "fp16")
     ]
+    cases.append(
+        (
+            "lce_rows_grad_bf16",
+            "_lce_rows",
+            "_grad_kernel",
+            {"P": "*fp16", "G": "*bf16", "MP": "*fp32", "M": "*fp32", "S": "*fp32", "ZLAB": "*fp32"}
+            | {"LABELS": "*i64", "SCALE": "*fp32"}
+            | _ints("stride_g", "vocab", "n_tiles_v", "ignore_index"),
+            {"BN": 256, "BLOCK": 2048},
+        )
+    )
     cases += [
         (
             f"lce_tiles_label_grad_{dt}",

@@ -151,6 +151,49 @@ def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
     assert torch.equal(only_dw[1], dw) and only_dw[0].numel() == 0
 
 
+@pytest.mark.parametrize(
+    "n,h,v,tma", [(1, 16, 300, True), (40, 24, 130, True), (37, 8, 1025, False)], ids=str
+)
+def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
+    """bf16 loss and gradients in one pass: row chunks of one 16-row block (dW summed over them), against
+    the reference and against the forward then the recompute backward, to within p's fp16 rounding and dW's
+    per-chunk one."""
+    rows = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(tiles, "TMA_LOADS", tma)
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "GRAD_BLOCK", 64)  # several programs per row, a ragged last one
+    torch.manual_seed(v + n)
+    bf16 = torch.bfloat16
+    hid, w = _r(n, h, dtype=bf16), _r(v, h, dtype=bf16, scale=0.5)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[::3] = -100
+    divisor = (labels != -100).sum().float()
+    loss, entropy, correct, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    ref = reference.lce_fwd(hid, w, labels, -100)
+    torch.testing.assert_close(loss, ref[0].sum() / divisor.clamp_min(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, ref[2], rtol=1e-4, atol=1e-4)
+    assert torch.equal(correct, ref[3])
+    grad_rows = (1 / divisor.clamp_min(1)).expand(n)
+    dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    dh_re, dw_re = lce.lce_bwd_triton(grad_rows, hid, w, labels, stats, -100)
+    for got, recomputed, truth in ((dh, dh_re, dh_ref), (dw, dw_re, dw_ref)):
+        ulp = torch.finfo(bf16).eps * truth.float().abs().max()
+        assert (got.float() - truth.float()).abs().max() <= 2 * ulp
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+    # Either gradient alone: the same bits, the other skipped (returned empty).
+    only_dh = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, False)
+    only_dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, False, True)
+    assert torch.equal(only_dh[3], dh) and only_dh[4].numel() == 0 and torch.equal(only_dh[0], loss)
+    assert torch.equal(only_dw[4], dw) and only_dw[3].numel() == 0
+    # Nothing supervised: loss 0, zero gradients.
+    none = torch.full_like(labels, -100)
+    zero = lce.lce_fwd_bwd_triton(hid, w, none, torch.zeros(()), -100, False, True, True)
+    assert zero[0].item() == 0 and not zero[3].any() and not zero[4].any()
+
+
 def test_lce_tiles_load_by_tma_only_where_rows_are_16_byte_aligned(monkeypatch):
     """TMA needs rows with contiguous columns whose base and stride are 16-byte aligned (any width); anything
     else loads by pointers."""

@@ -63,6 +63,16 @@ def _opcheck_cases():
         ("lce", OPS.linear_cross_entropy, (h, w, labels, -100, True)),
         ("lce_no_token_stats", OPS.linear_cross_entropy, (h, w, labels, -100, False)),
         (
+            "lce_with_grad",
+            OPS.linear_cross_entropy_with_grad,
+            (h, w, labels, torch.tensor(4.0), -100, True, True, True),
+        ),
+        (
+            "lce_with_grad_frozen_head",
+            OPS.linear_cross_entropy_with_grad,
+            (h, w.detach(), labels, torch.tensor(0.0), -100, False, True, False),
+        ),
+        (
             "rms_norm_bwd",
             OPS.rms_norm_bwd,
             (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.rand(3)),

@@ -24,6 +24,8 @@ tiles_probe_call20.log). Pointer loads serve older GPUs and unaligned rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -102,24 +104,25 @@ def _tile_coords(tile, n, n_tiles_v, group, BM: tl.constexpr):
 
 @triton.jit
 def _fold(z, m, TOKEN_STATS: tl.constexpr):
-    """(sum exp(z - m), entropy sum or m) of a tile's rows, one form for every row max: z - m is taken as 0
-    where z == m, so a +inf logit holds its row's probability (1 per +inf logit) and the other logits of
-    that row add 0. A row of -inf logits only counts 1 per column; the merge drops a partial whose max is
-    -inf. (A branch on the rows' finiteness cost 0.5-1.3 ms of an 8192 x 2048 forward on the H200.)"""
+    """(p = exp(z - m), its row sums, entropy sums or m) of a tile, one form for every row max: z - m is
+    taken as 0 where z == m, so a +inf logit holds its row's probability (1 per +inf logit) and the other
+    logits of that row add 0. A row of -inf logits only counts 1 per column; the merge drops a partial whose
+    max is -inf. (A branch on the rows' finiteness cost 0.5-1.3 ms of an 8192 x 2048 forward on the H200.)"""
     zc = tl.where(z == m[:, None], 0.0, z - m[:, None])
     p = tl.exp(zc)
     e = tl.sum(tl.where(p > 0, p * zc, 0.0), axis=1) if TOKEN_STATS else m
-    return tl.sum(p, axis=1), e
+    return p, tl.sum(p, axis=1), e
 
 
 @triton.jit
 def _fwd_tiles_kernel(
-    H, W, HD, WD, MP, SP, EP, AP, stride_h, stride_w, n, vocab, hdim, n_tiles_v, group,
+    H, W, HD, WD, MP, SP, EP, AP, P, stride_h, stride_w, stride_p, n, vocab, hdim, n_tiles_v, group,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, TOKEN_STATS: tl.constexpr, NUM_PROGS: tl.constexpr,
+    TMA: tl.constexpr, TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """Per row of each tile: max, sum exp(z - max) (with TOKEN_STATS the entropy sum and the first argmax)
-    into the [N, T] partials. Persistent: NUM_PROGS programs walk the tiles, and the loads of the next tile
+    into the [N, T] partials; with STORE_P also exp(z - max) itself into P [N, V] (fp16: in [0, 1], it keeps
+    3 more bits than bf16). Persistent: NUM_PROGS programs walk the tiles, and the loads of the next tile
     overlap this one's epilogue (with TMA issued by warps of their own). The label's logit is the merge's:
     searched for here, in the tiles that hold one, it cost 1 ms of 4.7 at 8192 x 896."""
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
@@ -138,10 +141,13 @@ def _fwd_tiles_kernel(
         tl.store(MP + part, m, mask=live)
         if TOKEN_STATS:
             tl.store(AP + part, col0 + tl.argmax(z, axis=1), mask=live)  # the first maximum, as torch.argmax
-        sums = _fold(z, m, TOKEN_STATS)
-        tl.store(SP + part, sums[0], mask=live)
+        p, s, e = _fold(z, m, TOKEN_STATS)
+        tl.store(SP + part, s, mask=live)
         if TOKEN_STATS:
-            tl.store(EP + part, sums[1], mask=live)
+            tl.store(EP + part, e, mask=live)
+        if STORE_P:
+            p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
+            tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
 
 
 @triton.jit
@@ -301,9 +307,15 @@ def _group_m(hidden: Tensor, bm: int) -> int:
 
 
 def tiles_fwd(
-    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``."""
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool,
+    on_rows: Callable[..., None] | None = None, p_rows: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``.
+
+    With ``on_rows`` the rows go in chunks of at most ``p_rows`` (a multiple of BM), whose p = exp(z - m_j)
+    [k, V] (fp16) the tiles also store; after each chunk's merge ``on_rows(r0, p, mp, bn, m, s, zlab)``
+    runs: mp the chunk's [k, T] tile maxima m_j over tiles of ``bn`` columns, then the chunk's m, s and label
+    logits."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
@@ -313,12 +325,16 @@ def tiles_fwd(
     # in fp32, with token stats also e (fp32) and the argmax (int64).
     per_row = t * (20 if token_stats else 8)
     chunk = max(bm, PART_BYTES // per_row // bm * bm)
+    if on_rows is not None:
+        chunk = min(chunk, max(bm, p_rows // bm * bm))
     cap = min(n, chunk)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     mp, sp = torch.empty(cap, t, **f32), torch.empty(cap, t, **f32)
-    # Without token stats the kernels never touch E and ARG: any tensors of their dtypes stand in.
+    # Without token stats the kernels never touch E and ARG: any tensors of their dtypes stand in; without
+    # on_rows, nor P.
     ep = torch.empty(cap, t, **f32) if token_stats else sp
     ap = torch.empty(cap, t, dtype=torch.int64, device=hidden.device) if token_stats else labels
+    p = torch.empty(cap, vocab, dtype=torch.float16, device=hidden.device) if on_rows else hidden
     zlab = torch.zeros(n, **f32)
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
     e = torch.empty(n, **f32) if token_stats else None
@@ -326,10 +342,10 @@ def tiles_fwd(
     for r0 in range(0, n, chunk):
         h, y, k = hidden[r0 : r0 + chunk], labels[r0 : r0 + chunk], min(chunk, n - r0)
         _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
-            h, weight, *_loads(h, weight, tma, bm, bn, bk), mp, sp, ep, ap, h.stride(0), weight.stride(0), k,
-            vocab, hdim, t, _group_m(hidden, bm), BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0,
-            UPCAST=not hidden.is_cuda, TMA=tma, TOKEN_STATS=token_stats, NUM_PROGS=progs, num_warps=warps,
-            num_stages=stages,
+            h, weight, *_loads(h, weight, tma, bm, bn, bk), mp, sp, ep, ap, p, h.stride(0), weight.stride(0),
+            p.stride(0), k, vocab, hdim, t, _group_m(hidden, bm), BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0,
+            UPCAST=not hidden.is_cuda, TMA=tma, TOKEN_STATS=token_stats, STORE_P=on_rows is not None,
+            NUM_PROGS=progs, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
         merge = (mp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), h, weight, y, zlab[r0:], h.stride(0))
@@ -337,6 +353,8 @@ def tiles_fwd(
             *merge, weight.stride(0), vocab, hdim, t, ignore_index, BLOCK_T=min(pow2(t), MERGE_BLOCK),
             BLOCK_H=min(pow2(hdim), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4,
         )  # fmt: skip
+        if on_rows is not None:
+            on_rows(r0, p[:k], mp[:k], bn, m[r0 : r0 + k], s[r0 : r0 + k], zlab[r0 : r0 + k])
     if not token_stats:
         e, arg = m.new_empty(0), labels.new_empty(0)
     return m, s, e, arg, zlab

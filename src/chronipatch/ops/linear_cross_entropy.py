@@ -39,6 +39,7 @@ from torch import Tensor
 from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._lce_chunks import chunks_bwd, chunks_fwd
+from ._lce_rows import rows_fwd_bwd
 from ._lce_tiles import tiles_bwd, tiles_fwd
 from ._utils import (
     autocast_dtype,
@@ -64,7 +65,14 @@ def lce_fwd_triton(
 ) -> tuple[Tensor, ...]:
     """(loss rows, stats [N, 2] = (m, s), entropy, correct); the last two empty without ``token_stats``."""
     run = tiles_fwd if _tiled(hidden) else chunks_fwd
-    m, s, e, arg, zlab = run(hidden, weight, labels, ignore_index, token_stats)
+    return _rows(*run(hidden, weight, labels, ignore_index, token_stats), labels, ignore_index, token_stats)
+
+
+def _rows(
+    m: Tensor, s: Tensor, e: Tensor, arg: Tensor, zlab: Tensor, labels: Tensor, ignore_index: int,
+    token_stats: bool,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """The rows' (loss, stats, entropy, correct) from the kernels' m, s, entropy sum, argmax, label logit."""
     logsum = torch.log(s)
     # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability. The
     # tiles' label logit is summed apart from the max (another order): at or above 0 keeps CE's sign.
@@ -111,6 +119,26 @@ def lce_bwd_triton(
         else:
             chunks_bwd(grad_rows, hidden, weight, labels, stats, ignore_index, dh, dw, h_w, wide)
     return dh.to(hidden.dtype), dw
+
+
+def lce_fwd_bwd_triton(
+    hidden: Tensor, weight: Tensor, labels: Tensor, divisor: Tensor, ignore_index: int, token_stats: bool,
+    need_dh: bool, need_dw: bool,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """(loss = sum of the rows' losses / divisor, entropy, correct, dh, dw): bf16 in one pass (``_lce_rows``),
+    other dtypes by the forward, then the backward with every row's dloss = 1 / divisor."""
+    divisor = torch.where(divisor > 0, divisor, 1.0).float()  # nothing supervised: a finite 0
+    scale = (1.0 / divisor).reshape(1)
+    if hidden.dtype == torch.bfloat16:
+        *out, dh, dw = rows_fwd_bwd(
+            hidden, weight, labels, ignore_index, token_stats, scale, need_dh, need_dw
+        )
+        rows, _, entropy, correct = _rows(*out, labels, ignore_index, token_stats)
+    else:
+        rows, stats, entropy, correct = lce_fwd_triton(hidden, weight, labels, ignore_index, token_stats)
+        grad_rows = scale.expand(hidden.shape[0])
+        dh, dw = lce_bwd_triton(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
+    return rows.sum() / divisor, entropy, correct, dh, dw
 
 
 # ---------------------------------------------------------------- registration
@@ -176,6 +204,55 @@ def _backward(ctx, grad_rows, *_):
 
 
 _lce.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("chronipatch::linear_cross_entropy_with_grad", mutates_args=())
+def _lce_with_grad(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    divisor: Tensor,
+    ignore_index: int,
+    token_stats: bool,
+    need_dh: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss = sum_i l_i / divisor, entropy, correct, dloss/dhidden, dloss/dweight): the gradients come with
+    the loss (empty where not needed), and the backward scales them by the loss's upstream gradient."""
+    args = (hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw)
+    if on_gpu(hidden):
+        with device_of(hidden):
+            return lce_fwd_bwd_triton(*args)
+    rows, stats, entropy, correct = reference.lce_fwd(hidden, weight, labels, ignore_index, token_stats)
+    divisor = torch.where(divisor > 0, divisor, 1.0).float()
+    grad_rows = (1.0 / divisor).expand(hidden.shape[0])
+    dh, dw = reference.lce_bwd(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
+    return rows.sum() / divisor, entropy, correct, dh, dw
+
+
+@_lce_with_grad.register_fake
+def _(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw):
+    loss = hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    per_token = hidden.shape[0] if token_stats else 0
+    dense = torch.contiguous_format
+    dh = torch.empty_like(hidden, memory_format=dense) if need_dh else hidden.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=dense) if need_dw else weight.new_empty(0)
+    return loss, loss.new_empty(per_token), loss.new_empty(per_token), dh, dw
+
+
+def _setup_with_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[3], output[4])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_with_grad(ctx, grad_loss, *_):
+    dh, dw = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[:2]
+    # In the gradients' dtype, the product rounded once: exact for an upstream 1 (or a power of 2).
+    return dh * grad_loss if need_dh else None, dw * grad_loss if need_dw else None, *[None] * 6
+
+
+_lce_with_grad.register_autograd(_backward_with_grad, setup_context=_setup_with_grad)
 
 
 # ---------------------------------------------------------------- public
@@ -264,9 +341,24 @@ def linear_cross_entropy(
         # A stable sort of the mask puts the supervised positions first, in order: no second sync.
         keep = torch.argsort((flat != ignore_index).to(torch.int8), descending=True, stable=True)[:n_valid]
         h, flat = h.index_select(0, keep), flat.index_select(0, keep)
-    rows, _, entropy, correct = _lce(
-        h, weight.contiguous(), flat.contiguous(), int(ignore_index), bool(return_token_stats)
-    )
+    w, flat = weight.contiguous(), flat.contiguous()
+    need_dh = torch.is_grad_enabled() and hidden.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    if reduction != "none" and h.dtype == torch.bfloat16 and (need_dh or need_dw):
+        # Training in bf16: the gradients come with the loss (``_lce_rows``: three GEMMs, not four).
+        if reduction == "sum":
+            divisor = torch.ones((), device=h.device)
+        elif num_items_in_batch is None:
+            divisor = (labels != ignore_index).sum().float()
+        else:
+            divisor = torch.as_tensor(num_items_in_batch, device=h.device, dtype=torch.float32)
+        loss, entropy, correct, _, _ = _lce_with_grad(
+            h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw
+        )
+        if return_token_stats:
+            return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
+        return loss
+    rows, _, entropy, correct = _lce(h, w, flat, int(ignore_index), bool(return_token_stats))
     if keep is not None:
         rows = rows.new_zeros(labels.numel()).index_copy(0, keep, rows)
     if reduction == "none":
