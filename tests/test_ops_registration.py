@@ -153,3 +153,37 @@ def test_ops_compile_fullgraph_with_backward():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_lce_with_grad_compiles_to_one_graph_in_bf16(frozen_head):
+    """bf16 training takes the op that returns the loss's gradients with it: one graph, the same loss and
+    gradients as eager; against the fp64 truth, within one bf16 ulp (at the gradient's scale) of the error of
+    the forward-then-backward op (reduction="none", summed), which rounds g after the upstream factor (here
+    3, not a power of 2), where this op rounds the gradient after it."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.bfloat16, requires_grad=not frozen_head)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, 3] = -100
+    leaves = (h,) if frozen_head else (h, w)
+
+    def step(h, w):
+        return 3 * ops.linear_cross_entropy(h, w, labels)
+
+    assert _count_breaks(step, h, w) == 0
+    graphs = torch._dynamo.explain(step)(h, w).graphs
+    names = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "chronipatch.linear_cross_entropy_with_grad.default" in names
+    torch._dynamo.reset()
+    eager = step(h, w)
+    compiled = torch.compile(step, fullgraph=True)(h, w)
+    n_valid = (labels[:, 1:] != -100).sum()
+    apart = 3 * ops.linear_cross_entropy(h, w, labels, reduction="none").sum() / n_valid
+    assert torch.equal(compiled, eager) and torch.equal(eager, apart)
+    wide = [t.detach().double().requires_grad_(t.requires_grad) for t in (h, w)]
+    truth = torch.autograd.grad(step(*wide), [t for t in wide if t.requires_grad])
+    for a, b, c, t in zip(*(torch.autograd.grad(x, leaves) for x in (compiled, eager, apart)), truth):
+        assert torch.equal(a, b)
+        ulp = torch.finfo(torch.bfloat16).eps * t.abs().max()
+        assert (a.double() - t).abs().max() <= (c.double() - t).abs().max() + ulp

@@ -25,8 +25,13 @@ fp64 GEMMs are as fast as their fp32 ones (``_utils.fast_fp64``), both backward 
 in fp64: chunked fp32 GEMMs sum in another order than stock's single GEMM and can land further from the
 truth than it; fp64 sums land nearer. That path also holds fp64 copies of h, dh and half a chunk.
 
-The op is an opaque ``custom_op``: its chunk loop stays one node, so the compiler can neither
-unroll nor reorder it into a larger memory peak.
+Training in bf16 (a mean or sum loss, a gradient needed) takes ``linear_cross_entropy_with_grad``: the
+gradients of the loss come with it, from one pass over row chunks (``_lce_rows``: three GEMMs, where the
+forward then the backward above take four; its module says how), and its backward only scales them by the
+upstream gradient. It holds dh and dW from the forward to the backward, and one [R, V] chunk (512 MiB).
+
+The ops are opaque ``custom_op``s: a chunk loop stays one node, so the compiler can neither unroll nor
+reorder it into a larger memory peak.
 """
 
 from __future__ import annotations
