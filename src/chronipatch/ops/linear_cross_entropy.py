@@ -248,9 +248,13 @@ def _(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_
 def _setup_with_grad(ctx, inputs, output):
     ctx.save_for_backward(output[3], output[4])
     ctx.mark_non_differentiable(*output[1:])
+    # Otherwise eager autograd hands the backward a zero tensor per other output: [V, H] of zeros for dW's.
+    ctx.set_materialize_grads(False)
 
 
 def _backward_with_grad(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 8
     dh, dw = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
     # In the gradients' dtype, the product rounded once: exact for an upstream 1 (or a power of 2).
