@@ -80,13 +80,17 @@ def main() -> None:
     rows = [dict(config="cuBLAS logits GEMM, 2-byte out", fwd_ms=round(gemm, 3))]
     hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
 
-    def op():
-        ops.linear_cross_entropy(hg, wg, labels, shift=False).backward()
+    def one_pass_loss():  # bf16 with gradients: the one-pass path (three GEMMs)
+        return ops.linear_cross_entropy(hg, wg, labels, shift=False)
+
+    def recompute_loss():  # reduction="none" takes the forward-then-recompute path (four GEMMs)
+        return ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").sum().div(a.n)
+
+    def step(loss_fn):
+        loss_fn().backward()
         hg.grad = wg.grad = None
 
-    def op_recompute():  # reduction="none" takes the forward-then-recompute path (four GEMMs)
-        ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").sum().div(a.n).backward()
-        hg.grad = wg.grad = None
+    op = functools.partial(step, one_pass_loss)
 
     default = tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS
     for tma, cfg in CONFIGS[: a.first]:
@@ -111,31 +115,28 @@ def main() -> None:
     # peak memory (the two gradients included) and the gradients' difference from the recompute path's.
     rows_mod = importlib.import_module("chronipatch.ops._lce_rows")
     default_p = rows_mod.P_BYTES
-    op_recompute()
-    hg.grad = wg.grad = None
-    ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").sum().div(a.n).backward()
+    recompute_loss().backward()
     ref_dh, ref_dw = hg.grad, wg.grad
     hg.grad = wg.grad = None
-    for name, fn, p_bytes in [("op, recompute path", op_recompute, default_p)] + [
-        (f"op, one pass, P_BYTES {b >> 20} MiB", op, b) for b in (256 << 20, 512 << 20, 1 << 30)
+    for name, loss_fn, p_bytes in [("op, recompute path", recompute_loss, default_p)] + [
+        (f"op, one pass, P_BYTES {b >> 20} MiB", one_pass_loss, b) for b in (256 << 20, 512 << 20, 1 << 30)
     ]:
         rows_mod.P_BYTES = p_bytes
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        loss = (
-            ops.linear_cross_entropy(hg, wg, labels, shift=False, reduction="none").sum().div(a.n)
-            if fn is op_recompute
-            else ops.linear_cross_entropy(hg, wg, labels, shift=False)
-        )
-        loss.backward()
+        loss_fn().backward()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         dh_err = (hg.grad.float() - ref_dh.float()).abs().max().item()
         dw_err = (wg.grad.float() - ref_dw.float()).abs().max().item()
         hg.grad = wg.grad = None
         row = dict(
-            config=name, op_ms=round(ms(fn), 3), peak_MiB=round(peak, 1), dh_diff=dh_err, dw_diff=dw_err
+            config=name,
+            op_ms=round(ms(functools.partial(step, loss_fn)), 3),
+            peak_MiB=round(peak, 1),
+            dh_diff=dh_err,
+            dw_diff=dw_err,
         )
         print(row, flush=True)
         rows.append(row)

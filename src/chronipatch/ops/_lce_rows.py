@@ -44,11 +44,12 @@ def _grad_kernel(
     live = cols < vocab
     y = tl.load(LABELS + row)
     m = tl.load(M + row)
-    c = tl.load(SCALE) / tl.load(S + row)
+    s = tl.load(S + row)
+    scale = tl.load(SCALE)
     mj = tl.load(MP + row * n_tiles_v + cols // BN, mask=live, other=float("-inf"))
     p = tl.load(P + row * stride_g + cols, mask=live, other=0.0).to(tl.float32)
-    g = p * tl.exp(centred(mj, m)) * c
-    gy = (tl.exp(centred(tl.load(ZLAB + row), m)) / tl.load(S + row) - 1.0) * tl.load(SCALE)
+    g = p * tl.exp(centred(mj, m)) * (scale / s)
+    gy = (tl.exp(centred(tl.load(ZLAB + row), m)) / s - 1.0) * scale
     g = tl.where(cols == y, gy, g)
     g = tl.where(y != ignore_index, g, 0.0)  # exactly 0, even where the row's logits are nan
     tl.store(G + row * stride_g + cols, g.to(G.dtype.element_ty), mask=live)

@@ -36,6 +36,7 @@ reorder it into a larger memory peak.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -131,18 +132,28 @@ def lce_fwd_bwd_triton(
     need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """(loss = sum of the rows' losses / divisor, entropy, correct, dh, dw): bf16 in one pass (``_lce_rows``),
-    other dtypes by the forward, then the backward with every row's dloss = 1 / divisor."""
+    other dtypes by the forward, then the backward."""
+    args = (hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw)
+    return _fwd_bwd(*args, lce_fwd_triton, lce_bwd_triton, one_pass=hidden.dtype == torch.bfloat16)
+
+
+def _fwd_bwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, divisor: Tensor, ignore_index: int, token_stats: bool,
+    need_dh: bool, need_dw: bool, fwd: Callable, bwd: Callable, one_pass: bool = False,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """The loss / divisor and its gradients: by ``rows_fwd_bwd`` with ``one_pass``, else by ``fwd`` then
+    ``bwd`` with every row's dloss = 1 / divisor."""
     divisor = torch.where(divisor > 0, divisor, 1.0).float()  # nothing supervised: a finite 0
     scale = (1.0 / divisor).reshape(1)
-    if hidden.dtype == torch.bfloat16:
+    if one_pass:
         *out, dh, dw = rows_fwd_bwd(
             hidden, weight, labels, ignore_index, token_stats, scale, need_dh, need_dw
         )
         rows, _, entropy, correct = _rows(*out, labels, ignore_index, token_stats)
     else:
-        rows, stats, entropy, correct = lce_fwd_triton(hidden, weight, labels, ignore_index, token_stats)
+        rows, stats, entropy, correct = fwd(hidden, weight, labels, ignore_index, token_stats)
         grad_rows = scale.expand(hidden.shape[0])
-        dh, dw = lce_bwd_triton(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
+        dh, dw = bwd(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
     return rows.sum() / divisor, entropy, correct, dh, dw
 
 
@@ -228,11 +239,7 @@ def _lce_with_grad(
     if on_gpu(hidden):
         with device_of(hidden):
             return lce_fwd_bwd_triton(*args)
-    rows, stats, entropy, correct = reference.lce_fwd(hidden, weight, labels, ignore_index, token_stats)
-    divisor = torch.where(divisor > 0, divisor, 1.0).float()
-    grad_rows = (1.0 / divisor).expand(hidden.shape[0])
-    dh, dw = reference.lce_bwd(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
-    return rows.sum() / divisor, entropy, correct, dh, dw
+    return _fwd_bwd(*args, reference.lce_fwd, reference.lce_bwd)
 
 
 @_lce_with_grad.register_fake
@@ -277,6 +284,13 @@ class TokenStats(NamedTuple):
 
     entropy: Tensor
     correct: Tensor
+
+
+def _mean_divisor(labels: Tensor, ignore_index: int, num_items_in_batch: int | Tensor | None) -> Tensor:
+    """The mean's divisor (fp32, on the labels' device): ``num_items_in_batch``, else the supervised count."""
+    if num_items_in_batch is None:
+        return (labels != ignore_index).sum().float()
+    return torch.as_tensor(num_items_in_batch, device=labels.device, dtype=torch.float32)
 
 
 def linear_cross_entropy(
@@ -355,12 +369,11 @@ def linear_cross_entropy(
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     if reduction != "none" and h.dtype == torch.bfloat16 and (need_dh or need_dw):
         # Training in bf16: the gradients come with the loss (``_lce_rows``: three GEMMs, not four).
-        if reduction == "sum":
-            divisor = torch.ones((), device=h.device)
-        elif num_items_in_batch is None:
-            divisor = (labels != ignore_index).sum().float()
-        else:
-            divisor = torch.as_tensor(num_items_in_batch, device=h.device, dtype=torch.float32)
+        divisor = (
+            torch.ones((), device=h.device)
+            if reduction == "sum"
+            else _mean_divisor(labels, ignore_index, num_items_in_batch)
+        )
         loss, entropy, correct, _, _ = _lce_with_grad(
             h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw
         )
@@ -375,10 +388,7 @@ def linear_cross_entropy(
     elif reduction == "sum":
         loss = rows.sum()
     else:
-        if num_items_in_batch is None:
-            divisor = (labels != ignore_index).sum().float()
-        else:
-            divisor = torch.as_tensor(num_items_in_batch, device=rows.device, dtype=torch.float32)
+        divisor = _mean_divisor(labels, ignore_index, num_items_in_batch)
         loss = rows.sum() / torch.where(divisor > 0, divisor, 1.0)  # nothing supervised: a finite 0
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
