@@ -87,7 +87,18 @@ def test_swiglu_linear_backward_kernels(need_dw, monkeypatch):
         torch.testing.assert_close(a.cpu(), b, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("b,t,hq,hk,d,cos_b", [(1, 3, 2, 1, 8, 1), (2, 5, 6, 2, 64, 2), (1, 4, 3, 3, 24, 1)])
+# Several tokens per program (``tokens_per_program``): batches that end inside a program, a last program only
+# partly filled, and a q block wide enough for one token per program.
+@pytest.mark.parametrize(
+    "b,t,hq,hk,d,cos_b",
+    [
+        (1, 3, 2, 1, 8, 1),
+        (2, 5, 6, 2, 64, 2),
+        (1, 4, 3, 3, 24, 1),
+        (3, 7, 4, 2, 16, 3),
+        (2, 3, 64, 8, 128, 1),
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
     q = hf_view(b, t, hq, d).to(KERNEL_DEVICE, dtype)
