@@ -87,8 +87,6 @@ def test_swiglu_linear_backward_kernels(need_dw, monkeypatch):
         torch.testing.assert_close(a.cpu(), b, **TOL[torch.float32])
 
 
-# Several tokens per program (``tokens_per_program``): batches that end inside a program, a last program only
-# partly filled, and a q block wide enough for one token per program.
 @pytest.mark.parametrize(
     "b,t,hq,hk,d,cos_b",
     [

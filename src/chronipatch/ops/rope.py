@@ -20,54 +20,117 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import cdiv, check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2
+from ._utils import check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2
 
 # ---------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _rotate(
-    X, O, b, t, live, sx_b, sx_h, sx_t, so_b, so_h, so_t, H, c1, c2, s1, s2,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr,
-):  # fmt: skip
-    """Rotate the heads of a [TOKENS, 1, 1] block of tokens (b, t) by cos/sin halves [TOKENS, 1, BLOCK_D]."""
-    heads = tl.arange(0, BLOCK_H)[None, :, None]
-    d = tl.arange(0, BLOCK_D)[None, None, :]
-    mask = live & (heads < H) & (d < HALF)
-    x_ptr = X + b * sx_b + t * sx_t + heads * sx_h + d
+    X,
+    O,
+    x_base,
+    o_base,
+    sx_h,
+    so_h,
+    H,
+    c1,
+    c2,
+    s1,
+    s2,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < H) & (d < HALF)
+    x_ptr = X + x_base + heads * sx_h + d
     x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    o_ptr = O + b * so_b + t * so_t + heads * so_h + d
+    o_ptr = O + o_base + heads * so_h + d
     tl.store(o_ptr, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
     tl.store(o_ptr + HALF, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
-    Q, K, C, S, QO, KO, n_tok, T,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, sc_b, sc_t, ss_b, ss_t,
-    HQ, HK, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-    TOKENS: tl.constexpr, BACKWARD: tl.constexpr,
-):  # fmt: skip
-    # TOKENS (batch, token) pairs per program: cos/sin read once for q and k, and a short row of heads (GQA's
-    # k has one or two) still gives each program enough loads in flight.
-    tok = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)[:, None, None]
-    live = tok < n_tok
-    b = tok // T
-    t = tok % T
-    d = tl.arange(0, BLOCK_D)[None, None, :]
-    cmask = live & (d < HALF)
+    Q,
+    K,
+    C,
+    S,
+    QO,
+    KO,
+    T,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sqo_b,
+    sqo_h,
+    sqo_t,
+    sko_b,
+    sko_h,
+    sko_t,
+    sc_b,
+    sc_t,
+    ss_b,
+    ss_t,
+    HQ,
+    HK,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (batch, token): cos/sin read once
+    b = pid // T
+    t = pid % T
+    d = tl.arange(0, BLOCK_D)[None, :]
+    dmask = d < HALF
     c_ptr = C + b * sc_b + t * sc_t + d
     s_ptr = S + b * ss_b + t * ss_t + d
-    c1 = tl.load(c_ptr, mask=cmask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptr + HALF, mask=cmask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr, mask=cmask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptr + HALF, mask=cmask, other=0.0).to(tl.float32)
+    c1 = tl.load(c_ptr, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
     if BACKWARD:  # the transpose swaps the sine halves and flips their sign
         s1, s2 = -s2, -s1
-    rot = (c1, c2, s1, s2)
-    _rotate(Q, QO, b, t, live, sq_b, sq_h, sq_t, sqo_b, sqo_h, sqo_t, HQ, *rot, BLOCK_HQ, BLOCK_D, HALF)
-    _rotate(K, KO, b, t, live, sk_b, sk_h, sk_t, sko_b, sko_h, sko_t, HK, *rot, BLOCK_HK, BLOCK_D, HALF)
+    _rotate(
+        Q,
+        QO,
+        b * sq_b + t * sq_t,
+        b * sqo_b + t * sqo_t,
+        sq_h,
+        sqo_h,
+        HQ,
+        c1,
+        c2,
+        s1,
+        s2,
+        BLOCK_HQ,
+        BLOCK_D,
+        HALF,
+    )
+    _rotate(
+        K,
+        KO,
+        b * sk_b + t * sk_t,
+        b * sko_b + t * sko_t,
+        sk_h,
+        sko_h,
+        HK,
+        c1,
+        c2,
+        s1,
+        s2,
+        BLOCK_HK,
+        BLOCK_D,
+        HALF,
+    )
 
 
 # ---------------------------------------------------------------- launchers
@@ -77,16 +140,6 @@ def _like_hf(x: Tensor) -> Tensor:
     """Empty [B, H, T, D] tensor laid out as [B, T, H, D], like HF's transposed projections."""
     b, h, t, d = x.shape
     return torch.empty(b, t, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
-
-
-def tokens_per_program(q_block: int) -> int:
-    """Tokens per program: as many as keep a q block (heads x half head dim, padded) within 4096 elements,
-    up to 8. A program per token leaves the GPU scheduling thousands of tiny programs, which took longer
-    than the bytes they move. Shapes alone decide, so sequence lengths add no recompiles."""
-    tokens = 1
-    while tokens < 8 and 2 * tokens * q_block <= 4096:
-        tokens *= 2
-    return tokens
 
 
 def rope_triton(
@@ -109,17 +162,15 @@ def rope_triton(
         half = d // 2
         # One stride() call per tensor: each costs as much host time as a small kernel's arithmetic.
         sq, sk, sqo, sko, sc, ss = (x.stride() for x in (q, k, qo, ko, cos, sin))
-        q_block = pow2(hq) * pow2(half)
-        tokens = tokens_per_program(q_block)
-        (wrap_triton(_rope_kernel) if wrap else _rope_kernel)[(cdiv(b * t, tokens),)](
-            q, k, cos, sin, qo, ko, b * t, t,
-            sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sqo[0], sqo[1], sqo[2], sko[0], sko[1], sko[2],
+        (wrap_triton(_rope_kernel) if wrap else _rope_kernel)[(b * t,)](
+            q, k, cos, sin, qo, ko, t,
+            *sq[:3], *sk[:3], *sqo[:3], *sko[:3],
             # A batch of 1 in cos/sin broadcasts over the batch of q/k.
             sc[0] if cos.shape[0] > 1 else 0, sc[1],
             ss[0] if sin.shape[0] > 1 else 0, ss[1],
             hq, hk,
-            HALF=half, BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), BLOCK_D=pow2(half), TOKENS=tokens,
-            BACKWARD=backward, num_warps=8 if tokens * q_block >= 2048 else 4,
+            HALF=half, BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), BLOCK_D=pow2(half),
+            BACKWARD=backward, num_warps=4,
         )  # fmt: skip
     return qo, ko
 
