@@ -100,6 +100,21 @@ def test_outputs_equal_the_composition_bit_for_bit():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_create_graph_gives_the_same_gradients_and_refuses_a_second_derivative():
+    """A backward with ``create_graph=True`` gives the plain backward's gradients, and differentiating them
+    again raises a clear error (the op has no second derivative) instead of a silently wrong result."""
+    x, nw, weights, biases = _case((3, 5, 32), (16, 8), True, seed=3)
+    douts = [torch.randn(3, 5, o, dtype=torch.float64) for o in (16, 8)]
+    _, plain = _run(_ours, x, nw, weights, biases, douts)
+    leaves = [t.clone().requires_grad_() for t in (x, nw, *weights, *biases)]
+    outs = _ours(leaves[0], leaves[1], leaves[2:4], leaves[4:])
+    grads = torch.autograd.grad(outs, leaves, douts, create_graph=True)
+    for name, g in zip(("x", "nw", "w0", "w1", "b0", "b1"), grads, strict=True):
+        torch.testing.assert_close(g, plain[name], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="rms_norm_linear has no second derivative"):
+        torch.autograd.grad(grads[0].square().sum(), leaves[2])
+
+
 def test_keeps_no_normed_activation():
     """What autograd keeps: x, the norm weight and the projection weights, not the normalised [N, H]
     (which the stock composition keeps for the weight gradients), so this fails if y is saved again."""

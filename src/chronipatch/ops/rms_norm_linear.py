@@ -95,7 +95,8 @@ def _rms_norm_linear(
 # Defined on a ``Library`` rather than by ``custom_op``: the compiled backward calls it once per group of
 # normed projections (48 times a Qwen2.5-0.5B step), and custom_op's per-call layers (an autograd wrapper
 # that redispatches, an aliasing check of the outputs) cost the host about half again the dispatch itself.
-# Every output is a fresh tensor.
+# Every output is a fresh tensor. It has no autograd formula: a backward that records a graph
+# (``create_graph=True``) calls it through ``_FirstOrderOnly``, which makes a second differentiation an error.
 _LIB = torch.library.Library("chronipatch", "FRAGMENT")
 _LIB.define(
     "rms_norm_linear_bwd(Tensor x, Tensor norm_weight, float eps, Tensor[] weights, Tensor[] douts, "
@@ -112,6 +113,27 @@ def _(x, norm_weight, eps, weights, douts, need_dw, need_db):
     return x.new_empty(x.shape), torch.empty_like(norm_weight), dws, dbs
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """``rms_norm_linear_bwd`` on flat arguments (x, norm weight, then the weights, then the douts) for a
+    backward that records a graph: differentiating its outputs again raises instead of running without a
+    formula (autograd's fallback would warn and give wrong second-order gradients)."""
+
+    @staticmethod
+    def forward(ctx, eps, need_dw, need_db, x, norm_weight, *tensors):
+        n = len(need_dw)
+        dx, dnw, dws, dbs = _rms_norm_linear_bwd(
+            x, norm_weight, eps, list(tensors[:n]), list(tensors[n:]), need_dw, need_db
+        )
+        return dx, dnw, *dws, *dbs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "chronipatch.ops.rms_norm_linear has no second derivative: a gradient taken with "
+            "create_graph=True was differentiated again"
+        )
+
+
 def _setup(ctx, inputs, output):
     x, norm_weight, eps, weights, _, has_bias = inputs
     ctx.save_for_backward(x, norm_weight, *weights)
@@ -122,7 +144,12 @@ def _backward(ctx, douts):
     x, norm_weight, *weights = ctx.saved_tensors
     need_dw, need_b = ctx.needs_input_grad[3], iter(ctx.needs_input_grad[4])
     need_db = [b and next(need_b) for b in ctx.has_bias]
-    dx, dnw, dws, dbs = _rms_norm_linear_bwd(x, norm_weight, ctx.eps, weights, list(douts), need_dw, need_db)
+    if torch.is_grad_enabled():  # create_graph=True
+        dx, dnw, *rest = _FirstOrderOnly.apply(ctx.eps, need_dw, need_db, x, norm_weight, *weights, *douts)
+        dws, dbs = rest[: len(weights)], rest[len(weights) :]
+    else:
+        args = (x, norm_weight, ctx.eps, weights, list(douts), need_dw, need_db)
+        dx, dnw, dws, dbs = _rms_norm_linear_bwd(*args)
     dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
     return dx, dnw, None, [dw if want else None for dw, want in zip(dws, need_dw)], dbs, None
 
