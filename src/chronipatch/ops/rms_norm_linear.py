@@ -94,7 +94,8 @@ def _rms_norm_linear(
 # with the forward's y by common-subexpression elimination, and that y kept for the backward after all.
 # Defined on a ``Library`` rather than by ``custom_op``: the compiled backward calls it once per group of
 # normed projections (48 times a Qwen2.5-0.5B step), and custom_op's per-call layers (an autograd wrapper
-# that redispatches, an aliasing check of the outputs) cost the host about half again the dispatch itself.
+# that redispatches, an aliasing check of the outputs) doubled the dispatch's host time: 41 against 20 us a
+# call on the H200's host (bench/results/2026-12-03-h200/ab_call15.log).
 # Every output is a fresh tensor. It has no autograd formula: a backward that records a graph
 # (``create_graph=True``) calls it through ``_FirstOrderOnly``, which makes a second differentiation an error.
 _LIB = torch.library.Library("chronipatch", "FRAGMENT")
