@@ -419,8 +419,9 @@ def main() -> None:
     if dev.type == "cuda":
         global HBM_BYTES_PER_S
         HBM_BYTES_PER_S = copy_bytes_per_s(dev)
-    meta.update(dtype=str(dtype), smoke=args.smoke, warmup_ms=warmup, rep_ms=rep)
-    meta.update(floor_bytes_per_s=HBM_BYTES_PER_S)
+    meta.update(
+        dtype=str(dtype), smoke=args.smoke, warmup_ms=warmup, rep_ms=rep, floor_bytes_per_s=HBM_BYTES_PER_S
+    )
     meta["notes"] = [
         f"{dtype}; ms = median of one forward + backward (fixed random upstream grad, ones for the loss),"
         f" timed with {timer}, warmup {warmup} ms, rep {rep} ms",

@@ -55,6 +55,12 @@ def _grad_kernel(
     tl.store(G + row * stride_g + cols, g.to(G.dtype.element_ty), mask=live)
 
 
+def dw_rows(hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """The hidden rows that dW sums g_i h_i over: an ignored row's g is 0, and its hidden state (inf or nan
+    there is allowed) must not make that a nan, so it is zeroed."""
+    return torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0)
+
+
 def rows_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool, scale: Tensor,
     need_dh: bool, need_dw: bool,
@@ -65,8 +71,7 @@ def rows_fwd_bwd(
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
-    # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
-    h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0) if need_dw else None
+    h_w = dw_rows(hidden, labels, ignore_index) if need_dw else None
 
     def on_rows(r0: int, p: Tensor, mp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
         k = p.shape[0]

@@ -45,7 +45,7 @@ from torch import Tensor
 from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._lce_chunks import chunks_bwd, chunks_fwd
-from ._lce_rows import rows_fwd_bwd
+from ._lce_rows import dw_rows, rows_fwd_bwd
 from ._lce_tiles import tiles_bwd, tiles_fwd
 from ._utils import (
     autocast_dtype,
@@ -118,8 +118,7 @@ def lce_bwd_triton(
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_zeros(0)
     if n > 0 and (need_dh or need_dw):
         grad_rows = grad_rows.float().contiguous()
-        # dW sums g_i h_i over rows: an ignored row's g is 0; its hidden state must not make that a nan.
-        h_w = torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0) if need_dw else None
+        h_w = dw_rows(hidden, labels, ignore_index) if need_dw else None
         if _tiled(hidden):
             tiles_bwd(grad_rows, hidden, weight, labels, stats, ignore_index, dh, dw, h_w)
         else:
