@@ -47,6 +47,23 @@ def test_rms_norm_kernels(rows, n, dtype):
     )
 
 
+@pytest.mark.parametrize("rows,n", [(1, 64), (7, 100), (33, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_backward_writes_the_forwards_output(rows, n, dtype):
+    """The backward that also writes y (``rms_norm_linear``'s recompute) writes the forward's y bit for bit,
+    and the same dx and dw as the plain backward, also with dx written over dy."""
+    torch.manual_seed(rows)
+    x, w, dy = _r(rows, n, dtype=dtype, scale=2), _r(n, dtype=dtype), _r(rows, n, dtype=dtype)
+    y, rstd = rms.rms_norm_fwd_triton(x, w, 1e-6)
+    dx, dw = rms.rms_norm_bwd_triton(dy, x, w, rstd)
+    dy_scratch = dy.clone()
+    dx2, dw2, y2 = rms.rms_norm_bwd_y_triton(dy_scratch, x, w, rstd, into_dy=True)
+    assert dx2.data_ptr() == dy_scratch.data_ptr()
+    for a, b in ((y2, y), (dx2, dx), (dw2, dw)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert rms.rms_norm_bwd_y_triton(dy, x, w, rstd, store_y=False)[2] is None
+
+
 def test_rms_norm_kernel_strided_rows():
     x = _r(6, 2 * 64, dtype=torch.float32)[:, :64]  # row stride 128, last dim dense
     w = _r(64, dtype=torch.float32)

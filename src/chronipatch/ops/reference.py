@@ -20,10 +20,16 @@ def _f(x: Tensor) -> Tensor:
 
 
 def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    xf = _f(x)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
-    y = weight * (xf * rstd.unsqueeze(-1)).to(x.dtype)
-    return y, rstd
+    rstd = torch.rsqrt(_f(x).pow(2).mean(-1) + eps)
+    return rms_norm_out(x, weight, rstd), rstd
+
+
+def rms_norm_out(x: Tensor, weight: Tensor, rstd: Tensor, weight_last: bool = False) -> Tensor:
+    """The forward's y from its rstd. ``weight_last`` multiplies in the other order (the same values): a
+    backward's recompute then differs from the forward's graph, which a compiler would otherwise merge
+    with it by common-subexpression elimination and keep y for the backward after all."""
+    h = (_f(x) * rstd.unsqueeze(-1)).to(x.dtype)
+    return h * weight if weight_last else weight * h
 
 
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,8 @@
 Backward, with h = x * rstd and dh = dy * w:
     dx = rstd * (dh - h * mean(dh * h))
     dw = sum_rows(dy * cast(h))                 (fp64 accumulation)
-rstd is the op's second output, so the backward never recomputes the row statistics.
+rstd is the op's second output, so the backward never recomputes the row statistics. The backward kernel
+can also write y again (bit for bit the forward's), for ``rms_norm_linear``, which keeps x instead of y.
 """
 
 from __future__ import annotations
@@ -49,14 +50,17 @@ def _bwd_kernel(
     RSTD,
     DX,
     DW_PART,
+    Y,
     stride_dy,
     stride_x,
     stride_dx,
+    stride_y,
     n_rows,
     N,
     rows_per_prog,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
+    STORE_Y: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -79,7 +83,11 @@ def _bwd_kernel(
         dw += tl.sum(dy.to(tl.float64) * h.to(X.dtype.element_ty).to(tl.float64), axis=0)
         dh = dy * w[None, :]
         dx = rstd[:, None] * (dh - h * (tl.sum(dh * h, axis=1) / N)[:, None])
+        # dx may be written over dy (``into_dy``): each row's dy is loaded above, by this program alone.
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if STORE_Y:  # the forward's output again, rounded as ``_fwd_kernel`` rounds it
+            y = h.to(X.dtype.element_ty).to(tl.float32) * w[None, :]
+            tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     # One fp64 partial row per program, summed in a fixed order afterwards: deterministic.
     tl.store(DW_PART + pid * N + cols, dw, mask=cmask)
 
@@ -115,10 +123,28 @@ def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float, wrap: bool = True
 def rms_norm_bwd_triton(
     dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, wrap: bool = True
 ) -> tuple[Tensor, Tensor]:
+    return _bwd(dy, x, weight, rstd, wrap, store_y=False)[:2]
+
+
+def rms_norm_bwd_y_triton(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, wrap: bool = True, store_y: bool = True,
+    into_dy: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """(dx, dweight, y): the backward that also writes the forward's output again (None unless
+    ``store_y``). With ``into_dy`` dx is written over ``dy`` (a temporary of the caller's): one [N, H]
+    buffer less."""
+    dx, dw, y = _bwd(dy, x, weight, rstd, wrap, store_y=store_y, into_dy=into_dy)
+    return dx, dw, y if store_y else None
+
+
+def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
     n = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     m = x2.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    reuse = into_dy and dy2.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape
+    dx = dy2.view(x.shape) if reuse else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty(x.shape, dtype=y_dtype, device=x.device) if store_y else dx  # dx: never written as y
     block, rows, warps = _tiles(n)
     progs = max(1, min(cdiv(m, rows), 4 * sms_for(x)))
     rows_per_prog = cdiv(max(m, 1), progs)
@@ -132,17 +158,20 @@ def rms_norm_bwd_triton(
             rstd,
             dx,
             dw_part,
+            y,
             dy2.stride(0),
             x2.stride(0),
+            n,
             n,
             m,
             n,
             rows_per_prog,
             BLOCK_N=block,
             ROWS=rows,
+            STORE_Y=store_y,
             num_warps=warps,
         )
-    return dx, dw_part.sum(0).to(weight.dtype)
+    return dx, dw_part.sum(0).to(weight.dtype), y
 
 
 # ---------------------------------------------------------------- registration

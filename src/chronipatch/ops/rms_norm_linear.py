@@ -2,12 +2,12 @@
     y      = rms_norm(x, w_n, eps)                 (``rms_norm``: fp32 statistics, HF's casts)
     out_i  = y W_i^T + b_i
 Autograd would keep y ([N, H]) for the projections' weight gradients, beside the x the norm keeps. Here the
-backward runs the forward's kernel on x again (the same y, bit for bit, and its rstd), then
+forward keeps x and its rstd ([N], fp32), and the backward runs
     dy     = sum_i dout_i W_i                      (in x's dtype: each GEMM adds the running sum)
+    dx, dw_n, y = the RMSNorm backward of dy, whose kernel writes y again (bit for bit the forward's)
     dW_i   = dout_i^T y,   db_i = sum_rows dout_i
-    dx, dw_n = the RMSNorm backward of dy
 so a decoder layer keeps one [N, H] tensor less per norm: 1 GiB at Llama-3.2-1B's 16 layers of 4 x 2048
-tokens in bf16, for one more norm kernel per norm in the backward. The outputs equal
+tokens in bf16, for one more [N, H] write per norm in the backward. The outputs equal
 ``F.linear(rms_norm(x, w_n, eps), W_i, b_i)`` bit for bit.
 """
 
@@ -20,46 +20,46 @@ from torch.library import triton_op
 
 from . import reference
 from ._utils import autocast_dtype, check, check_same, check_tensors, direct, eager_cuda, on_gpu
-from .rms_norm import rms_norm, rms_norm_bwd_triton, rms_norm_fwd_triton
+from .rms_norm import rms_norm, rms_norm_bwd_y_triton, rms_norm_fwd_triton
 
 # ---------------------------------------------------------------- launchers (kernels: ``rms_norm``)
-
-
-def _norm(x: Tensor, weight: Tensor, eps: float, wrap: bool) -> tuple[Tensor, Tensor]:
-    if on_gpu(x):
-        return rms_norm_fwd_triton(x, weight, eps, wrap=wrap)
-    return reference.rms_norm_fwd(x, weight, eps)
 
 
 def _fwd(
     x: Tensor, norm_weight: Tensor, eps: float, weights: list[Tensor], biases: list[Tensor],
     has_bias: list[bool], wrap: bool = True,
 ) -> list[Tensor]:  # fmt: skip
-    y = _norm(x, norm_weight, eps, wrap)[0]
+    """[out_0, ..., out_k, rstd]."""
+    if on_gpu(x):
+        y, rstd = rms_norm_fwd_triton(x, norm_weight, eps, wrap=wrap)
+    else:
+        y, rstd = reference.rms_norm_fwd(x, norm_weight, eps)
     bias = iter(biases)
-    return [F.linear(y, w, next(bias) if b else None) for w, b in zip(weights, has_bias)]
+    return [*(F.linear(y, w, next(bias) if b else None) for w, b in zip(weights, has_bias)), rstd]
 
 
 def _bwd(
-    x: Tensor, norm_weight: Tensor, eps: float, weights: list[Tensor], douts: list[Tensor],
+    x: Tensor, norm_weight: Tensor, rstd: Tensor, weights: list[Tensor], douts: list[Tensor],
     need_dw: list[bool], need_db: list[bool], wrap: bool = True,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
     """(dx, dnorm_weight, dW_i, db_i); a dW or db not needed is returned empty (its GEMM or sum skipped)."""
-    y, rstd = _norm(x, norm_weight, eps, wrap)
-    y2 = y.reshape(-1, y.shape[-1])
-    dy, dws, dbs = None, [], []
-    for w, do, want_dw, want_db in zip(weights, douts, need_dw, need_db):
-        do = do.reshape(-1, do.shape[-1])
+    douts = [do.reshape(-1, do.shape[-1]) for do in douts]
+    dy = None
+    for w, do in zip(weights, douts):
         dy = _mm_acc(dy, do, w)
-        dws.append(do.T @ y2 if want_dw else w.new_empty(0))
-        dbs.append(do.sum(0) if want_db else w.new_empty(0))
-    del y, y2  # before the norm's backward allocates dx
     dy = dy.view(x.shape)
+    # The norm's backward comes first: its kernel writes y, which only the weight gradients need. y depends
+    # on dy that way, so a compiler can neither merge it with the forward's y nor hoist it into the forward.
+    # A frozen group (LoRA elsewhere) needs no dW: no y then.
     if on_gpu(x):
-        dx, dnw = rms_norm_bwd_triton(dy, x, norm_weight, rstd, wrap=wrap)
+        dx, dnw, y = rms_norm_bwd_y_triton(dy, x, norm_weight, rstd, wrap, any(need_dw), into_dy=True)
     else:
         dx, dnw = reference.rms_norm_bwd(dy, x, norm_weight, rstd)
-    return dx.contiguous(), dnw, dws, dbs
+        y = reference.rms_norm_out(x, norm_weight, rstd, weight_last=True) if any(need_dw) else None
+    y2 = y.reshape(-1, y.shape[-1]) if y is not None else None
+    dws = [do.T @ y2 if want else w.new_empty(0) for w, do, want in zip(weights, douts, need_dw)]
+    dbs = [do.sum(0) if want else w.new_empty(0) for w, do, want in zip(weights, douts, need_db)]
+    return dx, dnw, dws, dbs
 
 
 def _mm_acc(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
@@ -90,67 +90,35 @@ def _rms_norm_linear(
     return _fwd(x, norm_weight, eps, weights, biases, has_bias)
 
 
-# Opaque to the compiler, unlike the forward: traced into the graph, its recompute of y would be merged
-# with the forward's y by common-subexpression elimination, and that y kept for the backward after all.
-# Defined on a ``Library`` rather than by ``custom_op``: the compiled backward calls it once per group of
-# normed projections (48 times a Qwen2.5-0.5B step), and custom_op's per-call layers (an autograd wrapper
-# that redispatches, an aliasing check of the outputs) doubled the dispatch's host time: 41 against 20 us a
-# call on the H200's host (bench/results/2026-12-03-h200/ab_call15.log).
-# Every output is a fresh tensor. It has no autograd formula: a backward that records a graph
-# (``create_graph=True``) calls it through ``_FirstOrderOnly``, which makes a second differentiation an error.
-_LIB = torch.library.Library("chronipatch", "FRAGMENT")
-_LIB.define(
-    "rms_norm_linear_bwd(Tensor x, Tensor norm_weight, float eps, Tensor[] weights, Tensor[] douts, "
-    "bool[] need_dw, bool[] need_db) -> (Tensor, Tensor, Tensor[], Tensor[])"
-)
-_LIB.impl("rms_norm_linear_bwd", _direct_bwd, "CompositeExplicitAutograd")
-_rms_norm_linear_bwd = torch.ops.chronipatch.rms_norm_linear_bwd.default
-
-
-@torch.library.register_fake("chronipatch::rms_norm_linear_bwd", lib=_LIB)
-def _(x, norm_weight, eps, weights, douts, need_dw, need_db):
-    dws = [torch.empty_like(w) if want else w.new_empty(0) for w, want in zip(weights, need_dw)]
-    dbs = [w.new_empty(w.shape[:1] if want else (0,)) for w, want in zip(weights, need_db)]
-    return x.new_empty(x.shape), torch.empty_like(norm_weight), dws, dbs
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """``rms_norm_linear_bwd`` on flat arguments (x, norm weight, then the weights, then the douts) for a
-    backward that records a graph: differentiating its outputs again raises instead of running without a
-    formula (autograd's fallback would warn and give wrong second-order gradients)."""
-
-    @staticmethod
-    def forward(ctx, eps, need_dw, need_db, x, norm_weight, *tensors):
-        n = len(need_dw)
-        dx, dnw, dws, dbs = _rms_norm_linear_bwd(
-            x, norm_weight, eps, list(tensors[:n]), list(tensors[n:]), need_dw, need_db
-        )
-        return dx, dnw, *dws, *dbs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "chronipatch.ops.rms_norm_linear has no second derivative: a gradient taken with "
-            "create_graph=True was differentiated again"
-        )
+# Traced by the compiler like the forward, so the compiled backward launches its GEMMs and kernel itself:
+# as an opaque op its eager launches cost the host ~240 us a call, 48 calls a Qwen2.5-0.5B step
+# (bench/results/2026-12-03-h200/ab_call15.log).
+@triton_op("chronipatch::rms_norm_linear_bwd", mutates_args=())
+def _rms_norm_linear_bwd(
+    x: Tensor,
+    norm_weight: Tensor,
+    rstd: Tensor,
+    weights: list[Tensor],
+    douts: list[Tensor],
+    need_dw: list[bool],
+    need_db: list[bool],
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    return _bwd(x, norm_weight, rstd, weights, douts, need_dw, need_db)
 
 
 def _setup(ctx, inputs, output):
-    x, norm_weight, eps, weights, _, has_bias = inputs
-    ctx.save_for_backward(x, norm_weight, *weights)
-    ctx.eps, ctx.has_bias = eps, has_bias
+    x, norm_weight, _, weights, _, has_bias = inputs
+    ctx.save_for_backward(x, norm_weight, output[-1], *weights)
+    ctx.mark_non_differentiable(output[-1])
+    ctx.has_bias = has_bias
 
 
 def _backward(ctx, douts):
-    x, norm_weight, *weights = ctx.saved_tensors
+    x, norm_weight, rstd, *weights = ctx.saved_tensors
     need_dw, need_b = ctx.needs_input_grad[3], iter(ctx.needs_input_grad[4])
     need_db = [b and next(need_b) for b in ctx.has_bias]
-    if torch.is_grad_enabled():  # create_graph=True
-        dx, dnw, *rest = _FirstOrderOnly.apply(ctx.eps, need_dw, need_db, x, norm_weight, *weights, *douts)
-        dws, dbs = rest[: len(weights)], rest[len(weights) :]
-    else:
-        args = (x, norm_weight, ctx.eps, weights, list(douts), need_dw, need_db)
-        dx, dnw, dws, dbs = _rms_norm_linear_bwd(*args)
+    args = (x, norm_weight, rstd, weights, list(douts[:-1]), need_dw, need_db)
+    dx, dnw, dws, dbs = _rms_norm_linear_bwd(*args)
     dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
     return dx, dnw, None, [dw if want else None for dw, want in zip(dws, need_dw)], dbs, None
 
@@ -165,20 +133,21 @@ class _RMSNormLinearEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, eps, has_bias, *params):
         weights, biases = list(params[: len(has_bias)]), list(params[len(has_bias) :])
-        ctx.save_for_backward(x, norm_weight, *weights)
-        ctx.eps, ctx.has_bias = eps, has_bias
-        return tuple(_direct_fwd(x, norm_weight, eps, weights, biases, has_bias))
+        *outs, rstd = _direct_fwd(x, norm_weight, eps, weights, biases, has_bias)
+        ctx.save_for_backward(x, norm_weight, rstd, *weights)
+        ctx.has_bias = has_bias
+        return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *douts):
-        x, norm_weight, *weights = ctx.saved_tensors
+        x, norm_weight, rstd, *weights = ctx.saved_tensors
         n = len(weights)
         need_dw, need_b = list(ctx.needs_input_grad[4 : 4 + n]), iter(ctx.needs_input_grad[4 + n :])
         need_db = [b and next(need_b) for b in ctx.has_bias]
         # Compiled autograd traces this backward with fake tensors: the registered op then.
         bwd = _direct_bwd if eager_cuda(x) else _rms_norm_linear_bwd
-        dx, dnw, dws, dbs = bwd(x, norm_weight, ctx.eps, weights, list(douts), need_dw, need_db)
+        dx, dnw, dws, dbs = bwd(x, norm_weight, rstd, weights, list(douts), need_dw, need_db)
         dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
         return dx, dnw, None, None, *(dw if want else None for dw, want in zip(dws, need_dw)), *dbs
 
@@ -232,4 +201,4 @@ def rms_norm_linear(
     has_bias = [b is not None for b in biases]
     if eager_cuda(x, norm_weight, *weights, *given):
         return list(_RMSNormLinearEager.apply(x, norm_weight, float(eps), has_bias, *weights, *given))
-    return _rms_norm_linear(x, norm_weight, float(eps), list(weights), given, has_bias)
+    return _rms_norm_linear(x, norm_weight, float(eps), list(weights), given, has_bias)[:-1]
