@@ -45,7 +45,7 @@ def _cases() -> list[tuple]:
         ]
         cases += [
             (
-                f"rms_bwd_{dt}",
+                f"rms_bwd_{dt}" + ("_y" if store_y else ""),
                 "rms_norm",
                 "_bwd_kernel",
                 {
@@ -55,10 +55,12 @@ def _cases() -> list[tuple]:
                     "RSTD": "*fp32",
                     "DX": f"*{dt}",
                     "DW_PART": "*fp64",
+                    "Y": f"*{dt}",
                 }
-                | _ints("stride_dy", "stride_x", "stride_dx", "n_rows", "N", "rows_per_prog"),
-                tiles,
+                | _ints("stride_dy", "stride_x", "stride_dx", "stride_y", "n_rows", "N", "rows_per_prog"),
+                tiles | {"STORE_Y": store_y},
             )
+            for store_y in (False, True)
         ]
         cases += [
             (
