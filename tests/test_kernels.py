@@ -399,11 +399,12 @@ def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
     monkeypatch.setattr(tiles, "_merge_kernel", Recorder("merge"))
     seen["merge"] = []
     for n, hdim in ((7, 64), (300, 64), (5000, 64), (300, 128), (300, 4096)):
-        w = torch.zeros(1000, hdim, dtype=torch.float16)
-        h, labels = torch.zeros(n, hdim, dtype=torch.float16), torch.zeros(n, dtype=torch.long)
+        dev = dict(device=KERNEL_DEVICE)
+        w = torch.zeros(1000, hdim, dtype=torch.float16, **dev)
+        h, labels = torch.zeros(n, hdim, dtype=torch.float16, **dev), torch.zeros(n, dtype=torch.long, **dev)
         tiles.tiles_fwd(h, w, labels, -100, False)
-        dh, dw = torch.zeros(n, hdim), torch.empty_like(w)
-        tiles.tiles_bwd(torch.ones(n), h, w, labels, torch.ones(n, 2), -100, dh, dw, h)
+        dh, dw = torch.zeros(n, hdim, **dev), torch.empty_like(w)
+        tiles.tiles_bwd(torch.ones(n, **dev), h, w, labels, torch.ones(n, 2, **dev), -100, dh, dw, h)
     for key in ("fwd", "bwd"):
         assert len(seen[key]) >= 3 and all(c == seen[key][0] for c in seen[key]), seen[key]
 

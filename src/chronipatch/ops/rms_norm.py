@@ -102,6 +102,14 @@ def _tiles(n: int) -> tuple[int, int, int]:
     return block, rows, warps
 
 
+def _programs_per_sm(block: int) -> int:
+    """The backward's programs per SM, each storing an fp64 partial row of dw: more programs keep more rows in
+    flight, and each costs a partial row written and summed. Fastest on the H200 at 8192 rows, of 1 to 16 per
+    SM: 8 at 896 columns, 3 at 2048, 2 at 4096 (fwd + bwd 36, 67 and 112 us where 4 took 40, 81 and 124;
+    bench/results/2026-12-03-h200/rms_ab_call20.log)."""
+    return 8 if block <= 1024 else 3 if block <= 2048 else 2
+
+
 def _rows(t: Tensor) -> Tensor:
     return last_dense(t.reshape(-1, t.shape[-1]))
 
@@ -146,7 +154,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
     y_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device) if store_y else dx  # dx: never written as y
     block, rows, warps = _tiles(n)
-    progs = max(1, min(cdiv(m, rows), 4 * sms_for(x)))
+    progs = max(1, min(cdiv(m, rows), _programs_per_sm(block) * sms_for(x)))
     rows_per_prog = cdiv(max(m, 1), progs)
     # Every launched program stores its partial row (zeros when it has no rows): no fill unless nothing runs.
     dw_part = (torch.empty if m > 0 else torch.zeros)(progs, n, dtype=torch.float64, device=x.device)
