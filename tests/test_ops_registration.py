@@ -219,3 +219,39 @@ def test_lce_with_grad_backward_allocates_no_zero_gradients():
     with Shapes() as mode:
         loss.backward()
     assert tuple(w.shape) not in mode.made and tuple(h.shape) not in mode.made, mode.made
+
+
+def test_lce_with_grad_scales_in_place_only_where_the_graph_is_freed():
+    """bf16 training's loss keeps dh and dW from its forward; a backward that frees the graph scales them in
+    place (no second [V, H] for dW), one that keeps it (retain_graph) or records one (create_graph) makes
+    scaled copies, so each backward gives the same gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Muls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("mul"):
+                self.made.append((func.__name__, tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    h = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 50, (9,))
+
+    def grads(**kw):
+        loss = 3 * ops.linear_cross_entropy(h, w, labels, shift=False)  # an upstream gradient of 3
+        runs = []
+        for _ in range(2 if kw.get("retain_graph") else 1):
+            with Muls() as mode:
+                runs.append(torch.autograd.grad(loss, (h, w), **kw))
+            assert (("mul_.Tensor", (50, 16)) in mode.made) == (not kw), mode.made
+        return runs
+
+    (freed,) = grads()
+    for kept in (*grads(retain_graph=True), *grads(create_graph=True)):
+        for a, b in zip(kept, freed, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -120,6 +120,18 @@ def eager_cuda(*tensors: torch.Tensor) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def last_use(*tensors: Tensor) -> bool:
+    """Whether this eager backward is the last to read its saved tensors: plain tensors (not traced), no graph
+    recorded, and the engine frees the graph after it (outside a backward the engine's flag reads True)."""
+    return (
+        all(type(t) is torch.Tensor for t in tensors)
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._autograd._get_current_graph_task_keep_graph()
+    )
+
+
 def direct(launcher):
     """``launcher`` launching its kernels straight away (``wrap=False``) instead of through the
     higher-order-op dispatch (~200 us per launch) that only tracing needs. For the eager fast path."""

@@ -28,7 +28,8 @@ truth than it; fp64 sums land nearer. That path also holds fp64 copies of h, dh 
 Training in bf16 (a mean or sum loss, a gradient needed) takes ``linear_cross_entropy_with_grad``: the
 gradients of the loss come with it, from one pass over row chunks (``_lce_rows``: three GEMMs, where the
 forward then the backward above take four; its module says how), and its backward only scales them by the
-upstream gradient. It holds dh and dW from the forward to the backward, and one [R, V] chunk (512 MiB).
+upstream gradient, in place where the graph is freed after it. It holds dh and dW from the forward to the
+backward, and one [R, V] chunk (512 MiB).
 
 The ops are opaque ``custom_op``s: a chunk loop stays one node, so the compiler can neither unroll nor
 reorder it into a larger memory peak.
@@ -55,6 +56,7 @@ from ._utils import (
     check_tensors,
     device_of,
     fast_fp64,
+    last_use,
     on_gpu,
     tf32_matmuls,
 )
@@ -263,8 +265,12 @@ def _backward_with_grad(ctx, grad_loss, *_):
         return (None,) * 8
     dh, dw = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
-    # In the gradients' dtype, the product rounded once: exact for an upstream 1 (or a power of 2).
-    return dh * grad_loss if need_dh else None, dw * grad_loss if need_dw else None, *[None] * 6
+    # In the gradients' dtype, the product rounded once: exact for an upstream 1 (or a power of 2). Scaled in
+    # place where nothing can read the kept gradients again: an eager backward that frees the graph
+    # (no retain_graph) and records none (no create_graph). A second [V, H] for dW otherwise: the step's
+    # memory peak where the backward starts, with every activation alive.
+    scale = torch.Tensor.mul_ if last_use(grad_loss, dh, dw) else torch.mul
+    return scale(dh, grad_loss) if need_dh else None, scale(dw, grad_loss) if need_dw else None, *[None] * 6
 
 
 _lce_with_grad.register_autograd(_backward_with_grad, setup_context=_setup_with_grad)
