@@ -37,6 +37,26 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def compiled_saved_shapes(fn, *args) -> list[tuple]:
+    """The shapes of what AOTAutograd's forward graph of ``fn(*args)`` (a scalar loss) keeps for the
+    backward, under the min-cut partitioner torch.compile uses, sorted."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    saved = []
+
+    def forward_graph(gm, _):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:])  # after the loss
+        return make_boxed_func(gm)
+
+    backward_graph = lambda gm, _: make_boxed_func(gm)
+    partition = min_cut_rematerialization_partition
+    aot_function(fn, forward_graph, backward_graph, partition_fn=partition)(*args).backward()
+    return sorted(saved)
+
+
 def dynamo_graphs(model, **inputs) -> list:
     """The graphs dynamo captures for one compiled call ``model(**inputs)`` (fullgraph, run by eager)."""
     graphs = []

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from chronipatch import ops
-from helpers import assert_no_worse_than_stock, hf_view
+from helpers import assert_no_worse_than_stock, compiled_saved_shapes, hf_view
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -305,23 +305,8 @@ def test_lce_tile_kernels_load_by_tma_on_hopper_gpu():
 def test_compiled_normed_projections_keep_no_normed_activation_gpu():
     """On CUDA the compiled backward traces into the normed projections' backward, whose norm kernel writes y
     again: the forward graph keeps x (here 2x), its rstd, the norm weight and the weight, never y."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_function
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    saved = []
-
-    def forward_graph(gm, _):
-        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
-        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:])  # after the loss
-        return make_boxed_func(gm)
-
     bf = dict(device="cuda", dtype=torch.bfloat16)
     x, nw = torch.randn(64, 32, **bf, requires_grad=True), torch.randn(32, **bf, requires_grad=True)
     w = torch.randn(16, 32, **bf, requires_grad=True)
     fn = lambda x, nw, w: ops.rms_norm_linear(x * 2, nw, 1e-6, [w])[0].float().sum()
-    compiled = aot_function(
-        fn, forward_graph, lambda gm, _: make_boxed_func(gm), partition_fn=min_cut_rematerialization_partition
-    )
-    compiled(x, nw, w).backward()
-    assert sorted(saved) == [(16, 32), (32,), (64,), (64, 32)]
+    assert compiled_saved_shapes(fn, x, nw, w) == [(16, 32), (32,), (64,), (64, 32)]

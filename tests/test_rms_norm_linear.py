@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from chronipatch import ops
 from chronipatch.ops import reference
-from helpers import saved_bytes
+from helpers import compiled_saved_shapes, saved_bytes
 
 EPS = 1e-6
 
@@ -131,26 +131,11 @@ def test_keeps_no_normed_activation():
 def test_compiled_graph_keeps_no_normed_activation():
     """Compiled, the forward graph's saved tensors are x (here 2x), its rstd, the norm weight and the weight:
     the backward's recompute of y must not be merged with the forward's y (which would then be kept)."""
-    from torch._functorch.aot_autograd import aot_function
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    saved = []
-
-    def forward_graph(gm, _):
-        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
-        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:])  # after the loss
-        return make_boxed_func(gm)
-
-    from functorch.compile import make_boxed_func
-
     x, nw = torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)
     w = torch.randn(16, 32, requires_grad=True)
     fn = lambda x, nw, w: ops.rms_norm_linear(x * 2, nw, EPS, [w])[0].sum()
-    compiled = aot_function(
-        fn, forward_graph, lambda gm, _: make_boxed_func(gm), partition_fn=min_cut_rematerialization_partition
-    )
-    compiled(x, nw, w).backward()
-    assert sorted(saved) == [(16, 32), (32,), (64, 1), (64, 32)]  # rstd as the reference keeps it
+    saved = compiled_saved_shapes(fn, x, nw, w)
+    assert saved == [(16, 32), (32,), (64, 1), (64, 32)]  # rstd as the reference keeps it
 
 
 def test_autocast_is_the_composition():

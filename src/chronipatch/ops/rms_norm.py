@@ -141,8 +141,7 @@ def rms_norm_bwd_y_triton(
     """(dx, dweight, y): the backward that also writes the forward's output again (None unless
     ``store_y``). With ``into_dy`` dx is written over ``dy`` (a temporary of the caller's): one [N, H]
     buffer less."""
-    dx, dw, y = _bwd(dy, x, weight, rstd, wrap, store_y=store_y, into_dy=into_dy)
-    return dx, dw, y if store_y else None
+    return _bwd(dy, x, weight, rstd, wrap, store_y=store_y, into_dy=into_dy)
 
 
 def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
@@ -179,7 +178,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
             STORE_Y=store_y,
             num_warps=warps,
         )
-    return dx, dw_part.sum(0).to(weight.dtype), y
+    return dx, dw_part.sum(0).to(weight.dtype), y if store_y else None
 
 
 # ---------------------------------------------------------------- registration
