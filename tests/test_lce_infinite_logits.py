@@ -147,3 +147,42 @@ def test_lce_plus_inf_logit_before_later_tiles_kernel(monkeypatch, small):
     for a, b, what in zip(got, ref, ("loss", "stats", "entropy", "correct")):
         torch.testing.assert_close(a.cpu(), b, msg=what)
     assert got[2][1] == 0 and got[0][1] == INF
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["plus-inf-first", "minus-inf", "nan-in-ignored-row"])
+def test_lce_one_pass_non_finite_rows_match_recompute_path(monkeypatch, case):
+    """bf16 training's one pass (p stored against a running row max, settled once the max is known) meets a
+    +inf logit before later tiles, a -inf logit and a NaN in an ignored row as the forward then the recompute
+    backward do: the same loss, entropy and accuracy, the same gradients to bf16 rounding, all finite."""
+    rows_k = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)  # 94 tiles per row: most settle against the running max, some rescale
+    monkeypatch.setattr(rows_k, "P_BYTES", 1)  # a chunk per row block
+    h = (torch.randn(3, 4, generator=_g(6)) * 0.5).bfloat16()
+    w = (torch.randn(3000, 4, generator=_g(7)) * 0.1).bfloat16()
+    labels = torch.tensor([5, 7, 9])
+    if case == "plus-inf-first":
+        h[[0, 2], 0] = 0.0
+        h[1, 0], w[0, 0] = 2.0**64, 2.0**64
+        w[1:, 0] = w[1:, 0].clamp(-0.5, 0.5)
+    elif case == "minus-inf":
+        h[[0, 2], 0] = 0.0
+        h[1, 0], w[1500, 0] = 2.0**64, -(2.0**64)
+        w[:1500, 0], w[1501:, 0] = w[:1500, 0].clamp(-0.5, 0.5), w[1501:, 0].clamp(-0.5, 0.5)
+    else:
+        h[0, 1], labels[0] = float("nan"), -100
+    h, w, labels = (t.to(KERNEL_DEVICE) for t in (h, w, labels))
+    divisor = (labels != -100).sum().float()
+    loss, entropy, correct, dh, dw = lce_k.lce_fwd_bwd_triton(h, w, labels, divisor, -100, True, True, True)
+    rows, stats, entropy_re, correct_re = lce_k.lce_fwd_triton(h, w, labels, -100)
+    grad_rows = (1 / divisor).expand(3)
+    dh_re, dw_re = lce_k.lce_bwd_triton(grad_rows, h, w, labels, stats, -100)
+    torch.testing.assert_close(loss, rows.sum() / divisor)
+    torch.testing.assert_close(entropy, entropy_re, equal_nan=True)  # an ignored NaN row: NaN in both
+    assert torch.equal(correct, correct_re)
+    for got, re in ((dh, dh_re), (dw, dw_re)):
+        assert got.isfinite().all() and re.isfinite().all()
+        ulp = torch.finfo(torch.bfloat16).eps * re.float().abs().max()
+        assert (got.float() - re.float()).abs().max() <= 2 * ulp
+    if case == "nan-in-ignored-row":
+        assert not dh[0].any()
