@@ -2,24 +2,21 @@
 
 Each program computes one [BM, BN] tile of z = h W^T in fp32 registers (the GEMM's accumulator, never
 stored) and folds it at once:
-    forward:  per row, the tile's max m_j, sum s_j = sum exp(z - m_j) (and entropy sum e_j, first argmax),
-              written as [N, T] partials (T = ceil(V / BN)); one program per row then merges them,
-              m = max_j m_j, s = sum_j s_j exp(m_j - m), e = sum_j exp(m_j - m) (e_j + s_j (m_j - m)),
-              and takes the label's logit z_y = h . w_y;
+    forward:  per row, the tile's max m_j and, against a reference r_j (m_j, or the one-pass path's row
+              reference), s_j = sum exp(z - r_j) (and entropy sum e_j, first argmax), written as [N, T]
+              partials (T = ceil(V / BN)); one program per row merges them, m = max_j m_j,
+              s = sum_j s_j exp(r_j - m), e = sum_j exp(r_j - m) (e_j + s_j (r_j - m)), and takes the
+              label's logit z_y = h . w_y;
     backward: g = exp(z - m) / s * dloss, stored in the weight dtype for one vocabulary chunk, the label's
               entry (exp(z_y - m) / s - 1) * dloss put in after; dh = g W and dW = g^T h of the chunk are
               cuBLAS GEMMs.
-So the fp32 logits never reach memory (the chunked path writes and reads them twice per pass). Forward and
-backward compute every tile with the same function on the same tile grid (a backward chunk starts at a
-multiple of BN), so the backward's logits are bit for bit those the statistics came from. The tiles carry
-no per-label work and no branch on the rows' finiteness: at 8192 x 896, V = 151,936 on the H200 that took
-the forward from 4.7 to 3.7 ms and the backward kernel from 4.6 to 4.2 (bench/results/2026-12-03-h200/
-lce_kernels_call8.md against 2026-12-02-h200/lce_kernels_call21.md; the probe, lce_probe_call7.log).
-
-On Hopper and newer, the GEMM's operands arrive by TMA (16-byte aligned rows; rows and columns past the
-end read 0) in 128 x 256 tiles, the forward's loads in their own warps (5.8 ms forward and 5.1 backward
-kernel with pointer loads in 128 x 128 tiles, 4.7 and 4.6 by TMA, in call 21; the probe behind the choice,
-tiles_probe_call20.log). Pointer loads serve older GPUs and unaligned rows.
+So the fp32 logits never reach memory. Both passes compute every tile with the same function on the same
+tile grid (a backward chunk starts at a multiple of BN): the backward's logits are bit for bit those the
+statistics came from. The tiles carry no per-label work and no branch on the rows' finiteness (4.7 -> 3.7
+ms forward at 8192 x 896 on the H200; bench/results/2026-12-03-h200/lce_kernels_call8.md). On Hopper and
+newer the operands arrive by TMA (16-byte aligned rows; past the end reads 0) in 128 x 256 tiles, the
+forward's loads in warps of their own (4.7 ms forward against 5.8 with pointer loads in 128 x 128 tiles;
+2026-12-02-h200/lce_kernels_call21.md). Pointer loads serve older GPUs and unaligned rows.
 """
 
 from __future__ import annotations
