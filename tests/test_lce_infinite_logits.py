@@ -33,6 +33,19 @@ def _overflow_case(sign: float):
     return h, w
 
 
+def _wide_vocab_case(col: int | None, sign: float):
+    """bf16 hidden [3, 4] and weight [3000, 4] (94 tiles of 32 columns): with ``col``, row 1's fp32 logit
+    there is 2^64 * (sign * 2^64), sign*inf, its other logits finite (weights clamped to +-0.5) and rows 0 and
+    2 small; without, small random logits."""
+    h = (torch.randn(3, 4, generator=_g(6)) * 0.5).bfloat16()
+    w = (torch.randn(3000, 4, generator=_g(7)) * 0.1).bfloat16()
+    if col is not None:
+        h[[0, 2], 0] = 0.0
+        w[:, 0] = w[:, 0].clamp(-0.5, 0.5)
+        h[1, 0], w[col, 0] = 2.0**64, sign * 2.0**64
+    return h, w
+
+
 def _logits32(h, w):
     """The logits the op takes its softmax over: the GEMM's fp32 accumulator, not rounded to bf16."""
     return h.float() @ w.float().T
@@ -134,11 +147,7 @@ def test_lce_plus_inf_logit_before_later_tiles_kernel(monkeypatch, small):
         tiles = importlib.import_module("chronipatch.ops._lce_tiles")
         small_lce_tiles(monkeypatch)  # bf16 inputs: 94 tiles (rows of 8 bytes: pointer loads)
         monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
-    h = (torch.randn(3, 4, generator=_g(6)) * 0.5).bfloat16()
-    w = (torch.randn(3000, 4, generator=_g(7)) * 0.1).bfloat16()
-    h[[0, 2], 0] = 0.0
-    h[1, 0], w[0, 0] = 2.0**64, 2.0**64
-    w[1:, 0] = w[1:, 0].clamp(-0.5, 0.5)
+    h, w = _wide_vocab_case(0, +1.0)
     logits = _logits32(h, w)
     assert logits[1, 0] == INF and logits[1, 1:].isfinite().all()
     labels = torch.tensor([5, 7, 9])
@@ -159,18 +168,13 @@ def test_lce_one_pass_non_finite_rows_match_recompute_path(monkeypatch, case):
     rows_k = importlib.import_module("chronipatch.ops._lce_rows")
     small_lce_tiles(monkeypatch)  # 94 tiles per row
     monkeypatch.setattr(rows_k, "P_BYTES", 1)  # a chunk per row block
-    h = (torch.randn(3, 4, generator=_g(6)) * 0.5).bfloat16()
-    w = (torch.randn(3000, 4, generator=_g(7)) * 0.1).bfloat16()
     labels = torch.tensor([5, 7, 9])
     if case == "plus-inf-first":
-        h[[0, 2], 0] = 0.0
-        h[1, 0], w[0, 0] = 2.0**64, 2.0**64
-        w[1:, 0] = w[1:, 0].clamp(-0.5, 0.5)
+        h, w = _wide_vocab_case(0, +1.0)
     elif case == "minus-inf":
-        h[[0, 2], 0] = 0.0
-        h[1, 0], w[1500, 0] = 2.0**64, -(2.0**64)
-        w[:1500, 0], w[1501:, 0] = w[:1500, 0].clamp(-0.5, 0.5), w[1501:, 0].clamp(-0.5, 0.5)
+        h, w = _wide_vocab_case(1500, -1.0)
     else:
+        h, w = _wide_vocab_case(None, 0.0)
         h[0, 1], labels[0] = float("nan"), -100
     h, w, labels = (t.to(KERNEL_DEVICE) for t in (h, w, labels))
     divisor = (labels != -100).sum().float()
