@@ -50,6 +50,8 @@ def _cases() -> list[tuple]:
                 "_bwd_kernel",
                 {
                     "DY": f"*{dt}",
+                    "DY1": f"*{dt}",
+                    "DY2": f"*{dt}",
                     "X": f"*{dt}",
                     "W": f"*{dt}",
                     "RSTD": "*fp32",
@@ -57,8 +59,19 @@ def _cases() -> list[tuple]:
                     "DW_PART": "*fp64",
                     "Y": f"*{dt}",
                 }
-                | _ints("stride_dy", "stride_x", "stride_dx", "stride_y", "n_rows", "N", "rows_per_prog"),
-                tiles | {"STORE_Y": store_y},
+                | _ints(
+                    "stride_dy",
+                    "stride_dy1",
+                    "stride_dy2",
+                    "stride_x",
+                    "stride_dx",
+                    "stride_y",
+                    "n_rows",
+                    "N",
+                    "rows_per_prog",
+                ),
+                # rms_norm's own backward (one dy), and rms_norm_linear's (y again, dy as three terms)
+                tiles | {"STORE_Y": store_y, "N_DY": 3 if store_y else 1},
             )
             for store_y in (False, True)
         ]

@@ -64,6 +64,27 @@ def test_rms_norm_backward_writes_the_forwards_output(rows, n, dtype):
     assert rms.rms_norm_bwd_y_triton(dy, x, w, rstd, store_y=False)[2] is None
 
 
+@pytest.mark.parametrize("terms", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_backward_sums_its_gradient_terms(terms, dtype):
+    """dy given as 2 or 3 terms (``rms_norm_linear``'s projections' input gradients; one of them rows of a
+    wider buffer) is their fp32 sum: the backward of that sum, with dx written over the first term."""
+    torch.manual_seed(terms)
+    rows, n = 37, 96
+    x, w = _r(rows, n, dtype=dtype, scale=2), _r(n, dtype=dtype)
+    parts = [_r(rows, n, dtype=dtype) for _ in range(terms - 1)] + [_r(rows, 2 * n, dtype=dtype)[:, n:]]
+    _, rstd = rms.rms_norm_fwd_triton(x, w, 1e-6)
+    first = parts[0].clone()
+    dx, dw, y = rms.rms_norm_bwd_y_triton([first, *parts[1:]], x, w, rstd, into_dy=True)
+    assert dx.data_ptr() == first.data_ptr()
+    dx_ref, dw_ref = reference.rms_norm_bwd(sum(p.float() for p in parts), x, w, rstd)
+    torch.testing.assert_close(dx, dx_ref, **TOL[dtype])
+    torch.testing.assert_close(
+        dw.float(), dw_ref.float(), rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * rows
+    )
+    torch.testing.assert_close(y, rms.rms_norm_fwd_triton(x, w, 1e-6)[0], rtol=0, atol=0)
+
+
 def test_rms_norm_kernel_strided_rows():
     x = _r(6, 2 * 64, dtype=torch.float32)[:, :64]  # row stride 128, last dim dense
     w = _r(64, dtype=torch.float32)

@@ -6,11 +6,15 @@
 Backward, with h = x * rstd and dh = dy * w:
     dx = rstd * (dh - h * mean(dh * h))
     dw = sum_rows(dy * cast(h))                 (fp64 accumulation)
-rstd is the op's second output, so the backward never recomputes the row statistics. The backward kernel
-can also write y again (bit for bit the forward's), for ``rms_norm_linear``, which keeps x instead of y.
+rstd is the op's second output, so the backward never recomputes the row statistics. For
+``rms_norm_linear``, which keeps x instead of y, the backward kernel can also write y again (bit for bit the
+forward's), and takes dy as up to three terms, summed in fp32 as it loads them (the projections' input
+gradients, each its own GEMM's output).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -45,6 +49,8 @@ def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, N, eps, BLOCK_N: tl.c
 @triton.jit
 def _bwd_kernel(
     DY,
+    DY1,
+    DY2,
     X,
     W,
     RSTD,
@@ -52,6 +58,8 @@ def _bwd_kernel(
     DW_PART,
     Y,
     stride_dy,
+    stride_dy1,
+    stride_dy2,
     stride_x,
     stride_dx,
     stride_y,
@@ -61,6 +69,7 @@ def _bwd_kernel(
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     STORE_Y: tl.constexpr,
+    N_DY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -78,6 +87,10 @@ def _bwd_kernel(
         rows64 = rows.to(tl.int64)[:, None]
         x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if N_DY > 1:
+            dy += tl.load(DY1 + rows64 * stride_dy1 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if N_DY > 2:
+            dy += tl.load(DY2 + rows64 * stride_dy2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         h = x * rstd[:, None]
         dw += tl.sum(dy.to(tl.float64) * h.to(X.dtype.element_ty).to(tl.float64), axis=0)
@@ -135,20 +148,26 @@ def rms_norm_bwd_triton(
 
 
 def rms_norm_bwd_y_triton(
-    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, wrap: bool = True, store_y: bool = True,
-    into_dy: bool = False,
+    dy: Tensor | Sequence[Tensor], x: Tensor, weight: Tensor, rstd: Tensor, wrap: bool = True,
+    store_y: bool = True, into_dy: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     """(dx, dweight, y): the backward that also writes the forward's output again (None unless
-    ``store_y``). With ``into_dy`` dx is written over ``dy`` (a temporary of the caller's): one [N, H]
-    buffer less."""
+    ``store_y``). ``dy`` may be a sequence of 1 to 3 tensors shaped like x, whose sum is the gradient.
+    With ``into_dy`` dx is written over the first (a temporary of the caller's): one [N, H] buffer less."""
     return _bwd(dy, x, weight, rstd, wrap, store_y=store_y, into_dy=into_dy)
 
 
 def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
+    dys = [dy] if isinstance(dy, Tensor) else list(dy)
+    if not 1 <= len(dys) <= 3 or any(d.shape != x.shape for d in dys):
+        raise ValueError(f"rms_norm backward: 1 to 3 gradients shaped {tuple(x.shape)}, got {len(dys)}")
+    dy = dys[0]
     n = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
+    more = [_rows(d) for d in dys[1:]]
+    more += [dy2] * (2 - len(more))  # stand-ins, never read
     m = x2.shape[0]
-    reuse = into_dy and dy2.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape
+    reuse = into_dy and dy2.is_contiguous() and dy.dtype == x.dtype
     dx = dy2.view(x.shape) if reuse else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device) if store_y else dx  # dx: never written as y
@@ -160,6 +179,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
     if m > 0:
         (wrap_triton(_bwd_kernel) if wrap else _bwd_kernel)[(progs,)](
             dy2,
+            *more,
             x2,
             weight,
             rstd,
@@ -167,6 +187,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
             dw_part,
             y,
             dy2.stride(0),
+            *(d.stride(0) for d in more),
             x2.stride(0),
             n,
             n,
@@ -176,6 +197,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
             BLOCK_N=block,
             ROWS=rows,
             STORE_Y=store_y,
+            N_DY=len(dys),
             num_warps=warps,
         )
     return dx, dw_part.sum(0).to(weight.dtype), y if store_y else None

@@ -3,7 +3,7 @@
     out_i  = y W_i^T + b_i
 Autograd would keep y ([N, H]) for the projections' weight gradients, beside the x the norm keeps. Here the
 forward keeps x and its rstd ([N], fp32), and the backward runs
-    dy     = sum_i dout_i W_i                      (in x's dtype: each GEMM adds the running sum)
+    dy     = sum_i dout_i W_i                      (each product in x's dtype, summed in fp32 by the kernel)
     dx, dw_n, y = the RMSNorm backward of dy, whose kernel writes y again (bit for bit the forward's)
     dW_i   = dout_i^T y,   db_i = sum_rows dout_i
 so a decoder layer keeps one [N, H] tensor less per norm: 1 GiB at Llama-3.2-1B's 16 layers of 4 x 2048
@@ -23,6 +23,11 @@ from ._utils import autocast_dtype, check, check_same, check_tensors, direct, ea
 from .rms_norm import rms_norm, rms_norm_bwd_y_triton, rms_norm_fwd_triton
 
 # ---------------------------------------------------------------- launchers (kernels: ``rms_norm``)
+
+# Input-gradient terms the norm's backward kernel sums itself. Summed by cuBLAS instead (each GEMM adding
+# the running sum, ``addmm_``), a compiled backward copied the sum before each added GEMM (ATen's addmm into
+# a new buffer copies the addend there first): 72 copies of [N, H] in a Qwen2.5-0.5B step.
+MAX_TERMS = 3
 
 
 def _fwd(
@@ -44,33 +49,25 @@ def _bwd(
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
     """(dx, dnorm_weight, dW_i, db_i); a dW or db not needed is returned empty (its GEMM or sum skipped)."""
     douts = [do.reshape(-1, do.shape[-1]) for do in douts]
-    dy = None
-    for w, do in zip(weights, douts):
-        dy = _mm_acc(dy, do, w)
-    dy = dy.view(x.shape)
+    # The first products go to the norm's kernel as they are, which sums them as it loads them (HF's three
+    # q/k/v products, its two gate/up ones); a fourth and later add onto the third.
+    dys = [do @ w for do, w in zip(douts[:MAX_TERMS], weights[:MAX_TERMS])]
+    for w, do in zip(weights[MAX_TERMS:], douts[MAX_TERMS:]):
+        dys[-1].addmm_(do, w)
+    dys = [d.view(x.shape) for d in dys]
     # The norm's backward comes first: its kernel writes y, which only the weight gradients need. y depends
     # on dy that way, so a compiler can neither merge it with the forward's y nor hoist it into the forward.
     # A frozen group (LoRA elsewhere) needs no dW: no y then.
     if on_gpu(x):
-        dx, dnw, y = rms_norm_bwd_y_triton(dy, x, norm_weight, rstd, wrap, any(need_dw), into_dy=True)
+        dx, dnw, y = rms_norm_bwd_y_triton(dys, x, norm_weight, rstd, wrap, any(need_dw), into_dy=True)
     else:
-        dx, dnw = reference.rms_norm_bwd(dy, x, norm_weight, rstd)
+        acc = torch.promote_types(x.dtype, torch.float32)  # the kernel's sum, in fp32 (fp64 stays)
+        dx, dnw = reference.rms_norm_bwd(sum(d.to(acc) for d in dys), x, norm_weight, rstd)
         y = reference.rms_norm_out(x, norm_weight, rstd, weight_last=True) if any(need_dw) else None
     y2 = y.reshape(-1, y.shape[-1]) if y is not None else None
     dws = [do.T @ y2 if want else w.new_empty(0) for w, do, want in zip(weights, douts, need_dw)]
     dbs = [do.sum(0) if want else w.new_empty(0) for w, do, want in zip(weights, douts, need_db)]
     return dx, dnw, dws, dbs
-
-
-def _mm_acc(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    """acc + a @ b, with acc updated in place: cuBLAS adds acc to the product, accumulated in fp32, before
-    rounding to the weight dtype, so the sum of the projections' input gradients rounds about once per
-    projection (stock rounds each product and then each sum; cuBLAS may also round partial sums where
-    torch's reduced-precision reductions are allowed, its default for bf16/fp16). An fp32 sum cost 0.668
-    ms against 0.541 at Llama-3.2-1B's q/k/v and 3% of its compiled training step (fp32-output GEMMs), for
-    a dx error of 0.024 against this sum's 0.071 and stock's 0.080
-    (bench/results/2026-12-03-h200/README.md)."""
-    return a @ b if acc is None else acc.addmm_(a, b)
 
 
 # ---------------------------------------------------------------- registration
