@@ -55,7 +55,17 @@ def _ours(x, nw, weights, biases):
 
 
 @pytest.mark.parametrize(
-    "shape,outs", [((1, 64), [8]), ((7, 100), [16, 4, 4]), ((2, 9, 96), [32, 24]), ((4099, 64), [17])]
+    "shape,outs",
+    [
+        ((1, 64), [8]),
+        ((7, 100), [16, 4, 4]),
+        ((2, 9, 96), [32, 24]),
+        ((4099, 64), [17]),
+        (
+            (5, 48),
+            [8, 6, 4, 4, 2],
+        ),  # past the three terms the norm's kernel sums: the rest add onto the third
+    ],
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -158,15 +168,17 @@ def test_no_rows():
     assert y.shape == (0, 4) and w.grad.abs().sum() == 0 and nw.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("outs", [[24, 8], [24, 8, 8], [24, 8, 8, 4]], ids=len)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_path_matches_reference(dtype, monkeypatch):
-    """The Triton path (interpreter on CPU, natively on CUDA) against the torch reference path."""
+def test_kernel_path_matches_reference(dtype, outs, monkeypatch):
+    """The Triton path (interpreter on CPU, natively on CUDA) against the torch reference path, with dy as
+    two or three terms of the norm's kernel, and four (the last added onto the third)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     torch.manual_seed(0)
-    x, nw, weights, biases = _case((2, 5, 64), [24, 8], True, seed=2)
-    douts = [torch.randn(2, 5, o, dtype=torch.float64) for o in (24, 8)]
+    x, nw, weights, biases = _case((2, 5, 64), outs, True, seed=2)
+    douts = [torch.randn(2, 5, o, dtype=torch.float64) for o in outs]
     to = lambda ts: [t.to(device=device, dtype=dtype) for t in ts]
     args = (*to([x, nw]), to(weights), to(biases), to(douts))
     ref, g_ref = _run(_ours, *args)
