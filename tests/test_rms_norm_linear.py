@@ -61,10 +61,8 @@ def _ours(x, nw, weights, biases):
         ((7, 100), [16, 4, 4]),
         ((2, 9, 96), [32, 24]),
         ((4099, 64), [17]),
-        (
-            (5, 48),
-            [8, 6, 4, 4, 2],
-        ),  # past the three terms the norm's kernel sums: the rest add onto the third
+        # past the three terms the norm's kernel sums: the rest add onto the third
+        ((5, 48), [8, 6, 4, 4, 2]),
     ],
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])

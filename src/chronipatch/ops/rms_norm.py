@@ -25,6 +25,8 @@ from torch.library import triton_op, wrap_triton
 from . import reference
 from ._utils import cdiv, check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2, sms_for
 
+DY_TERMS = 3  # the most terms of dy the backward kernel sums as it loads them
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -152,22 +154,23 @@ def rms_norm_bwd_y_triton(
     store_y: bool = True, into_dy: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     """(dx, dweight, y): the backward that also writes the forward's output again (None unless
-    ``store_y``). ``dy`` may be a sequence of 1 to 3 tensors shaped like x, whose sum is the gradient.
+    ``store_y``). ``dy`` may be a sequence of 1 to ``DY_TERMS`` tensors shaped like x, whose sum is the
+    gradient.
     With ``into_dy`` dx is written over the first (a temporary of the caller's): one [N, H] buffer less."""
     return _bwd(dy, x, weight, rstd, wrap, store_y=store_y, into_dy=into_dy)
 
 
 def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
     dys = [dy] if isinstance(dy, Tensor) else list(dy)
-    if not 1 <= len(dys) <= 3 or any(d.shape != x.shape for d in dys):
-        raise ValueError(f"rms_norm backward: 1 to 3 gradients shaped {tuple(x.shape)}, got {len(dys)}")
+    if not 1 <= len(dys) <= DY_TERMS:  # the kernel would silently drop a fourth
+        raise ValueError(f"rms_norm backward: 1 to {DY_TERMS} gradient terms, got {len(dys)}")
     dy = dys[0]
     n = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     more = [_rows(d) for d in dys[1:]]
     more += [dy2] * (2 - len(more))  # stand-ins, never read
     m = x2.shape[0]
-    reuse = into_dy and dy2.is_contiguous() and dy.dtype == x.dtype
+    reuse = into_dy and dy2.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape
     dx = dy2.view(x.shape) if reuse else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device) if store_y else dx  # dx: never written as y

@@ -20,14 +20,9 @@ from torch.library import triton_op
 
 from . import reference
 from ._utils import autocast_dtype, check, check_same, check_tensors, direct, eager_cuda, on_gpu
-from .rms_norm import rms_norm, rms_norm_bwd_y_triton, rms_norm_fwd_triton
+from .rms_norm import DY_TERMS, rms_norm, rms_norm_bwd_y_triton, rms_norm_fwd_triton
 
 # ---------------------------------------------------------------- launchers (kernels: ``rms_norm``)
-
-# Input-gradient terms the norm's backward kernel sums itself. Summed by cuBLAS instead (each GEMM adding
-# the running sum, ``addmm_``), a compiled backward copied the sum before each added GEMM (ATen's addmm into
-# a new buffer copies the addend there first): 72 copies of [N, H] in a Qwen2.5-0.5B step.
-MAX_TERMS = 3
 
 
 def _fwd(
@@ -50,9 +45,11 @@ def _bwd(
     """(dx, dnorm_weight, dW_i, db_i); a dW or db not needed is returned empty (its GEMM or sum skipped)."""
     douts = [do.reshape(-1, do.shape[-1]) for do in douts]
     # The first products go to the norm's kernel as they are, which sums them as it loads them (HF's three
-    # q/k/v products, its two gate/up ones); a fourth and later add onto the third.
-    dys = [do @ w for do, w in zip(douts[:MAX_TERMS], weights[:MAX_TERMS])]
-    for w, do in zip(weights[MAX_TERMS:], douts[MAX_TERMS:]):
+    # q/k/v products, its two gate/up ones); a fourth and later add onto the third. Summed by cuBLAS instead
+    # (``addmm_`` onto the running sum), a compiled backward copied the sum before each added GEMM (ATen's
+    # addmm into a new buffer copies the addend there first): 72 copies of [N, H] in a Qwen2.5-0.5B step.
+    dys = [do @ w for do, w in zip(douts[:DY_TERMS], weights[:DY_TERMS])]
+    for w, do in zip(weights[DY_TERMS:], douts[DY_TERMS:]):
         dys[-1].addmm_(do, w)
     dys = [d.view(x.shape) for d in dys]
     # The norm's backward comes first: its kernel writes y, which only the weight gradients need. y depends
