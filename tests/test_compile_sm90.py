@@ -151,8 +151,11 @@ def _cases() -> list[tuple]:
                         f"lce_tiles_fwd_{dt}{'' if token_stats else '_no_stats'}{'_p' if p else ''}{path}",
                         "_lce_tiles",
                         "_fwd_tiles_kernel",
-                        gemm | parts | {"P": "*fp16" if p else f"*{dt}"} | _ints("stride_p"),
-                        shape | {"TOKEN_STATS": token_stats, "STORE_P": p},
+                        gemm
+                        | parts
+                        | {"P": "*bf16" if p else f"*{dt}", "RP": "*fp32", "REF": "*fp32", "LABELS": "*i64"}
+                        | _ints("stride_p", "ignore_index"),
+                        shape | {"TOKEN_STATS": token_stats, "STORE_P": p, "MARGIN": 32.0},
                         {"num_warps": warps, "num_stages": stages},
                     )
                     for token_stats in (True, False)
@@ -175,7 +178,7 @@ def _cases() -> list[tuple]:
             f"lce_tiles_merge_{dt}",
             "_lce_tiles",
             "_merge_kernel",
-            dict.fromkeys(("MP", "SP", "EP", "M", "S", "E", "ZLAB"), "*fp32")
+            dict.fromkeys(("MP", "RP", "SP", "EP", "M", "S", "E", "ZLAB"), "*fp32")
             | {"AP": "*i64", "ARG": "*i64", "H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"}
             | _ints("stride_h", "stride_w", "vocab", "hdim", "n_tiles_v", "ignore_index"),
             {"BLOCK_T": 1024, "BLOCK_H": 1024, "TOKEN_STATS": True},
@@ -184,13 +187,13 @@ def _cases() -> list[tuple]:
     ]
     cases.append(
         (
-            "lce_rows_grad_bf16",
+            "lce_rows_settle_bf16",
             "_lce_rows",
-            "_grad_kernel",
-            {"P": "*fp16", "G": "*bf16", "MP": "*fp32", "M": "*fp32", "S": "*fp32", "ZLAB": "*fp32"}
-            | {"LABELS": "*i64", "SCALE": "*fp32"}
-            | _ints("stride_g", "vocab", "n_tiles_v", "ignore_index"),
-            {"BN": 256, "BLOCK": 2048},
+            "_settle_kernel",
+            dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "SCALE", "R"), "*fp32")
+            | {"P": "*bf16", "LABELS": "*i64"}
+            | _ints("stride_p", "vocab", "n_tiles_v", "ignore_index"),
+            {"BN": 256, "MARGIN": 32.0, "TILES": 8},
         )
     )
     cases += [

@@ -203,14 +203,14 @@ def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
 )
 def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
     """bf16 loss and gradients in one pass: row chunks of one 16-row block (dW summed over them), against
-    the reference and against the forward then the recompute backward, to within p's fp16 rounding and dW's
-    per-chunk one."""
+    the reference and against the forward then the recompute backward, to within p's bf16 rounding, r h's
+    and dW's per-chunk one."""
     rows = importlib.import_module("chronipatch.ops._lce_rows")
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(tiles, "TMA_LOADS", tma)
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
-    monkeypatch.setattr(rows, "GRAD_BLOCK", 64)  # several programs per row, a ragged last one
+    monkeypatch.setattr(rows, "SETTLE_TILES", 4)  # several steps per row, a ragged last one
     torch.manual_seed(v + n)
     bf16 = torch.bfloat16
     hid, w = _r(n, h, dtype=bf16), _r(v, h, dtype=bf16, scale=0.5)
@@ -241,6 +241,59 @@ def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
         hid, w, none, torch.zeros((), device=KERNEL_DEVICE), -100, False, True, True
     )
     assert zero[0].item() == 0 and not zero[3].any() and not zero[4].any()
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["sample-near-max", "max-far-above-sample"])
+def test_lce_rows_reference_from_the_sample(far, monkeypatch):
+    """The one pass stores p against each row's sampled max K. Where the row's max lies more than
+    REF_MARGIN above it (a logit at an unsampled column), the row takes its own tile maxima and is rescaled
+    as a whole: loss and gradients match the recompute path either way, to p's and r h's bf16 rounding."""
+    rows = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
+    torch.manual_seed(3)
+    bf16 = torch.bfloat16
+    hid, w = _r(20, 16, dtype=bf16), _r(260, 16, dtype=bf16, scale=0.25)
+    if far:
+        hid[:, 0] = 0.0
+        hid[[2, 17], 0], w[201, 0] = 16.0, 16.0  # logit ~256 at column 201, off the sample: e^256 overflows
+    labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
+    labels[[5, 17]] = -100
+    refs = rows.row_references(hid, w)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    far_rows = stats[:, 0] > refs + tiles.REF_MARGIN
+    assert far_rows.sum() == (2 if far else 0)
+    divisor = (labels != -100).sum().float()
+    loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    rows_re = lce.lce_fwd_triton(hid, w, labels, -100)[0]
+    dh_re, dw_re = lce.lce_bwd_triton((1 / divisor).expand(20), hid, w, labels, stats, -100)
+    torch.testing.assert_close(loss, rows_re.sum() / divisor)
+    for got, recomputed in ((dh, dh_re), (dw, dw_re)):
+        ulp = torch.finfo(bf16).eps * recomputed.float().abs().max()
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+
+
+@pytest.mark.parametrize("above", [0.0, 0.02, -20.0], ids=["at-max", "ulps-above", "below"])
+def test_lce_tiles_merge_with_the_reference_above_the_row_max(above, monkeypatch):
+    """The one pass's row reference K comes from another GEMM, whose rounding can put it a few ulps above the
+    row's max as the tiles compute it (0.014 at logits of 7306 on the H200). With the max in a later merge
+    block than the first, a merge gathering against the running max of the m_j met exp(K - m) = inf on
+    underflowed sums: a nan row. Logits of ~1e3, the max in the last of three merge blocks."""
+    small_lce_tiles(monkeypatch)  # 47 tiles of 32 columns
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
+    torch.manual_seed(5)
+    bf16 = torch.bfloat16
+    hid, w = _r(3, 16, dtype=bf16, scale=30.0), _r(1500, 16, dtype=bf16, scale=1.0)
+    w[1400] = hid[1] / hid[1].norm() * 200  # row 1's max, far above every other logit of its row
+    labels = torch.tensor([3, 1400, -100], device=KERNEL_DEVICE)
+    m0 = tiles.tiles_fwd(hid, w, labels, -100, False)[0]
+    z = hid.float() @ w.float().T
+    assert (m0[1] - z[1, :512].amax()).item() > 100
+    m, s, *_ = tiles.tiles_fwd(hid, w, labels, -100, False, lambda *a: None, 16, m0 + above)
+    assert s.isfinite().all()
+    torch.testing.assert_close(m, m0)
+    torch.testing.assert_close(m + s.log(), torch.logsumexp(z, 1), rtol=1e-6, atol=1e-3)
 
 
 def test_lce_tiles_load_by_tma_only_where_rows_are_16_byte_aligned(monkeypatch):

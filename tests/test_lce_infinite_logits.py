@@ -161,12 +161,12 @@ def test_lce_plus_inf_logit_before_later_tiles_kernel(monkeypatch, small):
 @needs_kernels
 @pytest.mark.parametrize("case", ["plus-inf-first", "minus-inf", "nan-in-ignored-row"])
 def test_lce_one_pass_non_finite_rows_match_recompute_path(monkeypatch, case):
-    """bf16 training's one pass (p stored against each tile's max, turned into g once the row's max is known)
+    """bf16 training's one pass (p stored against a sampled row reference, settled once the max is known)
     meets a +inf logit before later tiles, a -inf logit and a NaN in an ignored row as the forward then the
     recompute backward do: the same loss, entropy and accuracy, the same gradients to bf16 rounding, all
     finite."""
     rows_k = importlib.import_module("chronipatch.ops._lce_rows")
-    small_lce_tiles(monkeypatch)  # 94 tiles per row
+    small_lce_tiles(monkeypatch)  # 94 tiles per row: most settle against the reference, some rescale
     monkeypatch.setattr(rows_k, "P_BYTES", 1)  # a chunk per row block
     labels = torch.tensor([5, 7, 9])
     if case == "plus-inf-first":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from chronipatch import ops
-from helpers import hf_view, rope_cos_sin, saved_bytes
+from helpers import assert_no_worse_than_stock, hf_view, rope_cos_sin, saved_bytes
 
 OPS = torch.ops.chronipatch
 ROWS = [1, 7, 127, 4099]
@@ -105,11 +105,19 @@ def test_swiglu_linear_matches_hf(shape, out, bias, dtype):
     used = lambda ts: [t for t in ts if t is not None]
     y, grads, do = _grads(ops.swiglu_linear(*mine), used(mine))
     y_ref, grads_ref, _ = _grads(_hf_mlp_tail(*ref), used(ref), do.double())
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(y.double(), y_ref, **tol)
-    rows = y.numel() // out  # dW and db sum over rows: their rounding adds up like a random walk
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a.double(), b, rtol=tol["rtol"], atol=tol["atol"] * rows**0.5)
+    if dtype == torch.float64:
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        rows = y.numel() // out  # dW and db sum over rows: their rounding adds up like a random walk
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * rows**0.5)
+        return
+    # fp32: a 1000-term sum's rounding depends on the CPU's BLAS kernels (1.2e-5 off the truth on one
+    # machine where 1e-5 held on another), so the bound is the stock module's own fp32 error.
+    stock = [t.detach().float().requires_grad_() if t is not None else None for t in truth]
+    y_st, grads_st, _ = _grads(_hf_mlp_tail(*stock), used(stock), do)
+    assert_no_worse_than_stock(y, y_st, y_ref, dtype, what="out")
+    for name, a, b, t in zip(("gate", "up", "weight", "bias"), grads, grads_st, grads_ref):
+        assert_no_worse_than_stock(a, b, t, dtype, what=name)
 
 
 def test_swiglu_linear_frozen_weight_and_views():

@@ -2,13 +2,19 @@
 
 The backward of ``_lce_tiles`` computes the logits again (its fourth GEMM) because g needs each row's final
 max m and sum s, known only after the whole vocabulary. Here the rows go in chunks of R: per chunk the tile
-forward also stores p = exp(z - m_j) (fp16, [R, V]; m_j the max of the row in the tile of column j); once the
-merge has the row's m and s, one memory-bound pass turns p into g in place,
-    g = p exp(m_j - m) / s * c,   g_y = (exp(z_y - m) / s - 1) * c,   g = 0 in an ignored row,
-with c = 1 / divisor the loss's weight of every row; then dh[chunk] = g W and dW += g^T h are cuBLAS GEMMs.
-exp(z - m_j) exp(m_j - m) = exp(z - m): the same g as the recompute path's, up to p's fp16 rounding (2^-12,
-below the 2^-9 of g's bf16 one; a p below fp16's normal range adds at most 2^-25 c, far below the sums' bf16
-resolution). dW adds one bf16 rounding per chunk after the first; chunks of ``P_BYTES`` of p keep them few.
+forward also stores p = exp(z - K) (bf16, [R, V]) against a reference K per row known before the GEMM: the
+max of the row's logits over ``SAMPLES`` columns spread over the vocabulary (an fp32 GEMM of its own, 1024
+columns: <1% of the work). K <= m, and a sampled max lies far less than ``REF_MARGIN`` = 32 below the
+row's max for any logits a model produces, so p <= e^32 and no tile needs its own reference. Once the merge
+has m and s, with s_K = s exp(m - K) and c = 1 / divisor (the loss's weight of every row),
+    g = (c / s_K) p,   g_y = (c / s_K) (exp(z_y - K) - s_K) = (exp(z_y - m) / s - 1) c:
+the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0). So
+``_settle_kernel`` only puts each row's label entry into p, dh[chunk] = r (p W) (an fp32 GEMM result,
+scaled, rounded once) and dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row
+whose max does exceed K + 32 (a sample far off, or a +inf logit outside it) gets K = m instead: its tiles
+keep their own max as reference and the settle kernel rescales them, p exp(r_j - m), as a whole.
+p's bf16 rounding is g's own; dW's h scaled by r adds one bf16 rounding per product, and one per chunk
+after the first where dW sums over chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (exact when that is 1 or a power of 2). fp16 inputs keep the recompute path: under a loss scaler their
@@ -22,37 +28,56 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._lce_tiles import tiles_fwd
+from ._lce_tiles import REF_MARGIN, tiles_fwd
 from ._math import centred
-from ._utils import cdiv
+from ._utils import addmm_acc
 
-P_BYTES = 512 << 20  # bytes of one chunk of p (and g): rows per chunk = P_BYTES // (2 V), a multiple of BM
-GRAD_BLOCK = 2048  # columns per program of the kernel that turns p into g
+P_BYTES = 512 << 20  # bytes of one chunk of p: rows per chunk = P_BYTES // (2 V), a multiple of BM
+SAMPLES = 1024  # vocabulary columns whose logits give each row's reference K
+SETTLE_TILES = 8  # tiles of p per step of the settle kernel
 
 
 @triton.jit
-def _grad_kernel(
-    P, G, MP, M, S, ZLAB, LABELS, SCALE, stride_g, vocab, n_tiles_v, ignore_index, BN: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _settle_kernel(
+    P, RP, REF, M, S, ZLAB, LABELS, SCALE, R, stride_p, vocab, n_tiles_v, ignore_index, BN: tl.constexpr,
+    MARGIN: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
-    """In place over a row's p = exp(z - m_j) (P, fp16) as g (G, bf16: another view of the same memory):
-    g = p exp(m_j - m) / s * c, the label's entry (exp(z_y - m) / s - 1) * c, 0 in an ignored row. The forms
-    are the recompute path's: exp(centred(m_j, m)) is 1 where a +inf tile max is the row's, and a nan logit
-    makes its row nan, as stock's."""
+    """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K =
+    m, and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is
+    1 where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
+    set to exp(z_y - K) - s_K; the row's factor r = c / s_K into R. An ignored row keeps its 0s (r = 0).
+    Tiles with nothing to change are not read."""
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < vocab
     y = tl.load(LABELS + row)
-    m = tl.load(M + row)
-    s = tl.load(S + row)
-    scale = tl.load(SCALE)
-    mj = tl.load(MP + row * n_tiles_v + cols // BN, mask=live, other=float("-inf"))
-    p = tl.load(P + row * stride_g + cols, mask=live, other=0.0).to(tl.float32)
-    g = p * tl.exp(centred(mj, m)) * (scale / s)
-    gy = (tl.exp(centred(tl.load(ZLAB + row), m)) / s - 1.0) * scale
-    g = tl.where(cols == y, gy, g)
-    g = tl.where(y != ignore_index, g, 0.0)  # exactly 0, even where the row's logits are nan
-    tl.store(G + row * stride_g + cols, g.to(G.dtype.element_ty), mask=live)
+    r = 0.0
+    if y != ignore_index:
+        m = tl.load(M + row)
+        ref = tl.load(REF + row)
+        k = tl.where(m <= ref + MARGIN, ref, m)  # a nan m or ref gives K = m, and the row stays nan
+        s_k = tl.load(S + row) * tl.exp(centred(m, k))
+        gy = tl.exp(centred(tl.load(ZLAB + row), k)) - s_k
+        r = tl.load(SCALE) / s_k
+        y_tile = tl.where((y >= 0) & (y < vocab), y // BN, -1)  # the label check runs apart
+        for t0 in range(0, n_tiles_v, TILES):
+            ts = t0 + tl.arange(0, TILES)
+            f = tl.exp(centred(tl.load(RP + row * n_tiles_v + ts, mask=ts < n_tiles_v, other=k), k))
+            change = (f != 1.0) | (ts == y_tile)
+            if tl.max(change.to(tl.int32), axis=0) > 0:
+                cols = ts[:, None] * BN + tl.arange(0, BN)[None, :]
+                mask = change[:, None] & (cols < vocab)
+                p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
+                p = tl.where(cols == y, gy, p * f[:, None])
+                tl.store(P + row * stride_p + cols, p.to(P.dtype.element_ty), mask=mask)
+    tl.store(R + row, r)
+
+
+def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
+    """Each row's max logit over ``SAMPLES`` columns evenly spread over the vocabulary ([N] fp32; the GEMM
+    accumulates in fp32 like the tiles', so it is not above the row's max by more than rounding)."""
+    sample = weight[:: max(1, weight.shape[0] // SAMPLES)][:SAMPLES]
+    z = torch.zeros(hidden.shape[0], sample.shape[0], dtype=torch.float32, device=hidden.device)
+    addmm_acc(z, hidden, sample.T)
+    return z.amax(dim=1)
 
 
 def dw_rows(hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -71,22 +96,28 @@ def rows_fwd_bwd(
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
-    h_w = dw_rows(hidden, labels, ignore_index) if need_dw else None
 
-    def on_rows(r0: int, p: Tensor, mp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
+    def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
         k = p.shape[0]
-        g = p.view(torch.bfloat16)
-        _grad_kernel[(k, cdiv(vocab, GRAD_BLOCK))](
-            p, g, mp, m, s, zlab, labels[r0:], scale, p.stride(0), vocab, mp.shape[1], ignore_index, BN=bn,
-            BLOCK=GRAD_BLOCK, num_warps=4,
+        y = labels[r0 : r0 + k]
+        r = torch.empty(k, 1, dtype=torch.float32, device=hidden.device)
+        _settle_kernel[(k,)](
+            p, rp, ref[r0:], m, s, zlab, y, scale, r, p.stride(0), vocab, rp.shape[1], ignore_index, BN=bn,
+            MARGIN=REF_MARGIN, TILES=SETTLE_TILES, num_warps=4,
         )  # fmt: skip
         if need_dh:
-            torch.mm(g, weight, out=dh[r0 : r0 + k])
+            pw = torch.zeros(k, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+            addmm_acc(pw, p, weight)
+            torch.mul(pw, r, out=dh[r0 : r0 + k])
         if need_dw:
+            # An ignored row's hidden state (inf or nan there is allowed) must not make p's 0s a nan.
+            keep = (y != ignore_index).unsqueeze(1)
+            h_r = torch.where(keep, hidden[r0 : r0 + k] * r, 0.0).to(hidden.dtype)
             if r0 == 0:
-                torch.mm(g.T, h_w[:k], out=dw)
+                torch.mm(p.T, h_r, out=dw)
             else:
-                dw.addmm_(g.T, h_w[r0 : r0 + k])
+                dw.addmm_(p.T, h_r)
 
-    out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab))
+    ref = row_references(hidden, weight)
+    out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
     return (*out, dh, dw)

@@ -2,24 +2,21 @@
 
 Each program computes one [BM, BN] tile of z = h W^T in fp32 registers (the GEMM's accumulator, never
 stored) and folds it at once:
-    forward:  per row, the tile's max m_j, sum s_j = sum exp(z - m_j) (and entropy sum e_j, first argmax),
-              written as [N, T] partials (T = ceil(V / BN)); one program per row then merges them,
-              m = max_j m_j, s = sum_j s_j exp(m_j - m), e = sum_j exp(m_j - m) (e_j + s_j (m_j - m)),
-              and takes the label's logit z_y = h . w_y;
+    forward:  per row, the tile's max m_j and, against a reference r_j (m_j, or the one-pass path's row
+              reference), s_j = sum exp(z - r_j) (and entropy sum e_j, first argmax), written as [N, T]
+              partials (T = ceil(V / BN)); one program per row merges them, m = max_j m_j,
+              s = sum_j s_j exp(r_j - m), e = sum_j exp(r_j - m) (e_j + s_j (r_j - m)), and takes the
+              label's logit z_y = h . w_y;
     backward: g = exp(z - m) / s * dloss, stored in the weight dtype for one vocabulary chunk, the label's
               entry (exp(z_y - m) / s - 1) * dloss put in after; dh = g W and dW = g^T h of the chunk are
               cuBLAS GEMMs.
-So the fp32 logits never reach memory (the chunked path writes and reads them twice per pass). Forward and
-backward compute every tile with the same function on the same tile grid (a backward chunk starts at a
-multiple of BN), so the backward's logits are bit for bit those the statistics came from. The tiles carry
-no per-label work and no branch on the rows' finiteness: at 8192 x 896, V = 151,936 on the H200 that took
-the forward from 4.7 to 3.7 ms and the backward kernel from 4.6 to 4.2 (bench/results/2026-12-03-h200/
-lce_kernels_call8.md against 2026-12-02-h200/lce_kernels_call21.md; the probe, lce_probe_call7.log).
-
-On Hopper and newer, the GEMM's operands arrive by TMA (16-byte aligned rows; rows and columns past the
-end read 0) in 128 x 256 tiles, the forward's loads in their own warps (5.8 ms forward and 5.1 backward
-kernel with pointer loads in 128 x 128 tiles, 4.7 and 4.6 by TMA, in call 21; the probe behind the choice,
-tiles_probe_call20.log). Pointer loads serve older GPUs and unaligned rows.
+So the fp32 logits never reach memory. Both passes compute every tile with the same function on the same
+tile grid (a backward chunk starts at a multiple of BN): the backward's logits are bit for bit those the
+statistics came from. The tiles carry no per-label work and no branch on the rows' finiteness (4.7 -> 3.7
+ms forward at 8192 x 896 on the H200; bench/results/2026-12-03-h200/lce_kernels_call8.md). On Hopper and
+newer the operands arrive by TMA (16-byte aligned rows; past the end reads 0) in 128 x 256 tiles, the
+forward's loads in warps of their own (4.7 ms forward against 5.8 with pointer loads in 128 x 128 tiles;
+2026-12-02-h200/lce_kernels_call21.md). Pointer loads serve older GPUs and unaligned rows.
 """
 
 from __future__ import annotations
@@ -45,6 +42,9 @@ L2_ROWS_BYTES = 16 << 20  # hidden rows per group of programs sharing a weight t
 MERGE_BLOCK = 1024  # partials (or hidden features) per step of the merge kernel's loops
 LABEL_BLOCK = 1024  # rows per program of the kernel that puts the label's entries into g
 PART_BYTES = 128 << 20  # the forward's [rows, T] partials per launch: its rows are walked in chunks of this
+# How far a tile's max may exceed its row's reference before the tile takes its own max as p's (p <= e^32,
+# whose sums stay in range; the one-pass path's row scale c / s e^(r - m) stays within bf16's normal range).
+REF_MARGIN = 32.0
 
 
 @triton.jit
@@ -116,37 +116,49 @@ def _fold(z, m, TOKEN_STATS: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles_kernel(
-    H, W, HD, WD, MP, SP, EP, AP, P, stride_h, stride_w, stride_p, n, vocab, hdim, n_tiles_v, group,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr, NUM_PROGS: tl.constexpr,
+    H, W, HD, WD, MP, SP, EP, AP, P, RP, REF, LABELS, stride_h, stride_w, stride_p, n, vocab, hdim, n_tiles_v,
+    group, ignore_index, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr, TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr,
+    MARGIN: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
-    """Per row of each tile: max, sum exp(z - max) (with TOKEN_STATS the entropy sum and the first argmax)
-    into the [N, T] partials; with STORE_P also exp(z - max) itself into P [N, V] (fp16: in [0, 1], it keeps
-    3 more bits than bf16). Persistent: NUM_PROGS programs walk the tiles, and the loads of the next tile
-    overlap this one's epilogue (with TMA issued by warps of their own). The label's logit is the merge's:
-    searched for here, in the tiles that hold one, it cost 1 ms of 4.7 at 8192 x 896."""
+    """Per row of each tile: max, sum exp(z - r) (with TOKEN_STATS the entropy sum and the first argmax)
+    into the [N, T] partials, r the tile's max. With STORE_P also p = exp(z - r) into P [N, V] (bf16; 0 in an
+    ignored row) and r into RP, where r is the row's REF unless the tile's max exceeds it by more than MARGIN
+    (then that max): with REF near the row's max, every tile of the row shares it. Persistent: NUM_PROGS
+    programs walk the tiles, and the loads of the next tile overlap this one's epilogue (with TMA issued by
+    warps of their own). The label's logit is the merge's: searched for here, in the tiles that hold one, it
+    cost 1 ms of 4.7 at 8192 x 896."""
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True, warp_specialize=TMA):
         pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
         row0, col0 = pid_m * BM, pid_v * BN
+        rows = row0 + tl.arange(0, BM)
+        live = rows < n
         acc = _tile_logits(
             H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST, TMA
         )  # fmt: skip
-        rows = row0 + tl.arange(0, BM)
         cols = col0 + tl.arange(0, BN)
         z = tl.where((cols < vocab)[None, :], acc, float("-inf"))
         m = tl.max(z, axis=1)
-        live = rows < n
         part = rows.to(tl.int64) * n_tiles_v + pid_v
         tl.store(MP + part, m, mask=live)
         if TOKEN_STATS:
             tl.store(AP + part, col0 + tl.argmax(z, axis=1), mask=live)  # the first maximum, as torch.argmax
-        p, s, e = _fold(z, m, TOKEN_STATS)
+        r = m
+        if STORE_P:
+            # Read after the GEMM: loaded before it, the flattened warp-specialized loop pipelines the load
+            # across tiles (sm_90, triton 3.6), and a tile could take another tile's rows' references.
+            ref = tl.load(REF + rows, mask=live, other=0.0)
+            r = tl.where(m <= ref + MARGIN, ref, m)  # a nan max keeps itself, so its row's sums are nan
+            tl.store(RP + part, r, mask=live)
+        p, s, e = _fold(z, r, TOKEN_STATS)
         tl.store(SP + part, s, mask=live)
         if TOKEN_STATS:
             tl.store(EP + part, e, mask=live)
         if STORE_P:
+            keep = tl.load(LABELS + rows, mask=live, other=ignore_index) != ignore_index
             p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
+            p = tl.where(keep[:, None], p, 0.0)  # exactly 0, even where the row's logits are nan
             tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
 
 
@@ -170,16 +182,20 @@ def _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H: tl.constexpr):
 
 @triton.jit
 def _merge_kernel(
-    MP, SP, EP, AP, M, S, E, ARG, H, W, LABELS, ZLAB, stride_h, stride_w, vocab, hdim, n_tiles_v,
+    MP, RP, SP, EP, AP, M, S, E, ARG, H, W, LABELS, ZLAB, stride_h, stride_w, vocab, hdim, n_tiles_v,
     ignore_index, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TOKEN_STATS: tl.constexpr,
 ):  # fmt: skip
-    """One row's partials merged: m = max m_j, s = sum s_j a_j with a_j = exp(m_j - m) (1 where m_j == m,
-    also for infinite maxima), e = sum a_j (e_j + s_j (m_j - m)), argmax from the first tile holding m;
-    a partial of -inf logits only adds 0. Then the label's logit h . w_y, its fp32 products exact (2-byte
-    inputs) and summed in fp32 like the tiles' (the order differs: the loss clamps a last-ulp negative)."""
+    """One row's partials merged. Each tile's sums are against its reference r_j (its max m_j, or above it
+    on the one-pass path), so they are gathered against c = max r_j, where no factor exceeds 1:
+    s_c = sum s_j a_j with a_j = exp(r_j - c) (1 where r_j == c, also for infinite ones), e_c = sum a_j (e_j
+    + s_j (r_j - c)); then moved to the row max m = max m_j, s = s_c exp(c - m) (c - m is 0 where every
+    r_j = m_j, at most a few rounding ulps otherwise). Argmax from the first tile holding m; a partial of
+    -inf logits only adds 0. Then the label's logit h . w_y, its fp32 products exact (2-byte inputs) and
+    summed in fp32 like the tiles' (the order differs: the loss clamps a last-ulp negative)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * n_tiles_v
     m = float("-inf")
+    c = float("-inf")
     s = 0.0
     e = 0.0
     arg = tl.full((), 0, tl.int64)
@@ -187,20 +203,29 @@ def _merge_kernel(
         ts = t0 + tl.arange(0, BLOCK_T)
         mask = ts < n_tiles_v
         mj = tl.load(MP + base + ts, mask=mask, other=float("-inf"))
+        rj = tl.load(RP + base + ts, mask=mask, other=float("-inf"))
         sj = tl.where(mj == float("-inf"), 0.0, tl.load(SP + base + ts, mask=mask, other=0.0))
         m_new = tl.maximum(m, tl.max(mj, axis=0))
-        a_old = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
-        aj = tl.where(mj == m_new, 1.0, tl.exp(mj - m_new))
+        # Against the running max of m_j instead, a reference above it (from a later block of tiles) gave
+        # exp(r_j - m) = inf, and 0 * inf = nan where s_j had underflowed to 0.
+        c_new = tl.maximum(c, tl.max(rj, axis=0))
+        a_old = tl.where(c == c_new, 1.0, tl.exp(c - c_new))
+        aj = tl.where(rj == c_new, 1.0, tl.exp(rj - c_new))
         if TOKEN_STATS:
             ej = tl.where(mj == float("-inf"), 0.0, tl.load(EP + base + ts, mask=mask, other=0.0))
             argj = tl.load(AP + base + ts, mask=mask, other=0)
             # Strictly greater keeps the earlier blocks' first maximum.
             first = tl.argmax(tl.where(mj == m_new, 1, 0), axis=0)
             arg = tl.where(m_new > m, tl.sum(tl.where(tl.arange(0, BLOCK_T) == first, argj, 0), axis=0), arg)
-            e = recentred_entropy(e, s, a_old, m, m_new)
-            e += tl.sum(recentred_entropy(ej, sj, aj, mj, m_new), axis=0)
+            e = recentred_entropy(e, s, a_old, c, c_new)
+            e += tl.sum(recentred_entropy(ej, sj, aj, rj, c_new), axis=0)
         s = s * a_old + tl.sum(sj * aj, axis=0)  # a nan partial sum (a nan logit) stays nan, as stock's
         m = m_new
+        c = c_new
+    a = tl.where(c == m, 1.0, tl.exp(c - m))
+    if TOKEN_STATS:
+        e = recentred_entropy(e, s, a, c, m)
+    s = s * a
     tl.store(M + row, m)
     tl.store(S + row, s)
     if TOKEN_STATS:
@@ -308,14 +333,15 @@ def _group_m(hidden: Tensor, bm: int) -> int:
 
 def tiles_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool,
-    on_rows: Callable[..., None] | None = None, p_rows: int = 0,
+    on_rows: Callable[..., None] | None = None, p_rows: int = 0, ref: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``.
 
-    With ``on_rows`` the rows go in chunks of at most ``p_rows`` (a multiple of BM), whose p = exp(z - m_j)
-    [k, V] (fp16) the tiles also store; after each chunk's merge ``on_rows(r0, p, mp, bn, m, s, zlab)``
-    runs: mp the chunk's [k, T] tile maxima m_j over tiles of ``bn`` columns, then the chunk's m, s and label
-    logits."""
+    With ``on_rows`` the rows go in chunks of at most ``p_rows`` (a multiple of BM), whose p = exp(z - r_j)
+    [k, V] (bf16, 0 in ignored rows) the tiles also store, r_j the row's ``ref`` ([N] fp32) unless the
+    tile's max exceeds it by more than ``REF_MARGIN``; after each chunk's merge ``on_rows(r0, p, rp, bn, m,
+    s, zlab)`` runs: rp the chunk's [k, T] references r_j over tiles of ``bn`` columns, then the chunk's m,
+    s and label logits."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
@@ -334,27 +360,31 @@ def tiles_fwd(
     # on_rows, nor P.
     ep = torch.empty(cap, t, **f32) if token_stats else sp
     ap = torch.empty(cap, t, dtype=torch.int64, device=hidden.device) if token_stats else labels
-    p = torch.empty(cap, vocab, dtype=torch.float16, device=hidden.device) if on_rows else hidden
+    # With on_rows also p and the tiles' references; else stand-ins never touched.
+    p = torch.empty(cap, vocab, dtype=torch.bfloat16, device=hidden.device) if on_rows else hidden
+    rp = torch.empty(cap, t, **f32) if on_rows else mp
     zlab = torch.zeros(n, **f32)
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
     e = torch.empty(n, **f32) if token_stats else None
     arg = torch.empty(n, dtype=torch.int64, device=hidden.device) if token_stats else None
     for r0 in range(0, n, chunk):
         h, y, k = hidden[r0 : r0 + chunk], labels[r0 : r0 + chunk], min(chunk, n - r0)
+        parts = (mp, sp, ep, ap, p, rp, sp if ref is None else ref[r0:], y)
         _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
-            h, weight, *_loads(h, weight, tma, bm, bn, bk), mp, sp, ep, ap, p, h.stride(0), weight.stride(0),
-            p.stride(0), k, vocab, hdim, t, _group_m(hidden, bm), BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0,
-            UPCAST=not hidden.is_cuda, TMA=tma, TOKEN_STATS=token_stats, STORE_P=on_rows is not None,
-            NUM_PROGS=progs, num_warps=warps, num_stages=stages,
+            h, weight, *_loads(h, weight, tma, bm, bn, bk), *parts, h.stride(0), weight.stride(0),
+            p.stride(0), k, vocab, hdim, t, _group_m(hidden, bm), ignore_index, BM=bm, BN=bn, BK=bk,
+            EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, TOKEN_STATS=token_stats,
+            STORE_P=on_rows is not None, MARGIN=REF_MARGIN, NUM_PROGS=progs, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
         outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
-        merge = (mp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), h, weight, y, zlab[r0:], h.stride(0))
+        merge = (mp, rp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), h, weight, y, zlab[r0:], h.stride(0))
         _merge_kernel[(k,)](
             *merge, weight.stride(0), vocab, hdim, t, ignore_index, BLOCK_T=min(pow2(t), MERGE_BLOCK),
             BLOCK_H=min(pow2(hdim), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4,
         )  # fmt: skip
         if on_rows is not None:
-            on_rows(r0, p[:k], mp[:k], bn, m[r0 : r0 + k], s[r0 : r0 + k], zlab[r0 : r0 + k])
+            on_rows(r0, p[:k], rp[:k], bn, m[r0 : r0 + k], s[r0 : r0 + k], zlab[r0 : r0 + k])
     if not token_stats:
         e, arg = m.new_empty(0), labels.new_empty(0)
     return m, s, e, arg, zlab
