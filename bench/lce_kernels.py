@@ -1,4 +1,4 @@
-"""Tuning table for the loss's tile kernels (``ops/_lce_tiles.py``) on 2-byte inputs (CUDA only).
+"""Tuning table for the loss's tile kernels (``ops/_lce_tiles.py``, ``_bwd.py``), 2-byte inputs, CUDA only.
 
     python bench/lce_kernels.py [--n 8192] [--h 896] [--v 151936] [--dtype bf16] [--first K] [--out DIR]
 
@@ -23,6 +23,7 @@ from triton.testing import do_bench
 from chronipatch import ops
 
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
+tiles_bwd = importlib.import_module("chronipatch.ops._lce_tiles_bwd")
 # (TMA loads, (BM, BN, BK, warps, stages, programs per SM)); a large last entry: one tile per program
 CONFIGS = [  # the two defaults first
     (True, (128, 256, 64, 8, 4, 1)),
@@ -44,10 +45,10 @@ def _bwd_chunk_ms(tma, cfg, h, w, labels, stats) -> float:
     (n, hdim), vocab = h.shape, w.shape[0]
     bm, bn, bk, warps, stages, per_sm = cfg
     progs = tiles.sms_for(h) * per_sm
-    cw = tiles.g_chunk_width(h, w, bn)
+    cw = tiles_bwd.g_chunk_width(h, w, bn)
     g = torch.empty(n, cw, device=h.device, dtype=h.dtype)
     drows = torch.full((n,), 1.0 / n, device=h.device)
-    launch = tiles._bwd_tiles_kernel[(min(progs, tiles.cdiv(n, bm) * tiles.cdiv(cw, bn)),)]
+    launch = tiles_bwd._bwd_tiles_kernel[(min(progs, tiles.cdiv(n, bm) * tiles.cdiv(cw, bn)),)]
     args = (h, w, *tiles._loads(h, w, tma, bm, bn, bk), g, labels, stats, drows, h.stride(0), w.stride(0))
     args += (g.stride(0), n, vocab, hdim, 0, cw, -100, tiles._group_m(h, bm))
     consts = dict(BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, UPCAST=False, TMA=tma)

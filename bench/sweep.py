@@ -217,7 +217,7 @@ class _ChunkBytes:
 
     def __init__(self, value: int | None):
         self.value, self.old = value, None
-        self.mods = (_mod("chronipatch.ops._lce_chunks"), _mod("chronipatch.ops._lce_tiles"))
+        self.mods = (_mod("chronipatch.ops._lce_chunks"), _mod("chronipatch.ops._lce_tiles_bwd"))
 
     def __enter__(self):
         self.old = (self.mods[0].CHUNK_BYTES, self.mods[1].G_CHUNK_BYTES)

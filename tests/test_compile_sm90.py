@@ -163,7 +163,7 @@ def _cases() -> list[tuple]:
                 ),
                 (
                     f"lce_tiles_bwd_{dt}{path}",
-                    "_lce_tiles",
+                    "_lce_tiles_bwd",
                     "_bwd_tiles_kernel",
                     gemm
                     | labels
@@ -199,7 +199,7 @@ def _cases() -> list[tuple]:
     cases += [
         (
             f"lce_tiles_label_grad_{dt}",
-            "_lce_tiles",
+            "_lce_tiles_bwd",
             "_label_grad_kernel",
             {"H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"}
             | dict.fromkeys(("STATS", "DROWS", "GY"), "*fp32")
@@ -211,7 +211,7 @@ def _cases() -> list[tuple]:
     cases.append(
         (
             "lce_tiles_put_label_grad",
-            "_lce_tiles",
+            "_lce_tiles_bwd",
             "_put_label_grad_kernel",
             {"G": "*bf16", "LABELS": "*i64", "GY": "*fp32"} | _ints("stride_g", "n", "v0", "vc"),
             {"BLOCK": 1024},

@@ -21,6 +21,7 @@ rope = importlib.import_module("chronipatch.ops.rope")
 lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
 chunks = importlib.import_module("chronipatch.ops._lce_chunks")
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
+tiles_bwd = importlib.import_module("chronipatch.ops._lce_tiles_bwd")
 
 DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -171,7 +172,7 @@ def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
     # or by pointers
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(tiles, "TMA_LOADS", tma)
-    monkeypatch.setattr(tiles, "G_CHUNK_BYTES", 64)
+    monkeypatch.setattr(tiles_bwd, "G_CHUNK_BYTES", 64)
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     monkeypatch.setattr(tiles, "PART_BYTES", 1)  # forward launches of one row block each
     torch.manual_seed(v)
@@ -471,7 +472,7 @@ def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
             return lambda *args, **consts: seen[self.key].append(consts)
 
     monkeypatch.setattr(tiles, "_fwd_tiles_kernel", Recorder("fwd"))
-    monkeypatch.setattr(tiles, "_bwd_tiles_kernel", Recorder("bwd"))
+    monkeypatch.setattr(tiles_bwd, "_bwd_tiles_kernel", Recorder("bwd"))
     monkeypatch.setattr(tiles, "_merge_kernel", Recorder("merge"))
     seen["merge"] = []
     for n, hdim in ((7, 64), (300, 64), (5000, 64), (300, 128), (300, 4096)):
@@ -480,7 +481,7 @@ def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
         h, labels = torch.zeros(n, hdim, dtype=torch.float16, **dev), torch.zeros(n, dtype=torch.long, **dev)
         tiles.tiles_fwd(h, w, labels, -100, False)
         dh, dw = torch.zeros(n, hdim, **dev), torch.empty_like(w)
-        tiles.tiles_bwd(torch.ones(n, **dev), h, w, labels, torch.ones(n, 2, **dev), -100, dh, dw, h)
+        tiles_bwd.tiles_bwd(torch.ones(n, **dev), h, w, labels, torch.ones(n, 2, **dev), -100, dh, dw, h)
     for key in ("fwd", "bwd"):
         assert len(seen[key]) >= 3 and all(c == seen[key][0] for c in seen[key]), seen[key]
 

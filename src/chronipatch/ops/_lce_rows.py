@@ -1,12 +1,14 @@
 """The loss and its gradients in one pass, for bf16 training: three GEMMs where the recompute path takes four.
 
-The backward of ``_lce_tiles`` computes the logits again (its fourth GEMM) because g needs each row's final
+``_lce_tiles_bwd`` computes the logits again (a fourth GEMM) because g needs each row's final
 max m and sum s, known only after the whole vocabulary. Here the rows go in chunks of R: per chunk the tile
 forward also stores p = exp(z - K) (bf16, [R, V]) against a reference K per row known before the GEMM: the
 max of the row's logits over ``SAMPLES`` columns spread over the vocabulary (an fp32 GEMM of its own, 1024
-columns: <1% of the work). K <= m, and a sampled max lies far less than ``REF_MARGIN`` = 32 below the
-row's max for any logits a model produces, so p <= e^32 and no tile needs its own reference. Once the merge
-has m and s, with s_K = s exp(m - K) and c = 1 / divisor (the loss's weight of every row),
+columns: <1% of the work). K <= m up to rounding (cuBLAS sums in another order than the tiles: K was 0.014
+above m at logits of 7306, which the merge allows for), and a sampled max lies far less than ``REF_MARGIN``
+= 32 below the row's max for any logits a model produces, so p <= e^32 and no tile needs its own
+reference. Once the merge has m and s, with s_K = s exp(m - K) and c = 1 / divisor (the loss's weight
+of every row),
     g = (c / s_K) p,   g_y = (c / s_K) (exp(z_y - K) - s_K) = (exp(z_y - m) / s - 1) c:
 the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0). So
 ``_settle_kernel`` only puts each row's label entry into p, dh[chunk] = r (p W) (an fp32 GEMM result,

@@ -7,9 +7,8 @@ stored) and folds it at once:
               partials (T = ceil(V / BN)); one program per row merges them, m = max_j m_j,
               s = sum_j s_j exp(r_j - m), e = sum_j exp(r_j - m) (e_j + s_j (r_j - m)), and takes the
               label's logit z_y = h . w_y;
-    backward: g = exp(z - m) / s * dloss, stored in the weight dtype for one vocabulary chunk, the label's
-              entry (exp(z_y - m) / s - 1) * dloss put in after; dh = g W and dW = g^T h of the chunk are
-              cuBLAS GEMMs.
+    backward: g = exp(z - m) / s * dloss (``_lce_tiles_bwd``), or, in bf16 training, from p stored by
+              the forward (``_lce_rows``).
 So the fp32 logits never reach memory. Both passes compute every tile with the same function on the same
 tile grid (a backward chunk starts at a multiple of BN): the backward's logits are bit for bit those the
 statistics came from. The tiles carry no per-label work and no branch on the rows' finiteness (4.7 -> 3.7
@@ -29,18 +28,16 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._math import centred, recentred_entropy
-from ._utils import addmm_acc, capability, cdiv, pow2, sms_for
+from ._math import recentred_entropy
+from ._utils import capability, cdiv, pow2, sms_for
 
 # (BM, BN, BK, warps, stages, programs per SM), one config for both passes, which must tile alike (see
 # above): TILE with TMA loads, TILE_PTR with pointer loads (its 128 KiB of stages also fit an A100).
 TILE = (128, 256, 64, 8, 4, 1)
 TILE_PTR = (128, 128, 64, 8, 4, 1)
 TMA_LOADS = True  # off: pointer loads everywhere (tests of that path on aligned shapes)
-G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
 L2_ROWS_BYTES = 16 << 20  # hidden rows per group of programs sharing a weight tile (kept in L2)
 MERGE_BLOCK = 1024  # partials (or hidden features) per step of the merge kernel's loops
-LABEL_BLOCK = 1024  # rows per program of the kernel that puts the label's entries into g
 PART_BYTES = 128 << 20  # the forward's [rows, T] partials per launch: its rows are walked in chunks of this
 # How far a tile's max may exceed its row's reference before the tile takes its own max as p's (p <= e^32,
 # whose sums stay in range; the one-pass path's row scale c / s e^(r - m) stays within bf16's normal range).
@@ -236,66 +233,6 @@ def _merge_kernel(
         tl.store(ZLAB + row, _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H))
 
 
-@triton.jit
-def _bwd_tiles_kernel(
-    H, W, HD, WD, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index,
-    group, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, NUM_PROGS: tl.constexpr,
-):  # fmt: skip
-    """g = softmax * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent, as the
-    forward; its loads stay in the compute warps, which measured faster here). The label's entry, softmax
-    - 1, is ``_label_grad_kernel``'s."""
-    n_tiles_v = tl.cdiv(vc, BN)
-    num_tiles = tl.cdiv(n, BM) * n_tiles_v
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
-        pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
-        row0, col0 = pid_m * BM, v0 + pid_v * BN
-        acc = _tile_logits(
-            H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST, TMA
-        )  # fmt: skip
-        rows = row0 + tl.arange(0, BM)
-        cols = col0 + tl.arange(0, BN)
-        live = rows < n
-        y = tl.load(LABELS + rows, mask=live, other=ignore_index)
-        m = tl.load(STATS + 2 * rows.to(tl.int64), mask=live, other=0.0)
-        s = tl.load(STATS + 2 * rows.to(tl.int64) + 1, mask=live, other=1.0)
-        keep = y != ignore_index
-        scale = tl.where(keep, tl.load(DROWS + rows, mask=live, other=0.0), 0.0)
-        # centred: a +inf logit holds its row's probability (where every row max is finite, acc - m; a branch
-        # to that difference cost more than the select).
-        g = tl.exp(centred(acc, m[:, None])) * (scale / s)[:, None]
-        # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
-        g = tl.where(keep[:, None], g, 0.0)
-        g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
-        tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
-
-
-@triton.jit
-def _label_grad_kernel(
-    H, W, LABELS, STATS, DROWS, GY, stride_h, stride_w, vocab, hdim, ignore_index, BLOCK_H: tl.constexpr
-):  # fmt: skip
-    """g's entry at the label, (exp(z_y - m) / s - 1) * dloss, with z_y = h . w_y (0 for an ignored row).
-    Apart from the tiles: a search for the label in each tile cost them a branch and a [BM, BN] select."""
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(LABELS + row)
-    gy = 0.0
-    if _scored(y, ignore_index, vocab):
-        zy = _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H)
-        m = tl.load(STATS + 2 * row)
-        gy = (tl.exp(centred(zy, m)) / tl.load(STATS + 2 * row + 1) - 1.0) * tl.load(DROWS + row)
-    tl.store(GY + row, gy)
-
-
-@triton.jit
-def _put_label_grad_kernel(G, LABELS, GY, stride_g, n, v0, vc, BLOCK: tl.constexpr):
-    """G[i, y_i - v0] = GY[i] for the rows whose label falls in the chunk [v0, v0 + vc)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    y = tl.load(LABELS + rows, mask=rows < n, other=-1)
-    mine = (rows < n) & (y >= v0) & (y < v0 + vc)
-    gy = tl.load(GY + rows, mask=mine, other=0.0)
-    tl.store(G + rows.to(tl.int64) * stride_g + (y - v0), gy.to(G.dtype.element_ty), mask=mine)
-
-
 # ---------------------------------------------------------------- launchers
 
 
@@ -388,47 +325,3 @@ def tiles_fwd(
     if not token_stats:
         e, arg = m.new_empty(0), labels.new_empty(0)
     return m, s, e, arg, zlab
-
-
-def g_chunk_width(hidden: Tensor, weight: Tensor, bn: int) -> int:
-    """Vocabulary columns per chunk of g (G_CHUNK_BYTES in the weight dtype), a multiple of the tile width
-    ``bn``."""
-    vc = G_CHUNK_BYTES // max(1, hidden.shape[0] * hidden.element_size())
-    return max(bn, min(cdiv(weight.shape[0], bn) * bn, vc // bn * bn))
-
-
-def tiles_bwd(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int,
-    dh: Tensor, dw: Tensor, h_w: Tensor | None,
-) -> None:  # fmt: skip
-    """Accumulate dh (fp32, [N, H] or empty) and write dw ([V, H] or empty), chunk by chunk of g; ``h_w``
-    is hidden with ignored rows zeroed, for dW."""
-    n, hdim = hidden.shape
-    vocab = weight.shape[0]
-    tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
-    progs = sms_for(hidden) * per_sm
-    vc = g_chunk_width(hidden, weight, bn)
-    hd, wd = _loads(hidden, weight, tma, bm, bn, bk)
-    buf = hidden.new_empty(n * min(vc, vocab))  # one chunk of g alive at a time
-    group_m = _group_m(hidden, bm)
-    gy = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    _label_grad_kernel[(n,)](
-        hidden, weight, labels, stats, grad_rows, gy, hidden.stride(0), weight.stride(0), vocab, hdim,
-        ignore_index, BLOCK_H=min(pow2(hdim), MERGE_BLOCK), num_warps=4,
-    )  # fmt: skip
-    for v0 in range(0, vocab, vc):
-        w = weight[v0 : v0 + vc]
-        g = buf[: n * w.shape[0]].view(n, w.shape[0])
-        _bwd_tiles_kernel[(min(progs, cdiv(n, bm) * cdiv(w.shape[0], bn)),)](
-            hidden, weight, hd, wd, g, labels, stats, grad_rows, hidden.stride(0), weight.stride(0),
-            g.stride(0), n, vocab, hdim, v0, w.shape[0], ignore_index, group_m, BM=bm, BN=bn, BK=bk,
-            EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, NUM_PROGS=progs,
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        _put_label_grad_kernel[(cdiv(n, LABEL_BLOCK),)](
-            g, labels, gy, g.stride(0), n, v0, w.shape[0], BLOCK=LABEL_BLOCK, num_warps=4
-        )  # fmt: skip
-        if dw.numel():
-            torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
-        if dh.numel():
-            addmm_acc(dh, g, w)

@@ -12,7 +12,7 @@ softmax = exp(z - m) / s as stock does: one fp32 lse loses the probabilities' pr
 |lse| is large, and z - m keeps both sums free of cancellation.
 Backward, with g_i = (softmax(z_i) - onehot(y_i)) * dloss_i rounded to the weight dtype:
     dh = g W,  dW = g^T h
-bf16/fp16 inputs run ``_lce_tiles``, fp32 inputs ``_lce_chunks``. The tiles: each kernel computes [BM,
+bf16/fp16 inputs run ``_lce_tiles[_bwd]``, fp32 inputs ``_lce_chunks``. The tiles: each kernel computes [BM,
 BN] tiles of the logits in registers and folds them at once (row statistics forward; g of one vocabulary
 chunk backward, whose dh and dW[chunk] are cuBLAS GEMMs), so fp32 logits never reach memory; the chunks
 are Vc fp32 logits from cuBLAS (IEEE fp32 GEMMs, as stock's; their module says how). Both accumulate
@@ -47,7 +47,8 @@ from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._lce_chunks import chunks_bwd, chunks_fwd
 from ._lce_rows import dw_rows, rows_fwd_bwd
-from ._lce_tiles import tiles_bwd, tiles_fwd
+from ._lce_tiles import tiles_fwd
+from ._lce_tiles_bwd import tiles_bwd
 from ._utils import (
     autocast_dtype,
     autocast_like_linear,
