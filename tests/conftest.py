@@ -17,8 +17,15 @@ if not _CUDA:
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="chronipatch-inductor-"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
 def pytest_collection_modifyitems(config, items):
     if _CUDA:
+        # The tests of the Triton kernels themselves run them natively here: GPU tests, which ``-m gpu`` runs.
+        from helpers import NEEDS_KERNELS
+
+        for item in items:
+            if any(m.kwargs.get("reason") == NEEDS_KERNELS for m in item.iter_markers("skipif")):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -8,6 +8,9 @@ import torch
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The skip reason of tests that run the Triton kernels: natively on CUDA (where conftest marks them ``gpu``),
+# else through the interpreter.
+NEEDS_KERNELS = "needs CUDA or TRITON_INTERPRET=1"
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

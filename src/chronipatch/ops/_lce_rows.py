@@ -4,11 +4,11 @@
 max m and sum s, known only after the whole vocabulary. Here the rows go in chunks of R: per chunk the tile
 forward also stores p = exp(z - K) (bf16, [R, V]) against a reference K per row known before the GEMM: the
 max of the row's logits over ``SAMPLES`` columns spread over the vocabulary (an fp32 GEMM of its own, 1024
-columns: <1% of the work). K <= m up to rounding (cuBLAS sums in another order than the tiles: K was 0.014
-above m at logits of 7306, which the merge allows for), and a sampled max lies far less than ``REF_MARGIN``
-= 32 below the row's max for any logits a model produces, so p <= e^32 and no tile needs its own
-reference. Once the merge has m and s, with s_K = s exp(m - K) and c = 1 / divisor (the loss's weight
-of every row),
+columns: <1% of the work), lowered by a bound on both GEMMs' rounding so that K <= m (unlowered, cuBLAS's
+order of summing put K 0.014 above the tiles' m at logits of 7306), and a sampled max lies far less than
+``REF_MARGIN`` = 32 below the row's max for any logits a model produces, so p <= e^32 and no tile needs
+its own reference. Once the merge has m and s, with s_K = s exp(m - K) and c = 1 / divisor (the loss's
+weight of every row),
     g = (c / s_K) p,   g_y = (c / s_K) (exp(z_y - K) - s_K) = (exp(z_y - m) / s - 1) c:
 the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0). So
 ``_settle_kernel`` only puts each row's label entry into p, dh[chunk] = r (p W) (an fp32 GEMM result,
@@ -74,12 +74,21 @@ def _settle_kernel(
 
 
 def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
-    """Each row's max logit over ``SAMPLES`` columns evenly spread over the vocabulary ([N] fp32; the GEMM
-    accumulates in fp32 like the tiles', so it is not above the row's max by more than rounding)."""
+    """Each row's reference K ([N] fp32): its max logit over ``SAMPLES`` columns evenly spread over the
+    vocabulary, each logit first lowered by a bound on the two GEMMs' rounding, so that K is not above the
+    row's max as the tiles compute it. Both GEMMs (cuBLAS here) sum the same exact products in fp32, in
+    their own orders, each within H 2^-24 sum_k |h_k w_k| <= H 2^-24 |h| |w| of the exact logit: 4 H 2^-24
+    |h| |w| is twice both. That is ~0.03 at Qwen2.5-0.5B's scale; where logits cancel heavily it is more,
+    and a row whose max then lies past the margin takes its tiles' own maxima. A K above m by more than
+    ~88 would underflow every p of its row into a nan row (its rescale exp(K - m) overflows); +inf (an
+    overflow in one order of summing) or nan becomes nan, which every tile takes as past the margin."""
     sample = weight[:: max(1, weight.shape[0] // SAMPLES)][:SAMPLES]
     z = torch.zeros(hidden.shape[0], sample.shape[0], dtype=torch.float32, device=hidden.device)
     addmm_acc(z, hidden, sample.T)
-    return z.amax(dim=1)
+    norms = (torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample))
+    bound = torch.outer(*norms).mul_(4 * hidden.shape[1] * 2.0**-24)
+    k = z.sub_(bound).amax(dim=1)
+    return torch.where(k == float("inf"), float("nan"), k)
 
 
 def dw_rows(hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:

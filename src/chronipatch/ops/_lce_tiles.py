@@ -146,7 +146,7 @@ def _fwd_tiles_kernel(
             # Read after the GEMM: loaded before it, the flattened warp-specialized loop pipelines the load
             # across tiles (sm_90, triton 3.6), and a tile could take another tile's rows' references.
             ref = tl.load(REF + rows, mask=live, other=0.0)
-            r = tl.where(m <= ref + MARGIN, ref, m)  # a nan max keeps itself, so its row's sums are nan
+            r = tl.where(m <= ref + MARGIN, ref, m)  # a nan max or reference: the tile's own max
             tl.store(RP + part, r, mask=live)
         p, s, e = _fold(z, r, TOKEN_STATS)
         tl.store(SP + part, s, mask=live)
@@ -201,7 +201,10 @@ def _merge_kernel(
         mask = ts < n_tiles_v
         mj = tl.load(MP + base + ts, mask=mask, other=float("-inf"))
         rj = tl.load(RP + base + ts, mask=mask, other=float("-inf"))
-        sj = tl.where(mj == float("-inf"), 0.0, tl.load(SP + base + ts, mask=mask, other=0.0))
+        # A partial of -inf logits adds nothing. One whose max is -inf only because tl.max skips nan on the
+        # GPU (a tile of nan and -inf logits alone) keeps its nan sum: the row's loss is nan, as stock's.
+        sj = tl.load(SP + base + ts, mask=mask, other=0.0)
+        sj = tl.where((mj == float("-inf")) & (sj == sj), 0.0, sj)
         m_new = tl.maximum(m, tl.max(mj, axis=0))
         # Against the running max of m_j instead, a reference above it (from a later block of tiles) gave
         # exp(r_j - m) = inf, and 0 * inf = nan where s_j had underflowed to 0.
