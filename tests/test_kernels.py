@@ -210,6 +210,7 @@ def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
     monkeypatch.setattr(rows, "SETTLE_TILES", 4)  # several steps per row, a ragged last one
+    monkeypatch.setattr(rows, "SAMPLES", 8)  # K a few units below each row's max: no factor of exactly 1
     torch.manual_seed(v + n)
     bf16 = torch.bfloat16
     hid, w = _r(n, h, dtype=bf16), _r(v, h, dtype=bf16, scale=0.5)
@@ -246,10 +247,12 @@ def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
 def test_lce_rows_reference_from_the_sample(far, monkeypatch):
     """The one pass stores p against each row's sampled max K. Where the row's max lies more than
     REF_MARGIN above it (a logit at an unsampled column), the row takes its own tile maxima and is rescaled
-    as a whole: loss and gradients match the recompute path either way, to p's and r h's bf16 rounding."""
+    as a whole: loss, entropy, accuracy and gradients match the recompute path either way (gradients to p's
+    and r h's bf16 rounding), over merge blocks of four tiles."""
     rows = importlib.import_module("chronipatch.ops._lce_rows")
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 4)  # 9 tiles of 32 columns: three merge blocks
     monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
     torch.manual_seed(3)
     bf16 = torch.bfloat16
@@ -264,10 +267,12 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
     far_rows = stats[:, 0] > refs + tiles.REF_MARGIN
     assert far_rows.sum() == (2 if far else 0)
     divisor = (labels != -100).sum().float()
-    loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
-    rows_re = lce.lce_fwd_triton(hid, w, labels, -100)[0]
+    loss, entropy, correct, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    rows_re, _, entropy_re, correct_re = lce.lce_fwd_triton(hid, w, labels, -100)
     dh_re, dw_re = lce.lce_bwd_triton((1 / divisor).expand(20), hid, w, labels, stats, -100)
     torch.testing.assert_close(loss, rows_re.sum() / divisor)
+    torch.testing.assert_close(entropy, entropy_re)
+    assert torch.equal(correct, correct_re)
     for got, recomputed in ((dh, dh_re), (dw, dw_re)):
         ulp = torch.finfo(bf16).eps * recomputed.float().abs().max()
         assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
@@ -310,14 +315,22 @@ def test_lce_tiles_merge_with_the_reference_above_the_row_max(above, monkeypatch
     bf16 = torch.bfloat16
     hid, w = _r(3, 16, dtype=bf16, scale=30.0), _r(1500, 16, dtype=bf16, scale=1.0)
     w[1400] = hid[1] / hid[1].norm() * 200  # row 1's max, far above every other logit of its row
+    hid[2] /= 30  # row 2: logits below ~17, its max raised to ~20 in the last block (a_old ~ e^-3, not 0)
+    w[1450] = hid[2] / hid[2].float().norm().square() * 20
     labels = torch.tensor([3, 1400, -100], device=KERNEL_DEVICE)
-    m0 = tiles.tiles_fwd(hid, w, labels, -100, False)[0]
     z = hid.float() @ w.float().T
+    # The entropy sum e = sum p (z - m), p = exp(z - m): on the plain path (each tile its own reference) it
+    # moves to each merge block's larger max; on the one pass, from the shared reference to the row's max.
+    m0, _, e0, arg0, _ = tiles.tiles_fwd(hid, w, labels, -100, True)
     assert (m0[1] - z[1, :512].amax()).item() > 100
-    m, s, *_ = tiles.tiles_fwd(hid, w, labels, -100, False, lambda *a: None, 16, m0 + above)
+    m, s, e, arg, _ = tiles.tiles_fwd(hid, w, labels, -100, True, lambda *a: None, 16, m0 + above)
     assert s.isfinite().all()
     torch.testing.assert_close(m, m0)
     torch.testing.assert_close(m + s.log(), torch.logsumexp(z, 1), rtol=1e-6, atol=1e-3)
+    zd = z.double() - m.double()[:, None]
+    for got, argmax in ((e0, arg0), (e, arg)):
+        torch.testing.assert_close(got.double(), (zd.exp() * zd).sum(1), rtol=1e-4, atol=1e-4)
+        assert torch.equal(argmax, z.argmax(1))
 
 
 def test_lce_tiles_load_by_tma_only_where_rows_are_16_byte_aligned(monkeypatch):
