@@ -271,7 +271,7 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
     rows_re, _, entropy_re, correct_re = lce.lce_fwd_triton(hid, w, labels, -100)
     dh_re, dw_re = lce.lce_bwd_triton((1 / divisor).expand(20), hid, w, labels, stats, -100)
     torch.testing.assert_close(loss, rows_re.sum() / divisor)
-    torch.testing.assert_close(entropy, entropy_re)
+    torch.testing.assert_close(entropy, entropy_re, rtol=1e-4, atol=1e-4)  # sums against other references
     assert torch.equal(correct, correct_re)
     for got, recomputed in ((dh, dh_re), (dw, dw_re)):
         ulp = torch.finfo(bf16).eps * recomputed.float().abs().max()
