@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The skip reason of tests that run the Triton kernels: natively on CUDA (where conftest marks them ``gpu``),
+# Tests that run the Triton kernels: natively on CUDA (where conftest marks them ``gpu`` by this reason),
 # else through the interpreter.
 NEEDS_KERNELS = "needs CUDA or TRITON_INTERPRET=1"
+needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason=NEEDS_KERNELS)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,11 +16,9 @@ import chronipatch
 from chronipatch import ops
 from chronipatch.attention import varlen_attention_forward
 from chronipatch.packing import PackingCollator
-from helpers import INTERPRET, NEEDS_KERNELS, hf_view
+from helpers import hf_view
 from tiny import batch, tiny_model
 
-KERNELS = INTERPRET or torch.cuda.is_available()
-needs_kernels = pytest.mark.skipif(not KERNELS, reason=NEEDS_KERNELS)
 rms_k = importlib.import_module("chronipatch.ops.rms_norm")
 swi_k = importlib.import_module("chronipatch.ops.swiglu")
 rope_k = importlib.import_module("chronipatch.ops.rope")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from chronipatch import ops
-from helpers import KERNEL_DEVICE, hf_view
+from helpers import KERNEL_DEVICE, hf_view, needs_kernels
 from hostile import (
     INF,
     LONG,
@@ -24,7 +24,6 @@ from hostile import (
     _randn,
     cu10,
     lce_k,
-    needs_kernels,
     rms_k,
     rope_k,
     sane_attention,

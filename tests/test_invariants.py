@@ -18,7 +18,7 @@ import chronipatch
 from chronipatch import attention, ops
 from chronipatch.mapping import OUR_FORWARDS
 from chronipatch.packing import PackingCollator
-from helpers import INTERPRET, KERNEL_DEVICE, NEEDS_KERNELS, hf_view
+from helpers import KERNEL_DEVICE, hf_view, needs_kernels
 from tiny import batch, tiny_model
 
 CYCLES = 100
@@ -211,7 +211,7 @@ def test_public_ops_are_bit_deterministic_on_cpu(op):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason=NEEDS_KERNELS)
+@needs_kernels
 def test_kernels_are_bit_deterministic():
     rms = importlib.import_module("chronipatch.ops.rms_norm")
     lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from chronipatch.ops import reference
-from helpers import INTERPRET, KERNEL_DEVICE, NEEDS_KERNELS, hf_view, small_lce_tiles
+from helpers import KERNEL_DEVICE, hf_view, needs_kernels, small_lce_tiles
 
-pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason=NEEDS_KERNELS)
+pytestmark = needs_kernels
 rms = importlib.import_module("chronipatch.ops.rms_norm")
 swi = importlib.import_module("chronipatch.ops.swiglu")
 rope = importlib.import_module("chronipatch.ops.rope")

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from chronipatch import ops
 from chronipatch.ops import reference
-from helpers import KERNEL_DEVICE, small_lce_tiles
-from hostile import INF, _g, lce_k, needs_kernels, sane_lce
+from helpers import KERNEL_DEVICE, needs_kernels, small_lce_tiles
+from hostile import INF, _g, lce_k, sane_lce
 from test_hostile_numerics import IMPLS, _lce_rows
 
 

@@ -121,9 +121,7 @@ def rows_fwd_bwd(
             addmm_acc(pw, p, weight)
             torch.mul(pw, r, out=dh[r0 : r0 + k])
         if need_dw:
-            # An ignored row's hidden state (inf or nan there is allowed) must not make p's 0s a nan.
-            keep = (y != ignore_index).unsqueeze(1)
-            h_r = torch.where(keep, hidden[r0 : r0 + k] * r, 0.0).to(hidden.dtype)
+            h_r = dw_rows(hidden[r0 : r0 + k] * r, y, ignore_index).to(hidden.dtype)
             if r0 == 0:
                 torch.mm(p.T, h_r, out=dw)
             else:
