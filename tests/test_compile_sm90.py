@@ -130,7 +130,7 @@ def _cases() -> list[tuple]:
             ]
             continue
         # 2-byte inputs: the tile kernels, at the launch configs of both load paths
-        from chronipatch.ops._lce_tiles import TILE, TILE_PTR
+        from chronipatch.ops._lce_tiles import P_STAGES, TILE, TILE_PTR
 
         for tma, (bm, bn, bk, warps, stages, per_sm) in ((True, TILE), (False, TILE_PTR)):
             loads = (
@@ -154,9 +154,10 @@ def _cases() -> list[tuple]:
                         gemm
                         | parts
                         | {"P": "*bf16" if p else f"*{dt}", "RP": "*fp32", "REF": "*fp32", "LABELS": "*i64"}
+                        | {"PD": f"tensordesc<bf16[{bm}, {bn}]>" if p and tma else "*bf16" if p else f"*{dt}"}
                         | _ints("stride_p", "ignore_index"),
                         shape | {"TOKEN_STATS": token_stats, "STORE_P": p, "MARGIN": 32.0},
-                        {"num_warps": warps, "num_stages": stages},
+                        {"num_warps": warps, "num_stages": min(stages, P_STAGES) if p and tma else stages},
                     )
                     for token_stats in (True, False)
                     for p in ((False, True) if dt == "bf16" else (False,))  # p: the one-pass bf16 path
@@ -220,13 +221,13 @@ def _cases() -> list[tuple]:
     return cases
 
 
-def _compile_all() -> dict[str, str]:
-    """Case id -> PTX (or "error: ..."), compiled for sm_90."""
+def _compile_all() -> tuple[dict[str, str], dict[str, int]]:
+    """(case id -> PTX (or "error: ..."), case id -> bytes of shared memory), compiled for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    out = {}
+    out, shared = {}, {}
     for case, mod, name, types, constexprs, *launch in _cases():
         kernel = getattr(importlib.import_module(f"chronipatch.ops.{mod}"), name)
         signature = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in kernel.params}
@@ -237,13 +238,14 @@ def _compile_all() -> dict[str, str]:
                 options=launch[0] if launch else None,
             )
             out[case] = compiled.asm["ptx"] if compiled.asm.get("cubin") else "error: no cubin"
+            shared[case] = compiled.metadata.shared
         except Exception as e:  # reported per case by the test
             out[case] = f"error: {type(e).__name__}: {str(e)[:2000]}"
-    return out
+    return out, shared
 
 
 @pytest.fixture(scope="module")
-def ptx() -> dict[str, str]:
+def compiled() -> tuple[dict[str, str], dict[str, int]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
     code = "import json, test_compile_sm90 as t; print(json.dumps(t._compile_all()))"
@@ -252,25 +254,36 @@ def ptx() -> dict[str, str]:
         if "ptxas" in proc.stderr.lower():
             pytest.skip(f"no ptxas for sm_90: {proc.stderr[-300:]}")
         raise AssertionError(proc.stderr[-4000:])
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, shared = json.loads(proc.stdout.strip().splitlines()[-1])
     if all(v.startswith("error") and "ptxas" in v.lower() for v in out.values()):
         pytest.skip(f"no ptxas for sm_90 here: {next(iter(out.values()))[:300]}")
-    return out
+    return out, shared
+
+
+SM90_SHARED = 227 << 10  # an H100's shared memory per block: more fails only at launch
+
+
+@pytest.fixture
+def ptx(compiled, case) -> str:
+    return compiled[0][case]
 
 
 @pytest.mark.parametrize("case", [c[0] for c in _cases()])
-def test_kernel_compiles_for_h100(ptx, case):
-    assert not ptx[case].startswith("error"), ptx[case]
+def test_kernel_compiles_for_h100(compiled, ptx, case):
+    assert not ptx.startswith("error"), ptx
+    assert compiled[1][case] <= SM90_SHARED, f"{compiled[1][case]} bytes of shared memory"
     if case.startswith("rms_fwd"):
-        assert "sqrt.rn.f32" in ptx[case] and "div.rn.f32" in ptx[case] and "rsqrt.approx" not in ptx[case]
+        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "rsqrt.approx" not in ptx
     if case.startswith("rms_bwd"):
-        assert ".f64" in ptx[case]
+        assert ".f64" in ptx
     if case.startswith(("lce_fwd", "lce_bwd")):  # fp32: exp_f32's Cody-Waite floor, IEEE division backward
-        assert re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])
-        assert ("div.rn.f32" in ptx[case]) == case.startswith("lce_bwd")
+        assert re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx)
+        assert ("div.rn.f32" in ptx) == case.startswith("lce_bwd")
     if case.startswith(("lce_tiles_fwd", "lce_tiles_bwd")):  # the logits GEMM on Hopper's tensor cores
-        assert "wgmma.mma_async" in ptx[case]
-        assert ("cp.async.bulk.tensor" in ptx[case]) == (not case.endswith("_pointer_loads"))  # TMA loads
+        assert "wgmma.mma_async" in ptx
+        assert ("cp.async.bulk.tensor" in ptx) == (not case.endswith("_pointer_loads"))  # TMA loads
+        # ... and p stored by TMA (shared to global) where the loads are
+        assert ("bulk.tensor.2d.global.shared" in ptx) == case.endswith("_p")
     if case.startswith("swiglu"):  # IEEE division always; exp_f32's Cody-Waite floor for fp32 only
-        assert "div.rn.f32" in ptx[case]
-        assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx[case])) == ("_fp32" in case)
+        assert "div.rn.f32" in ptx
+        assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx)) == ("_fp32" in case)

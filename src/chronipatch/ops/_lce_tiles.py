@@ -15,7 +15,9 @@ statistics came from. The tiles carry no per-label work and no branch on the row
 ms forward at 8192 x 896 on the H200; bench/results/2026-12-03-h200/lce_kernels_call8.md). On Hopper and
 newer the operands arrive by TMA (16-byte aligned rows; past the end reads 0) in 128 x 256 tiles, the
 forward's loads in warps of their own (4.7 ms forward against 5.8 with pointer loads in 128 x 128 tiles;
-2026-12-02-h200/lce_kernels_call21.md). Pointer loads serve older GPUs and unaligned rows.
+2026-12-02-h200/lce_kernels_call21.md), and the one-pass path's p leaves by TMA store from shared memory
+(its forward 0.1-0.3 ms faster than by pointer stores; 2026-12-04-h200/tma_store_call9.log). Pointer loads
+and stores serve older GPUs and unaligned rows.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ PART_BYTES = 128 << 20  # the forward's [rows, T] partials per launch: its rows 
 # How far a tile's max may exceed its row's reference before the tile takes its own max as p's (p <= e^32,
 # whose sums stay in range; the one-pass path's row scale c / s e^(r - m) stays within bf16's normal range).
 REF_MARGIN = 32.0
+# Pipeline stages of the forward that stores p by TMA: its [BM, BN] tile is staged in shared memory, which
+# holds 3 of TILE's stages beside it (4 with it exceed the SM's 227 KiB).
+P_STAGES = 3
 
 
 @triton.jit
@@ -113,10 +118,10 @@ def _fold(z, m, TOKEN_STATS: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles_kernel(
-    H, W, HD, WD, MP, SP, EP, AP, P, RP, REF, LABELS, stride_h, stride_w, stride_p, n, vocab, hdim, n_tiles_v,
-    group, ignore_index, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr, TMA: tl.constexpr, TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr,
-    MARGIN: tl.constexpr, NUM_PROGS: tl.constexpr,
+    H, W, HD, WD, MP, SP, EP, AP, P, PD, RP, REF, LABELS, stride_h, stride_w, stride_p, n, vocab, hdim,
+    n_tiles_v, group, ignore_index, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, TOKEN_STATS: tl.constexpr,
+    STORE_P: tl.constexpr, MARGIN: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """Per row of each tile: max, sum exp(z - r) (with TOKEN_STATS the entropy sum and the first argmax)
     into the [N, T] partials, r the tile's max. With STORE_P also p = exp(z - r) into P [N, V] (bf16; 0 in an
@@ -154,9 +159,12 @@ def _fwd_tiles_kernel(
             tl.store(EP + part, e, mask=live)
         if STORE_P:
             keep = tl.load(LABELS + rows, mask=live, other=ignore_index) != ignore_index
-            p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
             p = tl.where(keep[:, None], p, 0.0)  # exactly 0, even where the row's logits are nan
-            tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
+            if TMA:  # by TMA from shared memory, off the epilogue's critical path; clipped to [n, V]
+                PD.store([row0, col0], p.to(tl.bfloat16))
+            else:
+                p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
+                tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
 
 
 @triton.jit
@@ -264,6 +272,11 @@ def _loads(hidden: Tensor, weight: Tensor, tma: bool, bm: int, bn: int, bk: int)
     return TensorDescriptor.from_tensor(hidden, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk])
 
 
+def _p_buffer(rows: int, vocab: int, device) -> Tensor:
+    """An empty bf16 [rows, vocab] whose rows start 16-byte aligned (the stride a TMA store needs)."""
+    return torch.empty(rows, cdiv(vocab, 8) * 8, dtype=torch.bfloat16, device=device)[:, :vocab]
+
+
 def _group_m(hidden: Tensor, bm: int) -> int:
     """Row blocks per group: as many as keep the group's hidden rows within L2_ROWS_BYTES (the kernels clip
     the last group). A runtime argument: as a compile-time one it compiled the kernels anew for every
@@ -301,7 +314,8 @@ def tiles_fwd(
     ep = torch.empty(cap, t, **f32) if token_stats else sp
     ap = torch.empty(cap, t, dtype=torch.int64, device=hidden.device) if token_stats else labels
     # With on_rows also p and the tiles' references; else stand-ins never touched.
-    p = torch.empty(cap, vocab, dtype=torch.bfloat16, device=hidden.device) if on_rows else hidden
+    # p's rows padded to 16 bytes: the stride a TMA store needs.
+    p = _p_buffer(cap, vocab, hidden.device) if on_rows else hidden
     rp = torch.empty(cap, t, **f32) if on_rows else mp
     zlab = torch.zeros(n, **f32)
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
@@ -309,13 +323,14 @@ def tiles_fwd(
     arg = torch.empty(n, dtype=torch.int64, device=hidden.device) if token_stats else None
     for r0 in range(0, n, chunk):
         h, y, k = hidden[r0 : r0 + chunk], labels[r0 : r0 + chunk], min(chunk, n - r0)
-        parts = (mp, sp, ep, ap, p, rp, sp if ref is None else ref[r0:], y)
+        pd = TensorDescriptor.from_tensor(p[:k], [bm, bn]) if tma and on_rows else p
+        parts = (mp, sp, ep, ap, p, pd, rp, sp if ref is None else ref[r0:], y)
         _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
             h, weight, *_loads(h, weight, tma, bm, bn, bk), *parts, h.stride(0), weight.stride(0),
             p.stride(0), k, vocab, hdim, t, _group_m(hidden, bm), ignore_index, BM=bm, BN=bn, BK=bk,
             EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, TOKEN_STATS=token_stats,
             STORE_P=on_rows is not None, MARGIN=REF_MARGIN, NUM_PROGS=progs, num_warps=warps,
-            num_stages=stages,
+            num_stages=min(stages, P_STAGES) if tma and on_rows else stages,
         )  # fmt: skip
         outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
         merge = (mp, rp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), h, weight, y, zlab[r0:], h.stride(0))
