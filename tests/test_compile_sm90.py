@@ -35,13 +35,17 @@ def _cases() -> list[tuple]:
         # A direct launch types a Python float fp32; Inductor's wrapper of a triton_op types it fp64.
         cases += [
             (
-                f"rms_fwd_{dt}_eps_{eps}",
+                f"rms_fwd_{dt}_eps_{eps}" + ("_add" if add else ""),
                 "rms_norm",
                 "_fwd_kernel",
-                io | _ints("stride_x", "stride_y", "n_rows", "N") | {"eps": eps},
-                tiles,
+                io
+                | {"R": f"*{dt}", "S": f"*{dt}"}
+                | _ints("stride_x", "stride_y", "stride_r", "n_rows", "N")
+                | {"eps": eps},
+                tiles | {"ADD": add},  # with the residual add (rms_norm_linear's residual form)
             )
             for eps in ("fp32", "fp64")
+            for add in (False, True)
         ]
         cases += [
             (
@@ -58,6 +62,7 @@ def _cases() -> list[tuple]:
                     "DX": f"*{dt}",
                     "DW_PART": "*fp64",
                     "Y": f"*{dt}",
+                    "DX_EXT": f"*{dt}",
                 }
                 | _ints(
                     "stride_dy",
@@ -66,12 +71,13 @@ def _cases() -> list[tuple]:
                     "stride_x",
                     "stride_dx",
                     "stride_y",
+                    "stride_dx_ext",
                     "n_rows",
                     "N",
                     "rows_per_prog",
                 ),
-                # rms_norm's own backward (one dy), and rms_norm_linear's (y again, dy as three terms)
-                tiles | {"STORE_Y": store_y, "N_DY": 3 if store_y else 1},
+                # rms_norm's own backward (one dy), and rms_norm_linear's (y again, dy as three terms, dx_ext)
+                tiles | {"STORE_Y": store_y, "N_DY": 3 if store_y else 1, "ADD_DX": store_y},
             )
             for store_y in (False, True)
         ]

@@ -84,6 +84,28 @@ def test_rms_norm_backward_sums_its_gradient_terms(terms, dtype):
     torch.testing.assert_close(y, rms.rms_norm_fwd_triton(x, w, 1e-6)[0], rtol=0, atol=0)
 
 
+# bf16 natively only: the interpreter rounds bf16 stores otherwise than torch (to nearest) does.
+@pytest.mark.parametrize("dtype", [*DTYPES, *([torch.bfloat16] if KERNEL_DEVICE == "cuda" else [])])
+def test_rms_norm_add_kernels(dtype):
+    """The residual form: the forward writes s = r + x bit for bit as torch adds, and its y and rstd are the
+    plain kernel's of s (so x is rounded before the norm); the backward adds dx_ext to dx before rounding."""
+    torch.manual_seed(5)
+    rows, n = 37, 96
+    r, w, dy = _r(rows, n, dtype=dtype, scale=3), _r(n, dtype=dtype), _r(rows, n, dtype=dtype)
+    x = _r(rows, 2 * n, dtype=dtype)[:, n:]  # a strided view, as an attention output may be
+    y, rstd, s = rms.rms_norm_add_fwd_triton(x, r, w, 1e-6)
+    torch.testing.assert_close(s, r + x, rtol=0, atol=0)
+    y_ref, rstd_ref = rms.rms_norm_fwd_triton(r + x, w, 1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(rstd, rstd_ref, rtol=0, atol=0)
+    ext = _r(rows, n, dtype=dtype)
+    dx, dw, _ = rms.rms_norm_bwd_y_triton(dy, s, w, rstd, dx_ext=ext)
+    dx_ref, _ = reference.rms_norm_bwd(dy, s, w, rstd, ext)
+    tol = TOL.get(dtype, dict(rtol=1.6e-2, atol=1.6e-2))
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    torch.testing.assert_close(dw, rms.rms_norm_bwd_triton(dy, s, w, rstd)[1], rtol=0, atol=0)
+
+
 def test_rms_norm_kernel_strided_rows():
     x = _r(6, 2 * 64, dtype=torch.float32)[:, :64]  # row stride 128, last dim dense
     w = _r(64, dtype=torch.float32)

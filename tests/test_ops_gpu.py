@@ -114,6 +114,36 @@ def test_rms_norm_linear_gpu(rows, n, outs, bias, dtype):
     _check(_run(ours, low, grads), _run(hf, low, grads), truth, dtype, "rms_norm_linear")
 
 
+@pytest.mark.parametrize("rows,n,outs", [(8192, 896, (4864,) * 2), (4099, 2048, (8192,) * 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_linear_gpu(rows, n, outs, dtype):
+    """Against stock's residual add, norm and gate/up projections, with the sum also used on: the sum, the
+    outputs, and the gradients of the residual, x, the norm weight and the weights."""
+    torch.manual_seed(rows)
+    r, x = torch.randn(rows, n, device="cuda") * 4, torch.randn(rows, n, device="cuda")
+    nw = 1 + 0.1 * torch.randn(n, device="cuda")
+    ws = [torch.randn(o, n, device="cuda") / n**0.5 for o in outs]
+    grads = [torch.randn(rows, o, device="cuda") for o in (n, *outs)]
+
+    def hf(r, x, nw, *ws):
+        s = r + x
+        if s.dtype == torch.float64:
+            y = nw * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6))
+        else:
+            norm = LlamaRMSNorm(n, 1e-6).to(device="cuda", dtype=nw.dtype)
+            y = torch.func.functional_call(norm, {"weight": nw}, (s,))
+        return (s, *(F.linear(y, w) for w in ws))
+
+    def ours(r, x, nw, *ws):
+        s, projections = ops.add_rms_norm_linear(r, x, nw, 1e-6, list(ws))
+        return (s, *projections)
+
+    low = [t.to(dtype) for t in (r, x, nw, *ws)]
+    truth = _run(hf, [t.double() for t in low], [g.double() for g in grads])
+    grads = [g.to(dtype) for g in grads]
+    _check(_run(ours, low, grads), _run(hf, low, grads), truth, dtype, "add_rms_norm_linear")
+
+
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "registered-op"])
 def test_swiglu_linear_backward_scratch_gpu(eager, monkeypatch):
     """The backward's peak holds three [N, I] buffers (dg written over dh, du, the recomputed h) and dW; the
@@ -222,6 +252,10 @@ def test_ops_deterministic_gpu():
         assert torch.equal(a, b)
 
 
+def _added_last(s, projections):
+    return (*projections, s)  # the registered op's order
+
+
 def test_eager_fast_path_matches_the_registered_op_gpu():
     """Eager CUDA calls skip custom-op dispatch; results and gradients are bit-identical to the op's."""
     rn, rp, sg, sl, rnl = (
@@ -240,8 +274,15 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
     cases = [
         (
             lambda a, b: tuple(ops.rms_norm_linear(a, b, 1e-6, wp)),
-            lambda a, b: tuple(rnl._rms_norm_linear(a, b, 1e-6, wp, [], [False, False])[:-1]),  # rstd last
+            # rstd last
+            lambda a, b: tuple(rnl._rms_norm_linear(a, b, 1e-6, wp, [], [False, False], None)[:-1]),
             (x, w),
+        ),
+        (
+            lambda a, b: _added_last(*ops.add_rms_norm_linear(a, x, b, 1e-6, wp)),
+            # s, then rstd last
+            lambda a, b: tuple(rnl._rms_norm_linear(x, b, 1e-6, wp, [], [False, False], a)[:-1]),
+            (x.clone(), w),
         ),
         (lambda a, b: ops.rms_norm(a, b, 1e-6), lambda a, b: rn._rms_norm(a, b, 1e-6)[0], (x, w)),
         (ops.swiglu, sg._swiglu, (g, u)),

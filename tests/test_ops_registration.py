@@ -43,12 +43,17 @@ def _opcheck_cases():
         (
             "rms_norm_linear",
             OPS.rms_norm_linear,
-            (x, torch.randn(64, requires_grad=True), 1e-6, [wq, wk], [], [False, False]),
+            (x, torch.randn(64, requires_grad=True), 1e-6, [wq, wk], [], [False, False], None),
         ),
         (
             "rms_norm_linear_bias",
             OPS.rms_norm_linear,
-            (x, torch.randn(64), 1e-6, [wq, wk], [torch.randn(6, requires_grad=True)], [False, True]),
+            (x, torch.randn(64), 1e-6, [wq, wk], [torch.randn(6, requires_grad=True)], [False, True], None),
+        ),
+        (
+            "rms_norm_linear_residual",
+            OPS.rms_norm_linear,
+            (x, torch.randn(64), 1e-6, [wq], [], [False], torch.randn(5, 3, 64, requires_grad=True)),
         ),
         *(
             (
@@ -62,6 +67,7 @@ def _opcheck_cases():
                     [torch.randn(5, 3, 12)],
                     [dw],
                     [db],
+                    torch.randn(5, 3, 64) if dw else None,  # x's gradient from its other uses, added to dx
                 ),
             )
             for dw in (True, False)

@@ -55,8 +55,10 @@ def test_patched_matches_stock(family, op_calls):
     assert not op_calls  # the stock model runs none of the fused ops
     torch.testing.assert_close(patched(ids).logits, stock_logits, rtol=1e-5, atol=1e-5)
     # no labels: the stock head; each MLP's plain down_proj runs inside swiglu_linear, and each decoder
-    # layer's two norms inside the projections they feed (the final norm, and Qwen3's q/k norms, alone)
-    calls = {"rms_norm": 1 + qk_norms, "rms_norm_linear": 4, "swiglu_linear": 2, "rope": 2}
+    # layer's two norms inside the projections they feed (the final norm, and Qwen3's q/k norms, alone), the
+    # MLP's with the residual add before it
+    calls = {"rms_norm": 1 + qk_norms, "rms_norm_linear": 4, "add_rms_norm_linear": 2, "swiglu_linear": 2}
+    calls["rope"] = 2
     assert op_calls == calls
     op_calls.clear()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))

@@ -83,6 +83,10 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
         **kwargs,
         **({} if attn_norm is None else {"input_norm": attn_norm}),
     )
+    if mlp_norm is not None and no_hooks(self.mlp):  # a hooked MLP keeps one tensor in, one out
+        # The residual add inside the norm's kernels, both ways (``ops.add_rms_norm_linear``).
+        residual, hidden_states = self.mlp(hidden_states, input_norm=mlp_norm, residual=residual)
+        return residual + hidden_states
     hidden_states = residual + hidden_states
     residual = hidden_states
     if mlp_norm is None:
@@ -98,27 +102,49 @@ def normed_projections(norm, x: torch.Tensor, projections) -> list[torch.Tensor]
     projections are plain ``nn.Linear`` in x's dtype, no autocast. Otherwise the modules' own calls."""
     if norm is None:
         return [p(x) for p in projections]
-    if (
-        runs(norm, rms_norm_forward)
-        and no_hooks(norm)
-        and norm.weight.dtype == x.dtype
-        and not isinstance(norm.weight, DTensor)
-        and all(plain_linear(p) and p.weight.dtype == x.dtype for p in projections)
-        and autocast_dtype(x) is None
-    ):
+    if _fusable(norm, x, projections):
         weights, biases = [p.weight for p in projections], [p.bias for p in projections]
         return ops.rms_norm_linear(x, norm.weight, norm.variance_epsilon, weights, biases)
     x = norm(x)
     return [p(x) for p in projections]
 
 
-def mlp_forward(self, x: torch.Tensor, input_norm=None) -> torch.Tensor:
+def added_normed_projections(norm, residual, x, projections) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(s, normed_projections(norm, s, projections))`` of s = residual + x: where that is one
+    ``ops.rms_norm_linear``, as one ``ops.add_rms_norm_linear``."""
+    if norm is not None and _fusable(norm, x, projections) and residual.dtype == x.dtype:
+        weights, biases = [p.weight for p in projections], [p.bias for p in projections]
+        return ops.add_rms_norm_linear(residual, x, norm.weight, norm.variance_epsilon, weights, biases)
+    s = residual + x
+    return s, normed_projections(norm, s, projections)
+
+
+def _fusable(norm, x: torch.Tensor, projections) -> bool:
+    return (
+        runs(norm, rms_norm_forward)
+        and no_hooks(norm)
+        and norm.weight.dtype == x.dtype
+        and not isinstance(norm.weight, DTensor)
+        and all(plain_linear(p) and p.weight.dtype == x.dtype for p in projections)
+        and autocast_dtype(x) is None
+    )
+
+
+def mlp_forward(self, x: torch.Tensor, input_norm=None, residual=None):
+    """The MLP of ``input_norm(x)`` (None: x is normalised already); with a ``residual``,
+    ``(s, mlp(input_norm(s)))`` of s = residual + x."""
     # gate_proj/up_proj/down_proj stay the HF modules, so LoRA wrappers on them keep working.
-    gate, up = normed_projections(input_norm, x, (self.gate_proj, self.up_proj))
+    projections = (self.gate_proj, self.up_proj)
+    if residual is None:
+        gate, up = normed_projections(input_norm, x, projections)
+    else:
+        s, (gate, up) = added_normed_projections(input_norm, residual, x, projections)
     down = self.down_proj
     if plain_linear(down):  # the gating and down projection as one op, which keeps no [N, I] product
-        return ops.swiglu_linear(gate, up, down.weight, down.bias)
-    return down(ops.swiglu(gate, up))
+        out = ops.swiglu_linear(gate, up, down.weight, down.bias)
+    else:
+        out = down(ops.swiglu(gate, up))
+    return out if residual is None else (s, out)
 
 
 def bound_forward(module: torch.nn.Module):

@@ -3,7 +3,7 @@
 from ._labels import LabelCheck, prefetch_label_check
 from .linear_cross_entropy import TokenStats, linear_cross_entropy
 from .rms_norm import rms_norm
-from .rms_norm_linear import rms_norm_linear
+from .rms_norm_linear import add_rms_norm_linear, rms_norm_linear
 from .rope import rope
 from .swiglu import swiglu
 from .swiglu_linear import swiglu_linear
@@ -11,6 +11,7 @@ from .swiglu_linear import swiglu_linear
 __all__ = [
     "LabelCheck",
     "TokenStats",
+    "add_rms_norm_linear",
     "linear_cross_entropy",
     "prefetch_label_check",
     "rms_norm",

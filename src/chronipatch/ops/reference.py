@@ -32,11 +32,16 @@ def rms_norm_out(x: Tensor, weight: Tensor, rstd: Tensor, weight_last: bool = Fa
     return h * weight if weight_last else weight * h
 
 
-def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+def rms_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dx_ext: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(dx, dweight); ``dx_ext`` (x's gradient from its other uses) is added to dx before its rounding."""
     xf, dyf, r = _f(x), _f(dy), rstd.unsqueeze(-1)
     h = xf * r
     dh = dyf * _f(weight)
     dx = r * (dh - h * (dh * h).mean(-1, keepdim=True))
+    if dx_ext is not None:
+        dx = dx + _f(dx_ext)
     dw = (dyf * _f(h.to(x.dtype))).reshape(-1, x.shape[-1]).sum(0)
     return dx.to(x.dtype), dw.to(weight.dtype)
 

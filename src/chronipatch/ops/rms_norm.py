@@ -9,7 +9,8 @@ Backward, with h = x * rstd and dh = dy * w:
 rstd is the op's second output, so the backward never recomputes the row statistics. For
 ``rms_norm_linear``, which keeps x instead of y, the backward kernel can also write y again (bit for bit the
 forward's), and takes dy as up to three terms, summed in fp32 as it loads them (the projections' input
-gradients, each its own GEMM's output).
+gradients, each its own GEMM's output). Its residual form normalises x = r + d (rounded to the dtype, as
+torch's add), written by the forward kernel; the backward adds the sum's own gradient dx_ext to dx.
 """
 
 from __future__ import annotations
@@ -31,13 +32,22 @@ DY_TERMS = 3  # the most terms of dy the backward kernel sums as it loads them
 
 
 @triton.jit
-def _fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, N, eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+def _fwd_kernel(
+    X, W, Y, RSTD, R, S, stride_x, stride_y, stride_r, n_rows, N, eps, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, ADD: tl.constexpr,
+):  # fmt: skip
+    """y = rms_norm(x); with ADD, of x + r instead, that sum (rounded to x's dtype) written to S."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     rmask, cmask = rows < n_rows, cols < N
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # torch's add of two tensors of x's dtype: the fp32 sum, rounded once
+        x += tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x.to(X.dtype.element_ty)
+        tl.store(S + rows64 * N + cols[None, :], x, mask=mask)
+        x = x.to(tl.float32)
     # IEEE sqrt and division (not rsqrt.approx): rstd is correctly rounded twice, as accurate as stock's.
     # eps rounded to fp32 first, as stock adds it to an fp32 tensor (Inductor passes Python floats as fp64).
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / N + tl.cast(eps, tl.float32)))
@@ -59,12 +69,14 @@ def _bwd_kernel(
     DX,
     DW_PART,
     Y,
+    DX_EXT,
     stride_dy,
     stride_dy1,
     stride_dy2,
     stride_x,
     stride_dx,
     stride_y,
+    stride_dx_ext,
     n_rows,
     N,
     rows_per_prog,
@@ -72,6 +84,7 @@ def _bwd_kernel(
     ROWS: tl.constexpr,
     STORE_Y: tl.constexpr,
     N_DY: tl.constexpr,
+    ADD_DX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -98,6 +111,9 @@ def _bwd_kernel(
         dw += tl.sum(dy.to(tl.float64) * h.to(X.dtype.element_ty).to(tl.float64), axis=0)
         dh = dy * w[None, :]
         dx = rstd[:, None] * (dh - h * (tl.sum(dh * h, axis=1) / N)[:, None])
+        if ADD_DX:  # x's gradient from its other uses (the residual form's sum)
+            ext = tl.load(DX_EXT + rows64 * stride_dx_ext + cols[None, :], mask=mask, other=0.0)
+            dx += ext.to(tl.float32)
         # dx may be written over dy (``into_dy``): each row's dy is loaded above, by this program alone.
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if STORE_Y:  # the forward's output again, rounded as ``_fwd_kernel`` rounds it
@@ -130,17 +146,32 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float, wrap: bool = True) -> tuple[Tensor, Tensor]:
+    return _fwd(x, weight, eps, wrap)[:2]
+
+
+def rms_norm_add_fwd_triton(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, wrap: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, rstd, s) of s = residual + x (x's dtype and shape, contiguous): y = rms_norm(s)."""
+    return _fwd(x, weight, eps, wrap, residual)
+
+
+def _fwd(x, weight, eps, wrap, residual=None):
     n = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    add = residual is not None
+    r2 = _rows(residual) if add else x2  # stand-ins never read or written without the residual
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if add else y
     block, rows, warps = _tiles(n)
     if m > 0:
         (wrap_triton(_fwd_kernel) if wrap else _fwd_kernel)[(cdiv(m, rows),)](
-            x2, weight, y, rstd, x2.stride(0), n, m, n, eps, BLOCK_N=block, ROWS=rows, num_warps=warps
-        )
-    return y, rstd
+            x2, weight, y, rstd, r2, s, x2.stride(0), n, r2.stride(0), m, n, eps, BLOCK_N=block, ROWS=rows,
+            ADD=add, num_warps=warps,
+        )  # fmt: skip
+    return y, rstd, s if add else None
 
 
 def rms_norm_bwd_triton(
@@ -151,16 +182,16 @@ def rms_norm_bwd_triton(
 
 def rms_norm_bwd_y_triton(
     dy: Tensor | Sequence[Tensor], x: Tensor, weight: Tensor, rstd: Tensor, wrap: bool = True,
-    store_y: bool = True, into_dy: bool = False,
+    store_y: bool = True, into_dy: bool = False, dx_ext: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     """(dx, dweight, y): the backward that also writes the forward's output again (None unless
     ``store_y``). ``dy`` may be a sequence of 1 to ``DY_TERMS`` tensors shaped like x, whose sum is the
-    gradient.
+    gradient; ``dx_ext``, shaped like x, is added to dx (x's gradient from its other uses).
     With ``into_dy`` dx is written over the first (a temporary of the caller's): one [N, H] buffer less."""
-    return _bwd(dy, x, weight, rstd, wrap, store_y=store_y, into_dy=into_dy)
+    return _bwd(dy, x, weight, rstd, wrap, store_y=store_y, into_dy=into_dy, dx_ext=dx_ext)
 
 
-def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
+def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
     dys = [dy] if isinstance(dy, Tensor) else list(dy)
     if not 1 <= len(dys) <= DY_TERMS:  # the kernel would silently drop a fourth
         raise ValueError(f"rms_norm backward: 1 to {DY_TERMS} gradient terms, got {len(dys)}")
@@ -174,6 +205,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
     dx = dy2.view(x.shape) if reuse else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device) if store_y else dx  # dx: never written as y
+    ext = _rows(dx_ext) if dx_ext is not None else dx  # a stand-in never read without it
     block, rows, warps = _tiles(n)
     progs = max(1, min(cdiv(m, rows), _programs_per_sm(block) * sms_for(x)))
     rows_per_prog = cdiv(max(m, 1), progs)
@@ -189,11 +221,13 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
             dx,
             dw_part,
             y,
+            ext,
             dy2.stride(0),
             *(d.stride(0) for d in more),
             x2.stride(0),
             n,
             n,
+            ext.stride(0) if dx_ext is not None else n,
             m,
             n,
             rows_per_prog,
@@ -201,6 +235,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False):
             ROWS=rows,
             STORE_Y=store_y,
             N_DY=len(dys),
+            ADD_DX=dx_ext is not None,
             num_warps=warps,
         )
     return dx, dw_part.sum(0).to(weight.dtype), y if store_y else None

@@ -9,6 +9,11 @@ forward keeps x and its rstd ([N], fp32), and the backward runs
 so a decoder layer keeps one [N, H] tensor less per norm: 1 GiB at Llama-3.2-1B's 16 layers of 4 x 2048
 tokens in bf16, for one more [N, H] write per norm in the backward. The outputs equal
 ``F.linear(rms_norm(x, w_n, eps), W_i, b_i)`` bit for bit.
+
+``add_rms_norm_linear`` takes the decoder layer's residual add along: x = r + d (torch's rounding), written by
+the norm's forward kernel, whose backward kernel adds x's own upstream gradient dx_ext to dx (one rounding
+where autograd's sum rounds twice); both r and d get that dx. Separate, the add and the gradient sum are a
+kernel each way that reads two [N, H] and writes one.
 """
 
 from __future__ import annotations
@@ -20,29 +25,36 @@ from torch.library import triton_op
 
 from . import reference
 from ._utils import autocast_dtype, check, check_same, check_tensors, direct, eager_cuda, on_gpu
-from .rms_norm import DY_TERMS, rms_norm, rms_norm_bwd_y_triton, rms_norm_fwd_triton
+from .rms_norm import DY_TERMS, rms_norm, rms_norm_add_fwd_triton, rms_norm_bwd_y_triton, rms_norm_fwd_triton
 
 # ---------------------------------------------------------------- launchers (kernels: ``rms_norm``)
 
 
 def _fwd(
     x: Tensor, norm_weight: Tensor, eps: float, weights: list[Tensor], biases: list[Tensor],
-    has_bias: list[bool], wrap: bool = True,
+    has_bias: list[bool], residual: Tensor | None = None, wrap: bool = True,
 ) -> list[Tensor]:  # fmt: skip
-    """[out_0, ..., out_k, rstd]."""
+    """[out_0, ..., out_k, rstd]; with a residual [out_0, ..., out_k, s, rstd]: of s = residual + x."""
+    s = None
     if on_gpu(x):
-        y, rstd = rms_norm_fwd_triton(x, norm_weight, eps, wrap=wrap)
+        if residual is None:
+            y, rstd = rms_norm_fwd_triton(x, norm_weight, eps, wrap=wrap)
+        else:
+            y, rstd, s = rms_norm_add_fwd_triton(x, residual, norm_weight, eps, wrap=wrap)
     else:
-        y, rstd = reference.rms_norm_fwd(x, norm_weight, eps)
+        s = None if residual is None else residual + x
+        y, rstd = reference.rms_norm_fwd(x if s is None else s, norm_weight, eps)
     bias = iter(biases)
-    return [*(F.linear(y, w, next(bias) if b else None) for w, b in zip(weights, has_bias)), rstd]
+    outs = [F.linear(y, w, next(bias) if b else None) for w, b in zip(weights, has_bias)]
+    return [*outs, rstd] if s is None else [*outs, s, rstd]
 
 
 def _bwd(
     x: Tensor, norm_weight: Tensor, rstd: Tensor, weights: list[Tensor], douts: list[Tensor],
-    need_dw: list[bool], need_db: list[bool], wrap: bool = True,
+    need_dw: list[bool], need_db: list[bool], dx_ext: Tensor | None = None, wrap: bool = True,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
-    """(dx, dnorm_weight, dW_i, db_i); a dW or db not needed is returned empty (its GEMM or sum skipped)."""
+    """(dx, dnorm_weight, dW_i, db_i), ``dx_ext`` added to dx; a dW or db not needed is returned empty (its
+    GEMM or sum skipped)."""
     douts = [do.reshape(-1, do.shape[-1]) for do in douts]
     # The first products go to the norm's kernel as they are, which sums them as it loads them (HF's three
     # q/k/v products, its two gate/up ones); a fourth and later add onto the third. Summed by cuBLAS instead
@@ -56,10 +68,12 @@ def _bwd(
     # on dy that way, so a compiler can neither merge it with the forward's y nor hoist it into the forward.
     # A frozen group (LoRA elsewhere) needs no dW: no y then.
     if on_gpu(x):
-        dx, dnw, y = rms_norm_bwd_y_triton(dys, x, norm_weight, rstd, wrap, any(need_dw), into_dy=True)
+        dx, dnw, y = rms_norm_bwd_y_triton(
+            dys, x, norm_weight, rstd, wrap, any(need_dw), into_dy=True, dx_ext=dx_ext
+        )
     else:
         acc = torch.promote_types(x.dtype, torch.float32)  # the kernel's sum, in fp32 (fp64 stays)
-        dx, dnw = reference.rms_norm_bwd(sum(d.to(acc) for d in dys), x, norm_weight, rstd)
+        dx, dnw = reference.rms_norm_bwd(sum(d.to(acc) for d in dys), x, norm_weight, rstd, dx_ext)
         y = reference.rms_norm_out(x, norm_weight, rstd, weight_last=True) if any(need_dw) else None
     y2 = y.reshape(-1, y.shape[-1]) if y is not None else None
     dws = [do.T @ y2 if want else w.new_empty(0) for w, do, want in zip(weights, douts, need_dw)]
@@ -80,8 +94,10 @@ def _rms_norm_linear(
     weights: list[Tensor],
     biases: list[Tensor],
     has_bias: list[bool],
+    residual: Tensor | None,  # no default: the dispatcher drops a default argument, and autograd then
+    # expects one gradient less than the backward gives
 ) -> list[Tensor]:
-    return _fwd(x, norm_weight, eps, weights, biases, has_bias)
+    return _fwd(x, norm_weight, eps, weights, biases, has_bias, residual)
 
 
 # Traced by the compiler like the forward, so the compiled backward launches its GEMMs and kernel itself:
@@ -96,13 +112,16 @@ def _rms_norm_linear_bwd(
     douts: list[Tensor],
     need_dw: list[bool],
     need_db: list[bool],
+    dx_ext: Tensor | None,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-    return _bwd(x, norm_weight, rstd, weights, douts, need_dw, need_db)
+    return _bwd(x, norm_weight, rstd, weights, douts, need_dw, need_db, dx_ext)
 
 
 def _setup(ctx, inputs, output):
-    x, norm_weight, _, weights, _, has_bias = inputs
-    ctx.save_for_backward(x, norm_weight, output[-1], *weights)
+    x, norm_weight, _, weights, _, has_bias, residual = inputs
+    ctx.added = residual is not None
+    # The norm's input: x, or the sum s it normalised (an output, which the backward needs as x).
+    ctx.save_for_backward(output[-2] if ctx.added else x, norm_weight, output[-1], *weights)
     ctx.mark_non_differentiable(output[-1])
     ctx.has_bias = has_bias
 
@@ -111,10 +130,12 @@ def _backward(ctx, douts):
     x, norm_weight, rstd, *weights = ctx.saved_tensors
     need_dw, need_b = ctx.needs_input_grad[3], iter(ctx.needs_input_grad[4])
     need_db = [b and next(need_b) for b in ctx.has_bias]
-    args = (x, norm_weight, rstd, weights, list(douts[:-1]), need_dw, need_db)
-    dx, dnw, dws, dbs = _rms_norm_linear_bwd(*args)
+    douts, ds = (douts[:-2], douts[-2]) if ctx.added else (douts[:-1], None)
+    dx, dnw, dws, dbs = _rms_norm_linear_bwd(x, norm_weight, rstd, weights, list(douts), need_dw, need_db, ds)
     dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
-    return dx, dnw, None, [dw if want else None for dw, want in zip(dws, need_dw)], dbs, None
+    dws = [dw if want else None for dw, want in zip(dws, need_dw)]
+    # s = residual + x: both get the sum's whole gradient (one tensor, as autograd's add hands it on).
+    return dx, dnw, None, dws, dbs, None, dx if ctx.added else None
 
 
 _rms_norm_linear.register_autograd(_backward, setup_context=_setup)
@@ -122,13 +143,14 @@ _rms_norm_linear.register_autograd(_backward, setup_context=_setup)
 
 class _RMSNormLinearEager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``). Arguments:
-    x, norm weight, eps, has_bias, then the weights and the biases given."""
+    x, norm weight, eps, has_bias, the residual (or None), then the weights and the biases given."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, eps, has_bias, *params):
+    def forward(ctx, x, norm_weight, eps, has_bias, residual, *params):
         weights, biases = list(params[: len(has_bias)]), list(params[len(has_bias) :])
-        *outs, rstd = _direct_fwd(x, norm_weight, eps, weights, biases, has_bias)
-        ctx.save_for_backward(x, norm_weight, rstd, *weights)
+        *outs, rstd = _direct_fwd(x, norm_weight, eps, weights, biases, has_bias, residual)
+        ctx.added = residual is not None
+        ctx.save_for_backward(outs[-1] if ctx.added else x, norm_weight, rstd, *weights)
         ctx.has_bias = has_bias
         return tuple(outs)
 
@@ -137,13 +159,15 @@ class _RMSNormLinearEager(torch.autograd.Function):
     def backward(ctx, *douts):
         x, norm_weight, rstd, *weights = ctx.saved_tensors
         n = len(weights)
-        need_dw, need_b = list(ctx.needs_input_grad[4 : 4 + n]), iter(ctx.needs_input_grad[4 + n :])
+        need_dw, need_b = list(ctx.needs_input_grad[5 : 5 + n]), iter(ctx.needs_input_grad[5 + n :])
         need_db = [b and next(need_b) for b in ctx.has_bias]
+        douts, ds = (douts[:-1], douts[-1]) if ctx.added else (douts, None)
         # Compiled autograd traces this backward with fake tensors: the registered op then.
         bwd = _direct_bwd if eager_cuda(x) else _rms_norm_linear_bwd
-        dx, dnw, dws, dbs = bwd(x, norm_weight, rstd, weights, list(douts), need_dw, need_db)
+        dx, dnw, dws, dbs = bwd(x, norm_weight, rstd, weights, list(douts), need_dw, need_db, ds)
         dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
-        return dx, dnw, None, None, *(dw if want else None for dw, want in zip(dws, need_dw)), *dbs
+        dws = [dw if want else None for dw, want in zip(dws, need_dw)]
+        return dx, dnw, None, None, dx if ctx.added else None, *dws, *dbs
 
 
 # ---------------------------------------------------------------- public
@@ -159,20 +183,45 @@ def rms_norm_linear(
     """``[F.linear(rms_norm(x, norm_weight, eps), W, b) for W, b in zip(weights, biases)]`` without keeping
     the norm's output for the backward. One dtype and device for all; weights ``[O_i, H]``. Under autocast
     this composition itself (its projections cast as autocast casts them), which keeps y."""
-    op = "rms_norm_linear"
+    return _call("rms_norm_linear", x, norm_weight, eps, weights, biases, None)[1]
+
+
+def add_rms_norm_linear(
+    residual: Tensor,
+    x: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    weights: list[Tensor],
+    biases: list[Tensor | None] | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """``(s, rms_norm_linear(s, norm_weight, eps, weights, biases))`` with ``s = residual + x`` (shaped and
+    typed like x), the add inside the norm's kernels both ways."""
+    return _call("add_rms_norm_linear", x, norm_weight, eps, weights, biases, residual)
+
+
+def _call(op, x, norm_weight, eps, weights, biases, residual) -> tuple[Tensor | None, list[Tensor]]:
+    """(s or None, the projections): the checks, then the eager fast path or the registered op."""
     biases = [None] * len(weights) if biases is None else list(biases)
     if isinstance(x, torch.Tensor) and autocast_dtype(x) is not None:
-        y = rms_norm(x, norm_weight, eps)
-        return [F.linear(y, w, b) for w, b in zip(weights, biases, strict=True)]
+        s = None if residual is None else residual + x
+        y = rms_norm(x if s is None else s, norm_weight, eps)
+        return s, [F.linear(y, w, b) for w, b in zip(weights, biases, strict=True)]
     check(len(weights) > 0, op, "needs at least one weight")
     check(len(biases) == len(weights), op, lambda: f"{len(weights)} weights but {len(biases)} biases")
     given = [b for b in biases if b is not None]
     named = {f"weights[{i}]": w for i, w in enumerate(weights)}
     named.update({f"biases[{i}]": b for i, b in enumerate(biases) if b is not None})
+    if residual is not None:
+        named["residual"] = residual
     check_tensors(op, x=x, norm_weight=norm_weight)
     check_same(op, x=x, norm_weight=norm_weight, **named)
     h = x.shape[-1] if x.dim() else 0
     check(x.dim() >= 1, op, "x must have at least one dim")
+    check(
+        residual is None or residual.shape == x.shape,
+        op,
+        lambda: f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}",
+    )
     check(
         norm_weight.shape == (h,),
         op,
@@ -193,6 +242,10 @@ def rms_norm_linear(
         )
     check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")
     has_bias = [b is not None for b in biases]
-    if eager_cuda(x, norm_weight, *weights, *given):
-        return list(_RMSNormLinearEager.apply(x, norm_weight, float(eps), has_bias, *weights, *given))
-    return _rms_norm_linear(x, norm_weight, float(eps), list(weights), given, has_bias)[:-1]
+    extra = () if residual is None else (residual,)
+    if eager_cuda(x, norm_weight, *extra, *weights, *given):
+        args = (x, norm_weight, float(eps), has_bias, residual, *weights, *given)
+        outs = list(_RMSNormLinearEager.apply(*args))
+    else:
+        outs = _rms_norm_linear(x, norm_weight, float(eps), list(weights), given, has_bias, residual)[:-1]
+    return (None, outs) if residual is None else (outs[-1], outs[:-1])
