@@ -144,6 +144,27 @@ def _norm_qkv(cls, a):
     return lambda x, w, *ws: tuple(F.linear(norm(x, w), p) for p in ws)
 
 
+def _add_norm_gate_up(cls, a):
+    norm = _norm(cls, a[1:])
+
+    def run(r, x, w, *ws):  # HF's decoder layer: the residual add, then the MLP's norm and gate/up
+        s = r + x
+        y = norm(s, w)
+        return (s, *(F.linear(y, p) for p in ws))
+
+    return run
+
+
+def cp_add_norm_gate_up(a, dev):
+    ops = _cp()  # as layers.mlp_forward runs the residual add, the MLP's norm and gate/up projections
+
+    def run(r, x, w, *ws):
+        s, outs = ops.add_rms_norm_linear(r, x, w, EPS, list(ws))
+        return (s, *outs)
+
+    return run
+
+
 def cp_norm_qkv(a, dev):
     ops = _cp()  # as layers.attention_forward runs a decoder layer's input norm and q/k/v projections
     return lambda x, w, *ws: tuple(ops.rms_norm_linear(x, w, EPS, list(ws)))
@@ -240,6 +261,16 @@ OPS = {
          "liger": lambda a, dev: _norm_qkv(_need(LIGER + "rms_norm", dev).LigerRMSNorm, a),
          "chronipatch": cp_norm_qkv},
     ),
+    "add_rms_norm_gate_up": Op(
+        "rms_norm_linear", "r + x {0}x{1} -> gate/up {2}",
+        lambda d, dev, dt: [_x(d[0], d[1], dev=dev, dt=dt), _x(d[0], d[1], dev=dev, dt=dt),
+                            _w(d[1], dev=dev, dt=dt, scale=0.1, shift=1.0)]
+        + [_w(d[2], d[1], dev=dev, dt=dt, scale=d[1] ** -0.5) for _ in range(2)],
+        (0, 1), lambda d, e: 12 * d[0] * d[1] * d[2] / BF16_FLOP_PER_S,
+        {"hf_eager": lambda a, dev: _add_norm_gate_up(LlamaRMSNorm, a),
+         "liger": lambda a, dev: _add_norm_gate_up(_need(LIGER + "rms_norm", dev).LigerRMSNorm, a),
+         "chronipatch": cp_add_norm_gate_up},
+    ),
     "rope": Op(
         "rope", "B{0} T{1} q{2}/k{3} d{4}", build_rope, (0, 1),
         lambda d, e: 4 * d[0] * d[1] * d[4] * (d[2] + d[3] + 1) * e / HBM_BYTES_PER_S,
@@ -272,10 +303,12 @@ OPS = {
 }
 
 CASES = [("rms_norm", (8192, 896)), ("rms_norm", (8192, 4096)), ("rms_norm_qkv", (8192, 2048, 2048, 512)),
-         ("rms_norm_qkv", (8192, 896, 896, 128)), ("rope", (4, 2048, 14, 2, 64)),
+         ("rms_norm_qkv", (8192, 896, 896, 128)), ("add_rms_norm_gate_up", (8192, 896, 4864)),
+         ("add_rms_norm_gate_up", (8192, 2048, 8192)), ("rope", (4, 2048, 14, 2, 64)),
          ("rope", (4, 2048, 16, 8, 128)), ("swiglu_mlp", (8192, 896, 4864)), ("swiglu", (8192, 4864)),
          ("lce", (8192, 896, 151936)), ("lce", (8192, 2048, 128256)), ("lce", (8192, 4096, 128256))]
 SMOKE_CASES = [("rms_norm", (64, 96)), ("rms_norm", (64, 256)), ("rms_norm_qkv", (64, 96, 96, 32)),
+               ("add_rms_norm_gate_up", (64, 96, 128)),
                ("rope", (1, 16, 14, 2, 64)),
                ("rope", (1, 16, 16, 8, 128)), ("swiglu_mlp", (64, 32, 96)), ("swiglu", (64, 96)),
                ("lce", (64, 32, 1000)), ("lce", (64, 48, 777))]

@@ -30,7 +30,8 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 def test_ops_bench_smoke(tmp_path):
     rows = _run("ops.py", tmp_path)["rows"]
     ours = [r for r in rows if r["impl"].startswith("chronipatch")]
-    assert {r["op"] for r in ours} == {"rms_norm", "rms_norm_qkv", "rope", "swiglu_mlp", "swiglu", "lce"}
+    ops = {"rms_norm", "rms_norm_qkv", "add_rms_norm_gate_up", "rope", "swiglu_mlp", "swiglu", "lce"}
+    assert {r["op"] for r in ours} == ops
     stock = {}
     for r in rows:
         if r["impl"] in ("hf_eager", "hf_compile") and r["fwd_err"] is not None:
