@@ -98,12 +98,18 @@ def test_rms_norm_add_kernels(dtype):
     y_ref, rstd_ref = rms.rms_norm_fwd_triton(r + x, w, 1e-6)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(rstd, rstd_ref, rtol=0, atol=0)
-    ext = _r(rows, n, dtype=dtype)
-    dx, dw, _ = rms.rms_norm_bwd_y_triton(dy, s, w, rstd, dx_ext=ext)
-    dx_ref, _ = reference.rms_norm_bwd(dy, s, w, rstd, ext)
     tol = TOL.get(dtype, dict(rtol=1.6e-2, atol=1.6e-2))
-    torch.testing.assert_close(dx, dx_ref, **tol)
-    torch.testing.assert_close(dw, rms.rms_norm_bwd_triton(dy, s, w, rstd)[1], rtol=0, atol=0)
+    # s's gradient dense, rows of a wider buffer, and one row broadcast over all (row stride 0, as the
+    # gradient of s.sum(0) @ v arrives)
+    for ext in (
+        _r(rows, n, dtype=dtype),
+        _r(rows, 2 * n, dtype=dtype)[:, n:],
+        _r(n, dtype=dtype).expand(rows, n),
+    ):
+        dx, dw, _ = rms.rms_norm_bwd_y_triton(dy, s, w, rstd, dx_ext=ext)
+        dx_ref, _ = reference.rms_norm_bwd(dy, s, w, rstd, ext)
+        torch.testing.assert_close(dx, dx_ref, **tol)
+        torch.testing.assert_close(dw, rms.rms_norm_bwd_triton(dy, s, w, rstd)[1], rtol=0, atol=0)
 
 
 def test_rms_norm_kernel_strided_rows():

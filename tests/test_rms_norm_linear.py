@@ -256,8 +256,9 @@ def test_add_matches_stock(shape, outs, dtype):
     torch.testing.assert_close(g["r"], g["x"], rtol=0, atol=0)  # both get the sum's whole gradient
 
 
-def test_add_sum_equals_torchs_add_bit_for_bit():
-    """s is torch's ``r + x`` in every dtype (rounded once), and the projections those of ``rms_norm(s)``."""
+def test_add_is_the_composition_bit_for_bit():
+    """The public op on this device's path is ``r + x``, then the projections of ``rms_norm(s)``, bit for bit
+    in every dtype (the kernels' own rounding of s: ``test_kernels.test_rms_norm_add_kernels``)."""
     torch.manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         r, x = torch.randn(3, 5, 64, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
@@ -329,3 +330,52 @@ def test_add_bad_input(residual, match):
     x, nw, w = torch.randn(3, 16), torch.randn(16), torch.randn(4, 16)
     with pytest.raises((ValueError, TypeError), match=match):
         ops.add_rms_norm_linear(residual, x, nw, EPS, [w])
+
+
+def test_add_refuses_a_broadcast_residual_under_autocast():
+    """Under autocast the op is the composition, whose add would broadcast: s must still have x's shape."""
+    x, nw, w = torch.randn(3, 16), torch.randn(16), torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match=r"residual \(16,\)"):
+        ops.add_rms_norm_linear(torch.randn(16), x, nw, EPS, [w])
+
+
+@pytest.mark.parametrize(
+    "trainable",
+    [("r", "x", "nw", "w0", "w1"), ("w1",), ("x", "w0"), ("r",), ("nw", "b1")],
+    ids=lambda t: "+".join(t),
+)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_eager_function_matches_the_registered_op(trainable, residual):
+    """The eager CUDA path's ``autograd.Function`` (run here on CPU tensors: the same reference launchers)
+    against the registered op, for every pattern of inputs needing a gradient: which gets one, and its value.
+    Its flags sit at other argument positions than the op's (a frozen w0 beside a trainable w1 catches an
+    off-by-one)."""
+    mod = importlib.import_module("chronipatch.ops.rms_norm_linear")
+    x, nw, weights, _ = _case((2, 5, 32), [16, 8], False, seed=6)
+    leaves = {"r": torch.randn(2, 5, 32, dtype=torch.float64), "x": x, "nw": nw, "w0": weights[0]}
+    leaves |= {"w1": weights[1], "b1": torch.randn(8, dtype=torch.float64)}
+    if not residual:
+        trainable = tuple(k for k in trainable if k != "r") or ("x",)
+    grads = [torch.randn(2, 5, n, dtype=torch.float64) for n in (16, 8, 32)]
+
+    def run(eager):
+        t = {k: v.clone().requires_grad_(k in trainable) for k, v in leaves.items()}
+        r = t["r"] if residual else None
+        if eager:
+            outs = mod._RMSNormLinearEager.apply(
+                t["x"], t["nw"], EPS, [False, True], r, t["w0"], t["w1"], t["b1"]
+            )
+        else:
+            outs = mod._rms_norm_linear(t["x"], t["nw"], EPS, [t["w0"], t["w1"]], [t["b1"]], [False, True], r)
+            outs = outs[:-1]
+        wanted = [k for k in t if t[k].requires_grad]
+        got = torch.autograd.grad(outs, [t[k] for k in wanted], grads[: len(outs)], allow_unused=True)
+        return [*outs, *got], wanted
+
+    (eager, names), (registered, names_ref) = run(True), run(False)
+    assert names == names_ref
+    for i, (a, b) in enumerate(zip(eager, registered, strict=True)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(g is not None for g in eager[-len(names) :]), names  # every trainable input gets a gradient

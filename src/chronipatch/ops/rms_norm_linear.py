@@ -195,13 +195,21 @@ def add_rms_norm_linear(
     biases: list[Tensor | None] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """``(s, rms_norm_linear(s, norm_weight, eps, weights, biases))`` with ``s = residual + x`` (shaped and
-    typed like x), the add inside the norm's kernels both ways."""
+    typed like x; under autocast, where a residual stream may be wider than x, as torch's add types it), the
+    add inside the norm's kernels both ways."""
     return _call("add_rms_norm_linear", x, norm_weight, eps, weights, biases, residual)
 
 
 def _call(op, x, norm_weight, eps, weights, biases, residual) -> tuple[Tensor | None, list[Tensor]]:
     """(s or None, the projections): the checks, then the eager fast path or the registered op."""
     biases = [None] * len(weights) if biases is None else list(biases)
+    if residual is not None:  # no broadcasting, also under autocast: s has x's shape
+        check_tensors(op, residual=residual, x=x)
+        check(
+            residual.shape == x.shape,
+            op,
+            lambda: f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}",
+        )
     if isinstance(x, torch.Tensor) and autocast_dtype(x) is not None:
         s = None if residual is None else residual + x
         y = rms_norm(x if s is None else s, norm_weight, eps)
@@ -217,11 +225,6 @@ def _call(op, x, norm_weight, eps, weights, biases, residual) -> tuple[Tensor | 
     check_same(op, x=x, norm_weight=norm_weight, **named)
     h = x.shape[-1] if x.dim() else 0
     check(x.dim() >= 1, op, "x must have at least one dim")
-    check(
-        residual is None or residual.shape == x.shape,
-        op,
-        lambda: f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}",
-    )
     check(
         norm_weight.shape == (h,),
         op,
