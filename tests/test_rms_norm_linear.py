@@ -167,30 +167,45 @@ def test_no_rows():
     assert y.shape == (0, 4) and w.grad.abs().sum() == 0 and nw.grad.abs().sum() == 0
 
 
+def _kernel_device() -> str:
+    """Where the Triton path runs: natively on CUDA, in the interpreter on CPU (else the test skips)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    return device
+
+
+def _force_kernels(monkeypatch) -> None:
+    """The op's Triton path from here on, also for CPU tensors; the torch reference fails if it runs."""
+    mod = importlib.import_module("chronipatch.ops.rms_norm_linear")
+    monkeypatch.setattr(mod, "on_gpu", lambda t: True)
+    for name in ("rms_norm_fwd", "rms_norm_bwd"):
+        monkeypatch.setattr(reference, name, lambda *a: pytest.fail("the reference ran"))
+
+
+def _assert_kernels_match(mine, ref, g, g_ref, dtype) -> None:
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=tol["rtol"], atol=tol["atol"] * 10, msg=k)
+
+
 @pytest.mark.parametrize("outs", [[24, 8], [24, 8, 8], [24, 8, 8, 4]], ids=len)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_path_matches_reference(dtype, outs, monkeypatch):
     """The Triton path (interpreter on CPU, natively on CUDA) against the torch reference path, with dy as
     two or three terms of the norm's kernel, and four (the last added onto the third)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = _kernel_device()
     torch.manual_seed(0)
     x, nw, weights, biases = _case((2, 5, 64), outs, True, seed=2)
     douts = [torch.randn(2, 5, o, dtype=torch.float64) for o in outs]
     to = lambda ts: [t.to(device=device, dtype=dtype) for t in ts]
     args = (*to([x, nw]), to(weights), to(biases), to(douts))
     ref, g_ref = _run(_ours, *args)
-    mod = importlib.import_module("chronipatch.ops.rms_norm_linear")
-    monkeypatch.setattr(mod, "on_gpu", lambda t: True)
-    for name in ("rms_norm_fwd", "rms_norm_bwd"):
-        monkeypatch.setattr(reference, name, lambda *a: pytest.fail("the reference ran"))
+    _force_kernels(monkeypatch)
     mine, g = _run(_ours, *args)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
-    for a, b in zip(mine, ref, strict=True):
-        torch.testing.assert_close(a, b, **tol)
-    for k in g:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=tol["rtol"], atol=tol["atol"] * 10, msg=k)
+    _assert_kernels_match(mine, ref, g, g_ref, dtype)
 
 
 @pytest.mark.parametrize(
@@ -272,9 +287,7 @@ def test_add_is_the_composition_bit_for_bit():
 def test_add_kernel_path_matches_reference(dtype, monkeypatch):
     """The residual form's Triton path (interpreter on CPU, natively on CUDA): s bit for bit torch's add,
     the rest against the torch reference path, with x a strided view as HF's attention output may be."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = _kernel_device()
     x, nw, weights, _ = _case((2, 5, 64), [24, 8], False, seed=4)
     r = torch.randn(2, 5, 64, dtype=torch.float64)
     douts = [torch.randn(2, 5, o, dtype=torch.float64) for o in (24, 8)]
@@ -283,17 +296,10 @@ def test_add_kernel_path_matches_reference(dtype, monkeypatch):
     x = torch.cat([to(x), to(x)], -1)[..., :64]  # rows 128 apart
     args = (to(r), x, to(nw), [to(w) for w in weights], [to(d) for d in douts], to(ds))
     ref, g_ref = _run_added(_ours_added, *args)
-    mod = importlib.import_module("chronipatch.ops.rms_norm_linear")
-    monkeypatch.setattr(mod, "on_gpu", lambda t: True)
-    for name in ("rms_norm_fwd", "rms_norm_bwd"):
-        monkeypatch.setattr(reference, name, lambda *a: pytest.fail("the reference ran"))
+    _force_kernels(monkeypatch)
     mine, g = _run_added(_ours_added, *args)
     torch.testing.assert_close(mine[0], args[0] + x, rtol=0, atol=0)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
-    for a, b in zip(mine, ref, strict=True):
-        torch.testing.assert_close(a, b, **tol)
-    for k in g:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=tol["rtol"], atol=tol["atol"] * 10, msg=k)
+    _assert_kernels_match(mine, ref, g, g_ref, dtype)
 
 
 def test_add_compiles_to_one_graph():
