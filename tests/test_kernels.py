@@ -238,6 +238,7 @@ def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
     monkeypatch.setattr(rows, "SETTLE_TILES", 4)  # several steps per row, a ragged last one
+    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)  # the scan too
     monkeypatch.setattr(rows, "SAMPLES", 8)  # K a few units below each row's max: no factor of exactly 1
     torch.manual_seed(v + n)
     bf16 = torch.bfloat16

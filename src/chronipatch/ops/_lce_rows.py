@@ -32,23 +32,29 @@ from torch import Tensor
 
 from ._lce_tiles import REF_MARGIN, tiles_fwd
 from ._math import centred
-from ._utils import addmm_acc
+from ._utils import addmm_acc, pow2
 
-P_BYTES = 512 << 20  # bytes of one chunk of p: rows per chunk = P_BYTES // (2 V), a multiple of BM
+# Bytes of one chunk of p at most: rows per chunk <= P_BYTES // (2 V), a multiple of BM, spread evenly
+# (8192 x 896, V = 151,936: 5 chunks of 1,664 rows). 1 GiB (3 chunks) ran 1-3% faster, at 0.3-0.6 GB more
+# of op peak (bench/results/2026-12-04-h200/chunk_ab_call16.log).
+P_BYTES = 512 << 20
 SAMPLES = 1024  # vocabulary columns whose logits give each row's reference K
-SETTLE_TILES = 8  # tiles of p per step of the settle kernel
+SETTLE_TILES = 8  # tiles of p per step of the settle kernel's rescale
+SETTLE_SCAN = 1024  # tile references per step of its scan
 
 
 @triton.jit
 def _settle_kernel(
     P, RP, REF, M, S, ZLAB, LABELS, SCALE, R, stride_p, vocab, n_tiles_v, ignore_index, BN: tl.constexpr,
-    MARGIN: tl.constexpr, TILES: tl.constexpr,
+    MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K =
     m, and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is
     1 where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
     set to exp(z_y - K) - s_K; the row's factor r = c / s_K into R. An ignored row keeps its 0s (r = 0).
-    Tiles with nothing to change are not read."""
+    The row's references are scanned SCAN at a time; only a row with a factor other than 1 (rare: its max
+    lay past the margin) walks its tiles, and then only those with one (a loop over every tile took 46 us
+    per 1,664-row chunk at 8192 x 896 on the H200, for one label entry per row)."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     r = 0.0
@@ -57,20 +63,48 @@ def _settle_kernel(
         ref = tl.load(REF + row)
         k = tl.where(m <= ref + MARGIN, ref, m)  # a nan m or ref gives K = m, and the row stays nan
         s_k = tl.load(S + row) * tl.exp(centred(m, k))
-        gy = tl.exp(centred(tl.load(ZLAB + row), k)) - s_k
         r = tl.load(SCALE) / s_k
-        y_tile = tl.where((y >= 0) & (y < vocab), y // BN, -1)  # the label check runs apart
-        for t0 in range(0, n_tiles_v, TILES):
-            ts = t0 + tl.arange(0, TILES)
+        rescale = 0
+        for t0 in range(0, n_tiles_v, SCAN):
+            ts = t0 + tl.arange(0, SCAN)
             f = tl.exp(centred(tl.load(RP + row * n_tiles_v + ts, mask=ts < n_tiles_v, other=k), k))
-            change = (f != 1.0) | (ts == y_tile)
-            if tl.max(change.to(tl.int32), axis=0) > 0:
-                cols = ts[:, None] * BN + tl.arange(0, BN)[None, :]
-                mask = change[:, None] & (cols < vocab)
-                p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
-                p = tl.where(cols == y, gy, p * f[:, None])
-                tl.store(P + row * stride_p + cols, p.to(P.dtype.element_ty), mask=mask)
+            rescale = tl.maximum(rescale, tl.max((f != 1.0).to(tl.int32), axis=0))
+        if rescale > 0:
+            for t0 in range(0, n_tiles_v, TILES):
+                ts = t0 + tl.arange(0, TILES)
+                f = tl.exp(centred(tl.load(RP + row * n_tiles_v + ts, mask=ts < n_tiles_v, other=k), k))
+                if tl.max((f != 1.0).to(tl.int32), axis=0) > 0:
+                    cols = ts[:, None] * BN + tl.arange(0, BN)[None, :]
+                    # Not the label's entry: the store below is its only writer.
+                    mask = (f != 1.0)[:, None] & (cols < vocab) & (cols != y)
+                    p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(P + row * stride_p + cols, (p * f[:, None]).to(P.dtype.element_ty), mask=mask)
+        if (y >= 0) & (y < vocab):  # the label check runs apart
+            gy = tl.exp(centred(tl.load(ZLAB + row), k)) - s_k
+            tl.store(P + row * stride_p + y, gy.to(P.dtype.element_ty))
     tl.store(R + row, r)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    PW, H, R, LABELS, DH, HR, stride_pw, stride_h, stride_dh, stride_hr, hdim, ignore_index,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row of a chunk: dh = r (p W) rounded once from the fp32 GEMM result, and dW's operand r h, 0 in
+    an ignored row (whose hidden state may be inf or nan: ``dw_rows``). One launch where torch's broadcasts
+    over mixed dtypes took four."""
+    row = tl.program_id(0).to(tl.int64)
+    r = tl.load(R + row)
+    keep = tl.load(LABELS + row) != ignore_index
+    for k0 in range(0, hdim, BLOCK):
+        ks = k0 + tl.arange(0, BLOCK)
+        mask = ks < hdim
+        if NEED_DH:
+            pw = tl.load(PW + row * stride_pw + ks, mask=mask, other=0.0)
+            tl.store(DH + row * stride_dh + ks, (pw * r).to(DH.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            h = tl.load(H + row * stride_h + ks, mask=mask, other=0.0).to(tl.float32)
+            tl.store(HR + row * stride_hr + ks, tl.where(keep, h * r, 0.0).to(HR.dtype.element_ty), mask=mask)
 
 
 def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
@@ -114,14 +148,19 @@ def rows_fwd_bwd(
         r = torch.empty(k, 1, dtype=torch.float32, device=hidden.device)
         _settle_kernel[(k,)](
             p, rp, ref[r0:], m, s, zlab, y, scale, r, p.stride(0), vocab, rp.shape[1], ignore_index, BN=bn,
-            MARGIN=REF_MARGIN, TILES=SETTLE_TILES, num_warps=4,
+            MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])), num_warps=4,
         )  # fmt: skip
+        hdim = hidden.shape[1]
+        pw = torch.zeros(k, hdim, dtype=torch.float32, device=hidden.device) if need_dh else r
         if need_dh:
-            pw = torch.zeros(k, hidden.shape[1], dtype=torch.float32, device=hidden.device)
             addmm_acc(pw, p, weight)
-            torch.mul(pw, r, out=dh[r0 : r0 + k])
+        h, dh_k = hidden[r0 : r0 + k], dh[r0 : r0 + k] if need_dh else r
+        h_r = torch.empty_like(h) if need_dw else r
+        _scale_rows_kernel[(k,)](
+            pw, h, r, y, dh_k, h_r, pw.stride(0), h.stride(0), dh_k.stride(0), h_r.stride(0), hdim,
+            ignore_index, NEED_DH=need_dh, NEED_DW=need_dw, BLOCK=min(pow2(hdim), 1024), num_warps=4,
+        )  # fmt: skip
         if need_dw:
-            h_r = dw_rows(hidden[r0 : r0 + k] * r, y, ignore_index).to(hidden.dtype)
             if r0 == 0:
                 torch.mm(p.T, h_r, out=dw)
             else:

@@ -306,6 +306,9 @@ def tiles_fwd(
     chunk = max(bm, PART_BYTES // per_row // bm * bm)
     if on_rows is not None:
         chunk = min(chunk, max(bm, p_rows // bm * bm))
+    # As many launches as the cap asks for, of equal rows: no short last chunk (whose GEMMs on p run below
+    # rate) and no more of p than that needs.
+    chunk = cdiv(cdiv(n, cdiv(n, chunk)), bm) * bm if n > 0 else chunk
     cap = min(n, chunk)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     mp, sp = torch.empty(cap, t, **f32), torch.empty(cap, t, **f32)
