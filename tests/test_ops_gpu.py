@@ -275,13 +275,19 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
         (
             lambda a, b: tuple(ops.rms_norm_linear(a, b, 1e-6, wp)),
             # rstd last
-            lambda a, b: tuple(rnl._rms_norm_linear(a, b, 1e-6, wp, [], [False, False], None)[:-1]),
+            lambda a, b: tuple(rnl._rms_norm_linear(a, b, 1e-6, wp, [], [False, False], None, False)[:-1]),
+            (x, w),
+        ),
+        (
+            # stacked: the one [..., sum O] output, from the eager Function the public path calls
+            lambda a, b: rnl._RMSNormLinearEager.apply(a, b, 1e-6, [False, False], None, True, *wp)[0],
+            lambda a, b: rnl._rms_norm_linear(a, b, 1e-6, wp, [], [False, False], None, True)[0],
             (x, w),
         ),
         (
             lambda a, b: _added_last(*ops.add_rms_norm_linear(a, x, b, 1e-6, wp)),
             # s, then rstd last
-            lambda a, b: tuple(rnl._rms_norm_linear(x, b, 1e-6, wp, [], [False, False], a)[:-1]),
+            lambda a, b: tuple(rnl._rms_norm_linear(x, b, 1e-6, wp, [], [False, False], a, False)[:-1]),
             (x.clone(), w),
         ),
         (lambda a, b: ops.rms_norm(a, b, 1e-6), lambda a, b: rn._rms_norm(a, b, 1e-6)[0], (x, w)),

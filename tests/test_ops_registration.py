@@ -43,17 +43,36 @@ def _opcheck_cases():
         (
             "rms_norm_linear",
             OPS.rms_norm_linear,
-            (x, torch.randn(64, requires_grad=True), 1e-6, [wq, wk], [], [False, False], None),
+            (x, torch.randn(64, requires_grad=True), 1e-6, [wq, wk], [], [False, False], None, False),
+        ),
+        (
+            "rms_norm_linear_stacked",
+            OPS.rms_norm_linear,
+            (x, torch.randn(64, requires_grad=True), 1e-6, [wq, wk], [], [False, False], None, True),
+        ),
+        (
+            "rms_norm_linear_stacked_bias",
+            OPS.rms_norm_linear,
+            (x, torch.randn(64), 1e-6, [wq, wk], [torch.randn(12), torch.randn(6)], [True, True], None, True),
         ),
         (
             "rms_norm_linear_bias",
             OPS.rms_norm_linear,
-            (x, torch.randn(64), 1e-6, [wq, wk], [torch.randn(6, requires_grad=True)], [False, True], None),
+            (
+                x,
+                torch.randn(64),
+                1e-6,
+                [wq, wk],
+                [torch.randn(6, requires_grad=True)],
+                [False, True],
+                None,
+                False,
+            ),
         ),
         (
             "rms_norm_linear_residual",
             OPS.rms_norm_linear,
-            (x, torch.randn(64), 1e-6, [wq], [], [False], torch.randn(5, 3, 64, requires_grad=True)),
+            (x, torch.randn(64), 1e-6, [wq], [], [False], torch.randn(5, 3, 64, requires_grad=True), False),
         ),
         *(
             (
@@ -68,10 +87,26 @@ def _opcheck_cases():
                     [dw],
                     [db],
                     torch.randn(5, 3, 64) if dw else None,  # x's gradient from its other uses, added to dx
+                    False,
                 ),
             )
             for dw in (True, False)
             for db in (True, False)
+        ),
+        (
+            "rms_norm_linear_bwd_stacked",
+            OPS.rms_norm_linear_bwd,
+            (
+                x.detach(),
+                torch.randn(64),
+                torch.rand(5, 3) + 0.5,
+                [wq.detach(), wk.detach()],
+                [torch.randn(5, 3, 18)],  # the stacked output's gradient
+                [True, False],
+                [True, True],
+                None,
+                True,
+            ),
         ),
         ("rope", OPS.rope, (q, k, cos, sin, False)),
         ("rope_dense", OPS.rope, (q, k, cos, sin, True)),

@@ -55,6 +55,14 @@ def _ours(x, nw, weights, biases):
     return ops.rms_norm_linear(x, nw, EPS, weights, biases)
 
 
+def _ours_stacked(x, nw, weights, biases):
+    """One GEMM of the stacked weights; the results are column views of its output."""
+    outs = ops.rms_norm_linear(x, nw, EPS, weights, biases, stacked=True)
+    if len(weights) > 1:  # one storage: column views of one output
+        assert len({o.untyped_storage().data_ptr() for o in outs}) == 1
+    return outs
+
+
 @pytest.mark.parametrize(
     "shape,outs",
     [
@@ -68,11 +76,12 @@ def _ours(x, nw, weights, biases):
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_stock(shape, outs, bias, dtype):
+@pytest.mark.parametrize("fn", [_ours, _ours_stacked], ids=["separate", "stacked"])
+def test_matches_stock(shape, outs, bias, dtype, fn):
     x, nw, weights, biases = _case(shape, outs, bias, seed=sum(shape) + len(outs))
     douts = [torch.randn(*shape[:-1], o, dtype=torch.float64) for o in outs]
     cast = lambda ts: [t.to(dtype) if t is not None else None for t in ts]
-    mine, g = _run(_ours, x.to(dtype), nw.to(dtype), cast(weights), cast(biases), cast(douts))
+    mine, g = _run(fn, x.to(dtype), nw.to(dtype), cast(weights), cast(biases), cast(douts))
     ref, g_ref = _run(_stock, x, nw, weights, biases, douts)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for a, b in zip(mine, ref, strict=True):
@@ -86,15 +95,28 @@ def test_matches_stock(shape, outs, bias, dtype):
 
 
 @pytest.mark.parametrize("frozen", [("w0", "w1"), ("nw",), ("x",), ("w1", "b0")], ids=str)
-def test_frozen_inputs_get_no_gradient(frozen):
+@pytest.mark.parametrize("fn", [_ours, _ours_stacked], ids=["separate", "stacked"])
+def test_frozen_inputs_get_no_gradient(frozen, fn):
     """LoRA bases and frozen norms: only what requires a gradient gets one, the rest stay stock's."""
     x, nw, weights, biases = _case((3, 5, 48), [16, 8], True, seed=1)
     douts = [torch.randn(3, 5, o, dtype=torch.float64) for o in (16, 8)]
-    _, g = _run(_ours, x, nw, weights, biases, douts, frozen)
+    _, g = _run(fn, x, nw, weights, biases, douts, frozen)
     _, g_ref = _run(_stock, x, nw, weights, biases, douts, frozen)
     assert g.keys() == g_ref.keys() and not set(frozen) & g.keys()
     for k in g:
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_stacked_with_mixed_biases_is_the_separate_op():
+    """Stacking needs every weight biased or none; otherwise the projections run as without it (the same
+    bits), not as a wrong stack."""
+    x, nw, weights, _ = _case((2, 3, 32), [16, 8], False, seed=2)
+    biases = [None, torch.randn(8, dtype=torch.float64)]
+    got = ops.rms_norm_linear(x, nw, EPS, weights, biases, stacked=True)
+    want = ops.rms_norm_linear(x, nw, EPS, weights, biases)
+    assert got[0].untyped_storage().data_ptr() != got[1].untyped_storage().data_ptr()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_outputs_equal_the_composition_bit_for_bit():
@@ -351,29 +373,34 @@ def test_add_refuses_a_broadcast_residual_under_autocast():
     ids=lambda t: "+".join(t),
 )
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_eager_function_matches_the_registered_op(trainable, residual):
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
+def test_eager_function_matches_the_registered_op(trainable, residual, stacked):
     """The eager CUDA path's ``autograd.Function`` (run here on CPU tensors: the same reference launchers)
     against the registered op, for every pattern of inputs needing a gradient: which gets one, and its value.
     Its flags sit at other argument positions than the op's (a frozen w0 beside a trainable w1 catches an
-    off-by-one)."""
+    off-by-one). Stacked (both weights biased): one output, the gradients split back per weight and bias."""
     mod = importlib.import_module("chronipatch.ops.rms_norm_linear")
     x, nw, weights, _ = _case((2, 5, 32), [16, 8], False, seed=6)
     leaves = {"r": torch.randn(2, 5, 32, dtype=torch.float64), "x": x, "nw": nw, "w0": weights[0]}
     leaves |= {"w1": weights[1], "b1": torch.randn(8, dtype=torch.float64)}
+    if stacked:
+        leaves["b0"] = torch.randn(16, dtype=torch.float64)
     if not residual:
         trainable = tuple(k for k in trainable if k != "r") or ("x",)
-    grads = [torch.randn(2, 5, n, dtype=torch.float64) for n in (16, 8, 32)]
+    has_bias = [stacked, True]
+    sizes = (24, 32) if stacked else (16, 8, 32)
+    grads = [torch.randn(2, 5, n, dtype=torch.float64) for n in sizes]
 
     def run(eager):
         t = {k: v.clone().requires_grad_(k in trainable) for k, v in leaves.items()}
         r = t["r"] if residual else None
+        biases = [t["b0"], t["b1"]] if stacked else [t["b1"]]
         if eager:
-            outs = mod._RMSNormLinearEager.apply(
-                t["x"], t["nw"], EPS, [False, True], r, t["w0"], t["w1"], t["b1"]
-            )
+            args = (t["x"], t["nw"], EPS, has_bias, r, stacked, t["w0"], t["w1"], *biases)
+            outs = mod._RMSNormLinearEager.apply(*args)
         else:
-            outs = mod._rms_norm_linear(t["x"], t["nw"], EPS, [t["w0"], t["w1"]], [t["b1"]], [False, True], r)
-            outs = outs[:-1]
+            weights = [t["w0"], t["w1"]]
+            outs = mod._rms_norm_linear(t["x"], t["nw"], EPS, weights, biases, has_bias, r, stacked)[:-1]
         wanted = [k for k in t if t[k].requires_grad]
         got = torch.autograd.grad(outs, [t[k] for k in wanted], grads[: len(outs)], allow_unused=True)
         return [*outs, *got], wanted

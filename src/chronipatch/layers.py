@@ -96,15 +96,16 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
     return residual + hidden_states
 
 
-def normed_projections(norm, x: torch.Tensor, projections) -> list[torch.Tensor]:
+def normed_projections(norm, x: torch.Tensor, projections, stacked: bool = False) -> list[torch.Tensor]:
     """``[p(norm(x)) for p in projections]`` (``norm`` None: x is normalised already), as one
     ``ops.rms_norm_linear`` where that computes exactly this: the norm runs our forward with no hooks, the
-    projections are plain ``nn.Linear`` in x's dtype, no autocast. Otherwise the modules' own calls."""
+    projections are plain ``nn.Linear`` in x's dtype, no autocast. Otherwise the modules' own calls.
+    ``stacked``: the op's one GEMM for all projections, whose results are column views."""
     if norm is None:
         return [p(x) for p in projections]
     if _fusable(norm, x, projections):
         weights, biases = [p.weight for p in projections], [p.bias for p in projections]
-        return ops.rms_norm_linear(x, norm.weight, norm.variance_epsilon, weights, biases)
+        return ops.rms_norm_linear(x, norm.weight, norm.variance_epsilon, weights, biases, stacked)
     x = norm(x)
     return [p(x) for p in projections]
 
@@ -241,12 +242,16 @@ def attention_forward(
     if kwargs.pop(CAUSAL_ONLY, False) and (window is None or window >= input_shape[-1]):
         attention_mask = None  # SDPA's is_causal, as stock eager runs it
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q, k, v = normed_projections(input_norm, hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    # q/k/v as one GEMM, unless Qwen3's q_norm/k_norm would read its column views (a copy each).
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    q, k, v = normed_projections(input_norm, hidden_states, projections, stacked=not hasattr(self, "q_norm"))
     query_states, key_states = q.view(hidden_shape), k.view(hidden_shape)
     if hasattr(self, "q_norm"):
         query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
     query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
-    value_states = v.view(hidden_shape).transpose(1, 2)
+    # Attention keeps v for its backward; as a column view of the stacked q/k/v it would keep q's and k's
+    # columns alive too ([N, 1024] beside [N, 128] per Qwen2.5-0.5B layer). A no-op where v is its own.
+    value_states = v.contiguous().view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
     # Flash/varlen kernels read q/k in the projections' [B, T, H, D] layout; masked attention (SDPA, eager)

@@ -14,6 +14,11 @@ tokens in bf16, for one more [N, H] write per norm in the backward. The outputs 
 the norm's forward kernel, whose backward kernel adds x's own upstream gradient dx_ext to dx (one rounding
 where autograd's sum rounds twice); both r and d get that dx. Separate, the add and the gradient sum are a
 kernel each way that reads two [N, H] and writes one.
+
+``stacked``: the projections as one GEMM of the weights stacked along O (inside the op, forward and backward:
+nothing stacked is kept), the output one [N, sum O] tensor that the public function splits into column views.
+q/k/v then take one GEMM each way where they took three, two of them narrow (O = 128 at Qwen2.5-0.5B), and
+one weight-gradient GEMM, for a copy of the weights per pass and of the three output gradients into one.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from .rms_norm import DY_TERMS, rms_norm, rms_norm_add_fwd_triton, rms_norm_bwd_
 
 def _fwd(
     x: Tensor, norm_weight: Tensor, eps: float, weights: list[Tensor], biases: list[Tensor],
-    has_bias: list[bool], residual: Tensor | None = None, wrap: bool = True,
+    has_bias: list[bool], residual: Tensor | None = None, stacked: bool = False, wrap: bool = True,
 ) -> list[Tensor]:  # fmt: skip
-    """[out_0, ..., out_k, rstd]; with a residual [out_0, ..., out_k, s, rstd]: of s = residual + x."""
+    """[out_0, ..., out_k, rstd]; with a residual [out_0, ..., out_k, s, rstd]: of s = residual + x. Stacked
+    (every weight biased or none): one output of all the projections side by side."""
     s = None
     if on_gpu(x):
         if residual is None:
@@ -44,18 +50,25 @@ def _fwd(
     else:
         s = None if residual is None else residual + x
         y, rstd = reference.rms_norm_fwd(x if s is None else s, norm_weight, eps)
-    bias = iter(biases)
-    outs = [F.linear(y, w, next(bias) if b else None) for w, b in zip(weights, has_bias)]
+    if stacked:
+        outs = [F.linear(y, torch.cat(weights), torch.cat(biases) if biases else None)]
+    else:
+        bias = iter(biases)
+        outs = [F.linear(y, w, next(bias) if b else None) for w, b in zip(weights, has_bias)]
     return [*outs, rstd] if s is None else [*outs, s, rstd]
 
 
 def _bwd(
     x: Tensor, norm_weight: Tensor, rstd: Tensor, weights: list[Tensor], douts: list[Tensor],
-    need_dw: list[bool], need_db: list[bool], dx_ext: Tensor | None = None, wrap: bool = True,
+    need_dw: list[bool], need_db: list[bool], dx_ext: Tensor | None = None, stacked: bool = False,
+    wrap: bool = True,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
     """(dx, dnorm_weight, dW_i, db_i), ``dx_ext`` added to dx; a dW or db not needed is returned empty (its
-    GEMM or sum skipped)."""
+    GEMM or sum skipped). Stacked: douts is the one stacked output's gradient, and dW, db come stacked too
+    (one each, if any is needed)."""
     douts = [do.reshape(-1, do.shape[-1]) for do in douts]
+    if stacked:
+        weights, need_dw, need_db = [torch.cat(weights)], [any(need_dw)], [any(need_db)]
     # The first products go to the norm's kernel as they are, which sums them as it loads them (HF's three
     # q/k/v products, its two gate/up ones); a fourth and later add onto the third. Summed by cuBLAS instead
     # (``addmm_`` onto the running sum), a compiled backward copied the sum before each added GEMM (ATen's
@@ -96,8 +109,9 @@ def _rms_norm_linear(
     has_bias: list[bool],
     residual: Tensor | None,  # no default: the dispatcher drops a default argument, and autograd then
     # expects one gradient less than the backward gives
+    stacked: bool,
 ) -> list[Tensor]:
-    return _fwd(x, norm_weight, eps, weights, biases, has_bias, residual)
+    return _fwd(x, norm_weight, eps, weights, biases, has_bias, residual, stacked)
 
 
 # Traced by the compiler like the forward, so the compiled backward launches its GEMMs and kernel itself:
@@ -113,12 +127,25 @@ def _rms_norm_linear_bwd(
     need_dw: list[bool],
     need_db: list[bool],
     dx_ext: Tensor | None,
+    stacked: bool,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-    return _bwd(x, norm_weight, rstd, weights, douts, need_dw, need_db, dx_ext)
+    return _bwd(x, norm_weight, rstd, weights, douts, need_dw, need_db, dx_ext, stacked)
+
+
+def _unstack(dws: list[Tensor], dbs: list[Tensor], weights, need_dw, need_db, has_bias, stacked: bool):
+    """The gradients of the weights and of the biases given, None where not needed; stacked ones split
+    into the weights' rows (views)."""
+    if stacked:
+        sizes = [w.shape[0] for w in weights]
+        dws = dws[0].split(sizes) if any(need_dw) else [None] * len(weights)
+        dbs = dbs[0].split(sizes) if any(need_db) else [None] * len(weights)
+    dbs = [db if want else None for db, want, b in zip(dbs, need_db, has_bias) if b]
+    dws = [dw if want else None for dw, want in zip(dws, need_dw)]
+    return dws, dbs
 
 
 def _setup(ctx, inputs, output):
-    x, norm_weight, _, weights, _, has_bias, residual = inputs
+    x, norm_weight, _, weights, _, has_bias, residual, ctx.stacked = inputs
     ctx.added = residual is not None
     # The norm's input: x, or the sum s it normalised (an output, which the backward needs as x).
     ctx.save_for_backward(output[-2] if ctx.added else x, norm_weight, output[-1], *weights)
@@ -131,11 +158,12 @@ def _backward(ctx, douts):
     need_dw, need_b = ctx.needs_input_grad[3], iter(ctx.needs_input_grad[4])
     need_db = [b and next(need_b) for b in ctx.has_bias]
     douts, ds = (douts[:-2], douts[-2]) if ctx.added else (douts[:-1], None)
-    dx, dnw, dws, dbs = _rms_norm_linear_bwd(x, norm_weight, rstd, weights, list(douts), need_dw, need_db, ds)
-    dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
-    dws = [dw if want else None for dw, want in zip(dws, need_dw)]
+    dx, dnw, dws, dbs = _rms_norm_linear_bwd(
+        x, norm_weight, rstd, weights, list(douts), need_dw, need_db, ds, ctx.stacked
+    )
+    dws, dbs = _unstack(dws, dbs, weights, need_dw, need_db, ctx.has_bias, ctx.stacked)
     # s = residual + x: both get the sum's whole gradient (one tensor, as autograd's add hands it on).
-    return dx, dnw, None, dws, dbs, None, dx if ctx.added else None
+    return dx, dnw, None, dws, dbs, None, dx if ctx.added else None, None
 
 
 _rms_norm_linear.register_autograd(_backward, setup_context=_setup)
@@ -143,13 +171,13 @@ _rms_norm_linear.register_autograd(_backward, setup_context=_setup)
 
 class _RMSNormLinearEager(torch.autograd.Function):
     """The same launchers without custom-op dispatch, for eager CUDA calls (``eager_cuda``). Arguments:
-    x, norm weight, eps, has_bias, the residual (or None), then the weights and the biases given."""
+    x, norm weight, eps, has_bias, the residual (or None), stacked, then the weights and the biases given."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, eps, has_bias, residual, *params):
+    def forward(ctx, x, norm_weight, eps, has_bias, residual, stacked, *params):
         weights, biases = list(params[: len(has_bias)]), list(params[len(has_bias) :])
-        *outs, rstd = _direct_fwd(x, norm_weight, eps, weights, biases, has_bias, residual)
-        ctx.added = residual is not None
+        *outs, rstd = _direct_fwd(x, norm_weight, eps, weights, biases, has_bias, residual, stacked)
+        ctx.added, ctx.stacked = residual is not None, stacked
         ctx.save_for_backward(outs[-1] if ctx.added else x, norm_weight, rstd, *weights)
         ctx.has_bias = has_bias
         return tuple(outs)
@@ -159,15 +187,14 @@ class _RMSNormLinearEager(torch.autograd.Function):
     def backward(ctx, *douts):
         x, norm_weight, rstd, *weights = ctx.saved_tensors
         n = len(weights)
-        need_dw, need_b = list(ctx.needs_input_grad[5 : 5 + n]), iter(ctx.needs_input_grad[5 + n :])
+        need_dw, need_b = list(ctx.needs_input_grad[6 : 6 + n]), iter(ctx.needs_input_grad[6 + n :])
         need_db = [b and next(need_b) for b in ctx.has_bias]
         douts, ds = (douts[:-1], douts[-1]) if ctx.added else (douts, None)
         # Compiled autograd traces this backward with fake tensors: the registered op then.
         bwd = _direct_bwd if eager_cuda(x) else _rms_norm_linear_bwd
-        dx, dnw, dws, dbs = bwd(x, norm_weight, rstd, weights, list(douts), need_dw, need_db, ds)
-        dbs = [db if want else None for db, want, b in zip(dbs, need_db, ctx.has_bias) if b]
-        dws = [dw if want else None for dw, want in zip(dws, need_dw)]
-        return dx, dnw, None, None, dx if ctx.added else None, *dws, *dbs
+        dx, dnw, dws, dbs = bwd(x, norm_weight, rstd, weights, list(douts), need_dw, need_db, ds, ctx.stacked)
+        dws, dbs = _unstack(dws, dbs, weights, need_dw, need_db, ctx.has_bias, ctx.stacked)
+        return dx, dnw, None, None, dx if ctx.added else None, None, *dws, *dbs
 
 
 # ---------------------------------------------------------------- public
@@ -179,11 +206,14 @@ def rms_norm_linear(
     eps: float,
     weights: list[Tensor],
     biases: list[Tensor | None] | None = None,
+    stacked: bool = False,
 ) -> list[Tensor]:
     """``[F.linear(rms_norm(x, norm_weight, eps), W, b) for W, b in zip(weights, biases)]`` without keeping
     the norm's output for the backward. One dtype and device for all; weights ``[O_i, H]``. Under autocast
-    this composition itself (its projections cast as autocast casts them), which keeps y."""
-    return _call("rms_norm_linear", x, norm_weight, eps, weights, biases, None)[1]
+    this composition itself (its projections cast as autocast casts them), which keeps y. ``stacked``: the
+    projections as one GEMM, the results column views of its [..., sum O_i] output (where every weight has
+    a bias or none does; otherwise as without)."""
+    return _call("rms_norm_linear", x, norm_weight, eps, weights, biases, None, stacked)[1]
 
 
 def add_rms_norm_linear(
@@ -200,7 +230,9 @@ def add_rms_norm_linear(
     return _call("add_rms_norm_linear", x, norm_weight, eps, weights, biases, residual)
 
 
-def _call(op, x, norm_weight, eps, weights, biases, residual) -> tuple[Tensor | None, list[Tensor]]:
+def _call(
+    op, x, norm_weight, eps, weights, biases, residual, stacked=False
+) -> tuple[Tensor | None, list[Tensor]]:
     """(s or None, the projections): the checks, then the eager fast path or the registered op."""
     biases = [None] * len(weights) if biases is None else list(biases)
     if residual is not None:  # no broadcasting, also under autocast: s has x's shape
@@ -245,10 +277,16 @@ def _call(op, x, norm_weight, eps, weights, biases, residual) -> tuple[Tensor | 
         )
     check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")
     has_bias = [b is not None for b in biases]
+    stacked = stacked and len(weights) > 1 and len(set(has_bias)) == 1
     extra = () if residual is None else (residual,)
     if eager_cuda(x, norm_weight, *extra, *weights, *given):
-        args = (x, norm_weight, float(eps), has_bias, residual, *weights, *given)
+        args = (x, norm_weight, float(eps), has_bias, residual, stacked, *weights, *given)
         outs = list(_RMSNormLinearEager.apply(*args))
     else:
-        outs = _rms_norm_linear(x, norm_weight, float(eps), list(weights), given, has_bias, residual)[:-1]
-    return (None, outs) if residual is None else (outs[-1], outs[:-1])
+        outs = _rms_norm_linear(
+            x, norm_weight, float(eps), list(weights), given, has_bias, residual, stacked
+        )[:-1]
+    s, outs = (None, outs) if residual is None else (outs[-1], outs[:-1])
+    if stacked:
+        outs = list(outs[0].split([w.shape[0] for w in weights], dim=-1))
+    return s, outs
