@@ -169,6 +169,17 @@ def test_compiled_graph_keeps_no_normed_activation():
     assert saved == [(16, 32), (32,), (64, 1), (64, 32)]  # rstd as the reference keeps it
 
 
+def test_stacked_keeps_no_stacked_weights():
+    """Stacked, eager and compiled keep what the separate projections keep: the weights themselves, no
+    stacked copy of them (the backward stacks them again) and no [N, sum O] output."""
+    x, nw = torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)
+    ws = [torch.randn(16, 32, requires_grad=True), torch.randn(8, 32, requires_grad=True)]
+    fn = lambda x, nw, *ws: sum(o.sum() for o in ops.rms_norm_linear(x * 2, nw, EPS, list(ws), stacked=True))
+    assert compiled_saved_shapes(fn, x, nw, *ws) == [(8, 32), (16, 32), (32,), (64, 1), (64, 32)]
+    separate = saved_bytes(lambda: ops.rms_norm_linear(x, nw, EPS, ws))
+    assert saved_bytes(lambda: ops.rms_norm_linear(x, nw, EPS, ws, stacked=True)) == separate
+
+
 def test_autocast_is_the_composition():
     """Under autocast the projections run as autocast runs ``F.linear``: the composition's values."""
     torch.manual_seed(0)

@@ -68,7 +68,11 @@ def _bwd(
     (one each, if any is needed)."""
     douts = [do.reshape(-1, do.shape[-1]) for do in douts]
     if stacked:
-        weights, need_dw, need_db = [torch.cat(weights)], [any(need_dw)], [any(need_db)]
+        # Stacked again as [H, sum O] and used transposed: not the forward's torch.cat(weights), which a
+        # compiler would then merge with this one and keep from the forward (a copy of the weights per call
+        # alive until the backward) rather than recompute from the weights themselves.
+        stack_t = torch.cat([w.t() for w in weights], dim=1)
+        weights, need_dw, need_db = [stack_t.t()], [any(need_dw)], [any(need_db)]
     # The first products go to the norm's kernel as they are, which sums them as it loads them (HF's three
     # q/k/v products, its two gate/up ones); a fourth and later add onto the third. Summed by cuBLAS instead
     # (``addmm_`` onto the running sum), a compiled backward copied the sum before each added GEMM (ATen's
