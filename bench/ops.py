@@ -167,7 +167,7 @@ def cp_add_norm_gate_up(a, dev):
 
 def cp_norm_qkv(a, dev):
     ops = _cp()  # as layers.attention_forward runs a decoder layer's input norm and q/k/v projections
-    return lambda x, w, *ws: tuple(ops.rms_norm_linear(x, w, EPS, list(ws)))
+    return lambda x, w, *ws: tuple(ops.rms_norm_linear(x, w, EPS, list(ws), stacked=True))
 
 
 def cp_mlp(a, dev):
