@@ -29,7 +29,7 @@ Training in bf16 (a mean or sum loss, a gradient needed) takes ``linear_cross_en
 gradients of the loss come with it, from one pass over row chunks (``_lce_rows``: three GEMMs, where the
 forward then the backward above take four; its module says how), and its backward only scales them by the
 upstream gradient, in place where the graph is freed after it. It holds dh and dW from the forward to the
-backward, and one [R, V] chunk (512 MiB).
+backward, and one [R, V] chunk of p (at most 512 MiB).
 
 The ops are opaque ``custom_op``s: a chunk loop stays one node, so the compiler can neither unroll nor
 reorder it into a larger memory peak.
