@@ -237,8 +237,7 @@ def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
     monkeypatch.setattr(tiles, "TMA_LOADS", tma)
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
-    monkeypatch.setattr(rows, "SETTLE_TILES", 4)  # several steps per row, a ragged last one
-    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)  # the scan too
+    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)  # the settle kernel's scan in steps, a ragged last one
     monkeypatch.setattr(rows, "SAMPLES", 8)  # K a few units below each row's max: no factor of exactly 1
     torch.manual_seed(v + n)
     bf16 = torch.bfloat16
@@ -283,6 +282,9 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 4)  # 9 tiles of 32 columns: three merge blocks
     monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
+    # The settle kernel's scan and its rescale of the far rows in steps of 4 tiles, a ragged last one.
+    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)
+    monkeypatch.setattr(rows, "SETTLE_TILES", 4)
     torch.manual_seed(3)
     bf16 = torch.bfloat16
     hid, w = _r(20, 16, dtype=bf16), _r(260, 16, dtype=bf16, scale=0.25)

@@ -29,6 +29,28 @@ def test_switch_off_runs_the_norms_alone(family, op_calls):
     assert op_calls["rms_norm_linear"] == 0 and op_calls["rms_norm"] == 5 + qk_norms
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_attention_stacks_qkv_except_under_qk_norms(family, monkeypatch):
+    """Each decoder layer's q/k/v run as one stacked GEMM (``rms_norm_linear(stacked=True)``), except under
+    Qwen3's q_norm/k_norm, which would read its column views; the MLP's gate/up never (SwiGLU reads them
+    whole). Loss and gradients equal stock's."""
+    from chronipatch import ops
+
+    stock = tiny_model(family)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    calls, real = [], ops.rms_norm_linear
+
+    def spy(x, nw, eps, weights, biases=None, stacked=False):
+        calls.append((len(weights), stacked))
+        return real(x, nw, eps, weights, biases, stacked)
+
+    monkeypatch.setattr(ops, "rms_norm_linear", spy)
+    ids, labels = batch()
+    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    assert calls == [(3, family != "qwen3")] * COMMON["num_hidden_layers"]  # the MLP's: add_rms_norm_linear
+
+
 @pytest.mark.parametrize("case", ["lora_attention", "hooked_norm", "norm_off", "swiglu_off"])
 def test_falls_back_where_fusing_would_change_the_layer(case, op_calls):
     """LoRA on the attention projections (their adapters must see the normalised input) and a hooked norm

@@ -58,7 +58,9 @@ def _ours(x, nw, weights, biases):
 def _ours_stacked(x, nw, weights, biases):
     """One GEMM of the stacked weights; the results are column views of its output."""
     outs = ops.rms_norm_linear(x, nw, EPS, weights, biases, stacked=True)
-    if len(weights) > 1:  # one storage: column views of one output
+    alike = len({b is None for b in biases}) == 1
+    alike &= len({t.requires_grad for t in (*weights, *biases) if t is not None}) == 1
+    if len(weights) > 1 and alike:  # one storage: column views of one output
         assert len({o.untyped_storage().data_ptr() for o in outs}) == 1
     return outs
 
@@ -107,11 +109,18 @@ def test_frozen_inputs_get_no_gradient(frozen, fn):
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
-def test_stacked_with_mixed_biases_is_the_separate_op():
-    """Stacking needs every weight biased or none; otherwise the projections run as without it (the same
-    bits), not as a wrong stack."""
-    x, nw, weights, _ = _case((2, 3, 32), [16, 8], False, seed=2)
-    biases = [None, torch.randn(8, dtype=torch.float64)]
+@pytest.mark.parametrize("case", ["mixed_biases", "frozen_w0", "frozen_b1"])
+def test_stacked_falls_back_to_the_separate_op(case):
+    """Stacking needs every weight biased or none, and all or none of them trainable; otherwise the
+    projections run as without it (the same bits, separate outputs)."""
+    x, nw, weights, biases = _case((2, 3, 32), [16, 8], case != "mixed_biases", seed=2)
+    if case == "mixed_biases":
+        biases[1] = torch.randn(8, dtype=torch.float64)
+    weights = [w.requires_grad_(not (case == "frozen_w0" and i == 0)) for i, w in enumerate(weights)]
+    biases = [
+        b if b is None else b.requires_grad_(not (case == "frozen_b1" and i == 1))
+        for i, b in enumerate(biases)
+    ]
     got = ops.rms_norm_linear(x, nw, EPS, weights, biases, stacked=True)
     want = ops.rms_norm_linear(x, nw, EPS, weights, biases)
     assert got[0].untyped_storage().data_ptr() != got[1].untyped_storage().data_ptr()

@@ -18,7 +18,11 @@ kernel each way that reads two [N, H] and writes one.
 ``stacked``: the projections as one GEMM of the weights stacked along O (inside the op, forward and backward:
 nothing stacked is kept), the output one [N, sum O] tensor that the public function splits into column views.
 q/k/v then take one GEMM each way where they took three, two of them narrow (O = 128 at Qwen2.5-0.5B), and
-one weight-gradient GEMM, for a copy of the weights per pass and of the three output gradients into one.
+one weight-gradient GEMM, for a copy of the weights per pass and of the three output gradients into one. Its
+outputs are that GEMM's, in its own order of summing (not bit for bit the separate F.linear calls'); dy is
+one product rounded once; the weights' gradients are row views of one [sum O, H] tensor. Only where every
+weight is biased or none, and all or none of the weights and biases need a gradient (a frozen q beside a
+trainable k would otherwise get its dW computed, and held in k's gradient's storage).
 """
 
 from __future__ import annotations
@@ -281,7 +285,8 @@ def _call(
         )
     check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")
     has_bias = [b is not None for b in biases]
-    stacked = stacked and len(weights) > 1 and len(set(has_bias)) == 1
+    trainable = {t.requires_grad for t in (*weights, *given)}
+    stacked = stacked and len(weights) > 1 and len(set(has_bias)) == 1 and len(trainable) == 1
     extra = () if residual is None else (residual,)
     if eager_cuda(x, norm_weight, *extra, *weights, *given):
         args = (x, norm_weight, float(eps), has_bias, residual, stacked, *weights, *given)
