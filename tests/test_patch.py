@@ -89,7 +89,8 @@ def test_padded_batch_matches_stock_with_dense_rope(monkeypatch, varlen):
     assert seen == [False, False]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+# qwen2: q/k/v stacked with their biases; llama: stacked without; qwen3: separate under q_norm/k_norm.
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
 def test_compiled_training_step_one_graph(family):
     stock = tiny_model(family)
     patched = copy.deepcopy(stock)
