@@ -220,7 +220,7 @@ def rms_norm_linear(
     the norm's output for the backward. One dtype and device for all; weights ``[O_i, H]``. Under autocast
     this composition itself (its projections cast as autocast casts them), which keeps y. ``stacked``: the
     projections as one GEMM, the results column views of its [..., sum O_i] output (where every weight has
-    a bias or none does; otherwise as without)."""
+    a bias or none does, and all or none of them need a gradient; otherwise as without)."""
     return _call("rms_norm_linear", x, norm_weight, eps, weights, biases, None, stacked)[1]
 
 
@@ -285,8 +285,12 @@ def _call(
         )
     check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")
     has_bias = [b is not None for b in biases]
-    trainable = {t.requires_grad for t in (*weights, *given)}
-    stacked = stacked and len(weights) > 1 and len(set(has_bias)) == 1 and len(trainable) == 1
+    stacked = (
+        stacked
+        and len(weights) > 1
+        and len(set(has_bias)) == 1
+        and len({t.requires_grad for t in (*weights, *given)}) == 1
+    )
     extra = () if residual is None else (residual,)
     if eager_cuda(x, norm_weight, *extra, *weights, *given):
         args = (x, norm_weight, float(eps), has_bias, residual, stacked, *weights, *given)
