@@ -98,6 +98,22 @@ def test_sft_compiled_matches_stock(tmp_path):
     assert trainer._cb.counter["calls"] == 5
 
 
+def test_sft_fused_head_breaks_the_graph_only_at_the_supervised_rows(tmp_path):
+    """TRL's call of the patched model (fused head, packed rows) traces as one graph up to the fused head's
+    selection of supervised rows, the one data-dependent shape; nothing in the decoder breaks it."""
+    trainer = _trainer(tmp_path, integrate=True, packing=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+
+    def loss(**batch):
+        return model(**batch, fused_lm_head=True).loss
+
+    explained = torch._dynamo.explain(loss)(**batch)
+    assert explained.graph_break_count == 1, [r.reason for r in explained.break_reasons]
+    frame = explained.break_reasons[0].user_stack[-1]
+    assert frame.filename.endswith("chronipatch/trl.py") and "hidden[mask]" in frame.line, frame
+
+
 def test_sft_chronipatch_packing_matches_stock_on_the_same_rows(tmp_path):
     """integrate(packing=True) on a trainer that packs nothing: chronipatch's BFD collator with the varlen
     attention. Stock on the same collator (transformers separates the documents by their position_ids)

@@ -183,15 +183,9 @@ def _(hidden, weight, labels, ignore_index, token_stats):
 
 @torch.library.custom_op("chronipatch::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd(
-    grad_rows: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    stats: Tensor,
-    ignore_index: int,
-    need_dh: bool,
-    need_dw: bool,
-) -> tuple[Tensor, Tensor]:
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int,
+    need_dh: bool, need_dw: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     args = (grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
     if on_gpu(hidden):
         with device_of(hidden):
