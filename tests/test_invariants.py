@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
-import types
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import chronipatch
 from chronipatch import attention, ops
+from chronipatch.layers import BoundForward
 from chronipatch.mapping import OUR_FORWARDS
 from chronipatch.packing import PackingCollator
 from helpers import KERNEL_DEVICE, hf_view, needs_kernels
@@ -29,7 +29,7 @@ def _dict_sizes(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _our_bound_methods() -> int:
-    return sum(1 for o in gc.get_objects() if type(o) is types.MethodType and o.__func__ in OUR_FORWARDS)
+    return sum(1 for o in gc.get_objects() if type(o) is BoundForward and o.__func__ in OUR_FORWARDS)
 
 
 def _registry() -> tuple:

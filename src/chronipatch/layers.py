@@ -3,6 +3,8 @@ replaces line for line, with the fused op in place of the eager math."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -70,9 +72,10 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
     """HF decoder layer whose RMSNorms run inside the projections they feed (``normed_projections``), where
-    the attention and the MLP run our forwards: their [N, H] outputs are recomputed in the backward."""
-    attn_norm = self.input_layernorm if runs(self.self_attn, attention_forward) else None
-    mlp_norm = self.post_attention_layernorm if runs(self.mlp, mlp_forward) else None
+    the attention and the MLP run our forwards: their [N, H] outputs are recomputed in the backward. A hooked
+    attention or MLP gets the normalised input, as stock's hooks see it."""
+    attn_norm = self.input_layernorm if fuses_norm(self.self_attn, attention_forward) else None
+    mlp_norm = self.post_attention_layernorm if fuses_norm(self.mlp, mlp_forward) else None
     residual = hidden_states
     if attn_norm is None:
         hidden_states = self.input_layernorm(hidden_states)
@@ -83,7 +86,7 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
         **kwargs,
         **({} if attn_norm is None else {"input_norm": attn_norm}),
     )
-    if mlp_norm is not None and no_hooks(self.mlp):  # a hooked MLP keeps one tensor in, one out
+    if mlp_norm is not None:
         # The residual add inside the norm's kernels, both ways (``ops.add_rms_norm_linear``).
         residual, hidden_states = self.mlp(hidden_states, input_norm=mlp_norm, residual=residual)
         return residual + hidden_states
@@ -94,6 +97,11 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
     else:
         hidden_states = self.mlp(hidden_states, input_norm=mlp_norm)
     return residual + hidden_states
+
+
+def fuses_norm(module: torch.nn.Module, fn) -> bool:
+    """Whether ``module`` runs ``fn`` and nothing else on a call: it may then take the norm's input."""
+    return runs(module, fn) and no_hooks(module)
 
 
 def normed_projections(norm, x: torch.Tensor, projections, stacked: bool = False) -> list[torch.Tensor]:
@@ -146,6 +154,20 @@ def mlp_forward(self, x: torch.Tensor, input_norm=None, residual=None):
     else:
         out = down(ops.swiglu(gate, up))
     return out if residual is None else (s, out)
+
+
+class BoundForward(functools.partial):
+    """``forward`` bound to one module instance, as ``types.MethodType`` binds it, but picklable: a bound
+    method pickles as ``getattr(module, name)``, which unpickling cannot resolve; a partial pickles its
+    function by name and the module by reference (``torch.save(model)`` of a patched model loads)."""
+
+    @property
+    def __func__(self):
+        return self.func
+
+    @property
+    def __self__(self):
+        return self.args[0]
 
 
 def bound_forward(module: torch.nn.Module):

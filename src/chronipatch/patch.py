@@ -6,14 +6,15 @@ are untouched, and ``revert`` deletes exactly what ``apply`` added.
 
 from __future__ import annotations
 
-import types
+import copy
 from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from . import attention as varlen
-from .layers import BOUND, bound_forward
+from .layers import BOUND, BoundForward, bound_forward
 from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
 
 _PREV_ATTN = "_chronipatch_prev_attn_implementation"
@@ -60,14 +61,21 @@ def _compiled(model: nn.Module) -> bool:
 
 
 def _select_varlen(model: nn.Module, report: PatchReport) -> None:
-    """Point the outermost HF model (its config is shared by the submodules) at the varlen attention."""
-    root = next((m for m in model.modules() if hasattr(m, "set_attn_implementation")), None)
+    """Point the outermost HF model (its config is shared by the submodules; a peft wrapper's base model,
+    not the wrapper) at the varlen attention."""
+    root = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if root is None:
         report.left.append(("", type(model).__name__, "no HF model to set the attention implementation on"))
         return
     current = root.config._attn_implementation
     if current != varlen.NAME:
         varlen.register()
+        # Models built from one config object share it: this one gets its own copy first, so that the
+        # switch changes no other model.
+        old, own = root.config, copy.deepcopy(root.config)
+        for m in model.modules():
+            if getattr(m, "config", None) is old:
+                m.config = own
         root.set_attn_implementation(varlen.NAME)
         setattr(root, _PREV_ATTN, current)
     report.swapped.append(("", type(root).__name__, f"attention {current} -> {varlen.NAME}"))
@@ -105,6 +113,14 @@ def apply(
         "norm_recompute": norm_recompute,
     }
     by_class = {cls: swap for swap in SWAPS for cls in swap.classes}
+    # A switch turned off cannot unpatch what an earlier apply swapped: refuse before changing anything.
+    for path, module in model.named_modules():
+        cls = _hf_class(module, by_class)
+        if cls is not None and not switches[by_class[cls].switch] and bound_forward(module) in OUR_FORWARDS:
+            raise ValueError(
+                f"chronipatch.apply: {path or '<root>'} ({cls}) was patched by an earlier apply; "
+                f"{by_class[cls].switch}=False does not undo that: call chronipatch.revert(model) first"
+            )
     report = PatchReport(type(model).__name__)
     # Children before their parents (a decoder layer's swap depends on what its children run); the report
     # keeps the modules' order.
@@ -127,7 +143,7 @@ def apply(
         if why:
             report.left.append((path, cls, why))
             continue
-        module.forward = types.MethodType(swap.forward, module)
+        module.forward = BoundForward(swap.forward, module)
         setattr(module, BOUND, swap.forward)
         report.swapped.append((path, cls, swap.op))
     for entries in (report.swapped, report.already, report.left):
@@ -155,9 +171,8 @@ def revert(model: nn.Module) -> int:
     _module(model, "revert")
     restored = 0
     for module in model.modules():
-        if hasattr(module, _PREV_ATTN):
-            module.set_attn_implementation(getattr(module, _PREV_ATTN))
-            delattr(module, _PREV_ATTN)
+        if _PREV_ATTN in module.__dict__:  # not hasattr: peft's wrappers forward it from the model inside
+            module.set_attn_implementation(module.__dict__.pop(_PREV_ATTN))
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1

@@ -1,0 +1,108 @@
+"""apply/revert where the model's state is shared or handled from outside: module hooks, pickling, a config
+shared with another model, peft wrappers around the varlen switch, a switch that contradicts an earlier
+apply."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import chronipatch
+from chronipatch import attention
+from tiny import batch, tiny_model
+
+
+def _shift(_module, args, kwargs):
+    """A pre-hook that steers a module's input (activation steering, adapters done by hand)."""
+    if args:
+        return (args[0] + 1.0, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + 1.0}
+
+
+@pytest.mark.parametrize("child", ["self_attn", "mlp"])
+def test_hooks_on_attention_and_mlp_see_the_normalised_input(child, op_calls):
+    """A hook on the attention or the MLP module gets (and may change) what stock hands it: the norm's
+    output. The layer then leaves that norm outside the module; the other one stays fused."""
+    stock = tiny_model("llama")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    seen = {}
+    for name, model in (("stock", stock), ("patched", patched)):
+
+        def record(_module, args, kwargs, name=name):
+            seen[name] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+        module = getattr(model.model.layers[0], child)
+        module.register_forward_pre_hook(_shift, with_kwargs=True)
+        module.register_forward_pre_hook(record, with_kwargs=True)
+    out, ref = patched(ids, labels=labels), stock(ids, labels=labels)
+    torch.testing.assert_close(seen["patched"], seen["stock"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert op_calls["rms_norm"] and op_calls["rms_norm_linear"]  # the unhooked layers stay fused
+
+
+def test_patched_model_pickles_and_loads_patched():
+    model = tiny_model("qwen2")
+    report = chronipatch.apply(model)
+    ids, labels = batch()
+    loss = model(ids, labels=labels).loss
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for loaded in (pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
+        mlp = loaded.model.layers[0].mlp
+        assert chronipatch.is_patched(loaded) and mlp.forward.__self__ is mlp  # bound to the copy
+        assert torch.equal(loaded(ids, labels=labels).loss, loss)
+        assert chronipatch.revert(loaded) == len(report.swapped)
+
+
+def test_varlen_switch_leaves_a_model_sharing_the_config_alone():
+    stock = tiny_model("llama")
+    other = copy.deepcopy(stock)
+    for m in other.modules():  # two models of one config object, as two constructions from it give
+        if hasattr(m, "config"):
+            m.config = stock.config
+    ids = torch.randint(0, 211, (1, 12))
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]  # two packed documents
+    before = other(input_ids=ids, position_ids=positions).logits
+    chronipatch.apply(stock, varlen_attention=True)
+    assert stock.config._attn_implementation == attention.NAME
+    assert other.config._attn_implementation == "sdpa"
+    assert torch.equal(other(input_ids=ids, position_ids=positions).logits, before)
+    assert all(m.config is stock.config for m in stock.modules() if hasattr(m, "config"))
+    chronipatch.revert(stock)
+    assert stock.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("order", ["apply_then_peft", "peft_then_apply_then_merge"])
+def test_varlen_switch_reverts_through_peft(order):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    if order == "apply_then_peft":
+        base = tiny_model("llama")
+        chronipatch.apply(base, varlen_attention=True)
+        model = peft.get_peft_model(base, lora)
+    else:
+        model = peft.get_peft_model(tiny_model("llama"), lora)
+        chronipatch.apply(model, varlen_attention=True)
+        model = model.merge_and_unload()
+    assert model.config._attn_implementation == attention.NAME
+    chronipatch.revert(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not chronipatch.is_patched(model)
+
+
+def test_a_switch_cannot_undo_an_earlier_apply():
+    model = tiny_model("llama")
+    chronipatch.apply(model)
+    patched = {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(LlamaMLP\).*swiglu=False.*revert"):
+        chronipatch.apply(model, swiglu=False)
+    assert {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__} == patched
+    chronipatch.revert(model)
+    assert ("model.layers.0.mlp", "LlamaMLP", "swiglu=False") in chronipatch.apply(model, swiglu=False).left
