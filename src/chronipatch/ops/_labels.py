@@ -28,7 +28,7 @@ def on_device_items(num_items, labels: Tensor) -> bool:
 
 def label_counts(targets: Tensor, vocab: int, ignore_index: int, num_items: Tensor | None = None) -> Tensor:
     """[any label out of range, supervised count, the first such label, num_items unusable] on the labels'
-    device; num_items is unusable when negative, or 0 with labels to normalise."""
+    device; num_items is unusable when negative or NaN, or 0 with labels to normalise."""
     flat = targets.reshape(-1)
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab))
@@ -39,7 +39,7 @@ def label_counts(targets: Tensor, vocab: int, ignore_index: int, num_items: Tens
         bad_items = torch.zeros_like(n_valid)
     else:
         n = num_items.reshape(())
-        bad_items = ((n < 0) | ((n == 0) & (n_valid > 0))).long()
+        bad_items = (~(n >= 0) | ((n == 0) & (n_valid > 0))).long()  # ~(n >= 0): negative or NaN
     return torch.stack([bad.any().long(), n_valid, first, bad_items])
 
 
@@ -109,7 +109,7 @@ def check_values(
     if num_items is not None:
         if not device_items:
             n = float(num_items)
-            bad_items = n < 0 or (n == 0 and n_valid > 0)
+            bad_items = not n >= 0 or (n == 0 and n_valid > 0)  # negative or NaN
         if bad_items:
             raise ValueError(  # an on-device num_items is read on the host only here, to name it
                 f"chronipatch.ops.{op}: num_items_in_batch={float(num_items):g} cannot normalise a loss over "

@@ -90,6 +90,19 @@ def autocast_like_linear(dtype: torch.dtype | None, *tensors: Tensor | None):
     )
 
 
+def saveable(t: Tensor, *others: Tensor | None) -> Tensor:
+    """``t``, or a copy where it is an inference tensor that the op would save for the gradient of
+    ``others``: autograd cannot save one, and stock, which saves a result computed from it, trains."""
+    if (
+        torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference()
+        or not t.is_inference()
+        or not torch.is_grad_enabled()
+        or not any(o is not None and o.requires_grad for o in others)
+    ):
+        return t
+    return t.clone()
+
+
 def last_dense(x: Tensor) -> Tensor:
     """``x`` itself when its last dim has unit stride (what the kernels index by), else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

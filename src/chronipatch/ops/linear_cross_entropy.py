@@ -145,7 +145,7 @@ def _fwd_bwd(
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """The loss / divisor and its gradients: by ``rows_fwd_bwd`` with ``one_pass``, else by ``fwd`` then
     ``bwd`` with every row's dloss = 1 / divisor."""
-    divisor = torch.where(divisor > 0, divisor, 1.0).float()  # nothing supervised: a finite 0
+    divisor = torch.where(divisor != 0, divisor, 1.0).float()  # nothing supervised: a finite 0
     scale = (1.0 / divisor).reshape(1)
     if one_pass:
         *out, dh, dw = rows_fwd_bwd(
@@ -290,7 +290,7 @@ def _mean_divisor(labels: Tensor, ignore_index: int, num_items_in_batch: int | T
     """The mean's divisor (fp32, on the labels' device): ``num_items_in_batch``, else the supervised count."""
     if num_items_in_batch is None:
         return (labels != ignore_index).sum().float()
-    return torch.as_tensor(num_items_in_batch, device=labels.device, dtype=torch.float32)
+    return torch.as_tensor(num_items_in_batch, device=labels.device, dtype=torch.float32).reshape(())
 
 
 def linear_cross_entropy(
@@ -320,27 +320,32 @@ def linear_cross_entropy(
     hidden, weight = autocast_like_linear(autocast_dtype(hidden), hidden, weight)
     check_same(op, hidden=hidden, weight=weight)
     check_tensors(op, labels=labels)
-    check(weight.dim() == 2, op, f"weight must be [V, H], got {tuple(weight.shape)}")
+    # Messages as functions, formatted only on failure: also under torch.compile, where sizes are symbolic.
+    check(weight.dim() == 2, op, lambda: f"weight must be [V, H], got {tuple(weight.shape)}")
     check(
-        weight.shape[0] > 0 and weight.shape[1] > 0, op, f"weight {tuple(weight.shape)} has an empty V or H"
+        weight.shape[0] > 0 and weight.shape[1] > 0,
+        op,
+        lambda: f"weight {tuple(weight.shape)} has an empty V or H",
     )
     check(
         hidden.dim() >= 1 and hidden.shape[-1] == weight.shape[1],
         op,
-        f"hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)} in H",
+        lambda: f"hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)} in H",
     )
     check(
-        labels.device == hidden.device, op, f"labels are on {labels.device} but hidden is on {hidden.device}"
+        labels.device == hidden.device,
+        op,
+        lambda: f"labels are on {labels.device}, hidden on {hidden.device}",
     )
     check(
         not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool,
         op,
-        f"labels must be integer, got {labels.dtype}",
+        lambda: f"labels must be integer, got {labels.dtype}",
     )
     check(
         tuple(labels.shape) == tuple(hidden.shape[:-1]),
         op,
-        f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its last dim",
+        lambda: f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its last dim",
     )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"chronipatch.ops.{op}: ignore_index must be an int, got {ignore_index!r}")
@@ -349,7 +354,7 @@ def linear_cross_entropy(
     check(
         not isinstance(num_items_in_batch, torch.Tensor) or num_items_in_batch.numel() == 1,
         op,
-        f"num_items_in_batch must be one number, got shape {getattr(num_items_in_batch, 'shape', None)}",
+        lambda: f"num_items_in_batch must be one number, got shape {tuple(num_items_in_batch.shape)}",
     )
     check(not shift or labels.dim() >= 1, op, "shift needs labels with a sequence dim")
     key = (weight.shape[0], ignore_index, shift)
@@ -389,7 +394,7 @@ def linear_cross_entropy(
         loss = rows.sum()
     else:
         divisor = _mean_divisor(labels, ignore_index, num_items_in_batch)
-        loss = rows.sum() / torch.where(divisor > 0, divisor, 1.0)  # nothing supervised: a finite 0
+        loss = rows.sum() / torch.where(divisor != 0, divisor, 1.0)  # nothing supervised: a finite 0
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
     return loss

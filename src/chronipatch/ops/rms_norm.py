@@ -15,6 +15,7 @@ torch's add), written by the forward kernel; the backward adds the sum's own gra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,18 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import cdiv, check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2, sms_for
+from ._utils import (
+    cdiv,
+    check,
+    check_tensors,
+    direct,
+    eager_cuda,
+    last_dense,
+    on_gpu,
+    pow2,
+    saveable,
+    sms_for,
+)
 
 DY_TERMS = 3  # the most terms of dy the backward kernel sums as it loads them
 
@@ -127,7 +139,7 @@ def _bwd_kernel(
 
 
 def _tiles(n: int) -> tuple[int, int, int]:
-    block = pow2(n)
+    block = max(pow2(n), 1)  # rows of width 0 launch nothing, but size the launch all the same
     rows = max(1, min(16, 2048 // block))  # several short rows per program (Qwen3 q/k_norm, d=128)
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return block, rows, warps
@@ -142,7 +154,9 @@ def _programs_per_sm(block: int) -> int:
 
 
 def _rows(t: Tensor) -> Tensor:
-    return last_dense(t.reshape(-1, t.shape[-1]))
+    n = t.shape[-1]
+    # reshape(-1, 0) cannot infer the row count of rows of width 0
+    return last_dense(t.reshape(-1, n) if n else t.reshape(math.prod(t.shape[:-1]), 0))
 
 
 def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float, wrap: bool = True) -> tuple[Tensor, Tensor]:
@@ -166,7 +180,9 @@ def _fwd(x, weight, eps, wrap, residual=None):
     r2 = _rows(residual) if add else x2  # stand-ins never read or written without the residual
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if add else y
     block, rows, warps = _tiles(n)
-    if m > 0:
+    if n == 0:  # the mean of no squares: NaN, as stock's (the output is empty)
+        rstd.fill_(float("nan"))
+    if m > 0 and n > 0:
         (wrap_triton(_fwd_kernel) if wrap else _fwd_kernel)[(cdiv(m, rows),)](
             x2, weight, y, rstd, r2, s, x2.stride(0), n, r2.stride(0), m, n, eps, BLOCK_N=block, ROWS=rows,
             ADD=add, num_warps=warps,
@@ -211,7 +227,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
     rows_per_prog = cdiv(max(m, 1), progs)
     # Every launched program stores its partial row (zeros when it has no rows): no fill unless nothing runs.
     dw_part = (torch.empty if m > 0 else torch.zeros)(progs, n, dtype=torch.float64, device=x.device)
-    if m > 0:
+    if m > 0 and n > 0:
         (wrap_triton(_bwd_kernel) if wrap else _bwd_kernel)[(progs,)](
             dy2,
             *more,
@@ -315,6 +331,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
         lambda: f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
     )
     check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")
+    x = saveable(x, weight)  # the backward reads x (stock keeps its normalised copy)
     if eager_cuda(x, weight):
         return _RMSNormEager.apply(x, weight, float(eps))
     return _rms_norm(x, weight, float(eps))[0]

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import reference
-from ._utils import autocast_dtype, check, check_same, check_tensors, direct, eager_cuda, on_gpu
+from ._utils import autocast_dtype, check, check_same, check_tensors, direct, eager_cuda, on_gpu, saveable
 from .rms_norm import DY_TERMS, rms_norm, rms_norm_add_fwd_triton, rms_norm_bwd_y_triton, rms_norm_fwd_triton
 
 # ---------------------------------------------------------------- launchers (kernels: ``rms_norm``)
@@ -235,6 +235,7 @@ def add_rms_norm_linear(
     """``(s, rms_norm_linear(s, norm_weight, eps, weights, biases))`` with ``s = residual + x`` (shaped and
     typed like x; under autocast, where a residual stream may be wider than x, as torch's add types it), the
     add inside the norm's kernels both ways."""
+    check_tensors("add_rms_norm_linear", residual=residual)  # None would mean no add below
     return _call("add_rms_norm_linear", x, norm_weight, eps, weights, biases, residual)
 
 
@@ -242,27 +243,26 @@ def _call(
     op, x, norm_weight, eps, weights, biases, residual, stacked=False
 ) -> tuple[Tensor | None, list[Tensor]]:
     """(s or None, the projections): the checks, then the eager fast path or the registered op."""
-    biases = [None] * len(weights) if biases is None else list(biases)
-    if residual is not None:  # no broadcasting, also under autocast: s has x's shape
-        check_tensors(op, residual=residual, x=x)
-        check(
-            residual.shape == x.shape,
-            op,
-            lambda: f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}",
-        )
-    if isinstance(x, torch.Tensor) and autocast_dtype(x) is not None:
-        s = None if residual is None else residual + x
-        y = rms_norm(x if s is None else s, norm_weight, eps)
-        return s, [F.linear(y, w, b) for w, b in zip(weights, biases, strict=True)]
+    check(
+        isinstance(weights, (list, tuple)),
+        op,
+        lambda: f"weights must be a list of [O, H] tensors, got {type(weights).__name__}",
+    )
     check(len(weights) > 0, op, "needs at least one weight")
+    biases = [None] * len(weights) if biases is None else list(biases)
     check(len(biases) == len(weights), op, lambda: f"{len(weights)} weights but {len(biases)} biases")
     given = [b for b in biases if b is not None]
     named = {f"weights[{i}]": w for i, w in enumerate(weights)}
     named.update({f"biases[{i}]": b for i, b in enumerate(biases) if b is not None})
     if residual is not None:
         named["residual"] = residual
-    check_tensors(op, x=x, norm_weight=norm_weight)
-    check_same(op, x=x, norm_weight=norm_weight, **named)
+    check_tensors(op, x=x, norm_weight=norm_weight, **named)
+    if residual is not None:  # no broadcasting, also under autocast: s has x's shape
+        check(
+            residual.shape == x.shape,
+            op,
+            lambda: f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}",
+        )
     h = x.shape[-1] if x.dim() else 0
     check(x.dim() >= 1, op, "x must have at least one dim")
     check(
@@ -284,6 +284,13 @@ def _call(
             ),
         )
     check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")
+    if autocast_dtype(x) is not None:  # the composition, cast as autocast casts it (dtypes may differ)
+        s = None if residual is None else residual + x
+        y = rms_norm(x if s is None else s, norm_weight, eps)
+        return s, [F.linear(y, w, b) for w, b in zip(weights, biases, strict=True)]
+    check_same(op, x=x, norm_weight=norm_weight, **named)
+    if residual is None:  # the backward reads x (stock keeps the norm's output); s is computed
+        x = saveable(x, norm_weight, *weights, *given)
     has_bias = [b is not None for b in biases]
     stacked = (
         stacked

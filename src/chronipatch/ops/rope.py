@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2
+from ._utils import autocast_dtype, check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2
 
 # ---------------------------------------------------------------- kernels
 
@@ -169,7 +169,7 @@ def rope_triton(
             sc[0] if cos.shape[0] > 1 else 0, sc[1],
             ss[0] if sin.shape[0] > 1 else 0, ss[1],
             hq, hk,
-            HALF=half, BLOCK_HQ=pow2(hq), BLOCK_HK=pow2(hk), BLOCK_D=pow2(half),
+            HALF=half, BLOCK_HQ=max(pow2(hq), 1), BLOCK_HK=max(pow2(hk), 1), BLOCK_D=max(pow2(half), 1),
             BACKWARD=backward, num_warps=4,
         )  # fmt: skip
     return qo, ko
@@ -238,7 +238,8 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool = False) ->
 
     The outputs are ``[B, H, T, D]`` views of ``[B, T, H, D]`` memory, the layout of HF's projections that
     flash/varlen attention read as they are; ``dense`` makes them contiguous ``[B, H, T, D]`` instead, as
-    stock's RoPE leaves them (SDPA with a mask runs its kernels faster on that layout).
+    stock's RoPE leaves them (SDPA with a mask runs its kernels faster on that layout). cos/sin have q's
+    dtype, or under autocast any float dtype; the rotation runs in fp32 and the outputs have q's dtype.
     """
     op = "rope"
     check_tensors(op, q=q, k=k, cos=cos, sin=sin)
@@ -278,6 +279,15 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool = False) ->
         cos.is_floating_point() and sin.is_floating_point(),
         op,
         lambda: f"cos and sin must be floating point, got {cos.dtype} and {sin.dtype}",
+    )
+    # HF casts cos/sin to the hidden states' dtype, so they match q outside autocast. Under autocast q/k come
+    # from autocast's projections and cos/sin stay fp32: stock rotates in fp32 and attention casts the result
+    # back to q's dtype; this op rotates in fp32 and rounds to q's dtype at once (the same values, up to
+    # fp32 rounding).
+    check(
+        (cos.dtype == sin.dtype == q.dtype) or autocast_dtype(q) is not None,
+        op,
+        lambda: f"cos and sin must have q's dtype {q.dtype} (outside autocast), got {cos.dtype}, {sin.dtype}",
     )
     check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
     if eager_cuda(q, k, cos, sin):

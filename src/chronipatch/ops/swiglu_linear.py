@@ -29,6 +29,7 @@ from ._utils import (
     direct,
     eager_cuda,
     on_gpu,
+    saveable,
 )
 from .swiglu import check_pair, swiglu, swiglu_bwd_h_triton, swiglu_bwd_triton, swiglu_fwd_triton
 
@@ -119,25 +120,25 @@ def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None 
     keeping ``silu(gate) * up`` for the backward."""
     op = "swiglu_linear"
     check_tensors(op, gate=gate, up=up, weight=weight, **({} if bias is None else {"bias": bias}))
-    dtype = autocast_dtype(gate)
-    if dtype is not None and gate.dtype not in (dtype, torch.float64):
-        # Stock rounds h to the autocast dtype after computing it in gate's: its composition, as written.
-        return F.linear(swiglu(gate, up), weight, bias)
-    weight, bias = autocast_like_linear(dtype, weight, bias)  # as F.linear under autocast
-    check_same(op, gate=gate, up=up, weight=weight)
     check_pair(op, gate, up)
     check(
         gate.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == gate.shape[-1],
         op,
         lambda: f"weight {tuple(weight.shape)} does not match gate {tuple(gate.shape)} in its last dim",
     )
-    if bias is not None:
-        check_same(op, weight=weight, bias=bias)
-        check(
-            bias.shape == weight.shape[:1],
-            op,
-            lambda: f"bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}",
-        )
+    check(
+        bias is None or bias.shape == weight.shape[:1],
+        op,
+        lambda: f"bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}",
+    )
+    dtype = autocast_dtype(gate)
+    if dtype is not None and gate.dtype not in (dtype, torch.float64):
+        # Stock rounds h to the autocast dtype after computing it in gate's: its composition, as written.
+        return F.linear(swiglu(gate, up), weight, bias)
+    weight, bias = autocast_like_linear(dtype, weight, bias)  # as F.linear under autocast
+    check_same(op, gate=gate, up=up, weight=weight, **({} if bias is None else {"bias": bias}))
+    # The backward reads gate and up (stock keeps their product).
+    gate, up = saveable(gate, weight, bias), saveable(up, weight, bias)
     tensors = (gate, up, weight) if bias is None else (gate, up, weight, bias)
     if eager_cuda(*tensors):
         return _SwiGLULinearEager.apply(gate, up, weight, bias)

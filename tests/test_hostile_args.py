@@ -1,0 +1,147 @@
+"""Hostile arguments found by review: the loss's num_items_in_batch in every form, the checks under autocast,
+a None residual, cos/sin of another dtype, inference tensors, rows of width 0 in the kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chronipatch import ops
+from helpers import KERNEL_DEVICE, hf_view, needs_kernels
+from hostile import _randn, rms_k, rope_k
+
+
+def _lce_case(dtype=torch.float32):
+    h = _randn(2, 5, 16, seed=1).to(dtype).requires_grad_()
+    w = _randn(8, 16, seed=2).to(dtype).requires_grad_()
+    labels = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(3))
+    return h, w, labels
+
+
+def _stock_lce(h, w, labels, n):
+    logits = F.linear(h.double(), w.double())[:, :-1].reshape(-1, w.shape[0])
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum") / n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_lce_one_element_num_items_gives_a_scalar_in_the_inputs_precision(dtype):
+    """A [1] tensor passes as one number: the loss is 0-dim, fp64 inputs keep an fp64 loss, and the
+    compiled call (the with-grad op's fake is 0-dim) agrees."""
+    h, w, labels = _lce_case(dtype)
+    n = torch.tensor([7])
+    loss = ops.linear_cross_entropy(h, w, labels, num_items_in_batch=n)
+    assert loss.shape == () and loss.dtype == torch.promote_types(dtype, torch.float32)
+    rtol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(loss.double(), _stock_lce(h, w, labels, 7), rtol=rtol, atol=0)
+
+    def step(h, w, n):
+        return ops.linear_cross_entropy(h, w, labels, num_items_in_batch=n)
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(h, w, n), loss)
+
+
+def test_lce_int_num_items_that_changes_between_calls_stays_one_graph():
+    """The second value makes dynamo trace num_items as a symbolic int: no check may read it eagerly."""
+    h, w, labels = _lce_case()
+    torch._dynamo.reset()
+    step = torch.compile(
+        lambda h, w, n: ops.linear_cross_entropy(h, w, labels, num_items_in_batch=n), fullgraph=True
+    )
+    for n in (7, 8, 9):
+        torch.testing.assert_close(step(h, w, n).double(), _stock_lce(h, w, labels, n), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("wrap", [float, torch.tensor])
+def test_lce_nan_num_items_is_an_error(wrap):
+    h, w, labels = _lce_case()
+    with pytest.raises(ValueError, match=r"num_items_in_batch=nan cannot normalise"):
+        ops.linear_cross_entropy(h, w, labels, num_items_in_batch=wrap(float("nan")))
+
+
+def test_checks_hold_under_autocast():
+    x, nw, W, b = torch.randn(3, 8), torch.randn(8), torch.randn(4, 8), torch.randn(4)
+    cases = [
+        (lambda: ops.rms_norm_linear(x, nw, 1e-6, W), "weights must be a list of .* got Tensor"),
+        (lambda: ops.rms_norm_linear(x, nw, 1e-6, []), "needs at least one weight"),
+        (lambda: ops.rms_norm_linear(x, nw, 1e-6, [W, W], [b]), "2 weights but 1 biases"),
+        (lambda: ops.rms_norm_linear(x, nw, 1e-6, [W[:, :7]]), r"weights\[0\] \(4, 7\) does not match"),
+        (lambda: ops.rms_norm_linear(x, nw[:7], 1e-6, [W]), r"norm_weight \(7,\) does not match"),
+        (lambda: ops.add_rms_norm_linear(x[:2], x, nw, 1e-6, [W]), r"residual \(2, 8\) does not match"),
+        (lambda: ops.swiglu_linear(x, x, W[0]), r"weight \(8,\) does not match gate"),
+        (lambda: ops.swiglu_linear(x, x[:, :7], W), "differ in shape"),
+        (lambda: ops.swiglu_linear(x, x, W, b[:3]), r"bias \(3,\) does not match"),
+    ]
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for call, message in cases:
+                with pytest.raises(ValueError, match=message):
+                    call()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a good call still runs stock's composition
+        (q,) = ops.rms_norm_linear(x, nw, 1e-6, [W], [b])
+        assert q.dtype == torch.bfloat16 and q.shape == (3, 4)
+
+
+def test_add_rms_norm_linear_needs_a_residual():
+    x = torch.randn(3, 8)
+    with pytest.raises(TypeError, match=r"residual must be a torch\.Tensor"):
+        ops.add_rms_norm_linear(None, x, torch.ones(8), 1e-6, [torch.randn(4, 8)])
+
+
+def test_rope_cos_sin_of_another_dtype():
+    """Outside autocast HF's cos/sin have q's dtype: another is an error. Under autocast (fp32 cos/sin,
+    bf16 q/k from autocast's projections) stock rotates in fp32 and attention rounds back to bf16: the op's
+    bf16 outputs are those values."""
+    q, k = hf_view(1, 5, 4, 8).bfloat16(), hf_view(1, 5, 2, 8).bfloat16()  # [B, H, T, D] views
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    with pytest.raises(ValueError, match=r"cos and sin must have q's dtype torch.bfloat16"):
+        ops.rope(q, k, cos, sin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qo, ko = ops.rope(q, k, cos, sin)
+    for out, x in ((qo, q), (ko, k)):
+        half = torch.cat((-x[..., 4:], x[..., :4]), -1)  # rotate_half
+        stock = x * cos[:, None] + half * sin[:, None]  # fp32, as HF's apply_rotary_pos_emb leaves it
+        assert out.dtype == torch.bfloat16 and stock.dtype == torch.float32
+        torch.testing.assert_close(out, stock.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rms_norm_linear", "swiglu_linear"])
+def test_inference_tensor_inputs_train_the_weights_as_stock(op):
+    """Activations made under inference_mode (cached features) with trainable weights: stock saves only
+    tensors computed from them and trains; the ops, which save their inputs, copy them first."""
+    with torch.inference_mode():
+        x = torch.randn(3, 8)
+    nw = torch.randn(8, requires_grad=True)
+    W = torch.randn(4, 8, requires_grad=True)
+
+    def run(fused):
+        y = nw * (x * torch.rsqrt(x.pow(2).mean(-1, True) + 1e-6))  # stock's RMSNorm in fp32
+        if op == "rms_norm":
+            out = ops.rms_norm(x, nw, 1e-6) if fused else y
+        elif op == "rms_norm_linear":
+            out = ops.rms_norm_linear(x, nw, 1e-6, [W])[0] if fused else F.linear(y, W)
+        else:
+            out = ops.swiglu_linear(x, x, W) if fused else F.linear(F.silu(x) * x, W)
+        params = (W,) if op == "swiglu_linear" else (nw, W) if op == "rms_norm_linear" else (nw,)
+        return torch.autograd.grad(out.square().sum(), params)
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_kernels_take_rows_of_width_zero():
+    dev = KERNEL_DEVICE
+    x, w = torch.randn(3, 0, device=dev), torch.randn(0, device=dev)
+    y, rstd = rms_k.rms_norm_fwd_triton(x, w, 1e-6)
+    assert y.shape == (3, 0) and rstd.isnan().all()  # the mean of no squares, as stock's
+    dx, dw = rms_k.rms_norm_bwd_triton(x, x, w, rstd)
+    assert dx.shape == (3, 0) and dw.shape == (0,)
+    q = hf_view(1, 3, 2, 4).to(dev)  # [1, 2 heads, 3 tokens, 4]
+    cos = torch.randn(1, 3, 4, device=dev)
+    qo, ko = rope_k.rope_triton(q, q[:, :0], cos, cos)  # k of no heads
+    assert ko.shape == (1, 0, 3, 4)
+    torch.testing.assert_close(qo, rope_k.rope_triton(q, q[:, :1], cos, cos)[0])
+    qo, ko = rope_k.rope_triton(q[..., :0], q[..., :0], cos[..., :0], cos[..., :0])  # head dim 0
+    assert qo.shape == (1, 2, 3, 0) and ko.shape == (1, 2, 3, 0)
