@@ -260,6 +260,26 @@ def test_lce_shift_sum_and_num_items():
     assert rows.shape == labels.shape and rows[:, -1].eq(0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("items", [11, torch.tensor(11)], ids=["int", "tensor"])
+def test_lce_num_items_divides_the_training_loss_and_its_gradients(dtype, items):
+    """num_items_in_batch (gradient accumulation) also where the gradients come with the loss (bf16 training,
+    ``linear_cross_entropy_with_grad``): the loss and both gradients are the sum's over 11."""
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 16).to(dtype).requires_grad_()
+    w = torch.randn(40, 16).to(dtype).requires_grad_()
+    labels = torch.randint(0, 40, (2, 9))
+    labels[0, :3] = -100
+    total = ops.linear_cross_entropy(hidden, w, labels, reduction="sum")
+    want = [g / 11 for g in torch.autograd.grad(total, (hidden, w))]
+    loss = ops.linear_cross_entropy(hidden, w, labels, num_items_in_batch=items)
+    torch.testing.assert_close(loss, total.detach() / 11)
+    for got, expected in zip(torch.autograd.grad(loss, (hidden, w)), want):
+        # bf16: 1/11 scales g before its rounding rather than after, so to a few ulps of the largest entry
+        ulp = torch.finfo(dtype).eps * expected.float().abs().max()
+        assert (got.float() - expected.float()).abs().max() <= 4 * ulp
+
+
 def test_lce_token_stats():
     torch.manual_seed(2)
     hidden, w = torch.randn(13, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)

@@ -524,3 +524,16 @@ def test_compiled_forward_keeps_the_mask_where_it_is_more_than_causal(case, monk
         for layer in model.model.layers:
             layer.self_attn.config.sliding_window = 64
         assert _compiled_sdpa_masks(model) == [False, False]
+
+
+@pytest.mark.parametrize("window", [16, 17, 18])
+def test_sliding_window_at_the_row_length(window):
+    """Rows of 17 tokens: a window of 17 or more covers them (SDPA's causal kernel alone, compiled too), 16
+    does not (the mask transformers built). Eager losses equal stock's either way."""
+    stock = tiny_model("mistral", sliding_window=window).train()
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    assert ids.shape[1] == 17
+    assert _compiled_sdpa_masks(patched) == [window < 17] * 2
+    torch.testing.assert_close(patched(ids, labels=labels).loss, stock(ids, labels=labels).loss)

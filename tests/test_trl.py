@@ -98,6 +98,24 @@ def test_sft_compiled_matches_stock(tmp_path):
     assert trainer._cb.counter["calls"] == 5
 
 
+def test_fused_head_matches_trls_with_num_items_and_shift_labels(tmp_path):
+    """The fused head's other inputs, which a plain training step leaves at their defaults: num_items_in_batch
+    (gradient accumulation) divides the loss, and shift_labels (already shifted, as long as the rows) scores
+    every position; each output equals TRL's own head on the same model."""
+    stock, ours = _trainer(tmp_path / "a", integrate=False), _trainer(tmp_path / "b", integrate=True)
+    batch = next(iter(stock.get_train_dataloader()))
+    labels = batch.pop("labels")
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    for kw in (dict(labels=labels, num_items_in_batch=7), dict(shift_labels=shifted, num_items_in_batch=5)):
+        want = stock.model(**batch, **kw, fused_lm_head=True)
+        got = ours.model(**batch, **kw, fused_lm_head=True)
+        for key in ("loss", "log_probs", "entropy"):
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-5, atol=1e-6, msg=key)
+        for key in ("is_top1", "label_mask"):
+            assert torch.equal(getattr(got, key), getattr(want, key)), key
+    assert ours._cb.counter["calls"] == 2
+
+
 def test_sft_fused_head_breaks_the_graph_only_at_the_supervised_rows(tmp_path):
     """TRL's call of the patched model (fused head, packed rows) traces as one graph up to the fused head's
     selection of supervised rows, the one data-dependent shape; nothing in the decoder breaks it."""
