@@ -122,6 +122,42 @@ def test_generate_matches_sdpa(family, overrides, padded):
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("llama", {}),
+        ("mistral", {"sliding_window": 4}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4}),
+    ],
+    ids=["llama", "mistral-window", "qwen2-window-layers"],
+)
+def test_static_cache_matches_sdpa(family, overrides, padded):
+    """A static cache holds keys in the first slots of a longer buffer: a forward into it without a mask, and
+    generation with it, equal stock SDPA (which masks the empty slots) and the forward without a cache."""
+    from transformers import StaticCache
+
+    ours, stock = _pair(family, **overrides)
+    ids = torch.randint(0, 211, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = stock(input_ids=ids, use_cache=False).logits
+        for model in (ours, stock):
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            torch.testing.assert_close(
+                model(input_ids=ids, past_key_values=cache).logits, plain, atol=1e-10, rtol=0
+            )
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :2] = 0
+    kw = dict(
+        attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static"
+    )
+    kw.update(output_logits=True, return_dict_in_generate=True)
+    a, b = ours.generate(ids, **kw), stock.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=1e-10, rtol=0)
+
+
 def test_compile_fullgraph_packed():
     ours, _ = _pair("llama", dtype=torch.float32)
     b = _packed([7, 13, 5])

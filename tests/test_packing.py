@@ -141,6 +141,8 @@ def test_labels_and_completion_mask_combined_and_custom_ignore_index():
     batch = PackingCollator(max_length=8, ignore_index=-7)([ex])
     assert batch["labels"].tolist() == [[-7, 12, -7, 14]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3]]
+    as_bools = {**ex, "completion_mask": [True, True, False, True]}  # a mask may be bool
+    assert PackingCollator(max_length=8, ignore_index=-7)([as_bools])["labels"].tolist() == [[-7, 12, -7, 14]]
 
 
 def test_doc_starts_masked_even_when_supervised():
@@ -246,6 +248,8 @@ def test_bad_construction(kwargs, match):
         ([{"input_ids": [1, 2], "labels": [1]}], r"example 0: 'labels' has length 1 but 'input_ids' has 2"),
         ([{"input_ids": [1, 2], "completion_mask": [1, 1, 0]}], r"example 0: 'completion_mask' has length 3"),
         ([{"input_ids": [[1, 2]]}], r"example 0: 'input_ids' must be 1-D"),
+        ([{"input_ids": [True, False]}], r"example 0: 'input_ids' must hold integers, got torch.bool"),
+        ([{"input_ids": [1, 2], "labels": [0.5, 1.0]}], r"example 0: 'labels' must hold integers"),
         ([[1, 2, 3]], r"example 0 must be a mapping"),
     ],
 )

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from .ops._utils import eager_cuda, last_dense
 
@@ -37,19 +37,30 @@ _memo: dict[int, tuple[weakref.ref, object]] = {}
 
 
 def register() -> None:
-    """Register ``NAME`` with transformers' attention and mask interfaces (idempotent).
-
-    The mask function is transformers' ``flash_attention_mask``: the attention function then receives None
-    (no padding) or the 2-D ``[B, S_k]`` bool padding mask, never a materialized 4-D mask.
-    """
+    """Register ``NAME`` with transformers' attention and mask interfaces (idempotent); the mask function is
+    ``varlen_mask``."""
     AttentionInterface.register(NAME, varlen_attention_forward)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionMaskInterface.register(NAME, varlen_mask)
+
+
+def varlen_mask(*args, **kwargs):
+    """The mask for ``NAME``. Queries as many as keys (no cache, or an empty dynamic one): transformers'
+    ``flash_attention_mask``, None (no padding) or the 2-D ``[B, S_k]`` bool padding mask, which the packed
+    and padded paths read. Fewer queries than keys (a KV cache): the mask SDPA gets, as the attention then
+    runs SDPA; only it knows which slots of a static cache hold no key yet."""
+    q = kwargs.get("q_length")
+    if q is None and isinstance(kwargs.get("cache_position"), torch.Tensor):  # transformers < 5.24
+        q = kwargs["cache_position"].shape[0]
+    if not args and q is not None and kwargs.get("kv_length", q) != q:
+        return sdpa_mask(**kwargs)
+    return flash_attention_mask(*args, **kwargs)
 
 
 def unregister() -> None:
     """Remove ``NAME`` from both interfaces (``register`` writes their class-level ``_global_mapping``)."""
-    for interface, fn in ((AttentionInterface, varlen_attention_forward), (AttentionMaskInterface, None)):
-        if fn is None or interface._global_mapping.get(NAME) is fn:
+    ours = ((AttentionInterface, varlen_attention_forward), (AttentionMaskInterface, varlen_mask))
+    for interface, fn in ours:
+        if interface._global_mapping.get(NAME) is fn:
             interface._global_mapping.pop(NAME, None)
 
 
@@ -224,8 +235,10 @@ def varlen_attention_forward(
     2. No mask, no cache, 2-D ``position_ids``: documents start wherever positions do not step by one (as HF's
        sdpa mask does); on the varlen path this costs one host sync per forward to size ``cu_seq_lens``.
     3. No mask, no cache, no ``position_ids``: each row is one causal sequence.
-    4. A 2-D padding mask, or a KV cache (Tq != Tk): transformers' SDPA with an explicit 4-D bool mask
-       (causal aligned to the last query, AND padding, AND window).
+    4. A 2-D padding mask (no cache): transformers' SDPA with an explicit 4-D bool mask (causal, AND padding,
+       AND window).
+    5. A KV cache (Tq != Tk): transformers' SDPA with the mask built for it (``varlen_mask``), or none where
+       SDPA's own causal flag serves, as stock SDPA runs it (a static cache's empty slots masked out).
 
     Cases 1-3 use ``torch.nn.attention.varlen.varlen_attn`` on CUDA fp16/bf16 and SDPA with an explicit
     block-causal mask otherwise. ``sliding_window=w`` keeps keys with ``kv > q - w`` (HF's
@@ -252,12 +265,16 @@ def varlen_attention_forward(
             "cu_seq_lens_q (padding-free packing) cannot be combined with a padding attention_mask"
         )
     if not packed and (attention_mask is not None or t_q != t_k):
+        if attention_mask is None or attention_mask.ndim == 4:  # a cache: SDPA's mask (``varlen_mask``)
+            mask = attention_mask
+        else:
+            mask = _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
         return sdpa_attention_forward(
             module,
             query,
             key,
             value,
-            _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device),
+            mask,
             dropout=dropout,
             scaling=scaling,
             **{k: v for k, v in kwargs.items() if k not in _OUR_KWARGS},

@@ -87,13 +87,15 @@ class PackingStats:
             setattr(self, name, value)
 
 
-def _as_1d_long(value: Any, key: str, index: int) -> torch.Tensor:
+def _as_1d_long(value: Any, key: str, index: int, bools: bool = False) -> torch.Tensor:
     try:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as e:  # strings, ragged nested lists, ...
         raise ValueError(f"example {index}: {key!r} is not a sequence of integers ({e})") from None
-    # Token ids and labels are integers; casting floats or bools would change them silently.
-    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):  # [] is float
+    # Token ids and labels are integers; casting floats or bools would change them silently. A mask may be
+    # bool (True = 1).
+    wrong = t.is_floating_point() or t.is_complex() or (t.dtype == torch.bool and not bools)
+    if t.numel() and wrong:  # [] is float
         raise ValueError(f"example {index}: {key!r} must hold integers, got {t.dtype}")
     t = t.long()
     if t.ndim != 1:
@@ -150,7 +152,7 @@ class PackingCollator:
         for key in ("labels", "completion_mask"):
             if example.get(key) is None:
                 continue
-            value = _as_1d_long(example[key], key, index)
+            value = _as_1d_long(example[key], key, index, bools=key == "completion_mask")
             if value.numel() != ids.numel():
                 raise ValueError(
                     f"example {index}: {key!r} has length {value.numel()} but 'input_ids' has {ids.numel()}"
