@@ -67,8 +67,30 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
     for key, module, dist in _PACKAGES:
         info[key] = _version(module, dist)
     info["cuda"] = torch.version.cuda
+    info["driver"] = _query(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    info["commit"] = _commit()
     info["argv"] = list(sys.argv)
     return info
+
+
+def _query(cmd: list[str]) -> str | None:
+    """The first line a command prints, or None where it cannot run."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def _commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files), or ``CHRONIPATCH_COMMIT``
+    where the tree is a copy without git (the GPU machine's)."""
+    root = Path(__file__).resolve().parent.parent
+    head = _query(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"])
+    if head is None:
+        return os.environ.get("CHRONIPATCH_COMMIT")
+    dirty = _query(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
+    return head + ("+dirty" if dirty else "")
 
 
 def sync(device: torch.device | None = None) -> None:
@@ -351,7 +373,7 @@ def meta_header(meta: dict[str, Any]) -> str:
     lines = [
         f"- device: {meta.get('device')} (host {meta.get('hostname')}, CUDA {meta.get('cuda')})",
         f"- versions: python {meta.get('python')}, {versions}",
-        f"- date (UTC): {meta.get('date_utc')}",
+        f"- date (UTC): {meta.get('date_utc')}; commit {meta.get('commit')}; driver {meta.get('driver')}",
         f"- command: `{' '.join(meta.get('argv') or [])}`",
     ]
     for note in meta.get("notes", []):

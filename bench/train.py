@@ -71,10 +71,17 @@ NOTES = [
     "one step = fwd + bwd (labels=input_ids) + clip_grad_norm_(1.0) + AdamW(fused, lr=1e-5) step"
     " + zero_grad(set_to_none=True); bf16 weights, attn_implementation=sdpa, random-init public config",
     "tok/s = batch·seq / median step time over the timed steps (after the warm-up steps)",
-    "peak GiB: torch.cuda.max_memory_allocated over the whole run (warm-up included), reset before step 0",
+    "peak GiB: torch.cuda.max_memory_allocated over the whole run (warm-up included: a compiled variant's"
+    " autotuning transients count), reset before step 0; peak_gib_timed (JSON): the timed steps alone",
     "MFU = (6·N·B·T + 6·L·B·T²·n_heads·head_dim) / step_s / 790e12, N = weights of all nn.Linear"
     " (lm_head counted even when tied, embedding lookup excluded), attention term = causal QKᵀ and AV"
-    " (2·2·B·T²·n_heads·head_dim·L forward, halved for causal, ×3 for fwd+bwd)",
+    " (2·2·B·T²·n_heads·head_dim·L forward, halved for causal, ×3 for fwd+bwd); 790e12 is the H100's"
+    " measured dense bf16 matmul rate, the convention of the peer figures (against the 989e12 spec peak"
+    " every MFU is 0.8× this)",
+    "use_cache as each forward decides it: stock HF and Liger follow the config (True: a DynamicCache is"
+    " built in training, as in a loop that passes only input_ids and labels, and in the peer figures);"
+    " chronipatch's training forward builds none",
+    "first_step_s (in the JSON) includes compiles, so it depends on the on-disk Inductor/Triton caches",
     "graph breaks: sum of torch._dynamo.utils.counters['graph_break'] over the run (compiled variants)",
     "first/last loss: step 0 (first warm-up step) and the last timed step; grad norm: at the last step",
 ]
@@ -159,6 +166,10 @@ def run_variant(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
         warm_s.append(time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize()
+        warm_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     events = []
     for i in range(args.warmup, n_steps):
         if cuda:
@@ -181,7 +192,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         {
             "step ms": step_s * 1e3,
             "tok/s": args.batch * args.seq / step_s,
-            "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "peak GiB": max(warm_peak, torch.cuda.max_memory_allocated()) / 2**30 if cuda else None,
+            "peak_gib_timed": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "MFU": flops / step_s / PEAK_FLOP_PER_S,
             "first loss": losses[0].item(),
             "last loss": losses[-1].item(),
