@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from chronipatch import ops
 from helpers import KERNEL_DEVICE, hf_view, needs_kernels
@@ -42,15 +43,24 @@ def test_lce_one_element_num_items_gives_a_scalar_in_the_inputs_precision(dtype)
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(h, w, n), loss)
 
 
-def test_lce_int_num_items_that_changes_between_calls_stays_one_graph():
-    """The second value makes dynamo trace num_items as a symbolic int: no check may read it eagerly."""
-    h, w, labels = _lce_case()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lce_int_num_items_that_changes_between_calls_compiles_twice(dtype):
+    """The second value makes dynamo trace num_items as a symbolic int: no check may read it eagerly, and the
+    divisor may not bake it into the graph (one recompile per count, then the recompile limit: eager again,
+    or under fullgraph an error). Ten counts, two compiles, as stock's sum / n."""
+    h, w, labels = _lce_case(dtype)
     torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(
-        lambda h, w, n: ops.linear_cross_entropy(h, w, labels, num_items_in_batch=n), fullgraph=True
+        lambda h, w, n: ops.linear_cross_entropy(h, w, labels, num_items_in_batch=n),
+        backend=counter,
+        fullgraph=True,
     )
-    for n in (7, 8, 9):
-        torch.testing.assert_close(step(h, w, n).double(), _stock_lce(h, w, labels, n), rtol=1e-6, atol=0)
+    rtol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    for n in range(7, 17):
+        loss = step(h, w, n)
+        torch.testing.assert_close(loss.double(), _stock_lce(h, w, labels, n), rtol=rtol, atol=0)
+    assert counter.frame_count == 2
 
 
 @pytest.mark.parametrize("wrap", [float, torch.tensor])

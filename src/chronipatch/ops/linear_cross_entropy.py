@@ -220,15 +220,9 @@ _lce.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("chronipatch::linear_cross_entropy_with_grad", mutates_args=())
 def _lce_with_grad(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    divisor: Tensor,
-    ignore_index: int,
-    token_stats: bool,
-    need_dh: bool,
-    need_dw: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    hidden: Tensor, weight: Tensor, labels: Tensor, divisor: Tensor, ignore_index: int, token_stats: bool,
+    need_dh: bool, need_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(loss = sum_i l_i / divisor, entropy, correct, dloss/dhidden, dloss/dweight): the gradients come with
     the loss (empty where not needed), and the backward scales them by the loss's upstream gradient."""
     args = (hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw)
@@ -290,7 +284,10 @@ def _mean_divisor(labels: Tensor, ignore_index: int, num_items_in_batch: int | T
     """The mean's divisor (fp32, on the labels' device): ``num_items_in_batch``, else the supervised count."""
     if num_items_in_batch is None:
         return (labels != ignore_index).sum().float()
-    return torch.as_tensor(num_items_in_batch, device=labels.device, dtype=torch.float32).reshape(())
+    if isinstance(num_items_in_batch, Tensor):
+        return num_items_in_batch.to(labels.device, torch.float32).reshape(())
+    # full, not as_tensor, which bakes the number into a compiled graph (one recompile per count)
+    return torch.full((), num_items_in_batch, device=labels.device, dtype=torch.float32)
 
 
 def linear_cross_entropy(
