@@ -491,6 +491,27 @@ def test_direct_launch_runs_on_the_inputs_device(monkeypatch):
     assert calls == [(False, (1,), {"k": 2})] * 3
 
 
+def test_rope_head_offsets_are_int64():
+    """A head stride below 2^31 (an int32 argument) times a head index passes 2^31 for a contiguous
+    [B, H, T, D] of H * T * D > 2^31 elements (dense outputs, SDPA's gradients). Three int8 heads 1.5 * 2^30
+    apart (a lazily mapped buffer): head 2 reads its own entries, not the ones 2^32 below."""
+    stride, base = 3 * 2**29, 2**30
+    buf = torch.empty(base + 2 * stride + 2, dtype=torch.int8, device=KERNEL_DEVICE)
+    for at, values in ((0, [11, 12]), (base, [1, 2]), (base + stride, [3, 4]), (base + 2 * stride, [21, 22])):
+        buf[at : at + 2] = torch.tensor(values, dtype=torch.int8)
+    q = buf[base:]
+    k = torch.tensor([5, 6], dtype=torch.int8, device=KERNEL_DEVICE)
+    cos, sin = torch.ones(2, device=KERNEL_DEVICE), torch.zeros(2, device=KERNEL_DEVICE)
+    qo, ko = torch.zeros(3, 2, device=KERNEL_DEVICE), torch.zeros(1, 2, device=KERNEL_DEVICE)
+    # (b, h, t) strides of q, k, qo, ko; then (b, t) of cos and sin
+    strides = (0, stride, 2, 0, 2, 2, 0, 2, 2, 0, 2, 2, 0, 2, 0, 2)
+    rope._rope_kernel[(1,)](
+        q, k, cos, sin, qo, ko, 1, *strides, 3, 1, HALF=1, BLOCK_HQ=4, BLOCK_HK=1, BLOCK_D=1, BACKWARD=False
+    )
+    assert qo.tolist() == [[1, 2], [3, 4], [21, 22]]
+    del buf
+
+
 def test_eager_fast_path_functions_run_the_launchers(monkeypatch):
     """The eager fast path (``_*Eager``, taken by the public ops for plain CUDA tensors outside tracing)
     gives the launchers' results and gradients bit for bit, and refuses a double backward."""

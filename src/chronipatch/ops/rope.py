@@ -42,7 +42,7 @@ def _rotate(
     BLOCK_D: tl.constexpr,
     HALF: tl.constexpr,
 ):
-    heads = tl.arange(0, BLOCK_H)[:, None]
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]  # heads x head stride may pass 2^31
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < H) & (d < HALF)
     x_ptr = X + x_base + heads * sx_h + d
