@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (CPU), `lint`, `gpu` (pytest -m gpu on a CUDA machine), `bench`."""
+"""Sessions: `nox -s tests` (CPU), `lint`, and on a CUDA machine `gpu` (pytest -m gpu), `bench` (op
+benchmarks), `sweep` (op accuracy sweep), `distributed` (DDP / FSDP2 training benchmark under torchrun)."""
 
 import nox
 
@@ -7,9 +8,11 @@ nox.options.default_venv_backend = "venv"
 
 
 def _install(session: nox.Session, extras: str = "dev,trl") -> None:
-    # CPU torch first: a bare torch requirement pulls a multi-GB CUDA build.
+    # torch first, from the index pip is configured with: a CPU build on a machine whose index serves one (on
+    # plain PyPI, add --index-url https://download.pytorch.org/whl/cpu), where a bare torch requirement would
+    # pull a multi-GB CUDA build.
     session.install("torch==2.13.0")
-    session.install("triton==3.7.1", "-e", f".[{extras}]")
+    session.install("triton==3.7.1; sys_platform == 'linux'", "-e", f".[{extras}]")
 
 
 @nox.session(python="3.11")
@@ -22,7 +25,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", "src", "tests")
+    session.run("ruff", "format", "--check", "src", "tests", "bench")
 
 
 @nox.session(venv_backend="none")
@@ -34,7 +37,7 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Op and training benchmarks on a CUDA machine; results land in bench/out/."""
+    """Op benchmarks on a CUDA machine (`bench/train.py` is the training one); results land in bench/out/."""
     session.env["PYTHONPATH"] = "src"
     session.run("python", "bench/ops.py", *session.posargs)
 

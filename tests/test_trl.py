@@ -262,3 +262,30 @@ def test_dataset_without_its_text_field_stops_before_training(tmp_path):
             train_dataset=data,
             processing_class=tok,
         )
+
+
+def test_integrate_refuses_a_given_optimizer_before_changing_anything(tmp_path):
+    """LoRA+ cannot replace an optimizer the trainer was given: the refusal leaves the model unpatched and
+    TRL's head in place, so integrate works once the optimizer is gone."""
+    trainer = _trainer(tmp_path, integrate=False, peft=True)
+    head_forward = trainer.model.get_base_model().__dict__["forward"]
+    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="already has an optimizer"):
+        ctrl.integrate(trainer)
+    assert not chronipatch.is_patched(trainer.model)
+    assert trainer.model.get_base_model().__dict__["forward"] is head_forward
+    trainer.optimizer = None
+    callback = ctrl.integrate(trainer)
+    assert chronipatch.is_patched(trainer.model) and callback.ratio == 16.0
+
+
+def test_submodules_load_on_first_use():
+    """`chronipatch.trl.integrate` works after `import chronipatch` alone, which imports no TRL."""
+    import subprocess
+    import sys
+
+    code = (
+        "import chronipatch, sys\nassert 'trl' not in sys.modules\nprint(chronipatch.trl.integrate.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "integrate" and chronipatch.trl is ctrl

@@ -176,17 +176,17 @@ def integrate(
     # Before anything changes: a refusal leaves the trainer and the model as they were. (apply leaves a
     # forward someone else bound on the instance, TRL's fused head, where it is.)
     _check_fused_head(owner, trl_forward)
-    if not is_patched(model):
-        apply(model)
-    counter = {"calls": 0}
-    owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
-
+    # LoRA+ first too: it refuses a trainer given its own optimizer, and changes only the optimizer factory.
     ratio = None
     if loraplus_ratio is not None:
         if loraplus.install(trainer, ratio=loraplus_ratio, lr_embedding=loraplus_lr_embedding):
             ratio = loraplus_ratio
         else:
             log.warning("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
+    if not is_patched(model):
+        apply(model)
+    counter = {"calls": 0}
+    owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
 
     collator = None
     trl_packs = bool(getattr(trainer, "padding_free", False))
