@@ -42,6 +42,7 @@ class Scenario:
     own_head: bool = False  # FSDP2: lm_head is its own fully_shard unit
     tied: bool = False  # tie_word_embeddings (Qwen2.5-0.5B ties them)
     trl: bool = False  # the loss comes from chronipatch.trl's fused head (model(..., fused_lm_head=True))
+    between: str = ""  # "logits": the loss call returns logits too; "forward": a forward before backward
 
 
 SCENARIOS = {
@@ -57,6 +58,10 @@ SCENARIOS = {
     "fsdp2-own-head": Scenario("fsdp2", "before", own_head=True),
     "fsdp2-trl": Scenario("fsdp2", "before", trl=True),
     "fsdp2-trl-own-head": Scenario("fsdp2", "before", own_head=True, trl=True),
+    # The head's own forward between the loss and its backward reshards it (freeing what a fused loss keeps).
+    "fsdp2-own-head-logits": Scenario("fsdp2", "before", own_head=True, between="logits"),
+    "fsdp2-own-head-forward": Scenario("fsdp2", "before", own_head=True, between="forward"),
+    "fsdp2-stock-own-head-forward": Scenario("fsdp2", own_head=True, between="forward"),
 }
 PATCHED = [name for name, s in SCENARIOS.items() if s.patch]
 
@@ -148,15 +153,24 @@ def _run(name: str, rank: int) -> dict:
                 input_ids=ids[rows], labels=labels[rows], fused_lm_head=True, num_items_in_batch=n_items
             )
         else:
-            out = wrapped(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=n_items)
+            extra = {"return_logits": True} if spec.between == "logits" and spec.patch else {}
+            out = wrapped(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=n_items, **extra)
+            if spec.between == "forward":
+                wrapped(input_ids=ids[rows])  # logits for metrics, say: the head's own call
     finally:
         chronipatch.ops.linear_cross_entropy = op
     (out.loss * WORLD).backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)  # sum over ranks of local-sum / global-count = the global loss
+    grads = _grads(wrapped)
+    # A forward with nothing to train (a frozen reference model): no backward will reshard the head.
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    wrapped(input_ids=ids[rows], labels=labels[rows])
     return {
         "loss": loss,
-        "grads": _grads(wrapped),
+        "grads": grads,
+        "head_after_frozen_forward": type(head.weight).__name__,
         "ops": dict(report.ops()) if report else {},
         "left": list(report.left) if report else [],
         "root_class": type(model).__name__,
@@ -271,6 +285,12 @@ def test_loss_and_grads_match_single_process_stock(results, name):
         if r["grads"][n] is None or not torch.allclose(r["grads"][n], g, rtol=1e-5, atol=1e-6)
     ]
     assert not bad, f"{name}: gradients differ from the single-process stock model in {bad}"
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.own_head])
+def test_own_head_is_resharded_after_a_forward_without_backward(results, name):
+    """A head that is its own FSDP unit holds its shard again after a forward that no backward follows."""
+    assert _result(results, name)["head_after_frozen_forward"] == "DTensor"
 
 
 @pytest.mark.parametrize("name", PATCHED)

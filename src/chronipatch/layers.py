@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -60,10 +61,17 @@ def check_head_adapters(head: torch.nn.Module) -> None:
         )
 
 
-def reshard_if_idle(head: torch.nn.Module) -> None:
-    """Without autograd no post-backward hook will reshard a head unsharded by ``head_weight``."""
-    if isinstance(head, FSDPModule) and not torch.is_grad_enabled():
+def reshard_if_idle(head: torch.nn.Module, loss: torch.Tensor | None = None) -> None:
+    """After the fused loss read a head unsharded by ``head_weight``: where no backward will run through the
+    loss, no post-backward hook will reshard the head, so reshard it now. Where one will, the loss keeps the
+    gathered weight for it; a call of the head in between (a second forward, logits) reshards it and frees
+    that storage, so the backward gathers the head again first (into the same storage)."""
+    if not isinstance(head, FSDPModule):
+        return
+    if loss is None or not loss.requires_grad:
         head.reshard()
+    else:
+        loss.register_hook(lambda grad: head.unshard())
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -379,9 +387,14 @@ def causal_lm_forward(
             shift=shift_labels is None,
             label_check=label_check,
         )
-        reshard_if_idle(self.lm_head)
+        reshard_if_idle(self.lm_head, loss)
     if loss is None or return_logits:
-        logits = self.lm_head(hidden_states)
+        # A gathered FSDP head is not called again: its post-forward reshard would free the weight the loss
+        # keeps for its backward.
+        if loss is not None and isinstance(self.lm_head, FSDPModule):
+            logits = F.linear(hidden_states, head_weight(self.lm_head))
+        else:
+            logits = self.lm_head(hidden_states)
     return CausalLMOutputWithPast(
         loss=loss,
         logits=logits,

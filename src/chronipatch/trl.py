@@ -111,7 +111,7 @@ def _make_fused_forward(trl_forward, counter: dict):
         rows, stats = ops.linear_cross_entropy(
             hidden[mask], weight, labels[mask], shift=False, reduction="none", return_token_stats=True
         )
-        reshard_if_idle(head)
+        reshard_if_idle(head, rows)
         counter["calls"] += 1
 
         def scatter(x):
