@@ -15,9 +15,9 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import chronipatch
 from chronipatch import attention, ops
-from chronipatch.layers import BoundForward
 from chronipatch.mapping import OUR_FORWARDS
 from chronipatch.packing import PackingCollator
+from chronipatch.patch import BoundForward
 from helpers import KERNEL_DEVICE, hf_view, needs_kernels
 from tiny import batch, tiny_model
 

@@ -3,8 +3,6 @@ replaces line for line, with the fused op in place of the eager math."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -162,20 +160,6 @@ def mlp_forward(self, x: torch.Tensor, input_norm=None, residual=None):
     else:
         out = down(ops.swiglu(gate, up))
     return out if residual is None else (s, out)
-
-
-class BoundForward(functools.partial):
-    """``forward`` bound to one module instance, as ``types.MethodType`` binds it, but picklable: a bound
-    method pickles as ``getattr(module, name)``, which unpickling cannot resolve; a partial pickles its
-    function by name and the module by reference (``torch.save(model)`` of a patched model loads)."""
-
-    @property
-    def __func__(self):
-        return self.func
-
-    @property
-    def __self__(self):
-        return self.args[0]
 
 
 def bound_forward(module: torch.nn.Module):
@@ -377,24 +361,25 @@ def causal_lm_forward(
         hidden_states = hidden_states[:, logits_to_keep, :]
 
     loss = logits = None
-    if targets is not None:
+    if targets is None:
+        logits = self.lm_head(hidden_states)
+    else:
+        weight = head_weight(self.lm_head)
         loss = ops.linear_cross_entropy(
             hidden_states,
-            head_weight(self.lm_head),
+            weight,
             targets,
             ignore_index=ignore_index,
             num_items_in_batch=kwargs.get("num_items_in_batch"),
             shift=shift_labels is None,
             label_check=label_check,
         )
+        if return_logits:
+            # From the weight the loss read, for a gathered FSDP head: its own call would reshard it after
+            # its forward, freeing the weight the loss keeps for its backward.
+            fsdp = isinstance(self.lm_head, FSDPModule)
+            logits = F.linear(hidden_states, weight) if fsdp else self.lm_head(hidden_states)
         reshard_if_idle(self.lm_head, loss)
-    if loss is None or return_logits:
-        # A gathered FSDP head is not called again: its post-forward reshard would free the weight the loss
-        # keeps for its backward.
-        if loss is not None and isinstance(self.lm_head, FSDPModule):
-            logits = F.linear(hidden_states, head_weight(self.lm_head))
-        else:
-            logits = self.lm_head(hidden_states)
     return CausalLMOutputWithPast(
         loss=loss,
         logits=logits,

@@ -7,6 +7,7 @@ are untouched, and ``revert`` deletes exactly what ``apply`` added.
 from __future__ import annotations
 
 import copy
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -14,10 +15,24 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import attention as varlen
-from .layers import BOUND, BoundForward, bound_forward
+from .layers import BOUND, bound_forward
 from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
 
 _PREV_ATTN = "_chronipatch_prev_attn_implementation"
+
+
+class BoundForward(functools.partial):
+    """``forward`` bound to one module instance, as ``types.MethodType`` binds it, but picklable: a bound
+    method pickles as ``getattr(module, name)``, which unpickling cannot resolve; a partial pickles its
+    function by name and the module by reference (``torch.save(model)`` of a patched model loads)."""
+
+    @property
+    def __func__(self):
+        return self.func
+
+    @property
+    def __self__(self):
+        return self.args[0]
 
 
 @dataclass
@@ -113,10 +128,10 @@ def apply(
         "norm_recompute": norm_recompute,
     }
     by_class = {cls: swap for swap in SWAPS for cls in swap.classes}
+    found = [(path, m, cls) for path, m in model.named_modules() if (cls := _hf_class(m, by_class))]
     # A switch turned off cannot unpatch what an earlier apply swapped: refuse before changing anything.
-    for path, module in model.named_modules():
-        cls = _hf_class(module, by_class)
-        if cls is not None and not switches[by_class[cls].switch] and bound_forward(module) in OUR_FORWARDS:
+    for path, module, cls in found:
+        if not switches[by_class[cls].switch] and bound_forward(module) in OUR_FORWARDS:
             raise ValueError(
                 f"chronipatch.apply: {path or '<root>'} ({cls}) was patched by an earlier apply; "
                 f"{by_class[cls].switch}=False does not undo that: call chronipatch.revert(model) first"
@@ -124,10 +139,7 @@ def apply(
     report = PatchReport(type(model).__name__)
     # Children before their parents (a decoder layer's swap depends on what its children run); the report
     # keeps the modules' order.
-    for path, module in reversed(list(model.named_modules())):
-        cls = _hf_class(module, by_class)
-        if cls is None:
-            continue
+    for path, module, cls in reversed(found):
         swap = by_class[cls]
         if not switches[swap.switch]:
             report.left.append((path, cls, f"{swap.switch}=False"))
@@ -151,10 +163,10 @@ def apply(
     if varlen_attention and (report.swapped or report.already):
         _select_varlen(model, report)
     if not report.swapped and not report.already:
-        found = sorted({_hf_class(m, by_class) for m in model.modules()} - {None})
+        classes = sorted({cls for _, _, cls in found})
         raise ValueError(
             f"chronipatch.apply: nothing to patch in {type(model).__name__} "
-            f"(supported families: {', '.join(FAMILIES)}; supported classes found: {found or 'none'}"
+            f"(supported families: {', '.join(FAMILIES)}; supported classes found: {classes or 'none'}"
             + (f"; left alone: {report.left}" if report.left else "")
             + ")"
         )

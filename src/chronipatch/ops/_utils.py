@@ -28,8 +28,7 @@ def check_tensors(op: str, **values) -> None:
 
 
 def check_same(op: str, **tensors: torch.Tensor) -> None:
-    """All tensors share one device and one floating dtype."""
-    check_tensors(op, **tensors)
+    """All tensors share one device and one floating dtype (types: ``check_tensors``, called first)."""
     names = list(tensors)
     first = tensors[names[0]]
     check(first.is_floating_point(), op, lambda: f"{names[0]} must be floating point, got {first.dtype}")
