@@ -29,6 +29,8 @@ def check_tensors(op: str, **values) -> None:
 
 def check_same(op: str, **tensors: torch.Tensor) -> None:
     """All tensors share one device and one floating dtype (types: ``check_tensors``, called first)."""
+    if same_floats(*tensors.values()):
+        return
     names = list(tensors)
     first = tensors[names[0]]
     check(first.is_floating_point(), op, lambda: f"{names[0]} must be floating point, got {first.dtype}")
@@ -44,6 +46,15 @@ def check_same(op: str, **tensors: torch.Tensor) -> None:
             op,
             lambda name=name, t=t: f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}",
         )
+
+
+def same_floats(first, *others) -> bool:
+    """Whether all are tensors on the first's device with its floating dtype: the checks' fast path, which
+    builds no names and no messages (the named checks run only where this is False, to say what is wrong)."""
+    if not isinstance(first, torch.Tensor) or not first.is_floating_point():
+        return False
+    dtype, device = first.dtype, first.device
+    return all(isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == device for t in others)
 
 
 _ADDMM_OUT_DTYPE: bool | None = None
@@ -122,14 +133,14 @@ def eager_cuda(*tensors: torch.Tensor) -> bool:
     functorch transforms and dispatch modes, where the registered op must be seen.
     """
     return (
-        all(type(t) in _PLAIN and on_gpu(t) for t in tensors)
+        all(type(t) in PLAIN and on_gpu(t) for t in tensors)
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
     )
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def last_use(*tensors: Tensor) -> bool:

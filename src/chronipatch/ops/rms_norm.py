@@ -34,6 +34,7 @@ from ._utils import (
     last_dense,
     on_gpu,
     pow2,
+    same_floats,
     saveable,
     sms_for,
 )
@@ -153,6 +154,11 @@ def _programs_per_sm(block: int) -> int:
     return 8 if block <= 1024 else 3 if block <= 2048 else 2
 
 
+def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    # torch.promote_types is a dispatched op (~1 us of host per call); the common case needs none.
+    return x.dtype if x.dtype == weight.dtype else torch.promote_types(x.dtype, weight.dtype)
+
+
 def _rows(t: Tensor) -> Tensor:
     n = t.shape[-1]
     # reshape(-1, 0) cannot infer the row count of rows of width 0
@@ -174,7 +180,7 @@ def _fwd(x, weight, eps, wrap, residual=None):
     n = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
-    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    y = torch.empty(x.shape, dtype=_out_dtype(x, weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     add = residual is not None
     r2 = _rows(residual) if add else x2  # stand-ins never read or written without the residual
@@ -219,8 +225,8 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
     m = x2.shape[0]
     reuse = into_dy and dy2.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape
     dx = dy2.view(x.shape) if reuse else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y_dtype = torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty(x.shape, dtype=y_dtype, device=x.device) if store_y else dx  # dx: never written as y
+    # dx stands in for y where it is not stored: never written as y.
+    y = torch.empty(x.shape, dtype=_out_dtype(x, weight), device=x.device) if store_y else dx
     ext = _rows(dx_ext) if dx_ext is not None else dx  # a stand-in never read without it
     block, rows, warps = _tiles(n)
     progs = max(1, min(cdiv(m, rows), _programs_per_sm(block) * sms_for(x)))
@@ -315,6 +321,22 @@ class _RMSNormEager(torch.autograd.Function):
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """HF RMSNorm over the last dim of ``x`` (any leading shape) with weight ``[N]``."""
+    if not (
+        same_floats(x, weight)
+        and x.dim() >= 1
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and weight.stride(0) == 1
+    ):
+        _check(x, weight)
+    x = saveable(x, weight)  # the backward reads x (stock keeps its normalised copy)
+    if eager_cuda(x, weight):
+        return _RMSNormEager.apply(x, weight, float(eps))
+    return _rms_norm(x, weight, float(eps))[0]
+
+
+def _check(x: Tensor, weight: Tensor) -> None:
+    """The arguments' checks, each naming what is wrong (``rms_norm`` runs them where its one test fails)."""
     check_tensors("rms_norm", x=x, weight=weight)
     check(
         x.is_floating_point() and weight.is_floating_point(),
@@ -331,7 +353,3 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
         lambda: f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
     )
     check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")
-    x = saveable(x, weight)  # the backward reads x (stock keeps its normalised copy)
-    if eager_cuda(x, weight):
-        return _RMSNormEager.apply(x, weight, float(eps))
-    return _rms_norm(x, weight, float(eps))[0]

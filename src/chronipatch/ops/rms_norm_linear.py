@@ -33,7 +33,17 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import reference
-from ._utils import autocast_dtype, check, check_same, check_tensors, direct, eager_cuda, on_gpu, saveable
+from ._utils import (
+    autocast_dtype,
+    check,
+    check_same,
+    check_tensors,
+    direct,
+    eager_cuda,
+    on_gpu,
+    same_floats,
+    saveable,
+)
 from .rms_norm import DY_TERMS, rms_norm, rms_norm_add_fwd_triton, rms_norm_bwd_y_triton, rms_norm_fwd_triton
 
 # ---------------------------------------------------------------- launchers (kernels: ``rms_norm``)
@@ -252,18 +262,68 @@ def _call(
     biases = [None] * len(weights) if biases is None else list(biases)
     check(len(biases) == len(weights), op, lambda: f"{len(weights)} weights but {len(biases)} biases")
     given = [b for b in biases if b is not None]
-    named = {f"weights[{i}]": w for i, w in enumerate(weights)}
+    extra = () if residual is None else (residual,)
+    # Types, devices and dtypes in one pass; the named checks run where it fails (autocast, or an error).
+    same = same_floats(x, norm_weight, *weights, *given, *extra)
+    if not same:
+        check_tensors(op, **_named(x, norm_weight, weights, biases, residual))
+    _check_shapes(op, x, norm_weight, weights, biases, residual)
+    if autocast_dtype(x) is not None:  # the composition, cast as autocast casts it (dtypes may differ)
+        s = None if residual is None else residual + x
+        y = rms_norm(x if s is None else s, norm_weight, eps)
+        return s, [F.linear(y, w, b) for w, b in zip(weights, biases, strict=True)]
+    if not same:
+        check_same(op, **_named(x, norm_weight, weights, biases, residual))
+    if residual is None:  # the backward reads x (stock keeps the norm's output); s is computed
+        x = saveable(x, norm_weight, *weights, *given)
+    has_bias = [b is not None for b in biases]
+    stacked = (
+        stacked
+        and len(weights) > 1
+        and len(set(has_bias)) == 1
+        and len({t.requires_grad for t in (*weights, *given)}) == 1
+    )
+    if eager_cuda(x, norm_weight, *extra, *weights, *given):
+        args = (x, norm_weight, float(eps), has_bias, residual, stacked, *weights, *given)
+        outs = list(_RMSNormLinearEager.apply(*args))
+    else:
+        outs = _rms_norm_linear(
+            x, norm_weight, float(eps), list(weights), given, has_bias, residual, stacked
+        )[:-1]
+    s, outs = (None, outs) if residual is None else (outs[-1], outs[:-1])
+    if stacked:
+        outs = list(outs[0].split([w.shape[0] for w in weights], dim=-1))
+    return s, outs
+
+
+def _named(x, norm_weight, weights, biases, residual) -> dict:
+    named = {"x": x, "norm_weight": norm_weight}
+    named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     named.update({f"biases[{i}]": b for i, b in enumerate(biases) if b is not None})
     if residual is not None:
         named["residual"] = residual
-    check_tensors(op, x=x, norm_weight=norm_weight, **named)
+    return named
+
+
+def _check_shapes(op, x, norm_weight, weights, biases, residual) -> None:
+    """Shapes and the norm weight's layout (tensors: checked first), each check naming what is wrong where
+    the one-expression test of all of them fails."""
+    h = x.shape[-1] if x.dim() else 0
+    if (
+        (residual is None or residual.shape == x.shape)
+        and x.dim() >= 1
+        and norm_weight.shape == (h,)
+        and all(w.dim() == 2 and w.shape[1] == h for w in weights)
+        and all(b is None or b.shape == w.shape[:1] for w, b in zip(weights, biases))
+        and norm_weight.stride(0) == 1
+    ):
+        return
     if residual is not None:  # no broadcasting, also under autocast: s has x's shape
         check(
             residual.shape == x.shape,
             op,
             lambda: f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}",
         )
-    h = x.shape[-1] if x.dim() else 0
     check(x.dim() >= 1, op, "x must have at least one dim")
     check(
         norm_weight.shape == (h,),
@@ -284,29 +344,3 @@ def _call(
             ),
         )
     check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")
-    if autocast_dtype(x) is not None:  # the composition, cast as autocast casts it (dtypes may differ)
-        s = None if residual is None else residual + x
-        y = rms_norm(x if s is None else s, norm_weight, eps)
-        return s, [F.linear(y, w, b) for w, b in zip(weights, biases, strict=True)]
-    check_same(op, x=x, norm_weight=norm_weight, **named)
-    if residual is None:  # the backward reads x (stock keeps the norm's output); s is computed
-        x = saveable(x, norm_weight, *weights, *given)
-    has_bias = [b is not None for b in biases]
-    stacked = (
-        stacked
-        and len(weights) > 1
-        and len(set(has_bias)) == 1
-        and len({t.requires_grad for t in (*weights, *given)}) == 1
-    )
-    extra = () if residual is None else (residual,)
-    if eager_cuda(x, norm_weight, *extra, *weights, *given):
-        args = (x, norm_weight, float(eps), has_bias, residual, stacked, *weights, *given)
-        outs = list(_RMSNormLinearEager.apply(*args))
-    else:
-        outs = _rms_norm_linear(
-            x, norm_weight, float(eps), list(weights), given, has_bias, residual, stacked
-        )[:-1]
-    s, outs = (None, outs) if residual is None else (outs[-1], outs[:-1])
-    if stacked:
-        outs = list(outs[0].split([w.shape[0] for w in weights], dim=-1))
-    return s, outs

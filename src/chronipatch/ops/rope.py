@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._utils import autocast_dtype, check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2
+from ._utils import PLAIN, autocast_dtype, check, check_tensors, direct, eager_cuda, last_dense, on_gpu, pow2
 
 # ---------------------------------------------------------------- kernels
 
@@ -241,6 +241,40 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool = False) ->
     stock's RoPE leaves them (SDPA with a mask runs its kernels faster on that layout). cos/sin have q's
     dtype, or under autocast any float dtype; the rotation runs in fp32 and the outputs have q's dtype.
     """
+    if not _fits(q, k, cos, sin):
+        _check(q, k, cos, sin)
+    if eager_cuda(q, k, cos, sin):
+        return _RoPEEager.apply(q, k, cos, sin, bool(dense))
+    return _rope(q, k, cos, sin, bool(dense))
+
+
+def _fits(q, k, cos, sin) -> bool:
+    """Every check of ``_check`` at once, in one expression that formats no message: the common case."""
+    return (
+        type(q) in PLAIN
+        and type(k) in PLAIN
+        and type(cos) in PLAIN
+        and type(sin) in PLAIN
+        and q.dim() == 4
+        and k.dim() == 4
+        and cos.dim() == 3
+        and q.is_floating_point()
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
+        and q.shape[3] % 2 == 0
+        and k.shape[0] == q.shape[0]
+        and k.shape[2:] == q.shape[2:]
+        and cos.shape == sin.shape
+        and cos.shape[0] in (1, q.shape[0])
+        and cos.shape[1:] == q.shape[2:]
+        and not (cos.requires_grad or sin.requires_grad)
+        and k.device == q.device
+        and cos.device == q.device
+        and sin.device == q.device
+    )
+
+
+def _check(q, k, cos, sin) -> None:
+    """The arguments' checks, each naming what is wrong."""
     op = "rope"
     check_tensors(op, q=q, k=k, cos=cos, sin=sin)
     check(
@@ -290,6 +324,3 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool = False) ->
         lambda: f"cos and sin must have q's dtype {q.dtype} (outside autocast), got {cos.dtype}, {sin.dtype}",
     )
     check(not (cos.requires_grad or sin.requires_grad), op, "cos and sin carry no gradient; detach them")
-    if eager_cuda(q, k, cos, sin):
-        return _RoPEEager.apply(q, k, cos, sin, bool(dense))
-    return _rope(q, k, cos, sin, bool(dense))

@@ -29,6 +29,7 @@ from ._utils import (
     direct,
     eager_cuda,
     on_gpu,
+    same_floats,
     saveable,
 )
 from .swiglu import check_pair, swiglu, swiglu_bwd_h_triton, swiglu_bwd_triton, swiglu_fwd_triton
@@ -119,7 +120,11 @@ def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None 
     """``F.linear(silu(gate) * up, weight, bias)`` for gate, up ``[..., I]`` and weight ``[O, I]``, without
     keeping ``silu(gate) * up`` for the backward."""
     op = "swiglu_linear"
-    check_tensors(op, gate=gate, up=up, weight=weight, **({} if bias is None else {"bias": bias}))
+    tensors = (gate, up, weight) if bias is None else (gate, up, weight, bias)
+    # Types, devices and dtypes in one pass; the named checks run where it fails (autocast, or an error).
+    same = same_floats(*tensors)
+    if not same:
+        check_tensors(op, gate=gate, up=up, weight=weight, **({} if bias is None else {"bias": bias}))
     check_pair(op, gate, up)
     check(
         gate.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == gate.shape[-1],
@@ -135,8 +140,11 @@ def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None 
     if dtype is not None and gate.dtype not in (dtype, torch.float64):
         # Stock rounds h to the autocast dtype after computing it in gate's: its composition, as written.
         return F.linear(swiglu(gate, up), weight, bias)
-    weight, bias = autocast_like_linear(dtype, weight, bias)  # as F.linear under autocast
-    check_same(op, gate=gate, up=up, weight=weight, **({} if bias is None else {"bias": bias}))
+    if dtype is not None:  # as F.linear under autocast
+        weight, bias = autocast_like_linear(dtype, weight, bias)
+        same = same_floats(gate, up, weight, *(() if bias is None else (bias,)))
+    if not same:
+        check_same(op, gate=gate, up=up, weight=weight, **({} if bias is None else {"bias": bias}))
     # The backward reads gate and up (stock keeps their product).
     gate, up = saveable(gate, weight, bias), saveable(up, weight, bias)
     tensors = (gate, up, weight) if bias is None else (gate, up, weight, bias)
