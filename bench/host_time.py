@@ -1,7 +1,7 @@
 """Where an eager training step's host time goes, stock vs chronipatch (CUDA only).
 
     python bench/host_time.py [--model qwen2.5-0.5b] [--batch 1] [--seq 16] [--variants hf,chronipatch]
-                              [--out DIR] [--smoke]
+                              [--out DIR] [--smoke | --stub]
 
 The step of bench/train.py (forward with labels, backward, clip_grad_norm_, fused AdamW, zero_grad), per
 variant:
@@ -13,6 +13,10 @@ variant:
 - every host sync of one step (``torch.cuda.set_sync_debug_mode``), with the file:line its warning names.
 
 ``--smoke`` runs a tiny config on CPU in fp32, to keep the script working (its figures mean nothing).
+``--stub`` measures chronipatch's own Python on a machine without a GPU: the ops take their CUDA eager path on
+CPU tensors with every Triton launch a no-op (outputs are garbage; the loss stays on the CPU reference), in
+the model's own depth at tiny widths, fp32, where stock's CPU ops cost little. Its figures compare host
+costs of one tree against another on one machine; they are not a GPU step's.
 """
 
 from __future__ import annotations
@@ -121,10 +125,28 @@ def _syncs(step) -> Counter:
     return seen
 
 
+def stub_kernels() -> None:
+    """``--stub``: the ops' CUDA eager path on CPU tensors (``on_gpu`` true but for fp64), launches no-ops."""
+    import importlib
+
+    import triton.runtime.jit as jit
+
+    def on_gpu(t):
+        return t.dtype is not torch.float64
+
+    for name in ("_utils", "rms_norm", "rms_norm_linear", "rope", "swiglu", "swiglu_linear"):
+        importlib.import_module(f"chronipatch.ops.{name}").on_gpu = on_gpu
+    importlib.import_module("chronipatch.ops._utils").num_sms = lambda index: 132
+    jit.JITFunction.run = lambda self, *args, **kwargs: None
+
+
 def run_variant(name: str, args) -> list[str]:
     torch.manual_seed(0)
-    dev, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
-    model = causal_lm(args.model, attn_implementation="sdpa", **(SMOKE_CONFIG if args.smoke else {}))
+    cpu = args.smoke or args.stub
+    dev, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
+    # --stub keeps the model's depth (host cost is per layer) at the smoke config's widths.
+    shape = {k: v for k, v in SMOKE_CONFIG.items() if not (args.stub and k == "num_hidden_layers")}
+    model = causal_lm(args.model, attn_implementation="sdpa", **(shape if cpu else {}))
     model = model.to(dev, dtype).train()
     model.config._attn_implementation = "sdpa"
     _patch(model, None if name == "hf" else name)
@@ -180,10 +202,13 @@ def main() -> None:
     p.add_argument("--variants", default="hf,chronipatch")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU, fp32")
+    p.add_argument("--stub", action="store_true", help="chronipatch's host cost on CPU, launches stubbed")
     args = p.parse_args()
     if args.smoke:
         args.steps = 2
-    meta = env_info("cpu" if args.smoke else "cuda")
+    if args.stub:
+        stub_kernels()
+    meta = env_info("cpu" if args.smoke or args.stub else "cuda")
     lines = ["# host time of one eager training step", "", meta_header(meta), ""]
     for name in args.variants.split(","):
         try:
@@ -197,7 +222,8 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"host_time_b{args.batch}_t{args.seq}.md").write_text(text + "\n")
+    stub = "_stub" if args.stub else ""
+    (out / f"host_time{stub}_b{args.batch}_t{args.seq}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -74,3 +74,16 @@ def test_host_time_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = (tmp_path / "host_time_b1_t16.md").read_text()
     assert "## hf" in text and "## chronipatch" in text and "Traceback" not in text, text
+
+
+def test_host_time_stub_takes_the_eager_cuda_path(tmp_path):
+    """``--stub`` times chronipatch's CUDA eager path on CPU: its autograd nodes are the eager Functions'."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    args = ["--stub", "--steps", "2", "--seq", "4", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "bench" / "host_time.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = (tmp_path / "host_time_stub_b1_t4.md").read_text()
+    assert "## hf" in text and "## chronipatch" in text and "Traceback" not in text, text
+    ours = text.split("## chronipatch")[1]
+    assert "_RMSNormLinearEagerBackward" in ours and "_RoPEEagerBackward" in ours, ours
