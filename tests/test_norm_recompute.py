@@ -31,24 +31,30 @@ def test_switch_off_runs_the_norms_alone(family, op_calls):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_attention_stacks_qkv_except_under_qk_norms(family, monkeypatch):
-    """Each decoder layer's q/k/v run as one stacked GEMM (``rms_norm_linear(stacked=True)``), except under
-    Qwen3's q_norm/k_norm, which would read its column views; the MLP's gate/up never (SwiGLU reads them
-    whole). Loss and gradients equal stock's."""
+    """Each decoder layer's q/k/v run as one stacked GEMM with q and k rotated (``rms_norm_linear_rope``),
+    except under Qwen3's q_norm/k_norm, which would read its column views (``rms_norm_linear``, three
+    GEMMs); the MLP's gate/up never (SwiGLU reads them whole). Loss and gradients equal stock's."""
     from chronipatch import ops
 
     stock = tiny_model(family)
     patched = copy.deepcopy(stock)
     chronipatch.apply(patched)
-    calls, real = [], ops.rms_norm_linear
+    calls, real, real_rope = [], ops.rms_norm_linear, ops.rms_norm_linear_rope
 
     def spy(x, nw, eps, weights, biases=None, stacked=False):
         calls.append((len(weights), stacked))
         return real(x, nw, eps, weights, biases, stacked)
 
+    def spy_rope(x, nw, eps, weights, *args, **kwargs):
+        calls.append((len(weights), "rope"))
+        return real_rope(x, nw, eps, weights, *args, **kwargs)
+
     monkeypatch.setattr(ops, "rms_norm_linear", spy)
+    monkeypatch.setattr(ops, "rms_norm_linear_rope", spy_rope)
     ids, labels = batch()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
-    assert calls == [(3, family != "qwen3")] * COMMON["num_hidden_layers"]  # the MLP's: add_rms_norm_linear
+    expected = (3, False) if family == "qwen3" else (3, "rope")
+    assert calls == [expected] * COMMON["num_hidden_layers"]  # the MLP's: add_rms_norm_linear
 
 
 @pytest.mark.parametrize("case", ["lora_attention", "hooked_norm", "norm_off", "swiglu_off"])
@@ -143,7 +149,9 @@ def test_compiled_forward_runs_the_eager_ops(family, op_calls):
     layers = COMMON["num_hidden_layers"]
     assert eager["rms_norm_linear"] == 2 * layers and eager.pop("add_rms_norm_linear") == layers
     # Public names and op names differ only where the public function picks between two ops (and
-    # add_rms_norm_linear, counted under rms_norm_linear, its op, too).
+    # add_rms_norm_linear, counted under rms_norm_linear, its op, too; rms_norm_linear_rope, a composition
+    # of two ops when traced, under both).
+    assert eager.pop("rms_norm_linear_rope", 0) == (0 if family == "qwen3" else layers)
     graph = _graph_ops(model, ids, labels)
     assert graph == eager, (graph, eager)
 

@@ -110,16 +110,15 @@ def fuses_norm(module: torch.nn.Module, fn) -> bool:
     return runs(module, fn) and no_hooks(module)
 
 
-def normed_projections(norm, x: torch.Tensor, projections, stacked: bool = False) -> list[torch.Tensor]:
+def normed_projections(norm, x: torch.Tensor, projections) -> list[torch.Tensor]:
     """``[p(norm(x)) for p in projections]`` (``norm`` None: x is normalised already), as one
     ``ops.rms_norm_linear`` where that computes exactly this: the norm runs our forward with no hooks, the
-    projections are plain ``nn.Linear`` in x's dtype, no autocast. Otherwise the modules' own calls.
-    ``stacked``: the op's one GEMM for all projections, whose results are column views."""
+    projections are plain ``nn.Linear`` in x's dtype, no autocast. Otherwise the modules' own calls."""
     if norm is None:
         return [p(x) for p in projections]
     if _fusable(norm, x, projections):
         weights, biases = [p.weight for p in projections], [p.bias for p in projections]
-        return ops.rms_norm_linear(x, norm.weight, norm.variance_epsilon, weights, biases, stacked)
+        return ops.rms_norm_linear(x, norm.weight, norm.variance_epsilon, weights, biases)
     x = norm(x)
     return [p(x) for p in projections]
 
@@ -260,22 +259,28 @@ def attention_forward(
     if kwargs.pop(CAUSAL_ONLY, False) and (window is None or window >= input_shape[-1]):
         attention_mask = None  # SDPA's is_causal, as stock eager runs it
     hidden_shape = (*input_shape, -1, self.head_dim)
-    # q/k/v as one GEMM, unless Qwen3's q_norm/k_norm would read its column views (a copy each).
     projections = (self.q_proj, self.k_proj, self.v_proj)
-    q, k, v = normed_projections(input_norm, hidden_states, projections, stacked=not hasattr(self, "q_norm"))
-    query_states, key_states = q.view(hidden_shape), k.view(hidden_shape)
-    if hasattr(self, "q_norm"):
-        query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-    query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
-    # Attention keeps v for its backward; as a column view of the stacked q/k/v it would keep q's and k's
-    # columns alive too ([N, 1024] beside [N, 128] per Qwen2.5-0.5B layer). A no-op where v is its own.
-    value_states = v.contiguous().view(hidden_shape).transpose(1, 2)
-
     cos, sin = position_embeddings
     # Flash/varlen kernels read q/k in the projections' [B, T, H, D] layout; masked attention (SDPA, eager)
     # runs faster on the contiguous [B, H, T, D] that stock's RoPE leaves (SDPA masked fwd+bwd: -9% time).
     dense = attention_mask is not None and "flash" not in str(self.config._attn_implementation)
-    query_states, key_states = ops.rope(query_states, key_states, cos, sin, dense=dense)
+    qk_norm = hasattr(self, "q_norm")
+    if input_norm is not None and not qk_norm and _fusable(input_norm, hidden_states, projections):
+        # q/k/v as one GEMM, q and k rotated, in one op; v a copy of its own (``rms_norm_linear_rope``).
+        weights, biases = [p.weight for p in projections], [p.bias for p in projections]
+        eps = input_norm.variance_epsilon
+        query_states, key_states, value_states = ops.rms_norm_linear_rope(
+            hidden_states, input_norm.weight, eps, weights, biases, self.head_dim, cos, sin, dense=dense
+        )
+    else:
+        # Separate GEMMs where Qwen3's q_norm/k_norm would read stacked column views (a copy each).
+        q, k, v = normed_projections(input_norm, hidden_states, projections)
+        query_states, key_states = q.view(hidden_shape), k.view(hidden_shape)
+        if qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = v.contiguous().view(hidden_shape).transpose(1, 2)  # a no-op but for odd hooks
+        query_states, key_states = ops.rope(query_states, key_states, cos, sin, dense=dense)
 
     # transformers >= 5.24 passes the cache as ``cache`` (and wants the call kwargs in ``update``).
     new_api = "cache" in kwargs

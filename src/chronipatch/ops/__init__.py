@@ -4,6 +4,7 @@ from ._labels import LabelCheck, prefetch_label_check
 from .linear_cross_entropy import TokenStats, linear_cross_entropy
 from .rms_norm import rms_norm
 from .rms_norm_linear import add_rms_norm_linear, rms_norm_linear
+from .rms_norm_linear_rope import rms_norm_linear_rope
 from .rope import rope
 from .swiglu import swiglu
 from .swiglu_linear import swiglu_linear
@@ -16,6 +17,7 @@ __all__ = [
     "prefetch_label_check",
     "rms_norm",
     "rms_norm_linear",
+    "rms_norm_linear_rope",
     "rope",
     "swiglu",
     "swiglu_linear",

@@ -150,11 +150,16 @@ def rope_triton(
     backward: bool = False,
     dense: bool = False,
     wrap: bool = True,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """(q', k'), or their gradients' transposes with ``backward``; written into ``out`` where given (any
+    [B, H, T, D] strides with a dense last dim), else into new tensors laid out as ``dense`` says."""
     q, k, cos, sin = last_dense(q), last_dense(k), last_dense(cos), last_dense(sin)
     b, hq, t, d = q.shape
     hk = k.shape[1]
-    if dense:
+    if out is not None:
+        qo, ko = out
+    elif dense:
         qo, ko = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
     else:
         qo, ko = _like_hf(q), _like_hf(k)
@@ -178,19 +183,27 @@ def rope_triton(
 # ---------------------------------------------------------------- registration
 
 
+def rotate(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False, dense: bool = False,
+    wrap: bool = True, out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``rope_triton`` on the GPU, the torch reference elsewhere (``out``: written there)."""
+    if on_gpu(q):
+        return rope_triton(q, k, cos, sin, backward=backward, dense=dense, wrap=wrap, out=out)
+    qo, ko = (reference.rope_bwd if backward else reference.rope_fwd)(q, k, cos, sin)
+    if out is not None:
+        return out[0].copy_(qo), out[1].copy_(ko)
+    return (qo.contiguous(), ko.contiguous()) if dense else (qo, ko)
+
+
 @triton_op("chronipatch::rope", mutates_args=())
 def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
-    if on_gpu(q):
-        return rope_triton(q, k, cos, sin, dense=dense)
-    qo, ko = reference.rope_fwd(q, k, cos, sin)
-    return (qo.contiguous(), ko.contiguous()) if dense else (qo, ko)
+    return rotate(q, k, cos, sin, dense=dense)
 
 
 @triton_op("chronipatch::rope_bwd", mutates_args=())
 def _rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if on_gpu(dq):
-        return rope_triton(dq, dk, cos, sin, backward=True)
-    return reference.rope_bwd(dq, dk, cos, sin)
+    return rotate(dq, dk, cos, sin, backward=True)
 
 
 def _setup(ctx, inputs, output):
