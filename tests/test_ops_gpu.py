@@ -316,6 +316,33 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
             assert a.stride() == b.stride()
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("dense", [False, True], ids=["hf_layout", "dense"])
+def test_rms_norm_linear_rope_eager_matches_the_composition_gpu(monkeypatch, bias, dense):
+    """CUDA bf16: the one eager Function of ``rms_norm_linear_rope`` gives the composition's outputs (values
+    and layouts) and every gradient bit for bit, at Qwen2.5-0.5B's heads."""
+    mod = importlib.import_module("chronipatch.ops.rms_norm_linear_rope")
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, nw = torch.randn(2, 37, 896, **bf), 1 + 0.1 * torch.randn(896, **bf)
+    weights = [torch.randn(o, 896, **bf) / 30 for o in (896, 128, 128)]
+    biases = [torch.randn(w.shape[0], **bf) if bias else None for w in weights]
+    cos, sin = torch.randn(1, 37, 64, **bf), torch.randn(1, 37, 64, **bf)
+    grads, results = None, []
+    # The composition as eager CUDA calls ran it before: rms_norm_linear's and rope's own Functions.
+    for fused, node in ((True, "_RMSNormLinearRoPEEagerBackward"), (False, "_RoPEEagerBackward")):
+        if not fused:
+            monkeypatch.setattr(mod, "eager_cuda", lambda *t: False)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, nw, *weights, *filter(None, biases))]
+        ws, bs = leaves[2:5], (leaves[5:] if bias else [None] * 3)
+        outs = ops.rms_norm_linear_rope(leaves[0], leaves[1], 1e-6, ws, bs, 64, cos, sin, dense=dense)
+        assert type(outs[0].grad_fn).__name__ == node, type(outs[0].grad_fn)
+        grads = grads or [torch.randn_like(o) for o in outs]
+        results.append([*outs, *torch.autograd.grad(outs, leaves, grads)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+
+
 def test_lce_supervised_rows_only_matches_full_computation_gpu(monkeypatch):
     """CUDA: scoring only the supervised rows (many labels ignored) gives the full computation's loss and
     gradients, up to the GEMMs' own shape-dependent rounding."""
