@@ -46,8 +46,12 @@ def op_calls(monkeypatch):
     counts = Counter()
     names = ("rms_norm", "rms_norm_linear", "add_rms_norm_linear", "swiglu", "swiglu_linear", "rope")
     # Ops that run others' registered ops (or, eager CUDA, their kernels) count as those too.
-    runs = {"add_rms_norm_linear": ("rms_norm_linear",), "rms_norm_linear_rope": ("rms_norm_linear", "rope")}
-    for name in (*names, "rms_norm_linear_rope", "linear_cross_entropy"):
+    runs = {
+        "add_rms_norm_linear": ("rms_norm_linear",),
+        "rms_norm_linear_rope": ("rms_norm_linear", "rope"),
+        "add_rms_norm_swiglu": ("add_rms_norm_linear", "rms_norm_linear", "swiglu_linear"),
+    }
+    for name in (*names, *list(runs)[1:], "linear_cross_entropy"):
         real = getattr(ops, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):

@@ -152,6 +152,7 @@ def test_compiled_forward_runs_the_eager_ops(family, op_calls):
     # add_rms_norm_linear, counted under rms_norm_linear, its op, too; rms_norm_linear_rope, a composition
     # of two ops when traced, under both).
     assert eager.pop("rms_norm_linear_rope", 0) == (0 if family == "qwen3" else layers)
+    assert eager.pop("add_rms_norm_swiglu") == layers
     graph = _graph_ops(model, ids, labels)
     assert graph == eager, (graph, eager)
 

@@ -343,6 +343,27 @@ def test_rms_norm_linear_rope_eager_matches_the_composition_gpu(monkeypatch, bia
         assert torch.equal(a, b) and a.stride() == b.stride()
 
 
+def test_add_rms_norm_swiglu_eager_matches_the_composition_gpu(monkeypatch):
+    """CUDA bf16: the one eager Function of ``add_rms_norm_swiglu`` gives the eager composition's outputs and
+    every gradient bit for bit, at Qwen2.5-0.5B's MLP."""
+    mod = importlib.import_module("chronipatch.ops.add_rms_norm_swiglu")
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    r, x, nw = torch.randn(2, 37, 896, **bf), torch.randn(2, 37, 896, **bf), 1 + 0.1 * torch.randn(896, **bf)
+    wg, wu, wd = (torch.randn(*shape, **bf) / 30 for shape in ((4864, 896), (4864, 896), (896, 4864)))
+    grads, results = None, []
+    for fused, node in ((True, "_AddRMSNormSwiGLUEagerBackward"), (False, "_SwiGLULinearEagerBackward")):
+        if not fused:
+            monkeypatch.setattr(mod, "eager_cuda", lambda *t: False)
+        leaves = [t.detach().clone().requires_grad_() for t in (r, x, nw, wg, wu, wd)]
+        outs = ops.add_rms_norm_swiglu(*leaves[:3], 1e-6, leaves[3:5], leaves[5])
+        assert type(outs[1].grad_fn).__name__ == node, type(outs[1].grad_fn)
+        grads = grads or [torch.randn_like(o) for o in outs]
+        results.append([*outs, *torch.autograd.grad(outs, leaves, grads)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+
+
 def test_lce_supervised_rows_only_matches_full_computation_gpu(monkeypatch):
     """CUDA: scoring only the supervised rows (many labels ignored) gives the full computation's loss and
     gradients, up to the GEMMs' own shape-dependent rounding."""

@@ -61,6 +61,7 @@ def test_patched_matches_stock(family, op_calls):
     calls["rope"] = 2
     if family != "qwen3":  # q/k/v stacked and rotated in one op, counted as the two it runs too
         calls["rms_norm_linear_rope"] = 2
+    calls["add_rms_norm_swiglu"] = 2  # likewise the MLP's half: add_rms_norm_linear, then swiglu_linear
     assert op_calls == calls
     op_calls.clear()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))

@@ -150,11 +150,23 @@ def mlp_forward(self, x: torch.Tensor, input_norm=None, residual=None):
     ``(s, mlp(input_norm(s)))`` of s = residual + x."""
     # gate_proj/up_proj/down_proj stay the HF modules, so LoRA wrappers on them keep working.
     projections = (self.gate_proj, self.up_proj)
+    down = self.down_proj
+    if (
+        residual is not None
+        and input_norm is not None
+        and _fusable(input_norm, x, projections)
+        and residual.dtype == x.dtype
+        and plain_linear(down)
+    ):  # the whole block as one op (eager CUDA: one autograd node)
+        weights, biases = [p.weight for p in projections], [p.bias for p in projections]
+        eps = input_norm.variance_epsilon
+        return ops.add_rms_norm_swiglu(
+            residual, x, input_norm.weight, eps, weights, down.weight, biases, down.bias
+        )
     if residual is None:
         gate, up = normed_projections(input_norm, x, projections)
     else:
         s, (gate, up) = added_normed_projections(input_norm, residual, x, projections)
-    down = self.down_proj
     if plain_linear(down):  # the gating and down projection as one op, which keeps no [N, I] product
         out = ops.swiglu_linear(gate, up, down.weight, down.bias)
     else:

@@ -1,6 +1,7 @@
 """Fused ops, registered as ``chronipatch::`` torch.library ops: Triton on CUDA, torch elsewhere."""
 
 from ._labels import LabelCheck, prefetch_label_check
+from .add_rms_norm_swiglu import add_rms_norm_swiglu
 from .linear_cross_entropy import TokenStats, linear_cross_entropy
 from .rms_norm import rms_norm
 from .rms_norm_linear import add_rms_norm_linear, rms_norm_linear
@@ -13,6 +14,7 @@ __all__ = [
     "LabelCheck",
     "TokenStats",
     "add_rms_norm_linear",
+    "add_rms_norm_swiglu",
     "linear_cross_entropy",
     "prefetch_label_check",
     "rms_norm",
