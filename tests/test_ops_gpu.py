@@ -333,7 +333,8 @@ def test_rms_norm_linear_rope_eager_matches_the_composition_gpu(monkeypatch, bia
     for fused, node in ((True, "_RMSNormLinearRoPEEagerBackward"), (False, "_RoPEEagerBackward")):
         if not fused:
             monkeypatch.setattr(mod, "eager_cuda", lambda *t: False)
-        leaves = [t.detach().clone().requires_grad_() for t in (x, nw, *weights, *filter(None, biases))]
+        given = [b for b in biases if b is not None]
+        leaves = [t.detach().clone().requires_grad_() for t in (x, nw, *weights, *given)]
         ws, bs = leaves[2:5], (leaves[5:] if bias else [None] * 3)
         outs = ops.rms_norm_linear_rope(leaves[0], leaves[1], 1e-6, ws, bs, 64, cos, sin, dense=dense)
         assert type(outs[0].grad_fn).__name__ == node, type(outs[0].grad_fn)

@@ -211,7 +211,7 @@ def plain_linear(m: torch.nn.Module) -> bool:
         type(m) is torch.nn.Linear
         and no_hooks(m)
         and not isinstance(m, FSDPModule)
-        and not isinstance(m._parameters["weight"], DTensor)  # m.weight, without Module.__getattr__
+        and not isinstance(m.weight, DTensor)  # m.weight: FSDP1 sets it as a plain attribute in forward
     )
 
 
