@@ -1,4 +1,4 @@
-"""DDP and FSDP2 on CPU (gloo, 2 processes): a patched model's loss and gradients equal those of the
+"""DDP, FSDP2 and FSDP1 on CPU (gloo, 2 processes): a patched model's loss and gradients equal those of the
 single-process stock model on the whole batch.
 
 Every rank gets its own rows of one batch. As Trainer does with ``average_tokens_across_devices``,
@@ -37,12 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Scenario:
-    wrap: str  # "ddp" or "fsdp2"
+    wrap: str  # "ddp", "fsdp2" or "fsdp1" (FullyShardedDataParallel, a unit per decoder layer)
     patch: str | None = None  # None (stock), "before" or "after" wrapping
     own_head: bool = False  # FSDP2: lm_head is its own fully_shard unit
     tied: bool = False  # tie_word_embeddings (Qwen2.5-0.5B ties them)
     trl: bool = False  # the loss comes from chronipatch.trl's fused head (model(..., fused_lm_head=True))
     between: str = ""  # "logits": the loss call returns logits too; "forward": a forward before backward
+    orig_params: bool = True  # FSDP1's use_orig_params (False: the weights leave _parameters in forward)
 
 
 SCENARIOS = {
@@ -50,6 +51,8 @@ SCENARIOS = {
     "ddp-apply-before": Scenario("ddp", "before"),
     "ddp-apply-after": Scenario("ddp", "after"),
     "ddp-tied": Scenario("ddp", "before", tied=True),
+    "fsdp1-apply-before": Scenario("fsdp1", "before"),
+    "fsdp1-flat-params": Scenario("fsdp1", "before", orig_params=False),
     "fsdp2-stock": Scenario("fsdp2"),
     "fsdp2-stock-own-head": Scenario("fsdp2", own_head=True),
     "fsdp2-apply-before": Scenario("fsdp2", "before"),
@@ -122,6 +125,14 @@ def _run(name: str, rank: int) -> dict:
     report = chronipatch.apply(model) if spec.patch == "before" else None
     if spec.wrap == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    elif spec.wrap == "fsdp1":  # its forward sets each unit's weights as plain attributes, not parameters
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        policy = ModuleWrapPolicy({type(model.model.layers[0])})
+        wrapped = FullyShardedDataParallel(
+            model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=spec.orig_params
+        )
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -162,7 +173,15 @@ def _run(name: str, rank: int) -> dict:
     (out.loss * WORLD).backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)  # sum over ranks of local-sum / global-count = the global loss
-    grads = _grads(wrapped)
+    if spec.wrap == "fsdp1" and not spec.orig_params:
+        grads = None  # on the flat parameters only: the loss is compared
+    elif spec.wrap == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            grads = {n.replace("_fsdp_wrapped_module.", ""): g for n, g in _grads(wrapped).items()}
+    else:
+        grads = _grads(wrapped)
     # A forward with nothing to train (a frozen reference model): no backward will reshard the head.
     for p in wrapped.parameters():
         p.requires_grad_(False)
@@ -278,6 +297,8 @@ def test_loss_and_grads_match_single_process_stock(results, name):
     r = _result(results, name)
     ref_loss, ref_grads = _reference(SCENARIOS[name].tied)
     torch.testing.assert_close(r["loss"], ref_loss, rtol=1e-5, atol=1e-6)
+    if r["grads"] is None:  # FSDP1's flat parameters
+        return
     assert r["grads"].keys() == ref_grads.keys()
     bad = [
         n
