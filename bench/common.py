@@ -83,12 +83,15 @@ def _query(cmd: list[str]) -> str | None:
 
 
 def _commit() -> str | None:
-    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files), or ``CHRONIPATCH_COMMIT``
-    where the tree is a copy without git (the GPU machine's)."""
+    """``CHRONIPATCH_COMMIT`` where set (a copied tree, whose own git metadata, if any, may be stale: the GPU
+    machine's copy read 7fbb674+dirty for the tree of 9a4aef5), else the checkout's commit (``+dirty`` with
+    uncommitted changes to tracked files)."""
+    if os.environ.get("CHRONIPATCH_COMMIT"):
+        return os.environ["CHRONIPATCH_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     head = _query(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"])
     if head is None:
-        return os.environ.get("CHRONIPATCH_COMMIT")
+        return None
     dirty = _query(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
     return head + ("+dirty" if dirty else "")
 
