@@ -316,27 +316,17 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
             assert a.stride() == b.stride()
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2"])
-@pytest.mark.parametrize("dense", [False, True], ids=["hf_layout", "dense"])
-def test_rms_norm_linear_rope_eager_matches_the_composition_gpu(monkeypatch, bias, dense):
-    """CUDA bf16: the one eager Function of ``rms_norm_linear_rope`` gives the composition's outputs (values
-    and layouts) and every gradient bit for bit, at Qwen2.5-0.5B's heads."""
-    mod = importlib.import_module("chronipatch.ops.rms_norm_linear_rope")
-    torch.manual_seed(0)
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    x, nw = torch.randn(2, 37, 896, **bf), 1 + 0.1 * torch.randn(896, **bf)
-    weights = [torch.randn(o, 896, **bf) / 30 for o in (896, 128, 128)]
-    biases = [torch.randn(w.shape[0], **bf) if bias else None for w in weights]
-    cos, sin = torch.randn(1, 37, 64, **bf), torch.randn(1, 37, 64, **bf)
+def _fused_matches_the_composition(monkeypatch, op, nodes, call, inputs):
+    """``call(*leaves)`` through ``op``'s one eager Function and, with it switched off, through the eager
+    composition (the two ops' own Functions, as eager CUDA calls ran it before): outputs, their layouts and
+    every input's gradient bit for bit. ``nodes``: the first output's grad_fn names, fused then composed."""
+    mod = importlib.import_module(f"chronipatch.ops.{op}")
     grads, results = None, []
-    # The composition as eager CUDA calls ran it before: rms_norm_linear's and rope's own Functions.
-    for fused, node in ((True, "_RMSNormLinearRoPEEagerBackward"), (False, "_RoPEEagerBackward")):
+    for fused, node in zip((True, False), nodes):
         if not fused:
             monkeypatch.setattr(mod, "eager_cuda", lambda *t: False)
-        given = [b for b in biases if b is not None]
-        leaves = [t.detach().clone().requires_grad_() for t in (x, nw, *weights, *given)]
-        ws, bs = leaves[2:5], (leaves[5:] if bias else [None] * 3)
-        outs = ops.rms_norm_linear_rope(leaves[0], leaves[1], 1e-6, ws, bs, 64, cos, sin, dense=dense)
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        outs = call(*leaves)
         assert type(outs[0].grad_fn).__name__ == node, type(outs[0].grad_fn)
         grads = grads or [torch.randn_like(o) for o in outs]
         results.append([*outs, *torch.autograd.grad(outs, leaves, grads)])
@@ -344,25 +334,39 @@ def test_rms_norm_linear_rope_eager_matches_the_composition_gpu(monkeypatch, bia
         assert torch.equal(a, b) and a.stride() == b.stride()
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("dense", [False, True], ids=["hf_layout", "dense"])
+def test_rms_norm_linear_rope_eager_matches_the_composition_gpu(monkeypatch, bias, dense):
+    """CUDA bf16, at Qwen2.5-0.5B's heads: ``rms_norm_linear_rope``'s Function is its composition."""
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, nw = torch.randn(2, 37, 896, **bf), 1 + 0.1 * torch.randn(896, **bf)
+    weights = [torch.randn(o, 896, **bf) / 30 for o in (896, 128, 128)]
+    biases = [torch.randn(w.shape[0], **bf) for w in weights] if bias else []
+    cos, sin = torch.randn(1, 37, 64, **bf), torch.randn(1, 37, 64, **bf)
+
+    def call(x, nw, *params):
+        ws, bs = params[:3], (params[3:] if bias else [None] * 3)
+        return ops.rms_norm_linear_rope(x, nw, 1e-6, list(ws), list(bs), 64, cos, sin, dense=dense)
+
+    nodes = ("_RMSNormLinearRoPEEagerBackward", "_RoPEEagerBackward")
+    inputs = (x, nw, *weights, *biases)
+    _fused_matches_the_composition(monkeypatch, "rms_norm_linear_rope", nodes, call, inputs)
+
+
 def test_add_rms_norm_swiglu_eager_matches_the_composition_gpu(monkeypatch):
-    """CUDA bf16: the one eager Function of ``add_rms_norm_swiglu`` gives the eager composition's outputs and
-    every gradient bit for bit, at Qwen2.5-0.5B's MLP."""
-    mod = importlib.import_module("chronipatch.ops.add_rms_norm_swiglu")
+    """CUDA bf16, at Qwen2.5-0.5B's MLP: ``add_rms_norm_swiglu``'s Function is its composition."""
     torch.manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
     r, x, nw = torch.randn(2, 37, 896, **bf), torch.randn(2, 37, 896, **bf), 1 + 0.1 * torch.randn(896, **bf)
     wg, wu, wd = (torch.randn(*shape, **bf) / 30 for shape in ((4864, 896), (4864, 896), (896, 4864)))
-    grads, results = None, []
-    for fused, node in ((True, "_AddRMSNormSwiGLUEagerBackward"), (False, "_SwiGLULinearEagerBackward")):
-        if not fused:
-            monkeypatch.setattr(mod, "eager_cuda", lambda *t: False)
-        leaves = [t.detach().clone().requires_grad_() for t in (r, x, nw, wg, wu, wd)]
-        outs = ops.add_rms_norm_swiglu(*leaves[:3], 1e-6, leaves[3:5], leaves[5])
-        assert type(outs[1].grad_fn).__name__ == node, type(outs[1].grad_fn)
-        grads = grads or [torch.randn_like(o) for o in outs]
-        results.append([*outs, *torch.autograd.grad(outs, leaves, grads)])
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b) and a.stride() == b.stride()
+
+    def call(r, x, nw, wg, wu, wd):
+        s, out = ops.add_rms_norm_swiglu(r, x, nw, 1e-6, [wg, wu], wd)
+        return out, s  # the output whose node names the Function first
+
+    nodes = ("_AddRMSNormSwiGLUEagerBackward", "_SwiGLULinearEagerBackward")
+    _fused_matches_the_composition(monkeypatch, "add_rms_norm_swiglu", nodes, call, (r, x, nw, wg, wu, wd))
 
 
 def test_lce_supervised_rows_only_matches_full_computation_gpu(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -540,3 +541,31 @@ def test_sliding_window_at_the_row_length(window):
     assert ids.shape[1] == 17
     assert _compiled_sdpa_masks(patched) == [window < 17] * 2
     torch.testing.assert_close(patched(ids, labels=labels).loss, stock(ids, labels=labels).loss)
+
+
+@pytest.mark.parametrize(
+    ("op", "function", "family"),
+    [
+        ("rms_norm_linear_rope", "_RMSNormLinearRoPEEager", "llama"),  # the attention's half of a layer
+        ("rms_norm_linear_rope", "_RMSNormLinearRoPEEager", "qwen2"),
+        ("add_rms_norm_swiglu", "_AddRMSNormSwiGLUEager", "llama"),  # the MLP's half
+        ("add_rms_norm_swiglu", "_AddRMSNormSwiGLUEager", "qwen3"),
+    ],
+)
+def test_patched_model_through_a_fused_eager_function_matches_stock(monkeypatch, op, function, family):
+    """A patched model whose layers take a fused op's eager Function (forced here on CPU tensors), once per
+    layer: loss and every gradient equal stock's, and equal the composition's bit for bit."""
+    mod = importlib.import_module(f"chronipatch.ops.{op}")
+    stock = tiny_model(family)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    composed = _loss_and_grads(patched, ids, labels)
+    calls = []
+    monkeypatch.setattr(mod, "eager_cuda", lambda *t: True)
+    real = getattr(mod, function).apply
+    monkeypatch.setattr(getattr(mod, function), "apply", lambda *a: calls.append(1) or real(*a))
+    fused = _loss_and_grads(patched, ids, labels)
+    assert len(calls) == patched.config.num_hidden_layers
+    _assert_same(fused, _loss_and_grads(stock, ids, labels))
+    _assert_same(fused, composed, rtol=0, atol=0)
