@@ -107,10 +107,10 @@ def _cases() -> list[tuple]:
             {p: f"*{dt}" for p in ("Q", "K", "QO", "KO")}
             | {"C": "*fp32", "S": "*fp32"}
             | strides
-            | _ints("T", "HQ", "HK")
+            | _ints("n_tok", "T", "HQ", "HK")
         )
         for bwd in (False, True):
-            tiles = {"HALF": 32, "BLOCK_HQ": 16, "BLOCK_HK": 2, "BLOCK_D": 32, "BACKWARD": bwd}
+            tiles = {"D": 64, "BLOCK_HQ": 16, "BLOCK_HK": 2, "BLOCK_D": 64, "TOKENS": 1, "BACKWARD": bwd}
             cases.append((f"rope_{'bwd' if bwd else 'fwd'}_{dt}", "rope", "_rope_kernel", rope, tiles))
         if dt == "fp32":  # fp32 inputs: cuBLAS logits chunks and these two kernels over them
             stats = dict.fromkeys(("M", "S", "E", "ZLAB"), "*fp32")

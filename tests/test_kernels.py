@@ -20,6 +20,7 @@ lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
 chunks = importlib.import_module("chronipatch.ops._lce_chunks")
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
 tiles_bwd = importlib.import_module("chronipatch.ops._lce_tiles_bwd")
+rows = importlib.import_module("chronipatch.ops._lce_rows")
 
 DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -506,8 +507,9 @@ def test_rope_head_offsets_are_int64():
     # (b, h, t) strides of q, k, qo, ko; then (b, t) of cos and sin
     strides = (0, stride, 2, 0, 2, 2, 0, 2, 2, 0, 2, 2, 0, 2, 0, 2)
     rope._rope_kernel[(1,)](
-        q, k, cos, sin, qo, ko, 1, *strides, 3, 1, HALF=1, BLOCK_HQ=4, BLOCK_HK=1, BLOCK_D=1, BACKWARD=False
-    )
+        q, k, cos, sin, qo, ko, 1, 1, *strides, 3, 1, D=2, BLOCK_HQ=4, BLOCK_HK=1, BLOCK_D=2, TOKENS=1,
+        BACKWARD=False,
+    )  # fmt: skip
     assert qo.tolist() == [[1, 2], [3, 4], [21, 22]]
     del buf
 
@@ -617,3 +619,28 @@ def test_lce_loss_of_a_label_logit_summed_above_the_max_is_zero(monkeypatch):
     hid, w = torch.zeros(2, 8, dtype=torch.float16), torch.zeros(4, 8, dtype=torch.float16)
     loss = lce.lce_fwd_triton(hid, w, torch.tensor([1, 2]), -100, token_stats=False)[0]
     assert loss[0] == 0 and loss[1] == torch.log(s[1]) - (zlab[1] - m[1])
+
+
+@pytest.mark.parametrize("n", [1, 4097, 40000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
+    """The one-pass gradients times the loss's upstream gradient g: the fp32 product rounded once (g not
+    rounded to the gradients' dtype), in place or into a new tensor; in place, g = 1 writes nothing."""
+    monkeypatch.setattr(rows, "eager_cuda", lambda *tensors: True)  # CPU tensors: the interpreter's kernel
+    torch.manual_seed(n)
+    t = _r(n, dtype=dtype)
+    for g in (3.0, 1 / 3, -0.5, 1.0, float("inf"), float("nan")):
+        want = (t.float() * g).to(dtype)
+        g_t = torch.tensor(g, device=KERNEL_DEVICE)
+        new = rows.scale_grad(t, g_t, in_place=False)
+        assert new.data_ptr() != t.data_ptr()
+        torch.testing.assert_close(new, want, rtol=0, atol=0, equal_nan=True)
+        kept = t.clone()
+        assert rows.scale_grad(kept, g_t, in_place=True).data_ptr() == kept.data_ptr()
+        torch.testing.assert_close(kept, want, rtol=0, atol=0, equal_nan=True)
+    # In place, the kernel's output is its input: given another one, g = 1 leaves it untouched.
+    for g, written in ((1.0, False), (2.0, True)):
+        out = torch.zeros_like(t)
+        g_t = torch.tensor(g, device=KERNEL_DEVICE)
+        rows._scale_kernel[(2,)](t, out, g_t, n, BLOCK=1024, SKIP_ONE=True)
+        assert bool((out != 0).any()) == written

@@ -46,7 +46,7 @@ from torch import Tensor
 from . import reference
 from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
 from ._lce_chunks import chunks_bwd, chunks_fwd
-from ._lce_rows import dw_rows, rows_fwd_bwd
+from ._lce_rows import dw_rows, rows_fwd_bwd, scale_grad
 from ._lce_tiles import tiles_fwd
 from ._lce_tiles_bwd import tiles_bwd
 from ._utils import (
@@ -258,8 +258,9 @@ def _backward_with_grad(ctx, grad_loss, *_):
     # place where nothing can read the kept gradients again: an eager backward that frees the graph
     # (no retain_graph) and records none (no create_graph). A second [V, H] for dW otherwise: the step's
     # memory peak where the backward starts, with every activation alive.
-    scale = torch.Tensor.mul_ if last_use(grad_loss, dh, dw) else torch.mul
-    return scale(dh, grad_loss) if need_dh else None, scale(dw, grad_loss) if need_dw else None, *[None] * 6
+    in_place = last_use(grad_loss, dh, dw)
+    dh = scale_grad(dh, grad_loss, in_place) if need_dh else None
+    return dh, scale_grad(dw, grad_loss, in_place) if need_dw else None, *[None] * 6
 
 
 _lce_with_grad.register_autograd(_backward_with_grad, setup_context=_setup_with_grad)
@@ -280,9 +281,14 @@ class TokenStats(NamedTuple):
     correct: Tensor
 
 
-def _mean_divisor(labels: Tensor, ignore_index: int, num_items_in_batch: int | Tensor | None) -> Tensor:
-    """The mean's divisor (fp32, on the labels' device): ``num_items_in_batch``, else the supervised count."""
+def _mean_divisor(
+    labels: Tensor, ignore_index: int, num_items_in_batch: int | Tensor | None, n_valid: int | None
+) -> Tensor:
+    """The mean's divisor (fp32, on the labels' device): ``num_items_in_batch``, else the supervised count
+    (``n_valid`` where the label check has counted it on the host: one launch, not three)."""
     if num_items_in_batch is None:
+        if n_valid is not None:
+            return torch.full((), n_valid, device=labels.device, dtype=torch.float32)
         return (labels != ignore_index).sum().float()
     if isinstance(num_items_in_batch, Tensor):
         return num_items_in_batch.to(labels.device, torch.float32).reshape(())
@@ -374,7 +380,7 @@ def linear_cross_entropy(
         divisor = (
             torch.ones((), device=h.device)
             if reduction == "sum"
-            else _mean_divisor(labels, ignore_index, num_items_in_batch)
+            else _mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         )
         loss, entropy, correct, _, _ = _lce_with_grad(
             h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw
@@ -390,7 +396,7 @@ def linear_cross_entropy(
     elif reduction == "sum":
         loss = rows.sum()
     else:
-        divisor = _mean_divisor(labels, ignore_index, num_items_in_batch)
+        divisor = _mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         loss = rows.sum() / torch.where(divisor != 0, divisor, 1.0)  # nothing supervised: a finite 0
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
