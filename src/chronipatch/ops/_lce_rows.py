@@ -19,8 +19,9 @@ p's bf16 rounding is g's own; dW's h scaled by r adds one bf16 rounding per prod
 after the first where dW sums over chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
-(exact when that is 1 or a power of 2). fp16 inputs keep the recompute path: under a loss scaler their
-gradients, computed before the scale is known, would leave fp16's range.
+(``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
+recompute path: under a loss scaler their gradients, computed before the scale is known, would leave fp16's
+range.
 """
 
 from __future__ import annotations

@@ -33,10 +33,11 @@ from ._utils import (
     pow2,
 )
 
-# Elements of q and k per program: its rows (tokens) a power of 2, up to 16. On the H200 one row of 64 per
-# program (Qwen2.5-0.5B's 14 + 2 heads) took 12.3 us a direction at 8192 tokens, the split-half kernel before
-# this one 12.3, and 8 rows per program with 4 warps 7.2; at d128 (16 + 8 heads) every shape from 1 to 8 rows
-# ran at 27 us, but those with 384 elements or more per thread (37-184 us). Wider rows get more warps.
+# Elements of q and k per program: its rows (tokens) a power of 2, up to 16. On the H200 at 8192 tokens of
+# Qwen2.5-0.5B's 14 + 2 heads of 64, fwd + bwd took 23 us of kernels against the split-half kernel's 26, as
+# bench/ops.py times them (2026-12-05); alone and L2-resident a direction took 7.2 us with 8 rows and 4 warps,
+# 14.6 with one row, 12.3 split-half. At d128 (16 + 8 heads) every shape ran at 27 us a direction but those
+# with 384 elements or more per thread (37-184 us); wider rows get more warps.
 ROPE_ELEMENTS = 8192
 
 # ---------------------------------------------------------------- kernels
