@@ -128,7 +128,13 @@ def scale_grad(t: Tensor, g: Tensor, in_place: bool) -> Tensor:
     """t * g for the one-pass gradients and the loss's upstream gradient g: in place where nothing reads t
     again. On CUDA one kernel that, in place, skips an upstream 1 (otherwise a read and a write of dW's
     [V, H], 2 x 272 MB at 151,936 x 896); torch elsewhere, or where t is not contiguous."""
-    if not (eager_cuda(t, g) and t.is_contiguous() and g.numel() == 1 and g.dtype == torch.float32):
+    if not (
+        eager_cuda(t, g)
+        and t.is_contiguous()
+        and g.numel() == 1
+        and g.dtype == torch.float32
+        and g.device == t.device
+    ):
         return t.mul_(g) if in_place else torch.mul(t, g)
     out = t if in_place else torch.empty_like(t)
     n = t.numel()
