@@ -460,7 +460,7 @@ def test_lora_on_the_head_keeps_the_stock_head():
     ids, labels = batch()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
     # The fused losses' shared head accessor refuses such a head outright (the TRL path reads it too).
-    from chronipatch.layers import head_weight
+    from chronipatch.head import head_weight
 
     with pytest.raises(ValueError, match="lm_head carries unmerged LoRA adapters"):
         head_weight(patched.base_model.model.lm_head)

@@ -25,7 +25,7 @@ import types
 from transformers import TrainerCallback
 
 from . import attention, loraplus, ops
-from .layers import check_head_adapters, head_weight, reshard_if_idle
+from .head import check_head_adapters, head_weight, reshard_if_idle
 from .packing import PackingCollator
 from .patch import apply, is_patched
 

@@ -1,4 +1,5 @@
-"""The loss's label checks: the range check that needs one host sync in eager mode, and its prefetch."""
+"""The loss's labels: the range check that needs one host sync in eager mode, its prefetch, and the mean's
+divisor."""
 
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def label_counts(targets: Tensor, vocab: int, ignore_index: int, num_items: Tens
         n = num_items.reshape(())
         bad_items = (~(n >= 0) | ((n == 0) & (n_valid > 0))).long()  # ~(n >= 0): negative or NaN
     return torch.stack([bad.any().long(), n_valid, first, bad_items])
+
+
+def mean_divisor(
+    labels: Tensor, ignore_index: int, num_items_in_batch: int | Tensor | None, n_valid: int | None
+) -> Tensor:
+    """The mean's divisor (fp32, on the labels' device): ``num_items_in_batch``, else the supervised count
+    (``n_valid`` where the label check has counted it on the host: one launch, not three)."""
+    if num_items_in_batch is None:
+        if n_valid is not None:
+            return torch.full((), n_valid, device=labels.device, dtype=torch.float32)
+        return (labels != ignore_index).sum().float()
+    if isinstance(num_items_in_batch, Tensor):
+        return num_items_in_batch.to(labels.device, torch.float32).reshape(())
+    # full, not as_tensor, which bakes the number into a compiled graph (one recompile per count)
+    return torch.full((), num_items_in_batch, device=labels.device, dtype=torch.float32)
 
 
 class LabelCheck(NamedTuple):

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._labels import LabelCheck, check_values, label_counts_matching, targets_of
+from ._labels import LabelCheck, check_values, label_counts_matching, mean_divisor, targets_of
 from ._lce_chunks import chunks_bwd, chunks_fwd
 from ._lce_rows import dw_rows, rows_fwd_bwd, scale_grad
 from ._lce_tiles import tiles_fwd
@@ -281,21 +281,6 @@ class TokenStats(NamedTuple):
     correct: Tensor
 
 
-def _mean_divisor(
-    labels: Tensor, ignore_index: int, num_items_in_batch: int | Tensor | None, n_valid: int | None
-) -> Tensor:
-    """The mean's divisor (fp32, on the labels' device): ``num_items_in_batch``, else the supervised count
-    (``n_valid`` where the label check has counted it on the host: one launch, not three)."""
-    if num_items_in_batch is None:
-        if n_valid is not None:
-            return torch.full((), n_valid, device=labels.device, dtype=torch.float32)
-        return (labels != ignore_index).sum().float()
-    if isinstance(num_items_in_batch, Tensor):
-        return num_items_in_batch.to(labels.device, torch.float32).reshape(())
-    # full, not as_tensor, which bakes the number into a compiled graph (one recompile per count)
-    return torch.full((), num_items_in_batch, device=labels.device, dtype=torch.float32)
-
-
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -380,7 +365,7 @@ def linear_cross_entropy(
         divisor = (
             torch.ones((), device=h.device)
             if reduction == "sum"
-            else _mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
+            else mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         )
         loss, entropy, correct, _, _ = _lce_with_grad(
             h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw
@@ -396,7 +381,7 @@ def linear_cross_entropy(
     elif reduction == "sum":
         loss = rows.sum()
     else:
-        divisor = _mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
+        divisor = mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         loss = rows.sum() / torch.where(divisor != 0, divisor, 1.0)  # nothing supervised: a finite 0
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
