@@ -69,16 +69,6 @@ def normed_projections(norm, x: torch.Tensor, projections) -> list[torch.Tensor]
     return [p(x) for p in projections]
 
 
-def added_normed_projections(norm, residual, x, projections) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(s, normed_projections(norm, s, projections))`` of s = residual + x: where that is one
-    ``ops.rms_norm_linear``, as one ``ops.add_rms_norm_linear``."""
-    if norm is not None and _fusable(norm, x, projections) and residual.dtype == x.dtype:
-        weights, biases = [p.weight for p in projections], [p.bias for p in projections]
-        return ops.add_rms_norm_linear(residual, x, norm.weight, norm.variance_epsilon, weights, biases)
-    s = residual + x
-    return s, normed_projections(norm, s, projections)
-
-
 def _fusable(norm, x: torch.Tensor, projections) -> bool:
     dtype, weight = x.dtype, norm.weight  # each module attribute read once: ~1 us of host apiece
     return (
@@ -97,22 +87,26 @@ def mlp_forward(self, x: torch.Tensor, input_norm=None, residual=None):
     # gate_proj/up_proj/down_proj stay the HF modules, so LoRA wrappers on them keep working.
     projections = (self.gate_proj, self.up_proj)
     down = self.down_proj
-    if (
+    # Whether the residual add and the norm run inside the gate/up projections' op: decided once per call.
+    fused = (
         residual is not None
         and input_norm is not None
-        and _fusable(input_norm, x, projections)
         and residual.dtype == x.dtype
-        and plain_linear(down)
-    ):  # the whole block as one op (eager CUDA: one autograd node)
+        and _fusable(input_norm, x, projections)
+    )
+    if fused:
         weights, biases = [p.weight for p in projections], [p.bias for p in projections]
         eps = input_norm.variance_epsilon
-        return ops.add_rms_norm_swiglu(
-            residual, x, input_norm.weight, eps, weights, down.weight, biases, down.bias
-        )
-    if residual is None:
+        if plain_linear(down):  # the whole block as one op (eager CUDA: one autograd node)
+            return ops.add_rms_norm_swiglu(
+                residual, x, input_norm.weight, eps, weights, down.weight, biases, down.bias
+            )
+        s, (gate, up) = ops.add_rms_norm_linear(residual, x, input_norm.weight, eps, weights, biases)
+    elif residual is None:
         gate, up = normed_projections(input_norm, x, projections)
     else:
-        s, (gate, up) = added_normed_projections(input_norm, residual, x, projections)
+        s = residual + x
+        gate, up = normed_projections(input_norm, s, projections)
     if plain_linear(down):  # the gating and down projection as one op, which keeps no [N, I] product
         out = ops.swiglu_linear(gate, up, down.weight, down.bias)
     else:

@@ -89,9 +89,11 @@ def _rope_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def _tokens_per_program(heads: int, block_d: int) -> int:
-    """Rows per program: the power of 2 (up to 16) at or above ROPE_ELEMENTS / (q and k elements a row)."""
-    return min(16, pow2(cdiv(ROPE_ELEMENTS, heads * block_d)))
+def _launch_shape(heads: int, block_d: int) -> tuple[int, int]:
+    """(rows per program, warps): the power of 2 (up to 16) at or above ROPE_ELEMENTS / (q and k elements a
+    row), and 4 warps, more where one row alone is wider than 16,384 elements."""
+    tokens = min(16, pow2(cdiv(ROPE_ELEMENTS, heads * block_d)))
+    return tokens, min(16, max(4, tokens * heads * block_d // 4096))
 
 
 def _like_hf(x: Tensor) -> Tensor:
@@ -125,7 +127,7 @@ def rope_triton(
         # One stride() call per tensor: each costs as much host time as a small kernel's arithmetic.
         sq, sk, sqo, sko, sc, ss = (x.stride() for x in (q, k, qo, ko, cos, sin))
         block_hq, block_hk, block_d = max(pow2(hq), 1), max(pow2(hk), 1), max(pow2(d), 1)
-        tokens = _tokens_per_program(block_hq + block_hk, block_d)
+        tokens, warps = _launch_shape(block_hq + block_hk, block_d)
         (wrap_triton(_rope_kernel) if wrap else _rope_kernel)[(cdiv(b * t, tokens),)](
             q, k, cos, sin, qo, ko, b * t, t,
             *sq[:3], *sk[:3], *sqo[:3], *sko[:3],
@@ -134,7 +136,7 @@ def rope_triton(
             ss[0] if sin.shape[0] > 1 else 0, ss[1],
             hq, hk,
             D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d, TOKENS=tokens, BACKWARD=backward,
-            num_warps=min(16, max(4, tokens * (block_hq + block_hk) * block_d // 4096)),
+            num_warps=warps,
         )  # fmt: skip
     return qo, ko
 
