@@ -136,6 +136,9 @@ def stub_kernels() -> None:
 
     for name in ("_utils", "rms_norm", "rms_norm_linear", "rope", "swiglu", "swiglu_linear"):
         importlib.import_module(f"chronipatch.ops.{name}").on_gpu = on_gpu
+    # The loss and its label check stay on the CPU reference (stubbed kernels would leave garbage counts).
+    for name in ("_labels", "linear_cross_entropy"):
+        importlib.import_module(f"chronipatch.ops.{name}").eager_cuda = lambda *tensors: False
     importlib.import_module("chronipatch.ops._utils").num_sms = lambda index: 132
     jit.JITFunction.run = lambda self, *args, **kwargs: None
 

@@ -302,7 +302,10 @@ OPS = {
     ),
 }
 
-CASES = [("rms_norm", (8192, 896)), ("rms_norm", (8192, 4096)), ("rms_norm_qkv", (8192, 2048, 2048, 512)),
+# rms_norm: Qwen2.5-0.5B's, Llama-3.2-1B's and the 7-8B models' hidden sizes, and Qwen3's q_norm (16 heads of
+# 128 per token).
+CASES = [("rms_norm", (8192, 896)), ("rms_norm", (8192, 2048)), ("rms_norm", (8192, 4096)),
+         ("rms_norm", (131072, 128)), ("rms_norm_qkv", (8192, 2048, 2048, 512)),
          ("rms_norm_qkv", (8192, 896, 896, 128)), ("add_rms_norm_gate_up", (8192, 896, 4864)),
          ("add_rms_norm_gate_up", (8192, 2048, 8192)), ("rope", (4, 2048, 14, 2, 64)),
          ("rope", (4, 2048, 16, 8, 128)), ("swiglu_mlp", (8192, 896, 4864)), ("swiglu", (8192, 4864)),

@@ -87,3 +87,14 @@ def test_host_time_stub_takes_the_eager_cuda_path(tmp_path):
     assert "## hf" in text and "## chronipatch" in text and "Traceback" not in text, text
     ours = text.split("## chronipatch")[1]
     assert "_AddRMSNormSwiGLUEagerBackward" in ours and "_RMSNormLinearRoPEEagerBackward" in ours, ours
+
+
+def test_lce_host_bench_smoke():
+    """``bench/lce_host.py``: the eager loss's CUDA path on CPU, launches stubbed; two before the tiles'."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    env.pop("TRITON_INTERPRET", None)  # the launches are stubbed; the kernels need no interpreter
+    cmd = [sys.executable, str(ROOT / "bench" / "lce_host.py"), "--calls", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "to the first tile launch" in proc.stdout
+    assert "launches: _label_counts_kernel _references_kernel _fwd_tiles_kernel" in proc.stdout, proc.stdout

@@ -197,7 +197,7 @@ def _cases() -> list[tuple]:
             "lce_rows_settle_bf16",
             "_lce_rows",
             "_settle_kernel",
-            dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "SCALE", "R"), "*fp32")
+            dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "DIVISOR", "R"), "*fp32")
             | {"P": "*bf16", "LABELS": "*i64"}
             | _ints("stride_p", "vocab", "n_tiles_v", "ignore_index"),
             {"BN": 256, "MARGIN": 32.0, "TILES": 8, "SCAN": 1024},
@@ -213,6 +213,28 @@ def _cases() -> list[tuple]:
             {"NEED_DH": True, "NEED_DW": True, "BLOCK": 1024},
         )
     )
+    cases.append(
+        (
+            "lce_rows_references_bf16",
+            "_lce_rows",
+            "_references_kernel",
+            {"H": "*bf16", "W": "*bf16", "K": "*fp32", "bound_scale": "fp32"}
+            | _ints("n", "hdim", "stride_h", "stride_w", "step", "samples"),
+            {"BM": 64, "BS": 128, "BK": 64, "UPCAST": False},
+            {"num_warps": 4, "num_stages": 3},
+        )
+    )
+    cases += [
+        (
+            f"label_counts{'_items_' + items if items else ''}",
+            "_labels",
+            "_label_counts_kernel",
+            {"Y": "*i64", "ITEMS": f"*{items or 'i64'}", "OUT": "*i64"} | _ints("n", "vocab", "ignore_index"),
+            {"HAS_ITEMS": bool(items), "BLOCK": 4096},
+            {"num_warps": 8},
+        )
+        for items in ("", "i64", "fp32")
+    ]
     cases += [
         (
             f"lce_tiles_label_grad_{dt}",
@@ -295,6 +317,8 @@ def test_kernel_compiles_for_h100(compiled, ptx, case):
     if case.startswith(("lce_fwd", "lce_bwd")):  # fp32: exp_f32's Cody-Waite floor, IEEE division backward
         assert re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx)
         assert ("div.rn.f32" in ptx) == case.startswith("lce_bwd")
+    if case == "lce_rows_references_bf16":  # the sampled logits on tensor cores too
+        assert "mma" in ptx
     if case.startswith(("lce_tiles_fwd", "lce_tiles_bwd")):  # the logits GEMM on Hopper's tensor cores
         assert "wgmma.mma_async" in ptx
         assert ("cp.async.bulk.tensor" in ptx) == (not case.endswith("_pointer_loads"))  # TMA loads

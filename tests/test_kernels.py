@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 
+from chronipatch import ops
 from chronipatch.ops import reference
 from helpers import KERNEL_DEVICE, hf_view, needs_kernels, small_lce_tiles
 
@@ -644,3 +645,87 @@ def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
         g_t = torch.tensor(g, device=KERNEL_DEVICE)
         rows._scale_kernel[(2,)](t, out, g_t, n, BLOCK=1024, SKIP_ONE=True)
         assert bool((out != 0).any()) == written
+
+
+@pytest.mark.parametrize("n", [1, 7, 4097, 9000])
+def test_label_counts_kernel(n):
+    """The eager check's one-launch counts give torch's: the out-of-range flag, the supervised count, the
+    first bad label (by position) and the num_items verdict (negative, NaN, or 0 with labels to normalise)."""
+    labels_mod = importlib.import_module("chronipatch.ops._labels")
+    torch.manual_seed(n)
+    for low in (0, -3):  # all in range, then some below 0 and some at or past the vocabulary
+        y = torch.randint(low, 20 if low else 15, (n,), device=KERNEL_DEVICE)
+        y[torch.rand(n, device=KERNEL_DEVICE) < 0.3] = -100
+        for items in (None, 0, -1.0, float("nan"), 5, 0.0):
+            items = None if items is None else torch.tensor(items, device=KERNEL_DEVICE)
+            got = labels_mod._counts_by_kernel(y, 15, -100, items).tolist()
+            want = labels_mod.label_counts(y.cpu(), 15, -100, None if items is None else items.cpu()).tolist()
+            assert got == want if got[0] else got[:2] + got[3:] == want[:2] + want[3:], (got, want)
+            if got[0]:
+                bad = y[(y != -100) & ((y < 0) | (y >= 15))]
+                assert got[2] == bad[0]
+    nothing, zero = torch.full((n,), -100, device=KERNEL_DEVICE), torch.tensor(0, device=KERNEL_DEVICE)
+    assert labels_mod._counts_by_kernel(nothing, 15, -100, zero).tolist() == [0, 0, 0, 0]
+
+
+def _torch_references(hidden, weight):
+    """``_lce_rows.row_references`` in torch: the sampled logits (an fp32 GEMM) less the rounding bound."""
+    sample = weight[:: max(1, weight.shape[0] // rows.SAMPLES)][: rows.SAMPLES]
+    z = hidden.float() @ sample.float().T
+    norms = [torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample)]
+    k = (z - torch.outer(*norms) * (4 * hidden.shape[1] * 2.0**-24)).amax(dim=1)
+    return torch.where(k == float("inf"), float("nan"), k)
+
+
+@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (70, 100, 5000), (130, 64, 2049), (65, 24, 1024)])
+def test_lce_row_references_kernel(n, h, v, monkeypatch):
+    """Each row's reference K: the max of its sampled logits, lowered by the rounding bound, within fp32
+    summation order of torch's; nan where a hidden state is nan or inf (every tile then takes its own max)."""
+    monkeypatch.setattr(rows, "SAMPLES", 96)  # every few columns, the last sample block ragged
+    torch.manual_seed(n)
+    hid = _r(n, h, dtype=torch.bfloat16, scale=3.0)
+    w = _r(v, h, dtype=torch.bfloat16)
+    want = _torch_references(hid.cpu(), w.cpu())
+    torch.testing.assert_close(rows.row_references(hid, w).cpu(), want, rtol=1e-5, atol=1e-4)
+    if n > 2:
+        hid[0, 1], hid[2, 0] = float("nan"), float("inf")
+        got = rows.row_references(hid, w).cpu()
+        assert got[[0, 2]].isnan().all() and not got[1].isnan() and not got[3:].isnan().any()
+
+
+def test_lce_eager_function_runs_the_one_pass(monkeypatch):
+    """The eager bf16 training path (``_LceWithGradEager``, taken for plain CUDA tensors outside tracing)
+    gives the one pass's loss and gradients bit for bit, scaled by the upstream gradient (in place on the last
+    backward, into new tensors while the graph is kept), through the public op too; no double backward."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    hid, w = _r(40, 16, dtype=bf16), _r(100, 16, dtype=bf16, scale=0.5)
+    labels = torch.randint(0, 100, (40,), device=KERNEL_DEVICE)
+    labels[:3] = -100
+    divisor = (labels != -100).sum().float()
+    loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    out = lce._LceWithGradEager.apply(x, wt, labels, divisor, -100, False, True, True)
+    assert type(out[0].grad_fn).__name__ == "_LceWithGradEagerBackward"
+    assert torch.equal(out[0], loss)
+    out[0].backward(torch.tensor(2.0, device=KERNEL_DEVICE), retain_graph=True)  # kept: not in place
+    assert torch.equal(x.grad, dh * 2) and torch.equal(wt.grad, dw * 2)
+    x.grad = wt.grad = None
+    out[0].backward()  # the last backward: in place
+    assert torch.equal(x.grad, dh) and torch.equal(wt.grad, dw)
+    # The public op takes it for bf16 training (labels shifted, the mean over the supervised).
+    x.grad = wt.grad = None
+    flat = labels.view(4, 10)
+    got = ops.linear_cross_entropy(x.view(4, 10, 16), wt, flat)
+    assert type(got.grad_fn).__name__ == "_LceWithGradEagerBackward"
+    want = reference.lce_fwd(hid.float().view(4, 10, 16)[:, :-1].reshape(-1, 16), w.float(),
+                             flat[:, 1:].reshape(-1), -100, False)[0]  # fmt: skip
+    torch.testing.assert_close(got, want.sum() / (flat[:, 1:] != -100).sum(), rtol=1e-2, atol=1e-2)
+    first = torch.autograd.grad(got**2, x, create_graph=True)[0]  # an upstream gradient with a graph
+    assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()

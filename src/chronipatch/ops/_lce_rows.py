@@ -3,12 +3,12 @@
 ``_lce_tiles_bwd`` computes the logits again (a fourth GEMM) because g needs each row's final
 max m and sum s, known only after the whole vocabulary. Here the rows go in chunks of R: per chunk the tile
 forward also stores p = exp(z - K) (bf16, [R, V]) against a reference K per row known before the GEMM: the
-max of the row's logits over ``SAMPLES`` columns spread over the vocabulary (an fp32 GEMM of its own, 1024
-columns: <1% of the work), lowered by a bound on both GEMMs' rounding so that K <= m (unlowered, cuBLAS's
-order of summing put K 0.014 above the tiles' m at logits of 7306), and a sampled max lies far less than
-``REF_MARGIN`` = 32 below the row's max for any logits a model produces, so p <= e^32 and no tile needs
-its own reference. Once the merge has m and s, with s_K = s exp(m - K) and c = 1 / divisor (the loss's
-weight of every row),
+max of the row's logits over ``SAMPLES`` columns spread over the vocabulary (a kernel of its own, summing
+in fp32; 1024 columns: <1% of the work), lowered by a bound on both GEMMs' rounding so that K <= m
+(unlowered, cuBLAS's order of summing put K 0.014 above the tiles' m at logits of 7306), and a sampled max
+lies far less than ``REF_MARGIN`` = 32 below the row's max for any logits a model produces, so p <= e^32
+and no tile needs its own reference. Once the merge has m and s, with s_K = s exp(m - K) and c = 1 / divisor
+(the loss's weight of every row),
     g = (c / s_K) p,   g_y = (c / s_K) (exp(z_y - K) - s_K) = (exp(z_y - m) / s - 1) c:
 the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0). So
 ``_settle_kernel`` only puts each row's label entry into p, dh[chunk] = r (p W) (an fp32 GEMM result,
@@ -43,20 +43,24 @@ SAMPLES = 1024  # vocabulary columns whose logits give each row's reference K
 SETTLE_TILES = 8  # tiles of p per step of the settle kernel's rescale
 SETTLE_SCAN = 1024  # tile references per step of its scan
 SCALE_BLOCK = 4096  # elements per step of the gradient scaling's programs
+# The reference kernel's tile: rows per program (8192 rows: 128 programs, about one per SM), sampled columns
+# and features per step.
+REF_ROWS, REF_SAMPLES, REF_K = 64, 128, 64
 
 
 @triton.jit
 def _settle_kernel(
-    P, RP, REF, M, S, ZLAB, LABELS, SCALE, R, stride_p, vocab, n_tiles_v, ignore_index, BN: tl.constexpr,
+    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, stride_p, vocab, n_tiles_v, ignore_index, BN: tl.constexpr,
     MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K =
     m, and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is
     1 where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
-    set to exp(z_y - K) - s_K; the row's factor r = c / s_K into R. An ignored row keeps its 0s (r = 0).
-    The row's references are scanned SCAN at a time; only a row with a factor other than 1 (rare: its max
-    lay past the margin) walks its tiles, and then only those with one (a loop over every tile took 46 us
-    per 1,664-row chunk at 8192 x 896 on the H200, for one label entry per row)."""
+    set to exp(z_y - K) - s_K; the row's factor r = c / s_K into R, c = 1 / DIVISOR (1 for a divisor 0). An
+    ignored row keeps its 0s (r = 0). The row's references are scanned SCAN at a time; only a row with a
+    factor other than 1 (rare: its max lay past the margin) walks its tiles, and then only those with one (a
+    loop over every tile took 46 us per 1,664-row chunk at 8192 x 896 on the H200, for one label entry per
+    row)."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     r = 0.0
@@ -65,7 +69,8 @@ def _settle_kernel(
         ref = tl.load(REF + row)
         k = tl.where(m <= ref + MARGIN, ref, m)  # a nan m or ref gives K = m, and the row stays nan
         s_k = tl.load(S + row) * tl.exp(centred(m, k))
-        r = tl.load(SCALE) / s_k
+        d = tl.load(DIVISOR).to(tl.float32)
+        r = tl.div_rn(1.0, tl.where(d != 0, d, 1.0)) / s_k  # c = 1 / divisor; nothing supervised: 1
         rescale = 0
         for t0 in range(0, n_tiles_v, SCAN):
             ts = t0 + tl.arange(0, SCAN)
@@ -146,22 +151,67 @@ def scale_grad(t: Tensor, g: Tensor, in_place: bool) -> Tensor:
     return out
 
 
+@triton.jit
+def _references_kernel(
+    H, W, K, n, hdim, stride_h, stride_w, step, samples, bound_scale,
+    BM: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """K of BM rows: max_j (z_ij - bound_scale |h_i| |w_j|) over the sampled columns j (weight rows j step),
+    z = h w_j^T summed in fp32 from exact 2-byte products, as the tiles sum; nan where any term is nan or
+    the max is +inf. One launch where cuBLAS's GEMM and torch's norms, outer product and max took ten
+    (each a host round trip while the GPU waits to start the loss). UPCAST as ``_lce_tiles._tile_logits``."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < n
+    best = tl.full((BM,), float("-inf"), tl.float32)
+    nan = tl.zeros((BM,), tl.int32)
+    for s0 in range(0, samples, BS):
+        cols = s0 + tl.arange(0, BS)
+        col_ok = cols < samples
+        w_rows = cols.to(tl.int64) * step
+        z = tl.zeros((BM, BS), tl.float32)
+        h_sq = tl.zeros((BM,), tl.float32)  # the norms again per block: cheaper than a pass of their own
+        w_sq = tl.zeros((BS,), tl.float32)
+        for k0 in range(0, hdim, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < hdim
+            a_mask, b_mask = row_ok[:, None] & k_ok[None, :], col_ok[:, None] & k_ok[None, :]
+            a = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=a_mask, other=0.0)
+            b = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=b_mask, other=0.0)
+            af, bf = a.to(tl.float32), b.to(tl.float32)
+            h_sq += tl.sum(af * af, axis=1)
+            w_sq += tl.sum(bf * bf, axis=1)
+            if UPCAST:
+                z = tl.dot(af, tl.trans(bf), z)
+            else:
+                z = tl.dot(a, tl.trans(b), z)
+        z -= bound_scale * tl.sqrt(h_sq)[:, None] * tl.sqrt(w_sq)[None, :]
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        nan = tl.maximum(nan, tl.max((z != z).to(tl.int32), axis=1))  # tl.max may drop a nan
+        best = tl.maximum(best, tl.max(z, axis=1))
+    best = tl.where((nan > 0) | (best == float("inf")), float("nan"), best)
+    tl.store(K + rows, best, mask=row_ok)
+
+
 def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
     """Each row's reference K ([N] fp32): its max logit over ``SAMPLES`` columns evenly spread over the
     vocabulary, each logit first lowered by a bound on the two GEMMs' rounding, so that K is not above the
-    row's max as the tiles compute it. Both GEMMs (cuBLAS here) sum the same exact products in fp32, in
-    their own orders, each within H 2^-24 sum_k |h_k w_k| <= H 2^-24 |h| |w| of the exact logit: 4 H 2^-24
-    |h| |w| is twice both. That is ~0.03 at Qwen2.5-0.5B's scale; where logits cancel heavily it is more,
-    and a row whose max then lies past the margin takes its tiles' own maxima. A K above m by more than
-    ~88 would underflow every p of its row into a nan row (its rescale exp(K - m) overflows); +inf (an
+    row's max as the tiles compute it. Both GEMMs (this kernel's and the tiles') sum the same exact products
+    in fp32, in their own orders, each within H 2^-24 sum_k |h_k w_k| <= H 2^-24 |h| |w| of the exact logit:
+    4 H 2^-24 |h| |w| is twice both. That is ~0.03 at Qwen2.5-0.5B's scale; where logits cancel heavily it
+    is more, and a row whose max then lies past the margin takes its tiles' own maxima. A K above m by more
+    than ~88 would underflow every p of its row into a nan row (its rescale exp(K - m) overflows); +inf (an
     overflow in one order of summing) or nan becomes nan, which every tile takes as past the margin."""
-    sample = weight[:: max(1, weight.shape[0] // SAMPLES)][:SAMPLES]
-    z = torch.zeros(hidden.shape[0], sample.shape[0], dtype=torch.float32, device=hidden.device)
-    addmm_acc(z, hidden, sample.T)
-    norms = (torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample))
-    bound = torch.outer(*norms).mul_(4 * hidden.shape[1] * 2.0**-24)
-    k = z.sub_(bound).amax(dim=1)
-    return torch.where(k == float("inf"), float("nan"), k)
+    n, hdim = hidden.shape
+    step = max(1, weight.shape[0] // SAMPLES)
+    samples = min(SAMPLES, cdiv(weight.shape[0], step))
+    k = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if n > 0:
+        _references_kernel[(cdiv(n, REF_ROWS),)](
+            hidden, weight, k, n, hdim, hidden.stride(0), weight.stride(0), step, samples,
+            4 * hdim * 2.0**-24, BM=REF_ROWS, BS=REF_SAMPLES, BK=REF_K, UPCAST=not hidden.is_cuda,
+            num_warps=4, num_stages=3,
+        )  # fmt: skip
+    return k
 
 
 def dw_rows(hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -171,11 +221,12 @@ def dw_rows(hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
 
 
 def rows_fwd_bwd(
-    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool, scale: Tensor,
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool, divisor: Tensor,
     need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """(m, s, entropy sum, argmax, label logit) per row as ``tiles_fwd``, then dh and dw of sum_i c l_i
-    (bf16 hidden and weight; ``scale`` = c, one fp32 element); one that is not needed is empty."""
+    (bf16 hidden and weight; c = 1 / ``divisor``, one element, or 1 where it is 0); one that is not needed is
+    empty."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
@@ -186,7 +237,7 @@ def rows_fwd_bwd(
         y = labels[r0 : r0 + k]
         r = torch.empty(k, 1, dtype=torch.float32, device=hidden.device)
         _settle_kernel[(k,)](
-            p, rp, ref[r0:], m, s, zlab, y, scale, r, p.stride(0), vocab, rp.shape[1], ignore_index, BN=bn,
+            p, rp, ref[r0:], m, s, zlab, y, divisor, r, p.stride(0), vocab, rp.shape[1], ignore_index, BN=bn,
             MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])), num_warps=4,
         )  # fmt: skip
         hdim = hidden.shape[1]

@@ -56,6 +56,7 @@ from ._utils import (
     check_same,
     check_tensors,
     device_of,
+    eager_cuda,
     fast_fp64,
     last_use,
     on_gpu,
@@ -145,16 +146,15 @@ def _fwd_bwd(
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """The loss / divisor and its gradients: by ``rows_fwd_bwd`` with ``one_pass``, else by ``fwd`` then
     ``bwd`` with every row's dloss = 1 / divisor."""
-    divisor = torch.where(divisor != 0, divisor, 1.0).float()  # nothing supervised: a finite 0
-    scale = (1.0 / divisor).reshape(1)
-    if one_pass:
+    if one_pass:  # the kernels take 1 / divisor themselves: no launches before the first tile
         *out, dh, dw = rows_fwd_bwd(
-            hidden, weight, labels, ignore_index, token_stats, scale, need_dh, need_dw
+            hidden, weight, labels, ignore_index, token_stats, divisor, need_dh, need_dw
         )
         rows, _, entropy, correct = _rows(*out, labels, ignore_index, token_stats)
-    else:
+    divisor = torch.where(divisor != 0, divisor, 1.0).float()  # nothing supervised: a finite 0
+    if not one_pass:
         rows, stats, entropy, correct = fwd(hidden, weight, labels, ignore_index, token_stats)
-        grad_rows = scale.expand(hidden.shape[0])
+        grad_rows = (1.0 / divisor).reshape(1).expand(hidden.shape[0])
         dh, dw = bwd(grad_rows, hidden, weight, labels, stats, ignore_index, need_dh, need_dw)
     return rows.sum() / divisor, entropy, correct, dh, dw
 
@@ -266,6 +266,24 @@ def _backward_with_grad(ctx, grad_loss, *_):
 _lce_with_grad.register_autograd(_backward_with_grad, setup_context=_setup_with_grad)
 
 
+class _LceWithGradEager(torch.autograd.Function):
+    """``linear_cross_entropy_with_grad``'s launchers without custom-op dispatch (~80 us of host time, while
+    the GPU waits for the loss's first kernel after the label check's sync), for eager CUDA calls
+    (``eager_cuda``)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with device_of(args[0]):
+            out = lce_fwd_bwd_triton(*args)
+        _setup_with_grad(ctx, args, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *_):
+        return _backward_with_grad(ctx, grad_loss)
+
+
 # ---------------------------------------------------------------- public
 
 
@@ -348,16 +366,16 @@ def linear_cross_entropy(
     key = (weight.shape[0], ignore_index, shift)
     prefetched = label_counts_matching(label_check, labels, key, num_items_in_batch)
     labels = targets_of(labels, ignore_index, shift)
-    n_valid = check_values(op, labels, weight.shape[0], ignore_index, num_items_in_batch, prefetched)
+    flat = labels.reshape(-1).contiguous()  # once, for the check's kernel and the loss's
+    n_valid = check_values(op, flat, weight.shape[0], ignore_index, num_items_in_batch, prefetched)
     h = hidden.reshape(-1, hidden.shape[-1])
     h = h if h.stride(-1) == 1 else h.contiguous()
-    flat = labels.reshape(-1)
     keep = None
     if n_valid is not None and not return_token_stats and n_valid <= (1 - COMPACT_IGNORED) * flat.numel():
         # A stable sort of the mask puts the supervised positions first, in order: no second sync.
         keep = torch.argsort((flat != ignore_index).to(torch.int8), descending=True, stable=True)[:n_valid]
         h, flat = h.index_select(0, keep), flat.index_select(0, keep)
-    w, flat = weight.contiguous(), flat.contiguous()
+    w = weight.contiguous()
     need_dh = torch.is_grad_enabled() and hidden.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     if reduction != "none" and h.dtype == torch.bfloat16 and (need_dh or need_dw):
@@ -367,13 +385,18 @@ def linear_cross_entropy(
             if reduction == "sum"
             else mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         )
-        loss, entropy, correct, _, _ = _lce_with_grad(
-            h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw
-        )
+        args = (h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw)
+        run = _LceWithGradEager.apply if eager_cuda(h, w, flat, divisor) else _lce_with_grad
+        loss, entropy, correct, _, _ = run(*args)
         if return_token_stats:
             return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
         return loss
-    rows, _, entropy, correct = _lce(h, w, flat, int(ignore_index), bool(return_token_stats))
+    args = (h, w, flat, int(ignore_index), bool(return_token_stats))
+    if not (need_dh or need_dw) and eager_cuda(h, w, flat):  # no graph to record: the launchers directly
+        with device_of(h):
+            rows, _, entropy, correct = lce_fwd_triton(*args)
+    else:
+        rows, _, entropy, correct = _lce(*args)
     if keep is not None:
         rows = rows.new_zeros(labels.numel()).index_copy(0, keep, rows)
     if reduction == "none":
