@@ -185,7 +185,7 @@ def _cases() -> list[tuple]:
             f"lce_tiles_merge_{dt}",
             "_lce_tiles",
             "_merge_kernel",
-            dict.fromkeys(("MP", "RP", "SP", "EP", "M", "S", "E", "ZLAB"), "*fp32")
+            dict.fromkeys(("MP", "RP", "SP", "EP", "M", "S", "E", "ZLAB", "LOSS"), "*fp32")
             | {"AP": "*i64", "ARG": "*i64", "H": f"*{dt}", "W": f"*{dt}", "LABELS": "*i64"}
             | _ints("stride_h", "stride_w", "vocab", "hdim", "n_tiles_v", "ignore_index"),
             {"BLOCK_T": 1024, "BLOCK_H": 1024, "TOKEN_STATS": True},

@@ -369,9 +369,9 @@ def test_lce_tiles_merge_with_the_reference_above_the_row_max(above, monkeypatch
     z = hid.float() @ w.float().T
     # The entropy sum e = sum p (z - m), p = exp(z - m): on the plain path (each tile its own reference) it
     # moves to each merge block's larger max; on the one pass, from the shared reference to the row's max.
-    m0, _, e0, arg0, _ = tiles.tiles_fwd(hid, w, labels, -100, True)
+    m0, _, e0, arg0, *_ = tiles.tiles_fwd(hid, w, labels, -100, True)
     assert (m0[1] - z[1, :512].amax()).item() > 100
-    m, s, e, arg, _ = tiles.tiles_fwd(hid, w, labels, -100, True, lambda *a: None, 16, m0 + above)
+    m, s, e, arg, *_ = tiles.tiles_fwd(hid, w, labels, -100, True, lambda *a: None, 16, m0 + above)
     assert s.isfinite().all()
     torch.testing.assert_close(m, m0)
     torch.testing.assert_close(m + s.log(), torch.logsumexp(z, 1), rtol=1e-6, atol=1e-3)
@@ -610,16 +610,25 @@ def test_lce_nan_logit_gives_a_nan_loss(dtype, col, monkeypatch):
     assert reference.lce_fwd(hid.cpu(), w, labels.cpu(), -100)[0].isnan().all()
 
 
-def test_lce_loss_of_a_label_logit_summed_above_the_max_is_zero(monkeypatch):
-    """The tiles' label logit is summed in another order than the row max: where it lands one ulp above the
-    max of a row holding all the probability, the loss is CE's 0, not a negative one."""
-    m, s = torch.tensor([5.0, 5.0]), torch.tensor([1.0, 1.5])
-    zlab = torch.nextafter(m, torch.tensor(float("inf")))
-    empty = m.new_empty(0)
-    monkeypatch.setattr(lce, "tiles_fwd", lambda *args: (m, s, empty, empty.long(), zlab))
-    hid, w = torch.zeros(2, 8, dtype=torch.float16), torch.zeros(4, 8, dtype=torch.float16)
-    loss = lce.lce_fwd_triton(hid, w, torch.tensor([1, 2]), -100, token_stats=False)[0]
-    assert loss[0] == 0 and loss[1] == torch.log(s[1]) - (zlab[1] - m[1])
+def test_lce_loss_of_a_label_logit_summed_above_the_max_is_zero():
+    """The merge's label logit is summed in another order than the tiles' row max: where it lands one ulp
+    above the max of a row holding all the probability, the loss is CE's 0, not a negative one; a nan sum
+    stays a nan loss, an ignored row's is 0, and the label logit of an ignored or out-of-range label 0."""
+    dev = dict(device=KERNEL_DEVICE)
+    zy = 5.0  # h . w_y with H = 1: exact in fp16
+    m = torch.nextafter(torch.tensor(zy), torch.tensor(0.0)).repeat(5).to(**dev)  # one tile per row
+    s = torch.tensor([1.0, 1.5, float("nan"), 1.0, 1.0], **dev)
+    labels = torch.tensor([1, 1, 1, -100, 9], **dev)
+    hid, w = torch.ones(5, 1, dtype=torch.float16, **dev), torch.full((4, 1), zy, dtype=torch.float16, **dev)
+    outs = [torch.full((5,), -7.0, **dev) for _ in range(4)]  # m, s, zlab, loss: every row written
+    tiles._merge_kernel[(5,)](
+        m, m, s, s, labels, outs[0], outs[1], s, labels, hid, w, labels, outs[2], outs[3],
+        1, 1, 4, 1, 1, -100, BLOCK_T=2, BLOCK_H=2, TOKEN_STATS=False,
+    )  # fmt: skip
+    zlab, loss = outs[2].cpu(), outs[3].cpu()
+    assert zlab.tolist() == [zy, zy, zy, 0.0, 0.0]
+    assert loss[0] == 0 and loss[1] == torch.log(torch.tensor(1.5)) - (zy - m[1].cpu())
+    assert loss[2].isnan() and loss[3] == 0 and loss[4] == torch.log(torch.tensor(1.0)) + m[4].cpu()
 
 
 @pytest.mark.parametrize("n", [1, 4097, 40000])

@@ -252,15 +252,25 @@ def test_ops_deterministic_gpu():
         assert torch.equal(a, b)
 
 
+def test_fp32_product_of_bf16_matrices_gpu():
+    """``mm_f32``: cuBLAS's fp32 output of bf16 operands (no zeroed buffer), as accurate as fp32 sums are."""
+    utils = importlib.import_module("chronipatch.ops._utils")
+    torch.manual_seed(0)
+    a, b = torch.randn(333, 1000, device="cuda").bfloat16(), torch.randn(1000, 77, device="cuda").bfloat16()
+    got = utils.mm_f32(a, b)
+    assert got.dtype == torch.float32 and utils._ADDMM_OUT_DTYPE is True
+    torch.testing.assert_close(got.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+
+
 def _added_last(s, projections):
     return (*projections, s)  # the registered op's order
 
 
 def test_eager_fast_path_matches_the_registered_op_gpu():
     """Eager CUDA calls skip custom-op dispatch; results and gradients are bit-identical to the op's."""
-    rn, rp, sg, sl, rnl = (
+    rn, rp, sg, sl, rnl, lce = (
         importlib.import_module(f"chronipatch.ops.{m}")
-        for m in ("rms_norm", "rope", "swiglu", "swiglu_linear", "rms_norm_linear")
+        for m in ("rms_norm", "rope", "swiglu", "swiglu_linear", "rms_norm_linear", "linear_cross_entropy")
     )
 
     torch.manual_seed(0)
@@ -271,6 +281,9 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
     q, k = hf_view(2, 37, 14, 64, **bf), hf_view(2, 37, 2, 64, **bf)
     cos, sin = torch.randn(1, 37, 64, **bf), torch.randn(1, 37, 64, **bf)
     wp = [torch.randn(o, 896, **bf).requires_grad_() for o in (896, 128)]
+    wv, labels = torch.randn(1000, 896, **bf) * 0.05, torch.randint(0, 1000, (111,), device="cuda")
+    labels[::7] = -100
+    divisor = (labels != -100).sum().float()
     cases = [
         (
             lambda a, b: tuple(ops.rms_norm_linear(a, b, 1e-6, wp)),
@@ -298,6 +311,11 @@ def test_eager_fast_path_matches_the_registered_op_gpu():
             lambda a, b: ops.rope(a, b, cos, sin, dense=True),
             lambda a, b: rp._rope(a, b, cos, sin, True),
             (q, k),
+        ),
+        (
+            lambda a, b: ops.linear_cross_entropy(a, b, labels, shift=False),  # bf16 training: the one pass
+            lambda a, b: lce._lce_with_grad(a, b, labels, divisor, -100, False, True, True)[0],
+            (x.reshape(-1, 896), wv),
         ),
     ]
     for public, registered, inputs in cases:

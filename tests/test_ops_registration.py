@@ -291,3 +291,17 @@ def test_lce_with_grad_scales_in_place_only_where_the_graph_is_freed():
     for kept in (*grads(retain_graph=True), *grads(create_graph=True)):
         for a, b in zip(kept, freed, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lce_with_grad_refuses_a_second_derivative():
+    """The one pass's gradients come from its forward, outside any graph: differentiating them again (an
+    upstream gradient with a graph, under create_graph) raises, not keeping only that gradient's part."""
+    torch.manual_seed(0)
+    h = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 50, (9,))
+    loss = ops.linear_cross_entropy(h, w, labels, shift=False)
+    first = torch.autograd.grad(loss**2, h, create_graph=True)[0]
+    assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()

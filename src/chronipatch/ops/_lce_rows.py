@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._lce_tiles import REF_MARGIN, tiles_fwd
 from ._math import centred
-from ._utils import addmm_acc, cdiv, device_of, eager_cuda, pow2, sms_for
+from ._utils import cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
 
 # Bytes of one chunk of p at most: rows per chunk <= P_BYTES // (2 V), a multiple of BM, spread evenly
 # (8192 x 896, V = 151,936: 5 chunks of 1,664 rows). 1 GiB (3 chunks) ran 1-3% faster, at 0.3-0.6 GB more
@@ -224,7 +224,7 @@ def rows_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool, divisor: Tensor,
     need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """(m, s, entropy sum, argmax, label logit) per row as ``tiles_fwd``, then dh and dw of sum_i c l_i
+    """(m, s, entropy sum, argmax, label logit, loss) per row as ``tiles_fwd``, then dh and dw of sum_i c l_i
     (bf16 hidden and weight; c = 1 / ``divisor``, one element, or 1 where it is 0); one that is not needed is
     empty."""
     n = hidden.shape[0]
@@ -241,9 +241,7 @@ def rows_fwd_bwd(
             MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])), num_warps=4,
         )  # fmt: skip
         hdim = hidden.shape[1]
-        pw = torch.zeros(k, hdim, dtype=torch.float32, device=hidden.device) if need_dh else r
-        if need_dh:
-            addmm_acc(pw, p, weight)
+        pw = mm_f32(p, weight) if need_dh else r
         h, dh_k = hidden[r0 : r0 + k], dh[r0 : r0 + k] if need_dh else r
         h_r = torch.empty_like(h) if need_dw else r
         _scale_rows_kernel[(k,)](

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._math import recentred_entropy
+from ._math import centred, recentred_entropy
 from ._utils import capability, cdiv, pow2, sms_for
 
 # (BM, BN, BK, warps, stages, programs per SM), one config for both passes, which must tile alike (see
@@ -187,7 +187,7 @@ def _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H: tl.constexpr):
 
 @triton.jit
 def _merge_kernel(
-    MP, RP, SP, EP, AP, M, S, E, ARG, H, W, LABELS, ZLAB, stride_h, stride_w, vocab, hdim, n_tiles_v,
+    MP, RP, SP, EP, AP, M, S, E, ARG, H, W, LABELS, ZLAB, LOSS, stride_h, stride_w, vocab, hdim, n_tiles_v,
     ignore_index, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TOKEN_STATS: tl.constexpr,
 ):  # fmt: skip
     """One row's partials merged. Each tile's sums are against its reference r_j (its max m_j, or above it
@@ -195,8 +195,10 @@ def _merge_kernel(
     s_c = sum s_j a_j with a_j = exp(r_j - c) (1 where r_j == c, also for infinite ones), e_c = sum a_j (e_j
     + s_j (r_j - c)); then moved to the row max m = max m_j, s = s_c exp(c - m) (c - m is 0 where every
     r_j = m_j, at most a few rounding ulps otherwise). Argmax from the first tile holding m; a partial of
-    -inf logits only adds 0. Then the label's logit h . w_y, its fp32 products exact (2-byte inputs) and
-    summed in fp32 like the tiles' (the order differs: the loss clamps a last-ulp negative)."""
+    -inf logits only adds 0. Then the label's logit z_y = h . w_y (0 for an ignored or out-of-range label),
+    its fp32 products exact (2-byte inputs) and summed in fp32 like the tiles', and the row's loss
+    log s - (z_y - m), 0 where ignored: the order of z_y's sum differs, so a last-ulp negative is clamped to
+    CE's 0 (a nan stays)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * n_tiles_v
     m = float("-inf")
@@ -240,8 +242,12 @@ def _merge_kernel(
         tl.store(E + row, e)
         tl.store(ARG + row, arg)
     y = tl.load(LABELS + row)
+    zy = tl.zeros((), tl.float32)
     if _scored(y, ignore_index, vocab):
-        tl.store(ZLAB + row, _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H))
+        zy = _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H)
+    tl.store(ZLAB + row, zy)
+    loss = tl.log(s) - centred(zy, m)
+    tl.store(LOSS + row, tl.where(y != ignore_index, tl.where(loss < 0.0, 0.0, loss), 0.0))
 
 
 # ---------------------------------------------------------------- launchers
@@ -287,8 +293,8 @@ def _group_m(hidden: Tensor, bm: int) -> int:
 def tiles_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool,
     on_rows: Callable[..., None] | None = None, p_rows: int = 0, ref: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(m, s, entropy sum e, argmax, label logit) per row; e and argmax empty without ``token_stats``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(m, s, entropy sum e, argmax, label logit, loss) per row; e and argmax empty without ``token_stats``.
 
     With ``on_rows`` the rows go in chunks of at most ``p_rows`` (a multiple of BM), whose p = exp(z - r_j)
     [k, V] (bf16, 0 in ignored rows) the tiles also store, r_j the row's ``ref`` ([N] fp32) unless the
@@ -320,7 +326,7 @@ def tiles_fwd(
     # p's rows padded to 16 bytes: the stride a TMA store needs.
     p = _p_buffer(cap, vocab, hidden.device) if on_rows else hidden
     rp = torch.empty(cap, t, **f32) if on_rows else mp
-    zlab = torch.zeros(n, **f32)
+    zlab, loss = torch.empty(n, **f32), torch.empty(n, **f32)  # every row written by the merge
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
     e = torch.empty(n, **f32) if token_stats else None
     arg = torch.empty(n, dtype=torch.int64, device=hidden.device) if token_stats else None
@@ -336,7 +342,8 @@ def tiles_fwd(
             num_stages=min(stages, P_STAGES) if tma and on_rows else stages,
         )  # fmt: skip
         outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
-        merge = (mp, rp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), h, weight, y, zlab[r0:], h.stride(0))
+        merge = (mp, rp, sp, ep, ap, *(o[r0 : r0 + k] for o in outs), h, weight, y, zlab[r0:], loss[r0:])
+        merge += (h.stride(0),)
         _merge_kernel[(k,)](
             *merge, weight.stride(0), vocab, hdim, t, ignore_index, BLOCK_T=min(pow2(t), MERGE_BLOCK),
             BLOCK_H=min(pow2(hdim), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4,
@@ -345,4 +352,4 @@ def tiles_fwd(
             on_rows(r0, p[:k], rp[:k], bn, m[r0 : r0 + k], s[r0 : r0 + k], zlab[r0 : r0 + k])
     if not token_stats:
         e, arg = m.new_empty(0), labels.new_empty(0)
-    return m, s, e, arg, zlab
+    return m, s, e, arg, zlab, loss

@@ -78,6 +78,24 @@ def addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+def mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32 from low-precision a, b: on CUDA cuBLAS writes the fp32 result itself (no zeroed buffer
+    filled, then read and added into); elsewhere ``addmm_acc`` into zeros."""
+    global _ADDMM_OUT_DTYPE
+    if a.is_cuda and _ADDMM_OUT_DTYPE is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _ADDMM_OUT_DTYPE = True
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
+    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    addmm_acc(acc, a, b)
+    return acc
+
+
 # A fixed device list, not torch.amp.is_autocast_available: dynamo (torch 2.11) cannot trace that call.
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
 

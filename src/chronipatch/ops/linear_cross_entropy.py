@@ -74,22 +74,21 @@ def lce_fwd_triton(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool = True
 ) -> tuple[Tensor, ...]:
     """(loss rows, stats [N, 2] = (m, s), entropy, correct); the last two empty without ``token_stats``."""
-    run = tiles_fwd if _tiled(hidden) else chunks_fwd
-    return _rows(*run(hidden, weight, labels, ignore_index, token_stats), labels, ignore_index, token_stats)
+    if _tiled(hidden):  # the tiles' merge kernel writes the loss rows
+        m, s, e, arg, _, loss = tiles_fwd(hidden, weight, labels, ignore_index, token_stats)
+    else:
+        m, s, e, arg, zlab = chunks_fwd(hidden, weight, labels, ignore_index, token_stats)
+        # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
+        loss = (torch.log(s) - reference.centred(zlab, m)).clamp_min(0.0)
+        loss = torch.where(labels != ignore_index, loss, 0.0)
+    return loss, torch.stack([m, s], -1), *_token_stats(s, e, arg, labels, token_stats)
 
 
-def _rows(
-    m: Tensor, s: Tensor, e: Tensor, arg: Tensor, zlab: Tensor, labels: Tensor, ignore_index: int,
-    token_stats: bool,
-) -> tuple[Tensor, ...]:  # fmt: skip
-    """The rows' (loss, stats, entropy, correct) from the kernels' m, s, entropy sum, argmax, label logit."""
-    logsum = torch.log(s)
-    # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability. The
-    # tiles' label logit is summed apart from the max (another order): at or above 0 keeps CE's sign.
-    loss = torch.where(labels != ignore_index, (logsum - reference.centred(zlab, m)).clamp_min(0.0), 0.0)
+def _token_stats(s: Tensor, e: Tensor, arg: Tensor, labels: Tensor, token_stats: bool) -> tuple[Tensor, ...]:
+    """(entropy, correct) per row from the kernels' sum s, entropy sum e and argmax; empty without them."""
     if not token_stats:
-        return loss, torch.stack([m, s], -1), loss.new_empty(0), loss.new_empty(0)
-    return loss, torch.stack([m, s], -1), logsum - e / s, (arg == labels).float()
+        return s.new_empty(0), s.new_empty(0)
+    return torch.log(s) - e / s, (arg == labels).float()
 
 
 def _wide(hidden: Tensor) -> bool:
@@ -147,10 +146,10 @@ def _fwd_bwd(
     """The loss / divisor and its gradients: by ``rows_fwd_bwd`` with ``one_pass``, else by ``fwd`` then
     ``bwd`` with every row's dloss = 1 / divisor."""
     if one_pass:  # the kernels take 1 / divisor themselves: no launches before the first tile
-        *out, dh, dw = rows_fwd_bwd(
+        _, s, e, arg, _, rows, dh, dw = rows_fwd_bwd(
             hidden, weight, labels, ignore_index, token_stats, divisor, need_dh, need_dw
         )
-        rows, _, entropy, correct = _rows(*out, labels, ignore_index, token_stats)
+        entropy, correct = _token_stats(s, e, arg, labels, token_stats)
     divisor = torch.where(divisor != 0, divisor, 1.0).float()  # nothing supervised: a finite 0
     if not one_pass:
         rows, stats, entropy, correct = fwd(hidden, weight, labels, ignore_index, token_stats)
@@ -263,7 +262,12 @@ def _backward_with_grad(ctx, grad_loss, *_):
     return dh, scale_grad(dw, grad_loss, in_place) if need_dw else None, *[None] * 6
 
 
-_lce_with_grad.register_autograd(_backward_with_grad, setup_context=_setup_with_grad)
+# The gradients were computed in the forward, outside any graph: a second derivative through them
+# (create_graph with an upstream gradient that has a graph) raises, as for the other ops, instead of silently
+# holding only the upstream gradient's part.
+_lce_with_grad.register_autograd(
+    torch.autograd.function.once_differentiable(_backward_with_grad), setup_context=_setup_with_grad
+)
 
 
 class _LceWithGradEager(torch.autograd.Function):
