@@ -7,7 +7,8 @@ tile launch is GPU idle time in an isolated call (a patched model prefetches the
 full). This runs ``ops.linear_cross_entropy``'s CUDA eager path on CPU bf16 tensors with every Triton launch
 a no-op (the label counts stubbed to "all valid"), and reports the median µs from the call to the first
 ``_fwd_tiles_kernel`` launch, the launches in order and the top-level ATen ops of one call. Compare trees on
-one machine; the figures are the CPU's, not a GPU host's.
+one machine; the figures are the CPU's, not a GPU host's, and leave out Triton's own host cost per launch
+(argument binding, cache lookup; tens of µs), which a tree launching more Triton kernels pays more of.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -498,3 +500,33 @@ def test_tf32_matmuls_reads_every_precision_api():
             assert not tf32_matmuls()
     finally:
         matmul.fp32_precision = before
+
+
+def test_out_dtype_gemms_are_given_up_only_where_torch_lacks_them(monkeypatch):
+    """cuBLAS GEMMs with ``out_dtype`` are used until torch says it has none (no such argument, no kernel, an
+    unsupported dtype); any other error, such as an earlier kernel's reported late, is raised and decides
+    nothing."""
+    utils = importlib.import_module("chronipatch.ops._utils")
+    out = torch.ones(2)
+
+    def raising(error):
+        def gemm():
+            raise error
+
+        return gemm
+
+    for error, kept in (
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), None),
+        (torch.OutOfMemoryError("CUDA out of memory"), None),
+    ):
+        monkeypatch.setattr(utils, "_ADDMM_OUT_DTYPE", None)
+        with pytest.raises(type(error)):
+            utils._out_dtype_gemm(raising(error))
+        assert utils._ADDMM_OUT_DTYPE is kept
+    for error in (TypeError("unexpected keyword out_dtype"), NotImplementedError("aten::mm.dtype"),
+                  RuntimeError("out_dtype must be float32 for bf16 inputs")):  # fmt: skip
+        monkeypatch.setattr(utils, "_ADDMM_OUT_DTYPE", None)
+        assert utils._out_dtype_gemm(raising(error)) is None and utils._ADDMM_OUT_DTYPE is False
+        assert utils._out_dtype_gemm(lambda: out) is None  # remembered: not tried again
+    monkeypatch.setattr(utils, "_ADDMM_OUT_DTYPE", None)
+    assert utils._out_dtype_gemm(lambda: out) is out and utils._ADDMM_OUT_DTYPE is True

@@ -39,17 +39,20 @@ def _label_counts_kernel(
 ):  # fmt: skip
     """OUT = [any label out of range, supervised count, the first such label (0 if none), num_items unusable]
     of the flat targets Y, in one program: the check's counts in one launch where torch's took about 15, each
-    waited for by the host's sync that follows."""
-    count = tl.zeros((), dtype=tl.int64)
-    first = tl.full((), n, dtype=tl.int64)  # index of the first bad label; n while there is none
+    waited for by the host's sync that follows. Each lane keeps its own count and first bad index, reduced
+    once after the loop (no barrier per step)."""
+    count = tl.zeros((BLOCK,), dtype=tl.int32)  # per lane: at most n / BLOCK
+    first = tl.full((BLOCK,), n, dtype=tl.int64)  # per lane, the index of its first bad label; n if none
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         in_range = offs < n
         y = tl.load(Y + offs, mask=in_range, other=ignore_index)
         valid = in_range & (y != ignore_index)
-        count += tl.sum(valid.to(tl.int64), axis=0)
+        count += valid.to(tl.int32)
         bad = valid & ((y < 0) | (y >= vocab))
-        first = tl.minimum(first, tl.min(tl.where(bad, offs, n), axis=0))
+        first = tl.minimum(first, tl.where(bad, offs, n))
+    count = tl.sum(count.to(tl.int64), axis=0)
+    first = tl.min(first, axis=0)
     any_bad = first < n
     bad_items = tl.zeros((), dtype=tl.int64)
     if HAS_ITEMS:

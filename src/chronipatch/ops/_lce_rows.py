@@ -153,15 +153,23 @@ def scale_grad(t: Tensor, g: Tensor, in_place: bool) -> Tensor:
 
 @triton.jit
 def _references_kernel(
-    H, W, K, n, hdim, stride_h, stride_w, step, samples, bound_scale,
+    H, W, W_NORM, K, n, hdim, stride_h, stride_w, step, samples, bound_scale,
     BM: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """K of BM rows: max_j (z_ij - bound_scale |h_i| |w_j|) over the sampled columns j (weight rows j step),
-    z = h w_j^T summed in fp32 from exact 2-byte products, as the tiles sum; nan where any term is nan or
-    the max is +inf. One launch where cuBLAS's GEMM and torch's norms, outer product and max took ten
-    (each a host round trip while the GPU waits to start the loss). UPCAST as ``_lce_tiles._tile_logits``."""
+    """K of BM rows: max_j (z_ij - bound_scale |h_i| |w_j|) over the sampled columns j (weight rows j step,
+    their norms in W_NORM), z = h w_j^T summed in fp32 from exact 2-byte products, as the tiles sum; nan
+    where any term is nan or the max is +inf. One launch where cuBLAS's GEMM and torch's norm, outer product
+    and max took nine (each a host round trip while the GPU waits to start the loss). UPCAST as
+    ``_lce_tiles._tile_logits``."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n
+    h_sq = tl.zeros((BM,), tl.float32)  # apart from the GEMM's loop, which then holds nothing else
+    for k0 in range(0, hdim, BK):
+        ks = k0 + tl.arange(0, BK)
+        mask = row_ok[:, None] & (ks < hdim)[None, :]
+        a = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_sq += tl.sum(a * a, axis=1)
+    h_bound = bound_scale * tl.sqrt(h_sq)
     best = tl.full((BM,), float("-inf"), tl.float32)
     nan = tl.zeros((BM,), tl.int32)
     for s0 in range(0, samples, BS):
@@ -169,22 +177,16 @@ def _references_kernel(
         col_ok = cols < samples
         w_rows = cols.to(tl.int64) * step
         z = tl.zeros((BM, BS), tl.float32)
-        h_sq = tl.zeros((BM,), tl.float32)  # the norms again per block: cheaper than a pass of their own
-        w_sq = tl.zeros((BS,), tl.float32)
         for k0 in range(0, hdim, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < hdim
             a_mask, b_mask = row_ok[:, None] & k_ok[None, :], col_ok[:, None] & k_ok[None, :]
             a = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=a_mask, other=0.0)
             b = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=b_mask, other=0.0)
-            af, bf = a.to(tl.float32), b.to(tl.float32)
-            h_sq += tl.sum(af * af, axis=1)
-            w_sq += tl.sum(bf * bf, axis=1)
             if UPCAST:
-                z = tl.dot(af, tl.trans(bf), z)
-            else:
-                z = tl.dot(a, tl.trans(b), z)
-        z -= bound_scale * tl.sqrt(h_sq)[:, None] * tl.sqrt(w_sq)[None, :]
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            z = tl.dot(a, tl.trans(b), z)
+        z -= h_bound[:, None] * tl.load(W_NORM + cols, mask=col_ok, other=0.0)[None, :]
         z = tl.where(col_ok[None, :], z, float("-inf"))
         nan = tl.maximum(nan, tl.max((z != z).to(tl.int32), axis=1))  # tl.max may drop a nan
         best = tl.maximum(best, tl.max(z, axis=1))
@@ -203,11 +205,12 @@ def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
     overflow in one order of summing) or nan becomes nan, which every tile takes as past the margin."""
     n, hdim = hidden.shape
     step = max(1, weight.shape[0] // SAMPLES)
-    samples = min(SAMPLES, cdiv(weight.shape[0], step))
+    sample = weight[::step][:SAMPLES]
     k = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n > 0:
+        w_norm = torch.linalg.vector_norm(sample, dim=1, dtype=torch.float32)
         _references_kernel[(cdiv(n, REF_ROWS),)](
-            hidden, weight, k, n, hdim, hidden.stride(0), weight.stride(0), step, samples,
+            hidden, weight, w_norm, k, n, hdim, hidden.stride(0), weight.stride(0), step, sample.shape[0],
             4 * hdim * 2.0**-24, BM=REF_ROWS, BS=REF_SAMPLES, BK=REF_K, UPCAST=not hidden.is_cuda,
             num_warps=4, num_stages=3,
         )  # fmt: skip

@@ -60,40 +60,43 @@ def same_floats(first, *others) -> bool:
 _ADDMM_OUT_DTYPE: bool | None = None
 
 
+def _out_dtype_gemm(gemm) -> Tensor | None:
+    """``gemm()``, a cuBLAS GEMM of low-precision operands with an ``out_dtype``; None where this torch has
+    none (remembered). Other errors (an earlier kernel's, reported late) are raised, not taken for that."""
+    global _ADDMM_OUT_DTYPE
+    if _ADDMM_OUT_DTYPE is False:
+        return None
+    try:
+        out = gemm()
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, NotImplementedError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "dtype" not in str(e):
+            raise
+        _ADDMM_OUT_DTYPE = False
+        return None
+    _ADDMM_OUT_DTYPE = True
+    return out
+
+
 def addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b with fp32 accumulation for low-precision a, b (in place: no [N, H] temporary)."""
-    global _ADDMM_OUT_DTYPE
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _ADDMM_OUT_DTYPE is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            _ADDMM_OUT_DTYPE = True
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):
-            _ADDMM_OUT_DTYPE = False
-    acc.addmm_(a.float(), b.float())
+    gemm = functools.partial(torch.addmm, acc, a, b, out_dtype=acc.dtype, out=acc)
+    if not (a.is_cuda and _out_dtype_gemm(gemm) is not None):
+        acc.addmm_(a.float(), b.float())
 
 
 def mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b in fp32 from low-precision a, b: on CUDA cuBLAS writes the fp32 result itself (no zeroed buffer
     filled, then read and added into); elsewhere ``addmm_acc`` into zeros."""
-    global _ADDMM_OUT_DTYPE
-    if a.is_cuda and _ADDMM_OUT_DTYPE is not False:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _ADDMM_OUT_DTYPE = True
-            return out
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):
-            _ADDMM_OUT_DTYPE = False
-    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
-    addmm_acc(acc, a, b)
-    return acc
+    out = _out_dtype_gemm(functools.partial(torch.mm, a, b, out_dtype=torch.float32)) if a.is_cuda else None
+    if out is None:
+        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+        addmm_acc(out, a, b)
+    return out
 
 
 # A fixed device list, not torch.amp.is_autocast_available: dynamo (torch 2.11) cannot trace that call.

@@ -254,9 +254,9 @@ def _backward_with_grad(ctx, grad_loss, *_):
     dh, dw = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
     # In the gradients' dtype, the product rounded once: exact for an upstream 1 (or a power of 2). Scaled in
-    # place where nothing can read the kept gradients again: an eager backward that frees the graph
-    # (no retain_graph) and records none (no create_graph). A second [V, H] for dW otherwise: the step's
-    # memory peak where the backward starts, with every activation alive.
+    # place where nothing can read the kept gradients again: an eager backward that frees the graph after it
+    # (no retain_graph; create_graph retains it unless told not to). A second [V, H] for dW otherwise: the
+    # step's memory peak where the backward starts, with every activation alive.
     in_place = last_use(grad_loss, dh, dw)
     dh = scale_grad(dh, grad_loss, in_place) if need_dh else None
     return dh, scale_grad(dw, grad_loss, in_place) if need_dw else None, *[None] * 6
