@@ -269,9 +269,15 @@ def _compile_all() -> tuple[dict[str, str], dict[str, int]]:
     for case, mod, name, types, constexprs, *launch in _cases():
         kernel = getattr(importlib.import_module(f"chronipatch.ops.{mod}"), name)
         signature = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in kernel.params}
+        # As a launch specialises them: tensors' base addresses 16-byte aligned (vector loads, pipelining).
+        aligned = {
+            (i,): [["tt.divisibility", 16]]
+            for i, p in enumerate(kernel.params)
+            if signature[p.name][0] == "*"
+        }
         try:
             compiled = triton.compile(
-                ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
                 target=GPUTarget("cuda", 90, 32),
                 options=launch[0] if launch else None,
             )
