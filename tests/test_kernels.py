@@ -738,3 +738,24 @@ def test_lce_eager_function_runs_the_one_pass(monkeypatch):
     assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
     with pytest.raises(RuntimeError, match="once_differentiable"):
         first.sum().backward()
+
+
+@pytest.mark.parametrize("n", [0, 6], ids=["no-rows", "all-ignored"])
+def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
+    """The eager CUDA paths (one pass, and the launchers without a gradient) with nothing to score: a finite 0
+    loss and zero gradients, whatever the reduction; an empty or all-zero row loss."""
+    small_lce_tiles(monkeypatch)
+    for mod in (lce, rows):  # CPU tensors here: the direct branches as a CUDA call would take them
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    h = _r(n, 16, dtype=torch.bfloat16).requires_grad_()
+    w = _r(50, 16, dtype=torch.bfloat16).requires_grad_()
+    labels = torch.full((n,), -100, device=KERNEL_DEVICE)
+    for kw in ({}, {"reduction": "sum"}, {"num_items_in_batch": 3}):
+        loss = ops.linear_cross_entropy(h, w, labels, shift=False, **kw)
+        assert type(loss.grad_fn).__name__ == "_LceWithGradEagerBackward"
+        loss.backward()
+        assert loss.item() == 0 and not h.grad.any() and not w.grad.any()
+        h.grad = w.grad = None
+    with torch.no_grad():
+        rows_loss = ops.linear_cross_entropy(h, w, labels, shift=False, reduction="none")
+    assert rows_loss.shape == (n,) and not rows_loss.any()
