@@ -98,3 +98,14 @@ def test_lce_host_bench_smoke():
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "to the first tile launch" in proc.stdout
     assert "launches: _label_counts_kernel _references_kernel _fwd_tiles_kernel" in proc.stdout, proc.stdout
+
+
+def test_lce_prologue_bench_smoke(tmp_path):
+    """``bench/lce_prologue.py --smoke``: the label count and reference kernels against the torch ops they
+    replaced, results equal, through the interpreter."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    cmd = [sys.executable, str(ROOT / "bench" / "lce_prologue.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = (tmp_path / "lce_prologue_smoke.md").read_text()
+    assert "| 4,099 |" in text and "| 65x24 V=777 |" in text, text
