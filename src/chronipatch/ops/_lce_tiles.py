@@ -5,8 +5,8 @@ stored) and folds it at once:
     forward:  per row, the tile's max m_j and, against a reference r_j (m_j, or the one-pass path's row
               reference), s_j = sum exp(z - r_j) (and entropy sum e_j, first argmax), written as [N, T]
               partials (T = ceil(V / BN)); one program per row merges them, m = max_j m_j,
-              s = sum_j s_j exp(r_j - m), e = sum_j exp(r_j - m) (e_j + s_j (r_j - m)), and takes the
-              label's logit z_y = h . w_y;
+              s = sum_j s_j exp(r_j - m), e = sum_j exp(r_j - m) (e_j + s_j (r_j - m)), takes the
+              label's logit z_y = h . w_y and writes the row's loss log s - (z_y - m);
     backward: g = exp(z - m) / s * dloss (``_lce_tiles_bwd``), or, in bf16 training, from p stored by
               the forward (``_lce_rows``).
 So the fp32 logits never reach memory. Both passes compute every tile with the same function on the same
