@@ -687,10 +687,13 @@ def _torch_references(hidden, weight):
     return torch.where(k == float("inf"), float("nan"), k)
 
 
-@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (70, 100, 5000), (130, 64, 2049), (65, 24, 1024)])
+@pytest.mark.parametrize(
+    "n,h,v", [(1, 16, 300), (70, 100, 5000), (130, 64, 2049), (65, 24, 1024), (300, 40, 3000)]
+)
 def test_lce_row_references_kernel(n, h, v, monkeypatch):
     """Each row's reference K: the max of its sampled logits, lowered by the rounding bound, within fp32
-    summation order of torch's; nan where a hidden state is nan or inf (every tile then takes its own max)."""
+    summation order of torch's; nan where a hidden state is nan or inf (every tile then takes its own max).
+    Row blocks of 16, 32 and 64 (the interpreter counts 4 SMs)."""
     monkeypatch.setattr(rows, "SAMPLES", 96)  # every few columns, the last sample block ragged
     torch.manual_seed(n)
     hid = _r(n, h, dtype=torch.bfloat16, scale=3.0)
