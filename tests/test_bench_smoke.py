@@ -109,3 +109,13 @@ def test_lce_prologue_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = (tmp_path / "lce_prologue_smoke.md").read_text()
     assert "| 4,099 |" in text and "| 65x24 V=777 |" in text, text
+
+
+def test_rms_kernels_bench_smoke(tmp_path):
+    """``bench/rms_kernels.py --smoke``: every launch shape it would time gives the default's results."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    cmd = [sys.executable, str(ROOT / "bench" / "rms_kernels.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shapes = json.loads((tmp_path / "rms_kernels_smoke.json").read_text())["shapes"]
+    assert [s["shape"] for s in shapes] == ["33x96", "40x256"] and all(len(s["bwd_us"]) > 10 for s in shapes)

@@ -1,0 +1,129 @@
+"""Tuning table for RMSNorm's kernels (``ops/rms_norm.py``): launch shapes against HF compiled, bf16.
+
+    python bench/rms_kernels.py [--shapes 8192x896,8192x2048,8192x4096,131072x128] [--out DIR] [--smoke]
+
+Per shape (rows x columns): HF's ``LlamaRMSNorm`` under ``torch.compile``, forward + backward, then
+chronipatch's forward by (rows per program, warps) and its backward by (rows per step, warps, programs per
+SM), each kernel alone, the op's own choice first. GPU time per call of the kernels (``common.kernel_ms``,
+the dw partials' sum included in the backward's). Every variant's y, dx and dw are checked against the
+default's: within one bf16 ulp of the largest value (another launch shape sums a row's squares in another
+order). ``--smoke`` runs tiny shapes through the Triton interpreter on CPU (no timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # before triton is imported: its kernels then run on CPU tensors
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from common import env_info, kernel_ms, meta_header
+
+rms = importlib.import_module("chronipatch.ops.rms_norm")
+EPS = 1e-6
+
+
+def fwd(x, w, rows: int, warps: int):
+    m, n = x.shape
+    y, rstd = torch.empty_like(x), torch.empty(m, dtype=torch.float32, device=x.device)
+    rms._fwd_kernel[(rms.cdiv(m, rows),)](
+        x, w, y, rstd, x, y, n, n, n, m, n, EPS, BLOCK_N=rms.pow2(n), ROWS=rows, ADD=False, num_warps=warps
+    )
+    return y, rstd
+
+
+def bwd(dy, x, w, rstd, rows: int, warps: int, per_sm: int):
+    m, n = x.shape
+    dx = torch.empty_like(x)
+    progs = max(1, min(rms.cdiv(m, rows), per_sm * rms.sms_for(x)))
+    part = torch.empty(progs, n, dtype=torch.float64, device=x.device)
+    rms._bwd_kernel[(progs,)](
+        dy, dy, dy, x, w, rstd, dx, part, dx, dx, n, n, n, n, n, n, n, m, n, rms.cdiv(m, progs),
+        BLOCK_N=rms.pow2(n), ROWS=rows, STORE_Y=False, N_DY=1, ADD_DX=False, num_warps=warps,
+    )  # fmt: skip
+    return dx, part.sum(0).to(w.dtype)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ulp = torch.finfo(b.dtype).eps * b.float().abs().max().item()
+    return (a.float() - b.float()).abs().max().item() <= ulp
+
+
+def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
+    """One shape's row: HF compiled's time, then each launch shape's forward and backward."""
+    m, n = map(int, shape.split("x"))
+    torch.manual_seed(0)
+    x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(n, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    block, rows0, warps0 = rms._tiles(n)
+    per_sm0 = rms._programs_per_sm(block)
+    row = {"shape": shape, "default": {"fwd": [rows0, warps0], "bwd": [rows0, warps0, per_sm0]}}
+    if not smoke:
+        hf = torch.compile(LlamaRMSNorm(n, eps=EPS).to(dev, torch.bfloat16))
+        hf.weight.data.copy_(w)
+        xg = x.clone().requires_grad_()
+        row["hf_compiled_us"] = 1e3 * time_ms(lambda: torch.autograd.grad(hf(xg), (xg, hf.weight), dy))
+    y0, rstd = fwd(x, w, rows0, warps0)
+    dx0, dw0 = bwd(dy, x, w, rstd, rows0, warps0, per_sm0)
+    row["fwd_us"], row["bwd_us"] = {}, {}
+    for rows in dict.fromkeys((rows0, 1, 2, 4, 8, 16)):
+        for warps in dict.fromkeys((warps0, 1, 2, 4, 8, 16)):
+            if rows * block > 16384 or rows * block < 32 * warps:
+                continue
+            assert close(fwd(x, w, rows, warps)[0], y0), (shape, rows, warps)
+            row["fwd_us"][f"r{rows}w{warps}"] = 1e3 * time_ms(partial(fwd, x, w, rows, warps))
+            for per_sm in dict.fromkeys((per_sm0, 1, 2, 3, 4, 8)) if rows * block <= 8192 else ():
+                dx, dw = bwd(dy, x, w, rstd, rows, warps, per_sm)
+                assert close(dx, dx0) and close(dw, dw0), (shape, rows, warps, per_sm)
+                key = f"r{rows}w{warps}k{per_sm}"
+                row["bwd_us"][key] = 1e3 * time_ms(partial(bwd, dy, x, w, rstd, rows, warps, per_sm))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="8192x896,8192x2048,8192x4096,131072x128")
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    shapes = ["33x96", "40x256"] if args.smoke else args.shapes.split(",")
+
+    def time_ms(fn) -> float:  # nan where nothing is timed (smoke) or the profiler saw no kernel
+        return float("nan") if args.smoke else kernel_ms(fn, calls=20) or float("nan")
+
+    out = {"meta": env_info(dev), "shapes": []}
+    lines = [meta_header(out["meta"]), ""]
+    for shape in shapes:
+        row = table(shape, dev, time_ms, args.smoke)
+        out["shapes"].append(row)
+        (rows0, warps0), per_sm0 = row["default"]["fwd"], row["default"]["bwd"][2]
+        f0 = row["fwd_us"][f"r{rows0}w{warps0}"]
+        b0 = row["bwd_us"].get(f"r{rows0}w{warps0}k{per_sm0}", float("nan"))
+        best_f = sorted(row["fwd_us"].items(), key=lambda kv: kv[1])[:3]
+        best_b = sorted(row["bwd_us"].items(), key=lambda kv: kv[1])[:3]
+        text = (
+            f"- {shape}: HF compiled fwd+bwd {row.get('hf_compiled_us', float('nan')):.1f} us; default fwd "
+            f"{f0:.1f} + bwd {b0:.1f} us; best fwd {best_f}; best bwd {best_b}"
+        )
+        lines.append(text)
+        print(text, flush=True)
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    suffix = "_smoke" if args.smoke else ""
+    (dest / f"rms_kernels{suffix}.json").write_text(json.dumps(out, indent=1))
+    (dest / f"rms_kernels{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
