@@ -42,7 +42,7 @@ def _label_counts_kernel(
     waited for by the host's sync that follows. Each lane keeps its own count and first bad index, reduced
     once after the loop (no barrier per step)."""
     count = tl.zeros((BLOCK,), dtype=tl.int32)  # per lane: at most n / BLOCK
-    first = tl.full((BLOCK,), n, dtype=tl.int64)  # per lane, the index of its first bad label; n if none
+    first = tl.zeros((BLOCK,), dtype=tl.int64) + n  # per lane, the index of its first bad label; n if none
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         in_range = offs < n
