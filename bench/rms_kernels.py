@@ -69,7 +69,8 @@ def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
     per_sm0 = rms._programs_per_sm(block)
     row = {"shape": shape, "default": {"fwd": [rows0, warps0], "bwd": [rows0, warps0, per_sm0]}}
     if not smoke:
-        hf = torch.compile(LlamaRMSNorm(n, eps=EPS).to(dev, torch.bfloat16))
+        # dynamic=False: each shape its own static kernels, not a symbolic row count from an earlier shape's
+        hf = torch.compile(LlamaRMSNorm(n, eps=EPS).to(dev, torch.bfloat16), dynamic=False)
         hf.weight.data.copy_(w)
         xg = x.clone().requires_grad_()
         row["hf_compiled_us"] = 1e3 * time_ms(lambda: torch.autograd.grad(hf(xg), (xg, hf.weight), dy))

@@ -503,9 +503,9 @@ def test_tf32_matmuls_reads_every_precision_api():
 
 
 def test_out_dtype_gemms_are_given_up_only_where_torch_lacks_them(monkeypatch):
-    """cuBLAS GEMMs with ``out_dtype`` are used until torch says it has none (no such argument, no kernel, an
-    unsupported dtype); any other error, such as an earlier kernel's reported late, is raised and decides
-    nothing."""
+    """cuBLAS GEMMs with ``out_dtype`` are used until torch says it has none for that op (no such argument,
+    no kernel, an unsupported dtype), mm and addmm each on its own; any other error, such as an earlier
+    kernel's reported late, is raised and decides nothing."""
     utils = importlib.import_module("chronipatch.ops._utils")
     out = torch.ones(2)
 
@@ -515,18 +515,16 @@ def test_out_dtype_gemms_are_given_up_only_where_torch_lacks_them(monkeypatch):
 
         return gemm
 
-    for error, kept in (
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), None),
-        (torch.OutOfMemoryError("CUDA out of memory"), None),
-    ):
-        monkeypatch.setattr(utils, "_ADDMM_OUT_DTYPE", None)
+    for error in (RuntimeError("CUDA error: an illegal memory access was encountered"),
+                  torch.OutOfMemoryError("CUDA out of memory")):  # fmt: skip
+        monkeypatch.setattr(utils, "OUT_DTYPE_GEMMS", {"mm": None, "addmm": None})
         with pytest.raises(type(error)):
-            utils._out_dtype_gemm(raising(error))
-        assert utils._ADDMM_OUT_DTYPE is kept
+            utils._out_dtype_gemm("mm", raising(error))
+        assert utils.OUT_DTYPE_GEMMS == {"mm": None, "addmm": None}
     for error in (TypeError("unexpected keyword out_dtype"), NotImplementedError("aten::mm.dtype"),
                   RuntimeError("out_dtype must be float32 for bf16 inputs")):  # fmt: skip
-        monkeypatch.setattr(utils, "_ADDMM_OUT_DTYPE", None)
-        assert utils._out_dtype_gemm(raising(error)) is None and utils._ADDMM_OUT_DTYPE is False
-        assert utils._out_dtype_gemm(lambda: out) is None  # remembered: not tried again
-    monkeypatch.setattr(utils, "_ADDMM_OUT_DTYPE", None)
-    assert utils._out_dtype_gemm(lambda: out) is out and utils._ADDMM_OUT_DTYPE is True
+        monkeypatch.setattr(utils, "OUT_DTYPE_GEMMS", {"mm": None, "addmm": None})
+        assert utils._out_dtype_gemm("addmm", raising(error)) is None
+        assert utils._out_dtype_gemm("addmm", lambda: out) is None  # remembered: not tried again
+        assert utils._out_dtype_gemm("mm", lambda: out) is out  # the other op still tried, and taken
+        assert utils.OUT_DTYPE_GEMMS == {"mm": True, "addmm": False}

@@ -258,7 +258,7 @@ def test_fp32_product_of_bf16_matrices_gpu():
     torch.manual_seed(0)
     a, b = torch.randn(333, 1000, device="cuda").bfloat16(), torch.randn(1000, 77, device="cuda").bfloat16()
     got = utils.mm_f32(a, b)
-    assert got.dtype == torch.float32 and utils._ADDMM_OUT_DTYPE is True
+    assert got.dtype == torch.float32 and utils.OUT_DTYPE_GEMMS["mm"] is True
     torch.testing.assert_close(got.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
 
 

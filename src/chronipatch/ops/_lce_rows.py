@@ -43,8 +43,9 @@ SAMPLES = 1024  # vocabulary columns whose logits give each row's reference K
 SETTLE_TILES = 8  # tiles of p per step of the settle kernel's rescale
 SETTLE_SCAN = 1024  # tile references per step of its scan
 SCALE_BLOCK = 4096  # elements per step of the gradient scaling's programs
-# The reference kernel's tile: rows per program (64, or down to 16 where that leaves SMs idle: 8192 rows
-# make 128 programs of 64, 2048 rows 128 of 16), sampled columns and features per step.
+# The reference kernel's tile: rows per program (64, on tensor cores by wgmma on sm_90; 32 or 16 where blocks
+# of 64 would leave more than an eighth of the SMs idle: 8192 rows make 128 programs of 64 on 132 SMs, 2048
+# rows 128 of 16), sampled columns and features per step.
 REF_ROWS, REF_SAMPLES, REF_K = (64, 32, 16), 128, 64
 
 
@@ -210,7 +211,7 @@ def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
     if n > 0:
         w_norm = torch.linalg.vector_norm(sample, dim=1, dtype=torch.float32)
         sms = sms_for(hidden)
-        bm = next((bm for bm in REF_ROWS if cdiv(n, bm) >= sms), REF_ROWS[-1])
+        bm = next((bm for bm in REF_ROWS if cdiv(n, bm) >= sms * 7 // 8), REF_ROWS[-1])
         _references_kernel[(cdiv(n, bm),)](
             hidden, weight, w_norm, k, n, hdim, hidden.stride(0), weight.stride(0), step, sample.shape[0],
             4 * hdim * 2.0**-24, BM=bm, BS=REF_SAMPLES, BK=REF_K, UPCAST=not hidden.is_cuda,

@@ -57,14 +57,15 @@ def same_floats(first, *others) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == device for t in others)
 
 
-_ADDMM_OUT_DTYPE: bool | None = None
+# Per op (torch versions added ``out_dtype`` to mm and addmm apart): whether it took one; None until tried.
+OUT_DTYPE_GEMMS: dict[str, bool | None] = {"mm": None, "addmm": None}
 
 
-def _out_dtype_gemm(gemm) -> Tensor | None:
-    """``gemm()``, a cuBLAS GEMM of low-precision operands with an ``out_dtype``; None where this torch has
-    none (remembered). Other errors (an earlier kernel's, reported late) are raised, not taken for that."""
-    global _ADDMM_OUT_DTYPE
-    if _ADDMM_OUT_DTYPE is False:
+def _out_dtype_gemm(name: str, gemm) -> Tensor | None:
+    """``gemm()``, the cuBLAS GEMM ``name`` of low-precision operands with an ``out_dtype``; None where this
+    torch has none for it (remembered). Other errors (an earlier kernel's, reported late) are raised, not
+    taken for that."""
+    if OUT_DTYPE_GEMMS[name] is False:
         return None
     try:
         out = gemm()
@@ -73,9 +74,9 @@ def _out_dtype_gemm(gemm) -> Tensor | None:
     except (TypeError, NotImplementedError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "dtype" not in str(e):
             raise
-        _ADDMM_OUT_DTYPE = False
+        OUT_DTYPE_GEMMS[name] = False
         return None
-    _ADDMM_OUT_DTYPE = True
+    OUT_DTYPE_GEMMS[name] = True
     return out
 
 
@@ -85,14 +86,15 @@ def addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a, b)
         return
     gemm = functools.partial(torch.addmm, acc, a, b, out_dtype=acc.dtype, out=acc)
-    if not (a.is_cuda and _out_dtype_gemm(gemm) is not None):
+    if not (a.is_cuda and _out_dtype_gemm("addmm", gemm) is not None):
         acc.addmm_(a.float(), b.float())
 
 
 def mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b in fp32 from low-precision a, b: on CUDA cuBLAS writes the fp32 result itself (no zeroed buffer
     filled, then read and added into); elsewhere ``addmm_acc`` into zeros."""
-    out = _out_dtype_gemm(functools.partial(torch.mm, a, b, out_dtype=torch.float32)) if a.is_cuda else None
+    gemm = functools.partial(torch.mm, a, b, out_dtype=torch.float32)
+    out = _out_dtype_gemm("mm", gemm) if a.is_cuda else None
     if out is None:
         out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
         addmm_acc(out, a, b)
