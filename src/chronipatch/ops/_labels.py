@@ -71,6 +71,10 @@ def label_counts(targets: Tensor, vocab: int, ignore_index: int, num_items: Tens
     flat = targets.reshape(-1)
     if eager_cuda(flat):
         return _counts_by_kernel(flat.contiguous(), vocab, ignore_index, num_items)
+    return _counts_by_torch(flat, vocab, ignore_index, num_items)
+
+
+def _counts_by_torch(flat: Tensor, vocab: int, ignore_index: int, num_items: Tensor | None) -> Tensor:
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab))
     # gather, not flat[i]: indexing by a 0-dim device tensor reads it on the host (a sync).
