@@ -3,8 +3,9 @@
     python bench/lce_kernels.py [--n 8192] [--h 896] [--v 151936] [--dtype bf16] [--first K] [--out DIR]
 
 For each load path (TMA, pointers) and tile config (BM, BN, BK, warps, stages) it times (median of
-``triton.testing.do_bench``) the forward (tile kernel + merge), the backward kernel of one g chunk scaled
-to the whole vocabulary, and the whole op forward + backward; the row statistics and the loss are checked
+``triton.testing.do_bench``) the forward (tile kernel + merge), that forward also storing p (the bf16 one
+pass's), the backward kernel of one g chunk scaled to the whole vocabulary, and the whole op forward +
+backward; the row statistics and the loss are checked
 against fp32 logits from cuBLAS (max |delta| of m, relative of s, absolute of the loss). The cuBLAS logits
 GEMM with 2-byte output, over the whole vocabulary, is the reference rate of one of the op's four GEMMs.
 """
@@ -33,6 +34,11 @@ CONFIGS = [  # the two defaults first
     (True, (128, 128, 64, 8, 4, 1)),
     (True, (128, 256, 64, 8, 4, 1000)),
     (False, (64, 128, 64, 4, 4, 2)),
+    # One warpgroup a CTA and two CTAs an SM (registers 191-251 a thread, shared 49-131 KB a CTA on sm_90):
+    # one CTA's epilogue can run beside the other's GEMM, where one CTA of 8 warps idles the tensor cores.
+    (True, (128, 128, 64, 4, 2, 2)),
+    (True, (128, 128, 32, 4, 3, 2)),
+    (True, (64, 256, 64, 4, 2, 2)),
 ]
 
 
@@ -47,12 +53,14 @@ def _bwd_chunk_ms(tma, cfg, h, w, labels, stats) -> float:
     progs = tiles.sms_for(h) * per_sm
     cw = tiles_bwd.g_chunk_width(h, w, bn)
     g = torch.empty(n, cw, device=h.device, dtype=h.dtype)
+    gd = tiles.TensorDescriptor.from_tensor(g, [bm, bn]) if tma else g
     drows = torch.full((n,), 1.0 / n, device=h.device)
     launch = tiles_bwd._bwd_tiles_kernel[(min(progs, tiles.cdiv(n, bm) * tiles.cdiv(cw, bn)),)]
-    args = (h, w, *tiles._loads(h, w, tma, bm, bn, bk), g, labels, stats, drows, h.stride(0), w.stride(0))
+    args = (h, w, *tiles._loads(h, w, tma, bm, bn, bk), g, gd, labels, stats, drows, h.stride(0), w.stride(0))
     args += (g.stride(0), n, vocab, hdim, 0, cw, -100, tiles._group_m(h, bm))
     consts = dict(BM=bm, BN=bn, BK=bk, EVEN_K=hdim % bk == 0, UPCAST=False, TMA=tma)
     consts["NUM_PROGS"] = progs
+    stages = min(stages, tiles.P_STAGES) if tma else stages  # shared memory holds g's tile for its TMA store
     return ms(functools.partial(launch, *args, **consts, num_warps=warps, num_stages=stages)) * vocab / cw
 
 
@@ -92,6 +100,12 @@ def main() -> None:
         hg.grad = wg.grad = None
 
     op = functools.partial(step, one_pass_loss)
+    # The one pass's forward alone: the tiles also store p (its chunks' GEMMs left out).
+    rows_mod = importlib.import_module("chronipatch.ops._lce_rows")
+    ref, p_rows = rows_mod.row_references(h, w), rows_mod.P_BYTES // (2 * a.v)
+
+    def fwd_p():
+        tiles.tiles_fwd(h, w, labels, -100, False, lambda *args: None, p_rows, ref)
 
     default = tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS
     for tma, cfg in CONFIGS[: a.first]:
@@ -105,6 +119,7 @@ def main() -> None:
             row["lse_err"] = (m + s.log() - ref_lse).abs().max().item()
             row["loss_err"] = (loss - ref_loss).abs().max().item()
             row["fwd_ms"] = round(ms(lambda: tiles.tiles_fwd(h, w, labels, -100, False)), 3)
+            row["fwd_p_ms"] = round(ms(fwd_p), 3)
             row["bwd_kernel_ms"] = round(_bwd_chunk_ms(tma, cfg, h, w, labels, torch.stack([m, s], -1)), 3)
             row["op_ms"] = round(ms(op), 3)
         except Exception as e:  # a config past the shared memory or register limits
@@ -114,7 +129,6 @@ def main() -> None:
         tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS = default
     # The bf16 op's one-pass path (``_lce_rows``) by chunk size of p, against the recompute path: time, extra
     # peak memory (the two gradients included) and the gradients' difference from the recompute path's.
-    rows_mod = importlib.import_module("chronipatch.ops._lce_rows")
     default_p = rows_mod.P_BYTES
     recompute_loss().backward()
     ref_dh, ref_dw = hg.grad, wg.grad
@@ -142,8 +156,8 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     rows_mod.P_BYTES = default_p
-    keys = ["config", "fwd_ms", "bwd_kernel_ms", "op_ms", "m_err", "lse_err", "loss_err", "peak_MiB"]
-    keys += ["dh_diff", "dw_diff", "error"]
+    keys = ["config", "fwd_ms", "fwd_p_ms", "bwd_kernel_ms", "op_ms", "m_err", "lse_err", "loss_err"]
+    keys += ["peak_MiB", "dh_diff", "dw_diff", "error"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     text = "\n".join(lines)

@@ -119,3 +119,19 @@ def test_rms_kernels_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     shapes = json.loads((tmp_path / "rms_kernels_smoke.json").read_text())["shapes"]
     assert [s["shape"] for s in shapes] == ["33x96", "40x256"] and all(len(s["bwd_us"]) > 10 for s in shapes)
+
+
+def test_lce_sass_bench_smoke(tmp_path):
+    """``bench/lce_sass.py``: the loss's tile kernels compiled for sm_90 and their epilogues counted (no GPU);
+    the TMA kernels spill nothing and keep a wgmma in flight through their K loop."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])
+    cmd = [sys.executable, str(ROOT / "bench" / "lce_sass.py"), "--cases", "fwd_p,bwd", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if proc.returncode != 0 and "ptxas" in proc.stderr.lower():
+        pytest.skip(f"no ptxas for sm_90: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "lce_sass.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["fwd_p", "bwd"]
+    for r in rows:
+        assert 500 < r["per_tile"] < 5000 and r["stack"] == 0 and r["mma_in_flight"], r

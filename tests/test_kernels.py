@@ -284,6 +284,36 @@ def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
     assert zero[0].item() == 0 and not zero[3].any() and not zero[4].any()
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_lce_ignored_rows_with_nonfinite_logits_give_zero_gradient(tma, monkeypatch):
+    """An ignored row whose logits are nan or +inf (its hidden state is): p and g are exactly 0 there, in the
+    one pass with token stats (p zeroed after the sums), without them (the exponent masked before the exp)
+    and in the recompute backward, so both gradients stay finite and the one pass's agree bit for bit."""
+    rows = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(tiles, "TMA_LOADS", tma)
+    monkeypatch.setattr(rows, "P_BYTES", 1)
+    torch.manual_seed(3)
+    n, h, v = 20, 16, 70
+    hid, w = _r(n, h, dtype=torch.bfloat16), _r(v, h, dtype=torch.bfloat16, scale=0.5)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[[2, 9, 17]] = -100
+    hid[2] = float("nan")
+    hid[9, 3] = float("inf")
+    hid[17, :2] = torch.tensor([float("inf"), float("-inf")])
+    divisor = (labels != -100).sum().float()
+    with_stats = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    without = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    for got in (with_stats, without):
+        assert got[0].isfinite() and got[3].isfinite().all() and got[4].isfinite().all()
+        assert not got[3][[2, 9, 17]].any()
+    for a, b in zip((with_stats[0], *with_stats[3:]), (without[0], *without[3:])):
+        assert torch.equal(a, b)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    dh, dw = lce.lce_bwd_triton((1 / divisor).expand(n), hid, w, labels, stats, -100)
+    assert dh.isfinite().all() and dw.isfinite().all() and not dh[[2, 9, 17]].any()
+
+
 @pytest.mark.parametrize(
     "far", [False, 201, 257], ids=["sample-near-max", "max-far-above-sample", "far-in-the-last-scan-step"]
 )

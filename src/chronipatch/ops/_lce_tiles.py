@@ -13,11 +13,12 @@ So the fp32 logits never reach memory. Both passes compute every tile with the s
 tile grid (a backward chunk starts at a multiple of BN): the backward's logits are bit for bit those the
 statistics came from. The tiles carry no per-label work and no branch on the rows' finiteness (4.7 -> 3.7
 ms forward at 8192 x 896 on the H200; bench/results/2026-12-03-h200/lce_kernels_call8.md). On Hopper and
-newer the operands arrive by TMA (16-byte aligned rows; past the end reads 0) in 128 x 256 tiles, the
-forward's loads in warps of their own (4.7 ms forward against 5.8 with pointer loads in 128 x 128 tiles;
-2026-12-02-h200/lce_kernels_call21.md), and the one-pass path's p leaves by TMA store from shared memory
-(its forward 0.1-0.3 ms faster than by pointer stores; 2026-12-04-h200/tma_store_call9.log). Pointer loads
-and stores serve older GPUs and unaligned rows.
+newer the operands arrive by TMA (16-byte aligned rows; past the end reads 0) in 128 x 256 tiles (4.7 ms
+forward against 5.8 with pointer loads in 128 x 128 tiles; 2026-12-02-h200/lce_kernels_call21.md), and the
+one-pass path's p leaves by TMA store from shared memory (its forward 0.1-0.3 ms faster than by pointer
+stores; 2026-12-04-h200/tma_store_call9.log). Pointer loads and stores serve older GPUs and unaligned rows.
+The epilogue that folds a tile runs on the warps of its GEMM, the tensor cores idle meanwhile (triton 3.6
+gives sm_90 no warp specialization here): it is kept to few instructions, which ``bench/lce_sass.py`` counts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._math import centred, recentred_entropy
+from ._math import centred, exp_flushed, recentred_entropy
 from ._utils import capability, cdiv, pow2, sms_for
 
 # (BM, BN, BK, warps, stages, programs per SM), one config for both passes, which must tile alike (see
@@ -105,13 +106,17 @@ def _tile_coords(tile, n, n_tiles_v, group, BM: tl.constexpr):
 
 
 @triton.jit
-def _fold(z, m, TOKEN_STATS: tl.constexpr):
+def _fold(z, m, keep, TOKEN_STATS: tl.constexpr, KEEP: tl.constexpr):
     """(p = exp(z - m), its row sums, entropy sums or m) of a tile, one form for every row max: z - m is
     taken as 0 where z == m, so a +inf logit holds its row's probability (1 per +inf logit) and the other
     logits of that row add 0. A row of -inf logits only counts 1 per column; the merge drops a partial whose
-    max is -inf. (A branch on the rows' finiteness cost 0.5-1.3 ms of an 8192 x 2048 forward on the H200.)"""
+    max is -inf. (A branch on the rows' finiteness cost 0.5-1.3 ms of an 8192 x 2048 forward on the H200.)
+    KEEP: p and its sums are exactly 0 in the rows ``keep`` leaves out, even where their logits are nan (the
+    exponent's select, where one on p itself cost sm_90 two byte permutes for each pair of bf16 it stores)."""
     zc = tl.where(z == m[:, None], 0.0, z - m[:, None])
-    p = tl.exp(zc)
+    if KEEP:
+        zc = tl.where(keep[:, None], zc, float("-inf"))
+    p = exp_flushed(zc)
     e = tl.sum(tl.where(p > 0, p * zc, 0.0), axis=1) if TOKEN_STATS else m
     return p, tl.sum(p, axis=1), e
 
@@ -126,10 +131,12 @@ def _fwd_tiles_kernel(
     """Per row of each tile: max, sum exp(z - r) (with TOKEN_STATS the entropy sum and the first argmax)
     into the [N, T] partials, r the tile's max. With STORE_P also p = exp(z - r) into P [N, V] (bf16; 0 in an
     ignored row) and r into RP, where r is the row's REF unless the tile's max exceeds it by more than MARGIN
-    (then that max): with REF near the row's max, every tile of the row shares it. Persistent: NUM_PROGS
-    programs walk the tiles, and the loads of the next tile overlap this one's epilogue (with TMA issued by
-    warps of their own). The label's logit is the merge's: searched for here, in the tiles that hold one, it
-    cost 1 ms of 4.7 at 8192 x 896."""
+    (then that max): with REF near the row's max, every tile of the row shares it; without TOKEN_STATS an
+    ignored row's partial sums are 0 too (its loss is 0, and nothing else reads its s). Persistent:
+    NUM_PROGS programs walk the tiles, and the pipelined loop issues the next tile's loads during this one's
+    epilogue (the loop asks for warp specialization, which triton 3.6 does not apply on sm_90: the same
+    machine code with or without). The label's logit is the merge's: searched for here, in the tiles that
+    hold one, it cost 1 ms of 4.7 at 8192 x 896."""
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True, warp_specialize=TMA):
         pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
@@ -139,30 +146,36 @@ def _fwd_tiles_kernel(
         acc = _tile_logits(
             H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST, TMA
         )  # fmt: skip
-        cols = col0 + tl.arange(0, BN)
-        z = tl.where((cols < vocab)[None, :], acc, float("-inf"))
+        # Columns past the end (TMA reads them as 0) are masked in every tile: a branch to the last tile alone
+        # makes the loop wait for each wgmma (sm_90, triton 3.6). Against the column range (not col0 + range)
+        # the compare needs no index arithmetic per element.
+        z = tl.where((tl.arange(0, BN) < vocab - col0)[None, :], acc, float("-inf"))
         m = tl.max(z, axis=1)
         part = rows.to(tl.int64) * n_tiles_v + pid_v
         tl.store(MP + part, m, mask=live)
         if TOKEN_STATS:
             tl.store(AP + part, col0 + tl.argmax(z, axis=1), mask=live)  # the first maximum, as torch.argmax
         r = m
+        keep = live
         if STORE_P:
-            # Read after the GEMM: loaded before it, the flattened warp-specialized loop pipelines the load
-            # across tiles (sm_90, triton 3.6), and a tile could take another tile's rows' references.
+            # Read after the GEMM: loaded before it, the flattened pipelined loop loads it a tile ahead
+            # (sm_90, triton 3.6), and a tile could take another tile's rows' references.
             ref = tl.load(REF + rows, mask=live, other=0.0)
             r = tl.where(m <= ref + MARGIN, ref, m)  # a nan max or reference: the tile's own max
             tl.store(RP + part, r, mask=live)
-        p, s, e = _fold(z, r, TOKEN_STATS)
+            keep = tl.load(LABELS + rows, mask=live, other=ignore_index) != ignore_index
+        # Token stats are of every row: there p is zeroed in ignored rows after the sums.
+        p, s, e = _fold(z, r, keep, TOKEN_STATS, STORE_P and not TOKEN_STATS)
         tl.store(SP + part, s, mask=live)
         if TOKEN_STATS:
             tl.store(EP + part, e, mask=live)
         if STORE_P:
-            keep = tl.load(LABELS + rows, mask=live, other=ignore_index) != ignore_index
-            p = tl.where(keep[:, None], p, 0.0)  # exactly 0, even where the row's logits are nan
+            if TOKEN_STATS:
+                p = tl.where(keep[:, None], p, 0.0)  # exactly 0, even where the row's logits are nan
             if TMA:  # by TMA from shared memory, off the epilogue's critical path; clipped to [n, V]
                 PD.store([row0, col0], p.to(tl.bfloat16))
             else:
+                cols = col0 + tl.arange(0, BN)
                 p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
                 tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
 

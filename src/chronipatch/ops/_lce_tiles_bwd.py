@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._lce_tiles import (
     MERGE_BLOCK,
+    P_STAGES,
     _config,
     _group_m,
     _label_logit,
@@ -23,7 +25,7 @@ from ._lce_tiles import (
     _tile_coords,
     _tile_logits,
 )
-from ._math import centred
+from ._math import centred, exp_flushed
 from ._utils import addmm_acc, cdiv, pow2, sms_for
 
 G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
@@ -32,13 +34,14 @@ LABEL_BLOCK = 1024  # rows per program of the kernel that puts the label's entri
 
 @triton.jit
 def _bwd_tiles_kernel(
-    H, W, HD, WD, G, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc, ignore_index,
-    group, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, NUM_PROGS: tl.constexpr,
+    H, W, HD, WD, G, GD, LABELS, STATS, DROWS, stride_h, stride_w, stride_g, n, vocab, hdim, v0, vc,
+    ignore_index, group, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """g = softmax * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent, as the
-    forward; its loads stay in the compute warps, which measured faster here). The label's entry, softmax
-    - 1, is ``_label_grad_kernel``'s."""
+    forward), with TMA by the descriptor GD (clipped to the chunk), else by pointers: a [BM, BN] tile of
+    int64 addresses held 256 registers a thread and spilled 2 KiB of them (sm_90). The label's entry,
+    softmax - 1, is ``_label_grad_kernel``'s."""
     n_tiles_v = tl.cdiv(vc, BN)
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
@@ -48,20 +51,23 @@ def _bwd_tiles_kernel(
             H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST, TMA
         )  # fmt: skip
         rows = row0 + tl.arange(0, BM)
-        cols = col0 + tl.arange(0, BN)
         live = rows < n
         y = tl.load(LABELS + rows, mask=live, other=ignore_index)
         m = tl.load(STATS + 2 * rows.to(tl.int64), mask=live, other=0.0)
         s = tl.load(STATS + 2 * rows.to(tl.int64) + 1, mask=live, other=1.0)
         keep = y != ignore_index
-        scale = tl.where(keep, tl.load(DROWS + rows, mask=live, other=0.0), 0.0)
-        # centred: a +inf logit holds its row's probability (where every row max is finite, acc - m; a branch
-        # to that difference cost more than the select).
-        g = tl.exp(centred(acc, m[:, None])) * (scale / s)[:, None]
-        # An ignored row is exactly 0, even where its logits are nan (it takes no part in the loss).
-        g = tl.where(keep[:, None], g, 0.0)
-        g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
-        tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
+        scale = tl.where(keep, tl.load(DROWS + rows, mask=live, other=0.0) / s, 0.0)
+        # As centred(), a +inf logit holds its row's probability; the row's test outside the tile (a branch
+        # to acc - m where every row max is finite cost more than the select). An ignored row is exactly 0,
+        # even where its logits are nan (it takes no part in the loss).
+        zc = tl.where((acc == m[:, None]) & (m == float("inf"))[:, None], 0.0, acc - m[:, None])
+        g = exp_flushed(tl.where(keep[:, None], zc, float("-inf"))) * scale[:, None]
+        if TMA:
+            GD.store([row0, col0 - v0], g.to(GD.dtype))
+        else:
+            cols = col0 + tl.arange(0, BN)
+            g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
+            tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
 
 
 @triton.jit
@@ -112,7 +118,8 @@ def tiles_bwd(
     progs = sms_for(hidden) * per_sm
     vc = g_chunk_width(hidden, weight, bn)
     hd, wd = _loads(hidden, weight, tma, bm, bn, bk)
-    buf = hidden.new_empty(n * min(vc, vocab))  # one chunk of g alive at a time
+    # One chunk of g alive at a time, its rows 16-byte aligned (the stride a TMA store needs).
+    buf = hidden.new_empty(n * cdiv(min(vc, vocab), 8) * 8)
     group_m = _group_m(hidden, bm)
     gy = torch.empty(n, dtype=torch.float32, device=hidden.device)
     _label_grad_kernel[(n,)](
@@ -121,12 +128,14 @@ def tiles_bwd(
     )  # fmt: skip
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
-        g = buf[: n * w.shape[0]].view(n, w.shape[0])
-        _bwd_tiles_kernel[(min(progs, cdiv(n, bm) * cdiv(w.shape[0], bn)),)](
-            hidden, weight, hd, wd, g, labels, stats, grad_rows, hidden.stride(0), weight.stride(0),
-            g.stride(0), n, vocab, hdim, v0, w.shape[0], ignore_index, group_m, BM=bm, BN=bn, BK=bk,
+        wc = w.shape[0]
+        g = buf[: n * cdiv(wc, 8) * 8].view(n, cdiv(wc, 8) * 8)[:, :wc]
+        gd = TensorDescriptor.from_tensor(g, [bm, bn]) if tma else g
+        _bwd_tiles_kernel[(min(progs, cdiv(n, bm) * cdiv(wc, bn)),)](
+            hidden, weight, hd, wd, g, gd, labels, stats, grad_rows, hidden.stride(0), weight.stride(0),
+            g.stride(0), n, vocab, hdim, v0, wc, ignore_index, group_m, BM=bm, BN=bn, BK=bk,
             EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, NUM_PROGS=progs,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=min(stages, P_STAGES) if tma else stages,
         )  # fmt: skip
         _put_label_grad_kernel[(cdiv(n, LABEL_BLOCK),)](
             g, labels, gy, g.stride(0), n, v0, w.shape[0], BLOCK=LABEL_BLOCK, num_warps=4
