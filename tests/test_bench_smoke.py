@@ -126,7 +126,8 @@ def test_lce_sass_bench_smoke(tmp_path):
     the TMA kernels spill nothing and keep a wgmma in flight through their K loop."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])
-    cmd = [sys.executable, str(ROOT / "bench" / "lce_sass.py"), "--cases", "fwd_p,bwd", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "bench" / "lce_sass.py"), "--cases", "fwd_p,bwd"]
+    cmd += ["--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower():
         pytest.skip(f"no ptxas for sm_90: {proc.stderr[-300:]}")

@@ -117,7 +117,9 @@ def _fold(z, m, keep, TOKEN_STATS: tl.constexpr, KEEP: tl.constexpr):
     if KEEP:
         zc = tl.where(keep[:, None], zc, float("-inf"))
     p = exp_flushed(zc)
-    e = tl.sum(tl.where(p > 0, p * zc, 0.0), axis=1) if TOKEN_STATS else m
+    # p (z - m) is 0 where p is (no 0 * -inf): the floor leaves every zc with p > 0 as it is, and a nan zc's
+    # p is nan already. One max where a test and a select took two and kept the product from the sum's add.
+    e = tl.sum(p * tl.maximum(zc, -3.4e38), axis=1) if TOKEN_STATS else m
     return p, tl.sum(p, axis=1), e
 
 
@@ -153,8 +155,9 @@ def _fwd_tiles_kernel(
         m = tl.max(z, axis=1)
         part = rows.to(tl.int64) * n_tiles_v + pid_v
         tl.store(MP + part, m, mask=live)
-        if TOKEN_STATS:
-            tl.store(AP + part, col0 + tl.argmax(z, axis=1), mask=live)  # the first maximum, as torch.argmax
+        if TOKEN_STATS:  # the first maximum, as torch.argmax; the first column in a row of nan alone
+            first = tl.min(tl.where(z == m[:, None], tl.arange(0, BN)[None, :], BN), axis=1)
+            tl.store(AP + part, col0 + tl.where(first < BN, first, 0), mask=live)
         r = m
         keep = live
         if STORE_P:
