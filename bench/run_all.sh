@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, each step time-boxed, results under $OUT (default bench/out).
 #
-#   bash bench/run_all.sh [tests|sweep|ops|attention|train|sft|sft_compile ...]   (default: all but
-#   sft_compile, in this order)
+#   bash bench/run_all.sh [tests|sweep|ops|lce|prologue|rms|attention|train|sft|sft_compile ...]
+#   (default: tests sweep ops attention train sft, in this order)
 #
 # Needs a CUDA machine with torch, triton, transformers (and trl, peft, liger-kernel, cut-cross-entropy for
 # the peer columns). A step that times out or fails is reported and the next one runs.
@@ -35,6 +35,12 @@ for step in "${steps[@]}"; do
         run "sweep_$op" 300 python bench/sweep.py --cases 500 --ops "$op" --out "$OUT/sweep_$op"
     done ;;
     ops) run ops 300 python bench/ops.py --out "$OUT" ;;
+    # The loss's tile kernels by config, its host-side prologue's kernels, RMSNorm by launch shape, and the
+    # epilogue counts of the compiled tile kernels (these need no GPU; recorded beside the timings).
+    lce) run lce_sass 120 python bench/lce_sass.py --out "$OUT"
+        run lce_kernels 300 python bench/lce_kernels.py --out "$OUT" ;;
+    prologue) run lce_prologue 120 python bench/lce_prologue.py --out "$OUT" ;;
+    rms) run rms_kernels 180 python bench/rms_kernels.py --out "$OUT" ;;
     attention) run attention 180 python bench/attention.py --out "$OUT" ;;
     train) run train 600 python bench/train.py --profile --out "$OUT" ;;
     sft) run sft 600 python bench/sft.py --timeout 120 --out "$OUT" --variants \
