@@ -21,6 +21,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 # (case, module, kernel, dtype, TMA loads, constexprs beyond the tile's); the forward as each path runs it:
@@ -109,13 +110,14 @@ BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 
 
 def epilogue(lines: list[str]) -> dict:
-    """Instructions from the last wgmma wait of the tile loop to its back edge, all and by source line."""
+    """Instructions of the tile loop's epilogue, all and by source line: from the wait for every wgmma (to 0)
+    after the loop's first MMA group to the loop's back edge (the flattened loop runs the epilogue in a block
+    of its own after the last K step's wait)."""
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := LABEL.match(line))}
     mma = [i for i, line in enumerate(lines) if "HGMMA" in line or "HMMA" in line]
     if not mma:
         raise RuntimeError("no MMA in the kernel")
     first = mma[0]
-    # The steady-state loop: the last MMA group before the epilogue; for wgmma, its wait to 0.
     start = next((i for i in range(first, len(lines)) if "DEPBAR.LE gsb0, 0x0" in lines[i]), mma[-1])
     end = next(
         i
@@ -144,22 +146,21 @@ def main() -> None:
     import triton
 
     wanted = set(args.cases.split(","))
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"lce_sass_{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for case, mod, name, dt, tma, extra in CASES:
         if case not in wanted:
             continue
         compiled = compile_case(mod, name, dt, tma, extra)
-        counts = epilogue(sass(compiled.asm["cubin"], workdir))
-        rows.append({"case": case, "kernel": name, "dtype": dt, "tma": tma, **extra, **counts})
-        rows[-1] |= resources(compiled.asm["cubin"], workdir) | {"shared": compiled.metadata.shared}
-        r = rows[-1]
+        cubin, shared = compiled.asm["cubin"], compiled.metadata.shared
+        r = {"case": case, "kernel": name, "dtype": dt, "tma": tma, **extra, "shared": shared}
+        with tempfile.TemporaryDirectory() as tmp:
+            r |= epilogue(sass(cubin, Path(tmp))) | resources(cubin, Path(tmp))
+        rows.append(r)
         print(
             f"{case:12s} {r['per_tile']:5d} per tile, {r['reg']} registers, {r['stack']} B stack, "
             f"{r['shared']} B shared, wgmma in flight: {r['mma_in_flight']}"
         )
-        for src, k in counts["by_line"].items():
+        for src, k in r["by_line"].items():
             print(f"    {k:5d} {src}")
     head = f"triton {triton.__version__}, sm_90; instructions a thread issues per tile in the epilogue"
     if args.out:

@@ -327,6 +327,9 @@ def compiled() -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
 
 
 SM90_SHARED = 227 << 10  # an H100's shared memory per block: more fails only at launch
+# Kernels allowed to spill registers: the recompute backward with pointer stores (GPUs before Hopper,
+# unaligned rows), whose pointers to a [BM, BN] tile of g spill ~300 B a thread (its TMA store holds none).
+SPILLS_ALLOWED = ("lce_tiles_bwd_bf16_pointer_loads", "lce_tiles_bwd_fp16_pointer_loads")
 
 
 @pytest.fixture
@@ -334,14 +337,19 @@ def ptx(compiled, case) -> str:
     return compiled[0][case]
 
 
+@pytest.mark.parametrize("case", [c[0] for c in _cases() if c[0] not in SPILLS_ALLOWED])
+def test_kernel_spills_no_registers_on_h100(compiled, case):
+    """No stack (spilled registers) a thread, from the cubin's resource usage (triton's bundled cuobjdump)."""
+    stack = compiled[2].get(case, -1)
+    if stack < 0:
+        pytest.skip("no cuobjdump beside triton's ptxas, or the kernel did not compile (its own test says)")
+    assert stack == 0, f"{stack} bytes of stack a thread: registers spilled"
+
+
 @pytest.mark.parametrize("case", [c[0] for c in _cases()])
 def test_kernel_compiles_for_h100(compiled, ptx, case):
     assert not ptx.startswith("error"), ptx
     assert compiled[1][case] <= SM90_SHARED, f"{compiled[1][case]} bytes of shared memory"
-    # No register spills (stack), but in the pointer-load tile kernels of GPUs before Hopper: the backward's
-    # pointers to a [BM, BN] tile of g spill there (its TMA store holds none).
-    if not case.endswith("_pointer_loads") and compiled[2][case] >= 0:
-        assert compiled[2][case] == 0, f"{compiled[2][case]} bytes of stack a thread: registers spilled"
     if case.startswith("rms_fwd"):
         assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "rsqrt.approx" not in ptx
     if case.startswith("rms_bwd"):

@@ -230,9 +230,9 @@ def rows_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool, divisor: Tensor,
     need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """(m, s, entropy sum, argmax, label logit, loss) per row as ``tiles_fwd``, then dh and dw of sum_i c l_i
-    (bf16 hidden and weight; c = 1 / ``divisor``, one element, or 1 where it is 0); one that is not needed is
-    empty."""
+    """(m, s, entropy sum, argmax, label logit, loss) per row as ``tiles_fwd`` (s 0 in an ignored row without
+    ``token_stats``), then dh and dw of sum_i c l_i (bf16 hidden and weight; c = 1 / ``divisor``, one element,
+    or 1 where it is 0); one that is not needed is empty."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)

@@ -45,8 +45,8 @@ PART_BYTES = 128 << 20  # the forward's [rows, T] partials per launch: its rows 
 # How far a tile's max may exceed its row's reference before the tile takes its own max as p's (p <= e^32,
 # whose sums stay in range; the one-pass path's row scale c / s e^(r - m) stays within bf16's normal range).
 REF_MARGIN = 32.0
-# Pipeline stages of the forward that stores p by TMA: its [BM, BN] tile is staged in shared memory, which
-# holds 3 of TILE's stages beside it (4 with it exceed the SM's 227 KiB).
+# Pipeline stages of the kernels that store a tile by TMA (the forward's p, the recompute backward's g): the
+# [BM, BN] tile is staged in shared memory, which holds 3 of TILE's stages beside it (4 exceed its 227 KiB).
 P_STAGES = 3
 
 
@@ -155,7 +155,9 @@ def _fwd_tiles_kernel(
         m = tl.max(z, axis=1)
         part = rows.to(tl.int64) * n_tiles_v + pid_v
         tl.store(MP + part, m, mask=live)
-        if TOKEN_STATS:  # the first maximum, as torch.argmax; the first column in a row of nan alone
+        # The first maximum, as torch.argmax where no logit is nan (the GPU's max skips nan: a tile of nan and
+        # -inf logits may point past the vocabulary, and the merge never takes a partial whose max is -inf).
+        if TOKEN_STATS:
             first = tl.min(tl.where(z == m[:, None], tl.arange(0, BN)[None, :], BN), axis=1)
             tl.store(AP + part, col0 + tl.where(first < BN, first, 0), mask=live)
         r = m
@@ -311,6 +313,7 @@ def tiles_fwd(
     on_rows: Callable[..., None] | None = None, p_rows: int = 0, ref: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(m, s, entropy sum e, argmax, label logit, loss) per row; e and argmax empty without ``token_stats``.
+    With ``on_rows`` and without ``token_stats`` an ignored row's s is 0 (its p is 0, and its loss).
 
     With ``on_rows`` the rows go in chunks of at most ``p_rows`` (a multiple of BM), whose p = exp(z - r_j)
     [k, V] (bf16, 0 in ignored rows) the tiles also store, r_j the row's ``ref`` ([N] fp32) unless the

@@ -40,8 +40,8 @@ def _bwd_tiles_kernel(
 ):  # fmt: skip
     """g = softmax * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent, as the
     forward), with TMA by the descriptor GD (clipped to the chunk), else by pointers: a [BM, BN] tile of
-    int64 addresses held 256 registers a thread and spilled 2 KiB of them (sm_90). The label's entry,
-    softmax - 1, is ``_label_grad_kernel``'s."""
+    int64 addresses held 255 registers a thread and spilled 2-2.5 KiB more (sm_90, triton 3.6-3.7). The
+    label's entry, softmax - 1, is ``_label_grad_kernel``'s."""
     n_tiles_v = tl.cdiv(vc, BN)
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
