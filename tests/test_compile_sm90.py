@@ -1,7 +1,8 @@
 """Every Triton kernel compiles for the H100 (sm_90) on this CPU machine (triton's bundled ptxas), so a
 kernel that only the interpreter accepts cannot land; the PTX also carries the instructions the numerics
 rely on (IEEE sqrt/division in RMSNorm, the sigmoid and the softmax, fp64 weight-gradient sums, the
-reduced-range exp).
+reduced-range exp), and no kernel spills registers. The loss's pointer-load tile kernels, what GPUs before
+Hopper run, also compile for the A100 (sm_80).
 
 The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test session sets it on CPU machines,
 which turns every ``@triton.jit`` into an interpreted function)."""
@@ -258,6 +259,12 @@ def _cases() -> list[tuple]:
             {"BLOCK": 1024},
         )
     )
+    # The pointer-load tile kernels again for an A100 (sm_80, mma.sync): what GPUs before Hopper run.
+    cases += [
+        (f"sm80_{c[0]}", *c[1:4], c[4] | {"NUM_PROGS": 108}, c[5], 80)
+        for c in cases
+        if c[0].startswith("lce_tiles_") and c[0].endswith("_pointer_loads")
+    ]
     return cases
 
 
@@ -287,6 +294,7 @@ def _compile_all() -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
 
     out, shared, stack = {}, {}, {}
     for case, mod, name, types, constexprs, *launch in _cases():
+        options, arch = launch[0] if launch else None, launch[1] if len(launch) > 1 else 90
         kernel = getattr(importlib.import_module(f"chronipatch.ops.{mod}"), name)
         signature = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in kernel.params}
         # As a launch specialises them at real shapes: base addresses 16-byte aligned, strides and row widths
@@ -299,8 +307,8 @@ def _compile_all() -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
         try:
             compiled = triton.compile(
                 ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                target=GPUTarget("cuda", 90, 32),
-                options=launch[0] if launch else None,
+                target=GPUTarget("cuda", arch, 32),
+                options=options,
             )
             out[case] = compiled.asm["ptx"] if compiled.asm.get("cubin") else "error: no cubin"
             shared[case] = compiled.metadata.shared
@@ -327,9 +335,6 @@ def compiled() -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
 
 
 SM90_SHARED = 227 << 10  # an H100's shared memory per block: more fails only at launch
-# Kernels allowed to spill registers: the recompute backward with pointer stores (GPUs before Hopper,
-# unaligned rows), whose pointers to a [BM, BN] tile of g spill ~300 B a thread (its TMA store holds none).
-SPILLS_ALLOWED = ("lce_tiles_bwd_bf16_pointer_loads", "lce_tiles_bwd_fp16_pointer_loads")
 
 
 @pytest.fixture
@@ -337,7 +342,7 @@ def ptx(compiled, case) -> str:
     return compiled[0][case]
 
 
-@pytest.mark.parametrize("case", [c[0] for c in _cases() if c[0] not in SPILLS_ALLOWED])
+@pytest.mark.parametrize("case", [c[0] for c in _cases()])
 def test_kernel_spills_no_registers_on_h100(compiled, case):
     """No stack (spilled registers) a thread, from the cubin's resource usage (triton's bundled cuobjdump)."""
     stack = compiled[2].get(case, -1)
@@ -365,6 +370,8 @@ def test_kernel_compiles_for_h100(compiled, ptx, case):
         # ... and p, or the backward's g, stored by TMA (shared to global) where the loads are
         g_by_tma = case.startswith("lce_tiles_bwd") and "_pointer" not in case
         assert ("bulk.tensor.2d.global.shared" in ptx) == (case.endswith("_p") or g_by_tma)
+    if case.startswith("sm80_"):  # an A100's tensor cores: mma.sync, no wgmma or TMA
+        assert "mma.sync" in ptx and "wgmma" not in ptx and "cp.async.bulk.tensor" not in ptx
     if case.startswith("swiglu"):  # IEEE division always; exp_f32's Cody-Waite floor for fp32 only
         assert "div.rn.f32" in ptx
         assert bool(re.search(r"cvt\.rmi(\.ftz)?\.f32\.f32", ptx)) == ("_fp32" in case)

@@ -39,9 +39,10 @@ def _bwd_tiles_kernel(
     UPCAST: tl.constexpr, TMA: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """g = softmax * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent, as the
-    forward), with TMA by the descriptor GD (clipped to the chunk), else by pointers: a [BM, BN] tile of
-    int64 addresses held 255 registers a thread and spilled 2-2.5 KiB more (sm_90, triton 3.6-3.7). The
-    label's entry, softmax - 1, is ``_label_grad_kernel``'s."""
+    forward), with TMA by the descriptor GD, else through a block pointer, both clipped to the chunk: a [BM,
+    BN] tile of int64 pointers held 255 registers a thread and spilled 2-2.5 KiB more on sm_90 with TMA
+    loads (triton 3.6-3.7), 120-700 B with pointer loads (sm_80, sm_90). The label's entry, softmax - 1, is
+    ``_label_grad_kernel``'s."""
     n_tiles_v = tl.cdiv(vc, BN)
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
@@ -65,9 +66,8 @@ def _bwd_tiles_kernel(
         if TMA:
             GD.store([row0, col0 - v0], g.to(GD.dtype))
         else:
-            cols = col0 + tl.arange(0, BN)
-            g_ptr = G + rows.to(tl.int64)[:, None] * stride_g + (cols - v0)[None, :]
-            tl.store(g_ptr, g.to(G.dtype.element_ty), mask=live[:, None] & (cols < v0 + vc)[None, :])
+            g_blk = tl.make_block_ptr(G, (n, vc), (stride_g, 1), (row0, col0 - v0), (BM, BN), (1, 0))
+            tl.store(g_blk, g.to(G.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
