@@ -26,7 +26,7 @@ from ._lce_tiles import (
     _tile_logits,
 )
 from ._math import centred, exp_flushed
-from ._utils import addmm_acc, cdiv, pow2, sms_for
+from ._utils import addmm_acc, cdiv, check, pow2, sms_for
 
 G_CHUNK_BYTES = 192 << 20  # bytes of one [N, Vc] chunk of g in the weight dtype
 LABEL_BLOCK = 1024  # rows per program of the kernel that puts the label's entries into g
@@ -39,10 +39,10 @@ def _bwd_tiles_kernel(
     UPCAST: tl.constexpr, TMA: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """g = softmax * dloss of the tiles of the chunk [v0, v0 + vc), into G [N, vc] (persistent, as the
-    forward), with TMA by the descriptor GD, else through a block pointer, both clipped to the chunk: a [BM,
-    BN] tile of int64 pointers held 255 registers a thread and spilled 2-2.5 KiB more on sm_90 with TMA
-    loads (triton 3.6-3.7), 120-700 B with pointer loads (sm_80, sm_90). The label's entry, softmax - 1, is
-    ``_label_grad_kernel``'s."""
+    forward), with TMA by the descriptor GD, else by pointers from the tile's corner, both clipped to the
+    chunk: a [BM, BN] tile of int64 pointers held 255 registers a thread and spilled 2-2.5 KiB more on sm_90
+    with TMA loads (triton 3.6-3.7), 120-700 B with pointer loads (sm_80, sm_90). The label's entry,
+    softmax - 1, is ``_label_grad_kernel``'s."""
     n_tiles_v = tl.cdiv(vc, BN)
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
@@ -66,8 +66,12 @@ def _bwd_tiles_kernel(
         if TMA:
             GD.store([row0, col0 - v0], g.to(GD.dtype))
         else:
-            g_blk = tl.make_block_ptr(G, (n, vc), (stride_g, 1), (row0, col0 - v0), (BM, BN), (1, 0))
-            tl.store(g_blk, g.to(G.dtype.element_ty), boundary_check=(0, 1))
+            # The tile's corner in int64, offsets in it in int32 (BM rows of the chunk: < 2^31 elements,
+            # as the launcher checks); int64 addresses for each element held 255 registers and spilled.
+            r_in, c_in = tl.arange(0, BM), tl.arange(0, BN)
+            corner = G + row0.to(tl.int64) * stride_g + (col0 - v0)
+            mask = (r_in < n - row0)[:, None] & (c_in < vc - (col0 - v0))[None, :]
+            tl.store(corner + r_in[:, None] * stride_g + c_in[None, :], g.to(G.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,6 +130,13 @@ def tiles_bwd(
         hidden, weight, labels, stats, grad_rows, gy, hidden.stride(0), weight.stride(0), vocab, hdim,
         ignore_index, BLOCK_H=min(pow2(hdim), MERGE_BLOCK), num_warps=4,
     )  # fmt: skip
+    # The pointer store's offsets within a tile are int32: BM rows of a chunk (its row stride ~ the vocabulary
+    # at most) stay below 2^31 elements for any vocabulary under 16M.
+    check(
+        tma or bm * (cdiv(min(vc, vocab), 8) * 8) < 2**31,
+        "linear_cross_entropy",
+        lambda: f"a vocabulary of {vocab} is past what the backward's pointer stores address (2^31 / {bm})",
+    )
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
         wc = w.shape[0]
