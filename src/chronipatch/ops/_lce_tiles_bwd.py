@@ -121,6 +121,13 @@ def tiles_bwd(
     tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
     progs = sms_for(hidden) * per_sm
     vc = g_chunk_width(hidden, weight, bn)
+    # The pointer store's offsets within a tile are int32: BM rows of a chunk (its row stride ~ the vocabulary
+    # at most) stay below 2^31 elements for any vocabulary under 16M.
+    check(
+        tma or bm * (cdiv(min(vc, vocab), 8) * 8) < 2**31,
+        "linear_cross_entropy",
+        lambda: f"a vocabulary of {vocab} is past what the backward's pointer stores address (2^31 / {bm})",
+    )
     hd, wd = _loads(hidden, weight, tma, bm, bn, bk)
     # One chunk of g alive at a time, its rows 16-byte aligned (the stride a TMA store needs).
     buf = hidden.new_empty(n * cdiv(min(vc, vocab), 8) * 8)
@@ -130,13 +137,6 @@ def tiles_bwd(
         hidden, weight, labels, stats, grad_rows, gy, hidden.stride(0), weight.stride(0), vocab, hdim,
         ignore_index, BLOCK_H=min(pow2(hdim), MERGE_BLOCK), num_warps=4,
     )  # fmt: skip
-    # The pointer store's offsets within a tile are int32: BM rows of a chunk (its row stride ~ the vocabulary
-    # at most) stay below 2^31 elements for any vocabulary under 16M.
-    check(
-        tma or bm * (cdiv(min(vc, vocab), 8) * 8) < 2**31,
-        "linear_cross_entropy",
-        lambda: f"a vocabulary of {vocab} is past what the backward's pointer stores address (2^31 / {bm})",
-    )
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
         wc = w.shape[0]
