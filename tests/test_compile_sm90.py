@@ -163,7 +163,9 @@ def _cases() -> list[tuple]:
                         | {"P": "*bf16" if p else f"*{dt}", "RP": "*fp32", "REF": "*fp32", "LABELS": "*i64"}
                         | {"PD": f"tensordesc<bf16[{bm}, {bn}]>" if p and tma else "*bf16" if p else f"*{dt}"}
                         | _ints("stride_p", "ignore_index"),
-                        shape | {"TOKEN_STATS": token_stats, "STORE_P": p, "MARGIN": 32.0},
+                        # Both forms of the column mask: bf16 masked (Qwen's vocabulary), fp16 not (EVEN_V).
+                        shape
+                        | {"TOKEN_STATS": token_stats, "STORE_P": p, "MARGIN": 32.0, "EVEN_V": dt == "fp16"},
                         {"num_warps": warps, "num_stages": min(stages, P_STAGES) if p and tma else stages},
                     )
                     for token_stats in (True, False)

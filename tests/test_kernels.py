@@ -179,7 +179,8 @@ def test_rope_kernels(b, t, hq, hk, d, cos_b, dtype):
         torch.testing.assert_close(a, e, **TOL[dtype])
 
 
-@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049), (37, 24, 130)])
+# 256: a vocabulary of whole tiles (no column mask in the tile kernels, EVEN_V)
+@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049), (37, 24, 130), (6, 16, 256)])
 @pytest.mark.parametrize(
     "dtype,wide,tma",  # wide: the fp64 backward GEMMs that fp32 inputs take on FAST_FP64 GPUs
     [
@@ -228,7 +229,7 @@ def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "n,h,v,tma", [(1, 16, 300, True), (40, 24, 130, True), (37, 8, 1025, False)], ids=str
+    "n,h,v,tma", [(1, 16, 300, True), (40, 24, 130, True), (37, 8, 1025, False), (20, 16, 96, True)], ids=str
 )
 def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
     """bf16 loss and gradients in one pass: row chunks of one 16-row block (dW summed over them), against

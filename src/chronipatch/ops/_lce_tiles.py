@@ -127,8 +127,8 @@ def _fold(z, m, keep, TOKEN_STATS: tl.constexpr, KEEP: tl.constexpr):
 def _fwd_tiles_kernel(
     H, W, HD, WD, MP, SP, EP, AP, P, PD, RP, REF, LABELS, stride_h, stride_w, stride_p, n, vocab, hdim,
     n_tiles_v, group, ignore_index, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, TOKEN_STATS: tl.constexpr,
-    STORE_P: tl.constexpr, MARGIN: tl.constexpr, NUM_PROGS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr, MARGIN: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """Per row of each tile: max, sum exp(z - r) (with TOKEN_STATS the entropy sum and the first argmax)
     into the [N, T] partials, r the tile's max. With STORE_P also p = exp(z - r) into P [N, V] (bf16; 0 in an
@@ -148,10 +148,13 @@ def _fwd_tiles_kernel(
         acc = _tile_logits(
             H, W, HD, WD, stride_h, stride_w, n, vocab, hdim, row0, col0, BM, BN, BK, EVEN_K, UPCAST, TMA
         )  # fmt: skip
-        # Columns past the end (TMA reads them as 0) are masked in every tile: a branch to the last tile alone
-        # makes the loop wait for each wgmma (sm_90, triton 3.6). Against the column range (not col0 + range)
-        # the compare needs no index arithmetic per element.
-        z = tl.where((tl.arange(0, BN) < vocab - col0)[None, :], acc, float("-inf"))
+        # Columns past the end (TMA reads them as 0) are masked in every tile unless BN divides the vocabulary
+        # (EVEN_V: Llama's, Mistral's): a branch to the last tile alone makes the loop wait for each wgmma
+        # (sm_90, triton 3.6). Against the column range (not col0 + range) the compare needs no index
+        # arithmetic per element.
+        z = acc
+        if not EVEN_V:
+            z = tl.where((tl.arange(0, BN) < vocab - col0)[None, :], acc, float("-inf"))
         m = tl.max(z, axis=1)
         part = rows.to(tl.int64) * n_tiles_v + pid_v
         tl.store(MP + part, m, mask=live)
@@ -356,8 +359,9 @@ def tiles_fwd(
         _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
             h, weight, *_loads(h, weight, tma, bm, bn, bk), *parts, h.stride(0), weight.stride(0),
             p.stride(0), k, vocab, hdim, t, _group_m(hidden, bm), ignore_index, BM=bm, BN=bn, BK=bk,
-            EVEN_K=hdim % bk == 0, UPCAST=not hidden.is_cuda, TMA=tma, TOKEN_STATS=token_stats,
-            STORE_P=on_rows is not None, MARGIN=REF_MARGIN, NUM_PROGS=progs, num_warps=warps,
+            EVEN_K=hdim % bk == 0, EVEN_V=vocab % bn == 0, UPCAST=not hidden.is_cuda, TMA=tma,
+            TOKEN_STATS=token_stats, STORE_P=on_rows is not None, MARGIN=REF_MARGIN, NUM_PROGS=progs,
+            num_warps=warps,
             num_stages=min(stages, P_STAGES) if tma and on_rows else stages,
         )  # fmt: skip
         outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
