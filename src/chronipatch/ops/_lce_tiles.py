@@ -299,9 +299,10 @@ def _loads(hidden: Tensor, weight: Tensor, tma: bool, bm: int, bn: int, bk: int)
     return TensorDescriptor.from_tensor(hidden, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk])
 
 
-def _p_buffer(rows: int, vocab: int, device) -> Tensor:
-    """An empty bf16 [rows, vocab] whose rows start 16-byte aligned (the stride a TMA store needs)."""
-    return torch.empty(rows, cdiv(vocab, 8) * 8, dtype=torch.bfloat16, device=device)[:, :vocab]
+def row_aligned(rows: int, cols: int, dtype: torch.dtype, device) -> Tensor:
+    """An empty 2-byte [rows, cols] whose rows start 16-byte aligned (the stride a TMA store needs); its
+    leading columns are views with that stride too."""
+    return torch.empty(rows, cdiv(cols, 8) * 8, dtype=dtype, device=device)[:, :cols]
 
 
 def _group_m(hidden: Tensor, bm: int) -> int:
@@ -346,7 +347,7 @@ def tiles_fwd(
     ap = torch.empty(cap, t, dtype=torch.int64, device=hidden.device) if token_stats else labels
     # With on_rows also p and the tiles' references; else stand-ins never touched.
     # p's rows padded to 16 bytes: the stride a TMA store needs.
-    p = _p_buffer(cap, vocab, hidden.device) if on_rows else hidden
+    p = row_aligned(cap, vocab, torch.bfloat16, hidden.device) if on_rows else hidden
     rp = torch.empty(cap, t, **f32) if on_rows else mp
     zlab, loss = torch.empty(n, **f32), torch.empty(n, **f32)  # every row written by the merge
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)

@@ -24,6 +24,7 @@ from ._lce_tiles import (
     _scored,
     _tile_coords,
     _tile_logits,
+    row_aligned,
 )
 from ._math import centred, exp_flushed
 from ._utils import addmm_acc, cdiv, check, pow2, sms_for
@@ -121,16 +122,16 @@ def tiles_bwd(
     tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
     progs = sms_for(hidden) * per_sm
     vc = g_chunk_width(hidden, weight, bn)
+    # One chunk of g alive at a time; the last, narrower one is a view of the same rows.
+    buf = row_aligned(n, min(vc, vocab), hidden.dtype, hidden.device)
     # The pointer store's offsets within a tile are int32: BM rows of a chunk (its row stride ~ the vocabulary
     # at most) stay below 2^31 elements for any vocabulary under 16M.
     check(
-        tma or bm * (cdiv(min(vc, vocab), 8) * 8) < 2**31,
+        tma or bm * buf.stride(0) < 2**31,
         "linear_cross_entropy",
         lambda: f"a vocabulary of {vocab} is past what the backward's pointer stores address (2^31 / {bm})",
     )
     hd, wd = _loads(hidden, weight, tma, bm, bn, bk)
-    # One chunk of g alive at a time, its rows 16-byte aligned (the stride a TMA store needs).
-    buf = hidden.new_empty(n * cdiv(min(vc, vocab), 8) * 8)
     group_m = _group_m(hidden, bm)
     gy = torch.empty(n, dtype=torch.float32, device=hidden.device)
     _label_grad_kernel[(n,)](
@@ -140,7 +141,7 @@ def tiles_bwd(
     for v0 in range(0, vocab, vc):
         w = weight[v0 : v0 + vc]
         wc = w.shape[0]
-        g = buf[: n * cdiv(wc, 8) * 8].view(n, cdiv(wc, 8) * 8)[:, :wc]
+        g = buf[:, :wc]
         gd = TensorDescriptor.from_tensor(g, [bm, bn]) if tma else g
         _bwd_tiles_kernel[(min(progs, cdiv(n, bm) * cdiv(wc, bn)),)](
             hidden, weight, hd, wd, g, gd, labels, stats, grad_rows, hidden.stride(0), weight.stride(0),
@@ -149,9 +150,9 @@ def tiles_bwd(
             num_warps=warps, num_stages=min(stages, P_STAGES) if tma else stages,
         )  # fmt: skip
         _put_label_grad_kernel[(cdiv(n, LABEL_BLOCK),)](
-            g, labels, gy, g.stride(0), n, v0, w.shape[0], BLOCK=LABEL_BLOCK, num_warps=4
+            g, labels, gy, g.stride(0), n, v0, wc, BLOCK=LABEL_BLOCK, num_warps=4
         )  # fmt: skip
         if dw.numel():
-            torch.mm(g.T, h_w, out=dw[v0 : v0 + w.shape[0]])
+            torch.mm(g.T, h_w, out=dw[v0 : v0 + wc])
         if dh.numel():
             addmm_acc(dh, g, w)
