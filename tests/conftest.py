@@ -62,3 +62,28 @@ def op_calls(monkeypatch):
 
         monkeypatch.setattr(ops, name, counted)
     return counts
+
+
+@pytest.fixture
+def cpu_prefetch(monkeypatch):
+    """``_labels._start`` with CPU stand-ins for pinned memory and the CUDA event, so a CPU run reads every
+    line the GPU runs; the streams the event was recorded on are listed in ``.recorded``."""
+    recorded = []
+
+    class Event:
+        def record(self, stream):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    from chronipatch.ops import _labels
+
+    start = _labels._start
+    start.recorded = recorded
+    yield start
+    del start.recorded

@@ -100,32 +100,52 @@ def test_complex_num_items_are_read_on_the_host():
     torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, labels, reduction="sum") / 4)
 
 
-def test_prefetch_steps_with_cpu_stand_ins(monkeypatch):
-    """The prefetch's own steps (counts, pinned copy, event on the labels' stream) with CPU stand-ins for
-    pinned memory and the CUDA event, so a CPU run reads every line the GPU runs; then the loss uses it."""
-    recorded = []
-
-    class Event:
-        def record(self, stream):
-            recorded.append(stream)
-
-        def synchronize(self):
-            pass
-
-    real_empty = torch.empty
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
-    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+def test_prefetch_steps_with_cpu_stand_ins(cpu_prefetch):
+    """The prefetch's own steps (counts, pinned copy, event on the labels' stream); then the loss uses it."""
     h, w, labels = _inputs()
     items = torch.tensor(0)
-    check = _labels._start(labels, 11, -100, True, items)
-    assert recorded == [("stream of", labels.device)]
+    check = cpu_prefetch(labels, 11, -100, True, items)
+    assert cpu_prefetch.recorded == [("stream of", labels.device)]
     assert check.counts.tolist() == [0, int((_labels.targets_of(labels, -100, True) != -100).sum()), 0, 1]
     with pytest.raises(ValueError, match="num_items_in_batch=0 cannot normalise"):
         ops.linear_cross_entropy(h, w, labels, num_items_in_batch=items, label_check=check)
-    check = _labels._start(labels, 11, -100, True, None)
+    check = cpu_prefetch(labels, 11, -100, True, None)
     got = ops.linear_cross_entropy(h, w, labels, label_check=check)
     torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, labels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_select_supervised_from_the_prefetched_count(cpu_prefetch, shift):
+    """The supervised positions in order (as a boolean mask selects them), and a check of the selection that
+    the loss takes as its own: its answers are the data's."""
+    h, w, labels = _inputs()
+    labels[0, 1:3] = labels[1, 4] = -100
+    targets = labels[:, 1:] if shift else labels  # TRL's shift, without the ignored last column
+    mask = targets != -100
+    prefetched = cpu_prefetch(labels, 11, -100, shift, None)
+    keep, selected, check = ops.select_supervised(prefetched, labels, targets)
+    assert torch.equal(keep, mask.reshape(-1).nonzero().squeeze(1)) and torch.equal(selected, targets[mask])
+    assert check.labels is selected and check.key == (11, -100, False)
+    rows = h[:, :-1] if shift else h
+    rows = rows.reshape(-1, 8).index_select(0, keep)
+    want = ops.linear_cross_entropy(rows, w, selected, shift=False, reduction="none")
+    got = ops.linear_cross_entropy(rows, w, selected, shift=False, reduction="none", label_check=check)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # A label out of range is named from the counts, as the check at the loss names it.
+    labels[1, 2] = 40
+    prefetched = cpu_prefetch(labels, 11, -100, shift, None)
+    keep, selected, check = ops.select_supervised(prefetched, labels, targets)
+    with pytest.raises(ValueError, match="label 40 outside"):
+        ops.linear_cross_entropy(rows, w, selected, shift=False, label_check=check)
+
+
+def test_select_supervised_refuses_a_stale_check(cpu_prefetch):
+    _, _, labels = _inputs()
+    check = cpu_prefetch(labels, 11, -100, False, None)
+    assert ops.select_supervised(None, labels, labels) is None
+    assert ops.select_supervised(check, labels.clone(), labels) is None  # of other labels
+    labels[0, 0] = -100  # written since: its count no longer holds
+    assert ops.select_supervised(check, labels, labels) is None
 
 
 def test_prefetch_reads_nothing_of_the_labels_while_compiling(monkeypatch):
@@ -165,6 +185,20 @@ def test_prefetch_on_cuda_matches_the_check_at_the_loss(shift):
     labels[1, 4] = -7  # written after the prefetch: the loss checks again and finds it
     with pytest.raises(ValueError, match="label -7 outside"):
         ops.linear_cross_entropy(h, w, labels, shift=False, label_check=clean)
+
+
+@gpu
+def test_select_supervised_never_waits_for_the_gpu():
+    _, _, labels = _inputs("cuda")
+    labels[0, :2] = -100
+    check = ops.prefetch_label_check(labels, 11, shift=False)
+    check.done.synchronize()  # as the backbone's forward would have let it pass
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        keep, selected, _ = ops.select_supervised(check, labels, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(selected, labels[labels != -100]) and keep.numel() == 8
 
 
 @gpu

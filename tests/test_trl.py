@@ -116,6 +116,41 @@ def test_fused_head_matches_trls_with_num_items_and_shift_labels(tmp_path):
     assert ours._cb.counter["calls"] == 2
 
 
+def test_fused_head_finds_the_supervised_rows_from_the_prefetched_check(tmp_path, monkeypatch, cpu_prefetch):
+    """Where the label check was prefetched (CUDA; here CPU stand-ins for its pinned copy and event), the
+    fused head selects the supervised rows from its count, with no host sync of its own, and the loss takes
+    the selection's check: the same outputs as TRL's head, and a bad label is still named."""
+    from chronipatch import ops
+
+    selections = []
+    real = ops.select_supervised
+
+    def spy(check, labels, targets):
+        selections.append(real(check, labels, targets))
+        return selections[-1]
+
+    monkeypatch.setattr(ops, "prefetch_label_check", lambda labels, vocab, ignore, shift: cpu_prefetch(
+        labels, vocab, ignore, shift, None))  # fmt: skip
+    monkeypatch.setattr(ops, "select_supervised", spy)
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("a host sync for the rows"))
+    stock, ours = _trainer(tmp_path / "a", integrate=False), _trainer(tmp_path / "b", integrate=True)
+    batch = next(iter(stock.get_train_dataloader()))
+    labels = batch.pop("labels")
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    for kw in (dict(labels=labels), dict(shift_labels=shifted, num_items_in_batch=5)):
+        want = stock.model(**batch, **kw, fused_lm_head=True)
+        got = ours.model(**batch, **kw, fused_lm_head=True)
+        for key in ("loss", "log_probs", "entropy"):
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-5, atol=1e-6, msg=key)
+        for key in ("is_top1", "label_mask"):
+            assert torch.equal(getattr(got, key), getattr(want, key)), key
+    assert len(selections) == 2 and all(s is not None for s in selections)
+    bad = labels.clone()
+    bad[bad != -100] = ours.model.config.vocab_size + 3
+    with pytest.raises(ValueError, match=f"label {ours.model.config.vocab_size + 3} outside"):
+        ours.model(**batch, labels=bad, fused_lm_head=True)
+
+
 def test_sft_fused_head_breaks_the_graph_only_at_the_supervised_rows(tmp_path):
     """TRL's call of the patched model (fused head, packed rows) traces as one graph up to the fused head's
     selection of supervised rows, the one data-dependent shape; nothing in the decoder breaks it."""
@@ -129,7 +164,7 @@ def test_sft_fused_head_breaks_the_graph_only_at_the_supervised_rows(tmp_path):
     explained = torch._dynamo.explain(loss)(**batch)
     assert explained.graph_break_count == 1, [r.reason for r in explained.break_reasons]
     frame = explained.break_reasons[0].user_stack[-1]
-    assert frame.filename.endswith("chronipatch/trl.py") and "hidden[mask]" in frame.line, frame
+    assert frame.filename.endswith("chronipatch/trl.py") and "nonzero" in frame.line, frame
 
 
 def test_sft_chronipatch_packing_matches_stock_on_the_same_rows(tmp_path):

@@ -98,24 +98,36 @@ def _make_fused_forward(trl_forward, counter: dict):
                 num_items_in_batch=num_items_in_batch, **kwargs,
             )  # fmt: skip
         kwargs["use_cache"] = False
+        head = self.get_output_embeddings()
+        given = labels if shift_labels is None else shift_labels
+        # The label check starts before the backbone (None under torch.compile or off CUDA): the supervised
+        # rows are then found from its count, without the host sync that would drain the GPU queue here.
+        check = None
+        if given.device == head.weight.device:
+            check = ops.prefetch_label_check(given, head.weight.shape[0], -100, shift=shift_labels is None)
         hidden = self.base_model(*args, **kwargs).last_hidden_state
+        weight = head_weight(head)  # after the backbone: under FSDP2 this gathers the head
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        head = self.get_output_embeddings()
-        weight = head_weight(head)
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         mask = labels != -100
-        # Like TRL's head: score only supervised positions (one host sync), then scatter back.
+        # Like TRL's head: score only supervised positions, then scatter back.
+        selected = ops.select_supervised(check, given, labels)
+        if selected is None:
+            keep = mask.reshape(-1).nonzero().squeeze(1)  # one host sync
+            selected = keep, labels.reshape(-1).index_select(0, keep), None
+        keep, targets, label_check = selected
         rows, stats = ops.linear_cross_entropy(
-            hidden[mask], weight, labels[mask], shift=False, reduction="none", return_token_stats=True
-        )
+            hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), weight, targets, shift=False,
+            reduction="none", return_token_stats=True, label_check=label_check,
+        )  # fmt: skip
         reshard_if_idle(head, rows)
         counter["calls"] += 1
 
         def scatter(x):
-            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+            return x.new_zeros(mask.numel()).index_copy(0, keep, x).view(mask.shape)
 
         log_probs = scatter(-rows)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

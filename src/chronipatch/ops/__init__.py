@@ -1,6 +1,6 @@
 """Fused ops, registered as ``chronipatch::`` torch.library ops: Triton on CUDA, torch elsewhere."""
 
-from ._labels import LabelCheck, prefetch_label_check
+from ._labels import LabelCheck, prefetch_label_check, select_supervised
 from .add_rms_norm_swiglu import add_rms_norm_swiglu
 from .linear_cross_entropy import TokenStats, linear_cross_entropy
 from .rms_norm import rms_norm
@@ -21,6 +21,7 @@ __all__ = [
     "rms_norm_linear",
     "rms_norm_linear_rope",
     "rope",
+    "select_supervised",
     "swiglu",
     "swiglu_linear",
 ]

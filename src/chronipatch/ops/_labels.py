@@ -208,3 +208,26 @@ def label_counts_matching(
         return None
     check.done.synchronize()
     return check.counts
+
+
+def select_supervised(check: LabelCheck | None, labels: Tensor, targets: Tensor) -> tuple[Tensor, ...] | None:
+    """(keep, targets[keep], the check of targets[keep]): the flat positions of ``targets`` whose label is
+    not ignored, in order, found from ``check``'s prefetched count without a host sync (a stable sort of
+    the mask). ``targets`` are ``labels`` as the check's key shifts them (a shift's ignored last column may
+    be left off). The selection's check carries the same counts, which hold for it: the same supervised
+    labels, the same first out of range. None where ``check`` is not of ``labels`` as they are now."""
+    counts = None if check is None else label_counts_matching(check, labels, check.key)
+    if counts is None:
+        return None
+    vocab, ignore_index, _ = check.key
+    flat = targets.reshape(-1)
+    keep = supervised_positions(flat, ignore_index, int(counts[1]))
+    selected = flat.index_select(0, keep)
+    key = (vocab, ignore_index, False)
+    return keep, selected, LabelCheck(selected, selected._version, key, counts, check.done)
+
+
+def supervised_positions(flat: Tensor, ignore_index: int, n_valid: int) -> Tensor:
+    """The positions of the ``n_valid`` labels of ``flat`` that are not ignored, in order, without a host
+    sync: a stable sort of the mask puts them first."""
+    return torch.argsort((flat != ignore_index).to(torch.int8), descending=True, stable=True)[:n_valid]

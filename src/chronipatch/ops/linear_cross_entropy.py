@@ -44,7 +44,14 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._labels import LabelCheck, check_values, label_counts_matching, mean_divisor, targets_of
+from ._labels import (
+    LabelCheck,
+    check_values,
+    label_counts_matching,
+    mean_divisor,
+    supervised_positions,
+    targets_of,
+)
 from ._lce_chunks import chunks_bwd, chunks_fwd
 from ._lce_rows import dw_rows, rows_fwd_bwd, scale_grad
 from ._lce_tiles import tiles_fwd
@@ -376,8 +383,7 @@ def linear_cross_entropy(
     h = h if h.stride(-1) == 1 else h.contiguous()
     keep = None
     if n_valid is not None and not return_token_stats and n_valid <= (1 - COMPACT_IGNORED) * flat.numel():
-        # A stable sort of the mask puts the supervised positions first, in order: no second sync.
-        keep = torch.argsort((flat != ignore_index).to(torch.int8), descending=True, stable=True)[:n_valid]
+        keep = supervised_positions(flat, ignore_index, n_valid)  # no second sync
         h, flat = h.index_select(0, keep), flat.index_select(0, keep)
     w = weight.contiguous()
     need_dh = torch.is_grad_enabled() and hidden.requires_grad
