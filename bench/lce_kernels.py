@@ -1,6 +1,7 @@
 """Tuning table for the loss's tile kernels (``ops/_lce_tiles.py``, ``_bwd.py``), 2-byte inputs, CUDA only.
 
-    python bench/lce_kernels.py [--n 8192] [--h 896] [--v 151936] [--dtype bf16] [--first K] [--out DIR]
+    python bench/lce_kernels.py [--n 8192] [--h 896] [--v 151936] [--dtype bf16] [--first K | --only I,J]
+        [--out DIR]
 
 For each load path (TMA, pointers) and tile config (BM, BN, BK, warps, stages) it times (median of
 ``triton.testing.do_bench``) the forward (tile kernel + merge), that forward also storing p (the bf16 one
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--v", type=int, default=151936)
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--first", type=int, default=len(CONFIGS), help="time only the first K configs")
+    p.add_argument("--only", default=None, help="time only these configs, by index (comma list)")
     p.add_argument("--out", default="bench/out")
     a = p.parse_args()
     dev = torch.device("cuda")
@@ -108,7 +110,8 @@ def main() -> None:
         tiles.tiles_fwd(h, w, labels, -100, False, lambda *args: None, p_rows, ref)
 
     default = tiles.TILE, tiles.TILE_PTR, tiles.TMA_LOADS
-    for tma, cfg in CONFIGS[: a.first]:
+    picked = CONFIGS[: a.first] if a.only is None else [CONFIGS[int(i)] for i in a.only.split(",")]
+    for tma, cfg in picked:
         tiles.TMA_LOADS = tma
         setattr(tiles, "TILE" if tma else "TILE_PTR", cfg)
         row: dict = dict(config=f"{'TMA' if tma else 'pointers'} {cfg}")
