@@ -5,10 +5,12 @@
 After the label check's host sync the GPU queue is empty: every host step between that sync and the first
 tile launch is GPU idle time in an isolated call (a patched model prefetches the check and keeps its queue
 full). This runs ``ops.linear_cross_entropy``'s CUDA eager path on CPU bf16 tensors with every Triton launch
-a no-op (the label counts stubbed to "all valid"), and reports the median µs from the call to the first
-``_fwd_tiles_kernel`` launch, the launches in order and the top-level ATen ops of one call. Compare trees on
-one machine; the figures are the CPU's, not a GPU host's, and leave out Triton's own host cost per launch
-(argument binding, cache lookup; tens of µs), which a tree launching more Triton kernels pays more of.
+a no-op (the label counts stubbed to "all valid"; the check's pinned copy and CUDA event stood in for), and
+reports the median µs from the call to the first ``_fwd_tiles_kernel`` launch and, where the check waits on
+its event, from that wait, the launches in order (the wait as ``|wait|``) and the top-level ATen ops of one
+call. Compare trees on one machine; the figures are the CPU's, not a GPU host's, and leave out Triton's own
+host cost per launch (argument binding, cache lookup; tens of µs), which a tree launching more Triton kernels
+pays more of.
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ def stub(rows: int) -> list[tuple[float, str]]:
         labels._counts_by_kernel = clean_counts
     launches = []
 
+    class Event:  # the check's CUDA event: its wait recorded
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            launches.append((time.perf_counter(), "|wait|"))
+
+    torch.cuda.Event, torch.cuda.current_stream = Event, lambda device=None: None
+    real_empty = torch.empty
+    torch.empty = lambda *a, pin_memory=False, **k: real_empty(*a, **k)  # pinned memory: plain
+    lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+    if hasattr(lce, "prefetch_label_check"):  # a tree that starts the check at the call (CUDA labels only)
+        lce.prefetch_label_check = lambda y, v, ignore_index=-100, shift=True, items=None: labels._start(
+            y, v, ignore_index, shift, items
+        )
+
     def record(self, *args, **kwargs):
         launches.append((time.perf_counter(), self.fn.__name__))
 
@@ -62,16 +80,22 @@ def main() -> None:
     w = torch.randn(args.vocab, args.hidden, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, args.vocab, (args.rows,))
 
-    def call() -> float:
+    def call() -> tuple[float, float | None]:
         launches.clear()
         t0 = time.perf_counter()
         ops.linear_cross_entropy(x, w, y, shift=False).backward()
-        return (next(t for t, name in launches if name == "_fwd_tiles_kernel") - t0) * 1e6
+        tile = next(t for t, name in launches if name == "_fwd_tiles_kernel")
+        wait = next((t for t, name in launches if name == "|wait|"), None)
+        return (tile - t0) * 1e6, None if wait is None else (tile - wait) * 1e6
 
     for _ in range(20):
         call()
-    us = statistics.median(call() for _ in range(args.calls))
+    times = [call() for _ in range(args.calls)]
+    us = statistics.median(t for t, _ in times)
     print(f"to the first tile launch: {us:.0f} us (median of {args.calls})")
+    if times[0][1] is not None:
+        wait_us = statistics.median(w for _, w in times)
+        print(f"from the check's wait to the first tile launch: {wait_us:.0f} us")
     print("launches:", " ".join(name for _, name in launches))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         ops.linear_cross_entropy(x, w, y, shift=False)

@@ -92,14 +92,17 @@ def test_host_time_stub_takes_the_eager_cuda_path(tmp_path):
 
 
 def test_lce_host_bench_smoke():
-    """``bench/lce_host.py``: the eager loss's CUDA path on CPU, launches stubbed; two before the tiles'."""
+    """``bench/lce_host.py``: the eager loss's CUDA path on CPU, launches stubbed; the check's counts and the
+    references queued before the host waits, then the tiles'."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
     env.pop("TRITON_INTERPRET", None)  # the launches are stubbed; the kernels need no interpreter
     cmd = [sys.executable, str(ROOT / "bench" / "lce_host.py"), "--calls", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "to the first tile launch" in proc.stdout
-    assert "launches: _label_counts_kernel _references_kernel _fwd_tiles_kernel" in proc.stdout, proc.stdout
+    assert "from the check's wait to the first tile launch" in proc.stdout, proc.stdout
+    order = "launches: _label_counts_kernel _references_kernel |wait| _fwd_tiles_kernel"
+    assert order in proc.stdout, proc.stdout
 
 
 def test_lce_prologue_bench_smoke(tmp_path):

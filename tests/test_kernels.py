@@ -753,7 +753,7 @@ def test_lce_eager_function_runs_the_one_pass(monkeypatch):
     divisor = (labels != -100).sum().float()
     loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
     x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
-    out = lce._LceWithGradEager.apply(x, wt, labels, divisor, -100, False, True, True)
+    out = lce._LceWithGradEager.apply(x, wt, labels, divisor, -100, False, True, True, None)
     assert type(out[0].grad_fn).__name__ == "_LceWithGradEagerBackward"
     assert torch.equal(out[0], loss)
     out[0].backward(torch.tensor(2.0, device=KERNEL_DEVICE), retain_graph=True)  # kept: not in place
@@ -773,6 +773,35 @@ def test_lce_eager_function_runs_the_one_pass(monkeypatch):
     assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
     with pytest.raises(RuntimeError, match="once_differentiable"):
         first.sum().backward()
+
+
+@pytest.mark.parametrize("ignored", [3, 20], ids=["all-rows", "supervised-rows"])
+def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, ignored):
+    """The eager bf16 training call queues the rows' references before the label check's sync and hands them
+    to the one pass: the same bits as the one pass computing them itself. Where it then scores only the
+    supervised rows, it drops them (those rows' own are computed, as the registered op computes them)."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)
+    for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    handed, real = [], rows.rows_fwd_bwd
+    monkeypatch.setattr(lce, "rows_fwd_bwd", lambda *args: handed.append(args[-1]) or real(*args))
+    torch.manual_seed(0)
+    hid, w = _r(40, 16, dtype=torch.bfloat16), _r(100, 16, dtype=torch.bfloat16, scale=0.5)
+    labels = torch.randint(0, 100, (40,), device=KERNEL_DEVICE)
+    labels[torch.randperm(40)[:ignored]] = -100
+    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = ops.linear_cross_entropy(x, wt, labels, shift=False)
+    loss.backward()
+    supervised = labels != -100
+    keep = supervised.nonzero().squeeze(1) if ignored > 10 else torch.arange(40, device=KERNEL_DEVICE)
+    assert (handed[0] is None) == (ignored > 10)
+    if handed[0] is not None:
+        assert torch.equal(handed[0], rows.row_references(hid, w))
+    divisor = supervised.sum().float()
+    want = lce.lce_fwd_bwd_triton(hid[keep], w, labels[keep], divisor, -100, False, True, True)
+    assert torch.equal(loss, want[0]) and torch.equal(x.grad[keep], want[3]) and torch.equal(wt.grad, want[4])
+    assert not x.grad[~supervised].any()
 
 
 @pytest.mark.parametrize("n", [0, 6], ids=["no-rows", "all-ignored"])

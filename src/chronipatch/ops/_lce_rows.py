@@ -228,11 +228,12 @@ def dw_rows(hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
 
 def rows_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool, divisor: Tensor,
-    need_dh: bool, need_dw: bool,
+    need_dh: bool, need_dw: bool, ref: Tensor | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """(m, s, entropy sum, argmax, label logit, loss) per row as ``tiles_fwd`` (s 0 in an ignored row without
     ``token_stats``), then dh and dw of sum_i c l_i (bf16 hidden and weight; c = 1 / ``divisor``, one element,
-    or 1 where it is 0); one that is not needed is empty."""
+    or 1 where it is 0); one that is not needed is empty. ``ref``: ``row_references(hidden, weight)`` when
+    the caller has queued it already."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
@@ -260,6 +261,6 @@ def rows_fwd_bwd(
             else:
                 dw.addmm_(p.T, h_r)
 
-    ref = row_references(hidden, weight)
+    ref = row_references(hidden, weight) if ref is None else ref
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
     return (*out, dh, dw)

@@ -49,11 +49,12 @@ from ._labels import (
     check_values,
     label_counts_matching,
     mean_divisor,
+    prefetch_label_check,
     supervised_positions,
     targets_of,
 )
 from ._lce_chunks import chunks_bwd, chunks_fwd
-from ._lce_rows import dw_rows, rows_fwd_bwd, scale_grad
+from ._lce_rows import dw_rows, row_references, rows_fwd_bwd, scale_grad
 from ._lce_tiles import tiles_fwd
 from ._lce_tiles_bwd import tiles_bwd
 from ._utils import (
@@ -138,23 +139,25 @@ def lce_bwd_triton(
 
 def lce_fwd_bwd_triton(
     hidden: Tensor, weight: Tensor, labels: Tensor, divisor: Tensor, ignore_index: int, token_stats: bool,
-    need_dh: bool, need_dw: bool,
+    need_dh: bool, need_dw: bool, ref: Tensor | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """(loss = sum of the rows' losses / divisor, entropy, correct, dh, dw): bf16 in one pass (``_lce_rows``),
-    other dtypes by the forward, then the backward."""
+    """(loss = sum of the rows' losses / divisor, entropy, correct, dh, dw): bf16 in one pass (``_lce_rows``,
+    given its rows' references ``ref`` where they are queued already), other dtypes by the forward, then the
+    backward."""
     args = (hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw)
-    return _fwd_bwd(*args, lce_fwd_triton, lce_bwd_triton, one_pass=hidden.dtype == torch.bfloat16)
+    return _fwd_bwd(*args, lce_fwd_triton, lce_bwd_triton, one_pass=hidden.dtype == torch.bfloat16, ref=ref)
 
 
 def _fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, divisor: Tensor, ignore_index: int, token_stats: bool,
     need_dh: bool, need_dw: bool, fwd: Callable, bwd: Callable, one_pass: bool = False,
+    ref: Tensor | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """The loss / divisor and its gradients: by ``rows_fwd_bwd`` with ``one_pass``, else by ``fwd`` then
     ``bwd`` with every row's dloss = 1 / divisor."""
     if one_pass:  # the kernels take 1 / divisor themselves: no launches before the first tile
         _, s, e, arg, _, rows, dh, dw = rows_fwd_bwd(
-            hidden, weight, labels, ignore_index, token_stats, divisor, need_dh, need_dw
+            hidden, weight, labels, ignore_index, token_stats, divisor, need_dh, need_dw, ref
         )
         entropy, correct = _token_stats(s, e, arg, labels, token_stats)
     divisor = torch.where(divisor != 0, divisor, 1.0).float()  # nothing supervised: a finite 0
@@ -283,7 +286,7 @@ class _LceWithGradEager(torch.autograd.Function):
     (``eager_cuda``)."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, *args):  # the op's eight arguments, then the rows' references (or None)
         with device_of(args[0]):
             out = lce_fwd_bwd_triton(*args)
         _setup_with_grad(ctx, args, out)
@@ -292,7 +295,7 @@ class _LceWithGradEager(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
-        return _backward_with_grad(ctx, grad_loss)
+        return *_backward_with_grad(ctx, grad_loss), None
 
 
 # ---------------------------------------------------------------- public
@@ -374,30 +377,42 @@ def linear_cross_entropy(
         lambda: f"num_items_in_batch must be one number, got shape {tuple(num_items_in_batch.shape)}",
     )
     check(not shift or labels.dim() >= 1, op, "shift needs labels with a sequence dim")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    w = weight.contiguous()
+    need_dh = torch.is_grad_enabled() and hidden.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    # Training in bf16: the gradients come with the loss (``_lce_rows``: three GEMMs, not four).
+    one_pass = reduction != "none" and h.dtype == torch.bfloat16 and (need_dh or need_dw)
     key = (weight.shape[0], ignore_index, shift)
     prefetched = label_counts_matching(label_check, labels, key, num_items_in_batch)
+    ref = None
+    if prefetched is None and one_pass and eager_cuda(h, w) and h.shape[0] > 0:
+        # The check at the call: its counts start for the host, the rows' references (which read no labels)
+        # are queued behind them, and only then does the host wait, instead of launching them while the GPU,
+        # drained by the sync, waits on it.
+        label_check = prefetch_label_check(labels, weight.shape[0], ignore_index, shift, num_items_in_batch)
+        ref = row_references(h, w)
+        prefetched = label_counts_matching(label_check, labels, key, num_items_in_batch)
     labels = targets_of(labels, ignore_index, shift)
     flat = labels.reshape(-1).contiguous()  # once, for the check's kernel and the loss's
     n_valid = check_values(op, flat, weight.shape[0], ignore_index, num_items_in_batch, prefetched)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    h = h if h.stride(-1) == 1 else h.contiguous()
     keep = None
     if n_valid is not None and not return_token_stats and n_valid <= (1 - COMPACT_IGNORED) * flat.numel():
         keep = supervised_positions(flat, ignore_index, n_valid)  # no second sync
         h, flat = h.index_select(0, keep), flat.index_select(0, keep)
-    w = weight.contiguous()
-    need_dh = torch.is_grad_enabled() and hidden.requires_grad
-    need_dw = torch.is_grad_enabled() and weight.requires_grad
-    if reduction != "none" and h.dtype == torch.bfloat16 and (need_dh or need_dw):
-        # Training in bf16: the gradients come with the loss (``_lce_rows``: three GEMMs, not four).
+        ref = None  # the selected rows' own, as the registered op computes them (the same bits)
+    if one_pass:
         divisor = (
             torch.ones((), device=h.device)
             if reduction == "sum"
             else mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         )
         args = (h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw)
-        run = _LceWithGradEager.apply if eager_cuda(h, w, flat, divisor) else _lce_with_grad
-        loss, entropy, correct, _, _ = run(*args)
+        if eager_cuda(h, w, flat, divisor):
+            loss, entropy, correct, _, _ = _LceWithGradEager.apply(*args, ref)
+        else:
+            loss, entropy, correct, _, _ = _lce_with_grad(*args)
         if return_token_stats:
             return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
         return loss
