@@ -776,14 +776,21 @@ def test_lce_eager_function_runs_the_one_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("ignored", [3, 20], ids=["all-rows", "supervised-rows"])
-def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, ignored):
-    """The eager bf16 training call queues the rows' references before the label check's sync and hands them
-    to the one pass: the same bits as the one pass computing them itself. Where it then scores only the
-    supervised rows, it drops them (those rows' own are computed, as the registered op computes them)."""
+def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_prefetch, ignored):
+    """The eager bf16 training call starts the label check, queues the rows' references before waiting for
+    the counts (which the check then reads: no count of its own) and hands the references to the one pass:
+    the same bits as the one pass computing them itself. Where it then scores only the supervised rows, it
+    drops them (those rows' own are computed, as the registered op computes them)."""
+    from chronipatch.ops import _labels
+
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)
     for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
         monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    monkeypatch.setattr(lce, "prefetch_label_check", cpu_prefetch)  # its steps with CPU stand-ins
+    order, real_counts, real_refs = [], _labels.label_counts, lce.row_references
+    monkeypatch.setattr(_labels, "label_counts", lambda *a: order.append("counts") or real_counts(*a))
+    monkeypatch.setattr(lce, "row_references", lambda *a: order.append("references") or real_refs(*a))
     handed, real = [], rows.rows_fwd_bwd
     monkeypatch.setattr(lce, "rows_fwd_bwd", lambda *args: handed.append(args[-1]) or real(*args))
     torch.manual_seed(0)
@@ -793,6 +800,7 @@ def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, igno
     x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
     loss = ops.linear_cross_entropy(x, wt, labels, shift=False)
     loss.backward()
+    assert order == ["counts", "references"]
     supervised = labels != -100
     keep = supervised.nonzero().squeeze(1) if ignored > 10 else torch.arange(40, device=KERNEL_DEVICE)
     assert (handed[0] is None) == (ignored > 10)

@@ -132,6 +132,10 @@ def test_fused_head_finds_the_supervised_rows_from_the_prefetched_check(tmp_path
     monkeypatch.setattr(ops, "prefetch_label_check", lambda labels, vocab, ignore, shift: cpu_prefetch(
         labels, vocab, ignore, shift, None))  # fmt: skip
     monkeypatch.setattr(ops, "select_supervised", spy)
+    from chronipatch.ops import _labels
+
+    counted, real_counts = [], _labels.label_counts
+    monkeypatch.setattr(_labels, "label_counts", lambda *a: counted.append(1) or real_counts(*a))
     monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("a host sync for the rows"))
     stock, ours = _trainer(tmp_path / "a", integrate=False), _trainer(tmp_path / "b", integrate=True)
     batch = next(iter(stock.get_train_dataloader()))
@@ -144,7 +148,8 @@ def test_fused_head_finds_the_supervised_rows_from_the_prefetched_check(tmp_path
             torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-5, atol=1e-6, msg=key)
         for key in ("is_top1", "label_mask"):
             assert torch.equal(getattr(got, key), getattr(want, key)), key
-    assert len(selections) == 2 and all(s is not None for s in selections)
+    # One count a forward, the prefetch's: the loss reads the selection's check.
+    assert len(selections) == 2 and all(s is not None for s in selections) and len(counted) == 2
     bad = labels.clone()
     bad[bad != -100] = ours.model.config.vocab_size + 3
     with pytest.raises(ValueError, match=f"label {ours.model.config.vocab_size + 3} outside"):

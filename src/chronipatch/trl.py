@@ -100,18 +100,16 @@ def _make_fused_forward(trl_forward, counter: dict):
         kwargs["use_cache"] = False
         head = self.get_output_embeddings()
         given = labels if shift_labels is None else shift_labels
-        # The label check starts before the backbone (None under torch.compile or off CUDA): the supervised
-        # rows are then found from its count, without the host sync that would drain the GPU queue here.
+        # The label check starts before the backbone (None where it cannot: under torch.compile, off CUDA,
+        # labels elsewhere than the head): the supervised rows are then found from its count, without the host
+        # sync that would drain the GPU queue here.
         check = None
-        if given.device == head.weight.device:
+        if given is not None and given.device == head.weight.device:
             check = ops.prefetch_label_check(given, head.weight.shape[0], -100, shift=shift_labels is None)
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         weight = head_weight(head)  # after the backbone: under FSDP2 this gathers the head
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        hidden = hidden.to(weight.device)
+        labels = (labels[:, 1:] if shift_labels is None else shift_labels).to(weight.device)
         mask = labels != -100
         # Like TRL's head: score only supervised positions, then scatter back.
         selected = ops.select_supervised(check, given, labels)
@@ -119,8 +117,11 @@ def _make_fused_forward(trl_forward, counter: dict):
             keep = mask.reshape(-1).nonzero().squeeze(1)  # one host sync
             selected = keep, labels.reshape(-1).index_select(0, keep), None
         keep, targets, label_check = selected
+        # Their rows of the unshifted hidden states (no copy of hidden[:, :-1]): position t of sequence b
+        # predicts labels[b, t + 1], the (b (T - 1) + t)-th selected label.
+        at = keep + keep // labels.shape[1] if shift_labels is None else keep
         rows, stats = ops.linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), weight, targets, shift=False,
+            hidden.reshape(-1, hidden.shape[-1]).index_select(0, at), weight, targets, shift=False,
             reduction="none", return_token_stats=True, label_check=label_check,
         )  # fmt: skip
         reshard_if_idle(head, rows)

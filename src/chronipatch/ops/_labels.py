@@ -210,7 +210,9 @@ def label_counts_matching(
     return check.counts
 
 
-def select_supervised(check: LabelCheck | None, labels: Tensor, targets: Tensor) -> tuple[Tensor, ...] | None:
+def select_supervised(
+    check: LabelCheck | None, labels: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor, LabelCheck] | None:
     """(keep, targets[keep], the check of targets[keep]): the flat positions of ``targets`` whose label is
     not ignored, in order, found from ``check``'s prefetched count without a host sync (a stable sort of
     the mask). ``targets`` are ``labels`` as the check's key shifts them (a shift's ignored last column may

@@ -384,19 +384,20 @@ def linear_cross_entropy(
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     # Training in bf16: the gradients come with the loss (``_lce_rows``: three GEMMs, not four).
     one_pass = reduction != "none" and h.dtype == torch.bfloat16 and (need_dh or need_dw)
-    key = (weight.shape[0], ignore_index, shift)
-    prefetched = label_counts_matching(label_check, labels, key, num_items_in_batch)
+    vocab = weight.shape[0]
+    prefetched = label_counts_matching(label_check, labels, (vocab, ignore_index, shift), num_items_in_batch)
+    labels = targets_of(labels, ignore_index, shift)
+    flat = labels.reshape(-1).contiguous()  # once, for the check's kernel and the loss's
     ref = None
     if prefetched is None and one_pass and eager_cuda(h, w) and h.shape[0] > 0:
         # The check at the call: its counts start for the host, the rows' references (which read no labels)
         # are queued behind them, and only then does the host wait, instead of launching them while the GPU,
         # drained by the sync, waits on it.
-        label_check = prefetch_label_check(labels, weight.shape[0], ignore_index, shift, num_items_in_batch)
-        ref = row_references(h, w)
-        prefetched = label_counts_matching(label_check, labels, key, num_items_in_batch)
-    labels = targets_of(labels, ignore_index, shift)
-    flat = labels.reshape(-1).contiguous()  # once, for the check's kernel and the loss's
-    n_valid = check_values(op, flat, weight.shape[0], ignore_index, num_items_in_batch, prefetched)
+        now = prefetch_label_check(flat, vocab, ignore_index, False, num_items_in_batch)
+        with device_of(h), torch.no_grad():
+            ref = row_references(h, w)
+        prefetched = label_counts_matching(now, flat, (vocab, ignore_index, False), num_items_in_batch)
+    n_valid = check_values(op, flat, vocab, ignore_index, num_items_in_batch, prefetched)
     keep = None
     if n_valid is not None and not return_token_stats and n_valid <= (1 - COMPACT_IGNORED) * flat.numel():
         keep = supervised_positions(flat, ignore_index, n_valid)  # no second sync
