@@ -102,6 +102,13 @@ def test_fused_head_matches_trls_with_num_items_and_shift_labels(tmp_path):
     """The fused head's other inputs, which a plain training step leaves at their defaults: num_items_in_batch
     (gradient accumulation) divides the loss, and shift_labels (already shifted, as long as the rows) scores
     every position; each output equals TRL's own head on the same model."""
+    ours, _, _ = _fused_heads_agree(tmp_path)
+    assert ours._cb.counter["calls"] == 2
+
+
+def _fused_heads_agree(tmp_path):
+    """Each output of the fused head equals TRL's own head's on one batch: with labels and num_items_in_batch,
+    and with shift_labels. Returns the integrated trainer, the batch and its labels."""
     stock, ours = _trainer(tmp_path / "a", integrate=False), _trainer(tmp_path / "b", integrate=True)
     batch = next(iter(stock.get_train_dataloader()))
     labels = batch.pop("labels")
@@ -113,7 +120,7 @@ def test_fused_head_matches_trls_with_num_items_and_shift_labels(tmp_path):
             torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-5, atol=1e-6, msg=key)
         for key in ("is_top1", "label_mask"):
             assert torch.equal(getattr(got, key), getattr(want, key)), key
-    assert ours._cb.counter["calls"] == 2
+    return ours, batch, labels
 
 
 def test_fused_head_finds_the_supervised_rows_from_the_prefetched_check(tmp_path, monkeypatch, cpu_prefetch):
@@ -137,17 +144,7 @@ def test_fused_head_finds_the_supervised_rows_from_the_prefetched_check(tmp_path
     counted, real_counts = [], _labels.label_counts
     monkeypatch.setattr(_labels, "label_counts", lambda *a: counted.append(1) or real_counts(*a))
     monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("a host sync for the rows"))
-    stock, ours = _trainer(tmp_path / "a", integrate=False), _trainer(tmp_path / "b", integrate=True)
-    batch = next(iter(stock.get_train_dataloader()))
-    labels = batch.pop("labels")
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    for kw in (dict(labels=labels), dict(shift_labels=shifted, num_items_in_batch=5)):
-        want = stock.model(**batch, **kw, fused_lm_head=True)
-        got = ours.model(**batch, **kw, fused_lm_head=True)
-        for key in ("loss", "log_probs", "entropy"):
-            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-5, atol=1e-6, msg=key)
-        for key in ("is_top1", "label_mask"):
-            assert torch.equal(getattr(got, key), getattr(want, key)), key
+    ours, batch, labels = _fused_heads_agree(tmp_path)
     # One count a forward, the prefetch's: the loss reads the selection's check.
     assert len(selections) == 2 and all(s is not None for s in selections) and len(counted) == 2
     bad = labels.clone()
