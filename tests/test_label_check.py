@@ -190,6 +190,26 @@ def test_prefetch_on_cuda_matches_the_check_at_the_loss(shift):
 
 
 @gpu
+@pytest.mark.parametrize("ignored", [1, 8], ids=["all-rows", "supervised-rows"])
+def test_bf16_training_check_at_the_call_matches_the_prefetched_one(ignored):
+    """bf16 training with the check at the call (its references queued before the wait) gives the loss and
+    gradients of the prefetched check's call bit for bit, scoring all rows or only the supervised ones."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 9, 64, generator=g).cuda().bfloat16()
+    w = (torch.randn(300, 64, generator=g) / 8).cuda().bfloat16()
+    labels = torch.randint(0, 300, (4, 9), generator=g).cuda()
+    labels.view(-1)[torch.randperm(36, generator=g)[: ignored * 4]] = -100
+    got = []
+    for check in (None, ops.prefetch_label_check(labels, 300)):
+        x, wt = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = ops.linear_cross_entropy(x, wt, labels, label_check=check)
+        loss.backward()
+        got.append((loss, x.grad, wt.grad))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
+@gpu
 def test_select_supervised_never_waits_for_the_gpu():
     _, _, labels = _inputs("cuda")
     labels[0, :2] = -100
