@@ -83,7 +83,8 @@ def cpu_prefetch(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
     from chronipatch.ops import _labels
 
-    start = _labels._start
-    start.recorded = recorded
-    yield start
-    del start.recorded
+    def start(*args):
+        return _labels._start(*args)
+
+    start.recorded = recorded  # on this wrapper: nothing is left on the module's function
+    return start
