@@ -222,3 +222,58 @@ def test_unregister_removes_name():
     attention.unregister()
     assert NAME not in AttentionInterface() and NAME not in AttentionMaskInterface()
     attention.unregister()  # idempotent
+
+
+def test_masked_sdpa_kernels_drop_only_cudnn_and_only_for_masked_cuda_calls():
+    """cuDNN's SDPA kernel is left out of masked CUDA calls; every other flag, a user's restriction (math
+    only, or cuDNN alone) and the flags after the call stay as they were."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = torch.backends.cuda
+    flags = (cuda.flash_sdp_enabled, cuda.mem_efficient_sdp_enabled, cuda.math_sdp_enabled)
+    flags += (cuda.cudnn_sdp_enabled,)
+
+    def state():
+        return tuple(on() for on in flags)
+
+    mask, on_cuda = torch.ones(1, 1, 2, 2, dtype=torch.bool), SimpleNamespace(is_cuda=True)
+    every = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    every.append(SDPBackend.CUDNN_ATTENTION)
+    with sdpa_kernel(every):
+        before = state()
+        assert before == (True,) * 4, before
+        with attention.masked_sdpa_kernels(mask, on_cuda):
+            assert state() == (*before[:3], False)
+        assert state() == before
+        for no in ((None, on_cuda), (mask, torch.ones(1))):  # no mask, or on the CPU: SDPA's own choice
+            with attention.masked_sdpa_kernels(*no):
+                assert state() == before
+    for chosen, expected in (
+        (SDPBackend.MATH, (False, False, True, False)),
+        (SDPBackend.CUDNN_ATTENTION, (False, False, False, True)),
+    ):
+        with sdpa_kernel(chosen), attention.masked_sdpa_kernels(mask, on_cuda):
+            assert state() == expected, chosen
+
+
+def test_patched_attention_runs_masked_sdpa_through_masked_sdpa_kernels(monkeypatch):
+    """The patched attention forward hands each SDPA call its mask: a padded batch's, or None without one."""
+    import chronipatch
+    from chronipatch import layers
+
+    seen = []
+    real = layers.masked_sdpa_kernels
+    monkeypatch.setattr(layers, "masked_sdpa_kernels", lambda mask, q: seen.append(mask) or real(mask, q))
+    model = tiny_model("qwen2", dtype=torch.float32)
+    chronipatch.apply(model)
+    ids = torch.randint(0, 211, (2, 9))
+    padded = torch.ones(2, 9, dtype=torch.long)
+    padded[1, 6:] = 0
+    model(input_ids=ids, attention_mask=padded)
+    layers_n = model.config.num_hidden_layers
+    assert len(seen) == layers_n and all(isinstance(m, torch.Tensor) for m in seen)
+    seen.clear()
+    model(input_ids=ids)
+    assert seen == [None] * layers_n

@@ -123,3 +123,37 @@ def test_fused_down_projection_changes_only_its_weight_gradient_gpu(autocast, mo
             torch.testing.assert_close(grad, unfused[1][name], rtol=1e-2, atol=1e-5, msg=name)
         else:
             assert torch.equal(grad, unfused[1][name]), name
+
+
+def test_padded_batch_runs_masked_sdpa_without_cudnn_and_matches_stock():
+    """A padded bf16 batch: the patched model's masked SDPA runs no cuDNN kernel (``masked_sdpa_kernels``) and
+    its loss and gradient norm stay as close to the fp32 truth as stock's (whose SDPA may pick cuDNN)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    stock = causal_lm("qwen2.5-0.5b", num_hidden_layers=4, attn_implementation="sdpa")
+    stock = stock.to("cuda", torch.bfloat16)
+    truth = copy.deepcopy(stock).float()
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids = torch.randint(0, stock.config.vocab_size, (4, 777), device="cuda")
+    mask = torch.ones_like(ids)
+    for row, n in enumerate((777, 512, 300, 41)):  # right padding, as TRL's collator pads
+        mask[row, n:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        return loss.detach().float(), norm.float()
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        l_p, n_p = step(patched)
+    kernels = [e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not [k for k in kernels if "cudnn" in k], sorted({k for k in kernels if "cudnn" in k})
+    assert any("fmha" in k or "efficient" in k for k in kernels), sorted(set(kernels))[:40]
+    (l_s, n_s), (l_t, n_t) = step(stock), step(truth)
+    assert abs(l_p - l_t) <= 1.1 * abs(l_s - l_t) + 2e-3 * l_t, (l_p, l_s, l_t)
+    assert abs(n_p - n_t) <= 1.1 * abs(n_s - n_t) + 2e-2 * n_t, (n_p, n_s, n_t)

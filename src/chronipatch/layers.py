@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import can_return_tuple
 
 from . import ops
+from .attention import masked_sdpa_kernels
 from .head import DTensor, FSDPModule, head_weight, reshard_if_idle
 from .ops._utils import autocast_dtype
 
@@ -253,16 +254,18 @@ def attention_forward(
     )
     if window is not None:
         kwargs["sliding_window"] = window
-    attn_output, attn_weights = attention_interface(
-        self,
-        query_states,
-        key_states,
-        value_states,
-        attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        **kwargs,
-    )
+    sdpa = attention_interface is ALL_ATTENTION_FUNCTIONS.get("sdpa")
+    with masked_sdpa_kernels(attention_mask if sdpa else None, query_states):
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
 
