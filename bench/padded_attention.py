@@ -13,7 +13,10 @@ Qwen2.5-0.5B attention shapes (14 query / 2 kv heads, head_dim 64), bf16, 8 rows
 - ``same T``: ms per call, back to back, 24 calls of one batch;
 - ``out_err``: max |out - ref| over the first batch, ref SDPA's math kernel in fp32.
 
-    python bench/padded_attention.py [--out bench/out] [--batches 24] [--seed 0]
+    python bench/padded_attention.py [--out bench/out] [--batches 24] [--seed 0] [--rows 8] [--median 400]
+                                     [--cap 2048] [--smoke]
+
+``--smoke`` runs tiny batches on the CPU, to keep the script working.
 """
 
 from __future__ import annotations
@@ -35,14 +38,15 @@ MEDIAN, SIGMA, CAP = 400, 0.75, 2048
 COLUMNS = ("backends", "new T ms", "same T ms", "T range", "out_err")
 
 
-def batch(g: torch.Generator, device) -> tuple[torch.Tensor, ...]:
-    """q, k, v [8, H, T, D] bf16 (requires grad) and the 4-D causal-and-padding bool mask of 8 documents."""
-    logs = math.log(MEDIAN) + SIGMA * torch.randn(ROWS, generator=g)
-    lengths = logs.exp().round().clamp(8, CAP).long()
+def batch(g: torch.Generator, device, rows: int = ROWS, median: int = MEDIAN, cap: int = CAP) -> tuple:
+    """q, k, v [rows, H, T, D] bf16 (requires grad) and the 4-D causal-and-padding bool mask of ``rows``
+    documents of log-normal lengths."""
+    logs = math.log(median) + SIGMA * torch.randn(rows, generator=g)
+    lengths = logs.exp().round().clamp(8, cap).long()
     t = int(lengths.max())
     pad = torch.arange(t)[None, :] < lengths[:, None]  # right padding, as TRL's collator
     mask = (pad[:, None, None, :] & torch.ones(t, t, dtype=torch.bool).tril()).to(device)
-    q, k, v = (torch.randn(ROWS, h, t, D, generator=g).to(device, torch.bfloat16) for h in (HQ, HK, HK))
+    q, k, v = (torch.randn(rows, h, t, D, generator=g).to(device, torch.bfloat16) for h in (HQ, HK, HK))
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask
 
 
@@ -53,13 +57,14 @@ def step(module, q, k, v, mask):
 
 
 def per_call_ms(module, batches, context) -> float:
+    sync = torch.cuda.synchronize if batches[0][0].is_cuda else lambda: None
     with context():
         step(module, *batches[0])  # first-call costs (cuDNN graph builds, autotuning) apart
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for b in batches:
             step(module, *b)
-        torch.cuda.synchronize()
+        sync()
     return (time.perf_counter() - t0) / len(batches) * 1e3
 
 
@@ -68,12 +73,18 @@ def main() -> None:
     p.add_argument("--out", default="bench/out")
     p.add_argument("--batches", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=ROWS)
+    p.add_argument("--median", type=int, default=MEDIAN, help="median document length (long contexts: 4000)")
+    p.add_argument("--cap", type=int, default=CAP, help="longest document")
+    p.add_argument("--smoke", action="store_true", help="tiny batches on the CPU (its figures mean nothing)")
     args = p.parse_args()
+    if args.smoke:
+        args.batches, args.rows, args.median, args.cap = 2, 2, 16, 32
     from chronipatch.attention import masked_sdpa_kernels
 
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.smoke else "cuda")
     g = torch.Generator().manual_seed(args.seed)
-    batches = [batch(g, device) for _ in range(args.batches)]
+    batches = [batch(g, device, args.rows, args.median, args.cap) for _ in range(args.batches)]
     module = SimpleNamespace(is_causal=True, num_key_value_groups=HQ // HK, training=True)
     q, k, v, mask = batches[0]
     with sdpa_kernel([SDPBackend.MATH]):
@@ -96,7 +107,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     meta = env_info(device)
     meta["notes"] = [
-        f"{ROWS} rows, {HQ}/{HK} heads, head_dim {D}, bf16; transformers' sdpa_attention_forward with the"
+        f"{args.rows} rows, documents of median {args.median} tokens (at most {args.cap}), {HQ}/{HK} heads,"
+        f" head_dim {D}, bf16; transformers' sdpa_attention_forward with the"
         " 4-D bool mask (causal AND right padding); forward + backward (upstream ones), ms per call back to"
         " back with one sync at the end (host cost included)",
         "chronipatch: SDPA's enabled kernels less cuDNN's (chronipatch.attention.masked_sdpa_kernels)",

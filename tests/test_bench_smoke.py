@@ -116,6 +116,13 @@ def test_lce_prologue_bench_smoke(tmp_path):
     assert "| 4,099 |" in text and "| 65x24 V=777 |" in text, text
 
 
+def test_padded_attention_bench_smoke(tmp_path):
+    """``bench/padded_attention.py --smoke``: both kernel choices run and agree on the first batch."""
+    rows = _run("padded_attention.py", tmp_path)["rows"]
+    assert [r["backends"] for r in rows] == ["SDPA's choice (stock)", "chronipatch"], rows
+    assert all(r["new T ms"] > 0 and r["same T ms"] > 0 for r in rows) and rows[0]["out_err"] < 0.05, rows
+
+
 def test_rms_kernels_bench_smoke(tmp_path):
     """``bench/rms_kernels.py --smoke``: every launch shape it would time gives the default's results."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
