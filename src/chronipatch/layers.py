@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -254,7 +255,7 @@ def attention_forward(
     )
     if window is not None:
         kwargs["sliding_window"] = window
-    sdpa = attention_interface is ALL_ATTENTION_FUNCTIONS.get("sdpa")
+    sdpa = attention_interface is sdpa_attention_forward  # stock SDPA, not a user's registered override
     with masked_sdpa_kernels(attention_mask if sdpa else None, query_states):
         attn_output, attn_weights = attention_interface(
             self,
