@@ -224,56 +224,111 @@ def test_unregister_removes_name():
     attention.unregister()  # idempotent
 
 
-def test_masked_sdpa_kernels_drop_only_cudnn_and_only_for_masked_cuda_calls():
-    """cuDNN's SDPA kernel is left out of masked CUDA calls; every other flag, a user's restriction (math
-    only, or cuDNN alone) and the flags after the call stay as they were."""
-    from types import SimpleNamespace
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def _sdpa_flags() -> tuple[bool, ...]:
     cuda = torch.backends.cuda
     flags = (cuda.flash_sdp_enabled, cuda.mem_efficient_sdp_enabled, cuda.math_sdp_enabled)
-    flags += (cuda.cudnn_sdp_enabled,)
+    return tuple(on() for on in (*flags, cuda.cudnn_sdp_enabled, torch._C._get_overrideable_sdp_enabled))
 
-    def state():
-        return tuple(on() for on in flags)
 
-    mask, on_cuda = torch.ones(1, 1, 2, 2, dtype=torch.bool), SimpleNamespace(is_cuda=True)
-    every = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    every.append(SDPBackend.CUDNN_ATTENTION)
-    with sdpa_kernel(every):
-        before = state()
-        assert before == (True,) * 4, before
-        with attention.masked_sdpa_kernels(mask, on_cuda):
-            assert state() == (*before[:3], False)
-        assert state() == before
-        for no in ((None, on_cuda), (mask, torch.ones(1))):  # no mask, or on the CPU: SDPA's own choice
-            with attention.masked_sdpa_kernels(*no):
-                assert state() == before
-    for chosen, expected in (
-        (SDPBackend.MATH, (False, False, True, False)),
-        (SDPBackend.CUDNN_ATTENTION, (False, False, False, True)),
+def _on_cuda(heads: int = 4):
+    """A stand-in for a CUDA [B, H, T, D] tensor: the helper reads only ``is_cuda`` and the head count."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(is_cuda=True, shape=(1, heads, 2, 8))
+
+
+def test_masked_sdpa_kernels_leave_out_only_cudnn_and_only_where_the_efficient_kernel_serves(monkeypatch):
+    """A masked CUDA call runs without cuDNN's kernel, every other flag as it was and all restored after,
+    also on an exception; no mask, the CPU, or a caller's choice without the memory-efficient kernel (flash
+    takes no mask: flash + cuDNN, cuDNN + math, math alone, cuDNN alone) leave SDPA's choice as it is."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mask, q = torch.ones(1, 1, 2, 2, dtype=torch.bool), _on_cuda()
+    before = _sdpa_flags()
+    assert before == (True,) * 5, before
+    with attention.masked_sdpa_kernels(mask, q, q):
+        assert _sdpa_flags() == (True, True, True, False, True)
+    assert _sdpa_flags() == before
+    with pytest.raises(RuntimeError), attention.masked_sdpa_kernels(mask, q, q):
+        raise RuntimeError
+    assert _sdpa_flags() == before
+    for args in ((None, q, q), (mask, torch.ones(1, 4, 2, 8), torch.ones(1, 4, 2, 8))):
+        with attention.masked_sdpa_kernels(*args):
+            assert _sdpa_flags() == before
+    B = SDPBackend
+    for chosen in (
+        [B.FLASH_ATTENTION, B.CUDNN_ATTENTION],
+        [B.CUDNN_ATTENTION, B.MATH],
+        [B.MATH],
+        [B.CUDNN_ATTENTION],
     ):
-        with sdpa_kernel(chosen), attention.masked_sdpa_kernels(mask, on_cuda):
-            assert state() == expected, chosen
+        with sdpa_kernel(chosen):
+            theirs = _sdpa_flags()
+            with attention.masked_sdpa_kernels(mask, q, q):
+                assert _sdpa_flags() == theirs, chosen
+    # Grouped kv heads reach SDPA with a mask only under TRANSFORMERS_SDPA_FORCE_GQA: then SDPA chooses.
+    with attention.masked_sdpa_kernels(mask, q, _on_cuda(heads=2)):
+        assert not _sdpa_flags()[3]
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    with attention.masked_sdpa_kernels(mask, q, _on_cuda(heads=2)):
+        assert _sdpa_flags() == before
+    with attention.masked_sdpa_kernels(mask, q, q):
+        assert not _sdpa_flags()[3]
+
+
+def test_masked_sdpa_kernels_held_by_overlapping_callers_restore_once():
+    """Replicas in threads (nn.DataParallel) overlap their calls: the flag stays off until the last leaves,
+    then comes back as the first found it; a caller that finds it off already leaves it alone."""
+    mask, q = torch.ones(1, 1, 2, 2, dtype=torch.bool), _on_cuda()
+    a, b = attention.masked_sdpa_kernels(mask, q, q), attention.masked_sdpa_kernels(mask, q, q)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    with attention.masked_sdpa_kernels(mask, q, q):  # found off: SDPA's choice, which is off already
+        pass
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    b.__exit__(None, None, None)
+    assert _sdpa_flags() == (True,) * 5
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:  # a caller's own setting is what the helper finds and restores
+        with attention.masked_sdpa_kernels(mask, q, q):
+            pass
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def test_patched_attention_runs_masked_sdpa_through_masked_sdpa_kernels(monkeypatch):
-    """The patched attention forward hands each SDPA call its mask: a padded batch's, or None without one."""
+    """The patched attention forward hands each stock-SDPA call its mask (a padded batch's, or None without
+    one), and hands None where another attention implementation runs; the varlen implementation's padded
+    fallback to SDPA goes through the helper too."""
     import chronipatch
     from chronipatch import layers
 
     seen = []
-    real = layers.masked_sdpa_kernels
-    monkeypatch.setattr(layers, "masked_sdpa_kernels", lambda mask, q: seen.append(mask) or real(mask, q))
+
+    def spy(real):
+        return lambda mask, q, k: seen.append(mask) or real(mask, q, k)
+
+    monkeypatch.setattr(layers, "masked_sdpa_kernels", spy(layers.masked_sdpa_kernels))
+    monkeypatch.setattr(attention, "masked_sdpa_kernels", spy(attention.masked_sdpa_kernels))
     model = tiny_model("qwen2", dtype=torch.float32)
     chronipatch.apply(model)
     ids = torch.randint(0, 211, (2, 9))
     padded = torch.ones(2, 9, dtype=torch.long)
     padded[1, 6:] = 0
+    n = model.config.num_hidden_layers
     model(input_ids=ids, attention_mask=padded)
-    layers_n = model.config.num_hidden_layers
-    assert len(seen) == layers_n and all(isinstance(m, torch.Tensor) for m in seen)
+    assert len(seen) == n and all(isinstance(m, torch.Tensor) and m.dim() == 4 for m in seen), seen
     seen.clear()
     model(input_ids=ids)
-    assert seen == [None] * layers_n
+    assert seen == [None] * n
+    seen.clear()
+    model.set_attn_implementation("eager")
+    model(input_ids=ids, attention_mask=padded)
+    assert seen == [None] * n
+    seen.clear()
+    model.set_attn_implementation(NAME)  # layers: not stock SDPA (None); its padded fallback: the mask
+    model(input_ids=ids, attention_mask=padded)
+    assert seen[0::2] == [None] * n and all(isinstance(m, torch.Tensor) for m in seen[1::2]), seen

@@ -9,12 +9,13 @@ never attend across documents; padded batches and KV-cache decoding fall back to
 from __future__ import annotations
 
 import inspect
+import os
+import threading
 import weakref
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
@@ -32,12 +33,6 @@ try:  # torch >= 2.10; the keywords changed between releases, so read them once 
 except ImportError:  # pragma: no cover - older torch: the SDPA reference path serves every call
     _varlen_attn, _VARLEN_PARAMS = None, frozenset()
 
-# SDPA's kernels but cuDNN's, each with the flag that enables it (``masked_sdpa_kernels``).
-_SDPA_FLAGS = (
-    (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
-    (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
-    (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
-)
 _OUR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # Per-forward memo keyed by tensor identity: every layer sees the same cu_seq_lens / position_ids tensor, so
 # the host sync that validates or derives boundaries happens once per forward, not once per layer.
@@ -64,18 +59,49 @@ def varlen_mask(*args, **kwargs):
     return flash_attention_mask(*args, **kwargs)
 
 
-def masked_sdpa_kernels(mask: torch.Tensor | None, query: torch.Tensor):
-    """The context of an eager SDPA call with ``mask`` on CUDA: SDPA's enabled kernels less cuDNN's, unless
-    cuDNN's is the only one enabled. Torch picks cuDNN's first on Hopper, and with a mask it costs the host
-    ~3 ms a forward and ~4 a backward (H200, torch 2.11: a padded SFT step of Qwen2.5-0.5B spent 240 ms there,
-    its GPU work 62); the memory-efficient kernel takes the same mask. Not while compiling: dynamo cannot
-    read the backend flags, and the graph keeps the kernel SDPA chose when it was traced."""
+class _WithoutCudnnSdpa:
+    """SDPA's cuDNN flag off while held. The flag is process-wide, as torch's own ``sdpa_kernel`` flags are:
+    threads running model replicas (``nn.DataParallel``) share one count, the first holder turns it off and
+    the last one out restores what the first found."""
+
+    def __init__(self):
+        self._lock, self._depth, self._saved = threading.Lock(), 0, True
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._saved = torch.backends.cuda.cudnn_sdp_enabled()
+                torch.backends.cuda.enable_cudnn_sdp(False)
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                torch.backends.cuda.enable_cudnn_sdp(self._saved)
+        return False
+
+
+_WITHOUT_CUDNN = _WithoutCudnnSdpa()
+
+
+def masked_sdpa_kernels(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor):
+    """The context of an eager SDPA call with ``mask`` on CUDA: cuDNN's kernel left out, where the
+    memory-efficient one (the other that takes a mask) is enabled. Torch picks cuDNN's first on Hopper, and
+    with a mask it cost the host ~3 ms a forward and ~4 a backward (H200, torch 2.11: a padded SFT step of
+    Qwen2.5-0.5B spent 240 ms there, its GPU work 62). A caller's own kernel choice stands (cuDNN alone stays
+    cuDNN). Not while compiling: a compiled graph keeps the kernel SDPA chose when it was traced."""
     if mask is None or not query.is_cuda or torch.compiler.is_compiling():
         return nullcontext()
-    others = [backend for backend, enabled in _SDPA_FLAGS if enabled()]
-    if not others or not torch.backends.cuda.cudnn_sdp_enabled():
+    cuda = torch.backends.cuda
+    if not (cuda.cudnn_sdp_enabled() and cuda.mem_efficient_sdp_enabled()):
         return nullcontext()
-    return sdpa_kernel(others)
+    # transformers passes grouped kv heads with a mask only when told to (TRANSFORMERS_SDPA_FORCE_GQA), and
+    # the memory-efficient kernel of some torch versions refuses them: SDPA's choice then stands.
+    if query.shape[1] != key.shape[1] and os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1":
+        return nullcontext()
+    return _WITHOUT_CUDNN
 
 
 def unregister() -> None:
@@ -291,7 +317,7 @@ def varlen_attention_forward(
             mask = attention_mask
         else:
             mask = _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
-        with masked_sdpa_kernels(mask, query):
+        with masked_sdpa_kernels(mask, query, key):
             return sdpa_attention_forward(
                 module,
                 query,

@@ -256,7 +256,7 @@ def attention_forward(
     if window is not None:
         kwargs["sliding_window"] = window
     sdpa = attention_interface is sdpa_attention_forward  # stock SDPA, not a user's registered override
-    with masked_sdpa_kernels(attention_mask if sdpa else None, query_states):
+    with masked_sdpa_kernels(attention_mask if sdpa else None, query_states, key_states):
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
