@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, each step time-boxed, results under $OUT (default bench/out).
 #
-#   bash bench/run_all.sh [tests|sweep|ops|lce|prologue|rms|attention|train|sft|sft_compile ...]
+#   bash bench/run_all.sh [tests|sweep|ops|lce|prologue|rms|attention|padded|train|sft|sft_compile ...]
 #   (default: tests sweep ops attention train sft, in this order)
 #
 # Needs a CUDA machine with torch, triton, transformers (and trl, peft, liger-kernel, cut-cross-entropy for
@@ -42,6 +42,10 @@ for step in "${steps[@]}"; do
     prologue) run lce_prologue 120 python bench/lce_prologue.py --out "$OUT" ;;
     rms) run rms_kernels 180 python bench/rms_kernels.py --out "$OUT" ;;
     attention) run attention 180 python bench/attention.py --out "$OUT" ;;
+    # Masked SDPA in padded batches (SFT's lengths, then long documents): SDPA's choice against chronipatch's.
+    padded) run padded_attention 120 python bench/padded_attention.py --out "$OUT/padded"
+        run padded_attention_long 180 python bench/padded_attention.py --rows 4 --median 4000 --cap 8192 \
+            --out "$OUT/padded_long" ;;
     train) run train 600 python bench/train.py --profile --out "$OUT" ;;
     sft) run sft 600 python bench/sft.py --timeout 120 --out "$OUT" --variants \
         stock,stock_packing,liger,chronipatch,chronipatch_packing,lora_stock,lora_chronipatch,lora_chronipatch_packing ;;
