@@ -278,14 +278,14 @@ def test_masked_sdpa_kernels_leave_out_only_cudnn_and_only_where_the_efficient_k
 
 def test_masked_sdpa_kernels_held_by_overlapping_callers_restore_once():
     """Replicas in threads (nn.DataParallel) overlap their calls: the flag stays off until the last leaves,
-    then comes back as the first found it; a caller that finds it off already leaves it alone."""
+    also one that came while it was off already, then comes back as the first found it."""
     mask, q = torch.ones(1, 1, 2, 2, dtype=torch.bool), _on_cuda()
     a, b = attention.masked_sdpa_kernels(mask, q, q), attention.masked_sdpa_kernels(mask, q, q)
     a.__enter__()
     b.__enter__()
     a.__exit__(None, None, None)
     assert not torch.backends.cuda.cudnn_sdp_enabled()
-    with attention.masked_sdpa_kernels(mask, q, q):  # found off: SDPA's choice, which is off already
+    with attention.masked_sdpa_kernels(mask, q, q):  # a third holder, come while the flag was off
         pass
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     b.__exit__(None, None, None)

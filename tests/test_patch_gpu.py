@@ -15,9 +15,9 @@ from tiny import FAMILIES, tiny_model
 pytestmark = pytest.mark.gpu
 
 
-def _step(model, ids):
+def _step(model, ids, labels=None, **batch):
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = model(input_ids=ids, labels=ids if labels is None else labels, **batch).loss
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     return loss.detach().float(), norm.float()
@@ -144,13 +144,10 @@ def test_padded_batch_runs_masked_sdpa_without_cudnn_and_matches_stock():
     labels = ids.masked_fill(mask == 0, -100)
 
     def step(model):
-        model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            loss, norm = _step(model, ids, labels, attention_mask=mask)
         kernels = {e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
-        return loss.detach().float(), norm.float(), kernels
+        return loss, norm, kernels
 
     (l_p, n_p, ours), (l_s, n_s, theirs), (l_t, n_t, _) = step(patched), step(stock), step(truth)
     assert not {k for k in ours if "cudnn" in k}, sorted(k for k in ours if "cudnn" in k)

@@ -62,7 +62,7 @@ def varlen_mask(*args, **kwargs):
 class _WithoutCudnnSdpa:
     """SDPA's cuDNN flag off while held. The flag is process-wide, as torch's own ``sdpa_kernel`` flags are:
     threads running model replicas (``nn.DataParallel``) share one count, the first holder turns it off and
-    the last one out restores what the first found."""
+    the last one out restores what the first found (off stays off)."""
 
     def __init__(self):
         self._lock, self._depth, self._saved = threading.Lock(), 0, True
@@ -94,8 +94,7 @@ def masked_sdpa_kernels(mask: torch.Tensor | None, query: torch.Tensor, key: tor
     cuDNN). Not while compiling: a compiled graph keeps the kernel SDPA chose when it was traced."""
     if mask is None or not query.is_cuda or torch.compiler.is_compiling():
         return nullcontext()
-    cuda = torch.backends.cuda
-    if not (cuda.cudnn_sdp_enabled() and cuda.mem_efficient_sdp_enabled()):
+    if not torch.backends.cuda.mem_efficient_sdp_enabled():
         return nullcontext()
     # transformers passes grouped kv heads with a mask only when told to (TRANSFORMERS_SDPA_FORCE_GQA), and
     # the memory-efficient kernel of some torch versions refuses them: SDPA's choice then stands.
