@@ -9,12 +9,14 @@ idling the GPU. chronipatch's attention forward runs masked SDPA without cuDNN
 Qwen2.5-0.5B attention shapes (14 query / 2 kv heads, head_dim 64), bf16, 8 rows; document lengths log-normal
 (median 400, sigma 0.75, capped at 2048, as `bench/sft.py`). Per backend choice:
 
-- ``new T``: ms per call, back to back, each call a new batch (a new padded length T), as in training;
-- ``same T``: ms per call, back to back, 24 calls of one batch;
+- ``step``: ms per batch of ``--layers`` calls back to back on it, each batch a new padded length T, as a
+  model's layers share a step's shape (cuDNN builds its plan for a new shape once, the other layers reuse it);
+- ``new T``: ms per call, back to back, each call a new batch (a new padded length T);
+- ``same T``: ms per call, back to back, ``--batches`` calls of one batch;
 - ``out_err``: max |out - ref| over the first batch, ref SDPA's math kernel in fp32.
 
     python bench/padded_attention.py [--out bench/out] [--batches 24] [--seed 0] [--rows 8] [--median 400]
-                                     [--cap 2048] [--smoke]
+                                     [--cap 2048] [--steps 6] [--layers 24] [--smoke]
 
 ``--smoke`` runs tiny batches on the CPU, to keep the script working.
 """
@@ -25,7 +27,6 @@ import argparse
 import math
 import time
 from contextlib import nullcontext
-from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -36,15 +37,20 @@ from common import env_info, write_results
 
 HQ, HK, D, ROWS = 14, 2, 64, 8
 MEDIAN, SIGMA, CAP = 400, 0.75, 2048
-COLUMNS = ("backends", "new T ms", "same T ms", "T range", "out_err")
+COLUMNS = ("backends", "step ms", "new T ms", "same T ms", "out_err")
 
 
-def batch(g: torch.Generator, device, rows: int = ROWS, median: int = MEDIAN, cap: int = CAP) -> tuple:
+def batch(g: torch.Generator, device, rows: int, median: int, cap: int, taken: set[int]) -> tuple:
     """q, k, v [rows, H, T, D] bf16 (requires grad) and the 4-D causal-and-padding bool mask of ``rows``
-    documents of log-normal lengths."""
-    logs = math.log(median) + SIGMA * torch.randn(rows, generator=g)
-    lengths = logs.exp().round().clamp(8, cap).long()
-    t = int(lengths.max())
+    documents of log-normal lengths, padded to a length T not in ``taken`` (then added): a shape no kernel
+    has seen, so each measurement pays what a new batch pays."""
+    while True:
+        logs = math.log(median) + SIGMA * torch.randn(rows, generator=g)
+        lengths = logs.exp().round().clamp(8, cap).long()
+        t = int(lengths.max())
+        if t not in taken:
+            break
+    taken.add(t)
     pad = torch.arange(t)[None, :] < lengths[:, None]  # right padding, as TRL's collator
     mask = (pad[:, None, None, :] & torch.ones(t, t, dtype=torch.bool).tril()).to(device)
     q, k, v = (torch.randn(rows, h, t, D, generator=g).to(device, torch.bfloat16) for h in (HQ, HK, HK))
@@ -63,14 +69,15 @@ def reference(module, q, k, v, mask):
 
 
 def per_call_ms(module, batches, context) -> float:
+    """ms per call, back to back, one sync at the end; ``context(q, k, v, mask)`` is entered around each
+    call, as the model does."""
     sync = torch.cuda.synchronize if batches[0][0].is_cuda else lambda: None
-    with context():
-        step(module, *batches[0])  # first-call costs (cuDNN graph builds, autotuning) apart
-        sync()
-        t0 = time.perf_counter()
-        for b in batches:
+    sync()
+    t0 = time.perf_counter()
+    for b in batches:
+        with context(*b):
             step(module, *b)
-        sync()
+    sync()
     return (time.perf_counter() - t0) / len(batches) * 1e3
 
 
@@ -82,17 +89,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=ROWS)
     p.add_argument("--median", type=int, default=MEDIAN, help="median document length (long contexts: 4000)")
     p.add_argument("--cap", type=int, default=CAP, help="longest document")
+    p.add_argument("--steps", type=int, default=6, help="batches in the step column")
+    p.add_argument("--layers", type=int, default=24, help="calls per batch in the step column (model layers)")
     p.add_argument("--smoke", action="store_true", help="tiny batches on the CPU (its figures mean nothing)")
     args = p.parse_args()
     if args.smoke:
-        args.batches, args.rows, args.median, args.cap = 2, 2, 16, 32
-    from chronipatch.attention import masked_sdpa_kernels
+        args.batches, args.steps, args.rows, args.median, args.cap, args.layers = 2, 1, 2, 24, 64, 2
+    from chronipatch.attention import _WITHOUT_CUDNN, masked_sdpa_kernels
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    g = torch.Generator().manual_seed(args.seed)
-    batches = [batch(g, device, args.rows, args.median, args.cap) for _ in range(args.batches)]
+    g, taken = torch.Generator().manual_seed(args.seed), set()
+    fresh = lambda: batch(g, device, args.rows, args.median, args.cap, taken)
     module = SimpleNamespace(is_causal=True, num_key_value_groups=HQ // HK, training=True)
-    q, k, v, mask = batches[0]
+    q, k, v, mask = fresh()
     with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():  # row by row: fp32 scores of one row at a time
         ref = torch.cat(
             [
@@ -100,31 +109,36 @@ def main() -> None:
                 for r in range(len(q))
             ]
         )
-    ts = [b[0].shape[2] for b in batches]
     rows = []
     contexts = (
-        ("SDPA's choice (stock)", nullcontext),
-        ("chronipatch", partial(masked_sdpa_kernels, mask, q, k)),
+        ("SDPA's choice (stock)", lambda q, k, v, mask: nullcontext()),
+        ("without cuDNN", lambda q, k, v, mask: _WITHOUT_CUDNN),
+        ("chronipatch", lambda q, k, v, mask: masked_sdpa_kernels(mask, q, k)),
     )
     for name, context in contexts:
-        with context():
+        # The first call (also the error's) takes first-call costs (kernel loads, autotuning) apart.
+        with context(q, k, v, mask):
             out = step(module, *(x.detach().requires_grad_() for x in (q, k, v)), mask).detach()
+        steps = [b for b in (fresh() for _ in range(args.steps)) for _ in range(args.layers)]
         rows.append(
             {
                 "backends": name,
-                "new T ms": per_call_ms(module, batches, context),
-                "same T ms": per_call_ms(module, [batches[0]] * len(batches), context),
-                "T range": f"{min(ts)}-{max(ts)}",
+                "step ms": per_call_ms(module, steps, context) * args.layers,
+                "new T ms": per_call_ms(module, [fresh() for _ in range(args.batches)], context),
+                "same T ms": per_call_ms(module, [fresh()] * args.batches, context),
                 "out_err": (out.float() - ref).abs().max().item(),
             }
         )
+        del steps
         print(rows[-1], flush=True)
+    ts = sorted(taken)
     meta = env_info(device)
     meta["notes"] = [
         f"{args.rows} rows, documents of median {args.median} tokens (at most {args.cap}), {HQ}/{HK} heads,"
         f" head_dim {D}, bf16; transformers' sdpa_attention_forward with the"
         " 4-D bool mask (causal AND right padding); forward + backward (upstream ones), ms per call back to"
-        " back with one sync at the end (host cost included)",
+        f" back with one sync at the end (host cost included); step: {args.steps} batches of {args.layers}"
+        f" calls; every measurement on batches of padded lengths not seen before ({ts[0]}-{ts[-1]})",
         "chronipatch: SDPA without cuDNN's kernel where the memory-efficient one is enabled"
         " (chronipatch.attention.masked_sdpa_kernels)",
     ]
