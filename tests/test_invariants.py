@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import chronipatch
 from chronipatch import attention, ops
 from chronipatch.mapping import OUR_FORWARDS
+from chronipatch.ops import _utils
 from chronipatch.packing import PackingCollator
 from chronipatch.patch import BoundForward
 from helpers import KERNEL_DEVICE, hf_view, needs_kernels
@@ -79,8 +80,8 @@ def test_apply_revert_cycles_leak_nothing(op_calls):
     gc.collect()
     assert _our_bound_methods() == methods  # none of this model's cycles left a bound forward alive
     assert model.config._attn_implementation == "sdpa"
-    assert len(attention._memo) <= 17
-    assert all(ref() is not None for ref, _ in attention._memo.values())  # dead tensors leave the memo
+    assert len(_utils.memo) <= 17
+    assert all(ref() is not None for ref, _ in _utils.memo.values())  # dead tensors leave the memo
     grown = _object_count() - objects
     assert grown <= 50, f"{grown} more live objects after {CYCLES - 2} apply/revert cycles"
     op_calls.clear()

@@ -9,18 +9,14 @@ never attend across documents; padded batches and KV-cache decoding fall back to
 from __future__ import annotations
 
 import inspect
-import os
-import threading
-import weakref
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
-from .ops._utils import eager_cuda, last_dense
+from .masked_sdpa import masked_sdpa
+from .ops._utils import eager_cuda, last_dense, memoized
 
 __all__ = ["NAME", "register", "unregister", "varlen_attention_forward"]
 
@@ -34,9 +30,8 @@ except ImportError:  # pragma: no cover - older torch: the SDPA reference path s
     _varlen_attn, _VARLEN_PARAMS = None, frozenset()
 
 _OUR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-# Per-forward memo keyed by tensor identity: every layer sees the same cu_seq_lens / position_ids tensor, so
-# the host sync that validates or derives boundaries happens once per forward, not once per layer.
-_memo: dict[int, tuple[weakref.ref, object]] = {}
+# The per-forward memo (``memoized``): every layer sees the same cu_seq_lens / position_ids tensor, so the
+# host sync that validates or derives boundaries happens once per forward, not once per layer.
 
 
 def register() -> None:
@@ -59,76 +54,12 @@ def varlen_mask(*args, **kwargs):
     return flash_attention_mask(*args, **kwargs)
 
 
-class _WithoutCudnnSdpa:
-    """SDPA's cuDNN flag off while held. The flag is process-wide, as torch's own ``sdpa_kernel`` flags are:
-    threads running model replicas (``nn.DataParallel``) share one count, the first holder turns it off and
-    the last one out restores what the first found (off stays off)."""
-
-    def __init__(self):
-        self._lock, self._depth, self._saved = threading.Lock(), 0, True
-
-    def __enter__(self):
-        with self._lock:
-            if self._depth == 0:
-                self._saved = torch.backends.cuda.cudnn_sdp_enabled()
-                torch.backends.cuda.enable_cudnn_sdp(False)
-            self._depth += 1
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                torch.backends.cuda.enable_cudnn_sdp(self._saved)
-        return False
-
-
-_WITHOUT_CUDNN = _WithoutCudnnSdpa()
-
-
-def masked_sdpa_kernels(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor):
-    """The context of an eager SDPA call with ``mask`` on CUDA: cuDNN's kernel left out, where the
-    memory-efficient one (the other that takes a mask) is enabled. Torch picks cuDNN's first on Hopper, and
-    with a mask it cost the host ~3 ms a forward and ~4 a backward (H200, torch 2.11: a padded SFT step of
-    Qwen2.5-0.5B spent 240 ms there, its GPU work 62). A caller's own kernel choice stands (cuDNN alone stays
-    cuDNN). Not while compiling: a compiled graph keeps the kernel SDPA chose when it was traced."""
-    if mask is None or not query.is_cuda or torch.compiler.is_compiling():
-        return nullcontext()
-    if not torch.backends.cuda.mem_efficient_sdp_enabled():
-        return nullcontext()
-    # transformers passes grouped kv heads with a mask only when told to (TRANSFORMERS_SDPA_FORCE_GQA), and
-    # the memory-efficient kernel of some torch versions refuses them: SDPA's choice then stands.
-    if query.shape[1] != key.shape[1] and os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1":
-        return nullcontext()
-    return _WITHOUT_CUDNN
-
-
 def unregister() -> None:
     """Remove ``NAME`` from both interfaces (``register`` writes their class-level ``_global_mapping``)."""
     ours = ((AttentionInterface, varlen_attention_forward), (AttentionMaskInterface, varlen_mask))
     for interface, fn in ours:
         if interface._global_mapping.get(NAME) is fn:
             interface._global_mapping.pop(NAME, None)
-
-
-def _memoized(t: torch.Tensor, key: tuple, compute):
-    # The version counter changes on every in-place write, so an edited tensor is checked again.
-    key = (*key, t._version)
-    hit = _memo.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1][0] == key:
-        return hit[1][1]
-    value = compute()
-    if len(_memo) > 16:
-        _memo.clear()
-    _memo[id(t)] = (weakref.ref(t, _forget), (key, value))
-    return value
-
-
-def _forget(ref: weakref.ref) -> None:
-    """Drop a memo entry when its tensor dies, so no derived tensor outlives the forward."""
-    for k, (r, _) in list(_memo.items()):
-        if r is ref:
-            _memo.pop(k, None)
 
 
 def _check_cu(cu: torch.Tensor, n: int, max_len: int, name: str) -> None:
@@ -142,7 +73,7 @@ def _check_cu(cu: torch.Tensor, n: int, max_len: int, name: str) -> None:
         lens = cu.diff()
         return torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).tolist()
 
-    first, last, shortest, longest = _memoized(cu, (n, max_len), stats)
+    first, last, shortest, longest = memoized(cu, (n, max_len), stats)
     if first != 0 or last != n:
         raise ValueError(f"{name} must run from 0 to the token count {n}, got {first} .. {last}")
     if shortest < 0 or longest > max_len:
@@ -316,17 +247,16 @@ def varlen_attention_forward(
             mask = attention_mask
         else:
             mask = _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
-        with masked_sdpa_kernels(mask, query, key):
-            return sdpa_attention_forward(
-                module,
-                query,
-                key,
-                value,
-                mask,
-                dropout=dropout,
-                scaling=scaling,
-                **{k: v for k, v in kwargs.items() if k not in _OUR_KWARGS},
-            )
+        return masked_sdpa(
+            module,
+            query,
+            key,
+            value,
+            mask,
+            dropout=dropout,
+            scaling=scaling,
+            **{k: v for k, v in kwargs.items() if k not in _OUR_KWARGS},
+        )
     if dropout > 0:
         raise ValueError(f"{NAME} has no attention dropout; got dropout={dropout} (set attention_dropout=0)")
 
@@ -340,7 +270,7 @@ def varlen_attention_forward(
             cu_q, cu_k, max_q, max_k = _packed_args(kwargs, b, t_q, t_k)
         elif by_positions:
             derive = lambda: _cu_from_positions(pos)
-            cu_q, max_q = derive() if torch.compiler.is_compiling() else _memoized(pos, (b,), derive)
+            cu_q, max_q = derive() if torch.compiler.is_compiling() else memoized(pos, (b,), derive)
             cu_k, max_k = cu_q, max_q
         else:
             cu_q = torch.arange(0, b * t_q + 1, t_q, device=query.device, dtype=torch.int32)

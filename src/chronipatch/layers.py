@@ -12,8 +12,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import can_return_tuple
 
 from . import ops
-from .attention import masked_sdpa_kernels
 from .head import DTensor, FSDPModule, head_weight, reshard_if_idle
+from .masked_sdpa import masked_sdpa
 from .ops._utils import autocast_dtype
 
 # transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
@@ -255,18 +255,18 @@ def attention_forward(
     )
     if window is not None:
         kwargs["sliding_window"] = window
-    sdpa = attention_interface is sdpa_attention_forward  # stock SDPA, not a user's registered override
-    with masked_sdpa_kernels(attention_mask if sdpa else None, query_states, key_states):
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+    if attention_interface is sdpa_attention_forward:  # stock SDPA, not a user's registered override
+        attention_interface = masked_sdpa  # the same call, its kernel cost steady over padded lengths
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
 

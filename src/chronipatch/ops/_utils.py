@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import weakref
 
 import torch
 import triton
@@ -193,6 +194,31 @@ def direct(launcher):
             return launcher(x, *args, wrap=False, **kwargs)
 
     return run
+
+
+# Per-forward memo keyed by tensor identity (``memoized``): tensors every layer of a forward shares (masks,
+# cu_seq_lens) derive their per-forward values once.
+memo: dict[int, tuple[weakref.ref, object]] = {}
+
+
+def memoized(t: torch.Tensor, key: tuple, compute):
+    # The version counter changes on every in-place write, so an edited tensor is checked again.
+    key = (*key, t._version)
+    hit = memo.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1][0] == key:
+        return hit[1][1]
+    value = compute()
+    if len(memo) > 16:
+        memo.clear()
+    memo[id(t)] = (weakref.ref(t, _forget), (key, value))
+    return value
+
+
+def _forget(ref: weakref.ref) -> None:
+    """Drop a memo entry when its tensor dies, so no derived tensor outlives the forward."""
+    for k, (r, _) in list(memo.items()):
+        if r is ref:
+            memo.pop(k, None)
 
 
 def device_of(t: torch.Tensor):

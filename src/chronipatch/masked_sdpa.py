@@ -1,0 +1,134 @@
+"""Masked SDPA (padded batches) as transformers runs it, at a kernel cost that does not grow with new shapes.
+
+With a mask, torch picks cuDNN's attention kernel first on Hopper, and cuDNN builds an execution plan for
+every new shape: ~0.1-0.3 s of host time per padded length (forward and backward; H100/H200, torch 2.11).
+Padded SFT batches bring a new length nearly every step, so a stock step waited on plans longer than its GPU
+work (Qwen2.5-0.5B, 8 rows of up to 2048 tokens: 711 ms of attention per step against 36 ms without cuDNN,
+``bench/padded_attention.py``). ``masked_sdpa`` holds the shapes steady instead:
+
+- the length T is padded up to a multiple of ``BUCKET`` (zero q/k/v rows; mask columns False, so no real
+  query sees a new key; each new query row sees its own key only, so no row is empty), and the output sliced
+  back: the real rows are the same sum over the same unmasked keys;
+- a padded shape met for the first time in a forward runs without cuDNN (the memory-efficient kernel, no
+  plan); one met again in a later forward runs SDPA's own choice, whose plan is then built once and reused.
+
+Other masked calls (a KV cache, float masks, fp32) run with cuDNN left out (``masked_sdpa_kernels``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .ops._utils import capability, memoized
+
+__all__ = ["BUCKET", "masked_sdpa", "masked_sdpa_kernels"]
+
+BUCKET = 128
+# Padded shape -> the first mask it came with (weakly): a shape is "met again" once another mask brings it.
+# Gradient checkpointing recomputes a layer with the same mask, so a recompute chooses as its forward did.
+_first_mask: dict[tuple, weakref.ref] = {}
+
+
+class _WithoutCudnnSdpa:
+    """SDPA's cuDNN flag off while held. The flag is process-wide, as torch's own ``sdpa_kernel`` flags are:
+    threads running model replicas (``nn.DataParallel``) share one count, the first holder turns it off and
+    the last one out restores what the first found (off stays off)."""
+
+    def __init__(self):
+        self._lock, self._depth, self._saved = threading.Lock(), 0, True
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._saved = torch.backends.cuda.cudnn_sdp_enabled()
+                torch.backends.cuda.enable_cudnn_sdp(False)
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                torch.backends.cuda.enable_cudnn_sdp(self._saved)
+        return False
+
+
+_WITHOUT_CUDNN = _WithoutCudnnSdpa()
+
+
+def masked_sdpa_kernels(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor):
+    """The context of an eager SDPA call with ``mask`` on CUDA: cuDNN's kernel left out, where the
+    memory-efficient one (the other that takes a mask) is enabled. A caller's own kernel choice stands
+    (cuDNN alone stays cuDNN). Not while compiling: a compiled graph keeps the kernel SDPA chose when it
+    was traced."""
+    if mask is None or not query.is_cuda or torch.compiler.is_compiling():
+        return nullcontext()
+    if not torch.backends.cuda.mem_efficient_sdp_enabled():
+        return nullcontext()
+    # transformers passes grouped kv heads with a mask only when told to (TRANSFORMERS_SDPA_FORCE_GQA), and
+    # the memory-efficient kernel of some torch versions refuses them: SDPA's choice then stands.
+    if query.shape[1] != key.shape[1] and os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1":
+        return nullcontext()
+    return _WITHOUT_CUDNN
+
+
+def _prefers_cudnn(device: torch.device) -> bool:
+    """Whether SDPA tries cuDNN's kernel first on ``device`` (sm_90 and newer)."""
+    return capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+def _bucketed(mask, query, key) -> bool:
+    """A training-shaped (T queries, T keys) fp16/bf16 call with a 4-D bool mask, where SDPA would pick
+    cuDNN: the calls whose plans a new T rebuilds."""
+    t = query.shape[2]
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.dtype == torch.bool
+        and mask.ndim == 4
+        and mask.shape[-2:] == (t, t)
+        and key.shape[2] == t
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and masked_sdpa_kernels(mask, query, key) is _WITHOUT_CUDNN
+        and torch.backends.cuda.cudnn_sdp_enabled()
+        and _prefers_cudnn(query.device)
+    )
+
+
+def _pad_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
+    """``mask`` [.., T, T] -> [.., T + pad, T + pad]: new key columns False, new query row i sees key i."""
+    t = mask.shape[-1]
+    out = F.pad(mask, (0, pad, 0, pad))
+    out[..., t:, t:] = torch.eye(pad, dtype=torch.bool, device=mask.device)
+    return out
+
+
+def masked_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' ``sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)`` ->
+    (``[B, T, Hq, D]``, None), its length padded to a multiple of ``BUCKET`` and its kernel chosen as the
+    module docstring says where ``_bucketed``; with cuDNN left out for other masked CUDA calls."""
+    if not _bucketed(attention_mask, query, key):
+        with masked_sdpa_kernels(attention_mask, query, key):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    t = query.shape[2]
+    pad = -t % BUCKET
+    if pad:
+        # Once per forward: every layer shares the mask.
+        mask = memoized(attention_mask, ("bucket", pad), lambda: _pad_mask(attention_mask, pad))
+        query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
+    else:
+        mask = attention_mask
+    shape = (tuple(query.shape), tuple(key.shape), tuple(mask.shape), query.dtype, query.device)
+    if len(_first_mask) > 256:  # bounded: batch sizes x buckets in practice
+        _first_mask.clear()
+    first = _first_mask.setdefault(shape, weakref.ref(attention_mask))
+    context = _WITHOUT_CUDNN if first() is attention_mask else nullcontext()
+    with context:
+        out, weights = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    return out[:, :t], weights
