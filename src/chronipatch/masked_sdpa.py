@@ -87,15 +87,15 @@ def _prefers_cudnn(device: torch.device) -> bool:
 def _bucketed(mask, query, key) -> bool:
     """A training-shaped (T queries, T keys) fp16/bf16 call with a 4-D bool mask, where SDPA would pick
     cuDNN: the calls whose plans a new T rebuilds."""
+    if masked_sdpa_kernels(mask, query, key) is not _WITHOUT_CUDNN:  # no mask, not CUDA, or compiling
+        return False
     t = query.shape[2]
     return (
-        isinstance(mask, torch.Tensor)
-        and mask.dtype == torch.bool
+        mask.dtype == torch.bool
         and mask.ndim == 4
         and mask.shape[-2:] == (t, t)
         and key.shape[2] == t
         and query.dtype in (torch.float16, torch.bfloat16)
-        and masked_sdpa_kernels(mask, query, key) is _WITHOUT_CUDNN
         and torch.backends.cuda.cudnn_sdp_enabled()
         and _prefers_cudnn(query.device)
     )
