@@ -219,3 +219,78 @@ def test_bucketed_shape_runs_without_cudnn_until_another_forward_brings_it(monke
     masked_sdpa.masked_sdpa(module, q3, q3, q3, other)
     assert flags == [False, False, True, False, False], flags
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_bucketed_calls_read_the_callers_cudnn_flag_not_a_holders(monkeypatch):
+    """While another caller (a replica in another thread) holds cuDNN off for its own call, a call is
+    bucketed as the caller's own setting says: its forward and its recompute choose alike."""
+    monkeypatch.setattr(masked_sdpa, "_prefers_cudnn", lambda device: True)
+    with masked_sdpa._WITHOUT_CUDNN:
+        assert masked_sdpa._bucketed(*_call())
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        with masked_sdpa._WITHOUT_CUDNN:
+            assert not masked_sdpa._bucketed(*_call())
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def _flags_per_call(monkeypatch) -> list:
+    """Bucket every training-shaped call (as on a Hopper GPU) and record cuDNN's flag at each SDPA call."""
+    monkeypatch.setattr(masked_sdpa, "_cudnn_first", lambda mask, q, k: mask is not None)
+    monkeypatch.setattr(masked_sdpa, "_first_mask", {})
+    flags = []
+    real = masked_sdpa.sdpa_attention_forward
+    spy = lambda *a, **kw: flags.append(torch.backends.cuda.cudnn_sdp_enabled()) or real(*a, **kw)
+    monkeypatch.setattr(masked_sdpa, "sdpa_attention_forward", spy)
+    return flags
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", attention.NAME])
+def test_a_forward_and_its_recompute_choose_alike_in_every_layer(monkeypatch, implementation):
+    """Through a checkpointed model, stock SDPA and the varlen implementation's padded fallback alike: a
+    step's forward and its recompute run every layer without cuDNN at a new padded shape, the next step's
+    (another padding mask of the same bucket) with SDPA's choice; losses and gradients as unbucketed."""
+    import chronipatch
+
+    model = tiny_model("qwen2", dtype=torch.float64)
+    chronipatch.apply(model, varlen_attention=implementation == attention.NAME)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 211, (2, 9))
+    padded = torch.ones(2, 9, dtype=torch.long)
+    padded[1, 6:] = 0
+    n = model.config.num_hidden_layers
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=padded.clone(), labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = step()
+    flags = _flags_per_call(monkeypatch)
+    first, second = step(), step()
+    assert flags == [False] * 2 * n + [True] * 2 * n, flags
+    for ours in (first, second):
+        torch.testing.assert_close(ours[0], plain[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(ours[1], plain[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bucketed_calls_run_under_inference_mode(monkeypatch):
+    """Inference tensors carry no version counter: the per-forward memo computes instead, and a padded
+    batch's greedy generation gives the unbucketed tokens."""
+    import chronipatch
+
+    model = tiny_model("llama", dtype=torch.float64)
+    chronipatch.apply(model)
+    model.eval()
+    ids = torch.randint(1, 211, (2, 7))
+    left = torch.ones_like(ids)
+    left[1, :3] = 0
+    with torch.inference_mode():
+        plain = model.generate(ids, attention_mask=left, max_new_tokens=4, do_sample=False)
+        _flags_per_call(monkeypatch)
+        ours = model.generate(ids, attention_mask=left, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ours, plain)

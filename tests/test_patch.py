@@ -236,14 +236,30 @@ def test_mlp_fuses_the_down_projection_only_when_it_is_a_plain_linear(case, op_c
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing(reentrant):
+    """Checkpointed layers give stock's loss and gradients, and are checkpointed as stock's are: one
+    checkpoint call per layer (transformers >= 5.23 wraps the class's forward, which the patched instance
+    forward must not bypass); none in eval or without grad."""
     stock = tiny_model("qwen2")
     patched = copy.deepcopy(stock)
     chronipatch.apply(patched)
-    for m in (stock, patched):
+    calls = {}
+    for name, m in (("stock", stock), ("patched", patched)):
         m.train()
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        for layer in m.model.layers:
+            real = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, real=real, name=name, **k: (
+                calls.__setitem__(name, calls.get(name, 0) + 1) or real(*a, **k)
+            )
     ids, labels = batch()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    n = patched.config.num_hidden_layers
+    assert calls == {"stock": n, "patched": n}, calls
+    with torch.no_grad():
+        patched(ids, labels=labels)
+    patched.eval()
+    patched(ids, labels=labels)
+    assert calls == {"stock": n, "patched": n}, calls
 
 
 def test_loss_kwargs_follow_hf():

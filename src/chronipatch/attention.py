@@ -246,13 +246,17 @@ def varlen_attention_forward(
         if attention_mask is None or attention_mask.ndim == 4:  # a cache: SDPA's mask (``varlen_mask``)
             mask = attention_mask
         else:
-            mask = _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
+            # Once per forward (every layer shares the padding mask), and one 4-D mask for all of them.
+            decode = lambda: _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
+            key_ = ("decode", b, t_q, t_k, sliding_window, query.device)
+            mask = decode() if torch.compiler.is_compiling() else memoized(attention_mask, key_, decode)
         return masked_sdpa(
             module,
             query,
             key,
             value,
             mask,
+            mask_owner=attention_mask,  # what a layer's recompute gets again (the 4-D mask may be rebuilt)
             dropout=dropout,
             scaling=scaling,
             **{k: v for k, v in kwargs.items() if k not in _OUR_KWARGS},

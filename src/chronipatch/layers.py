@@ -3,9 +3,12 @@ replaces line for line, with the fused op in place of the eager math."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -24,7 +27,33 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
+# transformers >= 5.23 checkpoints a decoder layer by wrapping its class's ``forward``
+# (``GradientCheckpointingLayer.__init_subclass__``), which an instance's own forward bypasses; earlier
+# releases wrapped ``__call__``, which runs the instance's forward inside the checkpoint already.
+_CLASS_CHECKPOINTS = "__call__" not in vars(GradientCheckpointingLayer)
+
+
+def decoder_layer_forward(self, *args, **kwargs):
+    """``_decoder_layer``, checkpointed as transformers checkpoints the stock layer where its class's
+    ``forward`` carries the checkpointing (``gradient_checkpointing_enable()``, training, grad enabled)."""
+    if (
+        _CLASS_CHECKPOINTS
+        and getattr(self, "gradient_checkpointing", False)
+        and self.training
+        and torch.is_grad_enabled()
+    ):
+        # As transformers' wrapper: no cache under checkpointing (the recompute would write it twice).
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if not getattr(self, "_can_checkpoint_with_cache", False):
+            for name in ("cache", "past_key_values", "layer_past"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = None
+        return self._gradient_checkpointing_func(functools.partial(_decoder_layer, self, **kwargs), *args)
+    return _decoder_layer(self, *args, **kwargs)
+
+
+def _decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
     """HF decoder layer whose RMSNorms run inside the projections they feed (``normed_projections``), where
     the attention and the MLP run our forwards: their [N, H] outputs are recomputed in the backward. A hooked
     attention or MLP gets the normalised input, as stock's hooks see it."""

@@ -31,8 +31,9 @@ from .ops._utils import capability, memoized
 __all__ = ["BUCKET", "masked_sdpa", "masked_sdpa_kernels"]
 
 BUCKET = 128
-# Padded shape -> the first mask it came with (weakly): a shape is "met again" once another mask brings it.
-# Gradient checkpointing recomputes a layer with the same mask, so a recompute chooses as its forward did.
+# Padded shape -> the first mask (or owner) it came with, weakly: a shape is "met again" once another forward
+# brings it. Gradient checkpointing recomputes a layer with the same mask, so a recompute chooses as its
+# forward did.
 _first_mask: dict[tuple, weakref.ref] = {}
 
 
@@ -51,6 +52,11 @@ class _WithoutCudnnSdpa:
                 torch.backends.cuda.enable_cudnn_sdp(False)
             self._depth += 1
         return self
+
+    def cudnn_enabled(self) -> bool:
+        """cuDNN's flag as the caller set it: while held, what the first holder found."""
+        with self._lock:
+            return self._saved if self._depth else torch.backends.cuda.cudnn_sdp_enabled()
 
     def __exit__(self, *exc) -> bool:
         with self._lock:
@@ -80,23 +86,28 @@ def masked_sdpa_kernels(mask: torch.Tensor | None, query: torch.Tensor, key: tor
 
 
 def _prefers_cudnn(device: torch.device) -> bool:
-    """Whether SDPA tries cuDNN's kernel first on ``device`` (sm_90 and newer)."""
-    return capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    """Whether SDPA tries cuDNN's kernel first on ``device`` (Hopper, datacenter Blackwell: sm_90, sm_100)."""
+    return capability(device.index if device.index is not None else torch.cuda.current_device())[0] in (9, 10)
 
 
 def _bucketed(mask, query, key) -> bool:
-    """A training-shaped (T queries, T keys) fp16/bf16 call with a 4-D bool mask, where SDPA would pick
-    cuDNN: the calls whose plans a new T rebuilds."""
-    if masked_sdpa_kernels(mask, query, key) is not _WITHOUT_CUDNN:  # no mask, not CUDA, or compiling
+    """A call whose cuDNN plans a new T rebuilds: SDPA would pick cuDNN (``_cudnn_first``) for a
+    training-shaped call (T queries, T keys) with a 4-D bool mask."""
+    if not _cudnn_first(mask, query, key):
         return False
     t = query.shape[2]
+    return mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[-2:] == (t, t) and key.shape[2] == t
+
+
+def _cudnn_first(mask, query, key) -> bool:
+    """Whether SDPA would try cuDNN first for this masked call: eager CUDA (``masked_sdpa_kernels`` acts),
+    fp16/bf16, cuDNN enabled by the caller, on Hopper or datacenter Blackwell."""
+    if masked_sdpa_kernels(mask, query, key) is not _WITHOUT_CUDNN:  # no mask, not CUDA, or compiling
+        return False
     return (
-        mask.dtype == torch.bool
-        and mask.ndim == 4
-        and mask.shape[-2:] == (t, t)
-        and key.shape[2] == t
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and torch.backends.cuda.cudnn_sdp_enabled()
+        query.dtype in (torch.float16, torch.bfloat16)
+        # The caller's setting, not one a replica in another thread holds off for its own call.
+        and _WITHOUT_CUDNN.cudnn_enabled()
         and _prefers_cudnn(query.device)
     )
 
@@ -109,10 +120,11 @@ def _pad_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
     return out
 
 
-def masked_sdpa(module, query, key, value, attention_mask, **kwargs):
+def masked_sdpa(module, query, key, value, attention_mask, *, mask_owner=None, **kwargs):
     """transformers' ``sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)`` ->
     (``[B, T, Hq, D]``, None), its length padded to a multiple of ``BUCKET`` and its kernel chosen as the
-    module docstring says where ``_bucketed``; with cuDNN left out for other masked CUDA calls."""
+    module docstring says where ``_bucketed``; with cuDNN left out for other masked CUDA calls. A forward is
+    told by ``mask_owner`` (default: the mask), the tensor its layers and their recomputes all get."""
     if not _bucketed(attention_mask, query, key):
         with masked_sdpa_kernels(attention_mask, query, key):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -127,8 +139,8 @@ def masked_sdpa(module, query, key, value, attention_mask, **kwargs):
     shape = (tuple(query.shape), tuple(key.shape), tuple(mask.shape), query.dtype, query.device)
     if len(_first_mask) > 256:  # bounded: batch sizes x buckets in practice
         _first_mask.clear()
-    first = _first_mask.setdefault(shape, weakref.ref(attention_mask))
-    context = _WITHOUT_CUDNN if first() is attention_mask else nullcontext()
-    with context:
+    owner = attention_mask if mask_owner is None else mask_owner
+    first = _first_mask.setdefault(shape, weakref.ref(owner))
+    with _WITHOUT_CUDNN if first() is owner else nullcontext():
         out, weights = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-    return out[:, :t], weights
+    return out[:, :t].contiguous(), weights  # contiguous, as stock's

@@ -202,6 +202,8 @@ memo: dict[int, tuple[weakref.ref, object]] = {}
 
 
 def memoized(t: torch.Tensor, key: tuple, compute):
+    if t.is_inference():  # no version counter to tell an edited tensor by: computed each time
+        return compute()
     # The version counter changes on every in-place write, so an edited tensor is checked again.
     key = (*key, t._version)
     hit = memo.get(id(t))
