@@ -189,19 +189,22 @@ def test_bucketed_call_pads_to_the_bucket_and_matches_the_unpadded_call(monkeypa
     assert calls == [128, 128, 128, 128, 256, 256], calls  # what SDPA ran: the padded lengths
 
 
+def _flags_per_call(monkeypatch) -> list:
+    """Bucket every training-shaped call (as on a Hopper GPU) and record cuDNN's flag at each SDPA call."""
+    monkeypatch.setattr(masked_sdpa, "_cudnn_first", lambda mask, q, k: mask is not None)
+    monkeypatch.setattr(masked_sdpa, "_first_mask", {})
+    flags = []
+    real = masked_sdpa.sdpa_attention_forward
+    spy = lambda *a, **kw: flags.append(torch.backends.cuda.cudnn_sdp_enabled()) or real(*a, **kw)
+    monkeypatch.setattr(masked_sdpa, "sdpa_attention_forward", spy)
+    return flags
+
+
 def test_bucketed_shape_runs_without_cudnn_until_another_forward_brings_it(monkeypatch):
     """A padded shape's first forward (its mask, also recomputed by gradient checkpointing) runs without
     cuDNN; another mask of the same padded shape (a later step) runs SDPA's choice; a new shape starts
     over."""
-    monkeypatch.setattr(masked_sdpa, "_bucketed", lambda mask, q, k: True)
-    monkeypatch.setattr(masked_sdpa, "_first_mask", {})
-    flags = []
-    real = masked_sdpa.sdpa_attention_forward
-    monkeypatch.setattr(
-        masked_sdpa,
-        "sdpa_attention_forward",
-        lambda *a, **kw: flags.append(torch.backends.cuda.cudnn_sdp_enabled()) or real(*a, **kw),
-    )
+    flags = _flags_per_call(monkeypatch)
     module = SimpleNamespace(is_causal=True, num_key_value_groups=1, training=False)
 
     def run(t):
@@ -233,17 +236,6 @@ def test_bucketed_calls_read_the_callers_cudnn_flag_not_a_holders(monkeypatch):
             assert not masked_sdpa._bucketed(*_call())
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
-
-
-def _flags_per_call(monkeypatch) -> list:
-    """Bucket every training-shaped call (as on a Hopper GPU) and record cuDNN's flag at each SDPA call."""
-    monkeypatch.setattr(masked_sdpa, "_cudnn_first", lambda mask, q, k: mask is not None)
-    monkeypatch.setattr(masked_sdpa, "_first_mask", {})
-    flags = []
-    real = masked_sdpa.sdpa_attention_forward
-    spy = lambda *a, **kw: flags.append(torch.backends.cuda.cudnn_sdp_enabled()) or real(*a, **kw)
-    monkeypatch.setattr(masked_sdpa, "sdpa_attention_forward", spy)
-    return flags
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", attention.NAME])

@@ -30,8 +30,6 @@ except ImportError:  # pragma: no cover - older torch: the SDPA reference path s
     _varlen_attn, _VARLEN_PARAMS = None, frozenset()
 
 _OUR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-# The per-forward memo (``memoized``): every layer sees the same cu_seq_lens / position_ids tensor, so the
-# host sync that validates or derives boundaries happens once per forward, not once per layer.
 
 
 def register() -> None:
@@ -273,6 +271,7 @@ def varlen_attention_forward(
         if packed:
             cu_q, cu_k, max_q, max_k = _packed_args(kwargs, b, t_q, t_k)
         elif by_positions:
+            # Once per forward: every layer gets the same position_ids, so one host sync sizes cu_seq_lens.
             derive = lambda: _cu_from_positions(pos)
             cu_q, max_q = derive() if torch.compiler.is_compiling() else memoized(pos, (b,), derive)
             cu_k, max_k = cu_q, max_q
