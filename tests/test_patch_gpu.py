@@ -125,11 +125,16 @@ def test_fused_down_projection_changes_only_its_weight_gradient_gpu(autocast, mo
             assert torch.equal(grad, unfused[1][name]), name
 
 
-def test_padded_batches_run_bucketed_masked_sdpa_and_match_stock():
-    """Padded bf16 batches (``masked_sdpa``): the first step at a padded length (777 -> 896) runs the
-    memory-efficient kernel, no cuDNN one; a later step at another length of that bucket (800) runs SDPA's
-    own choice, as stock does; each step's loss and gradient norm stay as close to the fp32 truth as stock's.
-    Skipped at the end where stock's SDPA does not pick cuDNN here (it prefers it on sm_90/sm_100)."""
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_run_bucketed_masked_sdpa_and_match_stock(side):
+    """Padded bf16 batches (``masked_sdpa``), right-padded as TRL's collator pads and left-padded as
+    generation pads (a left pad's query rows see no key at all: fully masked rows, where the
+    memory-efficient kernel once gave nan, torch#109517): the first step at a padded length (777 -> 896;
+    left: 1001 -> 1024, a bucket of its own, as an earlier forward's bucket keeps its plan) runs the
+    memory-efficient kernel, no cuDNN one; a later step at another length of that bucket (800; 1010) runs
+    SDPA's own choice, as stock does; each step's loss and gradient norm stay as close to the fp32 truth as
+    stock's. Skipped at the end where stock's SDPA does not pick cuDNN here (it prefers it on sm_90 and
+    sm_100)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -146,18 +151,24 @@ def test_padded_batches_run_bucketed_masked_sdpa_and_match_stock():
         kernels = {e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
         return loss, norm, {k for k in kernels if "cudnn" in k}, kernels
 
-    for t, lengths in ((777, (777, 512, 300, 41)), (800, (800, 640, 9, 333))):
+    steps = ((777, (777, 512, 300, 41)), (800, (800, 640, 9, 333)))
+    if side == "left":
+        steps = ((1001, (1001, 512, 300, 41)), (1010, (1010, 640, 9, 333)))
+    for i, (t, lengths) in enumerate(steps):
         ids = torch.randint(0, stock.config.vocab_size, (4, t), device="cuda")
         mask = torch.ones_like(ids)
-        for row, n in enumerate(lengths):  # right padding, as TRL's collator pads
+        for row, n in enumerate(lengths):
             mask[row, n:] = 0
+        if side == "left":
+            mask = mask.flip(1)
         (l_p, n_p, ours, kernels), (l_s, n_s, theirs, _), (l_t, n_t, _, _) = (
             step(m, ids, mask) for m in (patched, stock, truth)
         )
+        assert torch.isfinite(l_p) and torch.isfinite(n_p), (t, l_p, n_p)
         assert abs(l_p - l_t) <= 1.1 * abs(l_s - l_t) + 2e-3 * l_t, (t, l_p, l_s, l_t)
         assert abs(n_p - n_t) <= 1.1 * abs(n_s - n_t) + 2e-2 * n_t, (t, n_p, n_s, n_t)
         assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after every call
-        if t == 777:
+        if i == 0:
             assert not ours, sorted(ours)
             assert any("fmha" in k or "efficient" in k for k in kernels), sorted(kernels)[:40]
         else:
