@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -238,28 +239,38 @@ def test_mlp_fuses_the_down_projection_only_when_it_is_a_plain_linear(case, op_c
 def test_gradient_checkpointing(reentrant):
     """Checkpointed layers give stock's loss and gradients, and are checkpointed as stock's are: one
     checkpoint call per layer (transformers >= 5.23 wraps the class's forward, which the patched instance
-    forward must not bypass); none in eval or without grad."""
+    forward must not bypass); without grad as stock's (5.17-5.24 checkpoint there too, dropping the
+    cache; 5.25 runs the layer as is, cache kept), the same cache returned; none in eval."""
     stock = tiny_model("qwen2")
     patched = copy.deepcopy(stock)
     chronipatch.apply(patched)
-    calls = {}
+    calls = {"stock": 0, "patched": 0}
     for name, m in (("stock", stock), ("patched", patched)):
         m.train()
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         for layer in m.model.layers:
             real = layer._gradient_checkpointing_func
             layer._gradient_checkpointing_func = lambda *a, real=real, name=name, **k: (
-                calls.__setitem__(name, calls.get(name, 0) + 1) or real(*a, **k)
+                calls.__setitem__(name, calls[name] + 1) or real(*a, **k)
             )
     ids, labels = batch()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
     n = patched.config.num_hidden_layers
     assert calls == {"stock": n, "patched": n}, calls
-    with torch.no_grad():
-        patched(ids, labels=labels)
+
+    def cached_tokens(m):
+        out = m(ids, use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return None if cache is None else cache.get_seq_length()
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reentrant checkpointing warns that no input requires grad
+        assert cached_tokens(patched) == cached_tokens(stock)
+    assert calls["patched"] == calls["stock"] in (n, 2 * n), calls
+    before = dict(calls)
     patched.eval()
     patched(ids, labels=labels)
-    assert calls == {"stock": n, "patched": n}, calls
+    assert calls == before, calls
 
 
 def test_loss_kwargs_follow_hf():

@@ -33,14 +33,31 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 _CLASS_CHECKPOINTS = "__call__" not in vars(GradientCheckpointingLayer)
 
 
+@functools.cache
+def _checkpoints_without_grad() -> bool:
+    """Whether the class wrapper also checkpoints without grad enabled (5.23 and 5.24 do, dropping the
+    cache as under grad; 5.25 runs the layer as is): asked of the wrapper itself, not of a version."""
+
+    class Probe(GradientCheckpointingLayer):
+        def forward(self):
+            return False
+
+    probe = Probe()
+    probe.gradient_checkpointing = True
+    probe._gradient_checkpointing_func = lambda fn, *args: True
+    with torch.no_grad():
+        return bool(probe())
+
+
 def decoder_layer_forward(self, *args, **kwargs):
     """``_decoder_layer``, checkpointed as transformers checkpoints the stock layer where its class's
-    ``forward`` carries the checkpointing (``gradient_checkpointing_enable()``, training, grad enabled)."""
+    ``forward`` carries the checkpointing (``gradient_checkpointing_enable()``, training, and grad enabled
+    where the installed wrapper asks for it)."""
     if (
         _CLASS_CHECKPOINTS
         and getattr(self, "gradient_checkpointing", False)
         and self.training
-        and torch.is_grad_enabled()
+        and (torch.is_grad_enabled() or _checkpoints_without_grad())
     ):
         # As transformers' wrapper: no cache under checkpointing (the recompute would write it twice).
         if kwargs.get("use_cache"):
