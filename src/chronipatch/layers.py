@@ -33,7 +33,6 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 _CLASS_CHECKPOINTS = "__call__" not in vars(GradientCheckpointingLayer)
 
 
-@functools.cache
 def _checkpoints_without_grad() -> bool:
     """Whether the class wrapper also checkpoints without grad enabled (5.23 and 5.24 do, dropping the
     cache as under grad; 5.25 runs the layer as is): asked of the wrapper itself, not of a version."""
@@ -49,6 +48,10 @@ def _checkpoints_without_grad() -> bool:
         return bool(probe())
 
 
+# Once, at import: a constant to the compiler too.
+_CHECKPOINTS_WITHOUT_GRAD = _CLASS_CHECKPOINTS and _checkpoints_without_grad()
+
+
 def decoder_layer_forward(self, *args, **kwargs):
     """``_decoder_layer``, checkpointed as transformers checkpoints the stock layer where its class's
     ``forward`` carries the checkpointing (``gradient_checkpointing_enable()``, training, and grad enabled
@@ -57,7 +60,7 @@ def decoder_layer_forward(self, *args, **kwargs):
         _CLASS_CHECKPOINTS
         and getattr(self, "gradient_checkpointing", False)
         and self.training
-        and (torch.is_grad_enabled() or _checkpoints_without_grad())
+        and (torch.is_grad_enabled() or _CHECKPOINTS_WITHOUT_GRAD)
     ):
         # As transformers' wrapper: no cache under checkpointing (the recompute would write it twice).
         if kwargs.get("use_cache"):
