@@ -273,6 +273,24 @@ def test_gradient_checkpointing(reentrant):
     assert calls == before, calls
 
 
+@pytest.mark.parametrize("family", FAMS)
+def test_hidden_states_and_attention_weights_match_stock(family):
+    """``output_hidden_states`` / ``output_attentions`` (eager attention: SDPA returns no weights) give
+    stock's per-layer tensors: transformers records them through module hooks, which the patched
+    forwards keep, also for the norms and projections fused into one op."""
+    stock = tiny_model(family, attn_implementation="eager")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, _ = batch()
+    s = stock(ids, output_hidden_states=True, output_attentions=True)
+    p = patched(ids, output_hidden_states=True, output_attentions=True)
+    n = stock.config.num_hidden_layers
+    assert len(p.hidden_states) == len(s.hidden_states) == n + 1
+    assert len(p.attentions) == len(s.attentions) == n
+    for a, b in zip(s.hidden_states + s.attentions, p.hidden_states + p.attentions):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_kwargs_follow_hf():
     stock = tiny_model("mistral")
     patched = copy.deepcopy(stock)
