@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import warnings
 
 import pytest
@@ -271,6 +272,32 @@ def test_gradient_checkpointing(reentrant):
     patched.eval()
     patched(ids, labels=labels)
     assert calls == before, calls
+
+
+def _has_every_n_layers() -> bool:
+    enable = getattr(transformers.PreTrainedModel, "activation_checkpointing_enable", None)
+    return enable is not None and "every_n_layers" in inspect.signature(enable).parameters
+
+
+@pytest.mark.skipif(not _has_every_n_layers(), reason="no every_n_layers in this transformers")
+def test_activation_checkpointing_every_n_layers():
+    """``activation_checkpointing_enable(every_n_layers=2)``: the patched model checkpoints the same layers
+    as stock (every other one), with stock's loss and gradients."""
+    stock = tiny_model("llama", num_hidden_layers=4)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    calls = {"stock": [], "patched": []}
+    for name, m in (("stock", stock), ("patched", patched)):
+        m.train()
+        m.activation_checkpointing_enable(every_n_layers=2)
+        for i, layer in enumerate(m.model.layers):
+            real = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, real=real, name=name, i=i, **k: (
+                calls[name].append(i) or real(*a, **k)
+            )
+    ids, labels = batch()
+    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    assert calls == {"stock": [0, 2], "patched": [0, 2]}, calls
 
 
 @pytest.mark.parametrize("family", FAMS)
