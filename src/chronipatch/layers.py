@@ -41,11 +41,14 @@ def _checkpoints_without_grad() -> bool:
         def forward(self):
             return False
 
-    probe = Probe()
-    probe.gradient_checkpointing = True
-    probe._gradient_checkpointing_func = lambda fn, *args: True
-    with torch.no_grad():
-        return bool(probe())
+    try:
+        probe = Probe()
+        probe.gradient_checkpointing = True
+        probe._gradient_checkpointing_func = lambda fn, *args: True
+        with torch.no_grad():
+            return bool(probe())
+    except Exception:  # a wrapper this probe cannot drive: 5.25's rule (same values either way)
+        return False
 
 
 # Once, at import: a constant to the compiler too.
