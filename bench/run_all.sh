@@ -42,10 +42,12 @@ for step in "${steps[@]}"; do
     prologue) run lce_prologue 120 python bench/lce_prologue.py --out "$OUT" ;;
     rms) run rms_kernels 180 python bench/rms_kernels.py --out "$OUT" ;;
     attention) run attention 180 python bench/attention.py --out "$OUT" ;;
-    # Masked SDPA in padded batches (SFT's lengths, then long documents): SDPA's choice against chronipatch's.
+    # Masked SDPA in padded batches (SFT's lengths, then long documents): SDPA's choice against chronipatch's;
+    # then compiled with dynamic T, as it is and bucketed inside the graph.
     padded) run padded_attention 120 python bench/padded_attention.py --out "$OUT/padded"
         run padded_attention_long 180 python bench/padded_attention.py --rows 4 --median 4000 --cap 8192 \
-            --out "$OUT/padded_long" ;;
+            --out "$OUT/padded_long"
+        run padded_compile 240 python bench/padded_compile.py --out "$OUT" ;;
     train) run train 600 python bench/train.py --profile --out "$OUT" ;;
     sft) run sft 600 python bench/sft.py --timeout 120 --out "$OUT" --variants \
         stock,stock_packing,liger,chronipatch,chronipatch_packing,lora_stock,lora_chronipatch,lora_chronipatch_packing ;;

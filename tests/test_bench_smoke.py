@@ -124,6 +124,14 @@ def test_padded_attention_bench_smoke(tmp_path):
     assert all(r["out_err"] < 0.05 for r in rows), rows
 
 
+def test_padded_compile_bench_smoke(tmp_path):
+    """``bench/padded_compile.py --smoke``: both compiled graphs run every pass and agree on one batch."""
+    rows = _run("padded_compile.py", tmp_path)["rows"]
+    assert [r["graph"] for r in rows] == ["stock", "bucketed"], rows
+    assert all(r[c] > 0 for r in rows for c in ("first step ms", "pass 1 ms", "pass 2 ms", "pass 3 ms")), rows
+    assert all(r["out_diff"] < 0.05 for r in rows), rows
+
+
 def test_rms_kernels_bench_smoke(tmp_path):
     """``bench/rms_kernels.py --smoke``: every launch shape it would time gives the default's results."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
