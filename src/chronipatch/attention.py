@@ -245,9 +245,9 @@ def varlen_attention_forward(
             mask = attention_mask
         else:
             # Once per forward (every layer shares the padding mask), and one 4-D mask for all of them.
-            decode = lambda: _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
             key_ = ("decode", b, t_q, t_k, sliding_window, query.device)
-            mask = decode() if torch.compiler.is_compiling() else memoized(attention_mask, key_, decode)
+            decode = lambda: _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
+            mask = memoized(attention_mask, key_, decode)
         return masked_sdpa(
             module,
             query,
@@ -272,8 +272,7 @@ def varlen_attention_forward(
             cu_q, cu_k, max_q, max_k = _packed_args(kwargs, b, t_q, t_k)
         elif by_positions:
             # Once per forward: every layer gets the same position_ids, so one host sync sizes cu_seq_lens.
-            derive = lambda: _cu_from_positions(pos)
-            cu_q, max_q = derive() if torch.compiler.is_compiling() else memoized(pos, (b,), derive)
+            cu_q, max_q = memoized(pos, (b,), lambda: _cu_from_positions(pos))
             cu_k, max_k = cu_q, max_q
         else:
             cu_q = torch.arange(0, b * t_q + 1, t_q, device=query.device, dtype=torch.int32)

@@ -202,7 +202,9 @@ memo: dict[int, tuple[weakref.ref, object]] = {}
 
 
 def memoized(t: torch.Tensor, key: tuple, compute):
-    if t.is_inference():  # no version counter to tell an edited tensor by: computed each time
+    # Computed each time while compiling (a graph keeps no memo; checked first: dynamo cannot trace
+    # is_inference()) and for inference tensors (no version counter to tell an edited tensor by).
+    if torch.compiler.is_compiling() or t.is_inference():
         return compute()
     # The version counter changes on every in-place write, so an edited tensor is checked again.
     key = (*key, t._version)
