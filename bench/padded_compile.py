@@ -4,7 +4,7 @@ cuDNN plan, and does padding T to a bucket inside the graph stop it?
 ``chronipatch.masked_sdpa`` buckets eager calls only; a compiled graph keeps the kernel SDPA chose when it
 was traced, and with dynamic shapes one graph sees every T. Rows: transformers' ``sdpa_attention_forward``
 compiled as it is (stock), and compiled with T padded to a multiple of ``BUCKET`` inside the graph (new
-keys masked, new query rows see their own key: ``masked_sdpa._pad_mask``). Columns: the first step (the
+keys masked, new query rows see their own key: ``masked_sdpa._padded``). Columns: the first step (the
 compile), then the median ms per step of ``--layers`` calls (forward + backward) over the batches of
 ``bench/padded_attention.py`` in three passes (every document 0, 1, 2 tokens longer: new T, same
 buckets); ``out_diff``, max |out - stock's out| on one batch; the CUDA kernels of one step's attention.
@@ -22,7 +22,6 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from common import env_info, write_results
@@ -37,12 +36,10 @@ def stock(q, k, v, mask):
 
 
 def bucketed(q, k, v, mask):
-    from chronipatch.masked_sdpa import BUCKET, _pad_mask
+    from chronipatch.masked_sdpa import _padded
 
     t = q.shape[2]
-    pad = -t % BUCKET
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    return sdpa_attention_forward(MODULE, q, k, v, _pad_mask(mask, pad), scaling=D**-0.5)[0][:, :t]
+    return sdpa_attention_forward(MODULE, *_padded(q, k, v, mask), scaling=D**-0.5)[0][:, :t]
 
 
 def attention_kernels(fn, b) -> list:

@@ -120,6 +120,16 @@ def _pad_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
     return out
 
 
+def _padded(query, key, value, mask):
+    """q, k, v [B, H, T, D] and ``mask`` [.., T, T] with T padded to a multiple of ``BUCKET`` (zero rows;
+    ``_pad_mask``), the padded mask built once per forward (every layer shares the mask)."""
+    pad = -query.shape[2] % BUCKET
+    if not pad:
+        return query, key, value, mask
+    mask = memoized(mask, ("bucket", pad), lambda: _pad_mask(mask, pad))
+    return (*(F.pad(x, (0, 0, 0, pad)) for x in (query, key, value)), mask)
+
+
 def masked_sdpa(module, query, key, value, attention_mask, *, mask_owner=None, **kwargs):
     """transformers' ``sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)`` ->
     (``[B, T, Hq, D]``, None), its length padded to a multiple of ``BUCKET`` and its kernel chosen as the
@@ -129,13 +139,7 @@ def masked_sdpa(module, query, key, value, attention_mask, *, mask_owner=None, *
         with masked_sdpa_kernels(attention_mask, query, key):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     t = query.shape[2]
-    pad = -t % BUCKET
-    if pad:
-        # Once per forward: every layer shares the mask.
-        mask = memoized(attention_mask, ("bucket", pad), lambda: _pad_mask(attention_mask, pad))
-        query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
-    else:
-        mask = attention_mask
+    query, key, value, mask = _padded(query, key, value, attention_mask)
     shape = (tuple(query.shape), tuple(key.shape), tuple(mask.shape), query.dtype, query.device)
     if len(_first_mask) > 256:  # bounded: batch sizes x buckets in practice
         _first_mask.clear()
