@@ -236,6 +236,21 @@ def test_mlp_fuses_the_down_projection_only_when_it_is_a_plain_linear(case, op_c
         assert all(p.grad is None for n, p in patched.named_parameters() if "down_proj" in n)
 
 
+def _record_checkpoints(models: dict, enable) -> dict:
+    """Each model in training mode with ``enable(model)``'s checkpointing, its layers' checkpoint function
+    recording the index of every layer it runs: {name: [layer index, ...]}, filled as the models run."""
+    calls = {name: [] for name in models}
+    for name, m in models.items():
+        m.train()
+        enable(m)
+        for i, layer in enumerate(m.model.layers):
+            real = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, real=real, seen=calls[name], i=i, **k: (
+                seen.append(i) or real(*a, **k)
+            )
+    return calls
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing(reentrant):
     """Checkpointed layers give stock's loss and gradients, and are checkpointed as stock's are: one
@@ -245,19 +260,14 @@ def test_gradient_checkpointing(reentrant):
     stock = tiny_model("qwen2")
     patched = copy.deepcopy(stock)
     chronipatch.apply(patched)
-    calls = {"stock": 0, "patched": 0}
-    for name, m in (("stock", stock), ("patched", patched)):
-        m.train()
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        for layer in m.model.layers:
-            real = layer._gradient_checkpointing_func
-            layer._gradient_checkpointing_func = lambda *a, real=real, name=name, **k: (
-                calls.__setitem__(name, calls[name] + 1) or real(*a, **k)
-            )
+    enable = lambda m: m.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
+    calls = _record_checkpoints({"stock": stock, "patched": patched}, enable)
     ids, labels = batch()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
-    n = patched.config.num_hidden_layers
-    assert calls == {"stock": n, "patched": n}, calls
+    layers = list(range(patched.config.num_hidden_layers))
+    assert calls == {"stock": layers, "patched": layers}, calls
 
     def cached_tokens(m):
         out = m(ids, use_cache=True)
@@ -267,8 +277,8 @@ def test_gradient_checkpointing(reentrant):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reentrant checkpointing warns that no input requires grad
         assert cached_tokens(patched) == cached_tokens(stock)
-    assert calls["patched"] == calls["stock"] in (n, 2 * n), calls
-    before = dict(calls)
+    assert calls["patched"] == calls["stock"] in (layers, layers * 2), calls
+    before = {name: list(seen) for name, seen in calls.items()}
     patched.eval()
     patched(ids, labels=labels)
     assert calls == before, calls
@@ -286,15 +296,8 @@ def test_activation_checkpointing_every_n_layers():
     stock = tiny_model("llama", num_hidden_layers=4)
     patched = copy.deepcopy(stock)
     chronipatch.apply(patched)
-    calls = {"stock": [], "patched": []}
-    for name, m in (("stock", stock), ("patched", patched)):
-        m.train()
-        m.activation_checkpointing_enable(every_n_layers=2)
-        for i, layer in enumerate(m.model.layers):
-            real = layer._gradient_checkpointing_func
-            layer._gradient_checkpointing_func = lambda *a, real=real, name=name, i=i, **k: (
-                calls[name].append(i) or real(*a, **k)
-            )
+    enable = lambda m: m.activation_checkpointing_enable(every_n_layers=2)
+    calls = _record_checkpoints({"stock": stock, "patched": patched}, enable)
     ids, labels = batch()
     _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
     assert calls == {"stock": [0, 2], "patched": [0, 2]}, calls
