@@ -286,3 +286,72 @@ def test_bucketed_calls_run_under_inference_mode(monkeypatch):
         _flags_per_call(monkeypatch)
         ours = model.generate(ids, attention_mask=left, max_new_tokens=4, do_sample=False)
     assert torch.equal(ours, plain)
+
+
+def _sdpa_lengths(gm) -> list:
+    """The query length of every SDPA call in a traced graph."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return [n.meta["example_value"].shape[2] for n in gm.graph.nodes if n.target is sdpa]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_padded_models_pad_to_the_bucket_inside_one_graph(monkeypatch, dynamic):
+    """Compiled where the trace finds cuDNN first, the padding to a bucket is traced into the graph: SDPA
+    runs a multiple of ``BUCKET`` in every layer, one graph (no break) serves two lengths under dynamic
+    shapes, and loss and gradients are the unbucketed eager ones (fp64, right and left padding)."""
+    import chronipatch
+
+    model = tiny_model("qwen2", dtype=torch.float64)
+    chronipatch.apply(model)
+    batches = []
+    for t, left in ((9, False), (13, True)):
+        ids = torch.randint(1, 211, (2, t))
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        mask = mask.flip(-1) if left else mask
+        batches.append(dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+
+    def step(fn, batch):
+        model.zero_grad(set_to_none=True)
+        loss = fn(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager = [step(model, batch) for batch in batches]  # on the CPU: no buckets
+    monkeypatch.setattr(masked_sdpa, "_cudnn_first", lambda mask, q, k: mask is not None)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic)
+    for batch, (loss, grads) in zip(batches, eager, strict=True):
+        ours = step(compiled, batch)
+        torch.testing.assert_close(ours[0], loss, rtol=1e-12, atol=1e-12)
+        for a, b in zip(ours[1], grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    n = model.config.num_hidden_layers
+    lengths = [_sdpa_lengths(gm) for gm in graphs]
+    if dynamic:
+        assert len(graphs) == 1 and len(lengths[0]) == n, lengths
+    else:
+        assert lengths == [[128] * n, [128] * n], lengths
+
+
+def test_compiled_calls_take_the_bucket_decision_of_the_trace(monkeypatch):
+    """In a graph, whether cuDNN comes first is decided once, at trace time, without a graph break: cuDNN's
+    flag as the trace found it; and never for CPU tensors."""
+    monkeypatch.setattr(masked_sdpa, "_prefers_cudnn", lambda device: True)
+    flag = lambda x: x + 1 if masked_sdpa._traced_cudnn_first(0) else x - 1
+    on_cpu = lambda x, mask: x + 1 if masked_sdpa._cudnn_first(mask, x, x) else x - 1
+    x, mask = torch.zeros(2, dtype=torch.bfloat16), torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    try:
+        for enabled, want in ((True, 1), (False, -1)):
+            torch.backends.cuda.enable_cudnn_sdp(enabled)
+            torch._dynamo.reset()
+            assert torch.compile(flag, fullgraph=True)(x).eq(want).all(), enabled
+            assert torch.compile(on_cpu, fullgraph=True)(x, mask).eq(-1).all(), enabled
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

@@ -175,3 +175,48 @@ def test_padded_batches_run_bucketed_masked_sdpa_and_match_stock(side):
             assert bool(ours) == bool(theirs), (sorted(ours), sorted(theirs))
     if not theirs:
         pytest.skip("stock's masked SDPA ran no cuDNN kernel on this GPU and torch: nothing was left out")
+
+
+def test_compiled_padded_batches_pad_to_the_bucket_in_the_graph():
+    """A compiled padded bf16 model (fullgraph, dynamic T), where the trace finds cuDNN first: SDPA runs the
+    length padded to a multiple of 128 inside the graph, two lengths of one bucket (right, then left
+    padding) share one graph, and each step's loss and gradient norm stay as close to the fp32 truth as
+    eager stock's."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from chronipatch import masked_sdpa
+
+    torch.manual_seed(0)
+    stock = causal_lm("qwen2.5-0.5b", num_hidden_layers=2, attn_implementation="sdpa")
+    stock = stock.to("cuda", torch.bfloat16)
+    truth = copy.deepcopy(stock).float()
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    if not masked_sdpa._prefers_cudnn(torch.device("cuda")):
+        pytest.skip("SDPA does not try cuDNN first on this GPU: nothing to bucket")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, backend=backend, fullgraph=True, dynamic=True)
+    for t, flip in ((777, False), (800, True)):
+        ids = torch.randint(0, stock.config.vocab_size, (4, t), device="cuda")
+        mask = torch.ones_like(ids)
+        for row, n in enumerate((t, 512, 300, 41)):
+            mask[row, n:] = 0
+        mask = mask.flip(1) if flip else mask
+        labels = ids.masked_fill(mask == 0, -100)
+        l_p, n_p = _step(compiled, ids, labels, attention_mask=mask)
+        (l_s, n_s), (l_t, n_t) = (_step(m, ids, labels, attention_mask=mask) for m in (stock, truth))
+        assert torch.isfinite(l_p) and torch.isfinite(n_p), (t, l_p, n_p)
+        assert abs(l_p - l_t) <= 1.1 * abs(l_s - l_t) + 2e-3 * l_t, (t, l_p, l_s, l_t)
+        assert abs(n_p - n_t) <= 1.1 * abs(n_s - n_t) + 2e-2 * n_t, (t, n_p, n_s, n_t)
+    assert len(graphs) == 1, len(graphs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    lengths = [n.meta["example_value"].shape[2] for n in graphs[0].graph.nodes if n.target is sdpa]
+    # One symbolic length, T rounded up to the bucket: 896 at the trace's T (777).
+    assert all(isinstance(n, torch.SymInt) for n in lengths), lengths
+    assert [n.node.hint for n in lengths] == [896, 896], lengths

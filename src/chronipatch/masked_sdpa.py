@@ -12,7 +12,12 @@ work (Qwen2.5-0.5B, 8 rows of up to 2048 tokens: 711 ms of attention per step ag
 - a padded shape met for the first time in a forward runs without cuDNN (the memory-efficient kernel, no
   plan); one met again in a later forward runs SDPA's own choice, whose plan is then built once and reused.
 
-Other masked calls (a KV cache, float masks, fp32) run with cuDNN left out (``masked_sdpa_kernels``).
+Other eager masked calls (a KV cache, float masks, fp32) run with cuDNN left out (``masked_sdpa_kernels``).
+
+Compiled, the graph keeps the kernel SDPA chose at trace time, and with dynamic T one graph sees every
+length: cuDNN then planned each new T (H100, 24 layers of 8 rows up to 2048: 144 ms a step against 38
+bucketed, ``bench/padded_compile.py``). The padding to a bucket is traced into the graph instead, where the
+trace found cuDNN first; the first-forward rule needs the eager flag and stays eager-only.
 """
 
 from __future__ import annotations
@@ -100,9 +105,13 @@ def _bucketed(mask, query, key) -> bool:
 
 
 def _cudnn_first(mask, query, key) -> bool:
-    """Whether SDPA would try cuDNN first for this masked call: eager CUDA (``masked_sdpa_kernels`` acts),
-    fp16/bf16, cuDNN enabled by the caller, on Hopper or datacenter Blackwell."""
-    if masked_sdpa_kernels(mask, query, key) is not _WITHOUT_CUDNN:  # no mask, not CUDA, or compiling
+    """Whether SDPA would try cuDNN first for this masked call: CUDA, fp16/bf16, cuDNN enabled by the
+    caller, on Hopper or datacenter Blackwell. Eager, where ``masked_sdpa_kernels`` acts; compiled, as the
+    trace finds the flags."""
+    if torch.compiler.is_compiling():
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        return mask is not None and query.is_cuda and half and _traced_cudnn_first(query.device.index)
+    if masked_sdpa_kernels(mask, query, key) is not _WITHOUT_CUDNN:  # no mask or not CUDA
         return False
     return (
         query.dtype in (torch.float16, torch.bfloat16)
@@ -110,6 +119,11 @@ def _cudnn_first(mask, query, key) -> bool:
         and _WITHOUT_CUDNN.cudnn_enabled()
         and _prefers_cudnn(query.device)
     )
+
+
+@torch.compiler.assume_constant_result  # dynamo cannot trace the flag read; the graph keeps the trace's
+def _traced_cudnn_first(index: int) -> bool:
+    return torch.backends.cuda.cudnn_sdp_enabled() and _prefers_cudnn(torch.device("cuda", index))
 
 
 def _pad_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
@@ -140,11 +154,19 @@ def masked_sdpa(module, query, key, value, attention_mask, *, mask_owner=None, *
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     t = query.shape[2]
     query, key, value, mask = _padded(query, key, value, attention_mask)
+    owner = attention_mask if mask_owner is None else mask_owner
+    with _kernel_choice(query, key, mask, owner):
+        out, weights = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    return out[:, :t].contiguous(), weights  # contiguous, as stock's
+
+
+def _kernel_choice(query, key, mask, owner):
+    """Without cuDNN where this padded shape first came with ``owner``; SDPA's choice where another forward
+    brought it, and always in a graph (it runs the kernel of its trace)."""
+    if torch.compiler.is_compiling():
+        return nullcontext()
     shape = (tuple(query.shape), tuple(key.shape), tuple(mask.shape), query.dtype, query.device)
     if len(_first_mask) > 256:  # bounded: batch sizes x buckets in practice
         _first_mask.clear()
-    owner = attention_mask if mask_owner is None else mask_owner
     first = _first_mask.setdefault(shape, weakref.ref(owner))
-    with _WITHOUT_CUDNN if first() is owner else nullcontext():
-        out, weights = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-    return out[:, :t].contiguous(), weights  # contiguous, as stock's
+    return _WITHOUT_CUDNN if first() is owner else nullcontext()
