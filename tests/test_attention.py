@@ -180,6 +180,44 @@ def test_compile_fullgraph_packed():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compile_fullgraph_with_a_padding_mask(family):
+    """Compiled (fullgraph), a 2-D mask stays in the graph, and what eager decides by ``mask.all()`` the
+    graph decides: padded rows (right, left) as stock sdpa's; a mask without padding as eager's (none), so
+    position_ids split rows into documents; packed rows with such a mask as without one, with padding an
+    error."""
+    ours, stock = _pair(family)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 211, (2, 17))
+    for left in (False, True):
+        mask = torch.ones_like(ids)
+        mask[1, 11:] = 0
+        mask = mask.flip(-1) if left else mask
+        keep = mask.bool()
+        with torch.no_grad():
+            ours_out = compiled(input_ids=ids, attention_mask=mask).logits
+            theirs = stock(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours_out[keep], theirs[keep], rtol=1e-10, atol=1e-10)
+    ones, pos = torch.ones_like(ids), torch.cat([torch.arange(7), torch.arange(10)]).expand(2, -1)
+    with torch.no_grad():
+        documents = compiled(input_ids=ids, attention_mask=ones, position_ids=pos).logits
+        eager = ours(input_ids=ids, attention_mask=ones, position_ids=pos).logits
+        causal = stock(input_ids=ids, attention_mask=ones, position_ids=pos).logits  # sdpa: no split
+    torch.testing.assert_close(documents, eager, rtol=1e-10, atol=1e-10)
+    assert (documents[:, 7:] - causal[:, 7:]).abs().max() > 1e-3  # the second document is on its own
+    b = _packed([7, 13, 5])
+    inputs = {"input_ids": b["input_ids"], **{k: b[k] for k in PACK_KEYS}}
+    with torch.no_grad():
+        want = ours(**inputs).logits
+        torch.testing.assert_close(compiled(**inputs, attention_mask=torch.ones(1, 25)).logits, want)
+        padded = torch.ones(1, 25)
+        padded[0, -3:] = 0
+        with pytest.raises(RuntimeError, match="padding mask"):
+            compiled(**inputs, attention_mask=padded)
+    torch._dynamo.reset()
+
+
 def _qkv(t=10, hq=4, hk=2, d=8, b=1):
     g = torch.Generator().manual_seed(5)
     return [torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for h in (hq, hk, hk)]

@@ -49,7 +49,16 @@ def varlen_mask(*args, **kwargs):
         q = kwargs["cache_position"].shape[0]
     if not args and q is not None and kwargs.get("kv_length", q) != q:
         return sdpa_mask(**kwargs)
+    if torch.compiler.is_compiling():
+        # flash_attention_mask drops a mask without padding by ``mask.all()``, a data-dependent branch that
+        # breaks the graph; the graph keeps the mask, and the attention makes that choice in the graph.
+        given = dict(zip(_FLASH_MASK_ARGS, args)) | kwargs
+        mask = given.get("attention_mask")
+        return None if mask is None else mask[:, -given["kv_length"] :]
     return flash_attention_mask(*args, **kwargs)
+
+
+_FLASH_MASK_ARGS = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function")
 
 
 def unregister() -> None:
@@ -236,6 +245,11 @@ def varlen_attention_forward(
     b, _, t_q, _ = query.shape
     t_k = key.shape[2]
     packed = kwargs.get("cu_seq_lens_q") is not None
+    in_graph = torch.compiler.is_compiling() and isinstance(attention_mask, torch.Tensor)
+    if in_graph and attention_mask.ndim == 2 and packed:
+        # Eager, ``varlen_mask`` drops a mask without padding; a graph checks that instead.
+        torch._assert_async(attention_mask.all(), "cu_seq_lens_q cannot be combined with a padding mask")
+        attention_mask = None
     if attention_mask is not None and packed:
         raise ValueError(
             "cu_seq_lens_q (padding-free packing) cannot be combined with a padding attention_mask"
@@ -248,6 +262,11 @@ def varlen_attention_forward(
             key_ = ("decode", b, t_q, t_k, sliding_window, query.device)
             decode = lambda: _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
             mask = memoized(attention_mask, key_, decode)
+            if in_graph and t_q == t_k and isinstance(kwargs.get("position_ids"), torch.Tensor):
+                # A mask without padding is one eager drops (``varlen_mask``): its rows then split into
+                # documents where positions do not step by one (case 2), decided in the graph.
+                docs = _same_document(kwargs["position_ids"].expand(b, -1))
+                mask = mask & (docs | ~attention_mask.all())[:, None]
         return masked_sdpa(
             module,
             query,
@@ -293,14 +312,20 @@ def varlen_attention_forward(
         delta = idx[:, None] - idx[None, :]
         mask = delta >= 0
         if by_positions:
-            step = torch.ones_like(pos, dtype=torch.bool)
-            step[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-            doc = step.cumsum(-1)
-            mask = mask & (doc[:, :, None] == doc[:, None, :])
+            mask = mask & _same_document(pos)
     if sliding_window is not None:
         mask = mask & (delta < sliding_window)
     mask = mask.view(-1, 1, t_q, t_k) if mask.ndim == 3 else mask[None, None]
     return _reference(query, key, value, mask, scaling), None
+
+
+def _same_document(pos: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` position_ids -> ``[B, T, T]`` bool: both tokens in one document, a document starting
+    wherever positions do not step by one."""
+    step = torch.ones_like(pos, dtype=torch.bool)
+    step[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    doc = step.cumsum(-1)
+    return doc[:, :, None] == doc[:, None, :]
 
 
 def _decode_mask(padding, b, t_q, t_k, sliding_window, device):
