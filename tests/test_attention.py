@@ -184,8 +184,8 @@ def test_compile_fullgraph_packed():
 def test_compile_fullgraph_with_a_padding_mask(family):
     """Compiled (fullgraph), a 2-D mask stays in the graph, and what eager decides by ``mask.all()`` the
     graph decides: padded rows (right, left) as stock sdpa's; a mask without padding as eager's (none), so
-    position_ids split rows into documents; packed rows with such a mask as without one, with padding an
-    error."""
+    position_ids split rows into documents. Packed rows with a mask check it as eager does (a graph
+    break): without padding as without a mask, with padding eager's error."""
     ours, stock = _pair(family)
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
@@ -208,14 +208,27 @@ def test_compile_fullgraph_with_a_padding_mask(family):
     assert (documents[:, 7:] - causal[:, 7:]).abs().max() > 1e-3  # the second document is on its own
     b = _packed([7, 13, 5])
     inputs = {"input_ids": b["input_ids"], **{k: b[k] for k in PACK_KEYS}}
+    broken = torch.compile(ours, backend="aot_eager")
     with torch.no_grad():
         want = ours(**inputs).logits
-        torch.testing.assert_close(compiled(**inputs, attention_mask=torch.ones(1, 25)).logits, want)
+        torch.testing.assert_close(broken(**inputs, attention_mask=torch.ones(1, 25)).logits, want)
         padded = torch.ones(1, 25)
         padded[0, -3:] = 0
-        with pytest.raises(RuntimeError, match="padding mask"):
-            compiled(**inputs, attention_mask=padded)
+        for model in (ours, broken):
+            with pytest.raises(ValueError, match="padding attention_mask"):
+                model(**inputs, attention_mask=padded)
     torch._dynamo.reset()
+
+
+def test_compiled_mask_keeps_a_positional_padding_mask():
+    """``varlen_mask`` in a graph reads its arguments by position too, as transformers' flash mask does."""
+    from transformers.masking_utils import causal_mask_function
+
+    padding = torch.tensor([[True, True, False]])
+    mask = lambda m: attention.varlen_mask(1, 3, 3, 0, 0, causal_mask_function, m)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(mask, fullgraph=True, backend="eager")(padding), padding)
+    assert torch.equal(mask(padding), padding)
 
 
 def _qkv(t=10, hq=4, hk=2, d=8, b=1):
@@ -248,11 +261,21 @@ def test_bad_inputs_raise():
 
 
 def test_dropout_in_training_raises():
+    """Whatever the rows: packed, padded, or without padding, eager and compiled alike."""
     ours, _ = _pair("llama", attention_dropout=0.1)
     ours.train()
     b = _packed([7, 5])
     with pytest.raises(ValueError, match="dropout"):
         ours(input_ids=b["input_ids"], **{k: b[k] for k in PACK_KEYS})
+    ids = torch.randint(0, 211, (2, 9))
+    padded = torch.ones_like(ids)
+    padded[1, 5:] = 0
+    torch._dynamo.reset()
+    for model in (ours, torch.compile(ours, backend="eager")):
+        for mask in (padded, torch.ones_like(ids)):
+            with pytest.raises(ValueError, match="dropout"):
+                model(input_ids=ids, attention_mask=mask)
+    torch._dynamo.reset()
 
 
 def test_unregister_removes_name():

@@ -297,14 +297,15 @@ def _sdpa_lengths(gm) -> list:
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compiled_padded_models_pad_to_the_bucket_inside_one_graph(monkeypatch, dynamic):
     """Compiled where the trace finds cuDNN first, the padding to a bucket is traced into the graph: SDPA
-    runs a multiple of ``BUCKET`` in every layer, one graph (no break) serves two lengths under dynamic
-    shapes, and loss and gradients are the unbucketed eager ones (fp64, right and left padding)."""
+    runs a multiple of ``BUCKET`` in every layer, one graph (no break) serves every length under dynamic
+    shapes (one on a bucket edge too), and loss and gradients are the unbucketed eager ones (fp64, right
+    and left padding)."""
     import chronipatch
 
     model = tiny_model("qwen2", dtype=torch.float64)
     chronipatch.apply(model)
     batches = []
-    for t, left in ((9, False), (13, True)):
+    for t, left in ((9, False), (13, True), (128, False)):  # 128: no padding to add, the same graph
         ids = torch.randint(1, 211, (2, t))
         mask = torch.ones_like(ids)
         mask[1, 6:] = 0
@@ -337,7 +338,7 @@ def test_compiled_padded_models_pad_to_the_bucket_inside_one_graph(monkeypatch, 
     if dynamic:
         assert len(graphs) == 1 and len(lengths[0]) == n, lengths
     else:
-        assert lengths == [[128] * n, [128] * n], lengths
+        assert lengths == [[128] * n] * 3, lengths
 
 
 def test_compiled_calls_take_the_bucket_decision_of_the_trace(monkeypatch):

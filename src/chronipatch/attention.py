@@ -58,7 +58,15 @@ def varlen_mask(*args, **kwargs):
     return flash_attention_mask(*args, **kwargs)
 
 
-_FLASH_MASK_ARGS = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function")
+_FLASH_MASK_ARGS = (
+    "batch_size",
+    "q_length",
+    "kv_length",
+    "q_offset",
+    "kv_offset",
+    "mask_function",
+    "attention_mask",
+)
 
 
 def unregister() -> None:
@@ -245,10 +253,11 @@ def varlen_attention_forward(
     b, _, t_q, _ = query.shape
     t_k = key.shape[2]
     packed = kwargs.get("cu_seq_lens_q") is not None
+    if dropout > 0:  # on every path, whatever the mask: the packed kernels have none
+        raise ValueError(f"{NAME} has no attention dropout; got dropout={dropout} (set attention_dropout=0)")
     in_graph = torch.compiler.is_compiling() and isinstance(attention_mask, torch.Tensor)
-    if in_graph and attention_mask.ndim == 2 and packed:
-        # Eager, ``varlen_mask`` drops a mask without padding; a graph checks that instead.
-        torch._assert_async(attention_mask.all(), "cu_seq_lens_q cannot be combined with a padding mask")
+    if in_graph and attention_mask.ndim == 2 and packed and attention_mask.all():
+        # Eager, ``varlen_mask`` drops a mask without padding; compiled, this test breaks the graph instead.
         attention_mask = None
     if attention_mask is not None and packed:
         raise ValueError(
@@ -278,9 +287,6 @@ def varlen_attention_forward(
             scaling=scaling,
             **{k: v for k, v in kwargs.items() if k not in _OUR_KWARGS},
         )
-    if dropout > 0:
-        raise ValueError(f"{NAME} has no attention dropout; got dropout={dropout} (set attention_dropout=0)")
-
     pos = kwargs.get("position_ids")
     by_positions = not packed and isinstance(pos, torch.Tensor) and pos.ndim == 2 and pos.shape[-1] == t_q
     if by_positions:

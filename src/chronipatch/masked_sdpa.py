@@ -129,16 +129,16 @@ def _traced_cudnn_first(index: int) -> bool:
 def _pad_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
     """``mask`` [.., T, T] -> [.., T + pad, T + pad]: new key columns False, new query row i sees key i."""
     t = mask.shape[-1]
-    out = F.pad(mask, (0, pad, 0, pad))
-    out[..., t:, t:] = torch.eye(pad, dtype=torch.bool, device=mask.device)
-    return out
+    # An index comparison, not an eye written into a slice: nothing a graph must guard on pad's size.
+    i = torch.arange(t + pad, device=mask.device)
+    return F.pad(mask, (0, pad, 0, pad)) | ((i[:, None] == i) & (i >= t)[:, None])
 
 
 def _padded(query, key, value, mask):
     """q, k, v [B, H, T, D] and ``mask`` [.., T, T] with T padded to a multiple of ``BUCKET`` (zero rows;
     ``_pad_mask``), the padded mask built once per forward (every layer shares the mask)."""
     pad = -query.shape[2] % BUCKET
-    if not pad:
+    if not torch.compiler.is_compiling() and not pad:  # a graph pads by 0 too: no guard on T % BUCKET
         return query, key, value, mask
     mask = memoized(mask, ("bucket", pad), lambda: _pad_mask(mask, pad))
     return (*(F.pad(x, (0, 0, 0, pad)) for x in (query, key, value)), mask)
@@ -157,7 +157,10 @@ def masked_sdpa(module, query, key, value, attention_mask, *, mask_owner=None, *
     owner = attention_mask if mask_owner is None else mask_owner
     with _kernel_choice(query, key, mask, owner):
         out, weights = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-    return out[:, :t].contiguous(), weights  # contiguous, as stock's
+    out = out[:, :t]
+    # Contiguous, as stock's. A graph copies always: asking whether the slice is contiguous guards on pad.
+    in_graph = torch.compiler.is_compiling()
+    return (out.clone(memory_format=torch.contiguous_format) if in_graph else out.contiguous()), weights
 
 
 def _kernel_choice(query, key, mask, owner):
