@@ -125,6 +125,16 @@ def test_fused_down_projection_changes_only_its_weight_gradient_gpu(autocast, mo
             assert torch.equal(grad, unfused[1][name]), name
 
 
+def _padded_models(layers: int):
+    """(stock, its fp32 copy: the truth, patched): Qwen2.5-0.5B's config, ``layers`` layers, bf16 on CUDA."""
+    torch.manual_seed(0)
+    stock = causal_lm("qwen2.5-0.5b", num_hidden_layers=layers, attn_implementation="sdpa")
+    stock = stock.to("cuda", torch.bfloat16)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    return stock, copy.deepcopy(stock).float(), patched
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batches_run_bucketed_masked_sdpa_and_match_stock(side):
     """Padded bf16 batches (``masked_sdpa``), right-padded as TRL's collator pads and left-padded as
@@ -137,12 +147,7 @@ def test_padded_batches_run_bucketed_masked_sdpa_and_match_stock(side):
     sm_100)."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    stock = causal_lm("qwen2.5-0.5b", num_hidden_layers=4, attn_implementation="sdpa")
-    stock = stock.to("cuda", torch.bfloat16)
-    truth = copy.deepcopy(stock).float()
-    patched = copy.deepcopy(stock)
-    chronipatch.apply(patched)
+    stock, truth, patched = _padded_models(4)
 
     def step(model, ids, mask):
         labels = ids.masked_fill(mask == 0, -100)
@@ -186,12 +191,7 @@ def test_compiled_padded_batches_pad_to_the_bucket_in_the_graph():
 
     from chronipatch import masked_sdpa
 
-    torch.manual_seed(0)
-    stock = causal_lm("qwen2.5-0.5b", num_hidden_layers=2, attn_implementation="sdpa")
-    stock = stock.to("cuda", torch.bfloat16)
-    truth = copy.deepcopy(stock).float()
-    patched = copy.deepcopy(stock)
-    chronipatch.apply(patched)
+    stock, truth, patched = _padded_models(2)
     if not masked_sdpa._prefers_cudnn(torch.device("cuda")):
         pytest.skip("SDPA does not try cuDNN first on this GPU: nothing to bucket")
     graphs = []
