@@ -1,10 +1,10 @@
 """Masked SDPA in padded batches under ``torch.compile`` (dynamic T): does each new padded length cost a
 cuDNN plan, and does padding T to a bucket inside the graph stop it?
 
-``chronipatch.masked_sdpa`` buckets eager calls only; a compiled graph keeps the kernel SDPA chose when it
-was traced, and with dynamic shapes one graph sees every T. Rows: transformers' ``sdpa_attention_forward``
-compiled as it is (stock), and compiled with T padded to a multiple of ``BUCKET`` inside the graph (new
-keys masked, new query rows see their own key: ``masked_sdpa._padded``). Columns: the first step (the
+A compiled graph keeps the kernel SDPA chose when it was traced, and with dynamic shapes one graph sees every
+T. Rows: transformers' ``sdpa_attention_forward`` compiled as it is (stock), and ``chronipatch.masked_sdpa``
+compiled, which pads T to a multiple of ``BUCKET`` inside the graph where the trace finds cuDNN first (new
+keys masked, new query rows see their own key). Columns: the first step (the
 compile), then the median ms per step of ``--layers`` calls (forward + backward) over the batches of
 ``bench/padded_attention.py`` in three passes (every document 0, 1, 2 tokens longer: new T, same
 buckets); ``out_diff``, max |out - stock's out| on one batch; the CUDA kernels of one step's attention.
@@ -35,11 +35,10 @@ def stock(q, k, v, mask):
     return sdpa_attention_forward(MODULE, q, k, v, mask, scaling=D**-0.5)[0]
 
 
-def bucketed(q, k, v, mask):
-    from chronipatch.masked_sdpa import _padded
+def chronipatch(q, k, v, mask):
+    from chronipatch.masked_sdpa import masked_sdpa
 
-    t = q.shape[2]
-    return sdpa_attention_forward(MODULE, *_padded(q, k, v, mask), scaling=D**-0.5)[0][:, :t]
+    return masked_sdpa(MODULE, q, k, v, mask, scaling=D**-0.5)[0]
 
 
 def attention_kernels(fn, b) -> list:
@@ -69,7 +68,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     lengths = draw_lengths(g, args.steps, rows_per_batch, median, cap, 128)
     rows, outs = [], {}
-    for name, fn in (("stock", stock), ("bucketed", bucketed)):
+    for name, fn in (("stock", stock), ("chronipatch", chronipatch)):
         torch._dynamo.reset()
         compiled = torch.compile(fn, dynamic=True)
         passes = []

@@ -43,7 +43,7 @@ for step in "${steps[@]}"; do
     rms) run rms_kernels 180 python bench/rms_kernels.py --out "$OUT" ;;
     attention) run attention 180 python bench/attention.py --out "$OUT" ;;
     # Masked SDPA in padded batches (SFT's lengths, then long documents): SDPA's choice against chronipatch's;
-    # then compiled with dynamic T, as it is and bucketed inside the graph.
+    # then compiled with dynamic T, stock as it is against chronipatch.masked_sdpa (bucketed inside the graph).
     padded) run padded_attention 120 python bench/padded_attention.py --out "$OUT/padded"
         run padded_attention_long 180 python bench/padded_attention.py --rows 4 --median 4000 --cap 8192 \
             --out "$OUT/padded_long"

@@ -127,7 +127,7 @@ def test_padded_attention_bench_smoke(tmp_path):
 def test_padded_compile_bench_smoke(tmp_path):
     """``bench/padded_compile.py --smoke``: both compiled graphs run every pass and agree on one batch."""
     rows = _run("padded_compile.py", tmp_path)["rows"]
-    assert [r["graph"] for r in rows] == ["stock", "bucketed"], rows
+    assert [r["graph"] for r in rows] == ["stock", "chronipatch"], rows
     assert all(r[c] > 0 for r in rows for c in ("first step ms", "pass 1 ms", "pass 2 ms", "pass 3 ms")), rows
     assert all(r["out_diff"] < 0.05 for r in rows), rows
 
