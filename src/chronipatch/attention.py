@@ -263,6 +263,10 @@ def varlen_attention_forward(
         raise ValueError(
             "cu_seq_lens_q (padding-free packing) cannot be combined with a padding attention_mask"
         )
+    pos = kwargs.get("position_ids")
+    by_positions = not packed and isinstance(pos, torch.Tensor) and pos.ndim == 2 and pos.shape[-1] == t_q
+    if by_positions:
+        pos = pos.expand(b, -1)
     if not packed and (attention_mask is not None or t_q != t_k):
         if attention_mask is None or attention_mask.ndim == 4:  # a cache: SDPA's mask (``varlen_mask``)
             mask = attention_mask
@@ -271,11 +275,10 @@ def varlen_attention_forward(
             key_ = ("decode", b, t_q, t_k, sliding_window, query.device)
             decode = lambda: _decode_mask(attention_mask, b, t_q, t_k, sliding_window, query.device)
             mask = memoized(attention_mask, key_, decode)
-            if in_graph and t_q == t_k and isinstance(kwargs.get("position_ids"), torch.Tensor):
+            if in_graph and t_q == t_k and by_positions:
                 # A mask without padding is one eager drops (``varlen_mask``): its rows then split into
                 # documents where positions do not step by one (case 2), decided in the graph.
-                docs = _same_document(kwargs["position_ids"].expand(b, -1))
-                mask = mask & (docs | ~attention_mask.all())[:, None]
+                mask = mask & (_same_document(pos) | ~attention_mask.all())[:, None]
         return masked_sdpa(
             module,
             query,
@@ -287,10 +290,6 @@ def varlen_attention_forward(
             scaling=scaling,
             **{k: v for k, v in kwargs.items() if k not in _OUR_KWARGS},
         )
-    pos = kwargs.get("position_ids")
-    by_positions = not packed and isinstance(pos, torch.Tensor) and pos.ndim == 2 and pos.shape[-1] == t_q
-    if by_positions:
-        pos = pos.expand(b, -1)
     fast = _varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
     if fast:
         if packed:

@@ -108,17 +108,14 @@ def _cudnn_first(mask, query, key) -> bool:
     """Whether SDPA would try cuDNN first for this masked call: CUDA, fp16/bf16, cuDNN enabled by the
     caller, on Hopper or datacenter Blackwell. Eager, where ``masked_sdpa_kernels`` acts; compiled, as the
     trace finds the flags."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return False
     if torch.compiler.is_compiling():
-        half = query.dtype in (torch.float16, torch.bfloat16)
-        return mask is not None and query.is_cuda and half and _traced_cudnn_first(query.device.index)
+        return mask is not None and query.is_cuda and _traced_cudnn_first(query.device.index)
     if masked_sdpa_kernels(mask, query, key) is not _WITHOUT_CUDNN:  # no mask or not CUDA
         return False
-    return (
-        query.dtype in (torch.float16, torch.bfloat16)
-        # The caller's setting, not one a replica in another thread holds off for its own call.
-        and _WITHOUT_CUDNN.cudnn_enabled()
-        and _prefers_cudnn(query.device)
-    )
+    # The caller's setting, not one a replica in another thread holds off for its own call.
+    return _WITHOUT_CUDNN.cudnn_enabled() and _prefers_cudnn(query.device)
 
 
 @torch.compiler.assume_constant_result  # dynamo cannot trace the flag read; the graph keeps the trace's
