@@ -262,7 +262,7 @@ def test_causal_lm_forward_prefetches_the_check(monkeypatch):
     model(input_ids=ids, labels=ids)
     assert len(seen) == 1 and seen[0][0] is ids and seen[0][1:] == (model.config.vocab_size, True, None)
     shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
-    model(input_ids=ids, shift_labels=shifted)  # already shifted: the check takes them as they are
+    model(input_ids=ids, labels=ids, shift_labels=shifted)  # already shifted: the check takes them as is
     assert len(seen) == 2 and seen[1][0] is shifted and seen[1][2] is False
     items = torch.tensor(9)
     model(input_ids=ids, labels=ids, num_items_in_batch=items)  # checked with the labels

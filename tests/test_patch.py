@@ -560,12 +560,12 @@ def test_compiled_training_forward_runs_causal_sdpa_without_a_mask(family, monke
     """No padding mask, no positions, no cache: every layer runs SDPA's is_causal kernel with no mask, as
     stock eager does, not the dense [B, 1, T, T] mask that transformers builds while compiling a forward
     without a cache (it cannot read the default positions to rule out packed rows)."""
-    from chronipatch import layers
+    from chronipatch import causal_lm
 
     model = tiny_model(family).train()
     chronipatch.apply(model)
     assert _compiled_sdpa_masks(model) == [False, False]
-    monkeypatch.setattr(layers, "_causal_only", lambda *args: False)
+    monkeypatch.setattr(causal_lm, "_causal_only", lambda *args: False)
     assert _compiled_sdpa_masks(model) == [True, True]  # what the forward avoids
 
 
@@ -576,7 +576,7 @@ def test_compiled_forward_keeps_the_mask_where_it_is_more_than_causal(case, monk
     """A padding mask, positions (which may restart: packed rows), a cache (eval: the config's use_cache), or
     a sliding window shorter than the rows: the attention gets what transformers built, a mask where it
     built one."""
-    from chronipatch import layers
+    from chronipatch import causal_lm
 
     model = tiny_model("mistral", sliding_window=8 if case == "sliding_window" else None).train()
     chronipatch.apply(model)
@@ -589,15 +589,15 @@ def test_compiled_forward_keeps_the_mask_where_it_is_more_than_causal(case, monk
     elif case == "eval":
         model.eval()
     decided = []
-    causal_only = layers._causal_only
-    monkeypatch.setattr(layers, "_causal_only", lambda *a: decided.append(causal_only(*a)) or decided[-1])
+    causal_only = causal_lm._causal_only
+    monkeypatch.setattr(causal_lm, "_causal_only", lambda *a: decided.append(causal_only(*a)) or decided[-1])
     got = _compiled_sdpa_masks(model, **kw)
     # A window is checked per layer; every other case is refused for the whole call.
     assert decided == [case == "sliding_window"]
     if case != "eval":  # with a cache, transformers itself may skip the mask while compiling
         assert got == [True, True]
     with monkeypatch.context() as m:
-        m.setattr(layers, "_causal_only", lambda *args: False)
+        m.setattr(causal_lm, "_causal_only", lambda *args: False)
         assert _compiled_sdpa_masks(model, **kw) == got
     if case == "sliding_window":  # a window that covers the rows is causal alone
         for layer in model.model.layers:

@@ -6,21 +6,15 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
-from transformers.utils import can_return_tuple
 
 from . import ops
-from .head import DTensor, FSDPModule, head_weight, reshard_if_idle
+from .head import DTensor, FSDPModule
 from .masked_sdpa import masked_sdpa
 from .ops._utils import autocast_dtype
-
-# transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -186,31 +180,40 @@ def runs(module: torch.nn.Module, fn) -> bool:
     if getattr(module, BOUND, None) is not fn:
         return False
     if torch.compiler.is_compiling():
-        return not hasattr(module, "_hf_hook")
-    # accelerate sets the hook as a plain attribute (hasattr of a missing one raises in Module.__getattr__).
-    return "_hf_hook" not in module.__dict__ and bound_forward(module) is fn
+        return not accelerate_hooked(module)
+    return not accelerate_hooked(module) and bound_forward(module) is fn
+
+
+def accelerate_hooked(module: torch.nn.Module) -> bool:
+    """Whether accelerate hooked ``module`` (offload, device maps): its forward is rebound, and its weights
+    may live on the meta device outside that forward."""
+    if torch.compiler.is_compiling():
+        return hasattr(module, "_hf_hook")
+    # A plain attribute (hasattr of a missing one raises in Module.__getattr__: a few us).
+    return "_hf_hook" in module.__dict__
 
 
 def no_hooks(m: torch.nn.Module) -> bool:
     """No hooks of its own nor global ones: a module call would run nothing but its forward."""
     hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-    return not any(hooks) and not any(_GLOBAL_HOOKS)
+    return not any(hooks) and not any(GLOBAL_HOOKS)
 
 
 def plain_linear(m: torch.nn.Module) -> bool:
     """Whether ``m(x)`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (no adapter or
-    quantised subclass), no hooks of its own or global ones, not its own FSDP unit (whose forward gathers the
-    weight), no DTensor."""
+    quantised subclass), no hooks of its own, accelerate's or global ones, not its own FSDP unit (whose
+    forward gathers the weight), no DTensor."""
     return (
         type(m) is torch.nn.Linear
         and no_hooks(m)
+        and not accelerate_hooked(m)
         and not isinstance(m, FSDPModule)
         and not isinstance(m.weight, DTensor)  # m.weight: FSDP1 sets it as a plain attribute in forward
     )
 
 
 # The registries of torch.nn.modules.module.register_module_*_hook, which every module call runs.
-_GLOBAL_HOOKS = tuple(
+GLOBAL_HOOKS = tuple(
     getattr(torch.nn.modules.module, name)
     for name in (
         "_global_forward_hooks",
@@ -228,25 +231,8 @@ def _sliding_window(attn) -> int | None:
     return getattr(attn.config, "sliding_window", None)
 
 
-# Set by ``causal_lm_forward`` for calls whose mask is causal alone (see ``_causal_only``).
+# Set by ``causal_lm.causal_lm_forward`` for calls whose mask is causal alone (see its ``_causal_only``).
 CAUSAL_ONLY = "chronipatch_causal_only"
-
-
-def _causal_only(self, attention_mask, position_ids, use_cache, kwargs) -> bool:
-    """Whether this CausalLM call's attention mask is the causal one alone: SDPA, no padding mask, no
-    positions (packed rows restart them), no cache. Stock eager then runs SDPA's ``is_causal`` kernel with no
-    mask; while compiling (torch < 2.14) transformers cannot tell and builds the dense [B, 1, T, T] mask,
-    whose masked kernels took 2.4x the time (cuDNN, H200). The attention forwards drop that mask, as eager
-    would, in every layer whose sliding window (if any) covers the rows."""
-    return (
-        self.config._attn_implementation == "sdpa"
-        and attention_mask is None
-        and position_ids is None
-        and use_cache is False  # None: the config's choice, which may build a cache
-        and kwargs.get("past_key_values") is None
-        and kwargs.get("cache") is None
-        and kwargs.get("cu_seq_lens_q") is None
-    )
 
 
 def attention_forward(
@@ -321,86 +307,3 @@ def attention_forward(
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
-
-
-@can_return_tuple
-def causal_lm_forward(
-    self,
-    input_ids=None,
-    attention_mask=None,
-    position_ids=None,
-    past_key_values=None,
-    inputs_embeds=None,
-    labels=None,
-    use_cache=None,
-    logits_to_keep=0,
-    return_logits: bool = False,
-    **kwargs,
-) -> CausalLMOutputWithPast:
-    """HF ``XxxForCausalLM.forward`` whose loss is the fused ``linear_cross_entropy``.
-
-    With labels (or ``shift_labels``) the logits are never materialised and ``logits`` is None,
-    unless ``return_logits=True``. ``**kwargs`` stays in the signature: Trainer reads it to decide
-    that the model normalises by ``num_items_in_batch`` itself.
-    """
-    if use_cache is None and self.training:
-        use_cache = False  # a training forward never reads a cache; building one hides packed rows
-    if past_key_values is not None:  # the older name of ``cache`` (transformers < 5.24)
-        kwargs["past_key_values"] = past_key_values
-    if _causal_only(self, attention_mask, position_ids, use_cache, kwargs):
-        kwargs[CAUSAL_ONLY] = True
-    shift_labels = kwargs.get("shift_labels")
-    targets = labels if shift_labels is None else shift_labels
-    ignore_index = kwargs.get("ignore_index", -100)
-    # The loss's label check starts before the backbone: its one host sync then finds the counts already
-    # there instead of draining the GPU queue that the backbone's launches filled.
-    label_check = None
-    if targets is not None:
-        label_check = ops.prefetch_label_check(
-            targets,
-            self.lm_head.weight.shape[0],
-            ignore_index,
-            shift=shift_labels is None,
-            num_items=kwargs.get("num_items_in_batch"),
-        )
-    outputs = self.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        inputs_embeds=inputs_embeds,
-        use_cache=use_cache,
-        **kwargs,
-    )
-    hidden_states = outputs.last_hidden_state
-    if isinstance(logits_to_keep, int):
-        hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
-    else:
-        hidden_states = hidden_states[:, logits_to_keep, :]
-
-    loss = logits = None
-    if targets is None:
-        logits = self.lm_head(hidden_states)
-    else:
-        weight = head_weight(self.lm_head)
-        loss = ops.linear_cross_entropy(
-            hidden_states,
-            weight,
-            targets,
-            ignore_index=ignore_index,
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-            shift=shift_labels is None,
-            label_check=label_check,
-        )
-        if return_logits:
-            # From the weight the loss read, for a gathered FSDP head: its own call would reshard it after
-            # its forward, freeing the weight the loss keeps for its backward.
-            fsdp = isinstance(self.lm_head, FSDPModule)
-            logits = F.linear(hidden_states, weight) if fsdp else self.lm_head(hidden_states)
-        reshard_if_idle(self.lm_head, loss)
-    return CausalLMOutputWithPast(
-        loss=loss,
-        logits=logits,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-        **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD, None)},
-    )

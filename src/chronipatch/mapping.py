@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import layers
+from . import causal_lm, layers
 
 FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral")
 
@@ -83,6 +83,6 @@ SWAPS: tuple[Swap, ...] = (
     Swap("swiglu", "swiglu", "MLP", layers.mlp_forward, _mlp_why_not),
     Swap("rope", "rope", "Attention", layers.attention_forward, _attention_why_not),
     Swap("norm_recompute", "rms_norm_linear", "DecoderLayer", layers.decoder_layer_forward, _decoder_why_not),
-    Swap("fused_loss", "linear_cross_entropy", "ForCausalLM", layers.causal_lm_forward, _head_why_not),
+    Swap("fused_loss", "linear_cross_entropy", "ForCausalLM", causal_lm.causal_lm_forward, _head_why_not),
 )
 OUR_FORWARDS = frozenset(s.forward for s in SWAPS)

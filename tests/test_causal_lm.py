@@ -1,0 +1,116 @@
+"""The patched CausalLM forward keeps stock's contract where the fused loss cannot stand in for the head's call:
+hooked or accelerate-offloaded heads and projections, ``shift_labels`` without labels, unbatched labels."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import chronipatch
+from chronipatch import causal_lm
+from tiny import batch, tiny_model
+
+
+def _pair(family="llama"):
+    stock = tiny_model(family)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    return stock, patched
+
+
+def _losses_and_grads(model, **kw):
+    model.zero_grad(set_to_none=True)
+    loss = model(**kw).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(ours, theirs):
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    assert ours[1].keys() == theirs[1].keys()
+    for name, grad in theirs[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_hooked_head_runs_its_call_and_stock_loss(kind):
+    """A hook on lm_head changes what stock's loss reads (or its gradients): the patched model calls the head
+    and takes stock's loss of its logits, with a warning, instead of reading the weight past the hook."""
+    stock, patched = _pair()
+    for model in (stock, patched):
+        head = model.lm_head
+        if kind == "forward":
+            head.register_forward_hook(lambda mod, args, out: out * 2)
+        elif kind == "forward_pre":
+            head.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+        else:
+            head.register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 3,))
+    ids, labels = batch()
+    theirs = _losses_and_grads(stock, input_ids=ids, labels=labels)
+    with pytest.warns(UserWarning, match="lm_head has hooks"):
+        ours = _losses_and_grads(patched, input_ids=ids, labels=labels)
+    _assert_same(ours, theirs)
+
+
+def test_unhooked_head_is_fused_again(op_calls):
+    stock, patched = _pair()
+    ids, labels = batch()
+    handle = patched.lm_head.register_forward_hook(lambda mod, args, out: out)
+    assert not causal_lm.plain_head(patched.lm_head)
+    op_calls.clear()
+    with pytest.warns(UserWarning):
+        patched(input_ids=ids, labels=labels)
+    assert op_calls["linear_cross_entropy"] == 0
+    handle.remove()
+    assert causal_lm.plain_head(patched.lm_head)
+    patched(input_ids=ids, labels=labels)
+    assert op_calls["linear_cross_entropy"] == 1
+
+
+@pytest.mark.parametrize("order", ["apply_then_offload", "offload_then_apply"])
+def test_accelerate_offloaded_model_matches_stock(order):
+    """accelerate's offload keeps every weight on the meta device outside its module's hooked call: the
+    patched model calls those modules (MLP down projection, norms, head) and matches the stock model."""
+    accelerate = pytest.importorskip("accelerate")
+    stock = tiny_model("llama")
+    ids, labels = batch()
+    theirs = stock(input_ids=ids, labels=labels).loss
+    model = copy.deepcopy(stock)
+    if order == "apply_then_offload":
+        chronipatch.apply(model)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    if order == "offload_then_apply":
+        chronipatch.apply(model)
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    # Offloaded first, the root's forward is accelerate's: apply leaves it (stock's head and loss).
+    fused_root = order == "apply_then_offload"
+    with pytest.warns(UserWarning, match="lm_head has hooks") if fused_root else contextlib.nullcontext():
+        ours = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_shift_labels_without_labels_give_no_loss():
+    """Stock computes a loss only where ``labels`` are given (``shift_labels`` then replace their shift)."""
+    stock, patched = _pair("qwen2")
+    ids, labels = batch()
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    ours, theirs = patched(input_ids=ids, shift_labels=shifted), stock(input_ids=ids, shift_labels=shifted)
+    assert ours.loss is None and theirs.loss is None
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
+    odd = torch.full_like(shifted, 3)  # not the labels' shift: the loss follows shift_labels, as stock's
+    ours, theirs = (m(input_ids=ids, labels=labels, shift_labels=odd).loss for m in (patched, stock))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_unbatched_labels_of_one_row():
+    """1-D labels with a batch of one, which stock's flattening loss takes; a larger batch still raises."""
+    stock, patched = _pair("mistral")
+    ids, labels = batch()
+    for kw in (dict(labels=labels[0]), dict(labels=labels[0], shift_labels=labels[0].roll(-1))):
+        ours, theirs = (m(input_ids=ids[:1], **kw).loss for m in (patched, stock))
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        patched(input_ids=ids, labels=labels[0])
