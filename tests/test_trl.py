@@ -201,6 +201,9 @@ def test_sft_lora_plus(tmp_path):
     assert initial["lora_B"] == pytest.approx(16 * 3e-3) and initial["lora_A"] == pytest.approx(3e-3)
     # The logged per-group rates, while they are not yet decayed to 0 (linear schedule over 5 steps).
     assert hist[0]["lr/lora_B"] == pytest.approx(16 * hist[0]["lr/lora_A"]) and hist[0]["lr/lora_A"] > 0
+    # Each the rate its step used, as Trainer's own ``learning_rate`` (the scheduler steps before the log).
+    for entry in hist:
+        assert entry["lr/lora_A"] == pytest.approx(entry["learning_rate"]), entry
 
 
 def test_sft_resume_reproduces_uninterrupted_run(tmp_path):

@@ -19,6 +19,7 @@ from .layers import BOUND, bound_forward
 from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
 
 _PREV_ATTN = "_chronipatch_prev_attn_implementation"
+_OWN_CONFIG, _PREV_CONFIG = "_chronipatch_own_config", "_chronipatch_prev_config"
 
 
 class BoundForward(functools.partial):
@@ -75,25 +76,46 @@ def _compiled(model: nn.Module) -> bool:
     )
 
 
-def _select_varlen(model: nn.Module, report: PatchReport) -> None:
-    """Point the outermost HF model (its config is shared by the submodules; a peft wrapper's base model,
-    not the wrapper) at the varlen attention."""
-    root = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+def _hf_root(model: nn.Module) -> PreTrainedModel | None:
+    """The outermost HF model, whose config the submodules share (a peft wrapper's base model)."""
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def own_config(model: nn.Module, **changes) -> None:
+    """Set config attributes on ``model``'s own copy of its config (models built from one config object share
+    it: a change here changes no other model), each old value kept for ``revert``."""
+    root = _hf_root(model)
     if root is None:
+        raise ValueError(f"chronipatch: no HF model in {type(model).__name__} whose config to set")
+    old = root.config
+    if getattr(root, _OWN_CONFIG, None) is not old:
+        own = copy.deepcopy(old)
+        for m in model.modules():
+            if getattr(m, "config", None) is old:
+                m.config = own
+        setattr(root, _OWN_CONFIG, own)
+    prev = root.__dict__.setdefault(_PREV_CONFIG, {})
+    for key, value in changes.items():
+        prev.setdefault(key, getattr(root.config, key))
+        setattr(root.config, key, value)
+
+
+def select_varlen(model: nn.Module, report: PatchReport | None = None) -> None:
+    """Point the outermost HF model at the varlen attention, on its own copy of the config."""
+    root = _hf_root(model)
+    if root is None:
+        if report is None:
+            raise ValueError(f"chronipatch: no HF model in {type(model).__name__} to set the attention on")
         report.left.append(("", type(model).__name__, "no HF model to set the attention implementation on"))
         return
     current = root.config._attn_implementation
     if current != varlen.NAME:
         varlen.register()
-        # Models built from one config object share it: this one gets its own copy first, so that the
-        # switch changes no other model.
-        old, own = root.config, copy.deepcopy(root.config)
-        for m in model.modules():
-            if getattr(m, "config", None) is old:
-                m.config = own
+        own_config(model)
         root.set_attn_implementation(varlen.NAME)
         setattr(root, _PREV_ATTN, current)
-    report.swapped.append(("", type(root).__name__, f"attention {current} -> {varlen.NAME}"))
+    if report is not None:
+        report.swapped.append(("", type(root).__name__, f"attention {current} -> {varlen.NAME}"))
 
 
 def apply(
@@ -104,7 +126,7 @@ def apply(
     rope: bool = True,
     fused_loss: bool = True,
     norm_recompute: bool = True,
-    varlen_attention: bool = False,
+    varlen_attention: bool | None = None,
 ) -> PatchReport:
     """Swap the forwards of supported HF modules inside ``model`` for fused-op versions.
 
@@ -112,7 +134,7 @@ def apply(
     peft wrapper. Idempotent. Call it before ``torch.compile``. Keywords turn single swaps off
     (``norm_recompute``: decoder layers run each RMSNorm inside the projections it feeds, which recompute
     its output in the backward); ``varlen_attention=True`` also selects the varlen attention for packed rows
-    (``cu_seq_lens_*``).
+    (``cu_seq_lens_*``), None keeps what an earlier apply chose (off on a fresh model).
     """
     _module(model, "apply")
     if _compiled(model):
@@ -130,6 +152,12 @@ def apply(
     by_class = {cls: swap for swap in SWAPS for cls in swap.classes}
     found = [(path, m, cls) for path, m in model.named_modules() if (cls := _hf_class(m, by_class))]
     # A switch turned off cannot unpatch what an earlier apply swapped: refuse before changing anything.
+    root = _hf_root(model)
+    if varlen_attention is False and root is not None and root.config._attn_implementation == varlen.NAME:
+        raise ValueError(
+            "chronipatch.apply: the model runs the varlen attention an earlier apply selected; "
+            "varlen_attention=False does not undo that: call chronipatch.revert(model) first"
+        )
     for path, module, cls in found:
         if not switches[by_class[cls].switch] and bound_forward(module) in OUR_FORWARDS:
             raise ValueError(
@@ -161,7 +189,7 @@ def apply(
     for entries in (report.swapped, report.already, report.left):
         entries.reverse()
     if varlen_attention and (report.swapped or report.already):
-        _select_varlen(model, report)
+        select_varlen(model, report)
     if not report.swapped and not report.already:
         classes = sorted({cls for _, _, cls in found})
         raise ValueError(
@@ -183,10 +211,17 @@ def revert(model: nn.Module) -> int:
     _module(model, "revert")
     restored = 0
     for module in model.modules():
-        if _PREV_ATTN in module.__dict__:  # not hasattr: peft's wrappers forward it from the model inside
+        # module.__dict__, not hasattr: peft's wrappers forward attributes from the model inside.
+        if _PREV_ATTN in module.__dict__:
             module.set_attn_implementation(module.__dict__.pop(_PREV_ATTN))
+        for key, value in module.__dict__.pop(_PREV_CONFIG, {}).items():
+            setattr(module.config, key, value)
+        module.__dict__.pop(_OWN_CONFIG, None)
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
+            restored += 1
+        elif hasattr(bound_forward(module), "_chronipatch_replaces"):  # chronipatch.trl's fused head: TRL's
+            module.forward = bound_forward(module)._chronipatch_replaces
             restored += 1
         if BOUND in module.__dict__:
             delattr(module, BOUND)

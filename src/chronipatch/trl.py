@@ -24,10 +24,11 @@ import types
 
 from transformers import TrainerCallback
 
-from . import attention, loraplus, ops
+from . import loraplus, ops
+from .causal_lm import plain_head
 from .head import check_head_adapters, head_weight, reshard_if_idle
 from .packing import PackingCollator
-from .patch import apply, is_patched
+from .patch import apply, is_patched, own_config, select_varlen
 
 log = logging.getLogger("chronipatch")
 
@@ -92,13 +93,15 @@ def _make_fused_forward(trl_forward, counter: dict):
     def forward(
         self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
     ):
-        if not fused_lm_head or getattr(self.config.get_text_config(), "output_router_logits", False):
+        head = self.get_output_embeddings()
+        # TRL's own head where ours would compute something else: router losses, or a head with hooks.
+        own = getattr(self.config.get_text_config(), "output_router_logits", False) or not plain_head(head)
+        if not fused_lm_head or own:
             return trl_forward(
                 *args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                 num_items_in_batch=num_items_in_batch, **kwargs,
             )  # fmt: skip
         kwargs["use_cache"] = False
-        head = self.get_output_embeddings()
         given = labels if shift_labels is None else shift_labels
         # The label check starts before the backbone (None where it cannot: under torch.compile, off CUDA,
         # labels elsewhere than the head): the supervised rows are then found from its count, without the host
@@ -140,6 +143,7 @@ def _make_fused_forward(trl_forward, counter: dict):
             label_mask=mask,
         )
 
+    forward._chronipatch_replaces = trl_forward  # what ``revert`` puts back
     return forward
 
 
@@ -148,6 +152,7 @@ class ChronipatchCallback(TrainerCallback):
 
     def __init__(self, counter: dict, collator: PackingCollator | None, loraplus_ratio: float | None):
         self.counter, self.collator, self.ratio = counter, collator, loraplus_ratio
+        self.step_lrs = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.ratio is None or optimizer is None:
@@ -158,12 +163,17 @@ class ChronipatchCallback(TrainerCallback):
             raise RuntimeError(f"chronipatch: LoRA+ groups not built as asked (ratio {self.ratio}): {lrs}")
         log.info("chronipatch: LoRA+ learning rates %s", lrs)
 
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # The rates this step used: Trainer steps the scheduler before it logs, as its ``learning_rate`` does.
+        if self.ratio is not None and optimizer is not None:
+            self.step_lrs = loraplus.group_learning_rates(optimizer)
+
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None:
             return
         extra = {"chronipatch/fused_loss_calls": self.counter["calls"]}
-        if self.ratio is not None and optimizer is not None:
-            extra.update(loraplus.group_learning_rates(optimizer))
+        if self.step_lrs is not None:
+            extra.update(self.step_lrs)
         if self.collator is not None:
             extra.update(self.collator.stats.as_dict())
         logs.update(extra)  # what later callbacks (reporters) receive
@@ -207,11 +217,11 @@ def integrate(
         collator = PackingCollator(max_length=trainer.args.max_length or 2048)
         trainer.data_collator = collator
     if trl_packs or packing:
-        model.config.use_cache = False  # a cache would hide the packed boundaries from the mask logic
-        # flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: keep it.
+        # On the model's own config, undone by revert: a cache would hide the packed boundaries from the mask
+        # logic. flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: kept.
+        own_config(model, use_cache=False)
         if not str(model.config._attn_implementation).startswith("flash_attention"):
-            attention.register()
-            model.set_attn_implementation(attention.NAME)
+            select_varlen(model)
 
     callback = ChronipatchCallback(counter, collator, ratio)
     trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
