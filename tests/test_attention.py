@@ -90,6 +90,25 @@ def test_sliding_window_packed_matches_documents_alone():
             torch.testing.assert_close(logits[:, lo:hi], alone, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_autocast_casts_query_key_and_value_as_sdpa_does(packed):
+    """fp32 weights under bf16 autocast: HF's RoPE leaves q/k in fp32 beside a bf16 v; the varlen attention
+    runs all three in the autocast dtype, as SDPA's autocast rule does (packed rows: per document)."""
+    ours, stock = _pair("llama", dtype=torch.float32)
+    b = _packed([7, 13, 5], seed=4)
+    ids = b["input_ids"]
+    kw = {k: b[k] for k in PACK_KEYS} if packed else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(input_ids=ids, labels=ids, **kw)
+        got.loss.backward()
+        spans = _segments(b) if packed else [(0, ids.shape[1])]
+        want = [stock(input_ids=ids[:, lo:hi]).logits for lo, hi in spans]
+    assert got.logits.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+    for (lo, hi), theirs in zip(spans, want, strict=True):
+        torch.testing.assert_close(got.logits[:, lo:hi], theirs, rtol=0, atol=0.05)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_matches_sdpa(side):
     ours, stock = _pair("qwen3")

@@ -171,3 +171,17 @@ def test_compile_fullgraph_varlen():
     for a, b in zip(got, want):  # dq differs by atomics order only
         torch.testing.assert_close(a, b, atol=BF16_EPS * b.abs().max().item(), rtol=0)
     torch._dynamo.reset()
+
+
+def test_position_split_is_found_once_per_forward(monkeypatch):
+    """Every layer gets the same ``position_ids``: their document split (a host sync) is found once."""
+    found = []
+    real = attention._cu_from_positions
+    monkeypatch.setattr(attention, "_cu_from_positions", lambda pos: found.append(1) or real(pos))
+    (q, k, v), _, cu = _inputs()
+    pos = torch.cat([torch.arange(b - a) for a, b in pairwise(cu.tolist())])[None].cuda()
+    outs = [_ours(position_ids=pos)(q, k, v) for _ in range(4)]  # four layers of one forward
+    assert len(found) == 1
+    want = _ours(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=1000, max_length_k=1000)(q, k, v)
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=0, atol=0)

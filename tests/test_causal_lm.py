@@ -1,5 +1,6 @@
-"""The patched CausalLM forward keeps stock's contract where the fused loss cannot stand in for the head's call:
-hooked or accelerate-offloaded heads and projections, ``shift_labels`` without labels, unbatched labels."""
+"""The patched CausalLM forward keeps stock's contract where the fused loss cannot stand in for the head's
+call: hooked or accelerate-offloaded heads and projections, ``shift_labels`` without labels, unbatched
+labels."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_hooked_head_runs_its_call_and_stock_loss(kind):
 
 
 def test_unhooked_head_is_fused_again(op_calls):
-    stock, patched = _pair()
+    _, patched = _pair()
     ids, labels = batch()
     handle = patched.lm_head.register_forward_hook(lambda mod, args, out: out)
     assert not causal_lm.plain_head(patched.lm_head)

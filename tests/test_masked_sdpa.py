@@ -224,6 +224,22 @@ def test_bucketed_shape_runs_without_cudnn_until_another_forward_brings_it(monke
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+def test_a_recompute_keeps_its_forwards_choice_after_the_shape_table_is_cleared(monkeypatch):
+    """A forward that met its shape already (SDPA's choice) recomputes with that choice even where the
+    bounded table of first masks was cleared in between."""
+    flags = _flags_per_call(monkeypatch)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1, training=False)
+    q = torch.randn(1, 2, 9, 8)
+    first, later = (torch.ones(1, 1, 9, 9, dtype=torch.bool).tril() for _ in range(2))
+    masked_sdpa.masked_sdpa(module, q, q, q, first)
+    masked_sdpa.masked_sdpa(module, q, q, q, later)  # another step: the shape met again
+    for t in range(300):  # other shapes, until the table is cleared
+        masked_sdpa._kernel_choice(torch.empty(1, 2, t, 8), torch.empty(1, 2, t, 8), first, torch.empty(0))
+    assert len(masked_sdpa._first_mask) < 300
+    masked_sdpa.masked_sdpa(module, q, q, q, later)  # its recompute
+    assert flags == [False, True, True], flags
+
+
 def test_bucketed_calls_read_the_callers_cudnn_flag_not_a_holders(monkeypatch):
     """While another caller (a replica in another thread) holds cuDNN off for its own call, a call is
     bucketed as the caller's own setting says: its forward and its recompute choose alike."""

@@ -243,6 +243,10 @@ def varlen_attention_forward(
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{NAME}: {name} must be a floating [B, H, T, D] tensor, got {got}")
+    if torch.is_autocast_enabled(query.device.type):
+        # As SDPA under autocast: q, k and v in its dtype (HF's RoPE leaves q/k in fp32 beside a bf16 v).
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (x.to(dtype) for x in (query, key, value))
     if not query.dtype == key.dtype == value.dtype:
         raise ValueError(
             f"{NAME}: query, key and value must have the same dtype, got "
@@ -263,7 +267,7 @@ def varlen_attention_forward(
         raise ValueError(
             "cu_seq_lens_q (padding-free packing) cannot be combined with a padding attention_mask"
         )
-    pos = kwargs.get("position_ids")
+    given = pos = kwargs.get("position_ids")
     by_positions = not packed and isinstance(pos, torch.Tensor) and pos.ndim == 2 and pos.shape[-1] == t_q
     if by_positions:
         pos = pos.expand(b, -1)
@@ -296,7 +300,7 @@ def varlen_attention_forward(
             cu_q, cu_k, max_q, max_k = _packed_args(kwargs, b, t_q, t_k)
         elif by_positions:
             # Once per forward: every layer gets the same position_ids, so one host sync sizes cu_seq_lens.
-            cu_q, max_q = memoized(pos, (b,), lambda: _cu_from_positions(pos))
+            cu_q, max_q = memoized(given, (b,), lambda: _cu_from_positions(pos))  # given: not a new view
             cu_k, max_k = cu_q, max_q
         else:
             cu_q = torch.arange(0, b * t_q + 1, t_q, device=query.device, dtype=torch.int32)

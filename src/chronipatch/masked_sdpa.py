@@ -29,6 +29,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .ops._utils import capability, memoized
@@ -40,6 +41,9 @@ BUCKET = 128
 # brings it. Gradient checkpointing recomputes a layer with the same mask, so a recompute chooses as its
 # forward did.
 _first_mask: dict[tuple, weakref.ref] = {}
+# Owner -> {shape: without cuDNN}: each owner's choice, kept while it lives, whatever ``_first_mask`` forgets
+# between a forward and its recompute (a recompute must run the kernel its forward ran).
+_chosen = WeakTensorKeyDictionary()
 
 
 class _WithoutCudnnSdpa:
@@ -166,7 +170,9 @@ def _kernel_choice(query, key, mask, owner):
     if torch.compiler.is_compiling():
         return nullcontext()
     shape = (tuple(query.shape), tuple(key.shape), tuple(mask.shape), query.dtype, query.device)
-    if len(_first_mask) > 256:  # bounded: batch sizes x buckets in practice
-        _first_mask.clear()
-    first = _first_mask.setdefault(shape, weakref.ref(owner))
-    return _WITHOUT_CUDNN if first() is owner else nullcontext()
+    chosen = _chosen.setdefault(owner, {})
+    if shape not in chosen:
+        if len(_first_mask) > 256:  # bounded: batch sizes x buckets in practice
+            _first_mask.clear()
+        chosen[shape] = _first_mask.setdefault(shape, weakref.ref(owner))() is owner
+    return _WITHOUT_CUDNN if chosen[shape] else nullcontext()
