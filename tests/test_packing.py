@@ -145,6 +145,23 @@ def test_labels_and_completion_mask_combined_and_custom_ignore_index():
     assert PackingCollator(max_length=8, ignore_index=-7)([as_bools])["labels"].tolist() == [[-7, 12, -7, 14]]
 
 
+def test_attention_mask_padding_is_dropped():
+    """Examples a tokenizer padded (left or right): the tokens their attention_mask marks 0 are not packed."""
+    right = {"input_ids": [1, 2, 3, 0, 0], "labels": [1, 2, 3, 0, 0], "attention_mask": [1, 1, 1, 0, 0]}
+    left = {"input_ids": [0, 4, 5], "completion_mask": [1, 0, 1], "attention_mask": [False, True, True]}
+    collator = PackingCollator(max_length=8)
+    batch = collator([right, left])
+    assert sorted(batch["cu_seq_lens_q"].diff().tolist()) == [2, 3]
+    assert collator.stats.tokens == 5
+    docs = {tuple(batch["input_ids"][0, a:b].tolist()): batch["labels"][0, a:b].tolist() for a, b in
+            zip(batch["cu_seq_lens_q"][:-1].tolist(), batch["cu_seq_lens_q"][1:].tolist())}  # fmt: skip
+    assert docs == {(1, 2, 3): [-100, 2, 3], (4, 5): [-100, 5]}
+    with pytest.raises(ValueError, match=r"example 0 is empty: its 'attention_mask' keeps 0 tokens"):
+        collator([{"input_ids": [0, 0], "attention_mask": [0, 0]}])
+    with pytest.raises(ValueError, match=r"example 0: 'attention_mask' has length 1"):
+        collator([{"input_ids": [1, 2], "attention_mask": [1]}])
+
+
 def test_doc_starts_masked_even_when_supervised():
     exs = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 2, 4)]
     batch = PackingCollator(max_length=4)(exs)

@@ -109,7 +109,8 @@ class PackingCollator:
 
     Each example is a mapping with `input_ids` and optionally `labels` (`ignore_index` = not supervised)
     and/or `completion_mask` (1 = supervised; where both are given, tokens with mask 0 are unsupervised too).
-    Without either, every token is supervised. Every `window` examples (all of them if None) are packed by
+    Without either, every token is supervised. Tokens an `attention_mask` marks 0 (a tokenizer's padding) are
+    dropped: packed rows need no padding. Every `window` examples (all of them if None) are packed by
     best-fit decreasing into rows of at most `max_length` tokens; rows are laid out one after another.
     Examples longer than `max_length` are either split into `max_length`-token fragments, each its own
     document (so each fragment's first label is masked too), or truncated to their first `max_length`
@@ -148,19 +149,25 @@ class PackingCollator:
         ids = _as_1d_long(example["input_ids"], "input_ids", index)
         if ids.numel() == 0:
             raise ValueError(f"example {index} is empty: 'input_ids' has 0 tokens")
-        labels = ids.clone()
-        for key in ("labels", "completion_mask"):
+        labels, keep = ids.clone(), None
+        for key in ("labels", "completion_mask", "attention_mask"):
             if example.get(key) is None:
                 continue
-            value = _as_1d_long(example[key], key, index, bools=key == "completion_mask")
+            value = _as_1d_long(example[key], key, index, bools=key != "labels")
             if value.numel() != ids.numel():
                 raise ValueError(
                     f"example {index}: {key!r} has length {value.numel()} but 'input_ids' has {ids.numel()}"
                 )
             if key == "labels":
                 labels = value.clone()
-            else:
+            elif key == "completion_mask":
                 labels[value == 0] = self.ignore_index
+            else:
+                keep = value != 0
+        if keep is not None:  # a tokenizer's padding: packed rows need none, so its tokens are dropped
+            ids, labels = ids[keep], labels[keep]
+            if ids.numel() == 0:
+                raise ValueError(f"example {index} is empty: its 'attention_mask' keeps 0 tokens")
         return ids, labels
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
