@@ -115,3 +115,13 @@ def test_unbatched_labels_of_one_row():
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="labels"):
         patched(input_ids=ids, labels=labels[0])
+
+
+def test_hooked_head_compiles_in_one_graph():
+    stock, patched = _pair()
+    for model in (stock, patched):
+        model.lm_head.register_forward_hook(lambda mod, args, out: out * 2)
+    ids, labels = batch()
+    torch._dynamo.reset()
+    ours = torch.compile(patched, fullgraph=True)(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, stock(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)

@@ -115,7 +115,8 @@ def causal_lm_forward(
     if not fused:
         logits = self.lm_head(hidden_states)
         if targets is not None:  # a hooked head: its own call, whose output stock's loss reads
-            warnings.warn(_HOOKED_HEAD, stacklevel=3)
+            if not torch.compiler.is_compiling():  # a graph would break at the warning
+                warnings.warn(_HOOKED_HEAD, stacklevel=3)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
