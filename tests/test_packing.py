@@ -240,6 +240,14 @@ def test_stats_accumulate_and_reset():
     assert s == PackingStats() and s.fill_ratio == 0.0 and s.documents_per_row == 0.0
 
 
+def test_numpy_max_length_is_taken_as_an_int():
+    import numpy as np
+
+    collator = PackingCollator(max_length=np.int64(8))
+    batch = collator([{"input_ids": [1, 2, 3]}])
+    assert type(collator.max_length) is int and type(batch["max_length_q"]) is int
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -11,6 +11,7 @@ model builds no KV cache (`use_cache=False`), otherwise documents silently see e
 from __future__ import annotations
 
 import bisect
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -131,8 +132,10 @@ class PackingCollator:
     last_row_offsets: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
+        size = self.max_length
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {size!r}")
+        self.max_length = int(size)  # numpy's too: a Python int, as max_length_q/k must be
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be None or >= 1, got {self.window}")
         if self.long_documents not in _LONG_DOCUMENT_MODES:
