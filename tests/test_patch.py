@@ -434,8 +434,13 @@ def test_varlen_attention_switch_and_revert():
             logits[start : start + len(d)], stock(d[None]).logits[0], rtol=1e-9, atol=1e-9
         )
         start += len(d)
+    chronipatch.apply(patched)  # varlen_attention=None: the earlier choice kept
+    assert patched.config._attn_implementation == attention.NAME
+    with pytest.raises(ValueError, match="varlen_attention=False does not undo"):
+        chronipatch.apply(patched, varlen_attention=False)
     chronipatch.revert(patched)
     assert patched.config._attn_implementation == "sdpa"
+    chronipatch.apply(patched, varlen_attention=False)  # after revert: nothing to undo
 
 
 def test_packed_rows_with_cache_under_sdpa_is_an_error():

@@ -188,6 +188,26 @@ def test_sft_chronipatch_packing_matches_stock_on_the_same_rows(tmp_path):
     assert any(key.startswith("packing/") for key in hist[-1]), hist[-1]
 
 
+def test_integrate_packing_sets_the_models_own_config_and_revert_undoes_it(tmp_path):
+    """Another model built from the same config object keeps its attention and cache setting; ``revert``
+    restores this model's, and TRL's own fused head."""
+    import transformers
+
+    trainer = _trainer(tmp_path, integrate=False, steps=1)
+    model = trainer.model
+    other = transformers.AutoModelForCausalLM.from_config(model.config)
+    other.config = model.config  # one config object for both, as from_config(cfg) twice gives
+    model.config.use_cache = True  # (SFTTrainer may have turned it off already)
+    before = (model.config._attn_implementation, model.config.use_cache)
+    callback = ctrl.integrate(trainer, packing=True)
+    assert (model.config._attn_implementation, model.config.use_cache) == ("chronipatch_varlen", False)
+    assert (other.config._attn_implementation, other.config.use_cache) == before
+    assert chronipatch.revert(model) > 0
+    assert (model.config._attn_implementation, model.config.use_cache) == before
+    trainer.train()
+    assert callback.counter["calls"] == 0  # TRL's head again
+
+
 def test_sft_lora_plus(tmp_path):
     from chronipatch import loraplus
 
