@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from .masked_sdpa import masked_sdpa
-from .ops._utils import eager_cuda, last_dense, memoized
+from .ops._utils import autocast_dtype, autocast_like_linear, eager_cuda, last_dense, memoized
 
 __all__ = ["NAME", "register", "unregister", "varlen_attention_forward"]
 
@@ -239,10 +239,8 @@ def varlen_attention_forward(
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{NAME}: {name} must be a floating [B, H, T, D] tensor, got {got}")
-    if torch.is_autocast_enabled(query.device.type):
-        # As SDPA under autocast: q, k and v in its dtype (HF's RoPE leaves q/k in fp32 beside a bf16 v).
-        dtype = torch.get_autocast_dtype(query.device.type)
-        query, key, value = (x.to(dtype) for x in (query, key, value))
+    # As SDPA under autocast: q, k, v in its dtype, fp64 kept (HF RoPE leaves q/k in fp32 beside a bf16 v).
+    query, key, value = autocast_like_linear(autocast_dtype(query), query, key, value)
     if not query.dtype == key.dtype == value.dtype:
         raise ValueError(
             f"{NAME}: query, key and value must have the same dtype, got "
