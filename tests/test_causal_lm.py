@@ -125,3 +125,43 @@ def test_hooked_head_compiles_in_one_graph():
     torch._dynamo.reset()
     ours = torch.compile(patched, fullgraph=True)(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(ours, stock(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_gathering_hooks_leave_the_head_fused(op_calls):
+    """FSDP2's own hooks on the head (a unit of its own, or shared with the embedding: ``fully_shard([...])``
+    registers closures) are not a user's: the loss stays fused and equals stock's; a user's hook is seen."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        stock, patched = _pair()
+        fully_shard([patched.lm_head, patched.model.embed_tokens])
+        fully_shard(patched)
+        assert causal_lm.plain_head(patched.lm_head)
+        ids, labels = batch()
+        op_calls.clear()
+        ours = patched(input_ids=ids, labels=labels)
+        assert op_calls["linear_cross_entropy"] == 1 and ours.logits is None
+        torch.testing.assert_close(ours.loss, stock(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+        patched.lm_head.register_forward_hook(lambda mod, args, out: out)
+        assert not causal_lm.plain_head(patched.lm_head)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_module_hooks_leave_the_head_fused(op_calls):
+    """A measuring tool's global module hooks (``FlopCounterMode``) do not unfuse the loss."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, patched = _pair()
+    ids, labels = batch()
+    op_calls.clear()
+    with FlopCounterMode(display=False):
+        patched(input_ids=ids, labels=labels)
+    assert op_calls["linear_cross_entropy"] == 1

@@ -441,6 +441,10 @@ def test_varlen_attention_switch_and_revert():
     chronipatch.revert(patched)
     assert patched.config._attn_implementation == "sdpa"
     chronipatch.apply(patched, varlen_attention=False)  # after revert: nothing to undo
+    chosen = tiny_model("llama")
+    chosen.set_attn_implementation(attention.NAME)  # the user's own choice, no apply's: nothing to undo
+    chronipatch.apply(chosen, varlen_attention=False)
+    assert chosen.config._attn_implementation == attention.NAME
 
 
 def test_packed_rows_with_cache_under_sdpa_is_an_error():

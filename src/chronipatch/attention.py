@@ -137,12 +137,16 @@ def _doc_ids(cu: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tens
 
 
 def _reference(q, k, v, mask, scaling):
-    """Causal attention within documents off CUDA fp16/bf16: SDPA with the explicit bool mask, k/v heads
-    repeated (GQA) so that its memory-efficient kernels take the call, not the math one's [B, H, T, T]."""
+    """Masked softmax attention with repeated kv heads: the exact-math path (CPU, fp32/fp64).
+
+    Masked scores are overwritten (not added to), so a NaN key of one document stays out of the others.
+    """
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    # Every query sees at least itself (causal), so no row is fully masked.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling).transpose(1, 2).contiguous()
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    # Every query sees at least itself (causal), so no row is all -inf.
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).contiguous()
 
 
 class _FlashVarlen(torch.autograd.Function):

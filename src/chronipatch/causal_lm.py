@@ -12,22 +12,27 @@ from transformers.utils import can_return_tuple
 
 from . import ops
 from .head import FSDPModule, head_weight, reshard_if_idle
-from .layers import CAUSAL_ONLY, GLOBAL_HOOKS, accelerate_hooked
+from .layers import CAUSAL_ONLY, accelerate_hooked
 
 # transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def plain_head(head: torch.nn.Module) -> bool:
-    """Whether the fused loss may read ``head.weight`` in place of calling the head: no hooks of its own,
-    accelerate's or global ones, but for FSDP2's gathering hooks (``head_weight`` unshards it instead)."""
-    if accelerate_hooked(head) or any(GLOBAL_HOOKS):
+    """Whether the fused loss may read ``head.weight`` in place of calling the head: no hooks of its own
+    (FSDP2's gathering hooks aside: ``head_weight`` unshards it instead) nor accelerate's. Global module hooks
+    (measuring tools: ``FlopCounterMode``, memory trackers) are not the head's: the fused loss never calls
+    the head, so they do not see it, as they do not see any op's inside."""
+    if accelerate_hooked(head):
         return False
-    fsdp = head._get_fsdp_state() if isinstance(head, FSDPModule) else None
+    fsdp = isinstance(head, FSDPModule)
     hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks)
-    return not any(
-        fsdp is None or getattr(h, "__self__", None) is not fsdp for d in hooks for h in d.values()
-    )
+    return not any(not (fsdp and _fsdp_hook(h)) for d in hooks for h in d.values())
+
+
+def _fsdp_hook(hook) -> bool:
+    # FSDPState's bound methods, or the closures of a state over several modules (``fully_shard([...])``).
+    return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp.")
 
 
 _HOOKED_HEAD = (

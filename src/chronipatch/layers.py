@@ -196,7 +196,7 @@ def accelerate_hooked(module: torch.nn.Module) -> bool:
 def no_hooks(m: torch.nn.Module) -> bool:
     """No hooks of its own nor global ones: a module call would run nothing but its forward."""
     hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-    return not any(hooks) and not any(GLOBAL_HOOKS)
+    return not any(hooks) and not any(_GLOBAL_HOOKS)
 
 
 def plain_linear(m: torch.nn.Module) -> bool:
@@ -213,7 +213,7 @@ def plain_linear(m: torch.nn.Module) -> bool:
 
 
 # The registries of torch.nn.modules.module.register_module_*_hook, which every module call runs.
-GLOBAL_HOOKS = tuple(
+_GLOBAL_HOOKS = tuple(
     getattr(torch.nn.modules.module, name)
     for name in (
         "_global_forward_hooks",

@@ -153,7 +153,7 @@ def apply(
     found = [(path, m, cls) for path, m in model.named_modules() if (cls := _hf_class(m, by_class))]
     # A switch turned off cannot unpatch what an earlier apply swapped: refuse before changing anything.
     root = _hf_root(model)
-    if varlen_attention is False and root is not None and root.config._attn_implementation == varlen.NAME:
+    if varlen_attention is False and root is not None and _PREV_ATTN in root.__dict__:
         raise ValueError(
             "chronipatch.apply: the model runs the varlen attention an earlier apply selected; "
             "varlen_attention=False does not undo that: call chronipatch.revert(model) first"
