@@ -302,3 +302,37 @@ def test_unregister_removes_name():
     attention.unregister()
     assert NAME not in AttentionInterface() and NAME not in AttentionMaskInterface()
     attention.unregister()  # idempotent
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_eager_reference_runs_in_blocks_of_query_rows_with_the_same_results(monkeypatch, batch):
+    """Off the flash kernels, eager calls compute the masked softmax over blocks of query rows (memory of one
+    block's scores): outputs and gradients as the one-block form a graph keeps, a NaN key of one document
+    kept out of the others' outputs."""
+    from chronipatch.attention import _reference
+
+    g = torch.Generator().manual_seed(5)
+    t, hq, hk, d = 23, 4, 2, 8
+    q, k, v = (torch.randn(batch, h, t, d, generator=g, dtype=torch.float64) for h in (hq, hk, hk))
+    i = torch.arange(t)
+    mask = ((i[:, None] >= i) & ((i[:, None] < 9) == (i < 9)))[None, None]  # documents [0, 9), [9, 23)
+    grad = torch.randn(batch, t, hq, d, generator=g, dtype=torch.float64)
+    k[0, 0, 3, 1] = float("nan")  # in document 0
+
+    def run(compiling):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = _reference(*leaves, mask, 0.3)
+        out.backward(grad)
+        return [out.detach()] + [x.grad for x in leaves]
+
+    monkeypatch.setattr(attention, "_BLOCK_SCORES", 4 * batch * hq * t)  # blocks of 4 rows
+    blocks, block = [], attention._block
+    monkeypatch.setattr(attention, "_block", lambda *a: blocks.append(a[4]) or block(*a))
+    blocked = run(False)
+    assert blocks == [*range(0, t, 4)] * 2  # forward, then the backward's recompute
+    whole = run(True)
+    for ours, theirs in zip(blocked, whole, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert blocked[0][:, 9:].isfinite().all() and blocked[0][1:].isfinite().all()
+    assert blocked[0][0, 3:9, :2].isnan().all()  # q heads 0 and 1 from key 3 on
