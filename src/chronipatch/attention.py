@@ -149,8 +149,7 @@ def _reference(q, k, v, mask, scaling):
         scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
         # Every query sees at least itself (causal), so no row is all -inf.
         return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).contiguous()
-    b, h, _, t_k = k.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    rows = max(1, _BLOCK_SCORES // max(1, b * h * t_k))
+    rows = max(1, _BLOCK_SCORES // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
     return _BlockedReference.apply(q, k, v, mask, scale, rows).transpose(1, 2).contiguous()
 
 
@@ -182,8 +181,7 @@ class _BlockedReference(torch.autograd.Function):
             hi = lo + ctx.rows
             p = _block(q, k, mask, ctx.scale, lo, ctx.rows, lse[:, :, lo:hi])
             dv += p.transpose(-1, -2) @ dout[:, :, lo:hi]
-            # Masked entries get no gradient, as masked_fill's backward gives them none (a NaN value elsewhere
-            # stays out).
+            # Masked entries get no gradient, as masked_fill's backward gives them none.
             ds = (p * (dout[:, :, lo:hi] @ v.transpose(-1, -2) - delta[:, :, lo:hi])).masked_fill(
                 ~mask[:, :, lo:hi], 0
             )
