@@ -32,7 +32,7 @@ def plain_head(head: torch.nn.Module) -> bool:
 
 def _fsdp_hook(hook) -> bool:
     # FSDPState's bound methods, or the closures of a state over several modules (``fully_shard([...])``).
-    return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp.")
+    return (getattr(hook, "__module__", None) or "").startswith("torch.distributed.fsdp.")
 
 
 _HOOKED_HEAD = (
