@@ -336,3 +336,28 @@ def test_eager_reference_runs_in_blocks_of_query_rows_with_the_same_results(monk
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, equal_nan=True)
     assert blocked[0][:, 9:].isfinite().all() and blocked[0][1:].isfinite().all()
     assert blocked[0][0, 3:9, :2].isnan().all()  # q heads 0 and 1 from key 3 on
+
+
+def test_same_document_splits_where_positions_do_not_step_by_one_in_one_dynamic_graph():
+    from chronipatch.attention import _same_document
+
+    def reference(pos):
+        doc = torch.zeros_like(pos)
+        for t in range(1, pos.shape[1]):
+            doc[:, t] = doc[:, t - 1] + (pos[:, t] != pos[:, t - 1] + 1)
+        return doc[:, :, None] == doc[:, None, :]
+
+    # Batch 2 throughout, T >= 2: sizes 0 and 1 are the compiler's own specialisations.
+    cases = [
+        [[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]],
+        [[1, 0], [0, 1]],
+        [[5, 6, 7, 3, 4, 0, 3], [0] * 7],
+        [[0, 1], [0, 0]],
+    ]
+    graphs = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(_same_document, backend=graphs, fullgraph=True, dynamic=True)
+    for case in cases:
+        pos = torch.tensor(case)
+        assert torch.equal(_same_document(pos), reference(pos)), case
+        assert torch.equal(compiled(pos), reference(pos)), case
+    assert graphs.frame_count == 1  # T = 5, 2, 7, 2: one graph

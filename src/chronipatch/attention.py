@@ -381,9 +381,9 @@ def varlen_attention_forward(
 def _same_document(pos: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` position_ids -> ``[B, T, T]`` bool: both tokens in one document, a document starting
     wherever positions do not step by one."""
-    step = torch.ones_like(pos, dtype=torch.bool)
-    step[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    doc = step.cumsum(-1)
+    # Each token against the one before it, rolled (no slices of T - 1, which would guard T >= 3 in a dynamic
+    # graph); the first token's flag shifts every count alike, which the comparison below ignores.
+    doc = (pos != pos.roll(1, -1) + 1).cumsum(-1)
     return doc[:, :, None] == doc[:, None, :]
 
 
