@@ -146,9 +146,7 @@ def _reference(q, k, v, mask, scaling):
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     if torch.compiler.is_compiling():
-        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-        # Every query sees at least itself (causal), so no row is all -inf.
-        return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).contiguous()
+        return (_block(q, k, mask, scale)[0] @ v).transpose(1, 2).contiguous()
     rows = max(1, _BLOCK_SCORES // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
     return _BlockedReference.apply(q, k, v, mask, scale, rows).transpose(1, 2).contiguous()
 
@@ -190,11 +188,11 @@ class _BlockedReference(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _block(q, k, mask, scale, lo, rows, lse=None):
-    """Probabilities of query rows lo:lo+rows (and their log-sum-exp where not given)."""
-    scores = (q[:, :, lo : lo + rows] @ k.transpose(-1, -2) * scale).masked_fill(
-        ~mask[:, :, lo : lo + rows], float("-inf")
-    )
+def _block(q, k, mask, scale, lo=0, rows=None, lse=None):
+    """Probabilities of query rows lo:lo+rows, all rows where None (and their log-sum-exp where not given)."""
+    if rows is not None:  # no slice of all rows: a graph would guard its bounds
+        q, mask = q[:, :, lo : lo + rows], mask[:, :, lo : lo + rows]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
     if lse is not None:
         return torch.exp(scores - lse[..., None])
     lse = torch.logsumexp(scores, dim=-1)

@@ -12,7 +12,7 @@ from transformers.utils import can_return_tuple
 
 from . import ops
 from .head import FSDPModule, head_weight, reshard_if_idle
-from .layers import CAUSAL_ONLY, accelerate_hooked
+from .layers import CAUSAL_ONLY, accelerate_hooked, own_hooks
 
 # transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -26,8 +26,7 @@ def plain_head(head: torch.nn.Module) -> bool:
     if accelerate_hooked(head):
         return False
     fsdp = isinstance(head, FSDPModule)
-    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks)
-    return not any(not (fsdp and _fsdp_hook(h)) for d in hooks for h in d.values())
+    return not any(not (fsdp and _fsdp_hook(h)) for d in own_hooks(head) for h in d.values())
 
 
 def _fsdp_hook(hook) -> bool:

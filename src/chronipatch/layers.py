@@ -177,11 +177,9 @@ def runs(module: torch.nn.Module, fn) -> bool:
     """Whether ``module``'s forward is ``fn`` as ``apply`` bound it. Eager calls also check the binding
     itself; compiled ones read the mark alone, so a forward rebound or deleted by hand after ``apply`` (not
     by ``revert``) is not seen there. accelerate's hooks, which rebind it, are (``_hf_hook``)."""
-    if getattr(module, BOUND, None) is not fn:
+    if getattr(module, BOUND, None) is not fn or accelerate_hooked(module):
         return False
-    if torch.compiler.is_compiling():
-        return not accelerate_hooked(module)
-    return not accelerate_hooked(module) and bound_forward(module) is fn
+    return torch.compiler.is_compiling() or bound_forward(module) is fn
 
 
 def accelerate_hooked(module: torch.nn.Module) -> bool:
@@ -193,10 +191,14 @@ def accelerate_hooked(module: torch.nn.Module) -> bool:
     return "_hf_hook" in module.__dict__
 
 
+def own_hooks(m: torch.nn.Module) -> tuple[dict, ...]:
+    """The registries of ``m``'s own forward, pre-forward, backward and pre-backward hooks."""
+    return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
+
+
 def no_hooks(m: torch.nn.Module) -> bool:
     """No hooks of its own nor global ones: a module call would run nothing but its forward."""
-    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-    return not any(hooks) and not any(_GLOBAL_HOOKS)
+    return not any(own_hooks(m)) and not any(_GLOBAL_HOOKS)
 
 
 def plain_linear(m: torch.nn.Module) -> bool:
