@@ -1,0 +1,557 @@
+"""The Triton kernels of the linear cross-entropy (tiles, chunks, row references, label counts) themselves,
+against the torch reference: through the interpreter on CPU (fp32/fp16, tiny shapes) and natively on CUDA."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from chronipatch import ops
+from chronipatch.ops import reference
+from helpers import KERNEL_DEVICE, needs_kernels, small_lce_tiles
+
+pytestmark = needs_kernels
+lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+chunks = importlib.import_module("chronipatch.ops._lce_chunks")
+tiles = importlib.import_module("chronipatch.ops._lce_tiles")
+tiles_bwd = importlib.import_module("chronipatch.ops._lce_tiles_bwd")
+rows = importlib.import_module("chronipatch.ops._lce_rows")
+
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def _r(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape) * scale).to(device=KERNEL_DEVICE, dtype=dtype)
+
+
+# 256: a vocabulary of whole tiles (no column mask in the tile kernels, EVEN_V)
+@pytest.mark.parametrize("n,h,v", [(1, 16, 300), (9, 32, 1500), (4, 8, 2049), (37, 24, 130), (6, 16, 256)])
+@pytest.mark.parametrize(
+    "dtype,wide,tma",  # wide: the fp64 backward GEMMs that fp32 inputs take on FAST_FP64 GPUs
+    [
+        (torch.float32, False, True),
+        (torch.float32, True, True),
+        (torch.float16, False, True),
+        (torch.float16, False, False),
+    ],
+    ids=["fp32", "fp32-fp64-gemms", "fp16", "fp16-pointer-loads"],
+)
+def test_lce_kernels(n, h, v, dtype, wide, tma, monkeypatch):
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 64)  # many vocabulary chunks, also a ragged last one
+    monkeypatch.setattr(chunks, "FWD_BLOCK_V", 128)  # and several tiles per chunk (the online rescale)
+    monkeypatch.setattr(chunks, "BLOCK_V", 128)
+    monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
+    # fp16: tiles of 16 x 32 (several row blocks and vocabulary tiles, several per program), g chunks of one
+    # tile width, and a merge that loops over the partials; loads by TMA (every shape here has 16-byte rows)
+    # or by pointers
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(tiles, "TMA_LOADS", tma)
+    monkeypatch.setattr(tiles_bwd, "G_CHUNK_BYTES", 64)
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
+    monkeypatch.setattr(tiles, "PART_BYTES", 1)  # forward launches of one row block each
+    torch.manual_seed(v)
+    hid, w = _r(n, h, dtype=dtype), _r(v, h, dtype=dtype, scale=0.5)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[::3] = -100
+    got = lce.lce_fwd_triton(hid, w, labels, -100)
+    ref = reference.lce_fwd(hid, w, labels, -100)
+    for name, a, e in zip(("loss", "lse", "entropy", "correct"), got, ref):
+        torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-4, msg=name)
+    # Without the logged statistics: the same loss and row statistics, bit for bit, and no per-token stats.
+    lean = lce.lce_fwd_triton(hid, w, labels, -100, token_stats=False)
+    assert torch.equal(lean[0], got[0]) and torch.equal(lean[1], got[1])
+    assert lean[2].numel() == lean[3].numel() == 0
+    grad_rows = torch.rand(n, device=KERNEL_DEVICE)
+    dh, dw = lce.lce_bwd_triton(grad_rows, hid, w, labels, got[1], -100)
+    dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)
+    torch.testing.assert_close(dh, dh_ref, **TOL[dtype])
+    torch.testing.assert_close(dw, dw_ref, **TOL[dtype])
+    # Either gradient alone: the same bits, the other skipped (returned empty).
+    only_dh = lce.lce_bwd_triton(grad_rows, hid, w, labels, got[1], -100, need_dw=False)
+    only_dw = lce.lce_bwd_triton(grad_rows, hid, w, labels, got[1], -100, need_dh=False)
+    assert torch.equal(only_dh[0], dh) and only_dh[1].numel() == 0
+    assert torch.equal(only_dw[1], dw) and only_dw[0].numel() == 0
+
+
+@pytest.mark.parametrize(
+    "n,h,v,tma", [(1, 16, 300, True), (40, 24, 130, True), (37, 8, 1025, False), (20, 16, 96, True)], ids=str
+)
+def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
+    """bf16 loss and gradients in one pass: row chunks of one 16-row block (dW summed over them), against
+    the reference and against the forward then the recompute backward, to within p's bf16 rounding, r h's
+    and dW's per-chunk one."""
+    rows = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(tiles, "TMA_LOADS", tma)
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)  # the settle kernel's scan in steps, a ragged last one
+    monkeypatch.setattr(rows, "SAMPLES", 8)  # K a few units below each row's max: no factor of exactly 1
+    torch.manual_seed(v + n)
+    bf16 = torch.bfloat16
+    hid, w = _r(n, h, dtype=bf16), _r(v, h, dtype=bf16, scale=0.5)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[::3] = -100
+    divisor = (labels != -100).sum().float()
+    chunks, tiles_fwd = [], rows.tiles_fwd
+
+    def spy(*args):  # the row chunks the one pass hands its backward: the cap's premise, asserted
+        on_rows = args[5]
+        return tiles_fwd(
+            *args[:5], lambda r0, p, *a: chunks.append((r0, p.shape[0])) or on_rows(r0, p, *a), *args[6:]
+        )
+
+    monkeypatch.setattr(rows, "tiles_fwd", spy)
+    loss, entropy, correct, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    assert chunks == [(r0, min(16, n - r0)) for r0 in range(0, n, 16)]
+    monkeypatch.setattr(rows, "tiles_fwd", tiles_fwd)
+    ref = reference.lce_fwd(hid, w, labels, -100)
+    torch.testing.assert_close(loss, ref[0].sum() / divisor.clamp_min(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, ref[2], rtol=1e-4, atol=1e-4)
+    assert torch.equal(correct, ref[3])
+    grad_rows = (1 / divisor.clamp_min(1)).expand(n)
+    dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    dh_re, dw_re = lce.lce_bwd_triton(grad_rows, hid, w, labels, stats, -100)
+    for got, recomputed, truth in ((dh, dh_re, dh_ref), (dw, dw_re, dw_ref)):
+        ulp = torch.finfo(bf16).eps * truth.float().abs().max()
+        assert (got.float() - truth.float()).abs().max() <= 2 * ulp
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+    # Either gradient alone: the same bits, the other skipped (returned empty).
+    only_dh = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, False)
+    only_dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, False, True)
+    assert torch.equal(only_dh[3], dh) and only_dh[4].numel() == 0 and torch.equal(only_dh[0], loss)
+    assert torch.equal(only_dw[4], dw) and only_dw[3].numel() == 0
+    # Nothing supervised: loss 0, zero gradients.
+    none = torch.full_like(labels, -100)
+    zero = lce.lce_fwd_bwd_triton(
+        hid, w, none, torch.zeros((), device=KERNEL_DEVICE), -100, False, True, True
+    )
+    assert zero[0].item() == 0 and not zero[3].any() and not zero[4].any()
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_lce_ignored_rows_with_nonfinite_logits_give_zero_gradient(tma, monkeypatch):
+    """An ignored row whose logits are nan or +inf (its hidden state is): p and g are exactly 0 there, in the
+    one pass with token stats (p zeroed after the sums), without them (the exponent masked before the exp)
+    and in the recompute backward, so both gradients stay finite and the one pass's agree bit for bit."""
+    rows = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(tiles, "TMA_LOADS", tma)
+    monkeypatch.setattr(rows, "P_BYTES", 1)
+    torch.manual_seed(3)
+    n, h, v = 20, 16, 70
+    hid, w = _r(n, h, dtype=torch.bfloat16), _r(v, h, dtype=torch.bfloat16, scale=0.5)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[[2, 9, 17]] = -100
+    hid[2] = float("nan")
+    hid[9, 3] = float("inf")
+    hid[17, :2] = torch.tensor([float("inf"), float("-inf")])
+    divisor = (labels != -100).sum().float()
+    with_stats = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    without = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    for got in (with_stats, without):
+        assert got[0].isfinite() and got[3].isfinite().all() and got[4].isfinite().all()
+        assert not got[3][[2, 9, 17]].any()
+    for a, b in zip((with_stats[0], *with_stats[3:]), (without[0], *without[3:])):
+        assert torch.equal(a, b)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    dh, dw = lce.lce_bwd_triton((1 / divisor).expand(n), hid, w, labels, stats, -100)
+    assert dh.isfinite().all() and dw.isfinite().all() and not dh[[2, 9, 17]].any()
+
+
+@pytest.mark.parametrize(
+    "far", [False, 201, 257], ids=["sample-near-max", "max-far-above-sample", "far-in-the-last-scan-step"]
+)
+def test_lce_rows_reference_from_the_sample(far, monkeypatch):
+    """The one pass stores p against each row's sampled max K. Where the row's max lies more than
+    REF_MARGIN above it (a logit at an unsampled column), the row takes its own tile maxima and is rescaled
+    as a whole: loss, entropy, accuracy and gradients match the recompute path either way (gradients to p's
+    and r h's bf16 rounding), over merge blocks of four tiles."""
+    rows = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 4)  # 9 tiles of 32 columns: three merge blocks
+    monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
+    # The settle kernel's scan and its rescale of the far rows in steps of 4 tiles, a ragged last one.
+    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)
+    monkeypatch.setattr(rows, "SETTLE_TILES", 4)
+    torch.manual_seed(3)
+    bf16 = torch.bfloat16
+    hid, w = _r(20, 16, dtype=bf16), _r(260, 16, dtype=bf16, scale=0.25)
+    if far:
+        hid[:, 0] = 0.0
+        # A logit ~256 off the sample (every 4th column): e^256 overflows. At column 257 it lies in tile 8,
+        # alone in the settle scan's ragged last step, and the one tile of its row that needs no rescale.
+        hid[[2, 17], 0], w[far, 0] = 16.0, 16.0
+    labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
+    labels[[5, 17]] = -100
+    refs = rows.row_references(hid, w)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    far_rows = stats[:, 0] > refs + tiles.REF_MARGIN
+    assert far_rows.sum() == (2 if far else 0)
+    divisor = (labels != -100).sum().float()
+    loss, entropy, correct, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    rows_re, _, entropy_re, correct_re = lce.lce_fwd_triton(hid, w, labels, -100)
+    dh_re, dw_re = lce.lce_bwd_triton((1 / divisor).expand(20), hid, w, labels, stats, -100)
+    torch.testing.assert_close(loss, rows_re.sum() / divisor)
+    torch.testing.assert_close(entropy, entropy_re, rtol=1e-4, atol=1e-4)  # sums against other references
+    assert torch.equal(correct, correct_re)
+    for got, recomputed in ((dh, dh_re), (dw, dw_re)):
+        ulp = torch.finfo(bf16).eps * recomputed.float().abs().max()
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+
+
+def test_lce_rows_reference_is_not_above_the_tiles_max(monkeypatch):
+    """K's GEMM (cuBLAS here, the CPU's BLAS in the interpreter) and the tiles sum in other orders: with
+    cancelling logits of ~1e6 the sampled max lands above the tiles' row max in some rows (by 0.25 on one
+    CPU). K is lowered by a bound on both roundings, so it never does, and the one pass (every row past the
+    margin here) still matches the recompute path."""
+    rows = importlib.import_module("chronipatch.ops._lce_rows")
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "SAMPLES", 260)  # every column: K would be the row max itself but for rounding
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    hid, w = _r(20, 64, dtype=bf16, scale=300.0), _r(260, 64, dtype=bf16, scale=300.0)
+    labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    assert (rows.row_references(hid, w) <= stats[:, 0]).all()
+    divisor = (labels != -100).sum().float()
+    loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    rows_re = lce.lce_fwd_triton(hid, w, labels, -100)[0]
+    dh_re, dw_re = lce.lce_bwd_triton((1 / divisor).expand(20), hid, w, labels, stats, -100)
+    torch.testing.assert_close(loss, rows_re.sum() / divisor)
+    for got, recomputed in ((dh, dh_re), (dw, dw_re)):
+        ulp = torch.finfo(bf16).eps * recomputed.float().abs().max()
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+
+
+@pytest.mark.parametrize("above", [0.0, 0.02, -20.0], ids=["at-max", "ulps-above", "below"])
+def test_lce_tiles_merge_with_the_reference_above_the_row_max(above, monkeypatch):
+    """The one pass's row reference K comes from another GEMM, whose rounding can put it a few ulps above the
+    row's max as the tiles compute it (0.014 at logits of 7306 on the H200). With the max in a later merge
+    block than the first, a merge gathering against the running max of the m_j met exp(K - m) = inf on
+    underflowed sums: a nan row. Logits of ~1e3, the max in the last of three merge blocks."""
+    small_lce_tiles(monkeypatch)  # 47 tiles of 32 columns
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
+    torch.manual_seed(5)
+    bf16 = torch.bfloat16
+    hid, w = _r(3, 16, dtype=bf16, scale=30.0), _r(1500, 16, dtype=bf16, scale=1.0)
+    w[1400] = hid[1] / hid[1].norm() * 200  # row 1's max, far above every other logit of its row
+    hid[2] /= 30  # row 2: logits below ~17, its max raised to ~20 in the last block (a_old ~ e^-3, not 0)
+    w[1450] = hid[2] / hid[2].float().norm().square() * 20
+    labels = torch.tensor([3, 1400, -100], device=KERNEL_DEVICE)
+    z = hid.float() @ w.float().T
+    # The entropy sum e = sum p (z - m), p = exp(z - m): on the plain path (each tile its own reference) it
+    # moves to each merge block's larger max; on the one pass, from the shared reference to the row's max.
+    m0, _, e0, arg0, *_ = tiles.tiles_fwd(hid, w, labels, -100, True)
+    assert (m0[1] - z[1, :512].amax()).item() > 100
+    m, s, e, arg, *_ = tiles.tiles_fwd(hid, w, labels, -100, True, lambda *a: None, 16, m0 + above)
+    assert s.isfinite().all()
+    torch.testing.assert_close(m, m0)
+    torch.testing.assert_close(m + s.log(), torch.logsumexp(z, 1), rtol=1e-6, atol=1e-3)
+    zd = z.double() - m.double()[:, None]
+    for got, argmax in ((e0, arg0), (e, arg)):
+        torch.testing.assert_close(got.double(), (zd.exp() * zd).sum(1), rtol=1e-4, atol=1e-4)
+        assert torch.equal(argmax, z.argmax(1))
+
+
+def test_lce_tiles_load_by_tma_only_where_rows_are_16_byte_aligned(monkeypatch):
+    """TMA needs rows with contiguous columns whose base and stride are 16-byte aligned (any width); anything
+    else loads by pointers."""
+    h, w = torch.zeros(5, 24, dtype=torch.float16), torch.zeros(40, 24, dtype=torch.float16)
+    assert tiles._tma(h, w)
+    assert tiles._tma(h[:, :20], w[:, :20])  # rows of 40 bytes, 48 apart
+    assert not tiles._tma(h[:, 1:17], w[:, :16])  # a base 2 bytes past an aligned one
+    assert not tiles._tma(torch.zeros(5, 12, dtype=torch.float16), torch.zeros(40, 12, dtype=torch.float16))
+    assert not tiles._tma(h.T.contiguous().T, w)  # columns contiguous, rows not
+    monkeypatch.setattr(tiles, "TMA_LOADS", False)
+    assert not tiles._tma(h, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["chunks", "tiles"])
+@pytest.mark.parametrize("small", [False, True], ids=["ties-across-tiles", "ties-across-chunks-or-merges"])
+def test_lce_argmax_keeps_the_first_of_tied_maxima(dtype, small, monkeypatch):
+    """Token accuracy counts argmax == label with torch's first-maximum rule, across tiles, vocabulary chunks
+    (fp32) and the merge's blocks of partials (fp16)."""
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 64 if small else 1 << 20)  # 64: chunks of 256 columns
+    monkeypatch.setattr(chunks, "FWD_BLOCK_V", 128)
+    small_lce_tiles(monkeypatch)  # tile 0 holds column 5, tile 18 column 600
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16 if small else 1024)
+    z = torch.zeros(700)
+    z[5] = z[600] = 3.0  # tied maxima
+    hid = torch.ones(3, 16, device=KERNEL_DEVICE, dtype=dtype)
+    w = torch.zeros(700, 16, dtype=dtype)
+    w[:, 0] = z
+    labels = torch.tensor([5, 600, 7], device=KERNEL_DEVICE)
+    correct = lce.lce_fwd_triton(hid, w.to(KERNEL_DEVICE), labels, -100)[3]
+    assert correct.tolist() == [1.0, 0.0, 0.0] == (z.argmax() == labels.cpu()).float().tolist()
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["fp32-gemms", "fp64-gemms"])
+def test_lce_backward_recomputes_the_forward_chunks(wide, monkeypatch):
+    """The backward recomputes the logits over exactly the forward's vocabulary chunks, so they are bit for
+    bit the logits the row statistics came from, in both backward GEMM modes."""
+    n, vocab = 9, 2000
+    # fp32 chunks of 512 columns; sizing them for any other element width would give 256.
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", n * 4 * 512)
+    monkeypatch.setattr(lce, "_wide", lambda hidden: wide)
+    walked, logit_chunks = [], chunks._logit_chunks
+
+    def spy(*args, **kwargs):
+        walked.append([])
+        for v0, w, z in logit_chunks(*args, **kwargs):
+            walked[-1].append((v0, z.clone()))  # before the backward overwrites z with g
+            yield v0, w, z
+
+    monkeypatch.setattr(chunks, "_logit_chunks", spy)
+    hid, w = _r(n, 16, dtype=torch.float32), _r(vocab, 16, dtype=torch.float32)
+    labels = torch.randint(0, vocab, (n,), device=KERNEL_DEVICE)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    lce.lce_bwd_triton(torch.ones(n, device=KERNEL_DEVICE), hid, w, labels, stats, -100)
+    fwd, bwd = walked
+    assert [(v0, z.shape[1]) for v0, z in fwd] == [(v0, 512) for v0 in range(0, vocab - 512, 512)] + [
+        (1536, 464)
+    ]
+    assert len(bwd) == len(fwd) and all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(fwd, bwd))
+
+
+def test_lce_tile_kernels_specialize_on_hidden_size_only(monkeypatch):
+    """The tile kernels' compile-time arguments do not depend on the row count or (but for H % BK) the hidden
+    size, so batches of other lengths reuse the compiled kernels."""
+    seen = {"fwd": [], "bwd": []}
+
+    class Recorder:
+        def __init__(self, key):
+            self.key = key
+
+        def __getitem__(self, grid):
+            return lambda *args, **consts: seen[self.key].append(consts)
+
+    monkeypatch.setattr(tiles, "_fwd_tiles_kernel", Recorder("fwd"))
+    monkeypatch.setattr(tiles_bwd, "_bwd_tiles_kernel", Recorder("bwd"))
+    monkeypatch.setattr(tiles, "_merge_kernel", Recorder("merge"))
+    seen["merge"] = []
+    for n, hdim in ((7, 64), (300, 64), (5000, 64), (300, 128), (300, 4096)):
+        dev = dict(device=KERNEL_DEVICE)
+        w = torch.zeros(1000, hdim, dtype=torch.float16, **dev)
+        h, labels = torch.zeros(n, hdim, dtype=torch.float16, **dev), torch.zeros(n, dtype=torch.long, **dev)
+        tiles.tiles_fwd(h, w, labels, -100, False)
+        dh, dw = torch.zeros(n, hdim, **dev), torch.empty_like(w)
+        tiles_bwd.tiles_bwd(torch.ones(n, **dev), h, w, labels, torch.ones(n, 2, **dev), -100, dh, dw, h)
+    for key in ("fwd", "bwd"):
+        assert len(seen[key]) >= 3 and all(c == seen[key][0] for c in seen[key]), seen[key]
+
+
+@pytest.mark.parametrize("col", [40, 96], ids=["among-others", "alone-in-its-tile"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["chunks", "tiles"])
+def test_lce_nan_logit_gives_a_nan_loss(dtype, col, monkeypatch):
+    """A nan weight entry (a diverged head) makes every row's logit there nan: the loss is nan, as stock's,
+    not a finite loss without that column's tile (the row max skips nan; the sums must not). Column 96 is
+    alone in the last 32-column tile, beside -inf padding: on the GPU, whose tl.max skips nan, that tile's
+    max is -inf, the mark of a partial that adds nothing."""
+    small_lce_tiles(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(4, 16, generator=g).to(KERNEL_DEVICE, dtype)
+    w = (torch.randn(97, 16, generator=g) * 0.5).to(dtype)
+    w[col, 3] = float("nan")
+    labels = torch.tensor([1, 2, 3, 90], device=KERNEL_DEVICE)
+    got = lce.lce_fwd_triton(hid, w.to(KERNEL_DEVICE), labels, -100)
+    assert got[0].isnan().all() and got[2].isnan().all()  # loss and entropy
+    assert reference.lce_fwd(hid.cpu(), w, labels.cpu(), -100)[0].isnan().all()
+
+
+def test_lce_loss_of_a_label_logit_summed_above_the_max_is_zero():
+    """The merge's label logit is summed in another order than the tiles' row max: where it lands one ulp
+    above the max of a row holding all the probability, the loss is CE's 0, not a negative one; a nan sum
+    stays a nan loss, an ignored row's is 0, and the label logit of an ignored or out-of-range label 0."""
+    dev = dict(device=KERNEL_DEVICE)
+    zy = 5.0  # h . w_y with H = 1: exact in fp16
+    m = torch.nextafter(torch.tensor(zy), torch.tensor(0.0)).repeat(5).to(**dev)  # one tile per row
+    s = torch.tensor([1.0, 1.5, float("nan"), 1.0, 1.0], **dev)
+    labels = torch.tensor([1, 1, 1, -100, 9], **dev)
+    hid, w = torch.ones(5, 1, dtype=torch.float16, **dev), torch.full((4, 1), zy, dtype=torch.float16, **dev)
+    outs = [torch.full((5,), -7.0, **dev) for _ in range(4)]  # m, s, zlab, loss: every row written
+    tiles._merge_kernel[(5,)](
+        m, m, s, s, labels, outs[0], outs[1], s, labels, hid, w, labels, outs[2], outs[3],
+        1, 1, 4, 1, 1, -100, BLOCK_T=2, BLOCK_H=2, TOKEN_STATS=False,
+    )  # fmt: skip
+    zlab, loss = outs[2].cpu(), outs[3].cpu()
+    assert zlab.tolist() == [zy, zy, zy, 0.0, 0.0]
+    assert loss[0] == 0 and loss[3] == 0 and loss[2].isnan() and loss[4] == m[4].cpu()  # log 1 = 0
+    # The device's log against torch's on the CPU: each within an ulp of log 1.5.
+    torch.testing.assert_close(loss[1], torch.log(torch.tensor(1.5)) - (zy - m[1].cpu()), rtol=2.5e-7, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 4097, 40000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
+    """The one-pass gradients times the loss's upstream gradient g: the fp32 product rounded once (g not
+    rounded to the gradients' dtype), in place or into a new tensor; in place, g = 1 writes nothing."""
+    monkeypatch.setattr(rows, "eager_cuda", lambda *tensors: True)  # CPU tensors: the interpreter's kernel
+    torch.manual_seed(n)
+    t = _r(n, dtype=dtype)
+    for g in (3.0, 1 / 3, -0.5, 1.0, float("inf"), float("nan")):
+        want = (t.float() * g).to(dtype)
+        g_t = torch.tensor(g, device=KERNEL_DEVICE)
+        new = rows.scale_grad(t, g_t, in_place=False)
+        assert new.data_ptr() != t.data_ptr()
+        torch.testing.assert_close(new, want, rtol=0, atol=0, equal_nan=True)
+        kept = t.clone()
+        assert rows.scale_grad(kept, g_t, in_place=True).data_ptr() == kept.data_ptr()
+        torch.testing.assert_close(kept, want, rtol=0, atol=0, equal_nan=True)
+    # In place, the kernel's output is its input: given another one, g = 1 leaves it untouched.
+    for g, written in ((1.0, False), (2.0, True)):
+        out = torch.zeros_like(t)
+        g_t = torch.tensor(g, device=KERNEL_DEVICE)
+        rows._scale_kernel[(2,)](t, out, g_t, n, BLOCK=1024, SKIP_ONE=True)
+        assert bool((out != 0).any()) == written
+
+
+@pytest.mark.parametrize("n", [1, 7, 4097, 9000])
+def test_label_counts_kernel(n):
+    """The eager check's one-launch counts give torch's: the out-of-range flag, the supervised count, the
+    first bad label (by position) and the num_items verdict (negative, NaN, or 0 with labels to normalise)."""
+    labels_mod = importlib.import_module("chronipatch.ops._labels")
+    torch.manual_seed(n)
+    for low in (0, -3):  # all in range, then some below 0 and some at or past the vocabulary
+        y = torch.randint(low, 20 if low else 15, (n,), device=KERNEL_DEVICE)
+        y[torch.rand(n, device=KERNEL_DEVICE) < 0.3] = -100
+        for items in (None, 0, -1.0, float("nan"), 5, 0.0):
+            items = None if items is None else torch.tensor(items, device=KERNEL_DEVICE)
+            got = labels_mod._counts_by_kernel(y, 15, -100, items).tolist()
+            want = labels_mod.label_counts(y.cpu(), 15, -100, None if items is None else items.cpu()).tolist()
+            assert got == want if got[0] else got[:2] + got[3:] == want[:2] + want[3:], (got, want)
+            if got[0]:
+                bad = y[(y != -100) & ((y < 0) | (y >= 15))]
+                assert got[2] == bad[0]
+    nothing, zero = torch.full((n,), -100, device=KERNEL_DEVICE), torch.tensor(0, device=KERNEL_DEVICE)
+    assert labels_mod._counts_by_kernel(nothing, 15, -100, zero).tolist() == [0, 0, 0, 0]
+
+
+def _torch_references(hidden, weight):
+    """``_lce_rows.row_references`` in torch: the sampled logits (an fp32 GEMM) less the rounding bound."""
+    sample = weight[:: max(1, weight.shape[0] // rows.SAMPLES)][: rows.SAMPLES]
+    z = hidden.float() @ sample.float().T
+    norms = [torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample)]
+    k = (z - torch.outer(*norms) * (4 * hidden.shape[1] * 2.0**-24)).amax(dim=1)
+    return torch.where(k == float("inf"), float("nan"), k)
+
+
+@pytest.mark.parametrize(
+    "n,h,v", [(1, 16, 300), (70, 100, 5000), (130, 64, 2049), (65, 24, 1024), (300, 40, 3000)]
+)
+def test_lce_row_references_kernel(n, h, v, monkeypatch):
+    """Each row's reference K: the max of its sampled logits, lowered by the rounding bound, within fp32
+    summation order of torch's; nan where a hidden state is nan or inf (every tile then takes its own max).
+    Row blocks of 16, 32 and 64 (the interpreter counts 4 SMs)."""
+    monkeypatch.setattr(rows, "SAMPLES", 96)  # every few columns, the last sample block ragged
+    torch.manual_seed(n)
+    hid = _r(n, h, dtype=torch.bfloat16, scale=3.0)
+    w = _r(v, h, dtype=torch.bfloat16)
+    want = _torch_references(hid.cpu(), w.cpu())
+    torch.testing.assert_close(rows.row_references(hid, w).cpu(), want, rtol=1e-5, atol=1e-4)
+    if n > 2:
+        hid[0, 1], hid[2, 0] = float("nan"), float("inf")
+        got = rows.row_references(hid, w).cpu()
+        assert got[[0, 2]].isnan().all() and not got[1].isnan() and not got[3:].isnan().any()
+
+
+def test_lce_eager_function_runs_the_one_pass(monkeypatch):
+    """The eager bf16 training path (``_LceWithGradEager``, taken for plain CUDA tensors outside tracing)
+    gives the one pass's loss and gradients bit for bit, scaled by the upstream gradient (in place on the last
+    backward, into new tensors while the graph is kept), through the public op too; no double backward."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    hid, w = _r(40, 16, dtype=bf16), _r(100, 16, dtype=bf16, scale=0.5)
+    labels = torch.randint(0, 100, (40,), device=KERNEL_DEVICE)
+    labels[:3] = -100
+    divisor = (labels != -100).sum().float()
+    loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    out = lce._LceWithGradEager.apply(x, wt, labels, divisor, -100, False, True, True, None)
+    assert type(out[0].grad_fn).__name__ == "_LceWithGradEagerBackward"
+    assert torch.equal(out[0], loss)
+    out[0].backward(torch.tensor(2.0, device=KERNEL_DEVICE), retain_graph=True)  # kept: not in place
+    assert torch.equal(x.grad, dh * 2) and torch.equal(wt.grad, dw * 2)
+    x.grad = wt.grad = None
+    out[0].backward()  # the last backward: in place
+    assert torch.equal(x.grad, dh) and torch.equal(wt.grad, dw)
+    # The public op takes it for bf16 training (labels shifted, the mean over the supervised).
+    x.grad = wt.grad = None
+    flat = labels.view(4, 10)
+    got = ops.linear_cross_entropy(x.view(4, 10, 16), wt, flat)
+    assert type(got.grad_fn).__name__ == "_LceWithGradEagerBackward"
+    want = reference.lce_fwd(hid.float().view(4, 10, 16)[:, :-1].reshape(-1, 16), w.float(),
+                             flat[:, 1:].reshape(-1), -100, False)[0]  # fmt: skip
+    torch.testing.assert_close(got, want.sum() / (flat[:, 1:] != -100).sum(), rtol=1e-2, atol=1e-2)
+    first = torch.autograd.grad(got**2, x, create_graph=True)[0]  # an upstream gradient with a graph
+    assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()
+
+
+@pytest.mark.parametrize("ignored", [3, 20], ids=["all-rows", "supervised-rows"])
+def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_prefetch, ignored):
+    """The eager bf16 training call starts the label check, queues the rows' references before waiting for
+    the counts (which the check then reads: no count of its own) and hands the references to the one pass:
+    the same bits as the one pass computing them itself. Where it then scores only the supervised rows, it
+    drops them (those rows' own are computed, as the registered op computes them)."""
+    from chronipatch.ops import _labels
+
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)
+    for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    monkeypatch.setattr(lce, "prefetch_label_check", cpu_prefetch)  # its steps with CPU stand-ins
+    order, real_counts, real_refs = [], _labels.label_counts, lce.row_references
+    monkeypatch.setattr(_labels, "label_counts", lambda *a: order.append("counts") or real_counts(*a))
+    monkeypatch.setattr(lce, "row_references", lambda *a: order.append("references") or real_refs(*a))
+    handed, real = [], rows.rows_fwd_bwd
+    monkeypatch.setattr(lce, "rows_fwd_bwd", lambda *args: handed.append(args[-1]) or real(*args))
+    torch.manual_seed(0)
+    hid, w = _r(40, 16, dtype=torch.bfloat16), _r(100, 16, dtype=torch.bfloat16, scale=0.5)
+    labels = torch.randint(0, 100, (40,), device=KERNEL_DEVICE)
+    labels[torch.randperm(40)[:ignored]] = -100
+    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = ops.linear_cross_entropy(x, wt, labels, shift=False)
+    loss.backward()
+    assert order == ["counts", "references"]
+    supervised = labels != -100
+    keep = supervised.nonzero().squeeze(1) if ignored > 10 else torch.arange(40, device=KERNEL_DEVICE)
+    assert (handed[0] is None) == (ignored > 10)
+    if handed[0] is not None:
+        assert torch.equal(handed[0], rows.row_references(hid, w))
+    divisor = supervised.sum().float()
+    want = lce.lce_fwd_bwd_triton(hid[keep], w, labels[keep], divisor, -100, False, True, True)
+    assert torch.equal(loss, want[0]) and torch.equal(x.grad[keep], want[3]) and torch.equal(wt.grad, want[4])
+    assert not x.grad[~supervised].any()
+
+
+@pytest.mark.parametrize("n", [0, 6], ids=["no-rows", "all-ignored"])
+def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
+    """The eager CUDA paths (one pass, and the launchers without a gradient) with nothing to score: a finite 0
+    loss and zero gradients, whatever the reduction; an empty or all-zero row loss."""
+    small_lce_tiles(monkeypatch)
+    for mod in (lce, rows):  # CPU tensors here: the direct branches as a CUDA call would take them
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    h = _r(n, 16, dtype=torch.bfloat16).requires_grad_()
+    w = _r(50, 16, dtype=torch.bfloat16).requires_grad_()
+    labels = torch.full((n,), -100, device=KERNEL_DEVICE)
+    for kw in ({}, {"reduction": "sum"}, {"num_items_in_batch": 3}):
+        loss = ops.linear_cross_entropy(h, w, labels, shift=False, **kw)
+        assert type(loss.grad_fn).__name__ == "_LceWithGradEagerBackward"
+        loss.backward()
+        assert loss.item() == 0 and not h.grad.any() and not w.grad.any()
+        h.grad = w.grad = None
+    with torch.no_grad():
+        rows_loss = ops.linear_cross_entropy(h, w, labels, shift=False, reduction="none")
+    assert rows_loss.shape == (n,) and not rows_loss.any()
