@@ -1,6 +1,6 @@
 """``ops.add_rms_norm_swiglu``: its eager CUDA Function against the composition of ``add_rms_norm_linear`` and
 ``swiglu_linear`` it replaces (bit for bit: the same kernels, here the same references on CPU tensors), and
-bad arguments. A patched model through it: ``test_patch.py``."""
+bad arguments. A patched model through it: ``test_patch.py`` and ``test_patch_paths.py``."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``ops.rms_norm_linear_rope``: its eager CUDA Function against the composition of ``rms_norm_linear`` and
 ``rope`` it replaces (bit for bit: the same kernels, here the same references on CPU tensors), the
 composition's checks, and ``rope_triton`` writing into given outputs. A patched model through it:
-``test_patch.py``."""
+``test_patch.py`` and ``test_patch_paths.py``."""
 
 from __future__ import annotations
 

@@ -72,3 +72,26 @@ def addition_dataset(n: int = 64, seed: int = 0):
         a, b = rng.randrange(10 ** rng.randint(1, 4)), rng.randrange(10 ** rng.randint(1, 4))
         rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b)})
     return Dataset.from_list(rows)
+
+
+def loss_and_grads(model, ids, labels, **kw):
+    """A fresh backward of ``model``'s loss: the loss and every parameter's gradient by name."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    return out.loss.detach(), grads
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-6):
+    """Two ``loss_and_grads`` results agree: the loss and the same gradients by name."""
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
