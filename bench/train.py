@@ -28,13 +28,12 @@ from common import (
     env_info,
     gpu_time_breakdown,
     markdown_table,
-    memory_at_peak,
-    memory_sections,
     profile_sections,
     run_worker,
     short_error,
     write_results,
 )
+from memory import memory_at_peak, memory_sections
 from models import SMOKE_CONFIG, causal_lm
 
 PEAK_FLOP_PER_S = 790e12  # achievable dense bf16 matmul rate on H100 SXM (same figure as bench/ops.py)
