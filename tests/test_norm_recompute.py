@@ -12,8 +12,7 @@ import torch
 
 import chronipatch
 from helpers import dynamo_graphs, saved_bytes
-from test_patch import _assert_same, _loss_and_grads
-from tiny import COMMON, FAMILIES, batch, tiny_model
+from tiny import COMMON, FAMILIES, assert_same, batch, loss_and_grads, tiny_model
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -24,7 +23,7 @@ def test_switch_off_runs_the_norms_alone(family, op_calls):
     assert "rms_norm_linear" not in report.ops()
     assert sum(why == "norm_recompute=False" for _, _, why in report.left) == COMMON["num_hidden_layers"]
     ids, labels = batch()
-    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    assert_same(loss_and_grads(patched, ids, labels), loss_and_grads(stock, ids, labels))
     qk_norms = 4 if family == "qwen3" else 0
     assert op_calls["rms_norm_linear"] == 0 and op_calls["rms_norm"] == 5 + qk_norms
 
@@ -52,7 +51,7 @@ def test_attention_stacks_qkv_except_under_qk_norms(family, monkeypatch):
     monkeypatch.setattr(ops, "rms_norm_linear", spy)
     monkeypatch.setattr(ops, "rms_norm_linear_rope", spy_rope)
     ids, labels = batch()
-    _assert_same(_loss_and_grads(patched, ids, labels), _loss_and_grads(stock, ids, labels))
+    assert_same(loss_and_grads(patched, ids, labels), loss_and_grads(stock, ids, labels))
     expected = (3, False) if family == "qwen3" else (3, "rope")
     assert calls == [expected] * COMMON["num_hidden_layers"]  # the MLP's: add_rms_norm_linear
 
@@ -77,10 +76,10 @@ def test_falls_back_where_fusing_would_change_the_layer(case, op_calls):
     patched = copy.deepcopy(model)
     report = chronipatch.apply(patched, **switches)
     ids, labels = batch()
-    ref = _loss_and_grads(model, ids, labels)
+    ref = loss_and_grads(model, ids, labels)
     op_calls.clear()
     calls.clear()
-    _assert_same(_loss_and_grads(patched, ids, labels), ref)
+    assert_same(loss_and_grads(patched, ids, labels), ref)
     layers = COMMON["num_hidden_layers"]
     fused = {"lora_attention": layers, "hooked_norm": layers, "norm_off": 0, "swiglu_off": layers}[case]
     assert op_calls["rms_norm_linear"] == fused
@@ -98,16 +97,16 @@ def test_autocast_and_mixed_dtypes_fall_back(op_calls):
     chronipatch.apply(patched)
     ids, labels = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = _loss_and_grads(stock, ids, labels)
+        ref = loss_and_grads(stock, ids, labels)
         op_calls.clear()
-        _assert_same(_loss_and_grads(patched, ids, labels), ref, rtol=0, atol=0)
+        assert_same(loss_and_grads(patched, ids, labels), ref, rtol=0, atol=0)
     assert op_calls["rms_norm_linear"] == 0
     for m in (stock, patched):
         for layer in m.model.layers:
             layer.input_layernorm.bfloat16()  # bf16 weight * fp32 activations: fp32, by promotion
-    ref = _loss_and_grads(stock, ids, labels)
+    ref = loss_and_grads(stock, ids, labels)
     op_calls.clear()
-    _assert_same(_loss_and_grads(patched, ids, labels), ref, rtol=0, atol=0)
+    assert_same(loss_and_grads(patched, ids, labels), ref, rtol=0, atol=0)
     assert op_calls["rms_norm_linear"] == 2  # the post-attention norms, in the model's dtype, still fuse
 
 
