@@ -74,11 +74,18 @@ def test_eager_function_refuses_a_double_backward(monkeypatch):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda a: {**a, "wu": a["wu"][:7]}, r"swiglu_linear: gate \(2, 5, 40\) and up \(2, 5, 7\) differ"),
-        (lambda a: {**a, "wd": a["wd"][:, :7]}, r"ops.swiglu_linear: weight \(24, 7\) does not match gate"),
+        (
+            lambda a: {**a, "wu": a["wu"][:7]},
+            r"add_rms_norm_swiglu: W_gate \(40, 24\) and W_up \(7, 24\) differ",
+        ),
+        (lambda a: {**a, "wd": a["wd"][:, :7]}, r"add_rms_norm_swiglu: down \(24, 7\) is not \[H_out, 40\]"),
         (lambda a: {**a, "r": a["r"][:1]}, r"ops.add_rms_norm_linear: residual \(1, 5, 24\) does not match"),
         (lambda a: {**a, "nw": a["nw"].float()}, r"ops.add_rms_norm_linear: norm_weight has dtype"),
-        (lambda a: {**a, "wg": a["wg"][:, :5]}, r"ops.add_rms_norm_linear: weights\[0\] \(40, 5\) does not"),
+        (lambda a: {**a, "wg": a["wg"][:, :5]}, r"add_rms_norm_swiglu: W_gate \(40, 5\) and W_up \(40, 24\)"),
+        (
+            lambda a: {**a, "wg": a["wg"][:, :5], "wu": a["wu"][:, :5]},
+            r"add_rms_norm_linear: weights\[0\] \(40, 5\)",
+        ),
     ],
 )
 @pytest.mark.parametrize("eager", [False, True], ids=["composed", "eager"])

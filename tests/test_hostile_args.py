@@ -155,3 +155,138 @@ def test_kernels_take_rows_of_width_zero():
     torch.testing.assert_close(qo, rope_k.rope_triton(q, q[:, :1], cos, cos)[0])
     qo, ko = rope_k.rope_triton(q[..., :0], q[..., :0], cos[..., :0], cos[..., :0])  # head dim 0
     assert qo.shape == (1, 2, 3, 0) and ko.shape == (1, 2, 3, 0)
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "case", ["rope-batch-0", "rope-tokens-0", "swiglu-out-0", "swiglu-inner-0", "norm-linear-out-0", "norm-0"]
+)
+def test_empty_batches_and_widths_run_both_ways_as_stock(case):
+    """Zero rows or zero features: the stock composition's empty or zero results, forward and backward."""
+    b, t = (0, 5) if case == "rope-batch-0" else (2, 0) if case == "rope-tokens-0" else (2, 5)
+    if case.startswith("rope"):
+        x, nw = torch.randn(b, t, 16), torch.ones(16)
+        ws = _leaves(torch.randn(16, 16), torch.randn(8, 16), torch.randn(8, 16))
+        cos, sin = torch.randn(1, t, 8), torch.randn(1, t, 8)
+        outs = ops.rms_norm_linear_rope(x, nw, 1e-6, ws, None, 8, cos, sin)
+        assert [tuple(o.shape) for o in outs] == [(b, 2, t, 8), (b, 1, t, 8), (b, 1, t, 8)]
+        sum(o.sum() for o in outs).backward()
+        assert all(w.grad is not None and not w.grad.any() for w in ws)
+        return
+    if case.startswith("swiglu"):
+        inner, out = (0, 5) if case == "swiglu-inner-0" else (4, 0)
+        g, u, w = _leaves(torch.randn(3, inner), torch.randn(3, inner), torch.randn(out, inner))
+        gs, us, ws = _leaves(g, u, w)
+        mine, stock = ops.swiglu_linear(g, u, w), F.linear(F.silu(gs) * us, ws)
+        leaves, stock_leaves = (g, u, w), (gs, us, ws)
+    elif case == "norm-linear-out-0":
+        x, nw, w = _leaves(torch.randn(3, 8), torch.randn(8), torch.randn(0, 8))
+        xs, nws, ws = _leaves(x, nw, w)
+        mine, stock = ops.rms_norm_linear(x, nw, 1e-6, [w])[0], F.linear(F.rms_norm(xs, (8,), nws, 1e-6), ws)
+        leaves, stock_leaves = (x, nw, w), (xs, nws, ws)
+    else:
+        x, nw = _leaves(torch.randn(3, 0), torch.randn(0))
+        xs, nws = _leaves(x, nw)
+        mine, stock = ops.rms_norm(x, nw), F.rms_norm(xs, (0,), nws)
+        leaves, stock_leaves = (x, nw), (xs, nws)
+    assert mine.shape == stock.shape
+    mine.sum().backward()
+    stock.sum().backward()
+    for a, s in zip(leaves, stock_leaves):
+        torch.testing.assert_close(a.grad, s.grad)
+
+
+def test_strided_norm_weight_gives_the_contiguous_results():
+    """A norm weight that is a strided or expanded view: the dense weight's outputs, and its gradient reaches
+    the view's base (a copy autograd sees; the kernels index the weight densely)."""
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    ws = [torch.randn(16, 8), torch.randn(8, 8), torch.randn(8, 8)]
+    cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    calls = {
+        "rms_norm": lambda nw: [ops.rms_norm(x, nw)],
+        "rms_norm_linear": lambda nw: ops.rms_norm_linear(x, nw, 1e-6, ws[:2])[1],
+        "add_rms_norm_linear": lambda nw: [*ops.add_rms_norm_linear(r, x, nw, 1e-6, ws[1:])[1]],
+        "rms_norm_linear_rope": lambda nw: [*ops.rms_norm_linear_rope(x, nw, 1e-6, ws, None, 8, cos, sin)],
+        "add_rms_norm_swiglu": lambda nw: [*ops.add_rms_norm_swiglu(r, x, nw, 1e-6, ws[1:], ws[2])],
+    }
+    for name, call in calls.items():
+        for view in ("strided", "expanded"):
+            base = torch.randn(16 if view == "strided" else 1, requires_grad=True)
+            nw = base[::2] if view == "strided" else base.expand(8)
+            dense = nw.detach().clone().requires_grad_()
+            got, want = call(nw), call(dense)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} {view}")
+            sum(o.sum() for o in got).backward()
+            sum(o.sum() for o in want).backward()
+            expect = torch.zeros_like(base)
+            if view == "strided":
+                expect[::2] = dense.grad
+            else:
+                expect[0] = dense.grad.sum()
+            torch.testing.assert_close(base.grad, expect, msg=f"{name} {view}")
+
+
+@pytest.mark.parametrize(
+    "gate_up,down,match",
+    [
+        (
+            [torch.randn(6, 8)] * 3,
+            torch.randn(8, 6),
+            "gate_up must be a list \\[W_gate, W_up\\], got 3 items",
+        ),
+        (
+            [torch.randn(6, 8), torch.randn(5, 8)],
+            torch.randn(8, 6),
+            r"W_gate \(6, 8\) and W_up \(5, 8\) differ",
+        ),
+        ([torch.randn(6, 8)] * 2, torch.randn(8, 5), r"down \(8, 5\) is not \[H_out, 6\]"),
+        ([torch.randn(6, 8), "up"], torch.randn(8, 6), "W_up must be a torch.Tensor, got str"),
+    ],
+)
+def test_add_rms_norm_swiglu_names_its_own_arguments(gate_up, down, match):
+    x = torch.randn(2, 8)
+    with pytest.raises((ValueError, TypeError), match=f"chronipatch.ops.add_rms_norm_swiglu: {match}"):
+        ops.add_rms_norm_swiglu(x, x, torch.ones(8), 1e-6, gate_up, down)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_items_in_batch="4"), "num_items_in_batch must be a real number, got '4'"),
+        (dict(num_items_in_batch=True), "num_items_in_batch must be a real number, got True"),
+        (dict(num_items_in_batch=4 + 0j), "num_items_in_batch must be a real number, got \\(4\\+0j\\)"),
+        (dict(label_check="x"), "label_check must come from prefetch_label_check, got 'x'"),
+    ],
+)
+def test_lce_odd_arguments_are_named(kwargs, match):
+    h, w, labels = _lce_case()
+    with pytest.raises(TypeError, match=f"chronipatch.ops.linear_cross_entropy: {match}"):
+        ops.linear_cross_entropy(h, w, labels, **kwargs)
+
+
+def test_compiled_lce_gives_nan_rows_for_labels_out_of_range():
+    """Compiled, the label check (a host sync) is skipped: a label outside [0, V) gives a nan loss row,
+    not an indexing error or the loss of some other logit; the other rows are stock's."""
+    h, w, _ = _lce_case()
+    labels = torch.tensor([[0, 1, 8, 2, -100], [3, -5, 5, 6, 7]])
+    fn = torch.compile(lambda h, w, y: ops.linear_cross_entropy(h, w, y, shift=False, reduction="none"))
+    rows = fn(h, w, labels)
+    bad = (labels == 8) | (labels == -5)
+    assert rows[bad].isnan().all() and not rows[~bad].isnan().any()
+    logits = F.linear(h.double(), w.double())
+    want = F.cross_entropy(logits[~bad], labels[~bad], reduction="none")
+    torch.testing.assert_close(rows[~bad].double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.compile(lambda h, w, y: ops.linear_cross_entropy(h, w, y))(h, w, labels).isnan()
+
+
+def test_lce_complex_num_items_off_the_real_line_is_named():
+    h, w, labels = _lce_case()
+    with pytest.raises(
+        ValueError, match=r"linear_cross_entropy: num_items_in_batch=tensor.* is no real number"
+    ):
+        ops.linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(4 + 1j))

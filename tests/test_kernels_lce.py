@@ -368,7 +368,8 @@ def test_lce_nan_logit_gives_a_nan_loss(dtype, col, monkeypatch):
 def test_lce_loss_of_a_label_logit_summed_above_the_max_is_zero():
     """The merge's label logit is summed in another order than the tiles' row max: where it lands one ulp
     above the max of a row holding all the probability, the loss is CE's 0, not a negative one; a nan sum
-    stays a nan loss, an ignored row's is 0, and the label logit of an ignored or out-of-range label 0."""
+    stays a nan loss, an ignored row's is 0, and the label logit of an ignored or out-of-range label 0 (the
+    latter's loss nan: compiled calls have no label check)."""
     dev = dict(device=KERNEL_DEVICE)
     zy = 5.0  # h . w_y with H = 1: exact in fp16
     m = torch.nextafter(torch.tensor(zy), torch.tensor(0.0)).repeat(5).to(**dev)  # one tile per row
@@ -382,7 +383,7 @@ def test_lce_loss_of_a_label_logit_summed_above_the_max_is_zero():
     )  # fmt: skip
     zlab, loss = outs[2].cpu(), outs[3].cpu()
     assert zlab.tolist() == [zy, zy, zy, 0.0, 0.0]
-    assert loss[0] == 0 and loss[3] == 0 and loss[2].isnan() and loss[4] == m[4].cpu()  # log 1 = 0
+    assert loss[0] == 0 and loss[3] == 0 and loss[2].isnan() and loss[4].isnan()  # log 1 = 0
     # The device's log against torch's on the CPU: each within an ulp of log 1.5.
     torch.testing.assert_close(loss[1], torch.log(torch.tensor(1.5)) - (zy - m[1].cpu()), rtol=2.5e-7, atol=0)
 
@@ -555,3 +556,23 @@ def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
     with torch.no_grad():
         rows_loss = ops.linear_cross_entropy(h, w, labels, shift=False, reduction="none")
     assert rows_loss.shape == (n,) and not rows_loss.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["chunks", "tiles"])
+def test_lce_labels_out_of_range_give_nan_rows(dtype):
+    """Compiled calls skip the label check: a label outside [0, V) gives a nan loss row (not the loss of a
+    label logit of 0), the other rows and every row's gradient as the reference's."""
+    torch.manual_seed(0)
+    hid, w = _r(5, 16, dtype=dtype), _r(300, 16, dtype=dtype)
+    labels = torch.tensor([5, 300, -7, -100, 299], device=KERNEL_DEVICE)
+    rows_, stats = lce.lce_fwd_triton(hid, w, labels, -100)[:2]
+    want, want_stats = reference.lce_fwd(hid, w, labels, -100)[:2]
+    assert rows_.isnan().tolist() == [False, True, True, False, False]
+    torch.testing.assert_close(rows_, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-5, atol=1e-5)
+    ones = torch.ones(5, device=KERNEL_DEVICE)
+    for got, ref in zip(
+        lce.lce_bwd_triton(ones, hid, w, labels, stats, -100),
+        reference.lce_bwd(ones, hid, w, labels, stats, -100),
+    ):
+        torch.testing.assert_close(got.float(), ref.float(), **TOL[dtype])

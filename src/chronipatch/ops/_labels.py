@@ -178,7 +178,12 @@ def check_values(
         )
     if num_items is not None:
         if not device_items:
-            n = float(num_items)
+            try:
+                n = float(num_items)
+            except (RuntimeError, TypeError, ValueError) as e:  # e.g. a complex tensor off the real line
+                raise ValueError(
+                    f"chronipatch.ops.{op}: num_items_in_batch={num_items!r:.40} is no real number"
+                ) from e
             bad_items = not n >= 0 or (n == 0 and n_valid > 0)  # negative or NaN
         if bad_items:
             raise ValueError(  # an on-device num_items is read on the host only here, to name it

@@ -268,7 +268,11 @@ def _merge_kernel(
         zy = _label_logit(H, W, row, y, stride_h, stride_w, hdim, BLOCK_H)
     tl.store(ZLAB + row, zy)
     loss = tl.log(s) - centred(zy, m)
-    tl.store(LOSS + row, tl.where(y != ignore_index, tl.where(loss < 0.0, 0.0, loss), 0.0))
+    loss = tl.where(loss < 0.0, 0.0, loss)
+    # A label out of range (compiled calls skip the check, which needs a host sync): nan, not the loss of a
+    # label logit of 0.
+    loss = tl.where((y >= 0) & (y < vocab), loss, float("nan"))
+    tl.store(LOSS + row, tl.where(y != ignore_index, loss, 0.0))
 
 
 # ---------------------------------------------------------------- launchers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import weakref
 
@@ -135,6 +136,17 @@ def saveable(t: Tensor, *others: Tensor | None) -> Tensor:
     ):
         return t
     return t.clone()
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """``t`` as [rows, last dim]: ``reshape(-1, n)``, which cannot infer the row count where n is 0."""
+    return t.reshape(-1, t.shape[-1]) if t.shape[-1] else t.reshape(math.prod(t.shape[:-1]), 0)
+
+
+def unit_stride(w):
+    """A norm weight the kernels can index densely: itself, or for a strided view (every element read
+    apart) a copy that autograd sees. Anything else is left for the checks to name."""
+    return w.contiguous() if isinstance(w, Tensor) and w.dim() == 1 and w.stride(0) != 1 else w
 
 
 def last_dense(x: Tensor) -> Tensor:

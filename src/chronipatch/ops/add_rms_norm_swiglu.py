@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import rms_norm_linear as rnl
 from . import swiglu_linear as sl
-from ._utils import autocast_dtype, eager_cuda, same_floats
+from ._utils import autocast_dtype, check, check_tensors, eager_cuda, same_floats, unit_stride
 from .rms_norm_linear import add_rms_norm_linear
 from .swiglu_linear import swiglu_linear
 
@@ -65,12 +65,14 @@ def add_rms_norm_swiglu(
     """``(s, swiglu_linear(g, u, down, down_bias))`` of ``(s, [g, u]) = add_rms_norm_linear(residual, x,
     norm_weight, eps, gate_up, gate_up_biases)``: the MLP of the normalised sum s = residual + x, and s."""
     biases = [None, None] if gate_up_biases is None else list(gate_up_biases)
+    norm_weight = unit_stride(norm_weight)
     if _eager(residual, x, norm_weight, gate_up, down, biases, down_bias):
         biased = tuple(b is not None for b in (*biases, down_bias))
         given = [b for b in (*biases, down_bias) if b is not None]
         args = (residual, x, norm_weight, float(eps), biased, *gate_up, down, *given)
         return _AddRMSNormSwiGLUEager.apply(*args)
-    # The composition, whose ops check the arguments: the same results.
+    _check(gate_up, biases, down)
+    # The composition, whose ops check the rest: the same results.
     s, (g, u) = add_rms_norm_linear(residual, x, norm_weight, eps, gate_up, biases)
     return s, swiglu_linear(g, u, down, down_bias)
 
@@ -96,3 +98,29 @@ def _eager(residual, x, norm_weight, gate_up, down, biases, down_bias) -> bool:
         return False
     rnl._check_shapes("add_rms_norm_linear", x, norm_weight, gate_up, biases, residual)
     return True
+
+
+def _check(gate_up, biases, down) -> None:
+    """What the composition needs beyond its two ops' own checks, named before either runs."""
+    op = "add_rms_norm_swiglu"
+    check(
+        isinstance(gate_up, (list, tuple)) and len(gate_up) == 2,
+        op,
+        lambda: (
+            "gate_up must be a list [W_gate, W_up], got "
+            + (f"{len(gate_up)} items" if isinstance(gate_up, (list, tuple)) else type(gate_up).__name__)
+        ),
+    )
+    check(len(biases) == 2, op, lambda: f"gate_up_biases must be [b_gate, b_up] or None, got {len(biases)}")
+    check_tensors(op, W_gate=gate_up[0], W_up=gate_up[1], down=down)
+    wg, wu = gate_up
+    check(
+        wg.shape == wu.shape,
+        op,
+        lambda: f"W_gate {tuple(wg.shape)} and W_up {tuple(wu.shape)} differ in shape",
+    )
+    check(
+        down.dim() == 2 and wg.dim() == 2 and down.shape[1] == wg.shape[0],
+        op,
+        lambda: f"down {tuple(down.shape)} is not [H_out, {wg.shape[0] if wg.dim() == 2 else '?'}]",
+    )

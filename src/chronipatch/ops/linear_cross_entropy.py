@@ -88,7 +88,9 @@ def lce_fwd_triton(
         m, s, e, arg, zlab = chunks_fwd(hidden, weight, labels, ignore_index, token_stats)
         # The label's logit centred like the sums: 0 when it is the +inf that holds all the probability.
         loss = (torch.log(s) - reference.centred(zlab, m)).clamp_min(0.0)
-        loss = torch.where(labels != ignore_index, loss, 0.0)
+        loss = torch.where(
+            labels != ignore_index, reference.nan_out_of_range(loss, labels, weight.shape[0]), 0.0
+        )
     return loss, torch.stack([m, s], -1), *_token_stats(s, e, arg, labels, token_stats)
 
 
@@ -371,6 +373,15 @@ def linear_cross_entropy(
         raise TypeError(f"chronipatch.ops.{op}: ignore_index must be an int, got {ignore_index!r}")
     check(reduction in ("mean", "sum", "none"), op, f"reduction must be mean, sum or none, got {reduction!r}")
     check(num_items_in_batch is None or reduction == "mean", op, "num_items_in_batch needs reduction='mean'")
+    items = num_items_in_batch
+    if isinstance(items, (str, bytes, complex, bool)) or (
+        isinstance(items, torch.Tensor) and items.dtype == torch.bool
+    ):
+        raise TypeError(f"chronipatch.ops.{op}: num_items_in_batch must be a real number, got {items!r:.60}")
+    if label_check is not None and not isinstance(label_check, LabelCheck):
+        raise TypeError(
+            f"chronipatch.ops.{op}: label_check must come from prefetch_label_check, got {label_check!r:.60}"
+        )
     check(
         not isinstance(num_items_in_batch, torch.Tensor) or num_items_in_batch.numel() == 1,
         op,

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._utils import as_rows
+
 
 def _f(x: Tensor) -> Tensor:
     """Upcast to at least fp32 (fp64 stays fp64, so the reference is also the fp64 truth)."""
@@ -42,7 +44,7 @@ def rms_norm_bwd(
     dx = r * (dh - h * (dh * h).mean(-1, keepdim=True))
     if dx_ext is not None:
         dx = dx + _f(dx_ext)
-    dw = (dyf * _f(h.to(x.dtype))).reshape(-1, x.shape[-1]).sum(0)
+    dw = as_rows(dyf * _f(h.to(x.dtype))).sum(0)
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
@@ -101,6 +103,16 @@ def _fp32_logits(hidden: Tensor, weight: Tensor) -> Tensor:
     return _f(hidden) @ _f(weight).T
 
 
+def _in_range(labels: Tensor, vocab: int) -> Tensor:
+    return (labels >= 0) & (labels < vocab)
+
+
+def nan_out_of_range(loss: Tensor, labels: Tensor, vocab: int) -> Tensor:
+    """nan rows for labels outside [0, V): compiled calls skip the label check (a host sync), and a loss of
+    some other logit would train on it silently."""
+    return torch.where(_in_range(labels, vocab), loss, float("nan"))
+
+
 def lce_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool = True
 ) -> tuple[Tensor, ...]:
@@ -114,8 +126,9 @@ def lce_fwd(
     s = torch.exp(z).sum(-1)
     logsum = torch.log(s)
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0)
-    loss = torch.where(valid, logsum - z.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0)
+    safe = torch.where(valid & _in_range(labels, weight.shape[0]), labels, 0)
+    loss = logsum - z.gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss = torch.where(valid, nan_out_of_range(loss, labels, weight.shape[0]), 0.0)
     if not token_stats:
         return loss, torch.stack([m, s], -1), loss.new_empty(0), loss.new_empty(0)
     p = torch.exp(z) / s.unsqueeze(1)
@@ -137,9 +150,10 @@ def lce_bwd(
     logits = _fp32_logits(hidden, weight)
     valid = labels != ignore_index
     scale = torch.where(valid, _f(grad_rows), 0.0).unsqueeze(1)
-    safe = torch.where(valid, labels, 0).unsqueeze(1)
+    hit = valid & _in_range(labels, weight.shape[0])  # as the kernels: no one-hot for a label out of range
+    safe = torch.where(hit, labels, 0).unsqueeze(1)
     p = torch.exp(centred(logits, stats[:, :1])) / stats[:, 1:]  # softmax as stock computes it
-    g = p.scatter_add(1, safe, -valid.to(logits.dtype).unsqueeze(1))
+    g = p.scatter_add(1, safe, -hit.to(logits.dtype).unsqueeze(1))
     g = torch.where(valid.unsqueeze(1), g * scale, 0.0).to(hidden.dtype)  # ignored rows: exactly 0
     dh = g @ weight if need_dh else hidden.new_zeros(0)
     # No 0 * nan from ignored rows: their hidden states are zeroed.

@@ -15,7 +15,6 @@ torch's add), written by the forward kernel; the backward adds the sum's own gra
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +25,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import reference
 from ._utils import (
+    as_rows,
     cdiv,
     check,
     check_tensors,
@@ -37,6 +37,7 @@ from ._utils import (
     same_floats,
     saveable,
     sms_for,
+    unit_stride,
 )
 
 DY_TERMS = 3  # the most terms of dy the backward kernel sums as it loads them
@@ -160,9 +161,7 @@ def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
 
 
 def _rows(t: Tensor) -> Tensor:
-    n = t.shape[-1]
-    # reshape(-1, 0) cannot infer the row count of rows of width 0
-    return last_dense(t.reshape(-1, n) if n else t.reshape(math.prod(t.shape[:-1]), 0))
+    return last_dense(as_rows(t))
 
 
 def rms_norm_fwd_triton(x: Tensor, weight: Tensor, eps: float, wrap: bool = True) -> tuple[Tensor, Tensor]:
@@ -321,13 +320,8 @@ class _RMSNormEager(torch.autograd.Function):
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """HF RMSNorm over the last dim of ``x`` (any leading shape) with weight ``[N]``."""
-    if not (
-        same_floats(x, weight)
-        and x.dim() >= 1
-        and weight.dim() == 1
-        and weight.shape[0] == x.shape[-1]
-        and weight.stride(0) == 1
-    ):
+    weight = unit_stride(weight)
+    if not (same_floats(x, weight) and x.dim() >= 1 and weight.dim() == 1 and weight.shape[0] == x.shape[-1]):
         _check(x, weight)
     x = saveable(x, weight)  # the backward reads x (stock keeps its normalised copy)
     if eager_cuda(x, weight):
@@ -352,4 +346,3 @@ def _check(x: Tensor, weight: Tensor) -> None:
         "rms_norm",
         lambda: f"weight shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}",
     )
-    check(weight.stride(0) == 1, "rms_norm", "weight must be contiguous")

@@ -34,6 +34,7 @@ from torch.library import triton_op
 
 from . import reference
 from ._utils import (
+    as_rows,
     autocast_dtype,
     check,
     check_same,
@@ -43,6 +44,7 @@ from ._utils import (
     on_gpu,
     same_floats,
     saveable,
+    unit_stride,
 )
 from .rms_norm import DY_TERMS, rms_norm, rms_norm_add_fwd_triton, rms_norm_bwd_y_triton, rms_norm_fwd_triton
 
@@ -80,7 +82,7 @@ def _bwd(
     """(dx, dnorm_weight, dW_i, db_i), ``dx_ext`` added to dx; a dW or db not needed is returned empty (its
     GEMM or sum skipped). Stacked: douts is the one stacked output's gradient, and dW, db come stacked too
     (one each, if any is needed)."""
-    douts = [do.reshape(-1, do.shape[-1]) for do in douts]
+    douts = [as_rows(do) for do in douts]
     if stacked:
         # Stacked again as [H, sum O] and used transposed: not the forward's torch.cat(weights), which a
         # compiler would then merge with this one and keep from the forward (a copy of the weights per call
@@ -106,7 +108,7 @@ def _bwd(
         acc = torch.promote_types(x.dtype, torch.float32)  # the kernel's sum, in fp32 (fp64 stays)
         dx, dnw = reference.rms_norm_bwd(sum(d.to(acc) for d in dys), x, norm_weight, rstd, dx_ext)
         y = reference.rms_norm_out(x, norm_weight, rstd, weight_last=True) if any(need_dw) else None
-    y2 = y.reshape(-1, y.shape[-1]) if y is not None else None
+    y2 = as_rows(y) if y is not None else None
     dws = [do.T @ y2 if want else w.new_empty(0) for w, do, want in zip(weights, douts, need_dw)]
     dbs = [do.sum(0) if want else w.new_empty(0) for w, do, want in zip(weights, douts, need_db)]
     return dx, dnw, dws, dbs
@@ -259,6 +261,7 @@ def _call(
         lambda: f"weights must be a list of [O, H] tensors, got {type(weights).__name__}",
     )
     check(len(weights) > 0, op, "needs at least one weight")
+    norm_weight = unit_stride(norm_weight)
     biases = [None] * len(weights) if biases is None else list(biases)
     check(len(biases) == len(weights), op, lambda: f"{len(weights)} weights but {len(biases)} biases")
     given = [b for b in biases if b is not None]
@@ -306,8 +309,8 @@ def _named(x, norm_weight, weights, biases, residual) -> dict:
 
 
 def _check_shapes(op, x, norm_weight, weights, biases, residual) -> None:
-    """Shapes and the norm weight's layout (tensors: checked first), each check naming what is wrong where
-    the one-expression test of all of them fails."""
+    """Shapes (tensors: checked first), each check naming what is wrong where the one-expression test of all
+    of them fails."""
     h = x.shape[-1] if x.dim() else 0
     if (
         (residual is None or residual.shape == x.shape)
@@ -315,7 +318,6 @@ def _check_shapes(op, x, norm_weight, weights, biases, residual) -> None:
         and norm_weight.shape == (h,)
         and all(w.dim() == 2 and w.shape[1] == h for w in weights)
         and all(b is None or b.shape == w.shape[:1] for w, b in zip(weights, biases))
-        and norm_weight.stride(0) == 1
     ):
         return
     if residual is not None:  # no broadcasting, also under autocast: s has x's shape
@@ -343,4 +345,3 @@ def _check_shapes(op, x, norm_weight, weights, biases, residual) -> None:
                 f"biases[{i}] {tuple(b.shape)} does not match weights[{i}] {tuple(w.shape)}"
             ),
         )
-    check(norm_weight.stride(0) == 1, op, "norm_weight must be contiguous")

@@ -16,7 +16,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._utils import autocast_dtype, check, check_tensors, direct, eager_cuda, same_floats, saveable
+from ._utils import (
+    autocast_dtype,
+    check,
+    check_tensors,
+    direct,
+    eager_cuda,
+    same_floats,
+    saveable,
+    unit_stride,
+)
 from .rms_norm_linear import _check_shapes, _direct_bwd, _direct_fwd, _unstack, rms_norm_linear
 from .rope import rope, rotate
 
@@ -57,10 +66,15 @@ class _RMSNormLinearRoPEEager(torch.autograd.Function):
 def _heads(out: Tensor, weights, head_dim: int, contiguous_v: bool = False) -> tuple[Tensor, ...]:
     """q, k, v as [B, H, T, D] views of the stacked [B, T, sum O] projections' columns (v of a contiguous
     copy of its columns, as the composition's)."""
-    shape = (*out.shape[:-1], -1, head_dim)
     q, k, v = out.split([w.shape[0] for w in weights], dim=-1)
     v = v.contiguous() if contiguous_v else v
-    return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))
+    return tuple(_split_heads(t, head_dim) for t in (q, k, v))
+
+
+def _split_heads(t: Tensor, head_dim: int) -> Tensor:
+    """[B, T, heads * D] -> [B, heads, T, D], a view (heads counted from the columns: an empty batch has
+    no -1 to infer)."""
+    return t.view(*t.shape[:-1], t.shape[-1] // head_dim, head_dim).transpose(1, 2)
 
 
 def rms_norm_linear_rope(
@@ -79,6 +93,7 @@ def rms_norm_linear_rope(
     ``[B, heads, T, head_dim]`` (v a view of its own contiguous [B, T, heads, head_dim] copy). ``dense``:
     q' and k' contiguous, as ``rope``'s."""
     biases = [None] * 3 if biases is None else list(biases)
+    norm_weight = unit_stride(norm_weight)
     if _eager(x, norm_weight, weights, biases, head_dim, cos, sin):
         _check_shapes("rms_norm_linear", x, norm_weight, weights, biases, None)
         given = [b for b in biases if b is not None]
@@ -88,9 +103,8 @@ def rms_norm_linear_rope(
     _check(x, weights, head_dim)
     # The composition, whose ops check the rest: the same results.
     q, k, v = rms_norm_linear(x, norm_weight, eps, weights, biases, stacked=True)
-    shape = (*x.shape[:-1], -1, head_dim)
-    q, k = rope(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin, dense=dense)
-    return q, k, v.contiguous().view(shape).transpose(1, 2)
+    q, k = rope(_split_heads(q, head_dim), _split_heads(k, head_dim), cos, sin, dense=dense)
+    return q, k, _split_heads(v.contiguous(), head_dim)
 
 
 def _eager(x, norm_weight, weights, biases, head_dim, cos, sin) -> bool:

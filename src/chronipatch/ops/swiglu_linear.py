@@ -21,6 +21,7 @@ from torch.library import triton_op
 
 from . import reference
 from ._utils import (
+    as_rows,
     autocast_dtype,
     autocast_like_linear,
     check,
@@ -45,7 +46,7 @@ def _fwd(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None, wrap: bo
 def _bwd(
     dout: Tensor, gate: Tensor, up: Tensor, weight: Tensor, need_dw: bool, need_db: bool, wrap: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    do = dout.reshape(-1, dout.shape[-1])
+    do = as_rows(dout)
     dh = (do @ weight).view(gate.shape)
     # A frozen projection (LoRA elsewhere) needs no dW: no h then, and no dW GEMM.
     if on_gpu(gate) and need_dw:
@@ -57,7 +58,7 @@ def _bwd(
             reference.swiglu_bwd(dh, gate, up),
             (reference.swiglu_fwd(gate, up) if need_dw else None),
         )
-    dw = do.T @ h.reshape(-1, h.shape[-1]) if need_dw else weight.new_empty(0)
+    dw = do.T @ as_rows(h) if need_dw else weight.new_empty(0)
     db = do.sum(0) if need_db else weight.new_empty(0)
     return dg, du, dw, db
 
