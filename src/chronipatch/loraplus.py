@@ -12,6 +12,7 @@ built inside ``Trainer.create_optimizer`` — before a resumed checkpoint's opti
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -125,7 +126,8 @@ def install(
 ) -> bool:
     """Make ``trainer`` build a LoRA+ optimizer in ``create_optimizer``; False (no change) without LoRA.
 
-    Takes lr, weight decay and the Adam betas/eps from ``trainer.args``; this replaces ``args.optim``.
+    Takes lr, weight decay and the Adam betas/eps from ``trainer.args`` as they are when the optimizer is
+    built; this replaces ``args.optim``.
     """
     if trainer.optimizer is not None:
         raise RuntimeError(
@@ -137,15 +139,37 @@ def install(
         raise RuntimeError("trainer.optimizer_cls_and_kwargs is already set; LoRA+ would override it.")
     if not has_lora(trainer.model):
         return False
-    args = trainer.args
-    kwargs: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
-    if issubclass(optimizer_cls, (torch.optim.Adam, torch.optim.AdamW)):
-        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     factory = functools.partial(
         LoraPlusFactory, ratio=ratio, lr_embedding=lr_embedding, optimizer_cls=optimizer_cls
     )
-    trainer.optimizer_cls_and_kwargs = (factory, kwargs)
+    adam = issubclass(optimizer_cls, (torch.optim.Adam, torch.optim.AdamW))
+    trainer.optimizer_cls_and_kwargs = (factory, _ArgsAtBuild(trainer, adam))
     return True
+
+
+class _ArgsAtBuild(Mapping):
+    """The optimizer's lr and weight decay (Adam's betas and eps too) as ``trainer.args`` holds them when
+    ``Trainer.create_optimizer`` unpacks this, not when :func:`install` ran: a hyperparameter search, or a
+    user, may set them in between."""
+
+    def __init__(self, trainer: Any, adam: bool) -> None:
+        self._trainer, self._adam = trainer, adam
+
+    def _values(self) -> dict[str, Any]:
+        args = self._trainer.args
+        values = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+        if self._adam:
+            values.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
 
 
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -19,6 +19,7 @@ What it does, before ``train()``:
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -86,10 +87,13 @@ def _check_fused_head(owner, fwd) -> None:
     check_head_adapters(head)  # before training, not at its first step
 
 
-def _make_fused_forward(trl_forward, counter: dict):
+def _make_fused_forward(trl_forward, counter: dict, model_forward):
     """TRL's ``_fused_forward`` contract, computed by ``ops.linear_cross_entropy``."""
     from trl.trainer.utils import FusedCausalLMOutput
 
+    # The model's signature, as TRL's head keeps it: generate passes position_ids and logits_to_keep only
+    # to a forward that names them.
+    @functools.wraps(model_forward)
     def forward(
         self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
     ):
@@ -150,8 +154,15 @@ def _make_fused_forward(trl_forward, counter: dict):
 class ChronipatchCallback(TrainerCallback):
     """Logs LoRA+ group learning rates, packing statistics and fused-loss calls; checks LoRA+ at start."""
 
-    def __init__(self, counter: dict, collator: PackingCollator | None, loraplus_ratio: float | None):
+    def __init__(
+        self,
+        counter: dict,
+        collator: PackingCollator | None,
+        loraplus_ratio: float | None,
+        varlen: bool = False,
+    ):
         self.counter, self.collator, self.ratio = counter, collator, loraplus_ratio
+        self.varlen = varlen  # packed rows: what integrate wires again after a revert
         self.step_lrs = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -159,7 +170,9 @@ class ChronipatchCallback(TrainerCallback):
             return
         lrs = loraplus.group_learning_rates(optimizer)
         a, b = lrs.get("lr/lora_A"), lrs.get("lr/lora_B")
-        if a is None or b is None or abs(b - self.ratio * a) > 1e-12 * max(1.0, b):
+        # Adapters on embeddings alone build an ``embedding`` group and no lora_A/lora_B pair.
+        built = {"lr/lora_A", "lr/lora_B", "lr/lora_B_no_decay", "lr/embedding"} & lrs.keys()
+        if not built or (a is not None and b is not None and abs(b - self.ratio * a) > 1e-12 * max(1.0, b)):
             raise RuntimeError(f"chronipatch: LoRA+ groups not built as asked (ratio {self.ratio}): {lrs}")
         log.info("chronipatch: LoRA+ learning rates %s", lrs)
 
@@ -184,21 +197,30 @@ class ChronipatchCallback(TrainerCallback):
 def integrate(
     trainer, *, loraplus_ratio: float = 16.0, loraplus_lr_embedding: float = 1e-6, packing: bool | None = None
 ) -> ChronipatchCallback:
-    """Wire chronipatch into a built TRL ``SFTTrainer``; call once, before ``trainer.train()``.
+    """Wire chronipatch into a built TRL ``SFTTrainer``, before ``trainer.train()``; again after ``revert``.
 
     ``loraplus_ratio=None`` keeps the trainer's optimizer. ``packing=None`` follows the trainer (TRL
     packing / padding-free on -> varlen attention); ``True`` also packs with chronipatch's collator
-    when TRL does not.
+    when TRL does not, into rows of ``args.max_length`` tokens.
     """
-    if getattr(trainer, "_chronipatch", None) is not None:
-        return trainer._chronipatch
-    model = trainer.model
+    callback = getattr(trainer, "_chronipatch", None)
+    if callback is not None:
+        if not is_patched(trainer.model):  # reverted since: wired again as the first call chose
+            _wire(trainer, callback.counter, callback.varlen)
+        return callback
     if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
         raise ValueError("chronipatch.trl.integrate: the tokenizer has no pad token; set tokenizer.pad_token")
     owner, trl_forward = _fused_lm_head_owner(trainer)
     # Before anything changes: a refusal leaves the trainer and the model as they were. (apply leaves a
     # forward someone else bound on the instance, TRL's fused head, where it is.)
     _check_fused_head(owner, trl_forward)
+    trl_packs = bool(getattr(trainer, "padding_free", False))
+    if packing and not trl_packs and not trainer.args.max_length:
+        raise ValueError(
+            "chronipatch.trl.integrate: packing=True packs rows of SFTConfig.max_length tokens, and "
+            f"max_length is {trainer.args.max_length!r}; set it (TRL then truncates examples to it, as "
+            "without packing)"
+        )
     # LoRA+ first too: it refuses a trainer given its own optimizer, and changes only the optimizer factory.
     ratio = None
     if loraplus_ratio is not None:
@@ -206,24 +228,31 @@ def integrate(
             ratio = loraplus_ratio
         else:
             log.warning("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
+    counter, varlen = {"calls": 0}, trl_packs or bool(packing)
+    _wire(trainer, counter, varlen)
+    collator = None
+    if packing and not trl_packs:
+        collator = PackingCollator(max_length=trainer.args.max_length)
+        trainer.data_collator = collator
+
+    callback = ChronipatchCallback(counter, collator, ratio, varlen)
+    trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
+    trainer._chronipatch = callback
+    return callback
+
+
+def _wire(trainer, counter: dict, varlen: bool) -> None:
+    """Patch the trainer's model, route TRL's fused head through our loss, and with packed rows (``varlen``)
+    run the varlen attention without a cache; ``revert`` undoes all three."""
+    model = trainer.model
+    owner, trl_forward = _fused_lm_head_owner(trainer)
     if not is_patched(model):
         apply(model)
-    counter = {"calls": 0}
-    owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
-
-    collator = None
-    trl_packs = bool(getattr(trainer, "padding_free", False))
-    if packing and not trl_packs:
-        collator = PackingCollator(max_length=trainer.args.max_length or 2048)
-        trainer.data_collator = collator
-    if trl_packs or packing:
+    fused = _make_fused_forward(trl_forward, counter, type(owner).forward)
+    owner.forward = types.MethodType(fused, owner)
+    if varlen:
         # On the model's own config, undone by revert: a cache would hide the packed boundaries from the mask
         # logic. flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: kept.
         own_config(model, use_cache=False)
         if not str(model.config._attn_implementation).startswith("flash_attention"):
             select_varlen(model)
-
-    callback = ChronipatchCallback(counter, collator, ratio)
-    trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
-    trainer._chronipatch = callback
-    return callback

@@ -1,0 +1,107 @@
+"""An integrated SFTTrainer beyond its training steps: generate, integrate again after revert, LoRA+ on
+embeddings alone and with arguments changed after integrate, packing without a row size."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+pytest.importorskip("trl")
+
+import torch
+
+import chronipatch
+import chronipatch.trl as ctrl
+from test_trl import _trainer
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _generate(trainer, batch, seen):
+    model = trainer.model.eval()
+    hook = model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                pad_token_id=trainer.processing_class.pad_token_id,
+            )  # fmt: skip
+    finally:
+        hook.remove()
+    return out
+
+
+def test_generate_after_integrate_is_stocks(tmp_path):
+    """The fused head keeps the model's signature, as TRL's does: generate then passes the position ids of a
+    right-padded batch (and logits_to_keep), and scores every step as stock TRL does."""
+    runs = []
+    for integrate in (False, True):
+        trainer = _trainer(tmp_path / str(integrate), integrate=integrate, steps=1)
+        tok = trainer.processing_class
+        tok.padding_side = "right"
+        batch = tok(["12+34=", "7+5=1", "123+4567="], return_tensors="pt", padding=True)
+        seen = []
+        runs.append((_generate(trainer, batch, seen), seen[0]))
+        params = inspect.signature(trainer.model.forward).parameters
+        assert {"position_ids", "logits_to_keep"} <= params.keys()
+    (stock, stock_pos), (ours, pos) = runs
+    assert stock_pos is not None and torch.equal(pos, stock_pos)
+    assert torch.equal(ours.sequences, stock.sequences)
+    for a, b in zip(ours.scores, stock.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_integrate_after_revert_wires_the_trainer_again(tmp_path):
+    trainer = _trainer(tmp_path, integrate=False, steps=2)
+    callback = ctrl.integrate(trainer, packing=True)
+    trainer.train()
+    assert callback.counter["calls"] == 2
+    chronipatch.revert(trainer.model)
+    assert trainer.model.config._attn_implementation != "chronipatch_varlen"
+    assert ctrl.integrate(trainer) is callback
+    assert chronipatch.is_patched(trainer.model)
+    assert (trainer.model.config._attn_implementation, trainer.model.config.use_cache) == (
+        "chronipatch_varlen",
+        False,
+    )
+    trainer.train()  # a second run of two steps, through the fused head again
+    assert callback.counter["calls"] == 4
+
+
+def test_packing_without_a_row_size_is_refused_before_anything_changes(tmp_path):
+    trainer = _trainer(tmp_path, integrate=False, steps=1, max_length=None)
+    collator = trainer.data_collator
+    with pytest.raises(ValueError, match=r"packing=True packs rows of SFTConfig\.max_length tokens"):
+        ctrl.integrate(trainer, packing=True)
+    assert not chronipatch.is_patched(trainer.model) and trainer.data_collator is collator
+
+
+def test_loraplus_on_embedding_adapters_alone_trains(tmp_path):
+    """LoRA on the embeddings alone builds an ``embedding`` group and no lora_A/lora_B pair: training runs,
+    as with peft's own LoRA+ optimizer."""
+    from peft import LoraConfig, get_peft_model
+
+    trainer = _trainer(tmp_path, integrate=False, steps=1)
+    trainer.model = get_peft_model(trainer.model, LoraConfig(r=4, target_modules=["embed_tokens"]))
+    trainer.model_wrapped = trainer.model
+    ctrl.integrate(trainer, loraplus_lr_embedding=2e-5)
+    trainer.train()
+    groups = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}
+    assert groups == {"embedding": pytest.approx(2e-5)}
+
+
+def test_loraplus_takes_the_arguments_the_optimizer_is_built_with(tmp_path):
+    """lr, weight decay and Adam's settings are read when Trainer builds the optimizer, not at integrate."""
+    trainer = _trainer(tmp_path, integrate=False, peft=True, steps=1)
+    ctrl.integrate(trainer)
+    trainer.args.learning_rate, trainer.args.weight_decay, trainer.args.adam_beta2 = 1e-4, 0.1, 0.9
+    optimizer = trainer.create_optimizer()
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["lora_A"]["lr"] == pytest.approx(1e-4) and groups["lora_B"]["lr"] == pytest.approx(1.6e-3)
+    assert groups["lora_A"]["weight_decay"] == 0.1 and groups["lora_A"]["betas"] == (0.9, 0.9)
