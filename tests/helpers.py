@@ -14,6 +14,15 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEEDS_KERNELS = "needs CUDA or TRITON_INTERPRET=1"
 needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason=NEEDS_KERNELS)
 
+# The kernel tests' dtypes (the interpreter's; bf16 natively only) and tolerances against the reference.
+KERNEL_DTYPES = [torch.float32, torch.float16]
+KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def kernel_randn(*shape, dtype, scale=1.0):
+    """Random normal values times ``scale``, on the kernels' device in ``dtype``."""
+    return (torch.randn(*shape) * scale).to(device=KERNEL_DEVICE, dtype=dtype)
+
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0

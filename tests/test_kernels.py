@@ -11,18 +11,14 @@ import torch
 
 from chronipatch.ops import reference
 from helpers import KERNEL_DEVICE, hf_view, needs_kernels
+from helpers import KERNEL_DTYPES as DTYPES
+from helpers import KERNEL_TOL as TOL
+from helpers import kernel_randn as _r
 
 pytestmark = needs_kernels
 rms = importlib.import_module("chronipatch.ops.rms_norm")
 swi = importlib.import_module("chronipatch.ops.swiglu")
 rope = importlib.import_module("chronipatch.ops.rope")
-
-DTYPES = [torch.float32, torch.float16]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
-
-
-def _r(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape) * scale).to(device=KERNEL_DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("rows,n", [(1, 64), (7, 100), (33, 128), (5, 1000)])

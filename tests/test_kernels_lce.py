@@ -11,6 +11,9 @@ import torch
 from chronipatch import ops
 from chronipatch.ops import reference
 from helpers import KERNEL_DEVICE, needs_kernels, small_lce_tiles
+from helpers import KERNEL_DTYPES as DTYPES
+from helpers import KERNEL_TOL as TOL
+from helpers import kernel_randn as _r
 
 pytestmark = needs_kernels
 lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
@@ -18,13 +21,6 @@ chunks = importlib.import_module("chronipatch.ops._lce_chunks")
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
 tiles_bwd = importlib.import_module("chronipatch.ops._lce_tiles_bwd")
 rows = importlib.import_module("chronipatch.ops._lce_rows")
-
-DTYPES = [torch.float32, torch.float16]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
-
-
-def _r(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape) * scale).to(device=KERNEL_DEVICE, dtype=dtype)
 
 
 # 256: a vocabulary of whole tiles (no column mask in the tile kernels, EVEN_V)

@@ -87,13 +87,14 @@ def _check_fused_head(owner, fwd) -> None:
     check_head_adapters(head)  # before training, not at its first step
 
 
-def _make_fused_forward(trl_forward, counter: dict, model_forward):
-    """TRL's ``_fused_forward`` contract, computed by ``ops.linear_cross_entropy``."""
+def _make_fused_forward(trl_forward, counter: dict):
+    """TRL's ``_fused_forward`` contract (``trl_forward`` bound to the model), computed by
+    ``ops.linear_cross_entropy``."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    # The model's signature, as TRL's head keeps it: generate passes position_ids and logits_to_keep only
-    # to a forward that names them.
-    @functools.wraps(model_forward)
+    # The model class's signature, as TRL's head keeps it: generate passes position_ids and logits_to_keep
+    # only to a forward that names them.
+    @functools.wraps(type(trl_forward.__self__).forward)
     def forward(
         self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
     ):
@@ -248,8 +249,7 @@ def _wire(trainer, counter: dict, varlen: bool) -> None:
     owner, trl_forward = _fused_lm_head_owner(trainer)
     if not is_patched(model):
         apply(model)
-    fused = _make_fused_forward(trl_forward, counter, type(owner).forward)
-    owner.forward = types.MethodType(fused, owner)
+    owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
     if varlen:
         # On the model's own config, undone by revert: a cache would hide the packed boundaries from the mask
         # logic. flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: kept.
