@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: environment capture, timing, peak memory, profiles, result files."""
+"""Helpers shared by the benchmark scripts: environment capture, timing, peak memory, profiles, results."""
 
 from __future__ import annotations
 

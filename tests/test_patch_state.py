@@ -1,6 +1,6 @@
 """apply/revert where the model's state is shared or handled from outside: module hooks, pickling, a config
 shared with another model, peft wrappers around the varlen switch, a switch that contradicts an earlier
-apply."""
+apply, an activation or a window the config names but the modules do not use."""
 
 from __future__ import annotations
 
@@ -75,8 +75,23 @@ def test_varlen_switch_leaves_a_model_sharing_the_config_alone():
     assert other.config._attn_implementation == "sdpa"
     assert torch.equal(other(input_ids=ids, position_ids=positions).logits, before)
     assert all(m.config is stock.config for m in stock.modules() if hasattr(m, "config"))
+    shared = other.config
     chronipatch.revert(stock)
     assert stock.config._attn_implementation == "sdpa"
+    # The config object they shared again, in every module: a later change reaches both, as before apply.
+    assert all(m.config is shared for m in stock.modules() if hasattr(m, "config"))
+
+
+def test_revert_keeps_the_models_own_config_where_it_changed_since():
+    """A config value set on the patched model after apply is not lost: revert keeps the model's own copy
+    then (the switch's own values restored on it)."""
+    model = tiny_model("llama")
+    shared = model.config
+    chronipatch.apply(model, varlen_attention=True)
+    model.config.pad_token_id = 7
+    chronipatch.revert(model)
+    assert model.config is not shared and model.config.pad_token_id == 7
+    assert model.config._attn_implementation == "sdpa" and shared.pad_token_id != 7
 
 
 @pytest.mark.parametrize("order", ["apply_then_peft", "peft_then_apply_then_merge"])
@@ -106,3 +121,32 @@ def test_a_switch_cannot_undo_an_earlier_apply():
     assert {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__} == patched
     chronipatch.revert(model)
     assert ("model.layers.0.mlp", "LlamaMLP", "swiglu=False") in chronipatch.apply(model, swiglu=False).left
+
+
+def test_llama_ignores_a_window_its_config_carries_as_stock_does():
+    """Llama-fied checkpoints carry ``sliding_window`` (with ``use_sliding_window=False``), which stock Llama
+    never reads: the varlen attention applies no window either."""
+    stock = tiny_model("llama", sliding_window=4, use_sliding_window=False)
+    ids = torch.randint(0, 211, (2, 20), generator=torch.Generator().manual_seed(0))
+    want = stock(input_ids=ids, use_cache=False).logits
+    chronipatch.apply(stock, varlen_attention=True)
+    torch.testing.assert_close(stock(input_ids=ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["module", "config"])
+def test_mlp_follows_its_own_activation_not_the_configs_name(how):
+    """The MLP is fused only where its ``act_fn`` is SiLU: an activation swapped on the module, or a config
+    renamed after the model was built, leaves it stock (and says why)."""
+    model = tiny_model("llama", **({"hidden_act": "gelu"} if how == "config" else {}))
+    if how == "module":
+        for layer in model.model.layers:
+            layer.mlp.act_fn = torch.nn.GELU()
+    else:
+        model.config.hidden_act = "silu"
+    ids, labels = batch(seed=1)
+    want, want_loss = model(input_ids=ids).logits, model(input_ids=ids, labels=labels).loss
+    report = chronipatch.apply(model)
+    assert all("is not SiLU" in why for name, _, why in report.left if name.endswith(".mlp")), report.left
+    assert sum(name.endswith(".mlp") for name, _, _ in report.left) == 2
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want_loss, rtol=1e-5, atol=1e-6)

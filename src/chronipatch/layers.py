@@ -226,11 +226,17 @@ _GLOBAL_HOOKS = tuple(
 )
 
 
+# Attention classes that read their window from the config, as stock's forwards do. Qwen2/Qwen3 decide per
+# layer (an attribute); Llama has none, even where its config carries one (Llama-fied checkpoints do).
+_WINDOW_FROM_CONFIG = frozenset({"MistralAttention"})
+
+
 def _sliding_window(attn) -> int | None:
-    # Qwen2/Qwen3 decide per layer (attribute); Mistral reads its config; Llama has none.
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
-    return getattr(attn.config, "sliding_window", None)
+    if type(attn).__name__ in _WINDOW_FROM_CONFIG:
+        return getattr(attn.config, "sliding_window", None)
+    return None
 
 
 # Set by ``causal_lm.causal_lm_forward`` for calls whose mask is causal alone (see its ``_causal_only``).

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import nn
+from transformers import activations
 
 from . import causal_lm, layers
 
@@ -33,12 +35,21 @@ def _norm_why_not(m: nn.Module) -> str | None:
     return None
 
 
+# The activations transformers builds for hidden_act "silu" and "swish" (exact types: a subclass may compute
+# something else).
+_SILU = frozenset({nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU)})
+
+
 def _mlp_why_not(m: nn.Module) -> str | None:
     if not all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")):
         return "no gate_proj/up_proj/down_proj"
-    act = getattr(getattr(m, "config", None), "hidden_act", None)
-    if act not in ("silu", "swish"):
-        return f"hidden_act={act!r} is not SwiGLU"
+    # The module's own activation, which its forward calls, not the config's name for it (either may have
+    # been changed after the model was built).
+    act = getattr(m, "act_fn", None)
+    if not (act is F.silu or (type(act) in _SILU and not any(layers.own_hooks(act)))):
+        name = type(act).__name__ if isinstance(act, nn.Module) else repr(act)
+        hidden_act = getattr(getattr(m, "config", None), "hidden_act", None)
+        return f"act_fn {name} is not SiLU (hidden_act={hidden_act!r}): not SwiGLU"
     return None
 
 

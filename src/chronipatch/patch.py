@@ -20,6 +20,7 @@ from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
 
 _PREV_ATTN = "_chronipatch_prev_attn_implementation"
 _OWN_CONFIG, _PREV_CONFIG = "_chronipatch_own_config", "_chronipatch_prev_config"
+_SHARED_CONFIG = "_chronipatch_shared_config"  # the config object own_config copied
 
 
 class BoundForward(functools.partial):
@@ -94,6 +95,7 @@ def own_config(model: nn.Module, **changes) -> None:
             if getattr(m, "config", None) is old:
                 m.config = own
         setattr(root, _OWN_CONFIG, own)
+        root.__dict__.setdefault(_SHARED_CONFIG, old)
     prev = root.__dict__.setdefault(_PREV_CONFIG, {})
     for key, value in changes.items():
         prev.setdefault(key, getattr(root.config, key))
@@ -216,7 +218,11 @@ def revert(model: nn.Module) -> int:
             module.set_attn_implementation(module.__dict__.pop(_PREV_ATTN))
         for key, value in module.__dict__.pop(_PREV_CONFIG, {}).items():
             setattr(module.config, key, value)
-        module.__dict__.pop(_OWN_CONFIG, None)
+        own, shared = module.__dict__.pop(_OWN_CONFIG, None), module.__dict__.pop(_SHARED_CONFIG, None)
+        if shared is not None and own == shared:  # nothing else changed on the copy: share the original again
+            for m in model.modules():
+                if getattr(m, "config", None) is own:
+                    m.config = shared
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1
