@@ -339,6 +339,14 @@ def test_integrate_refuses_a_given_optimizer_before_changing_anything(tmp_path):
     assert chronipatch.is_patched(trainer.model) and callback.ratio == 16.0
 
 
+def test_full_finetuning_keeps_a_given_optimizer(tmp_path):
+    """Without LoRA adapters no LoRA+ groups are built: an optimizer the trainer was given is kept."""
+    trainer = _trainer(tmp_path, integrate=False, steps=1)
+    trainer.optimizer = optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    callback = ctrl.integrate(trainer)
+    assert callback.ratio is None and trainer.optimizer is optimizer and chronipatch.is_patched(trainer.model)
+
+
 def test_submodules_load_on_first_use():
     """`chronipatch.trl.integrate` works after `import chronipatch` alone, which imports no TRL."""
     import subprocess

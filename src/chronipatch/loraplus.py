@@ -129,6 +129,8 @@ def install(
     Takes lr, weight decay and the Adam betas/eps from ``trainer.args`` as they are when the optimizer is
     built; this replaces ``args.optim``.
     """
+    if not has_lora(trainer.model):  # full fine-tuning: the trainer's optimizer, given or not, stays
+        return False
     if trainer.optimizer is not None:
         raise RuntimeError(
             "trainer already has an optimizer (passed via `optimizers=`); it would silently win over "
@@ -137,8 +139,6 @@ def install(
     current = getattr(trainer, "optimizer_cls_and_kwargs", None)
     if current is not None and not _is_loraplus(current[0]):
         raise RuntimeError("trainer.optimizer_cls_and_kwargs is already set; LoRA+ would override it.")
-    if not has_lora(trainer.model):
-        return False
     factory = functools.partial(
         LoraPlusFactory, ratio=ratio, lr_embedding=lr_embedding, optimizer_cls=optimizer_cls
     )
