@@ -150,3 +150,19 @@ def test_mlp_follows_its_own_activation_not_the_configs_name(how):
     assert sum(name.endswith(".mlp") for name, _, _ in report.left) == 2
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_mistral_subclass_keeps_its_window():
+    """A subclass of Mistral's attention that keeps the stock forward (FSDP2's ``FSDP<cls>``, a user's) still
+    reads its window from the config."""
+    from transformers.models.mistral.modeling_mistral import MistralAttention
+
+    model = tiny_model("mistral", sliding_window=4)
+    sub = type("MyMistralAttention", (MistralAttention,), {})
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = sub
+    ids, labels = batch(t=24, seed=2)
+    want = model(input_ids=ids, labels=labels).loss
+    report = chronipatch.apply(model, varlen_attention=True)
+    assert any(name.endswith("self_attn") for name, _, _ in report.swapped), report
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want, rtol=1e-5, atol=1e-6)

@@ -57,13 +57,16 @@ def test_generate_after_integrate_is_stocks(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_integrate_after_revert_wires_the_trainer_again(tmp_path):
+@pytest.mark.parametrize("apply_first", [False, True], ids=["integrate", "apply-then-integrate"])
+def test_integrate_after_revert_wires_the_trainer_again(tmp_path, apply_first):
     trainer = _trainer(tmp_path, integrate=False, steps=2)
     callback = ctrl.integrate(trainer, packing=True)
     trainer.train()
     assert callback.counter["calls"] == 2
     chronipatch.revert(trainer.model)
     assert trainer.model.config._attn_implementation != "chronipatch_varlen"
+    if apply_first:  # the model patched again, TRL's head still in place
+        chronipatch.apply(trainer.model)
     assert ctrl.integrate(trainer) is callback
     assert chronipatch.is_patched(trainer.model)
     assert (trainer.model.config._attn_implementation, trainer.model.config.use_cache) == (

@@ -234,7 +234,8 @@ _WINDOW_FROM_CONFIG = frozenset({"MistralAttention"})
 def _sliding_window(attn) -> int | None:
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
-    if type(attn).__name__ in _WINDOW_FROM_CONFIG:
+    # By the class and its bases: FSDP2's FSDP<cls>, or a user's subclass that keeps the stock forward.
+    if any(k.__name__ in _WINDOW_FROM_CONFIG for k in type(attn).__mro__):
         return getattr(attn.config, "sliding_window", None)
     return None
 

@@ -206,7 +206,7 @@ def integrate(
     """
     callback = getattr(trainer, "_chronipatch", None)
     if callback is not None:
-        if not is_patched(trainer.model):  # reverted since: wired again as the first call chose
+        if not _wired(trainer):  # reverted since (and maybe applied again): wired again as first chosen
             _wire(trainer, callback.counter, callback.varlen)
         return callback
     if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
@@ -240,6 +240,15 @@ def integrate(
     trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
     trainer._chronipatch = callback
     return callback
+
+
+def _wired(trainer) -> bool:
+    """Whether the trainer's model is patched and its fused head is ours (``revert`` puts TRL's back)."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model
+    owner = model.get_base_model() if is_peft_model(model) else model
+    return is_patched(model) and hasattr(owner.__dict__.get("forward"), "_chronipatch_replaces")
 
 
 def _wire(trainer, counter: dict, varlen: bool) -> None:
