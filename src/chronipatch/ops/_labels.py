@@ -159,6 +159,21 @@ def _start(labels: Tensor, vocab: int, ignore_index: int, shift: bool, num_items
     return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), host, done, items, items_version)
 
 
+def check_types(op: str, num_items, label_check) -> None:
+    """``num_items_in_batch`` a real number (complex tensors are read on the host by ``check_values``) and
+    ``label_check`` one of ``prefetch_label_check``'s: a TypeError naming the op otherwise."""
+    if isinstance(num_items, (str, bytes, complex, bool)) or (
+        isinstance(num_items, Tensor) and num_items.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"chronipatch.ops.{op}: num_items_in_batch must be a real number, got {num_items!r:.60}"
+        )
+    if label_check is not None and not isinstance(label_check, LabelCheck):
+        raise TypeError(
+            f"chronipatch.ops.{op}: label_check must come from prefetch_label_check, got {label_check!r:.60}"
+        )
+
+
 def check_values(
     op: str, labels: Tensor, vocab: int, ignore_index: int, num_items, prefetched: Tensor | None = None
 ) -> int | None:

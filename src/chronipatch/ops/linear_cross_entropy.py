@@ -46,6 +46,7 @@ from torch import Tensor
 from . import reference
 from ._labels import (
     LabelCheck,
+    check_types,
     check_values,
     label_counts_matching,
     mean_divisor,
@@ -373,15 +374,7 @@ def linear_cross_entropy(
         raise TypeError(f"chronipatch.ops.{op}: ignore_index must be an int, got {ignore_index!r}")
     check(reduction in ("mean", "sum", "none"), op, f"reduction must be mean, sum or none, got {reduction!r}")
     check(num_items_in_batch is None or reduction == "mean", op, "num_items_in_batch needs reduction='mean'")
-    items = num_items_in_batch
-    if isinstance(items, (str, bytes, complex, bool)) or (
-        isinstance(items, torch.Tensor) and items.dtype == torch.bool
-    ):
-        raise TypeError(f"chronipatch.ops.{op}: num_items_in_batch must be a real number, got {items!r:.60}")
-    if label_check is not None and not isinstance(label_check, LabelCheck):
-        raise TypeError(
-            f"chronipatch.ops.{op}: label_check must come from prefetch_label_check, got {label_check!r:.60}"
-        )
+    check_types(op, num_items_in_batch, label_check)
     check(
         not isinstance(num_items_in_batch, torch.Tensor) or num_items_in_batch.numel() == 1,
         op,
