@@ -91,15 +91,20 @@ def own_config(model: nn.Module, **changes) -> None:
     old = root.config
     if getattr(root, _OWN_CONFIG, None) is not old:
         own = copy.deepcopy(old)
-        for m in model.modules():
-            if getattr(m, "config", None) is old:
-                m.config = own
+        _point_config(model, old, own)
         setattr(root, _OWN_CONFIG, own)
         root.__dict__.setdefault(_SHARED_CONFIG, old)
     prev = root.__dict__.setdefault(_PREV_CONFIG, {})
     for key, value in changes.items():
         prev.setdefault(key, getattr(root.config, key))
         setattr(root.config, key, value)
+
+
+def _point_config(model: nn.Module, old, new) -> None:
+    """Every module of ``model`` that holds the config object ``old`` holds ``new`` instead."""
+    for m in model.modules():
+        if getattr(m, "config", None) is old:
+            m.config = new
 
 
 def select_varlen(model: nn.Module, report: PatchReport | None = None) -> None:
@@ -220,9 +225,7 @@ def revert(model: nn.Module) -> int:
             setattr(module.config, key, value)
         own, shared = module.__dict__.pop(_OWN_CONFIG, None), module.__dict__.pop(_SHARED_CONFIG, None)
         if shared is not None and own == shared:  # nothing else changed on the copy: share the original again
-            for m in model.modules():
-                if getattr(m, "config", None) is own:
-                    m.config = shared
+            _point_config(model, own, shared)
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1

@@ -34,11 +34,15 @@ from .patch import apply, is_patched, own_config, select_varlen
 log = logging.getLogger("chronipatch")
 
 
-def _fused_lm_head_owner(trainer):
+def _head_owner(model):
+    """The model TRL put its fused head on: a peft wrapper's base model."""
     from accelerate.utils import is_peft_model
 
-    model = trainer.model
-    owner = model.get_base_model() if is_peft_model(model) else model  # where TRL put its head
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def _fused_lm_head_owner(trainer):
+    owner = _head_owner(trainer.model)
     fwd = owner.__dict__.get("forward")
     code = getattr(
         getattr(fwd, "__func__", None), "__code__", None
@@ -244,11 +248,8 @@ def integrate(
 
 def _wired(trainer) -> bool:
     """Whether the trainer's model is patched and its fused head is ours (``revert`` puts TRL's back)."""
-    from accelerate.utils import is_peft_model
-
-    model = trainer.model
-    owner = model.get_base_model() if is_peft_model(model) else model
-    return is_patched(model) and hasattr(owner.__dict__.get("forward"), "_chronipatch_replaces")
+    forward = _head_owner(trainer.model).__dict__.get("forward")
+    return is_patched(trainer.model) and hasattr(forward, "_chronipatch_replaces")
 
 
 def _wire(trainer, counter: dict, varlen: bool) -> None:
