@@ -1,0 +1,291 @@
+"""The one-pass loss of bf16 training (``_lce_rows``: row references, p stored by the tiles, the settle and
+scaling kernels) and the eager paths that take it, against the torch reference and the recompute path:
+through the interpreter on CPU and natively on CUDA."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from chronipatch import ops
+from chronipatch.ops import reference
+from helpers import KERNEL_DEVICE, needs_kernels, small_lce_tiles
+from helpers import KERNEL_DTYPES as DTYPES
+from helpers import kernel_randn as _r
+
+pytestmark = needs_kernels
+lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+tiles = importlib.import_module("chronipatch.ops._lce_tiles")
+rows = importlib.import_module("chronipatch.ops._lce_rows")
+
+
+@pytest.mark.parametrize(
+    "n,h,v,tma", [(1, 16, 300, True), (40, 24, 130, True), (37, 8, 1025, False), (20, 16, 96, True)], ids=str
+)
+def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
+    """bf16 loss and gradients in one pass: row chunks of one 16-row block (dW summed over them), against
+    the reference and against the forward then the recompute backward, to within p's bf16 rounding, r h's
+    and dW's per-chunk one."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(tiles, "TMA_LOADS", tma)
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)  # the settle kernel's scan in steps, a ragged last one
+    monkeypatch.setattr(rows, "SAMPLES", 8)  # K a few units below each row's max: no factor of exactly 1
+    torch.manual_seed(v + n)
+    bf16 = torch.bfloat16
+    hid, w = _r(n, h, dtype=bf16), _r(v, h, dtype=bf16, scale=0.5)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[::3] = -100
+    divisor = (labels != -100).sum().float()
+    chunks, tiles_fwd = [], rows.tiles_fwd
+
+    def spy(*args):  # the row chunks the one pass hands its backward: the cap's premise, asserted
+        on_rows = args[5]
+        return tiles_fwd(
+            *args[:5], lambda r0, p, *a: chunks.append((r0, p.shape[0])) or on_rows(r0, p, *a), *args[6:]
+        )
+
+    monkeypatch.setattr(rows, "tiles_fwd", spy)
+    loss, entropy, correct, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    assert chunks == [(r0, min(16, n - r0)) for r0 in range(0, n, 16)]
+    monkeypatch.setattr(rows, "tiles_fwd", tiles_fwd)
+    ref = reference.lce_fwd(hid, w, labels, -100)
+    torch.testing.assert_close(loss, ref[0].sum() / divisor.clamp_min(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, ref[2], rtol=1e-4, atol=1e-4)
+    assert torch.equal(correct, ref[3])
+    grad_rows = (1 / divisor.clamp_min(1)).expand(n)
+    dh_ref, dw_ref = reference.lce_bwd(grad_rows, hid, w, labels, ref[1], -100)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    dh_re, dw_re = lce.lce_bwd_triton(grad_rows, hid, w, labels, stats, -100)
+    for got, recomputed, truth in ((dh, dh_re, dh_ref), (dw, dw_re, dw_ref)):
+        ulp = torch.finfo(bf16).eps * truth.float().abs().max()
+        assert (got.float() - truth.float()).abs().max() <= 2 * ulp
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+    # Either gradient alone: the same bits, the other skipped (returned empty).
+    only_dh = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, False)
+    only_dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, False, True)
+    assert torch.equal(only_dh[3], dh) and only_dh[4].numel() == 0 and torch.equal(only_dh[0], loss)
+    assert torch.equal(only_dw[4], dw) and only_dw[3].numel() == 0
+    # Nothing supervised: loss 0, zero gradients.
+    none = torch.full_like(labels, -100)
+    zero = lce.lce_fwd_bwd_triton(
+        hid, w, none, torch.zeros((), device=KERNEL_DEVICE), -100, False, True, True
+    )
+    assert zero[0].item() == 0 and not zero[3].any() and not zero[4].any()
+
+
+@pytest.mark.parametrize(
+    "far", [False, 201, 257], ids=["sample-near-max", "max-far-above-sample", "far-in-the-last-scan-step"]
+)
+def test_lce_rows_reference_from_the_sample(far, monkeypatch):
+    """The one pass stores p against each row's sampled max K. Where the row's max lies more than
+    REF_MARGIN above it (a logit at an unsampled column), the row takes its own tile maxima and is rescaled
+    as a whole: loss, entropy, accuracy and gradients match the recompute path either way (gradients to p's
+    and r h's bf16 rounding), over merge blocks of four tiles."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(tiles, "MERGE_BLOCK", 4)  # 9 tiles of 32 columns: three merge blocks
+    monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
+    # The settle kernel's scan and its rescale of the far rows in steps of 4 tiles, a ragged last one.
+    monkeypatch.setattr(rows, "SETTLE_SCAN", 4)
+    monkeypatch.setattr(rows, "SETTLE_TILES", 4)
+    torch.manual_seed(3)
+    bf16 = torch.bfloat16
+    hid, w = _r(20, 16, dtype=bf16), _r(260, 16, dtype=bf16, scale=0.25)
+    if far:
+        hid[:, 0] = 0.0
+        # A logit ~256 off the sample (every 4th column): e^256 overflows. At column 257 it lies in tile 8,
+        # alone in the settle scan's ragged last step, and the one tile of its row that needs no rescale.
+        hid[[2, 17], 0], w[far, 0] = 16.0, 16.0
+    labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
+    labels[[5, 17]] = -100
+    refs = rows.row_references(hid, w)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    far_rows = stats[:, 0] > refs + tiles.REF_MARGIN
+    assert far_rows.sum() == (2 if far else 0)
+    divisor = (labels != -100).sum().float()
+    loss, entropy, correct, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, True, True, True)
+    rows_re, _, entropy_re, correct_re = lce.lce_fwd_triton(hid, w, labels, -100)
+    dh_re, dw_re = lce.lce_bwd_triton((1 / divisor).expand(20), hid, w, labels, stats, -100)
+    torch.testing.assert_close(loss, rows_re.sum() / divisor)
+    torch.testing.assert_close(entropy, entropy_re, rtol=1e-4, atol=1e-4)  # sums against other references
+    assert torch.equal(correct, correct_re)
+    for got, recomputed in ((dh, dh_re), (dw, dw_re)):
+        ulp = torch.finfo(bf16).eps * recomputed.float().abs().max()
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+
+
+def test_lce_rows_reference_is_not_above_the_tiles_max(monkeypatch):
+    """K's GEMM (cuBLAS here, the CPU's BLAS in the interpreter) and the tiles sum in other orders: with
+    cancelling logits of ~1e6 the sampled max lands above the tiles' row max in some rows (by 0.25 on one
+    CPU). K is lowered by a bound on both roundings, so it never does, and the one pass (every row past the
+    margin here) still matches the recompute path."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "SAMPLES", 260)  # every column: K would be the row max itself but for rounding
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    hid, w = _r(20, 64, dtype=bf16, scale=300.0), _r(260, 64, dtype=bf16, scale=300.0)
+    labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    assert (rows.row_references(hid, w) <= stats[:, 0]).all()
+    divisor = (labels != -100).sum().float()
+    loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    rows_re = lce.lce_fwd_triton(hid, w, labels, -100)[0]
+    dh_re, dw_re = lce.lce_bwd_triton((1 / divisor).expand(20), hid, w, labels, stats, -100)
+    torch.testing.assert_close(loss, rows_re.sum() / divisor)
+    for got, recomputed in ((dh, dh_re), (dw, dw_re)):
+        ulp = torch.finfo(bf16).eps * recomputed.float().abs().max()
+        assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
+
+
+@pytest.mark.parametrize("n", [1, 4097, 40000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
+    """The one-pass gradients times the loss's upstream gradient g: the fp32 product rounded once (g not
+    rounded to the gradients' dtype), in place or into a new tensor; in place, g = 1 writes nothing."""
+    monkeypatch.setattr(rows, "eager_cuda", lambda *tensors: True)  # CPU tensors: the interpreter's kernel
+    torch.manual_seed(n)
+    t = _r(n, dtype=dtype)
+    for g in (3.0, 1 / 3, -0.5, 1.0, float("inf"), float("nan")):
+        want = (t.float() * g).to(dtype)
+        g_t = torch.tensor(g, device=KERNEL_DEVICE)
+        new = rows.scale_grad(t, g_t, in_place=False)
+        assert new.data_ptr() != t.data_ptr()
+        torch.testing.assert_close(new, want, rtol=0, atol=0, equal_nan=True)
+        kept = t.clone()
+        assert rows.scale_grad(kept, g_t, in_place=True).data_ptr() == kept.data_ptr()
+        torch.testing.assert_close(kept, want, rtol=0, atol=0, equal_nan=True)
+    # In place, the kernel's output is its input: given another one, g = 1 leaves it untouched.
+    for g, written in ((1.0, False), (2.0, True)):
+        out = torch.zeros_like(t)
+        g_t = torch.tensor(g, device=KERNEL_DEVICE)
+        rows._scale_kernel[(2,)](t, out, g_t, n, BLOCK=1024, SKIP_ONE=True)
+        assert bool((out != 0).any()) == written
+
+
+def _torch_references(hidden, weight):
+    """``_lce_rows.row_references`` in torch: the sampled logits (an fp32 GEMM) less the rounding bound."""
+    sample = weight[:: max(1, weight.shape[0] // rows.SAMPLES)][: rows.SAMPLES]
+    z = hidden.float() @ sample.float().T
+    norms = [torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample)]
+    k = (z - torch.outer(*norms) * (4 * hidden.shape[1] * 2.0**-24)).amax(dim=1)
+    return torch.where(k == float("inf"), float("nan"), k)
+
+
+@pytest.mark.parametrize(
+    "n,h,v", [(1, 16, 300), (70, 100, 5000), (130, 64, 2049), (65, 24, 1024), (300, 40, 3000)]
+)
+def test_lce_row_references_kernel(n, h, v, monkeypatch):
+    """Each row's reference K: the max of its sampled logits, lowered by the rounding bound, within fp32
+    summation order of torch's; nan where a hidden state is nan or inf (every tile then takes its own max).
+    Row blocks of 16, 32 and 64 (the interpreter counts 4 SMs)."""
+    monkeypatch.setattr(rows, "SAMPLES", 96)  # every few columns, the last sample block ragged
+    torch.manual_seed(n)
+    hid = _r(n, h, dtype=torch.bfloat16, scale=3.0)
+    w = _r(v, h, dtype=torch.bfloat16)
+    want = _torch_references(hid.cpu(), w.cpu())
+    torch.testing.assert_close(rows.row_references(hid, w).cpu(), want, rtol=1e-5, atol=1e-4)
+    if n > 2:
+        hid[0, 1], hid[2, 0] = float("nan"), float("inf")
+        got = rows.row_references(hid, w).cpu()
+        assert got[[0, 2]].isnan().all() and not got[1].isnan() and not got[3:].isnan().any()
+
+
+def test_lce_eager_function_runs_the_one_pass(monkeypatch):
+    """The eager bf16 training path (``_LceWithGradEager``, taken for plain CUDA tensors outside tracing)
+    gives the one pass's loss and gradients bit for bit, scaled by the upstream gradient (in place on the last
+    backward, into new tensors while the graph is kept), through the public op too; no double backward."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    hid, w = _r(40, 16, dtype=bf16), _r(100, 16, dtype=bf16, scale=0.5)
+    labels = torch.randint(0, 100, (40,), device=KERNEL_DEVICE)
+    labels[:3] = -100
+    divisor = (labels != -100).sum().float()
+    loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    out = lce._LceWithGradEager.apply(x, wt, labels, divisor, -100, False, True, True, None)
+    assert type(out[0].grad_fn).__name__ == "_LceWithGradEagerBackward"
+    assert torch.equal(out[0], loss)
+    out[0].backward(torch.tensor(2.0, device=KERNEL_DEVICE), retain_graph=True)  # kept: not in place
+    assert torch.equal(x.grad, dh * 2) and torch.equal(wt.grad, dw * 2)
+    x.grad = wt.grad = None
+    out[0].backward()  # the last backward: in place
+    assert torch.equal(x.grad, dh) and torch.equal(wt.grad, dw)
+    # The public op takes it for bf16 training (labels shifted, the mean over the supervised).
+    x.grad = wt.grad = None
+    flat = labels.view(4, 10)
+    got = ops.linear_cross_entropy(x.view(4, 10, 16), wt, flat)
+    assert type(got.grad_fn).__name__ == "_LceWithGradEagerBackward"
+    want = reference.lce_fwd(hid.float().view(4, 10, 16)[:, :-1].reshape(-1, 16), w.float(),
+                             flat[:, 1:].reshape(-1), -100, False)[0]  # fmt: skip
+    torch.testing.assert_close(got, want.sum() / (flat[:, 1:] != -100).sum(), rtol=1e-2, atol=1e-2)
+    first = torch.autograd.grad(got**2, x, create_graph=True)[0]  # an upstream gradient with a graph
+    assert first.requires_grad  # with a node that refuses, not a silently graph-less tensor
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()
+
+
+@pytest.mark.parametrize("ignored", [3, 20], ids=["all-rows", "supervised-rows"])
+def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_prefetch, ignored):
+    """The eager bf16 training call starts the label check, queues the rows' references before waiting for
+    the counts (which the check then reads: no count of its own) and hands the references to the one pass:
+    the same bits as the one pass computing them itself. Where it then scores only the supervised rows, it
+    drops them (those rows' own are computed, as the registered op computes them)."""
+    from chronipatch.ops import _labels
+
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)
+    for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    monkeypatch.setattr(lce, "prefetch_label_check", cpu_prefetch)  # its steps with CPU stand-ins
+    order, real_counts, real_refs = [], _labels.label_counts, lce.row_references
+    monkeypatch.setattr(_labels, "label_counts", lambda *a: order.append("counts") or real_counts(*a))
+    monkeypatch.setattr(lce, "row_references", lambda *a: order.append("references") or real_refs(*a))
+    handed, real = [], rows.rows_fwd_bwd
+    monkeypatch.setattr(lce, "rows_fwd_bwd", lambda *args: handed.append(args[-1]) or real(*args))
+    torch.manual_seed(0)
+    hid, w = _r(40, 16, dtype=torch.bfloat16), _r(100, 16, dtype=torch.bfloat16, scale=0.5)
+    labels = torch.randint(0, 100, (40,), device=KERNEL_DEVICE)
+    labels[torch.randperm(40)[:ignored]] = -100
+    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = ops.linear_cross_entropy(x, wt, labels, shift=False)
+    loss.backward()
+    assert order == ["counts", "references"]
+    supervised = labels != -100
+    keep = supervised.nonzero().squeeze(1) if ignored > 10 else torch.arange(40, device=KERNEL_DEVICE)
+    assert (handed[0] is None) == (ignored > 10)
+    if handed[0] is not None:
+        assert torch.equal(handed[0], rows.row_references(hid, w))
+    divisor = supervised.sum().float()
+    want = lce.lce_fwd_bwd_triton(hid[keep], w, labels[keep], divisor, -100, False, True, True)
+    assert torch.equal(loss, want[0]) and torch.equal(x.grad[keep], want[3]) and torch.equal(wt.grad, want[4])
+    assert not x.grad[~supervised].any()
+
+
+@pytest.mark.parametrize("n", [0, 6], ids=["no-rows", "all-ignored"])
+def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
+    """The eager CUDA paths (one pass, and the launchers without a gradient) with nothing to score: a finite 0
+    loss and zero gradients, whatever the reduction; an empty or all-zero row loss."""
+    small_lce_tiles(monkeypatch)
+    for mod in (lce, rows):  # CPU tensors here: the direct branches as a CUDA call would take them
+        monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
+    h = _r(n, 16, dtype=torch.bfloat16).requires_grad_()
+    w = _r(50, 16, dtype=torch.bfloat16).requires_grad_()
+    labels = torch.full((n,), -100, device=KERNEL_DEVICE)
+    for kw in ({}, {"reduction": "sum"}, {"num_items_in_batch": 3}):
+        loss = ops.linear_cross_entropy(h, w, labels, shift=False, **kw)
+        assert type(loss.grad_fn).__name__ == "_LceWithGradEagerBackward"
+        loss.backward()
+        assert loss.item() == 0 and not h.grad.any() and not w.grad.any()
+        h.grad = w.grad = None
+    with torch.no_grad():
+        rows_loss = ops.linear_cross_entropy(h, w, labels, shift=False, reduction="none")
+    assert rows_loss.shape == (n,) and not rows_loss.any()
