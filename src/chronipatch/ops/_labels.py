@@ -1,5 +1,5 @@
-"""The loss's labels: the range check that needs one host sync in eager mode, its prefetch, and the mean's
-divisor."""
+"""The loss's arguments and labels: the checks of their metadata, the range check that needs one host sync in
+eager mode, its prefetch, and the mean's divisor."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import device_of, eager_cuda
+from ._utils import check, device_of, eager_cuda
 
 COUNT_BLOCK = 4096  # labels per step of the count kernel's one program
 
@@ -159,7 +159,7 @@ def _start(labels: Tensor, vocab: int, ignore_index: int, shift: bool, num_items
     return LabelCheck(labels, labels._version, (vocab, ignore_index, shift), host, done, items, items_version)
 
 
-def check_types(op: str, num_items, label_check) -> None:
+def _check_types(op: str, num_items, label_check) -> None:
     """``num_items_in_batch`` a real number (complex tensors are read on the host by ``check_values``) and
     ``label_check`` one of ``prefetch_label_check``'s: a TypeError naming the op otherwise."""
     if isinstance(num_items, (str, bytes, complex, bool)) or (
@@ -172,6 +172,52 @@ def check_types(op: str, num_items, label_check) -> None:
         raise TypeError(
             f"chronipatch.ops.{op}: label_check must come from prefetch_label_check, got {label_check!r:.60}"
         )
+
+
+def check_arguments(
+    op: str, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index, num_items_in_batch, shift: bool,
+    reduction: str, label_check,
+) -> None:  # fmt: skip
+    """The loss's arguments by their metadata alone (no sync): shapes, devices, dtypes, the reduction and
+    the types of ``ignore_index``, ``num_items_in_batch`` and ``label_check``; an error naming the op."""
+    # Messages as functions, formatted only on failure: also under torch.compile, where sizes are symbolic.
+    check(weight.dim() == 2, op, lambda: f"weight must be [V, H], got {tuple(weight.shape)}")
+    check(
+        weight.shape[0] > 0 and weight.shape[1] > 0,
+        op,
+        lambda: f"weight {tuple(weight.shape)} has an empty V or H",
+    )
+    check(
+        hidden.dim() >= 1 and hidden.shape[-1] == weight.shape[1],
+        op,
+        lambda: f"hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)} in H",
+    )
+    check(
+        labels.device == hidden.device,
+        op,
+        lambda: f"labels are on {labels.device}, hidden on {hidden.device}",
+    )
+    check(
+        not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool,
+        op,
+        lambda: f"labels must be integer, got {labels.dtype}",
+    )
+    check(
+        tuple(labels.shape) == tuple(hidden.shape[:-1]),
+        op,
+        lambda: f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its last dim",
+    )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"chronipatch.ops.{op}: ignore_index must be an int, got {ignore_index!r}")
+    check(reduction in ("mean", "sum", "none"), op, f"reduction must be mean, sum or none, got {reduction!r}")
+    check(num_items_in_batch is None or reduction == "mean", op, "num_items_in_batch needs reduction='mean'")
+    _check_types(op, num_items_in_batch, label_check)
+    check(
+        not isinstance(num_items_in_batch, torch.Tensor) or num_items_in_batch.numel() == 1,
+        op,
+        lambda: f"num_items_in_batch must be one number, got shape {tuple(num_items_in_batch.shape)}",
+    )
+    check(not shift or labels.dim() >= 1, op, "shift needs labels with a sequence dim")
 
 
 def check_values(

@@ -46,7 +46,7 @@ from torch import Tensor
 from . import reference
 from ._labels import (
     LabelCheck,
-    check_types,
+    check_arguments,
     check_values,
     label_counts_matching,
     mean_divisor,
@@ -61,7 +61,6 @@ from ._lce_tiles_bwd import tiles_bwd
 from ._utils import (
     autocast_dtype,
     autocast_like_linear,
-    check,
     check_same,
     check_tensors,
     device_of,
@@ -343,44 +342,9 @@ def linear_cross_entropy(
     hidden, weight = autocast_like_linear(autocast_dtype(hidden), hidden, weight)
     check_same(op, hidden=hidden, weight=weight)
     check_tensors(op, labels=labels)
-    # Messages as functions, formatted only on failure: also under torch.compile, where sizes are symbolic.
-    check(weight.dim() == 2, op, lambda: f"weight must be [V, H], got {tuple(weight.shape)}")
-    check(
-        weight.shape[0] > 0 and weight.shape[1] > 0,
-        op,
-        lambda: f"weight {tuple(weight.shape)} has an empty V or H",
+    check_arguments(
+        op, hidden, weight, labels, ignore_index, num_items_in_batch, shift, reduction, label_check
     )
-    check(
-        hidden.dim() >= 1 and hidden.shape[-1] == weight.shape[1],
-        op,
-        lambda: f"hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)} in H",
-    )
-    check(
-        labels.device == hidden.device,
-        op,
-        lambda: f"labels are on {labels.device}, hidden on {hidden.device}",
-    )
-    check(
-        not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool,
-        op,
-        lambda: f"labels must be integer, got {labels.dtype}",
-    )
-    check(
-        tuple(labels.shape) == tuple(hidden.shape[:-1]),
-        op,
-        lambda: f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its last dim",
-    )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"chronipatch.ops.{op}: ignore_index must be an int, got {ignore_index!r}")
-    check(reduction in ("mean", "sum", "none"), op, f"reduction must be mean, sum or none, got {reduction!r}")
-    check(num_items_in_batch is None or reduction == "mean", op, "num_items_in_batch needs reduction='mean'")
-    check_types(op, num_items_in_batch, label_check)
-    check(
-        not isinstance(num_items_in_batch, torch.Tensor) or num_items_in_batch.numel() == 1,
-        op,
-        lambda: f"num_items_in_batch must be one number, got shape {tuple(num_items_in_batch.shape)}",
-    )
-    check(not shift or labels.dim() >= 1, op, "shift needs labels with a sequence dim")
     h = hidden.reshape(-1, hidden.shape[-1])
     h = h if h.stride(-1) == 1 else h.contiguous()
     w = weight.contiguous()
