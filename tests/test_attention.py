@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from itertools import pairwise
 
 import pytest
@@ -309,7 +310,7 @@ def test_eager_reference_runs_in_blocks_of_query_rows_with_the_same_results(monk
     """Off the flash kernels, eager calls compute the masked softmax over blocks of query rows (memory of one
     block's scores): outputs and gradients as the one-block form a graph keeps, a NaN key of one document
     kept out of the others' outputs."""
-    from chronipatch.attention import _reference
+    ref = importlib.import_module("chronipatch._reference_attention")
 
     g = torch.Generator().manual_seed(5)
     t, hq, hk, d = 23, 4, 2, 8
@@ -322,16 +323,16 @@ def test_eager_reference_runs_in_blocks_of_query_rows_with_the_same_results(monk
     def run(compiling):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = _reference(*leaves, mask, 0.3)
+        out = ref.reference_attention(*leaves, mask, 0.3)
         out.backward(grad)
         return [out.detach()] + [x.grad for x in leaves]
 
-    monkeypatch.setattr(attention, "_BLOCK_SCORES", 4 * batch * hq * t)  # blocks of 4 rows
-    blocks, block = [], attention._block
-    monkeypatch.setattr(attention, "_block", lambda *a: blocks.append(a[4]) or block(*a))
+    monkeypatch.setattr(ref, "_BLOCK_SCORES", 4 * batch * hq * t)  # blocks of 4 rows
+    blocks, block = [], ref._block
+    monkeypatch.setattr(ref, "_block", lambda *a: blocks.append(a[4]) or block(*a))
     blocked = run(False)
     assert blocks == [*range(0, t, 4)] * 2  # forward, then the backward's recompute
-    monkeypatch.setattr(attention, "_block", block)
+    monkeypatch.setattr(ref, "_block", block)
     whole = run(True)
     for ours, theirs in zip(blocked, whole, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, equal_nan=True)
@@ -362,3 +363,40 @@ def test_same_document_splits_where_positions_do_not_step_by_one_in_one_dynamic_
         assert torch.equal(_same_document(pos), reference(pos)), case
         assert torch.equal(compiled(pos), reference(pos)), case
     assert graphs.frame_count == 1  # T = 5, 2, 7, 2: one graph
+
+
+class _Attn(torch.nn.Module):
+    is_causal, num_key_value_groups = True, 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_math_path_in_half_precision_scales_before_the_product(dtype):
+    """Off CUDA, 2-byte q/k/v: raw q.k of 1.4e5 (past fp16's 65504) with the scale bringing them back in
+    range give stock SDPA's result, not inf scores and nan rows; softmax statistics in fp32 (output error
+    within stock's, against fp64), gradients near stock's too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 8, 128, dtype=torch.float64) * 30
+    k = q + 3 * torch.randn(1, 2, 8, 128, dtype=torch.float64)  # aligned with the queries: large logits
+    v = torch.randn(1, 2, 8, 128, dtype=torch.float64)
+    assert (q @ k.transpose(-1, -2)).max() > 65504
+    grad = torch.randn(1, 8, 2, 128, dtype=torch.float64)
+    results = []
+    for fn, dt in ((sdpa_attention_forward, torch.float64), (sdpa_attention_forward, dtype), (None, dtype)):
+        leaves = [x.detach().to(dt, copy=True).requires_grad_() for x in (q, k, v)]
+        out = (fn or varlen_attention_forward)(_Attn(), *leaves, None, scaling=128**-0.5)[0]
+        out.backward(grad.to(dt))
+        results.append([out.double()] + [x.grad.double() for x in leaves])
+    truth, stock, ours = results
+    for i, (t, s, o) in enumerate(zip(truth, stock, ours, strict=True)):
+        assert o.isfinite().all(), i
+        assert (o - t).abs().max() <= 1.5 * (s - t).abs().max() + 1e-3, i
+
+
+def test_output_attentions_warns_that_no_weights_come_back():
+    """As stock SDPA: ``output_attentions=True`` gets a warning, not a silent empty tuple of weights."""
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.warns(UserWarning, match="no attention weights"):
+        _, weights = varlen_attention_forward(_Attn(), q, q, q, None, output_attentions=True)
+    assert weights is None

@@ -165,3 +165,77 @@ def test_global_module_hooks_leave_the_head_fused(op_calls):
     with FlopCounterMode(display=False):
         patched(input_ids=ids, labels=labels)
     assert op_calls["linear_cross_entropy"] == 1
+
+
+class _HalvedHead(torch.nn.Linear):
+    """A user's head with a forward of its own (a logit scale, a quantised matmul)."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: setattr(m.lm_head, "bias", torch.nn.Parameter(torch.linspace(-3, 3, 211))),
+        lambda m: setattr(m, "lm_head", torch.nn.Linear(64, 211, bias=True)),
+        lambda m: setattr(m, "lm_head", _HalvedHead(64, 211, bias=False)),
+    ],
+    ids=["bias-added", "biased-linear", "own-forward"],
+)
+def test_head_changed_after_apply_runs_its_own_call(edit):
+    """``apply`` found a plain bias-free head; one changed since (a bias, another module) is checked again at
+    each call: the head's own call and stock's loss, with a warning, not a loss of its weight alone."""
+    stock, patched = _pair()
+    for model in (stock, patched):
+        torch.manual_seed(1)
+        edit(model)
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="a bias or a forward of its own"):
+        ours = _losses_and_grads(patched, input_ids=ids, labels=labels)
+    _assert_same(ours, _losses_and_grads(stock, input_ids=ids, labels=labels))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lora-on-lm_head", "trainable-tokens-tied"])
+def test_peft_adapters_on_the_head_after_apply_run_its_own_call(tied):
+    """peft wrapping after ``apply`` with adapters on the head (LoRA on lm_head; trainable tokens on tied
+    embeddings, which wrap the head too): stock's loss and gradients, through the head's own call."""
+    peft = pytest.importorskip("peft")
+
+    def config():
+        if tied:
+            return peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 2, 3])
+        return peft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+
+    stock = tiny_model("llama", tie_word_embeddings=tied)
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    torch.manual_seed(2)
+    stock = peft.get_peft_model(stock, config())
+    torch.manual_seed(2)
+    patched = peft.get_peft_model(patched, config())
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="adapters"):
+        ours = _losses_and_grads(patched, input_ids=ids, labels=labels)
+    _assert_same(ours, _losses_and_grads(stock, input_ids=ids, labels=labels))
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [torch.tensor([[1, 4], [0, 6]]), torch.tensor([2, 5]), torch.arange(34).view(2, 17) % 3 == 0],
+    ids=["positions-per-row", "positions", "bool-mask"],
+)
+def test_logits_to_keep_as_tensors_slices_as_stock(keep):
+    """``logits_to_keep`` as positions per row ``[B, P]``, shared positions ``[P]`` or a bool mask ``[B, T]``
+    (transformers' own slicing where it has one): stock's logits, shape and values."""
+    import transformers.modeling_utils as mu
+
+    if keep.dim() == 2 and not hasattr(mu, "slice_logits_to_keep"):
+        pytest.skip("this transformers slices by 1-D positions only")
+    stock, patched = _pair()
+    ids, _ = batch()
+    with torch.no_grad():
+        want = stock.eval()(ids, logits_to_keep=keep).logits
+        got = patched.eval()(ids, logits_to_keep=keep).logits
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

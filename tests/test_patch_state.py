@@ -61,6 +61,57 @@ def test_patched_model_pickles_and_loads_patched():
         assert chronipatch.revert(loaded) == len(report.swapped)
 
 
+def test_varlen_model_unpickled_in_a_fresh_process_runs(tmp_path):
+    """A model saved with the varlen attention selected registers it again when loaded (a fresh process, a
+    spawned worker), before its first forward looks the name up; ``revert`` drops the marker."""
+    import subprocess
+    import sys
+
+    model = tiny_model("llama")
+    chronipatch.apply(model, varlen_attention=True)
+    ids, labels = batch()
+    loss = model(ids, labels=labels).loss.item()
+    torch.save(model, tmp_path / "model.pt")
+    child = (
+        "import torch, tiny; "
+        f"m = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False); "
+        "ids, labels = tiny.batch(); print(m(ids, labels=labels).loss.item())"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": __import__("os").pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) == loss
+    chronipatch.revert(model)
+    assert not any(k.startswith("_chronipatch") for k in model.__dict__)
+
+
+def test_revert_after_trainers_mixed_precision_wrapper(tmp_path):
+    """Trainer(bf16=True).train() wraps the forward it finds (ours) in accelerate's autocast: ``revert`` still
+    counts and undoes every swap, and under that wrapper the model runs stock's forward (logits, stock's
+    loss) from then on."""
+    from transformers import Trainer, TrainingArguments
+
+    stock = tiny_model("llama")
+    model = copy.deepcopy(stock)
+    swapped = len(chronipatch.apply(model).swapped)
+    ids, _ = batch(b=8)
+    args = TrainingArguments(
+        str(tmp_path), max_steps=1, per_device_train_batch_size=4, bf16=True, use_cpu=True, report_to=[],
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    for m in (stock, model):
+        torch.manual_seed(0)
+        Trainer(model=m, args=args, train_dataset=rows).train()
+    assert chronipatch.is_patched(model)
+    assert chronipatch.revert(model) == swapped
+    assert not chronipatch.is_patched(model)
+    stock.load_state_dict(model.state_dict())  # the weights the patched step left, under stock's wrapper
+    want, got = (m(input_ids=ids[:2], labels=ids[:2]) for m in (stock, model))
+    assert got.logits is not None
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.logits, want.logits)
+
+
 def test_varlen_switch_leaves_a_model_sharing_the_config_alone():
     stock = tiny_model("llama")
     other = copy.deepcopy(stock)

@@ -9,12 +9,14 @@ never attend across documents; padded batches and KV-cache decoding fall back to
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
+from ._reference_attention import reference_attention
 from .masked_sdpa import masked_sdpa
 from .ops._utils import autocast_dtype, autocast_like_linear, eager_cuda, last_dense, memoized
 
@@ -37,6 +39,19 @@ def register() -> None:
     ``varlen_mask``."""
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, varlen_mask)
+
+
+class Registered:
+    """Kept by a model that selected ``NAME``: unpickling the model (``torch.load`` in a fresh process, a
+    spawned worker) registers ``NAME`` again before its first forward looks it up."""
+
+    def __reduce__(self):
+        return (_registered, ())
+
+
+def _registered() -> Registered:
+    register()
+    return Registered()
 
 
 def varlen_mask(*args, **kwargs):
@@ -136,69 +151,6 @@ def _doc_ids(cu: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tens
     return doc, t - cu.to(device=device, dtype=torch.long)[doc]
 
 
-def _reference(q, k, v, mask, scaling):
-    """Masked softmax attention with repeated kv heads: the exact-math path (CPU, CUDA fp32/fp64).
-
-    Masked scores are overwritten (not added to), so a NaN key of one document stays out of the others.
-    Eager calls run it over blocks of query rows (``_BlockedReference``); a graph keeps the one-block form.
-    """
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-    if torch.compiler.is_compiling():
-        return (_block(q, k, mask, scale)[0] @ v).transpose(1, 2).contiguous()
-    rows = max(1, _BLOCK_SCORES // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
-    return _BlockedReference.apply(q, k, v, mask, scale, rows).transpose(1, 2).contiguous()
-
-
-_BLOCK_SCORES = 1 << 24  # scores per block of query rows: 64 MiB in fp32
-
-
-class _BlockedReference(torch.autograd.Function):
-    """softmax(mask(q k^T s)) v over blocks of query rows, keeping each row's log-sum-exp: the backward
-    recomputes a block's probabilities, so memory holds one block's [B, H, rows, Tk] scores, not all rows'
-    (16 GiB at one packed row of 16,384 tokens, 14 heads, fp32)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale, rows):
-        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
-        for lo in range(0, q.shape[2], rows):
-            p, lse[:, :, lo : lo + rows] = _block(q, k, mask, scale, lo, rows)
-            out[:, :, lo : lo + rows] = p @ v
-        ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.scale, ctx.rows = scale, rows
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        delta = (dout * out).sum(-1, keepdim=True)  # sum_j p_ij dp_ij: softmax's backward
-        for lo in range(0, q.shape[2], ctx.rows):
-            hi = lo + ctx.rows
-            p = _block(q, k, mask, ctx.scale, lo, ctx.rows, lse[:, :, lo:hi])
-            dv += p.transpose(-1, -2) @ dout[:, :, lo:hi]
-            # Masked entries get no gradient, as masked_fill's backward gives them none.
-            ds = (p * (dout[:, :, lo:hi] @ v.transpose(-1, -2) - delta[:, :, lo:hi])).masked_fill(
-                ~mask[:, :, lo:hi], 0
-            )
-            dq[:, :, lo:hi] = ds @ k * ctx.scale
-            dk += ds.transpose(-1, -2) @ q[:, :, lo:hi] * ctx.scale
-        return dq, dk, dv, None, None, None
-
-
-def _block(q, k, mask, scale, lo=0, rows=None, lse=None):
-    """Probabilities of query rows lo:lo+rows, all rows where None (and their log-sum-exp where not given)."""
-    if rows is not None:  # no slice of all rows: a graph would guard its bounds
-        q, mask = q[:, :, lo : lo + rows], mask[:, :, lo : lo + rows]
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    if lse is not None:
-        return torch.exp(scores - lse[..., None])
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse[..., None]), lse
-
-
 class _FlashVarlen(torch.autograd.Function):
     """The flash kernels behind ``varlen_attn``, called straight for eager CUDA calls (``eager_cuda``).
 
@@ -289,6 +241,8 @@ def varlen_attention_forward(
     """
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{NAME} does not support softcap")
+    if kwargs.get("output_attentions") and not torch.compiler.is_compiling():  # as stock SDPA: no weights
+        warnings.warn(f"{NAME} returns no attention weights (output_attentions=True)", stacklevel=2)
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -373,7 +327,7 @@ def varlen_attention_forward(
     if sliding_window is not None:
         mask = mask & (delta < sliding_window)
     mask = mask.view(-1, 1, t_q, t_k) if mask.ndim == 3 else mask[None, None]
-    return _reference(query, key, value, mask, scaling), None
+    return reference_attention(query, key, value, mask, scaling), None
 
 
 def _same_document(pos: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,18 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
 from . import ops
-from .head import FSDPModule, head_weight, reshard_if_idle
-from .layers import CAUSAL_ONLY, accelerate_hooked, own_hooks
+from .head import WEIGHT_WRAPPERS, BaseTunerLayer, FSDPModule, head_weight, reshard_if_idle
+from .layers import BOUND, CAUSAL_ONLY, accelerate_hooked, own_hooks
+
+try:  # transformers' own slicing: also 2-D positions [B, P] and boolean masks [B, T]
+    from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep
+except ImportError:  # older releases: an int or 1-D positions
+
+    def _slice_logits_to_keep(hidden_states, logits_to_keep):
+        if isinstance(logits_to_keep, int):
+            return hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+        return hidden_states[:, logits_to_keep, :]
+
 
 # transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -23,10 +33,28 @@ def plain_head(head: torch.nn.Module) -> bool:
     (FSDP2's gathering hooks aside: ``head_weight`` unshards it instead) nor accelerate's. Global module hooks
     (measuring tools: ``FlopCounterMode``, memory trackers) are not the head's: the fused loss never calls
     the head, so they do not see it, as they do not see any op's inside."""
-    if accelerate_hooked(head):
+    if accelerate_hooked(head) or not linear_head(head):
         return False
     fsdp = isinstance(head, FSDPModule)
     return not any(not (fsdp and _fsdp_hook(h)) for d in own_hooks(head) for h in d.values())
+
+
+def linear_head(head: torch.nn.Module) -> bool:
+    """Whether ``head(x)`` is ``F.linear(x, head.weight)``, checked per call (the head may have changed since
+    ``apply`` checked it): an ``nn.Linear`` running the stock forward (FSDP2's ``FSDPLinear`` too) with no
+    bias, or a peft wrapper whose ``weight`` is what its call multiplies by (``ModulesToSaveWrapper``,
+    ``TrainableTokensWrapper``) or whose adapters are merged or disabled."""
+    if isinstance(head, BaseTunerLayer):
+        if not (head.merged or head.disable_adapters):
+            return False  # adapters change the output: the head's own call
+        return linear_head(head.get_base_layer())
+    if isinstance(head, WEIGHT_WRAPPERS):
+        return all(linear_head(m) for m in head.modules() if isinstance(m, torch.nn.Linear))
+    return (
+        isinstance(head, torch.nn.Linear)
+        and type(head).forward is torch.nn.Linear.forward
+        and head.bias is None
+    )
 
 
 def _fsdp_hook(hook) -> bool:
@@ -35,8 +63,8 @@ def _fsdp_hook(hook) -> bool:
 
 
 _HOOKED_HEAD = (
-    "chronipatch: lm_head has hooks, which the fused loss would bypass; this call runs the head and "
-    "transformers' loss over the full logits instead"
+    "chronipatch: lm_head has hooks, adapters, a bias or a forward of its own, which the fused loss would "
+    "bypass; this call runs the head and transformers' loss over the full logits instead"
 )
 
 
@@ -77,6 +105,16 @@ def causal_lm_forward(
     a head with hooks (or accelerate's) runs its own call and stock's loss instead. ``**kwargs`` stays in
     the signature: Trainer reads it to decide that the model normalises by ``num_items_in_batch`` itself.
     """
+    if getattr(self, BOUND, None) is not causal_lm_forward:
+        # Reverted while a wrapper kept this function (accelerate's mixed-precision forward, which Trainer
+        # installs in train(), wraps the forward it found): run the stock forward under that wrapper.
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            **kwargs,
+        )  # fmt: skip
     if use_cache is None and self.training:
         use_cache = False  # a training forward never reads a cache; building one hides packed rows
     if past_key_values is not None:  # the older name of ``cache`` (transformers < 5.24)
@@ -109,11 +147,7 @@ def causal_lm_forward(
         use_cache=use_cache,
         **kwargs,
     )
-    hidden_states = outputs.last_hidden_state
-    if isinstance(logits_to_keep, int):
-        hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
-    else:
-        hidden_states = hidden_states[:, logits_to_keep, :]
+    hidden_states = _slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
 
     loss = logits = None
     if not fused:

@@ -9,6 +9,12 @@ try:
     from peft.tuners.tuners_utils import BaseTunerLayer
 except ImportError:  # no peft: no adapters anywhere
     BaseTunerLayer = ()
+try:  # peft wrappers whose ``weight`` is the one their call multiplies by (the active copy, merged tokens)
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    WEIGHT_WRAPPERS = (ModulesToSaveWrapper, TrainableTokensWrapper)
+except ImportError:
+    WEIGHT_WRAPPERS = ()
 
 try:
     from torch.distributed.fsdp import FSDPModule

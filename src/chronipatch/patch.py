@@ -21,6 +21,7 @@ from .mapping import FAMILIES, OUR_FORWARDS, SWAPS
 _PREV_ATTN = "_chronipatch_prev_attn_implementation"
 _OWN_CONFIG, _PREV_CONFIG = "_chronipatch_own_config", "_chronipatch_prev_config"
 _SHARED_CONFIG = "_chronipatch_shared_config"  # the config object own_config copied
+_REGISTERED = "_chronipatch_varlen_registered"  # registers the varlen attention again on unpickling
 
 
 class BoundForward(functools.partial):
@@ -121,6 +122,7 @@ def select_varlen(model: nn.Module, report: PatchReport | None = None) -> None:
         own_config(model)
         root.set_attn_implementation(varlen.NAME)
         setattr(root, _PREV_ATTN, current)
+        root.__dict__[_REGISTERED] = varlen.Registered()
     if report is not None:
         report.swapped.append(("", type(root).__name__, f"attention {current} -> {varlen.NAME}"))
 
@@ -221,6 +223,7 @@ def revert(model: nn.Module) -> int:
         # module.__dict__, not hasattr: peft's wrappers forward attributes from the model inside.
         if _PREV_ATTN in module.__dict__:
             module.set_attn_implementation(module.__dict__.pop(_PREV_ATTN))
+        module.__dict__.pop(_REGISTERED, None)
         for key, value in module.__dict__.pop(_PREV_CONFIG, {}).items():
             setattr(module.config, key, value)
         own, shared = module.__dict__.pop(_OWN_CONFIG, None), module.__dict__.pop(_SHARED_CONFIG, None)
@@ -228,6 +231,10 @@ def revert(model: nn.Module) -> int:
             _point_config(model, own, shared)
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
+            restored += 1
+        elif _wraps_ours(bound_forward(module)):
+            # A wrapper bound over our forward (accelerate's mixed precision): kept, and our forward under it
+            # runs the stock one once the mark below is gone.
             restored += 1
         elif hasattr(bound_forward(module), "_chronipatch_replaces"):  # chronipatch.trl's fused head: TRL's
             module.forward = bound_forward(module)._chronipatch_replaces
@@ -237,6 +244,20 @@ def revert(model: nn.Module) -> int:
     return restored
 
 
+def _wraps_ours(fn) -> bool:
+    """Whether ``fn`` is a ``functools.wraps`` wrapper (a chain of them) around one of our forwards."""
+    for _ in range(32):
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+        if fn in OUR_FORWARDS:
+            return True
+    return False
+
+
 def is_patched(model: nn.Module) -> bool:
     _module(model, "is_patched")
-    return any(bound_forward(m) in OUR_FORWARDS for m in model.modules())
+    return any(
+        bound_forward(m) in OUR_FORWARDS or (BOUND in m.__dict__ and _wraps_ours(bound_forward(m)))
+        for m in model.modules()
+    )
