@@ -301,7 +301,7 @@ def test_lora_on_the_head_is_refused_before_training(tmp_path):
 
 def test_full_finetuning_keeps_optimizer_and_says_so(tmp_path, caplog):
     trainer = _trainer(tmp_path, integrate=False)
-    with caplog.at_level("WARNING", logger="chronipatch"):
+    with caplog.at_level("INFO", logger="chronipatch"):
         ctrl.integrate(trainer)
     assert "no LoRA adapters (full fine-tuning)" in caplog.text
     assert trainer.optimizer_cls_and_kwargs is None

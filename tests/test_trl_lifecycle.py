@@ -108,3 +108,19 @@ def test_loraplus_takes_the_arguments_the_optimizer_is_built_with(tmp_path):
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["lora_A"]["lr"] == pytest.approx(1e-4) and groups["lora_B"]["lr"] == pytest.approx(1.6e-3)
     assert groups["lora_A"]["weight_decay"] == 0.1 and groups["lora_A"]["betas"] == (0.9, 0.9)
+
+
+def test_integrate_again_with_other_options_is_refused(tmp_path):
+    """A second integrate cannot change what the first chose (it would be ignored): it raises instead."""
+    trainer = _trainer(tmp_path, integrate=False, steps=1)
+    callback = ctrl.integrate(trainer)
+    collator = trainer.data_collator
+    with pytest.raises(ValueError, match="chosen once per trainer"):
+        ctrl.integrate(trainer, packing=True)
+    assert trainer.data_collator is collator
+    assert ctrl.integrate(trainer) is callback  # the defaults: as first chosen
+
+
+def test_integrate_refuses_a_model_for_a_trainer():
+    with pytest.raises(TypeError, match=r"expects a built trl\.SFTTrainer"):
+        ctrl.integrate(torch.nn.Linear(2, 2))

@@ -1,5 +1,10 @@
 """chronipatch: fused Triton kernels for HuggingFace causal LMs that keep torch.compile whole."""
 
+try:  # every op module defines its kernels at import, CPU runs included (the reference path needs no GPU)
+    import triton  # noqa: F401
+except ImportError as e:  # triton ships for Linux only
+    raise ImportError("chronipatch needs triton, which installs on Linux: pip install triton") from e
+
 from . import ops
 from .patch import PatchReport, apply, is_patched, revert
 

@@ -3,18 +3,9 @@ head is its own unit (and resharded where no backward follows), refused under un
 
 from __future__ import annotations
 
+import sys
+
 import torch
-
-try:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-except ImportError:  # no peft: no adapters anywhere
-    BaseTunerLayer = ()
-try:  # peft wrappers whose ``weight`` is the one their call multiplies by (the active copy, merged tokens)
-    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
-
-    WEIGHT_WRAPPERS = (ModulesToSaveWrapper, TrainableTokensWrapper)
-except ImportError:
-    WEIGHT_WRAPPERS = ()
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -42,10 +33,29 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
+def peft_types(module: str, *names: str) -> tuple[type, ...]:
+    """peft's classes ``names`` of ``module``, or none: looked up where peft is already imported, since a
+    model holds peft's layers only once whoever wrapped it imported peft (``import chronipatch`` stays
+    light)."""
+    found = sys.modules.get(module)
+    return tuple(getattr(found, n) for n in names if hasattr(found, n)) if found is not None else ()
+
+
+def tuner_layer(head: torch.nn.Module) -> bool:
+    """Whether ``head`` is a peft tuner layer (LoRA, trainable tokens, ...)."""
+    return isinstance(head, peft_types("peft.tuners.tuners_utils", "BaseTunerLayer"))
+
+
+def weight_wrapper(head: torch.nn.Module) -> bool:
+    """Whether ``head`` is a peft wrapper whose ``weight`` is the one its call multiplies by (the active copy
+    of ``modules_to_save``, the merged trainable tokens)."""
+    return isinstance(head, peft_types("peft.utils.other", "ModulesToSaveWrapper", "TrainableTokensWrapper"))
+
+
 def check_head_adapters(head: torch.nn.Module) -> None:
     """Refuse a peft tuner layer (LoRA, ...) as the head while its adapters change its output: a loss that
     reads ``head.weight`` gets only the base weight then. Merged or disabled adapters change nothing."""
-    if isinstance(head, BaseTunerLayer) and not head.merged and not head.disable_adapters:
+    if tuner_layer(head) and not head.merged and not head.disable_adapters:
         raise ValueError(
             "chronipatch: lm_head carries unmerged LoRA adapters; the fused loss reads the head's weight and "
             "would leave them untrained. Leave lm_head out of the LoRA target_modules, or apply(model, "

@@ -20,6 +20,7 @@ What it does, before ``train()``:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import types
 
@@ -165,9 +166,11 @@ class ChronipatchCallback(TrainerCallback):
         collator: PackingCollator | None,
         loraplus_ratio: float | None,
         varlen: bool = False,
+        options: dict | None = None,
     ):
         self.counter, self.collator, self.ratio = counter, collator, loraplus_ratio
         self.varlen = varlen  # packed rows: what integrate wires again after a revert
+        self.options = options or {}  # integrate's arguments, which a later integrate of the trainer repeats
         self.step_lrs = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -200,7 +203,11 @@ class ChronipatchCallback(TrainerCallback):
 
 
 def integrate(
-    trainer, *, loraplus_ratio: float = 16.0, loraplus_lr_embedding: float = 1e-6, packing: bool | None = None
+    trainer,
+    *,
+    loraplus_ratio: float | None = 16.0,
+    loraplus_lr_embedding: float = 1e-6,
+    packing: bool | None = None,
 ) -> ChronipatchCallback:
     """Wire chronipatch into a built TRL ``SFTTrainer``, before ``trainer.train()``; again after ``revert``.
 
@@ -208,8 +215,25 @@ def integrate(
     packing / padding-free on -> varlen attention); ``True`` also packs with chronipatch's collator
     when TRL does not, into rows of ``args.max_length`` tokens.
     """
+    if not all(hasattr(trainer, a) for a in ("model", "args", "callback_handler", "processing_class")):
+        raise TypeError(
+            f"chronipatch.trl.integrate expects a built trl.SFTTrainer, got {type(trainer).__name__} "
+            "(for a model alone use chronipatch.apply(model))"
+        )
+    options = dict(
+        loraplus_ratio=loraplus_ratio, loraplus_lr_embedding=loraplus_lr_embedding, packing=packing
+    )
     callback = getattr(trainer, "_chronipatch", None)
     if callback is not None:
+        # Called again (after a revert, say): the defaults mean "as first chosen"; anything else must match.
+        defaults = {k: p.default for k, p in inspect.signature(integrate).parameters.items() if k in options}
+        changed = {k: v for k, v in options.items() if v != defaults[k] and v != callback.options[k]}
+        if changed:
+            raise ValueError(
+                f"chronipatch.trl.integrate: this trainer was integrated with {callback.options}; called "
+                f"again with {changed}. Optimizer groups, collator and attention are chosen once per "
+                "trainer: build a new trainer to change them"
+            )
         if not _wired(trainer):  # reverted since (and maybe applied again): wired again as first chosen
             _wire(trainer, callback.counter, callback.varlen)
         return callback
@@ -232,7 +256,7 @@ def integrate(
         if loraplus.install(trainer, ratio=loraplus_ratio, lr_embedding=loraplus_lr_embedding):
             ratio = loraplus_ratio
         else:
-            log.warning("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
+            log.info("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
     counter, varlen = {"calls": 0}, trl_packs or bool(packing)
     _wire(trainer, counter, varlen)
     collator = None
@@ -240,7 +264,7 @@ def integrate(
         collator = PackingCollator(max_length=trainer.args.max_length)
         trainer.data_collator = collator
 
-    callback = ChronipatchCallback(counter, collator, ratio, varlen)
+    callback = ChronipatchCallback(counter, collator, ratio, varlen, options)
     trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
     trainer._chronipatch = callback
     return callback
