@@ -87,6 +87,9 @@ def test_apply_refusals_leave_the_model_untouched():
     model = copy.deepcopy(stock)
     with pytest.raises(ValueError, match="nothing to patch"):
         chronipatch.apply(model, rms_norm=False, swiglu=False, rope=False, fused_loss=False)
+    for switch, value in (("rms_norm", "no"), ("fused_loss", None), ("varlen_attention", 1)):
+        with pytest.raises(TypeError, match=f"{switch} must be True"):
+            chronipatch.apply(model, **{switch: value})
     compiled = torch.compile(model)
     with pytest.raises(ValueError, match="already compiled"):
         chronipatch.apply(compiled)

@@ -158,6 +158,10 @@ def apply(
         "fused_loss": fused_loss,
         "norm_recompute": norm_recompute,
     }
+    for name, value in {**switches, "varlen_attention": varlen_attention}.items():
+        if not isinstance(value, bool) and not (name == "varlen_attention" and value is None):
+            allowed = "True, False or None" if name == "varlen_attention" else "True or False"
+            raise TypeError(f"chronipatch.apply: {name} must be {allowed}, got {value!r:.60}")
     by_class = {cls: swap for swap in SWAPS for cls in swap.classes}
     found = [(path, m, cls) for path, m in model.named_modules() if (cls := _hf_class(m, by_class))]
     # A switch turned off cannot unpatch what an earlier apply swapped: refuse before changing anything.
