@@ -124,3 +124,24 @@ def test_integrate_again_with_other_options_is_refused(tmp_path):
 def test_integrate_refuses_a_model_for_a_trainer():
     with pytest.raises(TypeError, match=r"expects a built trl\.SFTTrainer"):
         ctrl.integrate(torch.nn.Linear(2, 2))
+
+
+def test_revert_after_bf16_training_under_accelerates_wrapper(tmp_path):
+    """Trainer(bf16=True).train() wraps the model's forward (our fused head) in accelerate's autocast: revert
+    still undoes every swap and the head, whose calls then run TRL's own head under that wrapper."""
+    runs = []
+    for integrate in (False, True):
+        trainer = _trainer(tmp_path / str(integrate), integrate=integrate, steps=1, bf16=True)
+        trainer.train()
+        runs.append(trainer)
+    stock, ours = runs
+    calls = ours._cb.counter["calls"]
+    assert calls == 1
+    swapped = sum(1 for m in ours.model.modules() if "forward" in m.__dict__)
+    assert chronipatch.revert(ours.model) == swapped  # the swaps and the fused head, under the wrapper too
+    assert not chronipatch.is_patched(ours.model)
+    stock.model.load_state_dict(ours.model.state_dict())  # the weights our step left, under stock's wrapper
+    ids = torch.randint(0, 20, (2, 9), generator=torch.Generator().manual_seed(0))
+    want, got = (t.model(input_ids=ids, labels=ids, fused_lm_head=True) for t in (stock, ours))
+    assert ours._cb.counter["calls"] == calls  # TRL's head ran, not ours
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.log_probs, want.log_probs)

@@ -22,6 +22,7 @@ _PREV_ATTN = "_chronipatch_prev_attn_implementation"
 _OWN_CONFIG, _PREV_CONFIG = "_chronipatch_own_config", "_chronipatch_prev_config"
 _SHARED_CONFIG = "_chronipatch_shared_config"  # the config object own_config copied
 _REGISTERED = "_chronipatch_varlen_registered"  # registers the varlen attention again on unpickling
+FUSED_HEAD = "_chronipatch_fused_head"  # chronipatch.trl's fused head while in place (else TRL's runs)
 
 
 class BoundForward(functools.partial):
@@ -233,12 +234,13 @@ def revert(model: nn.Module) -> int:
         own, shared = module.__dict__.pop(_OWN_CONFIG, None), module.__dict__.pop(_SHARED_CONFIG, None)
         if shared is not None and own == shared:  # nothing else changed on the copy: share the original again
             _point_config(model, own, shared)
+        fused_head = module.__dict__.pop(FUSED_HEAD, None)
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1
-        elif _wraps_ours(bound_forward(module)):
+        elif _wraps_ours(bound_forward(module), fused_head):
             # A wrapper bound over our forward (accelerate's mixed precision): kept, and our forward under it
-            # runs the stock one once the mark below is gone.
+            # runs the stock one (TRL's head) once its mark is gone.
             restored += 1
         elif hasattr(bound_forward(module), "_chronipatch_replaces"):  # chronipatch.trl's fused head: TRL's
             module.forward = bound_forward(module)._chronipatch_replaces
@@ -248,13 +250,14 @@ def revert(model: nn.Module) -> int:
     return restored
 
 
-def _wraps_ours(fn) -> bool:
-    """Whether ``fn`` is a ``functools.wraps`` wrapper (a chain of them) around one of our forwards."""
+def _wraps_ours(fn, fused_head=None) -> bool:
+    """Whether ``fn`` is a ``functools.wraps`` wrapper (a chain of them) around one of our forwards or
+    ``fused_head``."""
     for _ in range(32):
         fn = getattr(fn, "__wrapped__", None)
         if fn is None:
             return False
-        if fn in OUR_FORWARDS:
+        if fn in OUR_FORWARDS or (fused_head is not None and fn is fused_head):
             return True
     return False
 

@@ -30,7 +30,7 @@ from . import loraplus, ops
 from .causal_lm import plain_head
 from .head import check_head_adapters, head_weight, reshard_if_idle
 from .packing import PackingCollator
-from .patch import apply, is_patched, own_config, select_varlen
+from .patch import FUSED_HEAD, apply, is_patched, own_config, select_varlen
 
 log = logging.getLogger("chronipatch")
 
@@ -104,9 +104,10 @@ def _make_fused_forward(trl_forward, counter: dict):
         self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
     ):
         head = self.get_output_embeddings()
-        # TRL's own head where ours would compute something else: router losses, or a head with hooks.
+        # TRL's own head where ours would compute something else: router losses, or a head with hooks; and
+        # once reverted under a wrapper that kept this function (accelerate's autocast, from train()).
         own = getattr(self.config.get_text_config(), "output_router_logits", False) or not plain_head(head)
-        if not fused_lm_head or own:
+        if not fused_lm_head or own or self.__dict__.get(FUSED_HEAD) is not forward:
             return trl_forward(
                 *args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                 num_items_in_batch=num_items_in_batch, **kwargs,
@@ -283,7 +284,9 @@ def _wire(trainer, counter: dict, varlen: bool) -> None:
     owner, trl_forward = _fused_lm_head_owner(trainer)
     if not is_patched(model):
         apply(model)
-    owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
+    fused = _make_fused_forward(trl_forward, counter)
+    owner.forward = types.MethodType(fused, owner)
+    owner.__dict__[FUSED_HEAD] = fused  # what revert drops, where a wrapper keeps the forward
     if varlen:
         # On the model's own config, undone by revert: a cache would hide the packed boundaries from the mask
         # logic. flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: kept.
