@@ -370,7 +370,7 @@ class _Attn(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_exact_math_path_in_half_precision_scales_before_the_product(dtype):
+def test_exact_math_path_computes_half_precision_in_fp32(dtype):
     """Off CUDA, 2-byte q/k/v: raw q.k of 1.4e5 (past fp16's 65504) with the scale bringing them back in
     range give stock SDPA's result, not inf scores and nan rows; softmax statistics in fp32 (output error
     within stock's, against fp64), gradients near stock's too."""
