@@ -88,7 +88,7 @@ def test_varlen_model_unpickled_in_a_fresh_process_runs(tmp_path):
 def test_revert_after_trainers_mixed_precision_wrapper(tmp_path):
     """Trainer(bf16=True).train() wraps the forward it finds (ours) in accelerate's autocast: ``revert`` still
     counts and undoes every swap, and under that wrapper the model runs stock's forward (logits, stock's
-    loss) from then on."""
+    loss) from then on; a second revert finds nothing, and ``apply`` again makes ours serve under it."""
     from transformers import Trainer, TrainingArguments
 
     stock = tiny_model("llama")
@@ -110,6 +110,10 @@ def test_revert_after_trainers_mixed_precision_wrapper(tmp_path):
     want, got = (m(input_ids=ids[:2], labels=ids[:2]) for m in (stock, model))
     assert got.logits is not None
     assert torch.equal(got.loss, want.loss) and torch.equal(got.logits, want.logits)
+    assert chronipatch.revert(model) == 0  # nothing left to undo
+    chronipatch.apply(model)  # our forward under the wrapper serves again
+    assert chronipatch.is_patched(model) and model(input_ids=ids[:2], labels=ids[:2]).logits is None
+    assert chronipatch.revert(model) == swapped
 
 
 def test_varlen_switch_leaves_a_model_sharing_the_config_alone():

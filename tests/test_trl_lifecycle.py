@@ -4,6 +4,7 @@ embeddings alone and with arguments changed after integrate, packing without a r
 from __future__ import annotations
 
 import inspect
+import io
 
 import pytest
 
@@ -128,7 +129,8 @@ def test_integrate_refuses_a_model_for_a_trainer():
 
 def test_revert_after_bf16_training_under_accelerates_wrapper(tmp_path):
     """Trainer(bf16=True).train() wraps the model's forward (our fused head) in accelerate's autocast: revert
-    still undoes every swap and the head, whose calls then run TRL's own head under that wrapper."""
+    still undoes every swap and the head, whose calls then run TRL's own head under that wrapper; integrate
+    again makes ours serve under it, and the model still pickles."""
     runs = []
     for integrate in (False, True):
         trainer = _trainer(tmp_path / str(integrate), integrate=integrate, steps=1, bf16=True)
@@ -145,3 +147,8 @@ def test_revert_after_bf16_training_under_accelerates_wrapper(tmp_path):
     want, got = (t.model(input_ids=ids, labels=ids, fused_lm_head=True) for t in (stock, ours))
     assert ours._cb.counter["calls"] == calls  # TRL's head ran, not ours
     assert torch.equal(got.loss, want.loss) and torch.equal(got.log_probs, want.log_probs)
+    assert chronipatch.revert(ours.model) == 0
+    ctrl.integrate(ours)  # ours again, under the wrapper
+    ours.model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert ours._cb.counter["calls"] == calls + 1
+    torch.save(ours.model, io.BytesIO())  # the mark is a flag: the model still pickles

@@ -22,7 +22,7 @@ _PREV_ATTN = "_chronipatch_prev_attn_implementation"
 _OWN_CONFIG, _PREV_CONFIG = "_chronipatch_own_config", "_chronipatch_prev_config"
 _SHARED_CONFIG = "_chronipatch_shared_config"  # the config object own_config copied
 _REGISTERED = "_chronipatch_varlen_registered"  # registers the varlen attention again on unpickling
-FUSED_HEAD = "_chronipatch_fused_head"  # chronipatch.trl's fused head while in place (else TRL's runs)
+FUSED_HEAD = "_chronipatch_fused_head"  # True while chronipatch.trl's fused head is in place
 
 
 class BoundForward(functools.partial):
@@ -186,8 +186,10 @@ def apply(
         if not switches[swap.switch]:
             report.left.append((path, cls, f"{swap.switch}=False"))
             continue
-        if bound_forward(module) is swap.forward:
-            setattr(module, BOUND, swap.forward)  # bound without its mark (by hand): the layers read the mark
+        if bound_forward(module) is swap.forward or wrapped_ours(bound_forward(module)) is swap.forward:
+            # Bound by hand without its mark, or under a wrapper a revert kept (accelerate's autocast): marked
+            # again, our forward under the wrapper runs ours once more.
+            setattr(module, BOUND, swap.forward)  # the layers read the mark
             report.already.append((path, cls, swap.op))
             continue
         if "forward" in module.__dict__:
@@ -234,11 +236,13 @@ def revert(model: nn.Module) -> int:
         own, shared = module.__dict__.pop(_OWN_CONFIG, None), module.__dict__.pop(_SHARED_CONFIG, None)
         if shared is not None and own == shared:  # nothing else changed on the copy: share the original again
             _point_config(model, own, shared)
-        fused_head = module.__dict__.pop(FUSED_HEAD, None)
+        fused_head = module.__dict__.pop(FUSED_HEAD, False)
         if bound_forward(module) in OUR_FORWARDS:
             del module.__dict__["forward"]
             restored += 1
-        elif _wraps_ours(bound_forward(module), fused_head):
+        elif (wrapped := wrapped_ours(bound_forward(module), fused_head)) is not None and (
+            wrapped not in OUR_FORWARDS or BOUND in module.__dict__  # not one a revert already counted
+        ):
             # A wrapper bound over our forward (accelerate's mixed precision): kept, and our forward under it
             # runs the stock one (TRL's head) once its mark is gone.
             restored += 1
@@ -250,21 +254,20 @@ def revert(model: nn.Module) -> int:
     return restored
 
 
-def _wraps_ours(fn, fused_head=None) -> bool:
-    """Whether ``fn`` is a ``functools.wraps`` wrapper (a chain of them) around one of our forwards or
-    ``fused_head``."""
+def wrapped_ours(fn, fused_head: bool = False):
+    """Our forward (or, with ``fused_head``, chronipatch.trl's) under ``fn``, a chain of ``functools.wraps``
+    wrappers; else None."""
     for _ in range(32):
         fn = getattr(fn, "__wrapped__", None)
         if fn is None:
-            return False
-        if fn in OUR_FORWARDS or (fused_head is not None and fn is fused_head):
-            return True
-    return False
+            return None
+        if fn in OUR_FORWARDS or (fused_head and hasattr(fn, "_chronipatch_replaces")):
+            return fn
+    return None
 
 
 def is_patched(model: nn.Module) -> bool:
     _module(model, "is_patched")
-    return any(
-        bound_forward(m) in OUR_FORWARDS or (BOUND in m.__dict__ and _wraps_ours(bound_forward(m)))
-        for m in model.modules()
-    )
+    ours = lambda m: bound_forward(m) in OUR_FORWARDS
+    kept = lambda m: BOUND in m.__dict__ and wrapped_ours(bound_forward(m)) is not None
+    return any(ours(m) or kept(m) for m in model.modules())

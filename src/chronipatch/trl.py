@@ -29,8 +29,9 @@ from transformers import TrainerCallback
 from . import loraplus, ops
 from .causal_lm import plain_head
 from .head import check_head_adapters, head_weight, reshard_if_idle
+from .layers import bound_forward
 from .packing import PackingCollator
-from .patch import FUSED_HEAD, apply, is_patched, own_config, select_varlen
+from .patch import FUSED_HEAD, apply, is_patched, own_config, select_varlen, wrapped_ours
 
 log = logging.getLogger("chronipatch")
 
@@ -107,7 +108,7 @@ def _make_fused_forward(trl_forward, counter: dict):
         # TRL's own head where ours would compute something else: router losses, or a head with hooks; and
         # once reverted under a wrapper that kept this function (accelerate's autocast, from train()).
         own = getattr(self.config.get_text_config(), "output_router_logits", False) or not plain_head(head)
-        if not fused_lm_head or own or self.__dict__.get(FUSED_HEAD) is not forward:
+        if not fused_lm_head or own or not self.__dict__.get(FUSED_HEAD):
             return trl_forward(
                 *args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                 num_items_in_batch=num_items_in_batch, **kwargs,
@@ -273,20 +274,23 @@ def integrate(
 
 def _wired(trainer) -> bool:
     """Whether the trainer's model is patched and its fused head is ours (``revert`` puts TRL's back)."""
-    forward = _head_owner(trainer.model).__dict__.get("forward")
-    return is_patched(trainer.model) and hasattr(forward, "_chronipatch_replaces")
+    return is_patched(trainer.model) and bool(_head_owner(trainer.model).__dict__.get(FUSED_HEAD))
 
 
 def _wire(trainer, counter: dict, varlen: bool) -> None:
     """Patch the trainer's model, route TRL's fused head through our loss, and with packed rows (``varlen``)
     run the varlen attention without a cache; ``revert`` undoes all three."""
     model = trainer.model
-    owner, trl_forward = _fused_lm_head_owner(trainer)
+    owner = _head_owner(model)
+    # Our head under a wrapper that a revert kept (accelerate's autocast, from train()) serves again as it is.
+    kept = hasattr(wrapped_ours(bound_forward(owner), fused_head=True), "_chronipatch_replaces")
+    trl_forward = None if kept else _fused_lm_head_owner(trainer)[1]
     if not is_patched(model):
         apply(model)
-    fused = _make_fused_forward(trl_forward, counter)
-    owner.forward = types.MethodType(fused, owner)
-    owner.__dict__[FUSED_HEAD] = fused  # what revert drops, where a wrapper keeps the forward
+    if trl_forward is not None:
+        owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
+    # A flag, not the function: a local function in the model's __dict__ would not pickle.
+    owner.__dict__[FUSED_HEAD] = True  # what revert drops, where a wrapper keeps the forward
     if varlen:
         # On the model's own config, undone by revert: a cache would hide the packed boundaries from the mask
         # logic. flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: kept.
