@@ -120,6 +120,11 @@ def test_integrate_again_with_other_options_is_refused(tmp_path):
         ctrl.integrate(trainer, packing=True)
     assert trainer.data_collator is collator
     assert ctrl.integrate(trainer) is callback  # the defaults: as first chosen
+    assert ctrl.integrate(trainer, loraplus_ratio=16.0) is callback  # what the first chose, passed
+    other = _trainer(tmp_path / "other", integrate=False, steps=1)
+    ctrl.integrate(other, loraplus_ratio=None)
+    with pytest.raises(ValueError, match="chosen once per trainer"):  # a default passed is a choice too
+        ctrl.integrate(other, loraplus_ratio=16.0)
 
 
 def test_integrate_refuses_a_model_for_a_trainer():

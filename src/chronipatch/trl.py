@@ -20,7 +20,6 @@ What it does, before ``train()``:
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import types
 
@@ -204,12 +203,22 @@ class ChronipatchCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
 
+class _Default:
+    """An argument left out: its default at a trainer's first integrate, that call's choice at a later one."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:  # as the signature shows it
+        return repr(self.value)
+
+
 def integrate(
     trainer,
     *,
-    loraplus_ratio: float | None = 16.0,
-    loraplus_lr_embedding: float = 1e-6,
-    packing: bool | None = None,
+    loraplus_ratio: float | None = _Default(16.0),
+    loraplus_lr_embedding: float = _Default(1e-6),
+    packing: bool | None = _Default(None),
 ) -> ChronipatchCallback:
     """Wire chronipatch into a built TRL ``SFTTrainer``, before ``trainer.train()``; again after ``revert``.
 
@@ -222,14 +231,11 @@ def integrate(
             f"chronipatch.trl.integrate expects a built trl.SFTTrainer, got {type(trainer).__name__} "
             "(for a model alone use chronipatch.apply(model))"
         )
-    options = dict(
-        loraplus_ratio=loraplus_ratio, loraplus_lr_embedding=loraplus_lr_embedding, packing=packing
-    )
+    given = dict(loraplus_ratio=loraplus_ratio, loraplus_lr_embedding=loraplus_lr_embedding, packing=packing)
     callback = getattr(trainer, "_chronipatch", None)
     if callback is not None:
-        # Called again (after a revert, say): the defaults mean "as first chosen"; anything else must match.
-        defaults = {k: p.default for k, p in inspect.signature(integrate).parameters.items() if k in options}
-        changed = {k: v for k, v in options.items() if v != defaults[k] and v != callback.options[k]}
+        # Called again (after a revert, say): what is passed must match the first call's choice.
+        changed = {k: v for k, v in given.items() if not isinstance(v, _Default) and v != callback.options[k]}
         if changed:
             raise ValueError(
                 f"chronipatch.trl.integrate: this trainer was integrated with {callback.options}; called "
@@ -239,6 +245,8 @@ def integrate(
         if not _wired(trainer):  # reverted since (and maybe applied again): wired again as first chosen
             _wire(trainer, callback.counter, callback.varlen)
         return callback
+    options = {k: v.value if isinstance(v, _Default) else v for k, v in given.items()}
+    loraplus_ratio, loraplus_lr_embedding, packing = options.values()
     if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
         raise ValueError("chronipatch.trl.integrate: the tokenizer has no pad token; set tokenizer.pad_token")
     owner, trl_forward = _fused_lm_head_owner(trainer)
