@@ -264,6 +264,13 @@ def test_bad_construction(kwargs, match):
         PackingCollator(**kwargs)
 
 
+def test_own_fields_given_by_position_are_refused():
+    """A fifth positional value lands in the collator's own statistics: refused at construction, not at the
+    first batch."""
+    with pytest.raises(TypeError, match="stats and last_row_offsets are the collator's own"):
+        PackingCollator(8, None, "split", -100, "oops")
+
+
 @pytest.mark.parametrize(
     ("examples", "match"),
     [

@@ -142,6 +142,12 @@ class PackingCollator:
             raise ValueError(
                 f"long_documents must be one of {_LONG_DOCUMENT_MODES}, got {self.long_documents!r}"
             )
+        # Dataclass fields the collator fills itself: a value passed by position lands here.
+        if not isinstance(self.stats, PackingStats) or not isinstance(self.last_row_offsets, list):
+            raise TypeError(
+                f"stats and last_row_offsets are the collator's own (got {self.stats!r:.40}, "
+                f"{self.last_row_offsets!r:.40}); pass max_length, window, long_documents, ignore_index"
+            )
 
     def _example(self, example: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate one example and return its (input_ids, labels) as 1-D LongTensors."""
