@@ -11,7 +11,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
 from . import ops
-from .head import FSDPModule, head_weight, reshard_if_idle, tuner_layer, weight_wrapper
+from .head import FSDPModule, active_adapters, head_weight, reshard_if_idle, tuner_layer, weight_wrapper
 from .layers import BOUND, CAUSAL_ONLY, accelerate_hooked, own_hooks
 
 try:  # transformers' own slicing: also 2-D positions [B, P] and boolean masks [B, T]
@@ -44,9 +44,9 @@ def linear_head(head: torch.nn.Module) -> bool:
     ``apply`` checked it): an ``nn.Linear`` running the stock forward (FSDP2's ``FSDPLinear`` too) with no
     bias, or a peft wrapper whose ``weight`` is what its call multiplies by (``ModulesToSaveWrapper``,
     ``TrainableTokensWrapper``) or whose adapters are merged or disabled."""
+    if active_adapters(head):
+        return False  # the head's own call
     if tuner_layer(head):
-        if not (head.merged or head.disable_adapters):
-            return False  # adapters change the output: the head's own call
         return linear_head(head.get_base_layer())
     if weight_wrapper(head):
         return all(linear_head(m) for m in head.modules() if isinstance(m, torch.nn.Linear))

@@ -52,10 +52,16 @@ def weight_wrapper(head: torch.nn.Module) -> bool:
     return isinstance(head, peft_types("peft.utils.other", "ModulesToSaveWrapper", "TrainableTokensWrapper"))
 
 
+def active_adapters(head: torch.nn.Module) -> bool:
+    """Whether ``head`` is a peft tuner layer whose adapters change its output (merged or disabled ones
+    change nothing)."""
+    return tuner_layer(head) and not head.merged and not head.disable_adapters
+
+
 def check_head_adapters(head: torch.nn.Module) -> None:
     """Refuse a peft tuner layer (LoRA, ...) as the head while its adapters change its output: a loss that
-    reads ``head.weight`` gets only the base weight then. Merged or disabled adapters change nothing."""
-    if tuner_layer(head) and not head.merged and not head.disable_adapters:
+    reads ``head.weight`` gets only the base weight then."""
+    if active_adapters(head):
         raise ValueError(
             "chronipatch: lm_head carries unmerged LoRA adapters; the fused loss reads the head's weight and "
             "would leave them untrained. Leave lm_head out of the LoRA target_modules, or apply(model, "
