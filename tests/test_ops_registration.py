@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -173,6 +179,55 @@ def test_opcheck_cuda(name, op, args, dtype):
         return to.requires_grad_(a.requires_grad)
 
     torch.library.opcheck(op, tuple(moved(a) for a in args))
+
+
+def test_pow2_of_a_symbolic_size_is_a_plain_int():
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    n = env.create_symintnode(env.create_symbol(100, ConstantSource("n")), hint=100)
+    got = importlib.import_module("chronipatch.ops._utils").pow2(n * 3)
+    assert type(n) is torch.SymInt and type(got) is int and got == 512
+
+
+_TRACE = """
+import importlib, torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from helpers import hf_view, rope_cos_sin
+rms, glu, rope = (importlib.import_module(f"chronipatch.ops.{m}") for m in ("rms_norm", "swiglu", "rope"))
+x, w, g = torch.randn(5, 3, 64), torch.randn(64), torch.randn(4, 9)
+q, k = hf_view(2, 5, 4, 8), hf_view(2, 5, 2, 8)
+cs = rope_cos_sin(1, 5, 8, torch.float32)
+cases = {
+    "rms_norm": (lambda x, w: rms.rms_norm_fwd_triton(x, w, 1e-6), (x, w)),
+    "rms_norm_bwd": (lambda dy, x, w, r: rms.rms_norm_bwd_triton(dy, x, w, r), (x, x, w, torch.rand(5, 3))),
+    "swiglu": (lambda a, b: glu.swiglu_fwd_triton(a, b), (g, g)),
+    "swiglu_bwd": (lambda d, a, b: glu.swiglu_bwd_triton(d, a, b), (g, g, g)),
+    "rope": (lambda q, k, c, s: rope.rope_triton(q, k, c, s), (q, k, *cs)),
+    "rope_bwd": (lambda q, k, c, s: rope.rope_triton(q, k, c, s, backward=True), (q, k, *cs)),
+}
+for name, (fn, args) in cases.items():
+    graph = make_fx(fn, tracing_mode="symbolic")(*args)
+    kernels = [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    print(name, len(kernels), flush=True)
+"""
+
+
+def test_triton_launchers_trace_with_every_size_symbolic():
+    """The launchers that compile traces into (``triton_op``s) trace with every size symbolic, as opcheck's
+    dynamic test and ``torch.compile(dynamic=True)`` of a direct call trace them, each recording its kernel
+    once: their block sizes are plain ints (rope's trace ran for minutes while they were sympy expressions).
+    In a process of its own: the interpreter's kernels (CPU runs) cannot be traced."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRACE], capture_output=True, text=True, timeout=300, env=env, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = ("rms_norm", "rms_norm_bwd", "swiglu", "swiglu_bwd", "rope", "rope_bwd")
+    assert proc.stdout.split() == [w for name in names for w in (name, "1")]
 
 
 def _count_breaks(fn, *args):

@@ -9,7 +9,6 @@ import re
 import weakref
 
 import torch
-import triton
 from torch import Tensor
 
 
@@ -284,8 +283,7 @@ def sms_for(t: torch.Tensor) -> int:
 
 
 # triton.cdiv / next_power_of_2 are ConstexprFunctions: ~2-4 us of dispatch per call from Python, paid on
-# every eager launch. Plain integer math instead (cdiv's also serves symbolic sizes; pow2 keeps triton's
-# for them).
+# every eager launch. Plain integer math instead (cdiv's also serves symbolic sizes).
 
 
 def cdiv(a: int, b: int) -> int:
@@ -293,6 +291,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def pow2(n: int) -> int:
-    if type(n) is int:
-        return n if n <= 1 else 1 << (n - 1).bit_length()
-    return triton.next_power_of_2(n)
+    """The power of 2 at or above n (n itself below 2), a plain int. It sizes kernel constants, so a symbolic
+    size is specialized first (a guard on its value): triton's bit arithmetic on one built sympy expressions
+    that doubled at each step (tracing rope under dynamic shapes ran for minutes)."""
+    n = int(n)
+    return n if n <= 1 else 1 << (n - 1).bit_length()
