@@ -113,15 +113,9 @@ def _wide(hidden: Tensor) -> bool:
 
 
 def lce_bwd_triton(
-    grad_rows: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    stats: Tensor,
-    ignore_index: int,
-    need_dh: bool = True,
-    need_dw: bool = True,
-) -> tuple[Tensor, Tensor]:
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, ignore_index: int,
+    need_dh: bool = True, need_dw: bool = True,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(dh, dw); one that is not needed is skipped (its GEMMs too) and returned empty."""
     n = hidden.shape[0]
     wide = _wide(hidden)
