@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, each step time-boxed, results under $OUT (default bench/out).
 #
-#   bash bench/run_all.sh [tests|sweep|ops|lce|prologue|rms|attention|padded|train|sft|sft_compile ...]
+#   bash bench/run_all.sh [tests|sweep|ops|lce|prologue|rms|attention|padded|probe|train|sft|sft_compile ...]
 #   (default: tests sweep ops attention train sft, in this order)
 #
 # Needs a CUDA machine with torch, triton, transformers (and trl, peft, liger-kernel, cut-cross-entropy for
@@ -49,6 +49,9 @@ for step in "${steps[@]}"; do
             --out "$OUT/padded_long"
         run padded_compile 240 python bench/padded_compile.py --out "$OUT" ;;
     train) run train 600 python bench/train.py --profile --out "$OUT" ;;
+    # bf16 training's gradient errors against the fp32 truth over seeds, stock beside chronipatch (the spread of
+    # tests/test_invariants_gpu.py's extremes): ~100 s per seed on an H100.
+    probe) run invariant_probe 590 python bench/invariant_probe.py --seeds 0,1,2,3,4 --out "$OUT" ;;
     sft) run sft 600 python bench/sft.py --timeout 120 --out "$OUT" --variants \
         stock,stock_packing,liger,chronipatch,chronipatch_packing,lora_stock,lora_chronipatch,lora_chronipatch_packing ;;
     # Inductor's cold compiles of the whole model: minutes per variant.

@@ -157,3 +157,12 @@ def test_lce_sass_bench_smoke(tmp_path):
     assert [r["case"] for r in rows] == ["fwd_p", "bwd"]
     for r in rows:
         assert 500 < r["per_tile"] < 5000 and r["stack"] == 0 and r["mma_in_flight"], r
+
+
+def test_invariant_probe_bench_smoke(tmp_path):
+    """``bench/invariant_probe.py --smoke``: per seed the eager patched model's gradient errors against the
+    fp32 truth, beside stock's (on CPU the reference ops: within a few times stock's bf16 error)."""
+    rows = _run("invariant_probe.py", tmp_path, "--seeds", "0,1")["rows"]
+    assert [(r["seed"], r["variant"]) for r in rows] == [(0, "eager"), (1, "eager")]
+    for r in rows:
+        assert 0 < r["e"] < 0.5 and 0 < r["stock worst"] < 0.5 and r["mean ratio"] < 3, r

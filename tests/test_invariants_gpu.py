@@ -3,29 +3,18 @@ the fp32 truth; gradient accumulation with ``num_items_in_batch``; apply/revert 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import chronipatch
+from invariant_probe import shared_copy
 from models import causal_lm
 from test_invariants import _registry
 from tiny import batch, tiny_model
 
 pytestmark = pytest.mark.gpu
 STEPS = 50
-
-
-def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` holding ``model``'s own parameters (ties kept): every copy sees each update."""
-    twin = copy.deepcopy(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for name, _ in list(twin.named_parameters(remove_duplicate=False)):
-        owner, _, leaf = name.rpartition(".")
-        setattr(twin.get_submodule(owner), leaf, params[name])
-    return twin
 
 
 def _loss_and_grad(fn, params, ids, bf16: bool):
@@ -49,9 +38,9 @@ def test_bf16_training_matches_stock_within_bf16_noise(name):
     torch.manual_seed(0)
     stock = causal_lm(name, attn_implementation="sdpa").to("cuda")
     params = [p for p in stock.parameters()]
-    eager = _shared_copy(stock)
+    eager = shared_copy(stock)
     chronipatch.apply(eager)
-    compiled = _shared_copy(stock)
+    compiled = shared_copy(stock)
     chronipatch.apply(compiled)
     torch._dynamo.reset()
     variants = {"stock": stock, "eager": eager, "compiled": torch.compile(compiled)}
