@@ -268,7 +268,7 @@ def integrate(
         else:
             log.info("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
     counter, varlen = {"calls": 0}, trl_packs or bool(packing)
-    _wire(trainer, counter, varlen, trl_forward)
+    _wire(trainer, counter, varlen)
     collator = None
     if packing and not trl_packs:
         collator = PackingCollator(max_length=trainer.args.max_length)
@@ -285,19 +285,17 @@ def _wired(trainer) -> bool:
     return is_patched(trainer.model) and bool(_head_owner(trainer.model).__dict__.get(FUSED_HEAD))
 
 
-def _wire(trainer, counter: dict, varlen: bool, trl_forward=None) -> None:
-    """Patch the trainer's model, route TRL's fused head (``trl_forward`` where the caller found it already)
-    through our loss, and with packed rows (``varlen``) run the varlen attention without a cache; ``revert``
-    undoes all three."""
+def _wire(trainer, counter: dict, varlen: bool) -> None:
+    """Patch the trainer's model, route TRL's fused head through our loss, and with packed rows (``varlen``)
+    run the varlen attention without a cache; ``revert`` undoes all three."""
     model = trainer.model
     owner = _head_owner(model)
     # Our head under a wrapper that a revert kept (accelerate's autocast, from train()) serves again as it is.
     kept = hasattr(wrapped_ours(bound_forward(owner), fused_head=True), "_chronipatch_replaces")
-    if not kept and trl_forward is None:
-        trl_forward = _fused_lm_head_owner(trainer)[1]
+    trl_forward = None if kept else _fused_lm_head_owner(trainer)[1]
     if not is_patched(model):
         apply(model)
-    if not kept:
+    if trl_forward is not None:
         owner.forward = types.MethodType(_make_fused_forward(trl_forward, counter), owner)
     # A flag, not the function: a local function in the model's __dict__ would not pickle.
     owner.__dict__[FUSED_HEAD] = True  # what revert drops, where a wrapper keeps the forward

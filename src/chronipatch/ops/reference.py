@@ -125,11 +125,10 @@ def lce_fwd(
     z = centred(logits, m.unsqueeze(1))  # <= 0: both sums below are free of cancellation
     s = torch.exp(z).sum(-1)
     logsum = torch.log(s)
-    valid, in_range = labels != ignore_index, _in_range(labels, weight.shape[0])
-    safe = torch.where(valid & in_range, labels, 0)
+    valid = labels != ignore_index
+    safe = torch.where(valid & _in_range(labels, weight.shape[0]), labels, 0)
     loss = logsum - z.gather(1, safe.unsqueeze(1)).squeeze(1)
-    # nan for a label out of range (see nan_out_of_range), 0 where ignored
-    loss = torch.where(valid, torch.where(in_range, loss, float("nan")), 0.0)
+    loss = torch.where(valid, nan_out_of_range(loss, labels, weight.shape[0]), 0.0)
     if not token_stats:
         return loss, torch.stack([m, s], -1), loss.new_empty(0), loss.new_empty(0)
     p = torch.exp(z) / s.unsqueeze(1)
