@@ -3,12 +3,13 @@
     python bench/invariant_probe.py [--model qwen2.5-0.5b] [--seeds 0,1,2] [--steps 50]
         [--variants eager,compiled] [--out bench/out] [--smoke]
 
-The loop of ``tests/test_invariants_gpu.py``: an AdamW run in fp32 drives the weights; at every step the same
-weights and batch go through stock and chronipatch under bf16 autocast, SDPA on its math kernel, and each
-parameter's relative gradient error e = |g_bf16 - g_fp32| / |g_fp32| is kept. That test bounds each
-parameter's worst e along the run by twice stock's worst: one extreme per parameter on each side. Per seed
-and variant this reports the worst ratio of those extremes (and whether the test's bound holds), the worst
-ratio of the means along the run, and where the worst extreme lies (parameter, step, stock's e there).
+``run_against_truth``, the loop of ``tests/test_invariants_gpu.py``: an AdamW run in fp32 drives the weights;
+at every step the same weights and batch go through stock and chronipatch under bf16 autocast, SDPA on its
+math kernel, and each parameter's relative gradient error e = |g_bf16 - g_fp32| / |g_fp32| is kept. That
+test bounds each parameter's worst e along the run by twice stock's worst: one extreme per parameter on each
+side. Per seed and variant this reports the worst ratio of those extremes (and whether the test's bound
+holds), the worst ratio of the means along the run, and where the worst extreme lies (parameter, step,
+stock's e there).
 ``--smoke``: a tiny config on CPU, 3 steps, eager only.
 """
 
@@ -35,46 +36,67 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-def _loss_and_grads(fn, params, ids, bf16: bool) -> tuple[float, list[torch.Tensor]]:
-    dev = ids.device.type
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(SDPBackend.MATH):
+def loss_and_grad(fn, params, ids, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, the parameters' gradients flattened into one fp32 vector) of ``fn`` on ``ids`` as labels."""
+    # Every run, the fp32 truth (which also drives the updates) and the bf16 ones, takes SDPA's math kernel:
+    # the fused kernels' backward sums dq in a run-dependent order (atomics, whose order moves with whatever
+    # else shares the GPU), so stock's own error, the bound here, and the trajectory would move between runs.
+    # Attention is not swapped; the comparison is of the swapped ops around the same attention.
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(SDPBackend.MATH):
         loss = fn(input_ids=ids, labels=ids).loss
-    return loss.item(), [g.float() for g in torch.autograd.grad(loss, params)]
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach().float(), torch.cat([g.float().flatten() for g in grads])
 
 
-def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bool) -> list[dict]:
-    dev = "cpu" if smoke else "cuda"
+def run_against_truth(
+    model_name: str, seed: int, steps: int, variants, device: str = "cuda", **overrides
+) -> tuple[list[float], list[str], dict]:
+    """An AdamW run in fp32 of ``model_name`` (config ``overrides``); at every step the same weights and batch
+    also go through stock and each of ``variants`` (``eager``, ``compiled``: patched) under bf16 autocast.
+    Returns (the fp32 losses, the parameter names, per variant and "stock": (|loss error| per step, [P]
+    relative gradient errors per step))."""
     torch.manual_seed(seed)
-    stock = causal_lm(model_name, attn_implementation="sdpa", **(SMOKE_CONFIG if smoke else {})).to(dev)
+    stock = causal_lm(model_name, attn_implementation="sdpa", **overrides).to(device)
     params = list(stock.parameters())
-    names = [n for n, _ in stock.named_parameters()]
     runs = {"stock": stock}
     for v in variants:
-        twin = shared_copy(stock)
-        chronipatch.apply(twin)
-        runs[v] = torch.compile(twin) if v == "compiled" else twin
+        runs[v] = shared_copy(stock)
+        chronipatch.apply(runs[v])
+    if "compiled" in runs:
+        torch._dynamo.reset()
+        runs["compiled"] = torch.compile(runs["compiled"])
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    # Zipf tokens, as the test: the loss falls within a few steps wherever the init starts.
-    zipf = 1.0 / torch.arange(1, stock.config.vocab_size + 1, device=dev, dtype=torch.float32)
-    errors = {v: [] for v in runs}  # per step: [P] relative gradient errors
-    losses = []
+    sizes = [p.numel() for p in params]
+    errors = {v: ([], []) for v in runs}
+    curve = []
+    # Zipf-distributed tokens: the unigram frequencies are learnt within a few steps, so the loss falls
+    # wherever the random init starts (uniform tokens leave only the last nats down to log V to learn).
+    zipf = 1.0 / torch.arange(1, stock.config.vocab_size + 1, device=device, dtype=torch.float32)
     for _ in range(steps):
         ids = torch.multinomial(zipf, 2 * 256, replacement=True).view(2, 256)
-        loss, grads = _loss_and_grads(stock, params, ids, bf16=False)
-        norms = torch.stack([g.norm() for g in grads])
+        loss, grad = loss_and_grad(stock, params, ids, bf16=False)
+        norms = torch.stack([g.norm() for g in torch.split(grad, sizes)])
         for v, fn in runs.items():
-            _, g_v = _loss_and_grads(fn, params, ids, bf16=True)
-            errors[v].append(torch.stack([(a - b).norm() for a, b in zip(g_v, grads)]) / norms)
-        losses.append(loss)
-        for p, g in zip(params, grads):
-            p.grad = g
+            l_v, g_v = loss_and_grad(fn, params, ids, bf16=True)
+            errors[v][0].append(abs(l_v - loss).item())
+            errors[v][1].append(torch.stack([d.norm() for d in torch.split(g_v - grad, sizes)]) / norms)
+        curve.append(loss.item())
+        for p, g in zip(params, torch.split(grad, sizes)):
+            p.grad = g.view_as(p)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    e_stock = torch.stack(errors["stock"])  # [steps, P]
+    return curve, [n for n, _ in stock.named_parameters()], errors
+
+
+def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bool) -> list[dict]:
+    curve, names, errors = run_against_truth(
+        model_name, seed, steps, variants, "cpu" if smoke else "cuda", **(SMOKE_CONFIG if smoke else {})
+    )
+    e_stock = torch.stack(errors["stock"][1])  # [steps, P]
     rows = []
     for v in variants:
-        e = torch.stack(errors[v])
+        e = torch.stack(errors[v][1])
         worst = e.amax(0) / e_stock.amax(0)
         i = int(worst.argmax())
         step = int(e[:, i].argmax())
@@ -82,8 +104,8 @@ def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bo
             {
                 "seed": seed,
                 "variant": v,
-                "first loss": round(losses[0], 4),
-                "last loss": round(losses[-1], 4),
+                "first loss": round(curve[0], 4),
+                "last loss": round(curve[-1], 4),
                 "worst ratio": round(float(worst.max()), 3),
                 "bound holds": bool((e.amax(0) <= 2 * e_stock.amax(0) + 2e-3).all()),
                 "mean ratio": round(float((e.mean(0) / e_stock.mean(0)).max()), 3),

@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import chronipatch
-from invariant_probe import shared_copy
+from invariant_probe import run_against_truth
 from models import causal_lm
 from test_invariants import _registry
 from tiny import batch, tiny_model
 
 pytestmark = pytest.mark.gpu
 STEPS = 50
-
-
-def _loss_and_grad(fn, params, ids, bf16: bool):
-    # Every run, the fp32 truth (which also drives the updates) and the bf16 ones, takes SDPA's math kernel:
-    # the fused kernels' backward sums dq in a run-dependent order (atomics, whose order moves with whatever
-    # else shares the GPU), so stock's own error, the bound here, and the trajectory would move between runs.
-    # Attention is not swapped; the comparison is of the swapped ops around the same attention.
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(SDPBackend.MATH):
-        loss = fn(input_ids=ids, labels=ids).loss
-    grads = torch.autograd.grad(loss, params)
-    return loss.detach().float(), torch.cat([g.float().flatten() for g in grads])
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "llama-3.2-1b"])
@@ -35,39 +23,9 @@ def test_bf16_training_matches_stock_within_bf16_noise(name):
     patched loss and every parameter's gradient may be off by at most twice the worst error stock bf16 shows
     along the run, plus a hair: loss curves and gradients match within bf16 noise, step by step, without the
     chaotic drift that would make two independent bf16 runs incomparable."""
-    torch.manual_seed(0)
-    stock = causal_lm(name, attn_implementation="sdpa").to("cuda")
-    params = [p for p in stock.parameters()]
-    eager = shared_copy(stock)
-    chronipatch.apply(eager)
-    compiled = shared_copy(stock)
-    chronipatch.apply(compiled)
-    torch._dynamo.reset()
-    variants = {"stock": stock, "eager": eager, "compiled": torch.compile(compiled)}
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    sizes = [p.numel() for p in params]
-    errors = {v: ([], []) for v in variants}  # per step: |loss error|, relative gradient error per parameter
-    curve = []
-    # Zipf-distributed tokens: the unigram frequencies are learnt within a few steps, so the loss falls
-    # wherever the random init starts (uniform tokens leave only the last nats down to log V to learn).
-    zipf = 1.0 / torch.arange(1, stock.config.vocab_size + 1, device="cuda", dtype=torch.float32)
-    for _ in range(STEPS):
-        ids = torch.multinomial(zipf, 2 * 256, replacement=True).view(2, 256)
-        loss, grad = _loss_and_grad(stock, params, ids, bf16=False)
-        norms = torch.stack([g.norm() for g in torch.split(grad, sizes)])
-        for v, fn in variants.items():
-            l_v, g_v = _loss_and_grad(fn, params, ids, bf16=True)
-            errors[v][0].append(abs(l_v - loss).item())
-            errors[v][1].append(torch.stack([d.norm() for d in torch.split(g_v - grad, sizes)]) / norms)
-        curve.append(loss.item())
-        for p, g in zip(params, torch.split(grad, [p.numel() for p in params])):
-            p.grad = g.view_as(p)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    curve, names, errors = run_against_truth(name, 0, STEPS, ("eager", "compiled"))
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.01, f"the run did not train: {first:.3f} -> {last:.3f}"
-    names = [n for n, _ in stock.named_parameters()]
     noise_loss = max(errors["stock"][0])
     noise_grad = torch.stack(errors["stock"][1]).amax(0)  # worst over the run, per parameter
     print(
