@@ -9,7 +9,7 @@ math kernel, and each parameter's relative gradient error e = |g_bf16 - g_fp32| 
 test bounds each parameter's worst e along the run by twice stock's worst: one extreme per parameter on each
 side. Per seed and variant this reports the worst ratio of those extremes (and whether the test's bound
 holds), the worst ratio of the means along the run, and where the worst extreme lies (parameter, step,
-stock's e there).
+stock's e there); ``<out>/invariant_probe_seed<n>.pt`` keeps every step's errors.
 ``--smoke``: a tiny config on CPU, 3 steps, eager only.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -89,14 +90,18 @@ def run_against_truth(
     return curve, [n for n, _ in stock.named_parameters()], errors
 
 
-def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bool) -> list[dict]:
+def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bool, out: str) -> list[dict]:
     curve, names, errors = run_against_truth(
         model_name, seed, steps, variants, "cpu" if smoke else "cuda", **(SMOKE_CONFIG if smoke else {})
     )
-    e_stock = torch.stack(errors["stock"][1])  # [steps, P]
+    raw = {v: (torch.tensor(loss_e), torch.stack(e).cpu()) for v, (loss_e, e) in errors.items()}
+    # The whole record, for statistics other than the ones below without another run.
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save({"names": names, "curve": curve, "errors": raw}, Path(out) / f"invariant_probe_seed{seed}.pt")
+    e_stock = raw["stock"][1]  # [steps, P]
     rows = []
     for v in variants:
-        e = torch.stack(errors[v][1])
+        e = raw[v][1]
         worst = e.amax(0) / e_stock.amax(0)
         i = int(worst.argmax())
         step = int(e[:, i].argmax())
@@ -135,7 +140,7 @@ def main(argv=None) -> None:
     steps = 3 if args.smoke else args.steps
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows += probe(args.model, seed, steps, variants, args.smoke)
+        rows += probe(args.model, seed, steps, variants, args.smoke, args.out)
     meta = {**env_info("cpu" if args.smoke else "cuda"), "model": args.model, "steps": steps}
     write_results("invariant_probe", rows, meta, args.out)
 
