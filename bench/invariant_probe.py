@@ -5,11 +5,17 @@
 
 ``run_against_truth``, the loop of ``tests/test_invariants_gpu.py``: an AdamW run in fp32 drives the weights;
 at every step the same weights and batch go through stock and chronipatch under bf16 autocast, SDPA on its
-math kernel, and each parameter's relative gradient error e = |g_bf16 - g_fp32| / |g_fp32| is kept. That
-test bounds each parameter's worst e along the run by twice stock's worst: one extreme per parameter on each
-side. Per seed and variant this reports the worst ratio of those extremes (and whether the test's bound
-holds), the worst ratio of the means along the run, and where the worst extreme lies (parameter, step,
-stock's e there); ``<out>/invariant_probe_seed<n>.pt`` keeps every step's errors.
+math kernel, and each parameter's relative gradient error e = |g_bf16 - g_fp32| / |g_fp32| is kept. Each
+patched variant is held against stock run the same way (``compiled`` against stock compiled: inductor's
+attention rounds differently from eager's, which moves q's and k's errors by ~10%).
+
+``compare`` gives the statistics that test bounds, per parameter: the median over steps of the paired ratio
+e / e_stock (same weights, same batch: a systematic excess of the swapped ops shows here, run-to-run
+rounding noise cancels), and the ratio of the means along the run (which a rare large error moves). The
+ratio of the per-parameter extremes, which an earlier form of the test bounded, is reported too: it is
+heavy-tailed (one step where stock happens to round well sets it). Per seed and variant this prints the
+worst of each, where the worst extreme lies (parameter, step, stock's e there), and keeps every step's
+errors in ``<out>/invariant_probe_seed<n>.pt``.
 ``--smoke``: a tiny config on CPU, 3 steps, eager only.
 """
 
@@ -49,23 +55,32 @@ def loss_and_grad(fn, params, ids, bf16: bool) -> tuple[torch.Tensor, torch.Tens
     return loss.detach().float(), torch.cat([g.float().flatten() for g in grads])
 
 
+# The stock run each patched variant is held against.
+REFERENCE = {"eager": "stock", "compiled": "stock_compiled"}
+# What ``tests/test_invariants_gpu.py`` allows of ``compare``'s ratios, for every parameter. Seen on an H100
+# (Qwen2.5-0.5B, 3 seeds, 50 steps, against eager stock): eager at most 1.02 and 1.05; compiled 1.24 and
+# 1.28, all of it in q's and k's gradients and inductor's attention.
+BOUNDS = {"median paired": 1.15, "means": 1.25}
+
+
 def run_against_truth(
     model_name: str, seed: int, steps: int, variants, device: str = "cuda", **overrides
 ) -> tuple[list[float], list[str], dict]:
     """An AdamW run in fp32 of ``model_name`` (config ``overrides``); at every step the same weights and batch
-    also go through stock and each of ``variants`` (``eager``, ``compiled``: patched) under bf16 autocast.
-    Returns (the fp32 losses, the parameter names, per variant and "stock": (|loss error| per step, [P]
-    relative gradient errors per step))."""
+    also go through each of ``variants`` (``eager``, ``compiled``: patched) and its stock reference
+    (``REFERENCE``) under bf16 autocast. Returns (the fp32 losses, the parameter names, per run: (|loss
+    error| per step, [P] relative gradient errors per step))."""
     torch.manual_seed(seed)
     stock = causal_lm(model_name, attn_implementation="sdpa", **overrides).to(device)
     params = list(stock.parameters())
     runs = {"stock": stock}
+    torch._dynamo.reset()
     for v in variants:
         runs[v] = shared_copy(stock)
         chronipatch.apply(runs[v])
-    if "compiled" in runs:
-        torch._dynamo.reset()
-        runs["compiled"] = torch.compile(runs["compiled"])
+        if v == "compiled":
+            runs[v] = torch.compile(runs[v])
+            runs[REFERENCE[v]] = torch.compile(shared_copy(stock))
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     sizes = [p.numel() for p in params]
     errors = {v: ([], []) for v in runs}
@@ -90,6 +105,17 @@ def run_against_truth(
     return curve, [n for n, _ in stock.named_parameters()], errors
 
 
+def compare(errors: dict, variant: str) -> dict[str, torch.Tensor]:
+    """Per parameter, ``variant``'s gradient errors against its stock reference's along the run: the median
+    of the paired ratios, the ratio of the means, the ratio of the extremes ([P] each)."""
+    e, ref = torch.stack(errors[variant][1]), torch.stack(errors[REFERENCE[variant]][1])  # [steps, P]
+    return {
+        "median paired": (e / ref).median(0).values,
+        "means": e.mean(0) / ref.mean(0),
+        "extremes": e.amax(0) / ref.amax(0),
+    }
+
+
 def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bool, out: str) -> list[dict]:
     curve, names, errors = run_against_truth(
         model_name, seed, steps, variants, "cpu" if smoke else "cuda", **(SMOKE_CONFIG if smoke else {})
@@ -98,12 +124,11 @@ def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bo
     # The whole record, for statistics other than the ones below without another run.
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save({"names": names, "curve": curve, "errors": raw}, Path(out) / f"invariant_probe_seed{seed}.pt")
-    e_stock = raw["stock"][1]  # [steps, P]
     rows = []
     for v in variants:
-        e = raw[v][1]
-        worst = e.amax(0) / e_stock.amax(0)
-        i = int(worst.argmax())
+        stats = compare(errors, v)
+        e, ref = raw[v][1], raw[REFERENCE[v]][1]
+        i = int(stats["extremes"].argmax())
         step = int(e[:, i].argmax())
         rows.append(
             {
@@ -111,14 +136,13 @@ def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bo
                 "variant": v,
                 "first loss": round(curve[0], 4),
                 "last loss": round(curve[-1], 4),
-                "worst ratio": round(float(worst.max()), 3),
-                "bound holds": bool((e.amax(0) <= 2 * e_stock.amax(0) + 2e-3).all()),
-                "mean ratio": round(float((e.mean(0) / e_stock.mean(0)).max()), 3),
+                **{f"{k} ratio": round(float(r.max()), 3) for k, r in stats.items()},
+                "bounds hold": all(bool((stats[k] <= b).all()) for k, b in BOUNDS.items()),
                 "parameter": names[i],
                 "step": step,
                 "e": round(float(e[step, i]), 4),
-                "stock e there": round(float(e_stock[step, i]), 4),
-                "stock worst": round(float(e_stock[:, i].max()), 4),
+                "stock e there": round(float(ref[step, i]), 4),
+                "stock worst": round(float(ref[:, i].max()), 4),
             }
         )
         print(rows[-1], flush=True)

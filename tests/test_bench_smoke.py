@@ -166,7 +166,7 @@ def test_invariant_probe_bench_smoke(tmp_path):
     rows = _run("invariant_probe.py", tmp_path, "--seeds", "0,1")["rows"]
     assert [(r["seed"], r["variant"]) for r in rows] == [(0, "eager"), (1, "eager")]
     for r in rows:
-        assert 0 < r["e"] < 0.5 and 0 < r["stock worst"] < 0.5 and r["mean ratio"] < 3, r
+        assert 0 < r["e"] < 0.5 and 0 < r["stock worst"] < 0.5 and r["means ratio"] < 3, r
     record = torch.load(tmp_path / "invariant_probe_seed1.pt")
     loss_err, grad_err = record["errors"]["eager"]
     assert loss_err.shape == (3,) and len(record["curve"]) == 3

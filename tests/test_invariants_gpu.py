@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import chronipatch
-from invariant_probe import run_against_truth
+from invariant_probe import BOUNDS, REFERENCE, compare, run_against_truth
 from models import causal_lm
 from test_invariants import _registry
 from tiny import batch, tiny_model
@@ -19,28 +19,26 @@ STEPS = 50
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "llama-3.2-1b"])
 def test_bf16_training_matches_stock_within_bf16_noise(name):
     """A 50-step AdamW run in fp32; at every step the same weights and batch go through stock and patched
-    (eager and compiled) models under bf16 autocast (Trainer's ``bf16=True``). Against the fp32 truth, the
-    patched loss and every parameter's gradient may be off by at most twice the worst error stock bf16 shows
-    along the run, plus a hair: loss curves and gradients match within bf16 noise, step by step, without the
-    chaotic drift that would make two independent bf16 runs incomparable."""
+    models, eager and compiled, under bf16 autocast (Trainer's ``bf16=True``). Against the fp32 truth, the
+    patched loss may be off by at most twice the worst error stock bf16 shows along the run, plus a hair; each
+    parameter's gradient error, against stock's in the same mode (``REFERENCE``), within ``BOUNDS``: a
+    median paired ratio (same weights and batch) catches a systematic excess of a few percent, and the ratio
+    of the means a rare large error. Loss curves and gradients match within bf16 noise, step by step, without
+    the chaotic drift that would make two independent bf16 runs incomparable."""
     curve, names, errors = run_against_truth(name, 0, STEPS, ("eager", "compiled"))
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.01, f"the run did not train: {first:.3f} -> {last:.3f}"
-    noise_loss = max(errors["stock"][0])
-    noise_grad = torch.stack(errors["stock"][1]).amax(0)  # worst over the run, per parameter
-    print(
-        f"{name}: loss {first:.3f} -> {last:.3f}; stock bf16 vs fp32: max |dloss| {noise_loss:.2e}, "
-        f"relative gradient error up to {noise_grad.max():.2e}"
-    )
     for v in ("eager", "compiled"):
-        d_loss, d_grad = max(errors[v][0]), torch.stack(errors[v][1]).amax(0)
+        noise_loss, d_loss = max(errors[REFERENCE[v]][0]), max(errors[v][0])
+        stats = compare(errors, v)
         print(
-            f"{name} {v}: max |dloss| {d_loss:.2e}, relative gradient error up to {d_grad.max():.2e}, "
-            f"worst ratio to stock's {(d_grad / noise_grad).max():.2f}"
+            f"{name} {v}: loss {first:.3f} -> {last:.3f}, max |dloss| {d_loss:.2e} (stock {noise_loss:.2e}); "
+            + ", ".join(f"{k} ratio up to {r.max():.3f}" for k, r in stats.items())
         )
         assert d_loss <= 2 * noise_loss + 1e-3, (v, d_loss, noise_loss)
-        worse = (d_grad > 2 * noise_grad + 2e-3).nonzero().flatten().tolist()
-        assert not worse, [(v, names[i], d_grad[i].item(), noise_grad[i].item()) for i in worse]
+        for k, bound in BOUNDS.items():
+            worse = (stats[k] > bound).nonzero().flatten().tolist()
+            assert not worse, (v, k, bound, [(names[i], round(stats[k][i].item(), 3)) for i in worse])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
