@@ -77,7 +77,7 @@ def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
     y0, rstd = fwd(x, w, rows0, warps0)
     dx0, dw0 = bwd(dy, x, w, rstd, rows0, warps0, per_sm0)
     row["fwd_us"], row["bwd_us"] = {}, {}
-    for rows in dict.fromkeys((rows0, 1, 2, 4, 8, 16)):
+    for rows in dict.fromkeys((rows0, 1, 2, 4, 8, 16, 32, 64)):  # past 16: short rows alone
         for warps in dict.fromkeys((warps0, 1, 2, 4, 8, 16)):
             if rows * block > 16384 or rows * block < 32 * warps:
                 continue
