@@ -1,7 +1,7 @@
 """bf16 training's gradient errors against the fp32 truth, step by step: stock and chronipatch, over seeds.
 
     python bench/invariant_probe.py [--model qwen2.5-0.5b] [--seeds 0,1,2] [--steps 50]
-        [--variants eager,compiled] [--out bench/out] [--smoke]
+        [--variants eager,compiled] [--out bench/out] [--smoke] [--records DIR]
 
 ``run_against_truth``, the loop of ``tests/test_invariants_gpu.py``: an AdamW run in fp32 drives the weights;
 at every step the same weights and batch go through stock and chronipatch under bf16 autocast, SDPA on its
@@ -14,8 +14,9 @@ e / e_stock (same weights, same batch: a systematic excess of the swapped ops sh
 rounding noise cancels), and the ratio of the means along the run (which a rare large error moves). The
 ratio of the per-parameter extremes, which an earlier form of the test bounded, is reported too: it is
 heavy-tailed (one step where stock happens to round well sets it). Per seed and variant this prints the
-worst of each, where the worst extreme lies (parameter, step, stock's e there), and keeps every step's
-errors in ``<out>/invariant_probe_seed<n>.pt``.
+worst of each, where the worst extreme lies (parameter, step, stock's e there), and the paired medians by
+parameter kind; it keeps every step's errors in ``<out>/invariant_probe_seed<n>.pt``, which ``--records``
+summarizes again without a GPU.
 ``--smoke``: a tiny config on CPU, 3 steps, eager only.
 """
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -105,10 +108,12 @@ def run_against_truth(
     return curve, [n for n, _ in stock.named_parameters()], errors
 
 
-def compare(errors: dict, variant: str) -> dict[str, torch.Tensor]:
-    """Per parameter, ``variant``'s gradient errors against its stock reference's along the run: the median
-    of the paired ratios, the ratio of the means, the ratio of the extremes ([P] each)."""
-    e, ref = torch.stack(errors[variant][1]), torch.stack(errors[REFERENCE[variant]][1])  # [steps, P]
+def compare(errors: dict, variant: str, against: str | None = None) -> dict[str, torch.Tensor]:
+    """Per parameter, ``variant``'s gradient errors against its stock reference's (``against``, by default
+    ``REFERENCE[variant]``) along the run: the median of the paired ratios, the ratio of the means, the ratio
+    of the extremes ([P] each)."""
+    e = torch.stack(list(errors[variant][1]))  # [steps, P]
+    ref = torch.stack(list(errors[against or REFERENCE[variant]][1]))
     return {
         "median paired": (e / ref).median(0).values,
         "means": e.mean(0) / ref.mean(0),
@@ -116,24 +121,24 @@ def compare(errors: dict, variant: str) -> dict[str, torch.Tensor]:
     }
 
 
-def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bool, out: str) -> list[dict]:
-    curve, names, errors = run_against_truth(
-        model_name, seed, steps, variants, "cpu" if smoke else "cuda", **(SMOKE_CONFIG if smoke else {})
-    )
-    raw = {v: (torch.tensor(loss_e), torch.stack(e).cpu()) for v, (loss_e, e) in errors.items()}
-    # The whole record, for statistics other than the ones below without another run.
-    Path(out).mkdir(parents=True, exist_ok=True)
-    torch.save({"names": names, "curve": curve, "errors": raw}, Path(out) / f"invariant_probe_seed{seed}.pt")
-    rows = []
-    for v in variants:
-        stats = compare(errors, v)
-        e, ref = raw[v][1], raw[REFERENCE[v]][1]
+def summarize(record: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """One seed's rows (per variant: the worst of each ratio, where the worst extreme lies) and per parameter
+    kind (``q_proj.weight``, ...) its paired medians. Records from before stock compiled ran hold compiled
+    against eager stock (``against``)."""
+    names, curve, errors = record["names"], record["curve"], record["errors"]
+    kinds = [re.sub(r"^model\.|layers\.\d+\.", "", n) for n in names]
+    rows, by_kind = [], []
+    for v in (v for v in REFERENCE if v in errors):
+        against = REFERENCE[v] if REFERENCE[v] in errors else "stock"
+        stats = compare(errors, v, against)
+        e, ref = errors[v][1], errors[against][1]
         i = int(stats["extremes"].argmax())
         step = int(e[:, i].argmax())
         rows.append(
             {
                 "seed": seed,
                 "variant": v,
+                "against": against,
                 "first loss": round(curve[0], 4),
                 "last loss": round(curve[-1], 4),
                 **{f"{k} ratio": round(float(r.max()), 3) for k, r in stats.items()},
@@ -145,8 +150,26 @@ def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bo
                 "stock worst": round(float(ref[:, i].max()), 4),
             }
         )
-        print(rows[-1], flush=True)
-    return rows
+        for kind in dict.fromkeys(kinds):
+            med = stats["median paired"][[j for j, k in enumerate(kinds) if k == kind]]
+            by_kind.append(
+                {"seed": seed, "variant": v, "against": against, "kind": kind, "parameters": len(med),
+                 "median of paired medians": round(float(med.median()), 3), "max": round(float(med.max()), 3)}
+            )  # fmt: skip
+    return rows, by_kind
+
+
+def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bool, out: str) -> dict:
+    """One seed's run, its record saved to ``<out>/invariant_probe_seed<seed>.pt``."""
+    curve, names, errors = run_against_truth(
+        model_name, seed, steps, variants, "cpu" if smoke else "cuda", **(SMOKE_CONFIG if smoke else {})
+    )
+    raw = {v: (torch.tensor(loss_e), torch.stack(e).cpu()) for v, (loss_e, e) in errors.items()}
+    meta = {**env_info("cpu" if smoke else "cuda"), "model": model_name, "steps": steps}
+    record = {"names": names, "curve": curve, "errors": raw, "meta": meta}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save(record, Path(out) / f"invariant_probe_seed{seed}.pt")
+    return record
 
 
 def main(argv=None) -> None:
@@ -157,16 +180,38 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="eager,compiled")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--smoke", action="store_true", help="a tiny config on CPU, 3 steps, eager only")
+    p.add_argument("--records", help="summarize the records an earlier run left in this folder; run nothing")
     args = p.parse_args(argv)
     variants = ["eager"] if args.smoke else args.variants.split(",")
     if set(variants) - {"eager", "compiled"}:
         p.error(f"variants are eager and compiled, got {args.variants}")
     steps = 3 if args.smoke else args.steps
-    rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        rows += probe(args.model, seed, steps, variants, args.smoke, args.out)
-    meta = {**env_info("cpu" if args.smoke else "cuda"), "model": args.model, "steps": steps}
-    write_results("invariant_probe", rows, meta, args.out)
+    if args.records:
+        files = sorted(Path(args.records).glob("invariant_probe_seed*.pt"))
+        records = {int(f.stem.removeprefix("invariant_probe_seed")): torch.load(f) for f in files}
+        # The run's own meta: in its records, or (earlier records) in the results it wrote beside them.
+        meta = next(iter(records.values())).get("meta") if records else None
+        written = Path(args.records) / "invariant_probe.json"
+        if meta is None and written.exists():
+            meta = json.loads(written.read_text())["meta"]
+        meta = {**(meta or {}), "notes": [f"summarized from the records in {args.records}"]}
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        records = {s: probe(args.model, s, steps, variants, args.smoke, args.out) for s in seeds}
+        meta = {**env_info("cpu" if args.smoke else "cuda"), "model": args.model, "steps": steps}
+    rows, by_kind = [], []
+    for seed, record in records.items():
+        r, k = summarize(record, seed)
+        rows += r
+        by_kind += k
+        print(*r, sep="\n", flush=True)
+    write_results(
+        "invariant_probe",
+        rows,
+        meta,
+        args.out,
+        sections=[("paired medians by parameter kind", by_kind, None)],
+    )
 
 
 if __name__ == "__main__":

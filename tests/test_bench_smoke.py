@@ -171,3 +171,7 @@ def test_invariant_probe_bench_smoke(tmp_path):
     loss_err, grad_err = record["errors"]["eager"]
     assert loss_err.shape == (3,) and len(record["curve"]) == 3
     assert grad_err.shape == (3, len(record["names"]))
+    # The records alone give the same summary, with the run's meta.
+    again = _run("invariant_probe.py", tmp_path / "again", "--records", str(tmp_path))
+    assert again["rows"] == rows and again["meta"]["commit"] == record["meta"]["commit"]
+    assert {k["kind"] for k in again["paired medians by parameter kind"]} >= {"self_attn.q_proj.weight"}
