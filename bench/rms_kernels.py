@@ -66,8 +66,8 @@ def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
     w = 1 + 0.1 * torch.randn(n, device=dev, dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     block, rows0, warps0 = rms._tiles(n)
-    per_sm0 = rms._programs_per_sm(block)
-    row = {"shape": shape, "default": {"fwd": [rows0, warps0], "bwd": [rows0, warps0, per_sm0]}}
+    _, bwd_rows0, bwd_warps0, per_sm0 = rms._bwd_tiles(n)
+    row = {"shape": shape, "default": {"fwd": [rows0, warps0], "bwd": [bwd_rows0, bwd_warps0, per_sm0]}}
     if not smoke:
         # dynamic=False: each shape its own static kernels, not a symbolic row count from an earlier shape's
         hf = torch.compile(LlamaRMSNorm(n, eps=EPS).to(dev, torch.bfloat16), dynamic=False)
@@ -75,7 +75,7 @@ def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
         xg = x.clone().requires_grad_()
         row["hf_compiled_us"] = 1e3 * time_ms(lambda: torch.autograd.grad(hf(xg), (xg, hf.weight), dy))
     y0, rstd = fwd(x, w, rows0, warps0)
-    dx0, dw0 = bwd(dy, x, w, rstd, rows0, warps0, per_sm0)
+    dx0, dw0 = bwd(dy, x, w, rstd, bwd_rows0, bwd_warps0, per_sm0)
     row["fwd_us"], row["bwd_us"] = {}, {}
     for rows in dict.fromkeys((rows0, 1, 2, 4, 8, 16, 32, 64)):  # past 16: short rows alone
         for warps in dict.fromkeys((warps0, 1, 2, 4, 8, 16)):
@@ -83,7 +83,7 @@ def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
                 continue
             assert close(fwd(x, w, rows, warps)[0], y0), (shape, rows, warps)
             row["fwd_us"][f"r{rows}w{warps}"] = 1e3 * time_ms(partial(fwd, x, w, rows, warps))
-            for per_sm in dict.fromkeys((per_sm0, 1, 2, 3, 4, 8)) if rows * block <= 8192 else ():
+            for per_sm in dict.fromkeys((per_sm0, 1, 2, 3, 4, 8, 16)) if rows * block <= 8192 else ():
                 dx, dw = bwd(dy, x, w, rstd, rows, warps, per_sm)
                 assert close(dx, dx0) and close(dw, dw0), (shape, rows, warps, per_sm)
                 key = f"r{rows}w{warps}k{per_sm}"
@@ -108,9 +108,9 @@ def main() -> None:
     for shape in shapes:
         row = table(shape, dev, time_ms, args.smoke)
         out["shapes"].append(row)
-        (rows0, warps0), per_sm0 = row["default"]["fwd"], row["default"]["bwd"][2]
+        (rows0, warps0), (bwd_rows0, bwd_warps0, per_sm0) = row["default"]["fwd"], row["default"]["bwd"]
         f0 = row["fwd_us"][f"r{rows0}w{warps0}"]
-        b0 = row["bwd_us"].get(f"r{rows0}w{warps0}k{per_sm0}", float("nan"))
+        b0 = row["bwd_us"].get(f"r{bwd_rows0}w{bwd_warps0}k{per_sm0}", float("nan"))
         best_f = sorted(row["fwd_us"].items(), key=lambda kv: kv[1])[:3]
         best_b = sorted(row["bwd_us"].items(), key=lambda kv: kv[1])[:3]
         text = (
