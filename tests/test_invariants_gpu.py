@@ -37,7 +37,7 @@ def test_bf16_training_matches_stock_within_bf16_noise(name):
         )
         assert d_loss <= 2 * noise_loss + 1e-3, (v, d_loss, noise_loss)
         for k, bound in BOUNDS.items():
-            worse = (stats[k] > bound).nonzero().flatten().tolist()
+            worse = (~(stats[k] <= bound)).nonzero().flatten().tolist()  # NaN fails too
             assert not worse, (v, k, bound, [(names[i], round(stats[k][i].item(), 3)) for i in worse])
 
 
