@@ -188,10 +188,13 @@ def main(argv=None) -> None:
         p.error(f"variants are eager and compiled, got {args.variants}")
     steps = 3 if args.smoke else args.steps
     if args.records:
-        files = sorted(Path(args.records).glob("invariant_probe_seed*.pt"))
-        records = {int(f.stem.removeprefix("invariant_probe_seed")): torch.load(f) for f in files}
+        stem = "invariant_probe_seed"
+        files = {int(f.stem.removeprefix(stem)): f for f in Path(args.records).glob(f"{stem}*.pt")}
+        if not files:
+            p.error(f"no invariant_probe_seed<n>.pt in {args.records}")
+        records = {seed: torch.load(files[seed]) for seed in sorted(files)}
         # The run's own meta: in its records, or (earlier records) in the results it wrote beside them.
-        meta = next(iter(records.values())).get("meta") if records else None
+        meta = next(iter(records.values())).get("meta")
         written = Path(args.records) / "invariant_probe.json"
         if meta is None and written.exists():
             meta = json.loads(written.read_text())["meta"]
