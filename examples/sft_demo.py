@@ -12,10 +12,10 @@ Nothing is downloaded: the model is a random-init Qwen2 from a config (or a loca
 tokenizer is built in memory (``tokenizer.py``) and the data is generated from a seeded RNG.
 
 On CPU chronipatch runs the torch reference of its ops, so the demo shows equal loss curves rather than a
-speed-up (none is printed there; the CPU default, 800 steps twice, takes 10-20 minutes on two cores,
-``--steps 200`` a few); with ``--packing`` the patched run is the slower one there, since its varlen attention
-falls back to a reference attention with an explicit mask off CUDA. ``--device cuda`` trains a larger model
-in bf16.
+speed-up (none is printed there; the CPU default, 800 steps twice, takes about a minute on two cores,
+``--steps 200`` under half that); with ``--packing`` the patched run is the slower one there, since its
+varlen attention falls back to a reference attention with an explicit mask off CUDA. ``--device cuda``
+trains a larger model in bf16.
 
 The two runs round differently (other summation orders, as any two kernels of the same math), and this small
 task trains chaotically: after a few hundred steps a loss drop may come in one run and later or not at all in
