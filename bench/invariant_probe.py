@@ -73,7 +73,7 @@ def run_against_truth(
     """An AdamW run in fp32 of ``model_name`` (config ``overrides``); at every step the same weights and batch
     also go through each of ``variants`` (``eager``, ``compiled``: patched) and its stock reference
     (``REFERENCE``) under bf16 autocast. Returns (the fp32 losses, the parameter names, per run: (|loss
-    error| per step, [P] relative gradient errors per step))."""
+    error| [steps], relative gradient error [steps, P]), on the CPU)."""
     torch.manual_seed(seed)
     stock = causal_lm(model_name, attn_implementation="sdpa", **overrides).to(device)
     params = list(stock.parameters())
@@ -106,6 +106,7 @@ def run_against_truth(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    errors = {v: (torch.tensor(l_e), torch.stack(g_e).cpu()) for v, (l_e, g_e) in errors.items()}
     return curve, [n for n, _ in stock.named_parameters()], errors
 
 
@@ -113,8 +114,7 @@ def compare(errors: dict, variant: str, against: str | None = None) -> dict[str,
     """Per parameter, ``variant``'s gradient errors against its stock reference's (``against``, by default
     ``REFERENCE[variant]``) along the run: the median of the paired ratios, the ratio of the means, the ratio
     of the extremes ([P] each)."""
-    e = torch.stack(list(errors[variant][1]))  # [steps, P]
-    ref = torch.stack(list(errors[against or REFERENCE[variant]][1]))
+    e, ref = errors[variant][1], errors[against or REFERENCE[variant]][1]  # [steps, P]
     return {
         "median paired": (e / ref).median(0).values,
         "means": e.mean(0) / ref.mean(0),
@@ -165,9 +165,8 @@ def probe(model_name: str, seed: int, steps: int, variants: list[str], smoke: bo
     curve, names, errors = run_against_truth(
         model_name, seed, steps, variants, "cpu" if smoke else "cuda", **(SMOKE_CONFIG if smoke else {})
     )
-    raw = {v: (torch.tensor(loss_e), torch.stack(e).cpu()) for v, (loss_e, e) in errors.items()}
     meta = {**env_info("cpu" if smoke else "cuda"), "model": model_name, "steps": steps}
-    record = {"names": names, "curve": curve, "errors": raw, "meta": meta}
+    record = {"names": names, "curve": curve, "errors": errors, "meta": meta}
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save(record, Path(out) / f"invariant_probe_seed{seed}.pt")
     return record
@@ -192,23 +191,23 @@ def main(argv=None) -> None:
         files = {int(f.stem.removeprefix(stem)): f for f in Path(args.records).glob(f"{stem}*.pt")}
         if not files:
             p.error(f"no invariant_probe_seed<n>.pt in {args.records}")
-        records = {seed: torch.load(files[seed]) for seed in sorted(files)}
-        # The run's own meta: in its records, or (earlier records) in the results it wrote beside them.
-        meta = next(iter(records.values())).get("meta")
-        written = Path(args.records) / "invariant_probe.json"
-        if meta is None and written.exists():
-            meta = json.loads(written.read_text())["meta"]
-        meta = {**(meta or {}), "notes": [f"summarized from the records in {args.records}"]}
-    else:
+        records = ((seed, torch.load(files[seed])) for seed in sorted(files))
+    else:  # each seed summarized as it ends: a run cut short still prints the seeds it finished
         seeds = [int(s) for s in args.seeds.split(",")]
-        records = {s: probe(args.model, s, steps, variants, args.smoke, args.out) for s in seeds}
-        meta = {**env_info("cpu" if args.smoke else "cuda"), "model": args.model, "steps": steps}
-    rows, by_kind = [], []
-    for seed, record in records.items():
+        records = ((s, probe(args.model, s, steps, variants, args.smoke, args.out)) for s in seeds)
+    rows, by_kind, meta = [], [], None
+    for seed, record in records:
+        meta = meta or record.get("meta")
         r, k = summarize(record, seed)
         rows += r
         by_kind += k
         print(*r, sep="\n", flush=True)
+    if args.records:
+        # The run's own meta: in its records, or (earlier records) in the results it wrote beside them.
+        written = Path(args.records) / "invariant_probe.json"
+        if meta is None and written.exists():
+            meta = json.loads(written.read_text())["meta"]
+        meta = {**(meta or {}), "notes": [f"summarized from the records in {args.records}"]}
     write_results(
         "invariant_probe",
         rows,

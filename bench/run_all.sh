@@ -49,8 +49,8 @@ for step in "${steps[@]}"; do
             --out "$OUT/padded_long"
         run padded_compile 240 python bench/padded_compile.py --out "$OUT" ;;
     train) run train 600 python bench/train.py --profile --out "$OUT" ;;
-    # bf16 training's gradient errors against the fp32 truth over seeds, stock beside chronipatch (the spread of
-    # tests/test_invariants_gpu.py's extremes): ~100 s per seed on an H100.
+    # bf16 training's gradient errors against the fp32 truth over seeds, chronipatch against stock in the same
+    # mode (tests/test_invariants_gpu.py's statistics, over more seeds): about a minute a seed on an H100.
     probe) run invariant_probe 590 python bench/invariant_probe.py --seeds 0,1,2,3,4 --out "$OUT" ;;
     sft) run sft 600 python bench/sft.py --timeout 120 --out "$OUT" --variants \
         stock,stock_packing,liger,chronipatch,chronipatch_packing,lora_stock,lora_chronipatch,lora_chronipatch_packing ;;

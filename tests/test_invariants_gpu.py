@@ -29,7 +29,7 @@ def test_bf16_training_matches_stock_within_bf16_noise(name):
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.01, f"the run did not train: {first:.3f} -> {last:.3f}"
     for v in ("eager", "compiled"):
-        noise_loss, d_loss = max(errors[REFERENCE[v]][0]), max(errors[v][0])
+        noise_loss, d_loss = errors[REFERENCE[v]][0].max().item(), errors[v][0].max().item()
         stats = compare(errors, v)
         print(
             f"{name} {v}: loss {first:.3f} -> {last:.3f}, max |dloss| {d_loss:.2e} (stock {noise_loss:.2e}); "
