@@ -4,7 +4,8 @@
 
 Per shape (rows x columns): HF's ``LlamaRMSNorm`` under ``torch.compile``, forward + backward, then
 chronipatch's forward by (rows per program, warps) and its backward by (rows per step, warps, programs per
-SM), each kernel alone, the op's own choice first. GPU time per call of the kernels (``common.kernel_ms``,
+SM), each kernel alone, the op's own choice first; backward keys ending in ``d`` sum each step's dw products
+in fp64 rather than fp32. GPU time per call of the kernels (``common.kernel_ms``,
 the dw partials' sum included in the backward's). Every variant's y, dx and dw are checked against the
 default's: within one bf16 ulp of the largest value (another launch shape sums a row's squares in another
 order). ``--smoke`` runs tiny shapes through the Triton interpreter on CPU (no timings).
@@ -41,14 +42,15 @@ def fwd(x, w, rows: int, warps: int):
     return y, rstd
 
 
-def bwd(dy, x, w, rstd, rows: int, warps: int, per_sm: int):
+def bwd(dy, x, w, rstd, rows: int, warps: int, per_sm: int, step_f32: bool | None = None):
     m, n = x.shape
     dx = torch.empty_like(x)
     progs = max(1, min(rms.cdiv(m, rows), per_sm * rms.sms_for(x)))
     part = torch.empty(progs, n, dtype=torch.float64, device=x.device)
     rms._bwd_kernel[(progs,)](
         dy, dy, dy, x, w, rstd, dx, part, dx, dx, n, n, n, n, n, n, n, m, n, rms.cdiv(m, progs),
-        BLOCK_N=rms.pow2(n), ROWS=rows, STORE_Y=False, N_DY=1, ADD_DX=False, num_warps=warps,
+        BLOCK_N=rms.pow2(n), ROWS=rows, STORE_Y=False, N_DY=1, ADD_DX=False,
+        DW_STEP_F32=rms.dw_step_f32(x, [dy]) if step_f32 is None else step_f32, num_warps=warps,
     )  # fmt: skip
     return dx, part.sum(0).to(w.dtype)
 
@@ -84,10 +86,11 @@ def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
             assert close(fwd(x, w, rows, warps)[0], y0), (shape, rows, warps)
             row["fwd_us"][f"r{rows}w{warps}"] = 1e3 * time_ms(partial(fwd, x, w, rows, warps))
             for per_sm in dict.fromkeys((per_sm0, 1, 2, 3, 4, 8, 16)) if rows * block <= 8192 else ():
-                dx, dw = bwd(dy, x, w, rstd, rows, warps, per_sm)
-                assert close(dx, dx0) and close(dw, dw0), (shape, rows, warps, per_sm)
-                key = f"r{rows}w{warps}k{per_sm}"
-                row["bwd_us"][key] = 1e3 * time_ms(partial(bwd, dy, x, w, rstd, rows, warps, per_sm))
+                for f32 in (True, False):  # dw's step sums in fp32 (the op's choice for bf16) or fp64
+                    dx, dw = bwd(dy, x, w, rstd, rows, warps, per_sm, f32)
+                    assert close(dx, dx0) and close(dw, dw0), (shape, rows, warps, per_sm, f32)
+                    key = f"r{rows}w{warps}k{per_sm}" + ("" if f32 else "d")
+                    row["bwd_us"][key] = 1e3 * time_ms(partial(bwd, dy, x, w, rstd, rows, warps, per_sm, f32))
     return row
 
 

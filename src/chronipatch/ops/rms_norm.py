@@ -99,13 +99,14 @@ def _bwd_kernel(
     STORE_Y: tl.constexpr,
     N_DY: tl.constexpr,
     ADD_DX: tl.constexpr,
+    DW_STEP_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    # dw sums dy * h over every row, often with heavy cancellation: products and sums in fp64, so the
-    # only rounding left is the final cast (stock's fp32 reduction is no more exact than that).
+    # dw sums dy * h over every row, often with heavy cancellation: accumulated in fp64, so the rounding
+    # that is left is far below the final cast's (stock rounds each product to the input dtype).
     dw = tl.zeros([BLOCK_N], dtype=tl.float64)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, n_rows)
@@ -122,7 +123,14 @@ def _bwd_kernel(
             dy += tl.load(DY2 + rows64 * stride_dy2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         h = x * rstd[:, None]
-        dw += tl.sum(dy.to(tl.float64) * h.to(X.dtype.element_ty).to(tl.float64), axis=0)
+        if DW_STEP_F32:
+            # 16-bit x and one 16-bit dy term: each product is exact in fp32 (11 + 11 significant bits at
+            # most) unless it leaves fp32's normal range. A step's ROWS products are summed in fp32 and only
+            # that sum is widened: one conversion to fp64 per column a step, not two per element (sm_90
+            # converts to fp64 at a quarter of its fp32 rate).
+            dw += tl.sum(dy * h.to(X.dtype.element_ty).to(tl.float32), axis=0).to(tl.float64)
+        else:
+            dw += tl.sum(dy.to(tl.float64) * h.to(X.dtype.element_ty).to(tl.float64), axis=0)
         dh = dy * w[None, :]
         dx = rstd[:, None] * (dh - h * (tl.sum(dh * h, axis=1) / N)[:, None])
         if ADD_DX:  # x's gradient from its other uses (the residual form's sum)
@@ -161,6 +169,15 @@ def _bwd_tiles(n: int) -> tuple[int, int, int, int]:
     fwd + bwd: 69; bench/rms_kernels.py, 2026-12-06)."""
     block, rows, warps = _tiles(n)
     return block, rows, 1 if block <= 128 else warps, _programs_per_sm(block)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def dw_step_f32(x: Tensor, dys: Sequence[Tensor]) -> bool:
+    """Whether the backward may sum a step's dw products in fp32 before widening them: where each product
+    is exact in fp32, of one 16-bit dy term and 16-bit x."""
+    return len(dys) == 1 and x.dtype in _HALF and dys[0].dtype in _HALF
 
 
 def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -265,6 +282,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
             STORE_Y=store_y,
             N_DY=len(dys),
             ADD_DX=dx_ext is not None,
+            DW_STEP_F32=dw_step_f32(x, dys),
             num_warps=warps,
         )
     return dx, dw_part.sum(0).to(weight.dtype), y if store_y else None
