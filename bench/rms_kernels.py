@@ -85,7 +85,9 @@ def table(shape: str, dev: str, time_ms, smoke: bool) -> dict:
                 continue
             assert close(fwd(x, w, rows, warps)[0], y0), (shape, rows, warps)
             row["fwd_us"][f"r{rows}w{warps}"] = 1e3 * time_ms(partial(fwd, x, w, rows, warps))
-            for per_sm in dict.fromkeys((per_sm0, 1, 2, 3, 4, 8, 16)) if rows * block <= 8192 else ():
+            # 32 programs an SM only for short rows, whose one-warp programs leave the SM room for them
+            per_sms = (per_sm0, 1, 2, 3, 4, 8, 16) + ((32,) if block <= 256 else ())
+            for per_sm in dict.fromkeys(per_sms) if rows * block <= 8192 else ():
                 for f32 in (True, False):  # dw's step sums in fp32 (the op's choice for bf16) or fp64
                     dx, dw = bwd(dy, x, w, rstd, rows, warps, per_sm, f32)
                     assert close(dx, dx0) and close(dw, dw0), (shape, rows, warps, per_sm, f32)
