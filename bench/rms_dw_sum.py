@@ -1,0 +1,114 @@
+"""Where RMSNorm's eager backward spends GPU time past its two kernels; what summing dw's partials costs.
+
+    python bench/rms_dw_sum.py [--out DIR] [--smoke]
+
+Per shape, bf16: the kernels one eager fwd + bwd launches and one compiled fwd + bwd launches (profiler, top
+kernels, GPU time per call), then the sum of the backward's fp64 partial rows of dw and its cast to the
+weight's dtype, as torch's ``sum(0).to()`` and as one Triton kernel by (rows per step, columns per program),
+results checked equal. ``--smoke`` runs the Triton kernel through the interpreter on CPU (no timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import triton
+import triton.language as tl
+
+from common import env_info, gpu_time_breakdown, kernel_ms, meta_header
+
+rms = importlib.import_module("chronipatch.ops.rms_norm")
+ops = importlib.import_module("chronipatch.ops")
+
+
+@triton.jit
+def _sum_kernel(PART, DW, progs, N, BR: tl.constexpr, BC: tl.constexpr):
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    cmask = cols < N
+    acc = tl.zeros([BR, BC], dtype=tl.float64)
+    for r0 in range(0, progs, BR):
+        rows = r0 + tl.arange(0, BR)
+        mask = (rows < progs)[:, None] & cmask[None, :]
+        acc += tl.load(PART + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    # through fp32, as torch casts fp64 to bf16 (and the interpreter casts fp64 to bf16 wrongly)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(tl.float32).to(DW.dtype.element_ty), mask=cmask)
+
+
+def triton_sum(part, dtype, br, bc):
+    progs, n = part.shape
+    dw = torch.empty(n, dtype=dtype, device=part.device)
+    _sum_kernel[(triton.cdiv(n, bc),)](part, dw, progs, n, BR=br, BC=bc, num_warps=4)
+    return dw
+
+
+def shape_row(m: int, n: int, dev: str, smoke: bool) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(m, n, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(n, device=dev, dtype=torch.bfloat16)).requires_grad_()
+    dy = torch.randn_like(x)
+    row = {"shape": f"{m}x{n}"}
+    if not smoke:
+        compiled = torch.compile(ops.rms_norm, dynamic=False)
+        for name, f in (("eager", ops.rms_norm), ("compiled", compiled)):
+
+            def step(f=f):
+                return torch.autograd.grad(f(x, w, 1e-6), (x, w), dy)
+
+            step()
+            prof = gpu_time_breakdown(step, calls=10)
+            row[name] = {"gpu_busy_ms": prof["gpu_busy_ms"], "top": prof["top_kernels_ms"]}
+    progs = rms._bwd_tiles(n)[3] * rms.sms_for(x)
+    part = torch.randn(progs, n, device=dev, dtype=torch.float64)
+    ref = part.sum(0).to(torch.bfloat16)
+    row["progs"], row["sum_us"] = progs, {}
+    if not smoke:
+        row["sum_us"]["torch"] = 1e3 * kernel_ms(lambda: part.sum(0).to(torch.bfloat16), calls=20)
+    for br in (16, 32, 64, 128):
+        for bc in (4, 8, 16, 32, 64):
+            got = triton_sum(part, torch.bfloat16, br, bc)
+            assert (got.float() - ref.float()).abs().max().item() <= 0.01 * ref.float().abs().max().item()
+            if not smoke:
+                t = kernel_ms(lambda br=br, bc=bc: triton_sum(part, torch.bfloat16, br, bc), calls=20)
+                row["sum_us"][f"r{br}c{bc}"] = 1e3 * t
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    shapes = [(40, 96), (8, 300)] if args.smoke else [(8192, 896), (8192, 2048), (8192, 4096), (131072, 128)]
+    out = {"meta": env_info(dev), "shapes": []}
+    lines = [meta_header(out["meta"]), ""]
+    for m, n in shapes:
+        row = shape_row(m, n, dev, args.smoke)
+        out["shapes"].append(row)
+        best = sorted(row["sum_us"].items(), key=lambda kv: kv[1])[:4]
+        torch_us = row["sum_us"].get("torch", float("nan"))
+        text = f"- {m}x{n}: partial rows {row['progs']}; torch sum+cast {torch_us:.1f} us; best {best}"
+        for name in ("eager", "compiled"):
+            if name in row:
+                kern = "; ".join(f"{k['kernel'][:60]} {1e3 * k['ms']:.1f}" for k in row[name]["top"])
+                text += f"\n  - {name} {1e3 * row[name]['gpu_busy_ms']:.1f} us: {kern}"
+        lines.append(text)
+        print(text, flush=True)
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    suffix = "_smoke" if args.smoke else ""
+    (dest / f"rms_dw_sum{suffix}.json").write_text(json.dumps(out, indent=1))
+    (dest / f"rms_dw_sum{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
