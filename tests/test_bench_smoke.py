@@ -175,3 +175,10 @@ def test_invariant_probe_bench_smoke(tmp_path):
     again = _run("invariant_probe.py", tmp_path / "again", "--records", str(tmp_path))
     assert again["rows"] == rows and again["meta"]["commit"] == record["meta"]["commit"]
     assert {k["kind"] for k in again["paired medians by parameter kind"]} >= {"self_attn.q_proj.weight"}
+
+
+def test_lce_grad_error_bench_smoke(tmp_path):
+    """``bench/lce_grad_error.py --smoke``: a row per regime, each with its ratios to stock."""
+    rows = _run("lce_grad_error.py", tmp_path)["rows"]
+    assert [r["regime"] for r in rows] == ["init", "peaked", "confident"]
+    assert all(r["dW one pass / stock"] > 0 and r["dh recompute / stock"] > 0 for r in rows)
