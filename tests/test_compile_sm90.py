@@ -50,7 +50,7 @@ def _cases() -> list[tuple]:
         ]
         cases += [
             (
-                f"rms_bwd_{dt}" + ("_y" if store_y else ""),
+                f"rms_bwd_{dt}" + ("_y" if store_y else "") + name,
                 "rms_norm",
                 "_bwd_kernel",
                 {
@@ -77,10 +77,19 @@ def _cases() -> list[tuple]:
                     "N",
                     "rows_per_prog",
                 ),
-                # rms_norm's own backward (one dy), and rms_norm_linear's (y again, dy as three terms, dx_ext)
-                tiles | {"STORE_Y": store_y, "N_DY": 3 if store_y else 1, "ADD_DX": store_y},
+                # rms_norm's own backward (one dy) and rms_norm_linear's (y again, dy as three terms, dx_ext),
+                # at the backward's tiles for 896, 2048 (2 rows, 4 warps) and 128 columns (4 rows, one warp)
+                bwd_tiles
+                | {"STORE_Y": store_y, "N_DY": 3 if store_y else 1, "ADD_DX": store_y}
+                | {"DW_STEP_F32": dt != "fp32" and not store_y},
+                {"num_warps": warps},
             )
             for store_y in (False, True)
+            for name, bwd_tiles, warps in (
+                ("", tiles, 4),
+                ("_2048", {"BLOCK_N": 2048, "ROWS": 2}, 4),
+                ("_128", {"BLOCK_N": 128, "ROWS": 4}, 1),
+            )
         ]
         cases += [
             (

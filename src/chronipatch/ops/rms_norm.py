@@ -159,16 +159,23 @@ def _programs_per_sm(block: int) -> int:
     """The backward's programs per SM, each storing an fp64 partial row of dw: more programs keep more rows in
     flight, and each costs a partial row written and summed. Fastest on the H200 at 8192 rows, of 1 to 16 per
     SM: 8 at 896 columns, 3 at 2048, 2 at 4096 (fwd + bwd 36, 67 and 112 us where 4 took 40, 81 and 124;
-    bench/results/2026-12-03-h200/rms_ab_call20.log)."""
+    bench/results/2026-12-03-h200/rms_ab_call20.log). ``_bwd_tiles`` overrides it where a later sweep found
+    faster tiles."""
     return 8 if block <= 1024 else 3 if block <= 2048 else 2
 
 
 def _bwd_tiles(n: int) -> tuple[int, int, int, int]:
-    """The backward's (block, rows per step, warps, programs per SM). Rows of 128 or fewer (Qwen3's q/k
-    norms) take one warp a program: at 131,072 x 128 on the H100, 51 us where 4 warps took 85 (HF compiled's
-    fwd + bwd: 69; bench/rms_kernels.py, 2026-12-06)."""
+    """The backward's (block, rows per step, warps, programs per SM): the fastest of bench/rms_kernels.py's
+    sweep on the H100 (2026-12-06) where it beat the forward's tiles. Rows of 128 or fewer (Qwen3's q/k
+    norms): 4 rows, one warp, 16 programs an SM, 48 us at 131,072 x 128 (16 rows, 4 warps, 8 an SM: 85);
+    2048 columns: 2 rows, 4 warps, 3 an SM, 52 us at 8192 rows (one row, 8 warps: 57; 4 rows, 51, spill
+    registers in rms_norm_linear's form)."""
     block, rows, warps = _tiles(n)
-    return block, rows, 1 if block <= 128 else warps, _programs_per_sm(block)
+    if block <= 128:
+        return block, 4, 1, 16
+    if block == 2048:
+        return block, 2, 4, 3
+    return block, rows, warps, _programs_per_sm(block)
 
 
 _HALF = (torch.bfloat16, torch.float16)
