@@ -5,8 +5,8 @@
 Per shape (rows x columns): HF's ``LlamaRMSNorm`` under ``torch.compile``, forward + backward, then
 chronipatch's forward by (rows per program, warps) and its backward by (rows per step, warps, programs per
 SM), each kernel alone, the op's own choice first; backward keys ending in ``d`` sum each step's dw products
-in fp64 rather than fp32. GPU time per call of the kernels (``common.kernel_ms``,
-the dw partials' sum included in the backward's). Every variant's y, dx and dw are checked against the
+in fp64 rather than fp32. GPU time per call of the kernels (``common.kernel_ms``, the sum of dw's partial
+rows, the op's ``dw_sum``, included in the backward's). Every variant's y, dx and dw are checked against the
 default's: within one bf16 ulp of the largest value (another launch shape sums a row's squares in another
 order). ``--smoke`` runs tiny shapes through the Triton interpreter on CPU (no timings).
 """
@@ -52,7 +52,7 @@ def bwd(dy, x, w, rstd, rows: int, warps: int, per_sm: int, step_f32: bool | Non
         BLOCK_N=rms.pow2(n), ROWS=rows, STORE_Y=False, N_DY=1, ADD_DX=False,
         DW_STEP_F32=rms.dw_step_f32(x, [dy]) if step_f32 is None else step_f32, num_warps=warps,
     )  # fmt: skip
-    return dx, part.sum(0).to(w.dtype)
+    return dx, rms.dw_sum(part, w.dtype, wrap=False)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:

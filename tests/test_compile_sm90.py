@@ -91,6 +91,16 @@ def _cases() -> list[tuple]:
                 ("_128", {"BLOCK_N": 128, "ROWS": 4}, 1),
             )
         ]
+        cases += [  # the sum of dw's partial rows, at both of its tiles
+            (
+                f"rms_dw_sum_{dt}_r{br}c{bc}",
+                "rms_norm",
+                "_dw_sum_kernel",
+                {"PART": "*fp64", "DW": f"*{dt}"} | _ints("progs", "N"),
+                {"BR": br, "BC": bc},
+            )
+            for br, bc in ((128, 4), (64, 8))
+        ]
         cases += [
             (
                 f"swiglu_fwd_{dt}",

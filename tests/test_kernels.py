@@ -188,6 +188,24 @@ def test_rms_norm_backward_idle_programs_store_zero_partials(monkeypatch):
     torch.testing.assert_close(dw, dw_ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("progs,n", [(1, 1), (300, 96), (7, 2000)])  # both tiles of the sum
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_dw_sum(progs, n, dtype):
+    """The sum of the backward's fp64 partial rows of dw: torch's sum, cast once (fp64 sums in another order
+    may differ in their last bits, far below the cast's)."""
+    part = torch.randn(progs, n, dtype=torch.float64, device=KERNEL_DEVICE)
+    got = rms.dw_sum(part, dtype, wrap=False)
+    assert got.dtype == dtype and got.shape == (n,)
+    torch.testing.assert_close(got, part.sum(0).to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-12)
+
+
+def test_rms_norm_backward_of_no_rows():
+    """No rows: an empty dx and a zero dw (the one partial row a launch of nothing leaves)."""
+    x, dy = (torch.empty(0, 96, device=KERNEL_DEVICE) for _ in range(2))
+    dx, dw = rms.rms_norm_bwd_triton(dy, x, _r(96, dtype=torch.float32), torch.empty(0, device=KERNEL_DEVICE))
+    assert dx.shape == (0, 96) and torch.equal(dw, torch.zeros(96, device=KERNEL_DEVICE))
+
+
 def test_direct_launch_runs_on_the_inputs_device(monkeypatch):
     """The eager fast path launches raw kernels (``wrap=False``) on the input's GPU: with no device context
     when that is the current device already (one per call costs ~2 us), with one otherwise; CPU tensors (the

@@ -145,6 +145,22 @@ def _bwd_kernel(
     tl.store(DW_PART + pid * N + cols, dw, mask=cmask)
 
 
+@triton.jit
+def _dw_sum_kernel(PART, DW, progs, N, BR: tl.constexpr, BC: tl.constexpr):
+    """dw = the column sums of the backward's [progs, N] fp64 partial rows, in the weight's dtype: BC columns
+    a program, BR rows a step, summed in a fixed order. One launch of 3-4 us where torch's sum and cast took
+    two of 11-13 in the eager backward (H100; bench/rms_dw_sum.py, 2026-12-06)."""
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    cmask = cols < N
+    acc = tl.zeros([BR, BC], dtype=tl.float64)
+    for r0 in range(0, progs, BR):
+        rows = r0 + tl.arange(0, BR)
+        mask = (rows < progs)[:, None] & cmask[None, :]
+        acc += tl.load(PART + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    # Through fp32, as torch casts fp64 to a 16-bit dtype.
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(tl.float32).to(DW.dtype.element_ty), mask=cmask)
+
+
 # ---------------------------------------------------------------- launchers
 
 
@@ -176,6 +192,12 @@ def _bwd_tiles(n: int) -> tuple[int, int, int, int]:
     if block == 2048:
         return block, 2, 4, 3
     return block, rows, warps, _programs_per_sm(block)
+
+
+def _sum_tiles(block: int) -> tuple[int, int]:
+    """``_dw_sum_kernel``'s (rows a step, columns a program): the fastest of bench/rms_dw_sum.py's on the H100
+    at 896, 2048, 4096 and 128 columns (1,056, 396, 264 and 2,112 partial rows)."""
+    return (128, 4) if block <= 1024 else (64, 8)
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -292,7 +314,19 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
             DW_STEP_F32=dw_step_f32(x, dys),
             num_warps=warps,
         )
-    return dx, dw_part.sum(0).to(weight.dtype), y if store_y else None
+    return dx, dw_sum(dw_part, weight.dtype, wrap), y if store_y else None
+
+
+def dw_sum(part: Tensor, dtype: torch.dtype, wrap: bool = True) -> Tensor:
+    """The column sums of the backward's [programs, N] fp64 partial rows of dw, in ``dtype``."""
+    progs, n = part.shape
+    dw = torch.empty(n, dtype=dtype, device=part.device)
+    br, bc = _sum_tiles(pow2(n))
+    if n > 0:
+        (wrap_triton(_dw_sum_kernel) if wrap else _dw_sum_kernel)[(cdiv(n, bc),)](
+            part, dw, progs, n, BR=br, BC=bc, num_warps=4
+        )
+    return dw
 
 
 # ---------------------------------------------------------------- registration
