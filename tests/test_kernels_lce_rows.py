@@ -289,3 +289,54 @@ def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
     with torch.no_grad():
         rows_loss = ops.linear_cross_entropy(h, w, labels, shift=False, reduction="none")
     assert rows_loss.shape == (n,) and not rows_loss.any()
+
+
+def _grad_errors(n=64, h=32, v=512):
+    """Relative (Frobenius) errors of dh and dW against the fp64 truth at a random-init head (weight std 0.02,
+    Zipf labels: a nearly uniform softmax): stock's (bf16 logits, fp32 cross-entropy), the one pass's and the
+    recompute backward's."""
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    hid = torch.randn(n, h, device=KERNEL_DEVICE).to(bf16)
+    w = (0.02 * torch.randn(v, h, device=KERNEL_DEVICE)).to(bf16)
+    zipf = 1.0 / torch.arange(1, v + 1, dtype=torch.float32, device=KERNEL_DEVICE)
+    labels = torch.multinomial(zipf, n, replacement=True)
+    divisor = torch.tensor(float(n), device=KERNEL_DEVICE)
+
+    def grads(loss_fn, a, b):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        return torch.autograd.grad(loss_fn(a, b), (a, b))
+
+    ce = torch.nn.functional.cross_entropy
+    truth = grads(lambda a, b: ce(a @ b.T, labels), hid.double(), w.double())
+    stock = grads(lambda a, b: ce((a @ b.T).float(), labels), hid, w)
+    one_pass = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)[3:]
+    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
+    recompute = lce.lce_bwd_triton((1 / divisor).expand(n), hid, w, labels, stats, -100)
+
+    def err(got, i):
+        return ((got.double() - truth[i]).norm() / truth[i].norm()).item()
+
+    return {
+        name: [err(g[i], i) / err(stock[i], i) for i in range(2)]
+        for name, g in (("one pass", one_pass), ("recompute", recompute))
+    }
+
+
+def test_lce_recompute_gradients_no_further_from_the_truth_than_stock(monkeypatch):
+    """At a random-init head the recompute backward's g, rounded once, keeps dh and dW as close to the fp64
+    truth as stock's (whose label entries -(1 - p)/n, p ~ 1/V, are all but exact there)."""
+    small_lce_tiles(monkeypatch)
+    dh_ratio, dw_ratio = _grad_errors()["recompute"]
+    assert dh_ratio <= 1.1 and dw_ratio <= 1.1, (dh_ratio, dw_ratio)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect lce-one-pass-uniform: at a nearly uniform softmax the one pass's dW (p's rounding "
+    "and r h's) lands about 2.5x further from the truth than stock's, dh 1.4-2.4x (bench/lce_grad_error.py)",
+)
+def test_lce_one_pass_gradients_no_further_from_the_truth_than_stock(monkeypatch):
+    small_lce_tiles(monkeypatch)
+    dh_ratio, dw_ratio = _grad_errors()["one pass"]
+    assert dh_ratio <= 1.1 and dw_ratio <= 1.1, (dh_ratio, dw_ratio)
