@@ -4,8 +4,9 @@
 
 Per shape, bf16: the kernels one eager fwd + bwd launches and one compiled fwd + bwd launches (profiler, top
 kernels, GPU time per call), then the sum of the backward's fp64 partial rows of dw and its cast to the
-weight's dtype, as torch's ``sum(0).to()`` and as one Triton kernel by (rows per step, columns per program),
-results checked equal. ``--smoke`` runs the Triton kernel through the interpreter on CPU (no timings).
+weight's dtype, as torch's ``sum(0).to()`` and as the op's Triton kernel (``_dw_sum_kernel``, which took the
+place of torch's) by (rows per step, columns per program), results checked equal. ``--smoke`` runs the Triton
+kernel through the interpreter on CPU (no timings).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-import triton
-import triton.language as tl
 
 from common import env_info, gpu_time_breakdown, kernel_ms, meta_header
 
@@ -30,23 +29,11 @@ rms = importlib.import_module("chronipatch.ops.rms_norm")
 ops = importlib.import_module("chronipatch.ops")
 
 
-@triton.jit
-def _sum_kernel(PART, DW, progs, N, BR: tl.constexpr, BC: tl.constexpr):
-    cols = tl.program_id(0) * BC + tl.arange(0, BC)
-    cmask = cols < N
-    acc = tl.zeros([BR, BC], dtype=tl.float64)
-    for r0 in range(0, progs, BR):
-        rows = r0 + tl.arange(0, BR)
-        mask = (rows < progs)[:, None] & cmask[None, :]
-        acc += tl.load(PART + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    # through fp32, as torch casts fp64 to bf16 (and the interpreter casts fp64 to bf16 wrongly)
-    tl.store(DW + cols, tl.sum(acc, axis=0).to(tl.float32).to(DW.dtype.element_ty), mask=cmask)
-
-
 def triton_sum(part, dtype, br, bc):
+    """The op's ``_dw_sum_kernel`` at (rows a step, columns a program) = (br, bc)."""
     progs, n = part.shape
     dw = torch.empty(n, dtype=dtype, device=part.device)
-    _sum_kernel[(triton.cdiv(n, bc),)](part, dw, progs, n, BR=br, BC=bc, num_warps=4)
+    rms._dw_sum_kernel[(rms.cdiv(n, bc),)](part, dw, progs, n, BR=br, BC=bc, num_warps=4)
     return dw
 
 

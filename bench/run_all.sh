@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, each step time-boxed, results under $OUT (default bench/out).
 #
-#   bash bench/run_all.sh [tests|sweep|ops|lce|prologue|rms|attention|padded|probe|train|sft|sft_compile ...]
+#   bash bench/run_all.sh [tests|sweep|ops|lce|prologue|rms|grad_error|attention|padded|probe|train|sft|sft_compile ...]
 #   (default: tests sweep ops attention train sft, in this order)
 #
 # Needs a CUDA machine with torch, triton, transformers (and trl, peft, liger-kernel, cut-cross-entropy for
@@ -40,7 +40,10 @@ for step in "${steps[@]}"; do
     lce) run lce_sass 120 python bench/lce_sass.py --out "$OUT"
         run lce_kernels 300 python bench/lce_kernels.py --out "$OUT" ;;
     prologue) run lce_prologue 120 python bench/lce_prologue.py --out "$OUT" ;;
-    rms) run rms_kernels 180 python bench/rms_kernels.py --out "$OUT" ;;
+    rms) run rms_kernels 180 python bench/rms_kernels.py --out "$OUT"
+        run rms_dw_sum 120 python bench/rms_dw_sum.py --out "$OUT" ;;
+    # The loss's dh and dW errors against the fp64 truth, one pass and recompute path against stock's.
+    grad_error) run lce_grad_error 120 python bench/lce_grad_error.py --out "$OUT" ;;
     attention) run attention 180 python bench/attention.py --out "$OUT" ;;
     # Masked SDPA in padded batches (SFT's lengths, then long documents): SDPA's choice against chronipatch's;
     # then compiled with dynamic T, stock as it is against chronipatch.masked_sdpa (bucketed inside the graph).

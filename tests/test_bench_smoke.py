@@ -182,3 +182,13 @@ def test_lce_grad_error_bench_smoke(tmp_path):
     rows = _run("lce_grad_error.py", tmp_path)["rows"]
     assert [r["regime"] for r in rows] == ["init", "peaked", "confident"]
     assert all(r["dW one pass / stock"] > 0 and r["dh recompute / stock"] > 0 for r in rows)
+
+
+def test_rms_dw_sum_bench_smoke(tmp_path):
+    """``bench/rms_dw_sum.py --smoke``: the op's sum kernel at every tile it would time gives torch's sum."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    cmd = [sys.executable, str(ROOT / "bench" / "rms_dw_sum.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shapes = json.loads((tmp_path / "rms_dw_sum_smoke.json").read_text())["shapes"]
+    assert [s["shape"] for s in shapes] == ["40x96", "8x300"]
