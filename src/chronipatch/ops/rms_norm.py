@@ -126,8 +126,8 @@ def _bwd_kernel(
         if DW_STEP_F32:
             # 16-bit x and one 16-bit dy term: each product is exact in fp32 (11 + 11 significant bits at
             # most) unless it leaves fp32's normal range. A step's ROWS products are summed in fp32 and only
-            # that sum is widened: one conversion to fp64 per column a step, not two per element (sm_90
-            # converts to fp64 at a quarter of its fp32 rate).
+            # that sum is widened: one conversion to fp64 per column a step, not two per element (they issue
+            # at a fraction of fp32's rate; 0-0.7 us of the H100's backward at the default tiles).
             dw += tl.sum(dy * h.to(X.dtype.element_ty).to(tl.float32), axis=0).to(tl.float64)
         else:
             dw += tl.sum(dy.to(tl.float64) * h.to(X.dtype.element_ty).to(tl.float64), axis=0)
@@ -185,7 +185,8 @@ def _bwd_tiles(n: int) -> tuple[int, int, int, int]:
     sweep on the H100 (2026-12-06) where it beat the forward's tiles. Rows of 128 or fewer (Qwen3's q/k
     norms): 4 rows, one warp, 16 programs an SM, 48 us at 131,072 x 128 (16 rows, 4 warps, 8 an SM: 85);
     2048 columns: 2 rows, 4 warps, 3 an SM, 52 us at 8192 rows (one row, 8 warps: 57; 4 rows, 51, spill
-    registers in rms_norm_linear's form)."""
+    registers in rms_norm_linear's form). Those times include torch's sum of the partial rows, which
+    ``dw_sum`` has since replaced."""
     block, rows, warps = _tiles(n)
     if block <= 128:
         return block, 4, 1, 16
