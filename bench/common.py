@@ -304,6 +304,15 @@ def write_results(
     return json_path, md_path
 
 
+def write_lines(name: str, payload: dict[str, Any], lines: Sequence[str], out_dir: str | os.PathLike) -> None:
+    """Write ``<name>.json`` (``payload``) and ``<name>.md`` (``lines``), for scripts whose summary is prose
+    lines rather than a table (``rms_kernels.py``, ``rms_dw_sum.py``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def short_error(e: BaseException) -> str:
     """One line for a failed variant's row (an OOM message is cut to its first sentence)."""
     msg = " ".join(str(e).split())

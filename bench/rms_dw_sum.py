@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-from pathlib import Path
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
-from common import env_info, gpu_time_breakdown, kernel_ms, meta_header
+from common import env_info, gpu_time_breakdown, kernel_ms, meta_header, write_lines
 
 rms = importlib.import_module("chronipatch.ops.rms_norm")
 ops = importlib.import_module("chronipatch.ops")
@@ -90,11 +88,7 @@ def main() -> None:
                 text += f"\n  - {name} {1e3 * row[name]['gpu_busy_ms']:.1f} us: {kern}"
         lines.append(text)
         print(text, flush=True)
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    suffix = "_smoke" if args.smoke else ""
-    (dest / f"rms_dw_sum{suffix}.json").write_text(json.dumps(out, indent=1))
-    (dest / f"rms_dw_sum{suffix}.md").write_text("\n".join(lines) + "\n")
+    write_lines("rms_dw_sum" + ("_smoke" if args.smoke else ""), out, lines, args.out)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from functools import partial
-from pathlib import Path
 
 if "--smoke" in sys.argv:  # before triton is imported: its kernels then run on CPU tensors
     os.environ["TRITON_INTERPRET"] = "1"
@@ -27,7 +25,7 @@ if "--smoke" in sys.argv:  # before triton is imported: its kernels then run on 
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from common import env_info, kernel_ms, meta_header
+from common import env_info, kernel_ms, meta_header, write_lines
 
 rms = importlib.import_module("chronipatch.ops.rms_norm")
 EPS = 1e-6
@@ -124,11 +122,7 @@ def main() -> None:
         )
         lines.append(text)
         print(text, flush=True)
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    suffix = "_smoke" if args.smoke else ""
-    (dest / f"rms_kernels{suffix}.json").write_text(json.dumps(out, indent=1))
-    (dest / f"rms_kernels{suffix}.md").write_text("\n".join(lines) + "\n")
+    write_lines("rms_kernels" + ("_smoke" if args.smoke else ""), out, lines, args.out)
 
 
 if __name__ == "__main__":

@@ -133,13 +133,18 @@ def test_padded_compile_bench_smoke(tmp_path):
     assert all(r["out_diff"] < 0.05 for r in rows), rows
 
 
-def test_rms_kernels_bench_smoke(tmp_path):
-    """``bench/rms_kernels.py --smoke``: every launch shape it would time gives the default's results."""
+def _shapes(script: str, tmp_path: Path) -> list[dict]:
+    """The per-shape rows of a tuning script's ``--smoke`` run (``<stem>_smoke.json``)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
-    cmd = [sys.executable, str(ROOT / "bench" / "rms_kernels.py"), "--smoke", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    shapes = json.loads((tmp_path / "rms_kernels_smoke.json").read_text())["shapes"]
+    return json.loads((tmp_path / f"{Path(script).stem}_smoke.json").read_text())["shapes"]
+
+
+def test_rms_kernels_bench_smoke(tmp_path):
+    """``bench/rms_kernels.py --smoke``: every launch shape it would time gives the default's results."""
+    shapes = _shapes("rms_kernels.py", tmp_path)
     assert [s["shape"] for s in shapes] == ["33x96", "40x256"] and all(len(s["bwd_us"]) > 10 for s in shapes)
 
 
@@ -186,9 +191,4 @@ def test_lce_grad_error_bench_smoke(tmp_path):
 
 def test_rms_dw_sum_bench_smoke(tmp_path):
     """``bench/rms_dw_sum.py --smoke``: the op's sum kernel at every tile it would time gives torch's sum."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
-    cmd = [sys.executable, str(ROOT / "bench" / "rms_dw_sum.py"), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    shapes = json.loads((tmp_path / "rms_dw_sum_smoke.json").read_text())["shapes"]
-    assert [s["shape"] for s in shapes] == ["40x96", "8x300"]
+    assert [s["shape"] for s in _shapes("rms_dw_sum.py", tmp_path)] == ["40x96", "8x300"]
