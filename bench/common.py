@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib
 import importlib.metadata as _md
@@ -302,6 +303,16 @@ def write_results(
     parts += ["## results", "", markdown_table(rows, columns), ""]
     md_path.write_text("\n".join(parts))
     return json_path, md_path
+
+
+def smoke_args(doc: str) -> tuple[argparse.Namespace, str]:
+    """The arguments of a script that takes only ``--out`` and ``--smoke`` (tiny shapes on the CPU), and its
+    device: ``cpu`` for ``--smoke``, else ``cuda``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    return args, "cpu" if args.smoke else "cuda"
 
 
 def write_lines(name: str, payload: dict[str, Any], lines: Sequence[str], out_dir: str | os.PathLike) -> None:

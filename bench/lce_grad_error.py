@@ -14,13 +14,12 @@ shapes on CPU (the torch reference, not the kernels).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 
 import torch
 import torch.nn.functional as F
 
-from common import env_info, write_results
+from common import env_info, smoke_args, write_results
 
 ops = importlib.import_module("chronipatch.ops")
 REGIMES = {"init": None, "peaked": 3.0, "confident": 6.0}  # logit std (None: weight std 0.02)
@@ -67,11 +66,7 @@ def row(n: int, h: int, v: int, regime: str, dev: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench/out")
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args()
-    dev = "cpu" if args.smoke else "cuda"
+    args, dev = smoke_args(__doc__)
     shapes = (
         [(64, 32, 1000)] if args.smoke else [(512, 896, 151936), (512, 2048, 128256), (8192, 896, 151936)]
     )

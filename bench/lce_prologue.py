@@ -15,7 +15,6 @@ through the Triton interpreter on CPU (its figures mean nothing).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -29,7 +28,7 @@ if "--smoke" in sys.argv:  # before triton is imported: its kernels then run on 
 import torch
 
 from chronipatch.ops._utils import addmm_acc
-from common import env_info, meta_header
+from common import env_info, meta_header, smoke_args
 
 labels_mod = importlib.import_module("chronipatch.ops._labels")
 torch_counts = labels_mod._counts_by_torch  # the torch ops the kernel replaced, as CPU tensors still run them
@@ -48,11 +47,7 @@ def torch_references(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench/out")
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args()
-    dev = "cpu" if args.smoke else "cuda"
+    args, dev = smoke_args(__doc__)
     if args.smoke:
 
         def ms(fn) -> float:

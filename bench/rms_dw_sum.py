@@ -11,7 +11,6 @@ kernel through the interpreter on CPU (no timings).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -21,7 +20,7 @@ if "--smoke" in sys.argv:
 
 import torch
 
-from common import env_info, gpu_time_breakdown, kernel_ms, meta_header, write_lines
+from common import env_info, gpu_time_breakdown, kernel_ms, meta_header, smoke_args, write_lines
 
 rms = importlib.import_module("chronipatch.ops.rms_norm")
 ops = importlib.import_module("chronipatch.ops")
@@ -68,11 +67,7 @@ def shape_row(m: int, n: int, dev: str, smoke: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench/out")
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args()
-    dev = "cpu" if args.smoke else "cuda"
+    args, dev = smoke_args(__doc__)
     shapes = [(40, 96), (8, 300)] if args.smoke else [(8192, 896), (8192, 2048), (8192, 4096), (131072, 128)]
     out = {"meta": env_info(dev), "shapes": []}
     lines = [meta_header(out["meta"]), ""]
