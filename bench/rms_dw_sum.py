@@ -5,8 +5,8 @@
 Per shape, bf16: the kernels one eager fwd + bwd launches and one compiled fwd + bwd launches (profiler, top
 kernels, GPU time per call), then the sum of the backward's fp64 partial rows of dw and its cast to the
 weight's dtype, as torch's ``sum(0).to()`` and as the op's Triton kernel (``_dw_sum_kernel``, which took the
-place of torch's) by (rows per step, columns per program), results checked equal. ``--smoke`` runs the Triton
-kernel through the interpreter on CPU (no timings).
+place of torch's) by (rows per step, columns per program), results checked within one bf16 ulp of the
+largest sum. ``--smoke`` runs the Triton kernel through the interpreter on CPU (no timings).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def triton_sum(part, dtype, br, bc):
     """The op's ``_dw_sum_kernel`` at (rows a step, columns a program) = (br, bc)."""
     progs, n = part.shape
     dw = torch.empty(n, dtype=dtype, device=part.device)
-    rms._dw_sum_kernel[(rms.cdiv(n, bc),)](part, dw, progs, n, BR=br, BC=bc, num_warps=4)
+    rms._dw_sum_kernel[(rms.cdiv(n, bc),)](
+        part, dw, progs, n, n, BR=br, BC=bc, VIA_F32=dtype in (torch.bfloat16, torch.float16), num_warps=4
+    )
     return dw
 
 
@@ -59,7 +61,9 @@ def shape_row(m: int, n: int, dev: str, smoke: bool) -> dict:
     for br in (16, 32, 64, 128):
         for bc in (4, 8, 16, 32, 64):
             got = triton_sum(part, torch.bfloat16, br, bc)
-            assert (got.float() - ref.float()).abs().max().item() <= 0.01 * ref.float().abs().max().item()
+            # within one bf16 ulp of the largest sum (fp64 sums in another order may round apart)
+            ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().max().item()
+            assert (got.float() - ref.float()).abs().max().item() <= ulp, (m, n, br, bc)
             if not smoke:
                 t = kernel_ms(lambda br=br, bc=bc: triton_sum(part, torch.bfloat16, br, bc), calls=20)
                 row["sum_us"][f"r{br}c{bc}"] = 1e3 * t

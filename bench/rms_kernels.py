@@ -48,7 +48,7 @@ def bwd(dy, x, w, rstd, rows: int, warps: int, per_sm: int, step_f32: bool | Non
     rms._bwd_kernel[(progs,)](
         dy, dy, dy, x, w, rstd, dx, part, dx, dx, n, n, n, n, n, n, n, m, n, rms.cdiv(m, progs),
         BLOCK_N=rms.pow2(n), ROWS=rows, STORE_Y=False, N_DY=1, ADD_DX=False,
-        DW_STEP_F32=rms.dw_step_f32(x, [dy]) if step_f32 is None else step_f32, num_warps=warps,
+        DW_STEP_F32=rms.dw_step_f32(x, [dy], w) if step_f32 is None else step_f32, num_warps=warps,
     )  # fmt: skip
     return dx, rms.dw_sum(part, w.dtype, wrap=False)
 

@@ -188,15 +188,17 @@ def test_rms_norm_backward_idle_programs_store_zero_partials(monkeypatch):
     torch.testing.assert_close(dw, dw_ref, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("progs,n", [(1, 1), (300, 96), (7, 2000)])  # both tiles of the sum
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("progs,n", [(1, 1), (300, 96), (7, 2001)])  # both tiles of the sum, ragged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_rms_norm_dw_sum(progs, n, dtype):
-    """The sum of the backward's fp64 partial rows of dw: torch's sum, cast once (fp64 sums in another order
-    may differ in their last bits, far below the cast's)."""
-    part = torch.randn(progs, n, dtype=torch.float64, device=KERNEL_DEVICE)
-    got = rms.dw_sum(part, dtype, wrap=False)
-    assert got.dtype == dtype and got.shape == (n,)
-    torch.testing.assert_close(got, part.sum(0).to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-12)
+    """The sum of the backward's fp64 partial rows of dw: torch's sum and cast (16-bit dtypes through fp32, as
+    torch casts; fp64 sums in another order may differ in their last bits, far below any cast's), also of a
+    strided buffer."""
+    part = torch.randn(progs, 2 * n, dtype=torch.float64, device=KERNEL_DEVICE)
+    for p in (part[:, :n].contiguous(), part[:, n:]):
+        got = rms.dw_sum(p, dtype, wrap=False)
+        assert got.dtype == dtype and got.shape == (n,)
+        torch.testing.assert_close(got, p.sum(0).to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-12)
 
 
 def test_rms_norm_backward_of_no_rows():

@@ -291,7 +291,7 @@ def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
     assert rows_loss.shape == (n,) and not rows_loss.any()
 
 
-def _grad_errors(n=64, h=32, v=512):
+def _grad_errors(n=256, h=32, v=512):
     """Relative (Frobenius) errors of dh and dW against the fp64 truth at a random-init head (weight std 0.02,
     Zipf labels: a nearly uniform softmax): stock's (bf16 logits, fp32 cross-entropy), the one pass's and the
     recompute backward's."""
@@ -324,8 +324,9 @@ def _grad_errors(n=64, h=32, v=512):
 
 
 def test_lce_recompute_gradients_no_further_from_the_truth_than_stock(monkeypatch):
-    """At a random-init head the recompute backward's g, rounded once, keeps dh and dW as close to the fp64
-    truth as stock's (whose label entries -(1 - p)/n, p ~ 1/V, are all but exact there)."""
+    """At a random-init head the recompute backward's g, rounded once, keeps dh and dW within 10% of stock's
+    error against the fp64 truth (stock's label entries -(1 - p)/n, p ~ 1/V, are all but exact there):
+    0.99-1.07 over seeds 0-3 through the interpreter at 256 rows, where the one pass is at 2.35-2.62."""
     small_lce_tiles(monkeypatch)
     dh_ratio, dw_ratio = _grad_errors()["recompute"]
     assert dh_ratio <= 1.1 and dw_ratio <= 1.1, (dh_ratio, dw_ratio)
@@ -334,7 +335,7 @@ def test_lce_recompute_gradients_no_further_from_the_truth_than_stock(monkeypatc
 @pytest.mark.xfail(
     strict=True,
     reason="known defect lce-one-pass-uniform: at a nearly uniform softmax the one pass's dW (p's rounding "
-    "and r h's) lands about 2.5x further from the truth than stock's, dh 1.4-2.4x (bench/lce_grad_error.py)",
+    "and r h's) lands about 2.5x further from the truth than stock's, dh 1.4-2.5x (bench/lce_grad_error.py)",
 )
 def test_lce_one_pass_gradients_no_further_from_the_truth_than_stock(monkeypatch):
     small_lce_tiles(monkeypatch)

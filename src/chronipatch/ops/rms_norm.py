@@ -5,7 +5,8 @@
 
 Backward, with h = x * rstd and dh = dy * w:
     dx = rstd * (dh - h * mean(dh * h))
-    dw = sum_rows(dy * cast(h))                 (fp64 accumulation)
+    dw = sum_rows(dy * cast(h))                 (fp64 accumulation; 16-bit inputs add fp32 sums of a few
+                                                 rows' products, each product exact in fp32)
 rstd is the op's second output, so the backward never recomputes the row statistics. For
 ``rms_norm_linear``, which keeps x instead of y, the backward kernel can also write y again (bit for bit the
 forward's), and takes dy as up to three terms, summed in fp32 as it loads them (the projections' input
@@ -146,19 +147,21 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _dw_sum_kernel(PART, DW, progs, N, BR: tl.constexpr, BC: tl.constexpr):
+def _dw_sum_kernel(PART, DW, progs, N, stride, BR: tl.constexpr, BC: tl.constexpr, VIA_F32: tl.constexpr):
     """dw = the column sums of the backward's [progs, N] fp64 partial rows, in the weight's dtype: BC columns
-    a program, BR rows a step, summed in a fixed order. One launch of 3-4 us where torch's sum and cast took
-    two of 11-13 in the eager backward (H100; bench/rms_dw_sum.py, 2026-12-06)."""
+    a program, BR rows a step, summed in a fixed order. One launch of 2.7-4.5 us where torch's sum and cast
+    took two of 10-13 in the eager backward (H100; bench/rms_dw_sum.py, 2026-12-06)."""
     cols = tl.program_id(0) * BC + tl.arange(0, BC)
     cmask = cols < N
     acc = tl.zeros([BR, BC], dtype=tl.float64)
     for r0 in range(0, progs, BR):
         rows = r0 + tl.arange(0, BR)
         mask = (rows < progs)[:, None] & cmask[None, :]
-        acc += tl.load(PART + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    # Through fp32, as torch casts fp64 to a 16-bit dtype.
-    tl.store(DW + cols, tl.sum(acc, axis=0).to(tl.float32).to(DW.dtype.element_ty), mask=cmask)
+        acc += tl.load(PART + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+    dw = tl.sum(acc, axis=0)
+    if VIA_F32:  # a 16-bit weight: through fp32, as torch casts fp64 to a 16-bit dtype
+        dw = dw.to(tl.float32)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=cmask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -183,7 +186,8 @@ def _programs_per_sm(block: int) -> int:
 def _bwd_tiles(n: int) -> tuple[int, int, int, int]:
     """The backward's (block, rows per step, warps, programs per SM): the fastest of bench/rms_kernels.py's
     sweep on the H100 (2026-12-06) where it beat the forward's tiles. Rows of 128 or fewer (Qwen3's q/k
-    norms): 4 rows, one warp, 16 programs an SM, 48 us at 131,072 x 128 (16 rows, 4 warps, 8 an SM: 85);
+    norms; measured at 128): 4 rows, one warp, 16 programs an SM, 48 us at 131,072 x 128 (16 rows, 4 warps,
+    8 an SM: 85);
     2048 columns: 2 rows, 4 warps, 3 an SM, 52 us at 8192 rows (one row, 8 warps: 57; 4 rows, 51, spill
     registers in rms_norm_linear's form). Those times include torch's sum of the partial rows, which
     ``dw_sum`` has since replaced."""
@@ -196,18 +200,19 @@ def _bwd_tiles(n: int) -> tuple[int, int, int, int]:
 
 
 def _sum_tiles(block: int) -> tuple[int, int]:
-    """``_dw_sum_kernel``'s (rows a step, columns a program): the fastest of bench/rms_dw_sum.py's on the H100
-    at 896, 2048, 4096 and 128 columns (1,056, 396, 264 and 2,112 partial rows)."""
+    """``_dw_sum_kernel``'s (rows a step, columns a program): of bench/rms_dw_sum.py's tiles on the H100, the
+    fastest at 896, 2048 and 128 columns (1,056, 396 and 2,112 partial rows), 0.1 us behind it at 4096."""
     return (128, 4) if block <= 1024 else (64, 8)
 
 
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def dw_step_f32(x: Tensor, dys: Sequence[Tensor]) -> bool:
+def dw_step_f32(x: Tensor, dys: Sequence[Tensor], weight: Tensor) -> bool:
     """Whether the backward may sum a step's dw products in fp32 before widening them: where each product
-    is exact in fp32, of one 16-bit dy term and 16-bit x."""
-    return len(dys) == 1 and x.dtype in _HALF and dys[0].dtype in _HALF
+    is exact in fp32, of one 16-bit dy term and 16-bit x, and dw is rounded to 16 bits at the end (an fp32
+    weight's rounding would be as fine as the step sums')."""
+    return len(dys) == 1 and x.dtype in _HALF and dys[0].dtype in _HALF and weight.dtype in _HALF
 
 
 def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -312,7 +317,7 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
             STORE_Y=store_y,
             N_DY=len(dys),
             ADD_DX=dx_ext is not None,
-            DW_STEP_F32=dw_step_f32(x, dys),
+            DW_STEP_F32=dw_step_f32(x, dys, weight),
             num_warps=warps,
         )
     return dx, dw_sum(dw_part, weight.dtype, wrap), y if store_y else None
@@ -320,12 +325,13 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
 
 def dw_sum(part: Tensor, dtype: torch.dtype, wrap: bool = True) -> Tensor:
     """The column sums of the backward's [programs, N] fp64 partial rows of dw, in ``dtype``."""
+    part = last_dense(part)
     progs, n = part.shape
     dw = torch.empty(n, dtype=dtype, device=part.device)
     br, bc = _sum_tiles(pow2(n))
     if n > 0:
         (wrap_triton(_dw_sum_kernel) if wrap else _dw_sum_kernel)[(cdiv(n, bc),)](
-            part, dw, progs, n, BR=br, BC=bc, num_warps=4
+            part, dw, progs, n, part.stride(0), BR=br, BC=bc, VIA_F32=dtype in _HALF, num_warps=4
         )
     return dw
 
