@@ -220,7 +220,7 @@ def _cases() -> list[tuple]:
             "lce_rows_settle_bf16",
             "_lce_rows",
             "_settle_kernel",
-            dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "DIVISOR", "R"), "*fp32")
+            dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "DIVISOR", "R", "DELTA"), "*fp32")
             | {"P": "*bf16", "LABELS": "*i64"}
             | _ints("stride_p", "vocab", "n_tiles_v", "ignore_index"),
             {"BN": 256, "MARGIN": 32.0, "TILES": 8, "SCAN": 1024},
@@ -231,8 +231,11 @@ def _cases() -> list[tuple]:
             "lce_rows_scale_bf16",
             "_lce_rows",
             "_scale_rows_kernel",
-            {"PW": "*fp32", "H": "*bf16", "R": "*fp32", "LABELS": "*i64", "DH": "*bf16", "HR": "*bf16"}
-            | _ints("stride_pw", "stride_h", "stride_dh", "stride_hr", "hdim", "ignore_index"),
+            {"PW": "*fp32", "H": "*bf16", "R": "*fp32", "DELTA": "*fp32", "W": "*bf16", "LABELS": "*i64"}
+            | {"DH": "*bf16", "HR": "*bf16"}
+            | _ints(
+                "stride_pw", "stride_h", "stride_w", "stride_dh", "stride_hr", "hdim", "vocab", "ignore_index"
+            ),
             {"NEED_DH": True, "NEED_DW": True, "BLOCK": 1024},
         )
     )

@@ -291,10 +291,12 @@ def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
     assert rows_loss.shape == (n,) and not rows_loss.any()
 
 
-def _grad_errors(n=256, h=32, v=512):
+# The Triton interpreter (3.7) rounds fp32 to bf16 toward zero, not to nearest: its bf16 errors are biased, so
+# these comparisons with stock's bf16 error run on the GPU only.
+def _grad_errors(n=512, h=896, v=151936):
     """Relative (Frobenius) errors of dh and dW against the fp64 truth at a random-init head (weight std 0.02,
-    Zipf labels: a nearly uniform softmax): stock's (bf16 logits, fp32 cross-entropy), the one pass's and the
-    recompute backward's."""
+    Zipf labels: a nearly uniform softmax), as ratios to stock's (bf16 logits, fp32 cross-entropy): the one
+    pass's and the recompute backward's."""
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     hid = torch.randn(n, h, device=KERNEL_DEVICE).to(bf16)
@@ -323,21 +325,23 @@ def _grad_errors(n=256, h=32, v=512):
     }
 
 
-def test_lce_recompute_gradients_no_further_from_the_truth_than_stock(monkeypatch):
-    """At a random-init head the recompute backward's g, rounded once, keeps dh and dW within 10% of stock's
-    error against the fp64 truth (stock's label entries -(1 - p)/n, p ~ 1/V, are all but exact there):
-    0.99-1.07 over seeds 0-3 through the interpreter at 256 rows, where the one pass is at 2.35-2.62."""
-    small_lce_tiles(monkeypatch)
-    dh_ratio, dw_ratio = _grad_errors()["recompute"]
-    assert dh_ratio <= 1.1 and dw_ratio <= 1.1, (dh_ratio, dw_ratio)
+@pytest.mark.gpu
+def test_lce_gradients_at_a_random_init_head_no_further_from_the_truth_than_stock():
+    """At a random-init head (512 x 896, V = 151,936) the recompute backward's g, rounded once, keeps dh and
+    dW within 10% of stock's error against the fp64 truth (stock's label entries -(1 - p)/n, p ~ 1/V, are
+    all but exact there; 1.00 and 1.00 on the H100, bench/lce_grad_error.py), and so does the one pass's dh,
+    which adds back what rounding p's label entry lost (1.38 without it)."""
+    errors = _grad_errors()
+    assert max(errors["recompute"]) <= 1.1, errors
+    assert errors["one pass"][0] <= 1.1, errors
 
 
+@pytest.mark.gpu
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect lce-one-pass-uniform: at a nearly uniform softmax the one pass's dW (p's rounding "
-    "and r h's) lands about 2.5x further from the truth than stock's, dh 1.4-2.5x (bench/lce_grad_error.py)",
+    reason="known defect lce-one-pass-uniform: at a nearly uniform softmax the one pass's dW (p's label "
+    "entry and r h rounded to bf16) lands about 2.5x further from the truth than stock's "
+    "(bench/lce_grad_error.py)",
 )
-def test_lce_one_pass_gradients_no_further_from_the_truth_than_stock(monkeypatch):
-    small_lce_tiles(monkeypatch)
-    dh_ratio, dw_ratio = _grad_errors()["one pass"]
-    assert dh_ratio <= 1.1 and dw_ratio <= 1.1, (dh_ratio, dw_ratio)
+def test_lce_one_pass_dw_at_a_random_init_head_no_further_from_the_truth_than_stock():
+    assert _grad_errors()["one pass"][1] <= 1.1

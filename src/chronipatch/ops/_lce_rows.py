@@ -15,8 +15,12 @@ the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row
 scaled, rounded once) and dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row
 whose max does exceed K + 32 (a sample far off, or a +inf logit outside it) gets K = m instead: its tiles
 keep their own max as reference and the settle kernel rescales them, p exp(r_j - m), as a whole.
-p's bf16 rounding is g's own; dW's h scaled by r adds one bf16 rounding per product, and one per chunk
-after the first where dW sums over chunks (chunks of ``P_BYTES`` of p keep them few).
+p's bf16 rounding is g's own, except at the label: its entry, about -s_K near a uniform softmax, is rounded
+at the scale of the row's sum where stock's -(1 - p)/n is all but exact there. dh adds back what that rounding
+lost (r delta W[y], in fp32 before its one rounding); dW does not (nor does it undo r h's bf16 rounding, one
+per product), which leaves it about 2.5x stock's error at a random-init head (``bench/lce_grad_error.py``),
+and one rounding per chunk after the first where dW sums over chunks (chunks of ``P_BYTES`` of p keep them
+few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
@@ -51,20 +55,22 @@ REF_ROWS, REF_SAMPLES, REF_K = (64, 32, 16), 128, 64
 
 @triton.jit
 def _settle_kernel(
-    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, stride_p, vocab, n_tiles_v, ignore_index, BN: tl.constexpr,
-    MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
+    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, DELTA, stride_p, vocab, n_tiles_v, ignore_index,
+    BN: tl.constexpr, MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K =
     m, and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is
     1 where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
-    set to exp(z_y - K) - s_K; the row's factor r = c / s_K into R, c = 1 / DIVISOR (1 for a divisor 0). An
-    ignored row keeps its 0s (r = 0). The row's references are scanned SCAN at a time; only a row with a
+    set to exp(z_y - K) - s_K, and what its rounding to p's dtype lost into DELTA (0 where nothing was lost);
+    the row's factor r = c / s_K into R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s
+    (r = 0, DELTA 0). The row's references are scanned SCAN at a time; only a row with a
     factor other than 1 (rare: its max lay past the margin) walks its tiles, and then only those with one (a
     loop over every tile took 46 us per 1,664-row chunk at 8192 x 896 on the H200, for one label entry per
     row)."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     r = 0.0
+    delta = 0.0
     if y != ignore_index:
         m = tl.load(M + row)
         ref = tl.load(REF + row)
@@ -89,26 +95,37 @@ def _settle_kernel(
                     tl.store(P + row * stride_p + cols, (p * f[:, None]).to(P.dtype.element_ty), mask=mask)
         if (y >= 0) & (y < vocab):  # the label check runs apart
             gy = tl.exp(centred(tl.load(ZLAB + row), k)) - s_k
-            tl.store(P + row * stride_p + y, gy.to(P.dtype.element_ty))
+            gq = gy.to(P.dtype.element_ty)
+            tl.store(P + row * stride_p + y, gq)
+            # Rounded at the scale of s_K, the entry that dominates g near a uniform softmax: dh adds back
+            # what the rounding lost (equal: 0, also for an infinite entry).
+            delta = tl.where(gq.to(tl.float32) == gy, 0.0, gy - gq.to(tl.float32))
     tl.store(R + row, r)
+    tl.store(DELTA + row, delta)
 
 
 @triton.jit
 def _scale_rows_kernel(
-    PW, H, R, LABELS, DH, HR, stride_pw, stride_h, stride_dh, stride_hr, hdim, ignore_index,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
+    PW, H, R, DELTA, W, LABELS, DH, HR, stride_pw, stride_h, stride_w, stride_dh, stride_hr, hdim, vocab,
+    ignore_index, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row of a chunk: dh = r (p W) rounded once from the fp32 GEMM result, and dW's operand r h, 0 in
-    an ignored row (whose hidden state may be inf or nan: ``dw_rows``). One launch where torch's broadcasts
-    over mixed dtypes took four."""
+    """One row of a chunk: dh = r (p W + delta W[y]) rounded once from the fp32 GEMM result (delta: what p's
+    label entry lost to rounding, so that g's label term, r (exp(z_y - K) - s_K) W[y], is whole), and dW's
+    operand r h, 0 in an ignored row (whose hidden state may be inf or nan: ``dw_rows``). One launch where
+    torch's broadcasts over mixed dtypes took four."""
     row = tl.program_id(0).to(tl.int64)
     r = tl.load(R + row)
-    keep = tl.load(LABELS + row) != ignore_index
+    y = tl.load(LABELS + row)
+    keep = y != ignore_index
+    labelled = keep & (y >= 0) & (y < vocab)  # the label check runs apart
+    delta = tl.load(DELTA + row)
+    w_y = W + tl.where(labelled, y, 0) * stride_w
     for k0 in range(0, hdim, BLOCK):
         ks = k0 + tl.arange(0, BLOCK)
         mask = ks < hdim
         if NEED_DH:
             pw = tl.load(PW + row * stride_pw + ks, mask=mask, other=0.0)
+            pw += delta * tl.load(w_y + ks, mask=mask & labelled, other=0.0).to(tl.float32)
             tl.store(DH + row * stride_dh + ks, (pw * r).to(DH.dtype.element_ty), mask=mask)
         if NEED_DW:
             h = tl.load(H + row * stride_h + ks, mask=mask, other=0.0).to(tl.float32)
@@ -242,18 +259,20 @@ def rows_fwd_bwd(
     def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
         k = p.shape[0]
         y = labels[r0 : r0 + k]
-        r = torch.empty(k, 1, dtype=torch.float32, device=hidden.device)
+        r, delta = torch.empty(2, k, 1, dtype=torch.float32, device=hidden.device)
         _settle_kernel[(k,)](
-            p, rp, ref[r0:], m, s, zlab, y, divisor, r, p.stride(0), vocab, rp.shape[1], ignore_index, BN=bn,
-            MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])), num_warps=4,
+            p, rp, ref[r0:], m, s, zlab, y, divisor, r, delta, p.stride(0), vocab, rp.shape[1], ignore_index,
+            BN=bn, MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])),
+            num_warps=4,
         )  # fmt: skip
         hdim = hidden.shape[1]
         pw = mm_f32(p, weight) if need_dh else r
         h, dh_k = hidden[r0 : r0 + k], dh[r0 : r0 + k] if need_dh else r
         h_r = torch.empty_like(h) if need_dw else r
         _scale_rows_kernel[(k,)](
-            pw, h, r, y, dh_k, h_r, pw.stride(0), h.stride(0), dh_k.stride(0), h_r.stride(0), hdim,
-            ignore_index, NEED_DH=need_dh, NEED_DW=need_dw, BLOCK=min(pow2(hdim), 1024), num_warps=4,
+            pw, h, r, delta, weight, y, dh_k, h_r, pw.stride(0), h.stride(0), weight.stride(0),
+            dh_k.stride(0), h_r.stride(0), hdim, vocab, ignore_index, NEED_DH=need_dh, NEED_DW=need_dw,
+            BLOCK=min(pow2(hdim), 1024), num_warps=4,
         )  # fmt: skip
         if need_dw:
             if r0 == 0:
