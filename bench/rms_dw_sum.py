@@ -4,8 +4,8 @@
 
 Per shape, bf16: the kernels one eager fwd + bwd launches and one compiled fwd + bwd launches (profiler, top
 kernels, GPU time per call), then the sum of the backward's fp64 partial rows of dw and its cast to the
-weight's dtype, as torch's ``sum(0).to()`` and as the op's Triton kernel (``_dw_sum_kernel``, which took the
-place of torch's) by (rows per step, columns per program), results checked within one bf16 ulp of the
+weight's dtype, as torch's ``sum(0).to()`` and as the op's ``dw_sum`` (its Triton kernel took the place of
+torch's) by (rows per step, columns per program), results checked within one bf16 ulp of the
 largest sum. ``--smoke`` runs the Triton kernel through the interpreter on CPU (no timings).
 """
 
@@ -24,16 +24,6 @@ from common import env_info, gpu_time_breakdown, kernel_ms, meta_header, smoke_a
 
 rms = importlib.import_module("chronipatch.ops.rms_norm")
 ops = importlib.import_module("chronipatch.ops")
-
-
-def triton_sum(part, dtype, br, bc):
-    """The op's ``_dw_sum_kernel`` at (rows a step, columns a program) = (br, bc)."""
-    progs, n = part.shape
-    dw = torch.empty(n, dtype=dtype, device=part.device)
-    rms._dw_sum_kernel[(rms.cdiv(n, bc),)](
-        part, dw, progs, n, n, BR=br, BC=bc, VIA_F32=dtype in (torch.bfloat16, torch.float16), num_warps=4
-    )
-    return dw
 
 
 def shape_row(m: int, n: int, dev: str, smoke: bool) -> dict:
@@ -60,12 +50,14 @@ def shape_row(m: int, n: int, dev: str, smoke: bool) -> dict:
         row["sum_us"]["torch"] = 1e3 * kernel_ms(lambda: part.sum(0).to(torch.bfloat16), calls=20)
     for br in (16, 32, 64, 128):
         for bc in (4, 8, 16, 32, 64):
-            got = triton_sum(part, torch.bfloat16, br, bc)
+            got = rms.dw_sum(part, torch.bfloat16, wrap=False, tiles=(br, bc))
             # within one bf16 ulp of the largest sum (fp64 sums in another order may round apart)
             ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().max().item()
             assert (got.float() - ref.float()).abs().max().item() <= ulp, (m, n, br, bc)
             if not smoke:
-                t = kernel_ms(lambda br=br, bc=bc: triton_sum(part, torch.bfloat16, br, bc), calls=20)
+                t = kernel_ms(
+                    lambda t=(br, bc): rms.dw_sum(part, torch.bfloat16, wrap=False, tiles=t), calls=20
+                )
                 row["sum_us"][f"r{br}c{bc}"] = 1e3 * t
     return row
 

@@ -176,6 +176,7 @@ def eager_cuda(*tensors: torch.Tensor) -> bool:
 
 
 PLAIN = (torch.Tensor, torch.nn.Parameter)
+HALF = (torch.bfloat16, torch.float16)  # the 16-bit float dtypes
 
 
 def last_use(*tensors: Tensor) -> bool:

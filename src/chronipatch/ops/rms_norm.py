@@ -26,6 +26,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import reference
 from ._utils import (
+    HALF,
     as_rows,
     cdiv,
     check,
@@ -174,29 +175,24 @@ def _tiles(n: int) -> tuple[int, int, int]:
     return block, rows, warps
 
 
-def _programs_per_sm(block: int) -> int:
-    """The backward's programs per SM, each storing an fp64 partial row of dw: more programs keep more rows in
-    flight, and each costs a partial row written and summed. Fastest on the H200 at 8192 rows, of 1 to 16 per
-    SM: 8 at 896 columns, 3 at 2048, 2 at 4096 (fwd + bwd 36, 67 and 112 us where 4 took 40, 81 and 124;
-    bench/results/2026-12-03-h200/rms_ab_call20.log). ``_bwd_tiles`` overrides it where a later sweep found
-    faster tiles."""
-    return 8 if block <= 1024 else 3 if block <= 2048 else 2
-
-
 def _bwd_tiles(n: int) -> tuple[int, int, int, int]:
-    """The backward's (block, rows per step, warps, programs per SM): the fastest of bench/rms_kernels.py's
-    sweep on the H100 (2026-12-06) where it beat the forward's tiles. Rows of 128 or fewer (Qwen3's q/k
-    norms; measured at 128): 4 rows, one warp, 16 programs an SM, 48 us at 131,072 x 128 (16 rows, 4 warps,
-    8 an SM: 85);
-    2048 columns: 2 rows, 4 warps, 3 an SM, 52 us at 8192 rows (one row, 8 warps: 57; 4 rows, 51, spill
-    registers in rms_norm_linear's form). Those times include torch's sum of the partial rows, which
-    ``dw_sum`` has since replaced."""
+    """The backward's (block, rows per step, warps, programs per SM). Each program stores an fp64 partial row
+    of dw: more programs keep more rows in flight, and each costs a partial row written and summed.
+    - Rows of 128 or fewer (Qwen3's q/k norms; measured at 128): 4 rows, one warp, 16 programs an SM, 48 us
+      at 131,072 x 128, where the forward's tiles (16 rows, 4 warps) at 8 an SM took 85 (H100,
+      bench/rms_kernels.py, 2026-12-06).
+    - 2048 columns: 2 rows, 4 warps, 3 programs an SM, 52 us at 8192 rows (one row, 8 warps: 57; 4 rows: 51,
+      but they spill registers in rms_norm_linear's form; the same sweep).
+    - Otherwise the forward's tiles, 8 programs an SM up to 1024 columns and 2 above: the fastest of 1 to 16
+      on the H200 at 8192 rows (fwd + bwd 36 us at 896 columns and 112 at 4096, where 4 took 40 and 124;
+      bench/results/2026-12-03-h200/rms_ab_call20.log).
+    The H100 times include torch's sum of the partial rows, which ``dw_sum`` has since replaced."""
     block, rows, warps = _tiles(n)
     if block <= 128:
         return block, 4, 1, 16
     if block == 2048:
         return block, 2, 4, 3
-    return block, rows, warps, _programs_per_sm(block)
+    return block, rows, warps, 8 if block <= 1024 else 2
 
 
 def _sum_tiles(block: int) -> tuple[int, int]:
@@ -205,14 +201,11 @@ def _sum_tiles(block: int) -> tuple[int, int]:
     return (128, 4) if block <= 1024 else (64, 8)
 
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
 def dw_step_f32(x: Tensor, dys: Sequence[Tensor], weight: Tensor) -> bool:
     """Whether the backward may sum a step's dw products in fp32 before widening them: where each product
     is exact in fp32, of one 16-bit dy term and 16-bit x, and dw is rounded to 16 bits at the end (an fp32
     weight's rounding would be as fine as the step sums')."""
-    return len(dys) == 1 and x.dtype in _HALF and dys[0].dtype in _HALF and weight.dtype in _HALF
+    return len(dys) == 1 and x.dtype in HALF and dys[0].dtype in HALF and weight.dtype in HALF
 
 
 def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -323,15 +316,18 @@ def _bwd(dy, x, weight, rstd, wrap, store_y, into_dy=False, dx_ext=None):
     return dx, dw_sum(dw_part, weight.dtype, wrap), y if store_y else None
 
 
-def dw_sum(part: Tensor, dtype: torch.dtype, wrap: bool = True) -> Tensor:
-    """The column sums of the backward's [programs, N] fp64 partial rows of dw, in ``dtype``."""
+def dw_sum(
+    part: Tensor, dtype: torch.dtype, wrap: bool = True, tiles: tuple[int, int] | None = None
+) -> Tensor:
+    """The column sums of the backward's [programs, N] fp64 partial rows of dw, in ``dtype``; ``tiles``
+    (rows a step, columns a program) in place of ``_sum_tiles``'s, for bench/rms_dw_sum.py's sweep."""
     part = last_dense(part)
     progs, n = part.shape
     dw = torch.empty(n, dtype=dtype, device=part.device)
-    br, bc = _sum_tiles(pow2(n))
+    br, bc = tiles or _sum_tiles(pow2(n))
     if n > 0:
         (wrap_triton(_dw_sum_kernel) if wrap else _dw_sum_kernel)[(cdiv(n, bc),)](
-            part, dw, progs, n, part.stride(0), BR=br, BC=bc, VIA_F32=dtype in _HALF, num_warps=4
+            part, dw, progs, n, part.stride(0), BR=br, BC=bc, VIA_F32=dtype in HALF, num_warps=4
         )
     return dw
 
