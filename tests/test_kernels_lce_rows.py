@@ -293,36 +293,14 @@ def test_lce_eager_paths_without_supervised_rows(n, monkeypatch):
 
 # The Triton interpreter (3.7) rounds fp32 to bf16 toward zero, not to nearest: its bf16 errors are biased, so
 # these comparisons with stock's bf16 error run on the GPU only.
-def _grad_errors(n=512, h=896, v=151936):
-    """Relative (Frobenius) errors of dh and dW against the fp64 truth at a random-init head (weight std 0.02,
-    Zipf labels: a nearly uniform softmax), as ratios to stock's (bf16 logits, fp32 cross-entropy): the one
-    pass's and the recompute backward's."""
-    torch.manual_seed(0)
-    bf16 = torch.bfloat16
-    hid = torch.randn(n, h, device=KERNEL_DEVICE).to(bf16)
-    w = (0.02 * torch.randn(v, h, device=KERNEL_DEVICE)).to(bf16)
-    zipf = 1.0 / torch.arange(1, v + 1, dtype=torch.float32, device=KERNEL_DEVICE)
-    labels = torch.multinomial(zipf, n, replacement=True)
-    divisor = torch.tensor(float(n), device=KERNEL_DEVICE)
+def _grad_errors() -> dict[str, list[float]]:
+    """dh's and dW's errors against the fp64 truth at a random-init head (512 x 896, V = 151,936; weight std
+    0.02, Zipf labels: a nearly uniform softmax) as ratios to stock's, for the one pass and the recompute
+    backward: ``bench/lce_grad_error.py``'s row of that regime, through the public op."""
+    from lce_grad_error import row
 
-    def grads(loss_fn, a, b):
-        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
-        return torch.autograd.grad(loss_fn(a, b), (a, b))
-
-    ce = torch.nn.functional.cross_entropy
-    truth = grads(lambda a, b: ce(a @ b.T, labels), hid.double(), w.double())
-    stock = grads(lambda a, b: ce((a @ b.T).float(), labels), hid, w)
-    one_pass = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)[3:]
-    stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
-    recompute = lce.lce_bwd_triton((1 / divisor).expand(n), hid, w, labels, stats, -100)
-
-    def err(got, i):
-        return ((got.double() - truth[i]).norm() / truth[i].norm()).item()
-
-    return {
-        name: [err(g[i], i) / err(stock[i], i) for i in range(2)]
-        for name, g in (("one pass", one_pass), ("recompute", recompute))
-    }
+    got = row(512, 896, 151936, "init", KERNEL_DEVICE)
+    return {path: [got[f"{g} {path} / stock"] for g in ("dh", "dW")] for path in ("one pass", "recompute")}
 
 
 @pytest.mark.gpu
