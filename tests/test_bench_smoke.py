@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _run(script: str, tmp_path: Path, *args: str) -> dict:
+def _run(script: str, tmp_path: Path, *args: str, result: str = "") -> dict:
+    """``script --smoke`` run into ``tmp_path``; its JSON (``<stem><result>.json``)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")]),
@@ -25,7 +26,7 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((tmp_path / f"{Path(script).stem}.json").read_text())
+    return json.loads((tmp_path / f"{Path(script).stem}{result}.json").read_text())
 
 
 def test_ops_bench_smoke(tmp_path):
@@ -133,18 +134,9 @@ def test_padded_compile_bench_smoke(tmp_path):
     assert all(r["out_diff"] < 0.05 for r in rows), rows
 
 
-def _shapes(script: str, tmp_path: Path) -> list[dict]:
-    """The per-shape rows of a tuning script's ``--smoke`` run (``<stem>_smoke.json``)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
-    cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((tmp_path / f"{Path(script).stem}_smoke.json").read_text())["shapes"]
-
-
 def test_rms_kernels_bench_smoke(tmp_path):
     """``bench/rms_kernels.py --smoke``: every launch shape it would time gives the default's results."""
-    shapes = _shapes("rms_kernels.py", tmp_path)
+    shapes = _run("rms_kernels.py", tmp_path, result="_smoke")["shapes"]
     assert [s["shape"] for s in shapes] == ["33x96", "40x256"] and all(len(s["bwd_us"]) > 10 for s in shapes)
 
 
@@ -194,4 +186,7 @@ def test_lce_grad_error_bench_smoke(tmp_path):
 
 def test_rms_dw_sum_bench_smoke(tmp_path):
     """``bench/rms_dw_sum.py --smoke``: the op's sum kernel at every tile it would time gives torch's sum."""
-    assert [s["shape"] for s in _shapes("rms_dw_sum.py", tmp_path)] == ["40x96", "8x300"]
+    assert [s["shape"] for s in _run("rms_dw_sum.py", tmp_path, result="_smoke")["shapes"]] == [
+        "40x96",
+        "8x300",
+    ]
