@@ -239,6 +239,17 @@ def _cases() -> list[tuple]:
             {"NEED_DH": True, "NEED_DW": True, "BLOCK": 1024},
         )
     )
+    cases.append(
+        (
+            "lce_rows_label_rows_bf16",
+            "_lce_rows",
+            "_label_rows_kernel",
+            {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "END": "*i64"}
+            | {"R": "*fp32", "DELTA": "*fp32"}
+            | _ints("stride_dw", "stride_h", "hdim", "vocab", "ignore_index"),
+            {"BLOCK": 1024},
+        )
+    )
     cases += [
         (
             f"lce_rows_references_bf16_bm{bm}",

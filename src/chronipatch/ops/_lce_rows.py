@@ -15,12 +15,15 @@ the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row
 scaled, rounded once) and dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row
 whose max does exceed K + 32 (a sample far off, or a +inf logit outside it) gets K = m instead: its tiles
 keep their own max as reference and the settle kernel rescales them, p exp(r_j - m), as a whole.
-p's bf16 rounding is g's own, except at the label: its entry, about -s_K near a uniform softmax, is rounded
-at the scale of the row's sum where stock's -(1 - p)/n is all but exact there. dh adds back what that rounding
-lost (r delta W[y], in fp32 before its one rounding); dW does not (nor does it undo r h's bf16 rounding, one
-per product), which leaves it about 2.5x stock's error at a random-init head (``bench/lce_grad_error.py``),
-and one rounding per chunk after the first where dW sums over chunks (chunks of ``P_BYTES`` of p keep them
-few).
+p's bf16 rounding is g's own but at the label, whose entry exp(z_y - K) - s_K is about -s_K near a uniform
+softmax: rounded there, at the scale of the row's sum, it would carry an error of up to 2^-9 c where stock's
+-(1 - p) c is all but exact (dW then 2.5x, dh 1.4x stock's error against the fp64 truth at a random-init
+head, ``bench/lce_grad_error.py``). So p keeps exp(z_y - K), rounded like any entry, and the rest of the
+label's entry, delta = -s_K plus what that rounding lost, goes into fp32 terms of its own: dh adds
+r delta W[y] before its one rounding, and ``_label_rows_kernel`` adds sum_{i: y_i = y} r_i delta_i h_i to
+dW's row y once the GEMMs are done: the rows in label order (a stable sort: a fixed order, no atomics), from
+h itself, not r h's bf16 rounding. dW keeps r h's rounding in its other entries and one rounding per chunk
+after the first where it sums over chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
@@ -61,9 +64,9 @@ def _settle_kernel(
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K =
     m, and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is
     1 where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
-    set to exp(z_y - K) - s_K, and what its rounding to p's dtype lost into DELTA (0 where nothing was lost);
-    the row's factor r = c / s_K into R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s
-    (r = 0, DELTA 0). The row's references are scanned SCAN at a time; only a row with a
+    rewritten as exp(z_y - K) from the label logit, and -s_K plus what that entry's rounding to p's dtype
+    lost into DELTA; the row's factor r = c / s_K into R, c = 1 / DIVISOR (1 for a divisor 0). An ignored
+    row keeps its 0s (r = 0, DELTA 0). The row's references are scanned SCAN at a time; only a row with a
     factor other than 1 (rare: its max lay past the margin) walks its tiles, and then only those with one (a
     loop over every tile took 46 us per 1,664-row chunk at 8192 x 896 on the H200, for one label entry per
     row)."""
@@ -94,12 +97,13 @@ def _settle_kernel(
                     p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
                     tl.store(P + row * stride_p + cols, (p * f[:, None]).to(P.dtype.element_ty), mask=mask)
         if (y >= 0) & (y < vocab):  # the label check runs apart
-            gy = tl.exp(centred(tl.load(ZLAB + row), k)) - s_k
-            gq = gy.to(P.dtype.element_ty)
-            tl.store(P + row * stride_p + y, gq)
-            # Rounded at the scale of s_K, the entry that dominates g near a uniform softmax: dh adds back
-            # what the rounding lost (equal: 0, also for an infinite entry).
-            delta = tl.where(gq.to(tl.float32) == gy, 0.0, gy - gq.to(tl.float32))
+            e_y = tl.exp(centred(tl.load(ZLAB + row), k))
+            eq = e_y.to(P.dtype.element_ty)
+            tl.store(P + row * stride_p + y, eq)
+            # g's label entry is r (e_y - s_K): -s_K, the part that dominates g near a uniform softmax, stays
+            # in fp32 apart from p (rounded at its scale it would lose up to 2^-9 c), with what rounding e_y
+            # lost (equal: 0, also for an infinite entry).
+            delta = tl.where(eq.to(tl.float32) == e_y, 0.0, e_y - eq.to(tl.float32)) - s_k
     tl.store(R + row, r)
     tl.store(DELTA + row, delta)
 
@@ -109,10 +113,10 @@ def _scale_rows_kernel(
     PW, H, R, DELTA, W, LABELS, DH, HR, stride_pw, stride_h, stride_w, stride_dh, stride_hr, hdim, vocab,
     ignore_index, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row of a chunk: dh = r (p W + delta W[y]) rounded once from the fp32 GEMM result (delta: what p's
-    label entry lost to rounding, so that g's label term, r (exp(z_y - K) - s_K) W[y], is whole), and dW's
-    operand r h, 0 in an ignored row (whose hidden state may be inf or nan: ``dw_rows``). One launch where
-    torch's broadcasts over mixed dtypes took four."""
+    """One row of a chunk: dh = r (p W + delta W[y]) rounded once from the fp32 GEMM result (delta: the rest
+    of the label's entry, so that g's label term, r (exp(z_y - K) - s_K) W[y], is whole), and dW's operand
+    r h, 0 in an ignored row (whose hidden state may be inf or nan: ``dw_rows``). One launch where torch's
+    broadcasts over mixed dtypes took four."""
     row = tl.program_id(0).to(tl.int64)
     r = tl.load(R + row)
     y = tl.load(LABELS + row)
@@ -130,6 +134,48 @@ def _scale_rows_kernel(
         if NEED_DW:
             h = tl.load(H + row * stride_h + ks, mask=mask, other=0.0).to(tl.float32)
             tl.store(HR + row * stride_hr + ks, tl.where(keep, h * r, 0.0).to(HR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _label_rows_kernel(
+    DW, H, ORDER, SORTED, END, R, DELTA, stride_dw, stride_h, hdim, vocab, ignore_index, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """dW's label term, BLOCK features of one label y: dW[y] += sum_{i: y_i = y} r_i delta_i h_i, summed in
+    fp32 over the label's rows in sorted order (ORDER: a stable argsort of the labels, SORTED the sorted
+    labels, END the end of each one's run) and rounded once into dW. The program at the first row of a run
+    does the work, the others return: each row of dW has one writer, in a fixed order."""
+    j = tl.program_id(0)
+    y = tl.load(SORTED + j)
+    first = (j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0)) != y)
+    if first & (y != ignore_index) & (y >= 0) & (y < vocab):  # the label check runs apart
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < hdim
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(j, tl.load(END + j)):
+            row = tl.load(ORDER + i)
+            coef = tl.load(R + row) * tl.load(DELTA + row)
+            acc += coef * tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(DW + y * stride_dw + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DW + y * stride_dw + cols, (d + acc).to(DW.dtype.element_ty), mask=mask)
+
+
+def add_label_rows(
+    dw: Tensor, hidden: Tensor, labels: Tensor, r: Tensor, delta: Tensor, ignore_index: int
+) -> None:
+    """dW[y] += sum_{i: y_i = y} r_i delta_i h_i in place (r, delta: [N] fp32, the settle kernel's): the label
+    entries' part of dW that p does not carry. torch's index_add_ would sum with atomics on CUDA, in no fixed
+    order; the rows go in label order instead (a stable sort, no host sync)."""
+    n, hdim = hidden.shape
+    if n == 0:
+        return
+    sorted_y, order = torch.sort(labels, stable=True)
+    end = torch.searchsorted(sorted_y, sorted_y, right=True)
+    block = min(pow2(hdim), 1024)
+    with device_of(hidden):
+        _label_rows_kernel[(n, cdiv(hdim, block))](
+            dw, hidden, order, sorted_y, end, r, delta, dw.stride(0), hidden.stride(0), hdim, dw.shape[0],
+            ignore_index, BLOCK=block, num_warps=4,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -255,11 +301,12 @@ def rows_fwd_bwd(
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
+    r_all, delta_all = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
 
     def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
         k = p.shape[0]
         y = labels[r0 : r0 + k]
-        r, delta = torch.empty(2, k, 1, dtype=torch.float32, device=hidden.device)
+        r, delta = r_all[r0 : r0 + k].unsqueeze(1), delta_all[r0 : r0 + k].unsqueeze(1)
         _settle_kernel[(k,)](
             p, rp, ref[r0:], m, s, zlab, y, divisor, r, delta, p.stride(0), vocab, rp.shape[1], ignore_index,
             BN=bn, MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])),
@@ -282,4 +329,6 @@ def rows_fwd_bwd(
 
     ref = row_references(hidden, weight) if ref is None else ref
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
+    if need_dw:
+        add_label_rows(dw, hidden, labels, r_all, delta_all, ignore_index)
     return (*out, dh, dw)
