@@ -245,7 +245,7 @@ def _cases() -> list[tuple]:
             "_lce_rows",
             "_label_rows_kernel",
             {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "END": "*i64"}
-            | {"R": "*fp32", "DELTA": "*fp32"}
+            | {"DELTA": "*fp32"}
             | _ints("stride_dw", "stride_h", "hdim", "vocab", "ignore_index"),
             {"BLOCK": 1024},
         )

@@ -169,7 +169,7 @@ def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
 
 @pytest.mark.parametrize("n,h", [(1, 8), (60, 40), (33, 1100)], ids=str)
 def test_lce_label_rows_kernel(n, h):
-    """dW's label term: dW[y] += sum_{i: y_i = y} r_i delta_i h_i, summed in fp32 and rounded once (to
+    """dW's label term: dW[y] += sum_{i: y_i = y} delta_i h_i, summed in fp32 and rounded once (to
     within one bf16 step: the interpreter truncates), over runs of one label up to most of the rows; ignored
     rows (inf hidden states allowed) and unlabelled rows of dW untouched, bit for bit. Two column blocks at
     1100."""
@@ -183,37 +183,18 @@ def test_lce_label_rows_kernel(n, h):
     if n > 2:
         labels[1] = -100
         hid[1] = float("inf")
-    r = torch.rand(n, device=KERNEL_DEVICE) * 1e-5
-    delta = -1e5 * (1 + torch.rand(n, device=KERNEL_DEVICE))
+    delta = -(1 + torch.rand(n, device=KERNEL_DEVICE))
     want = dw.double().index_add(
         0,
         labels.clamp_min(0),
-        torch.where((labels >= 0)[:, None], (r * delta).double()[:, None] * hid.double(), 0),
+        torch.where((labels >= 0)[:, None], delta.double()[:, None] * hid.double(), 0),
     )
     got = dw.clone()
-    rows.add_label_rows(got, hid, labels, r, delta, -100)
+    rows.add_label_rows(got, hid, labels, delta, -100)
     assert torch.equal(got[~torch.isin(torch.arange(v, device=KERNEL_DEVICE), labels)],
                        dw[~torch.isin(torch.arange(v, device=KERNEL_DEVICE), labels)])  # fmt: skip
     step = torch.finfo(torch.bfloat16).eps * want.abs()
     assert ((got.double() - want).abs() <= step).all()
-
-
-def test_lce_one_pass_dw_at_a_nearly_uniform_softmax_no_further_from_the_truth_than_stock(monkeypatch):
-    """A random-init head (weight std 0.02: p ~ 1/V at every entry), 64 x 32, V = 2,048: the one pass's dh
-    and dW against the fp64 truth, as ratios to stock's error. With the label entries' -s_K in p (rounded at
-    the scale of the row's sum) dW was 1.8x stock's error here; kept in fp32 apart, 0.97 (dh 1.02). The
-    interpreter's bf16 rounding truncates, so the GPU tests below hold the measured bound at scale."""
-    from lce_grad_error import grads, inputs, rel
-
-    small_lce_tiles(monkeypatch)
-    hid, w, labels = inputs(64, 32, 2048, "init", KERNEL_DEVICE)
-    labels[::5] = -100
-    divisor = (labels != -100).sum().float()
-    got = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)[3:]
-    truth = grads(lambda a, b: torch.nn.functional.cross_entropy(a @ b.T, labels), hid.double(), w.double())
-    stock = grads(lambda a, b: torch.nn.functional.cross_entropy((a @ b.T).float(), labels), hid, w)
-    ratios = [rel(g, t) / rel(s, t) for g, s, t in zip(got, stock, truth, strict=True)]
-    assert max(ratios) <= 1.1, ratios
 
 
 def _torch_references(hidden, weight):
@@ -355,9 +336,9 @@ def _grad_errors() -> dict[str, list[float]]:
 @pytest.mark.gpu
 def test_lce_gradients_at_a_random_init_head_no_further_from_the_truth_than_stock():
     """At a random-init head (512 x 896, V = 151,936) both paths keep dh and dW within 10% of stock's error
-    against the fp64 truth (stock's label entries -(1 - p)/n, p ~ 1/V, are all but exact there): the recompute
-    backward's g rounded once, and the one pass with its label entries' -s_K in fp32 apart from p (rounded
-    with p, dW was 2.5x stock's error and dh 1.4x on the H100, bench/lce_grad_error.py)."""
+    against the fp64 truth: the recompute backward's g rounded once, and the one pass with its label entries
+    outside p (rounded with p, at the scale of the row's sum, dW was 2.5x stock's error and dh 1.4x on the
+    H100, bench/lce_grad_error.py)."""
     errors = _grad_errors()
     assert max(errors["recompute"]) <= 1.1, errors
     assert max(errors["one pass"]) <= 1.1, errors

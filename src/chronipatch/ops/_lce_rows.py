@@ -17,13 +17,18 @@ whose max does exceed K + 32 (a sample far off, or a +inf logit outside it) gets
 keep their own max as reference and the settle kernel rescales them, p exp(r_j - m), as a whole.
 p's bf16 rounding is g's own but at the label, whose entry exp(z_y - K) - s_K is about -s_K near a uniform
 softmax: rounded there, at the scale of the row's sum, it would carry an error of up to 2^-9 c where stock's
--(1 - p) c is all but exact (dW then 2.5x, dh 1.4x stock's error against the fp64 truth at a random-init
-head, ``bench/lce_grad_error.py``). So p keeps exp(z_y - K), rounded like any entry, and the rest of the
-label's entry, delta = -s_K plus what that rounding lost, goes into fp32 terms of its own: dh adds
-r delta W[y] before its one rounding, and ``_label_rows_kernel`` adds sum_{i: y_i = y} r_i delta_i h_i to
-dW's row y once the GEMMs are done: the rows in label order (a stable sort: a fixed order, no atomics), from
-h itself, not r h's bf16 rounding. dW keeps r h's rounding in its other entries and one rounding per chunk
-after the first where it sums over chunks (chunks of ``P_BYTES`` of p keep them few).
+-(1 - p) c is rounded at its own scale (dW then 2.5x, dh 1.4x stock's error against the fp64 truth at a
+random-init head, ``bench/lce_grad_error.py``). So p keeps exp(z_y - K), rounded like any entry, and the rest
+of g's label entry, a = g_y - r bf16(exp(z_y - K)) with g_y = (p_y - 1) c rounded to bf16 as stock and the
+recompute path round it, goes into fp32 terms of its own: dh adds a W[y] before its one rounding, and
+``_label_rows_kernel`` adds sum_{i: y_i = y} a_i h_i to dW's row y once the GEMMs are done: the rows in label
+order (a stable sort: a fixed order, no atomics), from h itself, not r h's bf16 rounding. g_y is rounded as
+stock's on purpose: where c = 1 / n is not a power of 2, every label entry of stock's g carries bf16(c)'s
+rounding (+0.39% at n = 510), and a whole model's bf16 gradients lean on it (the unrounded entry left
+Llama-3.2-1B's tied embedding 1.25x further from the fp32 model's gradient than stock, though 2.2x nearer
+the truth of its own inputs; ``tests/test_invariants_gpu.py``). dW keeps r h's rounding in its other
+entries and one rounding per chunk after the first where it sums over chunks (chunks of ``P_BYTES`` of p
+keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
@@ -61,15 +66,15 @@ def _settle_kernel(
     P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, DELTA, stride_p, vocab, n_tiles_v, ignore_index,
     BN: tl.constexpr, MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
-    """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K =
-    m, and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is
-    1 where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
-    rewritten as exp(z_y - K) from the label logit, and -s_K plus what that entry's rounding to p's dtype
-    lost into DELTA; the row's factor r = c / s_K into R, c = 1 / DIVISOR (1 for a divisor 0). An ignored
-    row keeps its 0s (r = 0, DELTA 0). The row's references are scanned SCAN at a time; only a row with a
-    factor other than 1 (rare: its max lay past the margin) walks its tiles, and then only those with one (a
-    loop over every tile took 46 us per 1,664-row chunk at 8192 x 896 on the H200, for one label entry per
-    row)."""
+    """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K = m,
+    and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is 1
+    where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
+    rewritten as exp(z_y - K) from the label logit, the rest of g's label entry into DELTA: a = g_y - r e,
+    g_y = (p_y - 1) c rounded to p's dtype, e that entry of p as rounded; the row's factor r = c / s_K
+    into R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s (r = 0, DELTA 0). The row's
+    references are scanned SCAN at a time; only a row with a factor other than 1 (rare: its max lay past
+    the margin) walks its tiles, and then only those with one (a loop over every tile took 46 us per
+    1,664-row chunk at 8192 x 896 on the H200, for one label entry per row)."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     r = 0.0
@@ -80,7 +85,8 @@ def _settle_kernel(
         k = tl.where(m <= ref + MARGIN, ref, m)  # a nan m or ref gives K = m, and the row stays nan
         s_k = tl.load(S + row) * tl.exp(centred(m, k))
         d = tl.load(DIVISOR).to(tl.float32)
-        r = tl.div_rn(1.0, tl.where(d != 0, d, 1.0)) / s_k  # c = 1 / divisor; nothing supervised: 1
+        c = tl.div_rn(1.0, tl.where(d != 0, d, 1.0))  # c = 1 / divisor; nothing supervised: 1
+        r = c / s_k
         rescale = 0
         for t0 in range(0, n_tiles_v, SCAN):
             ts = t0 + tl.arange(0, SCAN)
@@ -100,10 +106,10 @@ def _settle_kernel(
             e_y = tl.exp(centred(tl.load(ZLAB + row), k))
             eq = e_y.to(P.dtype.element_ty)
             tl.store(P + row * stride_p + y, eq)
-            # g's label entry is r (e_y - s_K): -s_K, the part that dominates g near a uniform softmax, stays
-            # in fp32 apart from p (rounded at its scale it would lose up to 2^-9 c), with what rounding e_y
-            # lost (equal: 0, also for an infinite entry).
-            delta = tl.where(eq.to(tl.float32) == e_y, 0.0, e_y - eq.to(tl.float32)) - s_k
+            # g's label entry r (e_y - s_K), rounded as stock rounds it; -r s_K, the part that dominates g
+            # near a uniform softmax, stays out of p (rounded at p's scale it would lose up to 2^-9 c).
+            gy = ((e_y / s_k - 1.0) * c).to(P.dtype.element_ty).to(tl.float32)
+            delta = gy - r * eq.to(tl.float32)
     tl.store(R + row, r)
     tl.store(DELTA + row, delta)
 
@@ -113,10 +119,10 @@ def _scale_rows_kernel(
     PW, H, R, DELTA, W, LABELS, DH, HR, stride_pw, stride_h, stride_w, stride_dh, stride_hr, hdim, vocab,
     ignore_index, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row of a chunk: dh = r (p W + delta W[y]) rounded once from the fp32 GEMM result (delta: the rest
-    of the label's entry, so that g's label term, r (exp(z_y - K) - s_K) W[y], is whole), and dW's operand
-    r h, 0 in an ignored row (whose hidden state may be inf or nan: ``dw_rows``). One launch where torch's
-    broadcasts over mixed dtypes took four."""
+    """One row of a chunk: dh = r (p W) + delta W[y] rounded once from the fp32 GEMM result (delta: the rest
+    of g's label entry, so that its term g_y W[y] is whole), and dW's operand r h, 0 in an ignored row (whose
+    hidden state may be inf or nan: ``dw_rows``). One launch where torch's broadcasts over mixed dtypes
+    took four."""
     row = tl.program_id(0).to(tl.int64)
     r = tl.load(R + row)
     y = tl.load(LABELS + row)
@@ -128,9 +134,9 @@ def _scale_rows_kernel(
         ks = k0 + tl.arange(0, BLOCK)
         mask = ks < hdim
         if NEED_DH:
-            pw = tl.load(PW + row * stride_pw + ks, mask=mask, other=0.0)
+            pw = tl.load(PW + row * stride_pw + ks, mask=mask, other=0.0) * r
             pw += delta * tl.load(w_y + ks, mask=mask & labelled, other=0.0).to(tl.float32)
-            tl.store(DH + row * stride_dh + ks, (pw * r).to(DH.dtype.element_ty), mask=mask)
+            tl.store(DH + row * stride_dh + ks, pw.to(DH.dtype.element_ty), mask=mask)
         if NEED_DW:
             h = tl.load(H + row * stride_h + ks, mask=mask, other=0.0).to(tl.float32)
             tl.store(HR + row * stride_hr + ks, tl.where(keep, h * r, 0.0).to(HR.dtype.element_ty), mask=mask)
@@ -138,9 +144,9 @@ def _scale_rows_kernel(
 
 @triton.jit
 def _label_rows_kernel(
-    DW, H, ORDER, SORTED, END, R, DELTA, stride_dw, stride_h, hdim, vocab, ignore_index, BLOCK: tl.constexpr,
+    DW, H, ORDER, SORTED, END, DELTA, stride_dw, stride_h, hdim, vocab, ignore_index, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """dW's label term, BLOCK features of one label y: dW[y] += sum_{i: y_i = y} r_i delta_i h_i, summed in
+    """dW's label term, BLOCK features of one label y: dW[y] += sum_{i: y_i = y} delta_i h_i, summed in
     fp32 over the label's rows in sorted order (ORDER: a stable argsort of the labels, SORTED the sorted
     labels, END the end of each one's run) and rounded once into dW. The program at the first row of a run
     does the work, the others return: each row of dW has one writer, in a fixed order."""
@@ -153,17 +159,16 @@ def _label_rows_kernel(
         acc = tl.zeros((BLOCK,), tl.float32)
         for i in range(j, tl.load(END + j)):
             row = tl.load(ORDER + i)
-            coef = tl.load(R + row) * tl.load(DELTA + row)
-            acc += coef * tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(DELTA + row) * tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(
+                tl.float32
+            )
         d = tl.load(DW + y * stride_dw + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DW + y * stride_dw + cols, (d + acc).to(DW.dtype.element_ty), mask=mask)
 
 
-def add_label_rows(
-    dw: Tensor, hidden: Tensor, labels: Tensor, r: Tensor, delta: Tensor, ignore_index: int
-) -> None:
-    """dW[y] += sum_{i: y_i = y} r_i delta_i h_i in place (r, delta: [N] fp32, the settle kernel's): the label
-    entries' part of dW that p does not carry. torch's index_add_ would sum with atomics on CUDA, in no fixed
+def add_label_rows(dw: Tensor, hidden: Tensor, labels: Tensor, delta: Tensor, ignore_index: int) -> None:
+    """dW[y] += sum_{i: y_i = y} delta_i h_i in place (delta: [N] fp32, the settle kernel's): the part of
+    dW's label terms that p does not carry. torch's index_add_ would sum with atomics on CUDA, in no fixed
     order; the rows go in label order instead (a stable sort, no host sync)."""
     n, hdim = hidden.shape
     if n == 0:
@@ -173,7 +178,7 @@ def add_label_rows(
     block = min(pow2(hdim), 1024)
     with device_of(hidden):
         _label_rows_kernel[(n, cdiv(hdim, block))](
-            dw, hidden, order, sorted_y, end, r, delta, dw.stride(0), hidden.stride(0), hdim, dw.shape[0],
+            dw, hidden, order, sorted_y, end, delta, dw.stride(0), hidden.stride(0), hdim, dw.shape[0],
             ignore_index, BLOCK=block, num_warps=4,
         )  # fmt: skip
 
@@ -330,5 +335,5 @@ def rows_fwd_bwd(
     ref = row_references(hidden, weight) if ref is None else ref
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
     if need_dw:
-        add_label_rows(dw, hidden, labels, r_all, delta_all, ignore_index)
+        add_label_rows(dw, hidden, labels, delta_all, ignore_index)
     return (*out, dh, dw)
