@@ -96,12 +96,6 @@ def _launch_shape(heads: int, block_d: int) -> tuple[int, int]:
     return tokens, min(16, max(4, tokens * heads * block_d // 4096))
 
 
-def _like_hf(x: Tensor) -> Tensor:
-    """Empty [B, H, T, D] tensor laid out as [B, T, H, D], like HF's transposed projections."""
-    b, h, t, d = x.shape
-    return torch.empty(b, t, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
-
-
 def rope_triton(
     q: Tensor,
     k: Tensor,
@@ -117,15 +111,22 @@ def rope_triton(
     q, k, cos, sin = last_dense(q), last_dense(k), last_dense(cos), last_dense(sin)
     b, hq, t, d = q.shape
     hk = k.shape[1]
+    hf_layout = out is None and not dense
     if out is not None:
         qo, ko = out
     elif dense:
         qo, ko = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
     else:
-        qo, ko = _like_hf(q), _like_hf(k)
+        # HF's layout: [B, T, H, D] buffers, written through their [B, H, T, D] transposes' strides and
+        # returned as those views afterwards. Under torch.compile a kernel that writes into a view (or a
+        # tensor of those strides) is given copies to write (23 us a call at 8192 tokens of 14 + 2 heads of 64
+        # on the H100, bench/results/2026-12-06-h100-f).
+        qo, ko = (torch.empty(b, t, x.shape[1], d, dtype=x.dtype, device=x.device) for x in (q, k))
     if b * t > 0:
         # One stride() call per tensor: each costs as much host time as a small kernel's arithmetic.
         sq, sk, sqo, sko, sc, ss = (x.stride() for x in (q, k, qo, ko, cos, sin))
+        if hf_layout:  # the buffers' (batch, token, head) strides, in the kernel's (batch, head, token) order
+            sqo, sko = ((st[0], st[2], st[1]) for st in (sqo, sko))
         block_hq, block_hk, block_d = max(pow2(hq), 1), max(pow2(hk), 1), max(pow2(d), 1)
         tokens, warps = _launch_shape(block_hq + block_hk, block_d)
         (wrap_triton(_rope_kernel) if wrap else _rope_kernel)[(cdiv(b * t, tokens),)](
@@ -138,7 +139,7 @@ def rope_triton(
             D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d, TOKENS=tokens, BACKWARD=backward,
             num_warps=warps,
         )  # fmt: skip
-    return qo, ko
+    return (qo.transpose(1, 2), ko.transpose(1, 2)) if hf_layout else (qo, ko)
 
 
 # ---------------------------------------------------------------- registration
