@@ -7,11 +7,12 @@ the fp64 truth for stock (the lm_head GEMM in bf16, cross-entropy of its logits 
 ``ForCausalLMLoss``), chronipatch's loss as training takes it (the one-pass gradients, ``_lce_rows``) and the
 same loss through ``reduction="none"`` (the recompute backward, g rounded once). Regimes: ``init``, a
 random-init head (weight std 0.02, unit-RMS hidden states, Zipf labels: a nearly uniform softmax, where
-stock's g of a label entry, -(1 - p)/n with p ~ 1/V, is almost exactly -1/n); ``peaked`` and ``confident``,
-logits of std 3 and 6 with labels drawn from the model's own softmax (trained-like rows). At 510 rows (Llama's
-bf16 invariant scores 2 x 255 tokens) c = 1/510 is not a power of 2: stock's label entries, -(1 - p) c
-rounded to bf16, all carry bf16(c)'s rounding (+0.39%), and so, on purpose, do the one pass's. ``--smoke``:
-tiny shapes on CPU (the torch reference, not the kernels).
+stock's g of a label entry, -(1 - p)/n with p ~ 1/V, is almost exactly -1/n); ``peaked``, ``confident`` and
+``certain``, logits of std 3, 6 and 15 with labels drawn from the model's own softmax (trained-like rows; at
+std 15 most labels take nearly all of their row's probability). At 510 rows (Llama's bf16 invariant scores
+2 x 255 tokens) c = 1/510 is not a power of 2: stock's label entries, -(1 - p) c rounded to bf16, all carry
+bf16(c)'s rounding (+0.39%), and so, on purpose, do the one pass's. ``--smoke``: tiny shapes on CPU (the
+torch reference, not the kernels).
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ import torch.nn.functional as F
 from common import env_info, smoke_args, write_results
 
 ops = importlib.import_module("chronipatch.ops")
-REGIMES = {"init": None, "peaked": 3.0, "confident": 6.0}  # logit std (None: weight std 0.02)
+REGIMES = {
+    "init": None,
+    "peaked": 3.0,
+    "confident": 6.0,
+    "certain": 15.0,
+}  # logit std (None: weight std 0.02)
 
 
 def inputs(n: int, h: int, v: int, regime: str, dev: str):

@@ -177,7 +177,7 @@ def test_invariant_probe_bench_smoke(tmp_path):
 def test_lce_grad_error_bench_smoke(tmp_path):
     """``bench/lce_grad_error.py --smoke``: a row per regime, each with its ratios to stock."""
     rows = _run("lce_grad_error.py", tmp_path)["rows"]
-    assert [r["regime"] for r in rows] == ["init", "peaked", "confident"]
+    assert [r["regime"] for r in rows] == ["init", "peaked", "confident", "certain"]
     # On the CPU both of the loss's columns run its torch reference: the same gradients, the same ratios.
     assert all(
         r[f"{g} one pass / stock"] == r[f"{g} recompute / stock"] > 0 for r in rows for g in ("dh", "dW")

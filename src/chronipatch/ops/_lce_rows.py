@@ -10,25 +10,25 @@ lies far less than ``REF_MARGIN`` = 32 below the row's max for any logits a mode
 and no tile needs its own reference. Once the merge has m and s, with s_K = s exp(m - K) and c = 1 / divisor
 (the loss's weight of every row),
     g = (c / s_K) p,   g_y = (c / s_K) (exp(z_y - K) - s_K) = (exp(z_y - m) / s - 1) c:
-the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0). So
-``_settle_kernel`` only puts each row's label entry into p, dh[chunk] = r (p W) (an fp32 GEMM result,
-scaled, rounded once) and dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row
-whose max does exceed K + 32 (a sample far off, or a +inf logit outside it) gets K = m instead: its tiles
-keep their own max as reference and the settle kernel rescales them, p exp(r_j - m), as a whole.
-p's bf16 rounding is g's own but at the label, whose entry exp(z_y - K) - s_K is about -s_K near a uniform
-softmax: rounded there, at the scale of the row's sum, it would carry an error of up to 2^-9 c where stock's
--(1 - p) c is rounded at its own scale (dW then 2.5x, dh 1.4x stock's error against the fp64 truth at a
-random-init head, ``bench/lce_grad_error.py``). So p keeps exp(z_y - K), rounded like any entry, and the rest
-of g's label entry, a = g_y - r bf16(exp(z_y - K)) with g_y = (p_y - 1) c rounded to bf16 as stock and the
-recompute path round it, goes into fp32 terms of its own: dh adds a W[y] before its one rounding, and
-``_label_rows_kernel`` adds sum_{i: y_i = y} a_i h_i to dW's row y once the GEMMs are done: the rows in label
-order (a stable sort: a fixed order, no atomics), from h itself, not r h's bf16 rounding. g_y is rounded as
-stock's on purpose: where c = 1 / n is not a power of 2, every label entry of stock's g carries bf16(c)'s
-rounding (+0.39% at n = 510), and a whole model's bf16 gradients lean on it (the unrounded entry left
-Llama-3.2-1B's tied embedding 1.25x further from the fp32 model's gradient than stock, though 2.2x nearer
-the truth of its own inputs; ``tests/test_invariants_gpu.py``). dW keeps r h's rounding in its other
-entries and one rounding per chunk after the first where it sums over chunks (chunks of ``P_BYTES`` of p
-keep them few).
+the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0), but at the
+label. So dh[chunk] = r (p W) + g_y W[y] (an fp32 GEMM result, scaled, the label's term added, rounded once)
+and dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row whose max does exceed
+K + 32 (a sample far off, or a +inf logit outside it) gets K = m instead: its tiles keep their own max as
+reference and the settle kernel rescales them, p exp(r_j - m), as a whole.
+The label's entry stays out of p (``_settle_kernel`` writes a 0 there): g_y, about -c near a uniform softmax
+and a fraction of it near a confident one, is (p_y - 1) c rounded to bf16 as stock and the recompute path
+round it, kept per row, and its terms are added apart: dh adds g_y W[y] before its one rounding, and
+``_label_rows_kernel`` adds sum_{i: y_i = y} g_y,i h_i to dW's row y once the GEMMs are done (the rows in
+label order, a stable sort: a fixed order, no atomics; exact products, an fp32 sum). In p, r (exp(z_y - K) -
+s_K) would be rounded at the scale of the row's sum, up to 2^-9 c off (dW then 2.5x, dh 1.4x stock's error
+against the fp64 truth at a random-init head, ``bench/lce_grad_error.py``); exp(z_y - K) in p with the rest
+apart would leave r h's rounding on the label's whole term when p_y is near 1. g_y is rounded as stock's on
+purpose: where c = 1 / n is not a power of 2, every label entry of stock's g carries bf16(c)'s rounding
+(+0.39% at n = 510), and a whole model's bf16 gradients lean on it (unrounded, Llama-3.2-1B's tied embedding
+came out 1.25x further from the fp32 model's gradient than stock's, though 2.2x nearer the truth of its own
+inputs: ``bench/results/2026-12-06-h100-f``). dW keeps r h's rounding in its other entries, a rounding of
+the GEMMs' part of each label row before the label terms join it, and one rounding per chunk after the first
+where it sums over chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
@@ -59,26 +59,26 @@ SCALE_BLOCK = 4096  # elements per step of the gradient scaling's programs
 # of 64 would leave more than an eighth of the SMs idle: 8192 rows make 128 programs of 64 on 132 SMs, 2048
 # rows 128 of 16), sampled columns and features per step.
 REF_ROWS, REF_SAMPLES, REF_K = (64, 32, 16), 128, 64
+LABEL_ROWS, LABEL_COLS = 16, 256  # the label-rows kernel's step: rows of one label, and features a program
 
 
 @triton.jit
 def _settle_kernel(
-    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, DELTA, stride_p, vocab, n_tiles_v, ignore_index,
+    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, GLAB, stride_p, vocab, n_tiles_v, ignore_index,
     BN: tl.constexpr, MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K = m,
     and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is 1
-    where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p
-    rewritten as exp(z_y - K) from the label logit, the rest of g's label entry into DELTA: a = g_y - r e,
-    g_y = (p_y - 1) c rounded to p's dtype, e that entry of p as rounded; the row's factor r = c / s_K
-    into R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s (r = 0, DELTA 0). The row's
+    where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p set
+    to 0 and g's, g_y = (p_y - 1) c rounded to p's dtype, written to GLAB; the row's factor r = c / s_K to
+    R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s (r = 0, g_y = 0). The row's
     references are scanned SCAN at a time; only a row with a factor other than 1 (rare: its max lay past
     the margin) walks its tiles, and then only those with one (a loop over every tile took 46 us per
     1,664-row chunk at 8192 x 896 on the H200, for one label entry per row)."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     r = 0.0
-    delta = 0.0
+    g_y = 0.0
     if y != ignore_index:
         m = tl.load(M + row)
         ref = tl.load(REF + row)
@@ -103,39 +103,36 @@ def _settle_kernel(
                     p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
                     tl.store(P + row * stride_p + cols, (p * f[:, None]).to(P.dtype.element_ty), mask=mask)
         if (y >= 0) & (y < vocab):  # the label check runs apart
+            # g's label entry, rounded as stock rounds it, kept apart from p: in p it would be rounded at
+            # the scale of the row's sum, or (as exp(z_y - K) there) take r h's rounding near p_y = 1.
             e_y = tl.exp(centred(tl.load(ZLAB + row), k))
-            eq = e_y.to(P.dtype.element_ty)
-            tl.store(P + row * stride_p + y, eq)
-            # g's label entry r (e_y - s_K), rounded as stock rounds it; -r s_K, the part that dominates g
-            # near a uniform softmax, stays out of p (rounded at p's scale it would lose up to 2^-9 c).
-            gy = ((e_y / s_k - 1.0) * c).to(P.dtype.element_ty).to(tl.float32)
-            delta = gy - r * eq.to(tl.float32)
+            g_y = ((e_y / s_k - 1.0) * c).to(P.dtype.element_ty).to(tl.float32)
+            tl.store(P + row * stride_p + y, tl.full((), 0.0, P.dtype.element_ty))
     tl.store(R + row, r)
-    tl.store(DELTA + row, delta)
+    tl.store(GLAB + row, g_y)
 
 
 @triton.jit
 def _scale_rows_kernel(
-    PW, H, R, DELTA, W, LABELS, DH, HR, stride_pw, stride_h, stride_w, stride_dh, stride_hr, hdim, vocab,
+    PW, H, R, GLAB, W, LABELS, DH, HR, stride_pw, stride_h, stride_w, stride_dh, stride_hr, hdim, vocab,
     ignore_index, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row of a chunk: dh = r (p W) + delta W[y] rounded once from the fp32 GEMM result (delta: the rest
-    of g's label entry, so that its term g_y W[y] is whole), and dW's operand r h, 0 in an ignored row (whose
-    hidden state may be inf or nan: ``dw_rows``). One launch where torch's broadcasts over mixed dtypes
-    took four."""
+    """One row of a chunk: dh = r (p W) + g_y W[y] rounded once from the fp32 GEMM result (p without the
+    label's entry, g_y from GLAB), and dW's operand r h, 0 in an ignored row (whose hidden state may be inf or
+    nan: ``dw_rows``). One launch where torch's broadcasts over mixed dtypes took four."""
     row = tl.program_id(0).to(tl.int64)
     r = tl.load(R + row)
     y = tl.load(LABELS + row)
     keep = y != ignore_index
     labelled = keep & (y >= 0) & (y < vocab)  # the label check runs apart
-    delta = tl.load(DELTA + row)
+    g_y = tl.load(GLAB + row)
     w_y = W + tl.where(labelled, y, 0) * stride_w
     for k0 in range(0, hdim, BLOCK):
         ks = k0 + tl.arange(0, BLOCK)
         mask = ks < hdim
         if NEED_DH:
             pw = tl.load(PW + row * stride_pw + ks, mask=mask, other=0.0) * r
-            pw += delta * tl.load(w_y + ks, mask=mask & labelled, other=0.0).to(tl.float32)
+            pw += g_y * tl.load(w_y + ks, mask=mask & labelled, other=0.0).to(tl.float32)
             tl.store(DH + row * stride_dh + ks, pw.to(DH.dtype.element_ty), mask=mask)
         if NEED_DW:
             h = tl.load(H + row * stride_h + ks, mask=mask, other=0.0).to(tl.float32)
@@ -144,42 +141,48 @@ def _scale_rows_kernel(
 
 @triton.jit
 def _label_rows_kernel(
-    DW, H, ORDER, SORTED, END, DELTA, stride_dw, stride_h, hdim, vocab, ignore_index, BLOCK: tl.constexpr,
+    DW, H, ORDER, SORTED, END, GLAB, stride_dw, stride_h, hdim, vocab, ignore_index,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """dW's label term, BLOCK features of one label y: dW[y] += sum_{i: y_i = y} delta_i h_i, summed in
-    fp32 over the label's rows in sorted order (ORDER: a stable argsort of the labels, SORTED the sorted
-    labels, END the end of each one's run) and rounded once into dW. The program at the first row of a run
-    does the work, the others return: each row of dW has one writer, in a fixed order."""
+    """dW's label terms, BLOCK features of one label y: dW[y] += sum_{i: y_i = y} g_y,i h_i, summed in fp32
+    over the label's rows in sorted order, ROWS at a time (ORDER: a stable argsort of the labels, SORTED the
+    sorted labels, END the end of each one's run), and rounded once into dW. The program at the first row of
+    a run does the work, the others return: each row of dW has one writer, in a fixed order."""
     j = tl.program_id(0)
     y = tl.load(SORTED + j)
     first = (j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0)) != y)
     if first & (y != ignore_index) & (y >= 0) & (y < vocab):  # the label check runs apart
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < hdim
+        col_ok = cols < hdim
+        end = tl.load(END + j)
         acc = tl.zeros((BLOCK,), tl.float32)
-        for i in range(j, tl.load(END + j)):
-            row = tl.load(ORDER + i)
-            acc += tl.load(DELTA + row) * tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(
-                tl.float32
-            )
-        d = tl.load(DW + y * stride_dw + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DW + y * stride_dw + cols, (d + acc).to(DW.dtype.element_ty), mask=mask)
+        # ROWS rows a step: a frequent token's run (a few % of the rows in text) in few dependent loads.
+        for i0 in range(j, end, ROWS):
+            i = i0 + tl.arange(0, ROWS)
+            live = i < end
+            rows = tl.load(ORDER + i, mask=live, other=0)
+            g = tl.load(GLAB + rows, mask=live, other=0.0)
+            mask = live[:, None] & col_ok[None, :]
+            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(g[:, None] * h, axis=0)
+        d = tl.load(DW + y * stride_dw + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(DW + y * stride_dw + cols, (d + acc).to(DW.dtype.element_ty), mask=col_ok)
 
 
-def add_label_rows(dw: Tensor, hidden: Tensor, labels: Tensor, delta: Tensor, ignore_index: int) -> None:
-    """dW[y] += sum_{i: y_i = y} delta_i h_i in place (delta: [N] fp32, the settle kernel's): the part of
-    dW's label terms that p does not carry. torch's index_add_ would sum with atomics on CUDA, in no fixed
-    order; the rows go in label order instead (a stable sort, no host sync)."""
+def add_label_rows(dw: Tensor, hidden: Tensor, labels: Tensor, g_label: Tensor, ignore_index: int) -> None:
+    """dW[y] += sum_{i: y_i = y} g_y,i h_i in place (g_label: [N] fp32, g's label entry of each row, the
+    settle kernel's): the terms of dW that p leaves out. torch's index_add_ would sum with atomics on CUDA, in
+    no fixed order; the rows go in label order instead (a stable sort, no host sync)."""
     n, hdim = hidden.shape
     if n == 0:
         return
     sorted_y, order = torch.sort(labels, stable=True)
     end = torch.searchsorted(sorted_y, sorted_y, right=True)
-    block = min(pow2(hdim), 1024)
+    block = min(pow2(hdim), LABEL_COLS)
     with device_of(hidden):
         _label_rows_kernel[(n, cdiv(hdim, block))](
-            dw, hidden, order, sorted_y, end, delta, dw.stride(0), hidden.stride(0), hdim, dw.shape[0],
-            ignore_index, BLOCK=block, num_warps=4,
+            dw, hidden, order, sorted_y, end, g_label, dw.stride(0), hidden.stride(0), hdim, dw.shape[0],
+            ignore_index, ROWS=LABEL_ROWS, BLOCK=block, num_warps=4,
         )  # fmt: skip
 
 
@@ -306,14 +309,14 @@ def rows_fwd_bwd(
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
-    r_all, delta_all = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
+    r_all, g_label = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
 
     def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
         k = p.shape[0]
         y = labels[r0 : r0 + k]
-        r, delta = r_all[r0 : r0 + k].unsqueeze(1), delta_all[r0 : r0 + k].unsqueeze(1)
+        r, g_y = r_all[r0 : r0 + k].unsqueeze(1), g_label[r0 : r0 + k].unsqueeze(1)
         _settle_kernel[(k,)](
-            p, rp, ref[r0:], m, s, zlab, y, divisor, r, delta, p.stride(0), vocab, rp.shape[1], ignore_index,
+            p, rp, ref[r0:], m, s, zlab, y, divisor, r, g_y, p.stride(0), vocab, rp.shape[1], ignore_index,
             BN=bn, MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])),
             num_warps=4,
         )  # fmt: skip
@@ -322,7 +325,7 @@ def rows_fwd_bwd(
         h, dh_k = hidden[r0 : r0 + k], dh[r0 : r0 + k] if need_dh else r
         h_r = torch.empty_like(h) if need_dw else r
         _scale_rows_kernel[(k,)](
-            pw, h, r, delta, weight, y, dh_k, h_r, pw.stride(0), h.stride(0), weight.stride(0),
+            pw, h, r, g_y, weight, y, dh_k, h_r, pw.stride(0), h.stride(0), weight.stride(0),
             dh_k.stride(0), h_r.stride(0), hdim, vocab, ignore_index, NEED_DH=need_dh, NEED_DW=need_dw,
             BLOCK=min(pow2(hdim), 1024), num_warps=4,
         )  # fmt: skip
@@ -335,5 +338,5 @@ def rows_fwd_bwd(
     ref = row_references(hidden, weight) if ref is None else ref
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
     if need_dw:
-        add_label_rows(dw, hidden, labels, delta_all, ignore_index)
+        add_label_rows(dw, hidden, labels, g_label, ignore_index)
     return (*out, dh, dw)
