@@ -22,13 +22,15 @@ round it, kept per row, and its terms are added apart: dh adds g_y W[y] before i
 label order, a stable sort: a fixed order, no atomics; exact products, an fp32 sum). In p, r (exp(z_y - K) -
 s_K) would be rounded at the scale of the row's sum, up to 2^-9 c off (dW then 2.5x, dh 1.4x stock's error
 against the fp64 truth at a random-init head, ``bench/lce_grad_error.py``); exp(z_y - K) in p with the rest
-apart would leave r h's rounding on the label's whole term when p_y is near 1. g_y is rounded as stock's on
-purpose: where c = 1 / n is not a power of 2, every label entry of stock's g carries bf16(c)'s rounding
-(+0.39% at n = 510), and a whole model's bf16 gradients lean on it (unrounded, Llama-3.2-1B's tied embedding
-came out 1.25x further from the fp32 model's gradient than stock's, though 2.2x nearer the truth of its own
-inputs: ``bench/results/2026-12-06-h100-f``). dW keeps r h's rounding in its other entries, a rounding of
-the GEMMs' part of each label row before the label terms join it, and one rounding per chunk after the first
-where it sums over chunks (chunks of ``P_BYTES`` of p keep them few).
+apart would leave r h's rounding on the label's whole term when p_y nears 1 (dW 1.3-2.2x the recompute path's
+error at median p_y 0.3-0.98 in a CPU emulation of the roundings, 1.01-1.09 as it is:
+bench/results/2026-12-06-h100-f/lce_label_emulation.log). g_y is rounded as stock's on purpose: where c = 1 /
+n is not a power of 2, every label entry of stock's g carries bf16(c)'s rounding (+0.39% at n = 510), and a
+whole model's bf16 gradients lean on it (unrounded, Llama-3.2-1B's tied embedding came out 1.25x further from
+the fp32 model's gradient than stock's, though 2.2x nearer the truth of its own inputs:
+``bench/results/2026-12-06-h100-f``). dW keeps r h's rounding in its other entries, a rounding of the GEMMs'
+part of each label row before the label terms join it, and one rounding per chunk after the first where it
+sums over chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
