@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._lce_tiles import REF_MARGIN, tiles_fwd
+from ._lce_tiles import REF_MARGIN, _scored, tiles_fwd
 from ._math import centred
 from ._utils import cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
 
@@ -126,7 +126,7 @@ def _scale_rows_kernel(
     r = tl.load(R + row)
     y = tl.load(LABELS + row)
     keep = y != ignore_index
-    labelled = keep & (y >= 0) & (y < vocab)  # the label check runs apart
+    labelled = _scored(y, ignore_index, vocab)
     g_y = tl.load(GLAB + row)
     w_y = W + tl.where(labelled, y, 0) * stride_w
     for k0 in range(0, hdim, BLOCK):
@@ -153,7 +153,7 @@ def _label_rows_kernel(
     j = tl.program_id(0)
     y = tl.load(SORTED + j)
     first = (j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0)) != y)
-    if first & (y != ignore_index) & (y >= 0) & (y < vocab):  # the label check runs apart
+    if first & _scored(y, ignore_index, vocab):
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         col_ok = cols < hdim
         end = tl.load(END + j)
