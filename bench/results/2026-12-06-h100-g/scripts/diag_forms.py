@@ -1,0 +1,69 @@
+"""Which rounding of the one pass moves Llama-3.2-1B's tied embedding (seed 0, eager, the invariant's loop):
+the loss's dh and dW replaced by torch emulations of each form's roundings (the real kernels still give the
+loss), against stock's. Forms: stock (logits rounded to bf16), rc (the recompute path: g from fp32 logits,
+rounded once), op (the one pass as 86a9e2c: p = bf16(e) with 0 at the label, h_r = bf16(r h), dW's GEMM part
+rounded before the label terms join it), and op with one part changed: op_dh_rc / op_dw_rc (the other's dh or
+dW from rc), op_hr32 (r h unrounded), op_once (dW rounded once, after the label terms)."""
+
+import importlib
+import sys
+import time
+
+import torch
+
+bf = torch.bfloat16
+lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
+real = lce._fwd_bwd
+
+
+def _grads(form, h, w, y, c, live):
+    hf, wf = h.float(), w.float()
+    yy = torch.where(live, y, 0)
+    rows = torch.arange(h.shape[0], device=h.device)
+    z = (h @ w.T).float() if form == "stock" else hf @ wf.T
+    if form in ("stock", "rc"):
+        g = torch.softmax(z, 1)
+        g[rows, yy] -= 1
+        g = (g * (c * live)[:, None]).to(bf)
+        return (g @ w), (g.T @ h)
+    e = torch.exp(z - z.amax(1, keepdim=True))
+    s = e.sum(1)
+    r = c * live / s
+    g_y = ((e[rows, yy] / s - 1) * c).to(bf).float() * live
+    p = e.to(bf)
+    p[rows, yy] = 0
+    dh = (r[:, None] * (p.float() @ wf) + g_y[:, None] * wf[yy]).to(bf)
+    h_r = r[:, None] * hf if form == "op_hr32" else (r[:, None] * hf).to(bf).float()
+    dw = p.float().T @ h_r
+    if form != "op_once":
+        dw = dw.to(bf).float()
+    dw = dw.index_add(0, yy, g_y[:, None] * hf).to(bf)
+    return dh, dw
+
+
+def emulated(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw, *a, **k):
+    out = real(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw, *a, **k)
+    live = labels != ignore_index
+    c = 1.0 / torch.where(divisor != 0, divisor, 1.0).float()
+    dh, dw = _grads("op" if form in ("op_dh_rc", "op_dw_rc") else form, hidden, weight, labels, c, live)
+    if form in ("op_dh_rc", "op_dw_rc"):
+        dh_rc, dw_rc = _grads("rc", hidden, weight, labels, c, live)
+        dh, dw = (dh_rc, dw) if form == "op_dh_rc" else (dh, dw_rc)
+    return (*out[:3], dh if need_dh else out[3], dw if need_dw else out[4])
+
+
+from invariant_probe import compare, run_against_truth  # noqa: E402
+
+for form in sys.argv[1:]:
+    lce._fwd_bwd = real if form == "native" else emulated
+    t = time.time()
+    curve, names, errors = run_against_truth("llama-3.2-1b", 0, 50, ("eager",))
+    med = compare(errors, "eager")["median paired"]
+    top = med.argsort(descending=True)[:4].tolist()
+    print(
+        form,
+        f"{time.time() - t:.0f}s embed",
+        round(med[names.index("model.embed_tokens.weight")].item(), 4),
+        [(names[i].replace("model.layers.", ""), round(med[i].item(), 3)) for i in top],
+        flush=True,
+    )
