@@ -16,6 +16,7 @@ lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
 real = lce._fwd_bwd
 
 
+@torch.autocast("cuda", enabled=False)  # the loss runs under the model's autocast: these GEMMs must not
 def _grads(form, h, w, y, c, live):
     hf, wf = h.float(), w.float()
     yy = torch.where(live, y, 0)
