@@ -3,7 +3,9 @@ the loss's dh and dW replaced by torch emulations of each form's roundings (the 
 loss), against stock's. Forms: stock (logits rounded to bf16), rc (the recompute path: g from fp32 logits,
 rounded once), op (the one pass as 86a9e2c: p = bf16(e) with 0 at the label, h_r = bf16(r h), dW's GEMM part
 rounded before the label terms join it), and op with one part changed: op_dh_rc / op_dw_rc (the other's dh or
-dW from rc), op_hr32 (r h unrounded), op_once (dW rounded once, after the label terms)."""
+dW from rc), op_hr32 (r h unrounded), op_once (dW rounded once, after the label terms), op_q (p holds
+bf16(e_y - s) at the label, and the exact remainders of its terms join dh and dW before their one rounding).
+nat: the kernels' dh with op_once's dW; nat_mm32: the same with p W as an fp32 GEMM of the upcast operands."""
 
 import importlib
 import sys
@@ -32,9 +34,15 @@ def _grads(form, h, w, y, c, live):
     r = c * live / s
     g_y = ((e[rows, yy] / s - 1) * c).to(bf).float() * live
     p = e.to(bf)
+    h_r = r[:, None] * hf if form == "op_hr32" else (r[:, None] * hf).to(bf).float()
+    if form == "op_q":  # p holds bf16(e_y - s) at the label; the exact remainder joins both before rounding
+        q = (e[rows, yy] - s).to(bf).float() * live
+        p[rows, yy] = q.to(bf)
+        dh = (r[:, None] * (p.float() @ wf) + (g_y - r * q)[:, None] * wf[yy]).to(bf)
+        dw = p.float().T @ h_r
+        return dh, dw.index_add(0, yy, g_y[:, None] * hf - q[:, None] * h_r).to(bf)
     p[rows, yy] = 0
     dh = (r[:, None] * (p.float() @ wf) + g_y[:, None] * wf[yy]).to(bf)
-    h_r = r[:, None] * hf if form == "op_hr32" else (r[:, None] * hf).to(bf).float()
     dw = p.float().T @ h_r
     if form != "op_once":
         dw = dw.to(bf).float()
@@ -46,6 +54,8 @@ def emulated(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh
     out = real(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw, *a, **k)
     live = labels != ignore_index
     c = 1.0 / torch.where(divisor != 0, divisor, 1.0).float()
+    if form.startswith("nat"):  # the kernels' dh, dW rounded once (op_once's)
+        return (*out[:4], _grads("op_once", hidden, weight, labels, c, live)[1] if need_dw else out[4])
     dh, dw = _grads("op" if form in ("op_dh_rc", "op_dw_rc") else form, hidden, weight, labels, c, live)
     if form in ("op_dh_rc", "op_dw_rc"):
         dh_rc, dw_rc = _grads("rc", hidden, weight, labels, c, live)
@@ -55,8 +65,18 @@ def emulated(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh
 
 from invariant_probe import compare, run_against_truth  # noqa: E402
 
+rows_mod = importlib.import_module("chronipatch.ops._lce_rows")
+mm_f32 = rows_mod.mm_f32
+
+
+@torch.autocast("cuda", enabled=False)
+def mm_fp32(a, b):
+    return a.float() @ b.float()
+
+
 for form in sys.argv[1:]:
     lce._fwd_bwd = real if form == "native" else emulated
+    rows_mod.mm_f32 = mm_fp32 if form == "nat_mm32" else mm_f32
     t = time.time()
     curve, names, errors = run_against_truth("llama-3.2-1b", 0, 50, ("eager",))
     med = compare(errors, "eager")["median paired"]
