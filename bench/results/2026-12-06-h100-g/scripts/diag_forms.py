@@ -4,7 +4,8 @@ loss), against stock's. Forms: stock (logits rounded to bf16), rc (the recompute
 rounded once), op (the one pass as 86a9e2c: p = bf16(e) with 0 at the label, h_r = bf16(r h), dW's GEMM part
 rounded before the label terms join it), and op with one part changed: op_dh_rc / op_dw_rc (the other's dh or
 dW from rc), op_hr32 (r h unrounded), op_once (dW rounded once, after the label terms), op_q (p holds
-bf16(e_y - s) at the label, and the exact remainders of its terms join dh and dW before their one rounding).
+bf16(e_y - s) at the label, and the exact remainders of its terms join dh and dW before their one rounding;
+op_q_post: dW's after its GEMM's rounding).
 nat: the kernels' dh with op_once's dW; nat_mm32: the same with p W as an fp32 GEMM of the upcast operands."""
 
 import importlib
@@ -35,11 +36,13 @@ def _grads(form, h, w, y, c, live):
     g_y = ((e[rows, yy] / s - 1) * c).to(bf).float() * live
     p = e.to(bf)
     h_r = r[:, None] * hf if form == "op_hr32" else (r[:, None] * hf).to(bf).float()
-    if form == "op_q":  # p holds bf16(e_y - s) at the label; the exact remainder joins both before rounding
+    if form in ("op_q", "op_q_post"):  # p holds bf16(e_y - s) at the label; the exact remainders join dh, dW
         q = (e[rows, yy] - s).to(bf).float() * live
         p[rows, yy] = q.to(bf)
         dh = (r[:, None] * (p.float() @ wf) + (g_y - r * q)[:, None] * wf[yy]).to(bf)
         dw = p.float().T @ h_r
+        if form == "op_q_post":  # dW's remainders after its GEMM's rounding
+            dw = dw.to(bf).float()
         return dh, dw.index_add(0, yy, g_y[:, None] * hf - q[:, None] * h_r).to(bf)
     p[rows, yy] = 0
     dh = (r[:, None] * (p.float() @ wf) + g_y[:, None] * wf[yy]).to(bf)
