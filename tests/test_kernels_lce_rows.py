@@ -170,11 +170,12 @@ def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
 @pytest.mark.parametrize("n,h", [(0, 8), (1, 8), (60, 40), (33, 1100)], ids=str)
 @pytest.mark.parametrize("ignore_index", [-100, 2], ids=["ignore-100", "ignore-2"])
 def test_lce_label_rows_kernel(n, h, ignore_index):
-    """dW's label terms: dW[y] += sum_{i: y_i = y} g_i h_i, summed in fp32 and rounded once (to within one
-    bf16 step: the interpreter truncates), over runs of one label from one row to most of them (steps of
-    ``LABEL_ROWS``, a ragged last one); ignored rows (inf hidden states allowed; ignore_index also inside
-    [0, V)), labels outside [0, V) (the label check reports them apart) and unlabelled rows of dW untouched,
-    bit for bit. Hidden rows strided; several column blocks at 1100; no rows; every row ignored."""
+    """dW's label remainders: dW[y] += sum_{i: y_i = y} g_i h_i - q_i (r_i h_i) (r h rounded to bf16 as dW's
+    GEMM takes it), summed in fp32 and rounded once (to within one bf16 step: the interpreter truncates),
+    over runs of one label from one row to most of them (steps of ``LABEL_ROWS``, a ragged last one); ignored
+    rows (inf hidden states allowed; ignore_index also inside [0, V)), labels outside [0, V) (the label check
+    reports them apart) and unlabelled rows of dW untouched, bit for bit. Hidden rows strided; several column
+    blocks at 1100; no rows; every row ignored."""
     torch.manual_seed(n + h)
     v = 50
     dw = _r(v, h, dtype=torch.bfloat16, scale=0.01)
@@ -185,14 +186,18 @@ def test_lce_label_rows_kernel(n, h, ignore_index):
     if n > 4:
         labels[1], labels[2], labels[3] = ignore_index, v + 7, -5
         hid[1] = float("inf")
-    g = -(1 + torch.rand(n, device=KERNEL_DEVICE))
+    g = -(1 + torch.rand(n, device=KERNEL_DEVICE)).to(torch.bfloat16).float()  # bf16 values, as the kernel's
+    # Powers of 2: r h is then exact in bf16 however it is rounded (the interpreter truncates, the GPU rounds
+    # to nearest), so the kernel's r h is the GEMM's operand here on either.
+    r = 2.0 ** -torch.randint(5, 15, (n,), device=KERNEL_DEVICE).float()
+    q = (g / r).to(torch.bfloat16).float()  # p's label entry: q r h is most of g h
+    h_r = (r[:, None] * hid.float()).to(torch.bfloat16)
+    terms = g.double()[:, None] * hid.double() - q.double()[:, None] * h_r.double()
     summed = (labels != ignore_index) & (labels >= 0) & (labels < v)
-    want = dw.double().index_add(
-        0, torch.where(summed, labels, 0), torch.where(summed[:, None], g.double()[:, None] * hid.double(), 0)
-    )
+    want = dw.double().index_add(0, torch.where(summed, labels, 0), torch.where(summed[:, None], terms, 0))
     for y in (labels, torch.full_like(labels, ignore_index)):
         got = dw.clone()
-        rows.add_label_rows(got, hid.contiguous() if y is not labels else hid, y, g, ignore_index)
+        rows.add_label_rows(got, hid.contiguous() if y is not labels else hid, y, r, g, q, ignore_index)
         touched = torch.isin(torch.arange(v, device=KERNEL_DEVICE), y[summed] if y is labels else y[:0])
         assert torch.equal(got[~touched], dw[~touched])
         if y is labels:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._lce_tiles import REF_MARGIN, _scored, tiles_fwd
+from ._lce_tiles import REF_MARGIN, _scored, exp2_step, p_reference, tiles_fwd
 from ._math import centred
 from ._utils import cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
 
@@ -66,14 +66,14 @@ LABEL_ROWS, LABEL_COLS = 16, 256  # the label-rows kernel's step: rows of one la
 
 @triton.jit
 def _settle_kernel(
-    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, GLAB, stride_p, vocab, n_tiles_v, ignore_index,
+    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, GLAB, QLAB, stride_p, vocab, n_tiles_v, ignore_index,
     BN: tl.constexpr, MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K = m,
     and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is 1
     where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p set
-    to 0 and g's, g_y = (p_y - 1) c rounded to p's dtype, written to GLAB; the row's factor r = c / s_K to
-    R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s (r = 0, g_y = 0). The row's
+    to q = e_y - s_K and g's, g_y = (p_y - 1) c, both rounded to p's dtype and written to QLAB and GLAB; the
+    row's factor r = c / s_K to R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s. The row's
     references are scanned SCAN at a time; only a row with a factor other than 1 (rare: its max lay past
     the margin) walks its tiles, and then only those with one (a loop over every tile took 46 us per
     1,664-row chunk at 8192 x 896 on the H200, for one label entry per row)."""
@@ -81,10 +81,11 @@ def _settle_kernel(
     y = tl.load(LABELS + row)
     r = 0.0
     g_y = 0.0
+    q_y = 0.0
     if y != ignore_index:
         m = tl.load(M + row)
         ref = tl.load(REF + row)
-        k = tl.where(m <= ref + MARGIN, ref, m)  # a nan m or ref gives K = m, and the row stays nan
+        k = p_reference(m, ref, MARGIN)  # as the tile holding the row's max chose: its p needs no rescale
         s_k = tl.load(S + row) * tl.exp(centred(m, k))
         d = tl.load(DIVISOR).to(tl.float32)
         c = tl.div_rn(1.0, tl.where(d != 0, d, 1.0))  # c = 1 / divisor; nothing supervised: 1
@@ -92,12 +93,12 @@ def _settle_kernel(
         rescale = 0
         for t0 in range(0, n_tiles_v, SCAN):
             ts = t0 + tl.arange(0, SCAN)
-            f = tl.exp(centred(tl.load(RP + row * n_tiles_v + ts, mask=ts < n_tiles_v, other=k), k))
+            f = exp2_step(tl.load(RP + row * n_tiles_v + ts, mask=ts < n_tiles_v, other=k), k)
             rescale = tl.maximum(rescale, tl.max((f != 1.0).to(tl.int32), axis=0))
         if rescale > 0:
             for t0 in range(0, n_tiles_v, TILES):
                 ts = t0 + tl.arange(0, TILES)
-                f = tl.exp(centred(tl.load(RP + row * n_tiles_v + ts, mask=ts < n_tiles_v, other=k), k))
+                f = exp2_step(tl.load(RP + row * n_tiles_v + ts, mask=ts < n_tiles_v, other=k), k)
                 if tl.max((f != 1.0).to(tl.int32), axis=0) > 0:
                     cols = ts[:, None] * BN + tl.arange(0, BN)[None, :]
                     # Not the label's entry: the store below is its only writer.
@@ -105,29 +106,33 @@ def _settle_kernel(
                     p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
                     tl.store(P + row * stride_p + cols, (p * f[:, None]).to(P.dtype.element_ty), mask=mask)
         if (y >= 0) & (y < vocab):  # the label check runs apart
-            # g's label entry, rounded as stock rounds it, kept apart from p: in p it would be rounded at
-            # the scale of the row's sum, or (as exp(z_y - K) there) take r h's rounding near p_y = 1.
+            # g's label entry, rounded as stock rounds it; p's, q = e_y - s_K rounded, so that the GEMMs sum
+            # r q (about g_y) with the rest of the row before their one rounding, and dh and dW add the
+            # exact remainders (g_y - r q) W[y] and g_y h - q (r h).
             e_y = tl.exp(centred(tl.load(ZLAB + row), k))
             g_y = ((e_y / s_k - 1.0) * c).to(P.dtype.element_ty).to(tl.float32)
-            tl.store(P + row * stride_p + y, tl.full((), 0.0, P.dtype.element_ty))
+            q = (e_y - s_k).to(P.dtype.element_ty)
+            tl.store(P + row * stride_p + y, q)
+            q_y = q.to(tl.float32)
     tl.store(R + row, r)
     tl.store(GLAB + row, g_y)
+    tl.store(QLAB + row, q_y)
 
 
 @triton.jit
 def _scale_rows_kernel(
-    PW, H, R, GLAB, W, LABELS, DH, HR, stride_pw, stride_h, stride_w, stride_dh, stride_hr, hdim, vocab,
+    PW, H, R, GLAB, QLAB, W, LABELS, DH, HR, stride_pw, stride_h, stride_w, stride_dh, stride_hr, hdim, vocab,
     ignore_index, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row of a chunk: dh = r (p W) + g_y W[y] rounded once from the fp32 GEMM result (p without the
-    label's entry, g_y from GLAB), and dW's operand r h, 0 in an ignored row (whose hidden state may be inf or
+    """One row of a chunk: dh = r (p W) + (g_y - r q) W[y] rounded once from the fp32 GEMM result (p's label
+    entry q, g's g_y: QLAB, GLAB), and dW's operand r h, 0 in an ignored row (whose hidden state may be inf or
     nan: ``dw_rows``). One launch where torch's broadcasts over mixed dtypes took four."""
     row = tl.program_id(0).to(tl.int64)
     r = tl.load(R + row)
     y = tl.load(LABELS + row)
     keep = y != ignore_index
     labelled = _scored(y, ignore_index, vocab)
-    g_y = tl.load(GLAB + row)
+    g_y = tl.load(GLAB + row) - r * tl.load(QLAB + row)  # the label's term that p W leaves out
     w_y = W + tl.where(labelled, y, 0) * stride_w
     for k0 in range(0, hdim, BLOCK):
         ks = k0 + tl.arange(0, BLOCK)
@@ -143,13 +148,14 @@ def _scale_rows_kernel(
 
 @triton.jit
 def _label_rows_kernel(
-    DW, H, ORDER, SORTED, END, GLAB, stride_dw, stride_h, hdim, vocab, ignore_index,
+    DW, H, ORDER, SORTED, END, R, GLAB, QLAB, stride_dw, stride_h, hdim, vocab, ignore_index,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """dW's label terms, BLOCK features of one label y: dW[y] += sum_{i: y_i = y} g_y,i h_i, summed in fp32
-    over the label's rows in sorted order, ROWS at a time (ORDER: a stable argsort of the labels, SORTED the
-    sorted labels, END the end of each one's run), and rounded once into dW. The program at the first row of
-    a run does the work, the others return: each row of dW has one writer, in a fixed order."""
+    """dW's label remainders, BLOCK features of one label y: dW[y] += sum_{i: y_i = y} g_i h_i - q_i (r_i h_i)
+    (r h rounded to h's dtype, as dW's GEMM took it), exact products summed in fp32 over the label's rows in
+    sorted order, ROWS at a time (ORDER: a stable argsort of the labels, SORTED the sorted labels, END the
+    end of each one's run), and rounded once into dW. The program at the first row of a run does the work,
+    the others return: each row of dW has one writer, in a fixed order."""
     j = tl.program_id(0)
     y = tl.load(SORTED + j)
     first = (j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0)) != y)
@@ -163,18 +169,24 @@ def _label_rows_kernel(
             i = i0 + tl.arange(0, ROWS)
             live = i < end
             rows = tl.load(ORDER + i, mask=live, other=0)
-            g = tl.load(GLAB + rows, mask=live, other=0.0)
+            g = tl.load(GLAB + rows, mask=live, other=0.0)[:, None]
+            q = tl.load(QLAB + rows, mask=live, other=0.0)[:, None]
+            r = tl.load(R + rows, mask=live, other=0.0)[:, None]
             mask = live[:, None] & col_ok[None, :]
-            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.sum(g[:, None] * h, axis=0)
+            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+            h_r = (h.to(tl.float32) * r).to(H.dtype.element_ty).to(tl.float32)
+            acc += tl.sum(g * h.to(tl.float32) - q * h_r, axis=0)
         d = tl.load(DW + y * stride_dw + cols, mask=col_ok, other=0.0).to(tl.float32)
         tl.store(DW + y * stride_dw + cols, (d + acc).to(DW.dtype.element_ty), mask=col_ok)
 
 
-def add_label_rows(dw: Tensor, hidden: Tensor, labels: Tensor, g_label: Tensor, ignore_index: int) -> None:
-    """dW[y] += sum_{i: y_i = y} g_y,i h_i in place (g_label: [N] fp32, g's label entry of each row, the
-    settle kernel's): the terms of dW that p leaves out. torch's index_add_ would sum with atomics on CUDA, in
-    no fixed order; the rows go in label order instead (a stable sort, no host sync)."""
+def add_label_rows(
+    dw: Tensor, hidden: Tensor, labels: Tensor, r: Tensor, g_label: Tensor, q_label: Tensor, ignore_index: int
+) -> None:
+    """dW[y] += sum_{i: y_i = y} g_i h_i - q_i (r_i h_i) in place (r, g_label, q_label: [N] fp32, the settle
+    kernel's factor, g's label entry and p's): what dW's GEMM leaves of the label terms. torch's index_add_
+    would sum with atomics on CUDA, in no fixed order; the rows go in label order instead (a stable sort, no
+    host sync)."""
     n, hdim = hidden.shape
     if n == 0:
         return
@@ -183,8 +195,8 @@ def add_label_rows(dw: Tensor, hidden: Tensor, labels: Tensor, g_label: Tensor, 
     block = min(pow2(hdim), LABEL_COLS)
     with device_of(hidden):
         _label_rows_kernel[(n, cdiv(hdim, block))](
-            dw, hidden, order, sorted_y, end, g_label, dw.stride(0), hidden.stride(0), hdim, dw.shape[0],
-            ignore_index, ROWS=LABEL_ROWS, BLOCK=block, num_warps=4,
+            dw, hidden, order, sorted_y, end, r, g_label, q_label, dw.stride(0), hidden.stride(0), hdim,
+            dw.shape[0], ignore_index, ROWS=LABEL_ROWS, BLOCK=block, num_warps=4,
         )  # fmt: skip
 
 
@@ -311,23 +323,23 @@ def rows_fwd_bwd(
     vocab = weight.shape[0]
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
-    r_all, g_label = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
+    r_all, g_label, q_label = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
 
     def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
         k = p.shape[0]
         y = labels[r0 : r0 + k]
-        r, g_y = r_all[r0 : r0 + k].unsqueeze(1), g_label[r0 : r0 + k].unsqueeze(1)
+        r, g_y, q_y = (t[r0 : r0 + k].unsqueeze(1) for t in (r_all, g_label, q_label))
         _settle_kernel[(k,)](
-            p, rp, ref[r0:], m, s, zlab, y, divisor, r, g_y, p.stride(0), vocab, rp.shape[1], ignore_index,
-            BN=bn, MARGIN=REF_MARGIN, TILES=SETTLE_TILES, SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])),
-            num_warps=4,
+            p, rp, ref[r0:], m, s, zlab, y, divisor, r, g_y, q_y, p.stride(0), vocab, rp.shape[1],
+            ignore_index, BN=bn, MARGIN=REF_MARGIN, TILES=SETTLE_TILES,
+            SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])), num_warps=4,
         )  # fmt: skip
         hdim = hidden.shape[1]
         pw = mm_f32(p, weight) if need_dh else r
         h, dh_k = hidden[r0 : r0 + k], dh[r0 : r0 + k] if need_dh else r
         h_r = torch.empty_like(h) if need_dw else r
         _scale_rows_kernel[(k,)](
-            pw, h, r, g_y, weight, y, dh_k, h_r, pw.stride(0), h.stride(0), weight.stride(0),
+            pw, h, r, g_y, q_y, weight, y, dh_k, h_r, pw.stride(0), h.stride(0), weight.stride(0),
             dh_k.stride(0), h_r.stride(0), hdim, vocab, ignore_index, NEED_DH=need_dh, NEED_DW=need_dw,
             BLOCK=min(pow2(hdim), 1024), num_warps=4,
         )  # fmt: skip
@@ -340,5 +352,5 @@ def rows_fwd_bwd(
     ref = row_references(hidden, weight) if ref is None else ref
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
     if need_dw:
-        add_label_rows(dw, hidden, labels, g_label, ignore_index)
+        add_label_rows(dw, hidden, labels, r_all, g_label, q_label, ignore_index)
     return (*out, dh, dw)

@@ -169,7 +169,7 @@ def _fwd_tiles_kernel(
             # Read after the GEMM: loaded before it, the flattened pipelined loop loads it a tile ahead
             # (sm_90, triton 3.6), and a tile could take another tile's rows' references.
             ref = tl.load(REF + rows, mask=live, other=0.0)
-            r = tl.where(m <= ref + MARGIN, ref, m)  # a nan max or reference: the tile's own max
+            r = p_reference(m, ref, MARGIN)
             tl.store(RP + part, r, mask=live)
             keep = tl.load(LABELS + rows, mask=live, other=ignore_index) != ignore_index
         # Token stats are of every row: there p is zeroed in ignored rows after the sums.
@@ -186,6 +186,26 @@ def _fwd_tiles_kernel(
                 cols = col0 + tl.arange(0, BN)
                 p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
                 tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
+
+
+@triton.jit
+def p_reference(m, ref, MARGIN: tl.constexpr):
+    """The reference p is stored against, for logits of max m in a row of sampled max ref: ref while m <= ref
+    + MARGIN, else the first ref + k ln 2 (k an integer) not below m, so that moving p from one reference to
+    another multiplies it by a power of 2, exactly (a second rounding of a whole row's p made its gradients
+    ~1.1x stock's error in a tied-embedding model, where each row's own token's logit lies ~40 above the
+    rest); m itself where that is not finite (a nan max or reference, an infinite max)."""
+    grid = ref + 0.6931471805599453 * tl.math.ceil((m - ref) * 1.4426950408889634)
+    grid = tl.where(tl.abs(grid) < float("inf"), grid, m)  # False for nan too
+    return tl.where(m <= ref + MARGIN, ref, grid)
+
+
+@triton.jit
+def exp2_step(r, k):
+    """exp(r - k) for references r, k of one row (``p_reference``): 2^round((r - k) / ln 2), a power of 2 (the
+    step differs from the exact exponential by the fp32 rounding of r and k, ~1e-5 relative); 1 where an
+    infinite r meets the same k, 0 where r is -inf or k +inf alone, nan with a nan."""
+    return tl.exp2(tl.math.floor(centred(r, k) * 1.4426950408889634 + 0.5))
 
 
 @triton.jit
