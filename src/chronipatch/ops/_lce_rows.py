@@ -10,27 +10,25 @@ lies far less than ``REF_MARGIN`` = 32 below the row's max for any logits a mode
 and no tile needs its own reference. Once the merge has m and s, with s_K = s exp(m - K) and c = 1 / divisor
 (the loss's weight of every row),
     g = (c / s_K) p,   g_y = (c / s_K) (exp(z_y - K) - s_K) = (exp(z_y - m) / s - 1) c:
-the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0), but at the
-label. So dh[chunk] = r (p W) + g_y W[y] (an fp32 GEMM result, scaled, the label's term added, rounded once)
-and dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row whose max does exceed
-K + 32 (a sample far off, or a +inf logit outside it) gets K = m instead: its tiles keep their own max as
-reference and the settle kernel rescales them, p exp(r_j - m), as a whole.
-The label's entry stays out of p (``_settle_kernel`` writes a 0 there): g_y, about -c near a uniform softmax
-and a fraction of it near a confident one, is (p_y - 1) c rounded to bf16 as stock and the recompute path
-round it, kept per row, and its terms are added apart: dh adds g_y W[y] before its one rounding, and
-``_label_rows_kernel`` adds sum_{i: y_i = y} g_y,i h_i to dW's row y once the GEMMs are done (the rows in
-label order, a stable sort: a fixed order, no atomics; exact products, an fp32 sum). In p, r (exp(z_y - K) -
-s_K) would be rounded at the scale of the row's sum, up to 2^-9 c off (dW then 2.5x, dh 1.4x stock's error
-against the fp64 truth at a random-init head, ``bench/lce_grad_error.py``); exp(z_y - K) in p with the rest
-apart would leave r h's rounding on the label's whole term when p_y nears 1 (dW 1.3-2.2x the recompute path's
-error at median p_y 0.3-0.98 in a CPU emulation of the roundings, 1.01-1.09 as it is:
-bench/results/2026-12-06-h100-f/lce_label_emulation.log). g_y is rounded as stock's on purpose: where c = 1 /
-n is not a power of 2, every label entry of stock's g carries bf16(c)'s rounding (+0.39% at n = 510), and a
-whole model's bf16 gradients lean on it (unrounded, Llama-3.2-1B's tied embedding came out 1.25x further from
-the fp32 model's gradient than stock's, though 2.2x nearer the truth of its own inputs:
-``bench/results/2026-12-06-h100-f``). dW keeps r h's rounding in its other entries, a rounding of the GEMMs'
-part of each label row before the label terms join it, and one rounding per chunk after the first where it
-sums over chunks (chunks of ``P_BYTES`` of p keep them few).
+the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0), once p's
+label entry holds exp(z_y - K) - s_K. So dh[chunk] = r (p W) (an fp32 GEMM result, scaled, rounded once) and
+dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row whose max does exceed K + 32
+(a sample far off, a token's own logit in a tied-embedding model, a +inf logit) takes a reference past it
+(``_lce_tiles.p_reference``: a whole number of ln 2 steps from K, so that the settle kernel's rescale of
+the row's other tiles is a multiplication by a power of 2, exact).
+The label's entry: in p it is q = exp(z_y - K) - s_K rounded to bf16 (``_settle_kernel``), at the scale of
+the row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x, dh 1.4x stock's
+error at a random-init head, ``bench/lce_grad_error.py``). The exact remainders are added apart: dh adds
+(g_y - r q) W[y] before its one rounding, and ``_label_rows_kernel`` adds sum_{i: y_i = y} g_y,i h_i -
+q_i (r_i h_i) to dW's row y once the GEMMs are done (the rows in label order, a stable sort: a fixed order,
+no atomics; exact products, an fp32 sum), with g_y rounded as stock rounds it (where c = 1 / n is not a
+power of 2, every label entry of stock's g carries bf16(c)'s rounding, +0.39% at n = 510). The label's
+term stays in p for dW's sake: a frequent token's label terms and the rest of its row largely cancel once a
+model has learnt its frequency, and added after the GEMM's rounding (p's entry 0) they left that rounding
+of the larger part in Llama-3.2-1B's tied embedding, 1.22x stock's error against the fp32 model
+(bench/results/2026-12-06-h100-g). dW keeps r h's rounding in its other entries, a rounding of each label
+row before its small remainder joins it, and one rounding per chunk after the first where it sums over
+chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
@@ -69,9 +67,10 @@ def _settle_kernel(
     P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, GLAB, QLAB, stride_p, vocab, n_tiles_v, ignore_index,
     BN: tl.constexpr, MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
-    """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K = m,
-    and the tiles stored against their own max r_j != K are rescaled by exp(r_j - K); exp(centred()) is 1
-    where a +inf r_j is the row's max, nan for a row of -inf logits, as its p); the label's entry of p set
+    """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K is
+    ``p_reference``'s, as the tile holding m chose, and the tiles stored against other references r_j are
+    rescaled by ``exp2_step(r_j, K)``, a power of 2: 1 where a +inf r_j is the row's max, nan for a row of
+    -inf logits, as its p); the label's entry of p set
     to q = e_y - s_K and g's, g_y = (p_y - 1) c, both rounded to p's dtype and written to QLAB and GLAB; the
     row's factor r = c / s_K to R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s. The row's
     references are scanned SCAN at a time; only a row with a factor other than 1 (rare: its max lay past

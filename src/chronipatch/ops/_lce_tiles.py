@@ -130,15 +130,16 @@ def _fwd_tiles_kernel(
     EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
     TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr, MARGIN: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
-    """Per row of each tile: max, sum exp(z - r) (with TOKEN_STATS the entropy sum and the first argmax)
-    into the [N, T] partials, r the tile's max. With STORE_P also p = exp(z - r) into P [N, V] (bf16; 0 in an
+    """Per row of each tile: max, sum exp(z - r) (with TOKEN_STATS the entropy sum and the first argmax) into
+    the [N, T] partials, r the tile's max. With STORE_P also p = exp(z - r) into P [N, V] (bf16; 0 in an
     ignored row) and r into RP, where r is the row's REF unless the tile's max exceeds it by more than MARGIN
-    (then that max): with REF near the row's max, every tile of the row shares it; without TOKEN_STATS an
-    ignored row's partial sums are 0 too (its loss is 0, and nothing else reads its s). Persistent:
-    NUM_PROGS programs walk the tiles, and the pipelined loop issues the next tile's loads during this one's
-    epilogue (the loop asks for warp specialization, which triton 3.6 does not apply on sm_90: the same
-    machine code with or without). The label's logit is the merge's: searched for here, in the tiles that
-    hold one, it cost 1 ms of 4.7 at 8192 x 896."""
+    (then ``p_reference``'s step at or above that max): with REF near the row's max, every tile of the row
+    shares it; without TOKEN_STATS an ignored row's partial sums are 0 too (its loss is 0, and nothing else
+    reads its s). Persistent: NUM_PROGS programs walk the tiles, and the pipelined loop issues the next tile's
+    loads during this one's epilogue (the loop asks for warp specialization, which triton 3.6 does not apply
+    on sm_90: the same machine code with or without). The label's logit is the merge's: searched for here, in
+    the tiles that hold one, it cost 1 ms of 4.7 at 8192 x 896.
+    """
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True, warp_specialize=TMA):
         pid_m, pid_v = _tile_coords(tile, n, n_tiles_v, group, BM)
