@@ -118,6 +118,50 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
         assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
 
 
+def test_lce_rows_rescale_past_the_margin_is_exact(monkeypatch):
+    """Rows whose max lies past the margin (here ~42 above the sample) keep p's bits through the settle
+    kernel's rescale: every tile moves by a power of 2 (``_lce_tiles.p_reference``'s steps of ln 2), so each
+    nonzero entry keeps its mantissa; the tile holding the max is not touched, nor is any other row."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
+    seen = []
+    real = rows._settle_kernel
+
+    class Spy:  # p before and after each settle launch
+        def __getitem__(self, grid):
+            def launch(p, *args, **kwargs):
+                before = p.clone()
+                real[grid](p, *args, **kwargs)
+                seen.append((before, p.clone(), args[5]))
+
+            return launch
+
+    monkeypatch.setattr(rows, "_settle_kernel", Spy())
+    torch.manual_seed(4)
+    bf16 = torch.bfloat16
+    hid, w = _r(20, 16, dtype=bf16), _r(260, 16, dtype=bf16, scale=0.25)
+    hid[:, 0] = 0.0
+    hid[[2, 17], 0], w[201, 0] = 6.5, 6.5  # a logit of ~42 at an unsampled column
+    labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
+    divisor = torch.tensor(20.0, device=KERNEL_DEVICE)
+    lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    before, after, y = (torch.cat(t).cpu() for t in zip(*seen))
+    cols = torch.arange(260)
+    not_label = cols[None, :] != y[:, None]
+    far = torch.zeros(20, dtype=torch.bool)
+    far[[2, 17]] = True
+    assert torch.equal(after[~far][not_label[~far]], before[~far][not_label[~far]])
+    tile = (cols >= 192) & (cols < 224)  # the one holding column 201
+    for row in (2, 17):
+        keep = not_label[row]
+        assert torch.equal(after[row][keep & tile], before[row][keep & tile])
+        b, a = before[row][keep].float(), after[row][keep].float()
+        moved = (a != b) & (a != 0)
+        assert moved.sum() > 200
+        assert torch.equal(torch.frexp(a[moved]).mantissa, torch.frexp(b[moved]).mantissa)
+
+
 def test_lce_rows_reference_is_not_above_the_tiles_max(monkeypatch):
     """K's GEMM (cuBLAS here, the CPU's BLAS in the interpreter) and the tiles sum in other orders: with
     cancelling logits of ~1e6 the sampled max lands above the tiles' row max in some rows (by 0.25 on one

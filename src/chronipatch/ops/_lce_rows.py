@@ -13,21 +13,21 @@ and no tile needs its own reference. Once the merge has m and s, with s_K = s ex
 the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row, whose p is 0), once p's
 label entry holds exp(z_y - K) - s_K. So dh[chunk] = r (p W) (an fp32 GEMM result, scaled, rounded once) and
 dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row whose max does exceed K + 32
-(a sample far off, a token's own logit in a tied-embedding model, a +inf logit) takes a reference past it
+(a sample far off, or a +inf logit outside it) takes a reference past it
 (``_lce_tiles.p_reference``: a whole number of ln 2 steps from K, so that the settle kernel's rescale of
 the row's other tiles is a multiplication by a power of 2, exact).
-The label's entry: in p it is q = exp(z_y - K) - s_K rounded to bf16 (``_settle_kernel``), at the scale of
-the row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x, dh 1.4x stock's
-error at a random-init head, ``bench/lce_grad_error.py``). The exact remainders are added apart: dh adds
-(g_y - r q) W[y] before its one rounding, and ``_label_rows_kernel`` adds sum_{i: y_i = y} g_y,i h_i -
-q_i (r_i h_i) to dW's row y once the GEMMs are done (the rows in label order, a stable sort: a fixed order,
-no atomics; exact products, an fp32 sum), with g_y rounded as stock rounds it (where c = 1 / n is not a
-power of 2, every label entry of stock's g carries bf16(c)'s rounding, +0.39% at n = 510). The label's
-term stays in p for dW's sake: a frequent token's label terms and the rest of its row largely cancel once a
-model has learnt its frequency, and added after the GEMM's rounding (p's entry 0) they left that rounding
-of the larger part in Llama-3.2-1B's tied embedding, 1.22x stock's error against the fp32 model
-(bench/results/2026-12-06-h100-g). dW keeps r h's rounding in its other entries, a rounding of each label
-row before its small remainder joins it, and one rounding per chunk after the first where it sums over
+The label's entry: in p it is q = exp(z_y - K) - s_K rounded to bf16 (``_settle_kernel``), at the scale of the
+row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x, dh 1.4x stock's error at a
+random-init head, ``bench/lce_grad_error.py``). The exact remainders are added apart: dh adds (g_y - r q) W[y]
+before its one rounding, and ``_label_rows_kernel`` adds sum_{i: y_i = y} g_y,i h_i - q_i (r_i h_i) to dW's
+row y once the GEMMs are done (the rows in label order, a stable sort: a fixed order, no atomics; exact
+products, an fp32 sum), with g_y rounded as stock rounds it (where c = 1 / n is not a power of 2, every label
+entry of stock's g carries bf16(c)'s rounding, +0.39% at n = 510). The label's term stays in p for dW's sake:
+a frequent token's label terms and the rest of its row largely cancel once a model has learnt its frequency,
+and added after the GEMM's rounding (p's entry 0) they left that rounding of the larger part in Llama-3.2-1B's
+tied embedding, 1.22x stock's error against the fp32 model; this form, emulated in torch inside the same loop,
+1.00x (bench/results/2026-12-06-h100-g). dW keeps r h's rounding in its other entries, a rounding of each
+label row before its small remainder joins it, and one rounding per chunk after the first where it sums over
 chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient

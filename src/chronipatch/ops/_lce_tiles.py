@@ -193,9 +193,9 @@ def _fwd_tiles_kernel(
 def p_reference(m, ref, MARGIN: tl.constexpr):
     """The reference p is stored against, for logits of max m in a row of sampled max ref: ref while m <= ref
     + MARGIN, else the first ref + k ln 2 (k an integer) not below m, so that moving p from one reference to
-    another multiplies it by a power of 2, exactly (a second rounding of a whole row's p made its gradients
-    ~1.1x stock's error in a tied-embedding model, where each row's own token's logit lies ~40 above the
-    rest); m itself where that is not finite (a nan max or reference, an infinite max)."""
+    another multiplies it by a power of 2, exactly (with the max itself as the row's reference, the settle
+    kernel's rescale rounded every other tile's p a second time); m itself where that is not finite (a nan
+    max or reference, an infinite max)."""
     grid = ref + 0.6931471805599453 * tl.math.ceil((m - ref) * 1.4426950408889634)
     grid = tl.where(tl.abs(grid) < float("inf"), grid, m)  # False for nan too
     return tl.where(m <= ref + MARGIN, ref, grid)
