@@ -1,5 +1,6 @@
 """RoPE's GPU time a fwd+bwd iteration: eager, compiled as shipped, and compiled through an opaque custom op
-(the Triton launch hidden from Inductor), with each kernel's share from the profiler."""
+(the Triton launch hidden from Inductor), with each kernel's share from the profiler; the backward by
+``backward()`` (into the leaves' .grad) and by ``autograd.grad`` (the gradients' strides printed)."""
 
 import importlib
 import sys
@@ -54,6 +55,16 @@ def _bw(ctx, dq, dk):
 
 opaque.register_autograd(_bw, setup_context=_setup)
 
+
+def step(fn, args, gs, how):
+    """One fwd + bwd; the gradients' strides where autograd.grad returns them."""
+    if how == "backward":
+        torch.autograd.backward(fn(*args), gs)
+        return None
+    dq, dk = torch.autograd.grad(fn(*args), args[:2], gs)
+    return dq.stride(), dk.stride()
+
+
 for d in ((4, 2048, 14, 2, 64), (4, 2048, 16, 8, 128)):
     args = build_rope(d, "cuda", torch.bfloat16)
     for mode in ("eager", "compiled", "opaque"):
@@ -63,16 +74,19 @@ for d in ((4, 2048, 14, 2, 64), (4, 2048, 16, 8, 128)):
             fn = torch.compile(fn, dynamic=False)
         outs = fn(*args)
         gs = [torch.randn_like(o) for o in outs]
-        for _ in range(3):
-            torch.autograd.backward(fn(*args), gs)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                torch.autograd.backward(fn(*args), gs)
+        print(mode, "output strides", [o.stride() for o in outs], flush=True)
+        # backward() accumulates into the leaves' .grad; autograd.grad returns the gradients as they come
+        for how in ("backward", "grad"):
+            for _ in range(3):
+                strides = step(fn, args, gs, how)
             torch.cuda.synchronize()
-        ks = [
-            (e.key[:40], round(e.device_time_total / 10, 1))
-            for e in prof.key_averages()
-            if getattr(e, "device_time_total", 0) > 0
-        ]
-        print(mode, d, "us/iter", round(sum(v for _, v in ks), 1), ks, flush=True)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step(fn, args, gs, how)
+                torch.cuda.synchronize()
+            ks = [
+                (e.key[:40], round(e.device_time_total / 10, 1))
+                for e in prof.key_averages()
+                if getattr(e, "device_time_total", 0) > 0
+            ]
+            print(mode, how, d, "us/iter", round(sum(v for _, v in ks), 1), ks, strides, flush=True)
