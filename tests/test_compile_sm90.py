@@ -220,7 +220,7 @@ def _cases() -> list[tuple]:
             "lce_rows_settle_bf16",
             "_lce_rows",
             "_settle_kernel",
-            dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "DIVISOR", "R", "GLAB"), "*fp32")
+            dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "DIVISOR", "R", "GLAB", "QLAB"), "*fp32")
             | {"P": "*bf16", "LABELS": "*i64"}
             | _ints("stride_p", "vocab", "n_tiles_v", "ignore_index"),
             {"BN": 256, "MARGIN": 32.0, "TILES": 8, "SCAN": 1024},
@@ -231,8 +231,8 @@ def _cases() -> list[tuple]:
             "lce_rows_scale_bf16",
             "_lce_rows",
             "_scale_rows_kernel",
-            {"PW": "*fp32", "H": "*bf16", "R": "*fp32", "GLAB": "*fp32", "W": "*bf16", "LABELS": "*i64"}
-            | {"DH": "*bf16", "HR": "*bf16"}
+            {"PW": "*fp32", "H": "*bf16", "R": "*fp32", "GLAB": "*fp32", "QLAB": "*fp32", "W": "*bf16"}
+            | {"LABELS": "*i64", "DH": "*bf16", "HR": "*bf16"}
             | _ints(
                 "stride_pw", "stride_h", "stride_w", "stride_dh", "stride_hr", "hdim", "vocab", "ignore_index"
             ),
@@ -245,7 +245,7 @@ def _cases() -> list[tuple]:
             "_lce_rows",
             "_label_rows_kernel",
             {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "END": "*i64"}
-            | {"GLAB": "*fp32"}
+            | dict.fromkeys(("R", "GLAB", "QLAB"), "*fp32")
             | _ints("stride_dw", "stride_h", "hdim", "vocab", "ignore_index"),
             {"ROWS": 16, "BLOCK": 256},
         )
