@@ -6,7 +6,9 @@ rounded before the label terms join it), and op with one part changed: op_dh_rc 
 dW from rc), op_hr32 (r h unrounded), op_once (dW rounded once, after the label terms), op_q (p holds
 bf16(e_y - s) at the label, and the exact remainders of its terms join dh and dW before their one rounding;
 op_q_post: dW's after its GEMM's rounding).
-nat: the kernels' dh with op_once's dW; nat_mm32: the same with p W as an fp32 GEMM of the upcast operands."""
+nat: the kernels' dh with op_once's dW; nat_mm32: the same with p W as an fp32 GEMM of the upcast operands;
+op_K: op_once with p against the kernels' reference K (the sampled max, not the row's: the row's largest p is
+then rounded too, alike in every row where the model predicts alike)."""
 
 import importlib
 import sys
@@ -30,7 +32,9 @@ def _grads(form, h, w, y, c, live):
         g[rows, yy] -= 1
         g = (g * (c * live)[:, None]).to(bf)
         return (g @ w), (g.T @ h)
-    e = torch.exp(z - z.amax(1, keepdim=True))
+    # op_K: p against the kernels' own reference K per row (the sampled max, lowered by the rounding bound)
+    ref = importlib.import_module("chronipatch.ops._lce_rows").row_references(h, w)[:, None]
+    e = torch.exp(z - (ref if form == "op_K" else z.amax(1, keepdim=True)))
     s = e.sum(1)
     r = c * live / s
     g_y = ((e[rows, yy] / s - 1) * c).to(bf).float() * live
@@ -47,7 +51,7 @@ def _grads(form, h, w, y, c, live):
     p[rows, yy] = 0
     dh = (r[:, None] * (p.float() @ wf) + g_y[:, None] * wf[yy]).to(bf)
     dw = p.float().T @ h_r
-    if form != "op_once":
+    if form not in ("op_once", "op_K"):
         dw = dw.to(bf).float()
     dw = dw.index_add(0, yy, g_y[:, None] * hf).to(bf)
     return dh, dw
