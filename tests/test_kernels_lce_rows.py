@@ -162,6 +162,47 @@ def test_lce_rows_rescale_past_the_margin_is_exact(monkeypatch):
         assert torch.equal(torch.frexp(a[moved]).mantissa, torch.frexp(b[moved]).mantissa)
 
 
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_lce_rows_settle_factors_match_fp64(scale, monkeypatch):
+    """The settle kernel's per-row factor r = c / s_K to fp32 accuracy against fp64 (the gradient tests' bf16
+    tolerance would pass a scale error common to a whole row), and g's and p's label entries g_y = (p_y - 1) c
+    and q = exp(z_y - K) - s_K to within one bf16 step (the interpreter truncates); 0s in ignored rows."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    seen = []
+    real = rows._settle_kernel
+
+    class Spy:  # the settle kernel's outputs r, g_y, q and the rows' references
+        def __getitem__(self, grid):
+            def launch(p, rp, ref, m, s, zlab, y, divisor, r, g, q, *args, **kwargs):
+                real[grid](p, rp, ref, m, s, zlab, y, divisor, r, g, q, *args, **kwargs)
+                seen.append((ref[: p.shape[0]].clone(), r.clone(), g.clone(), q.clone()))
+
+            return launch
+
+    monkeypatch.setattr(rows, "_settle_kernel", Spy())
+    torch.manual_seed(7)
+    bf16 = torch.bfloat16
+    n, v = 40, 700
+    hid, w = _r(n, 32, dtype=bf16), _r(v, 32, dtype=bf16, scale=scale)
+    labels = torch.randint(0, v, (n,), device=KERNEL_DEVICE)
+    labels[[3, 20]] = -100
+    divisor = (labels != -100).sum().float()
+    lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
+    ref, r, g, q = (torch.cat(t).double().reshape(n).cpu() for t in zip(*seen))
+    z = hid.double().cpu() @ w.double().cpu().T
+    live = (labels != -100).cpu()
+    e = torch.exp(z - ref[:, None])
+    s_k = e.sum(1)
+    c = 1 / divisor.double().cpu()
+    e_y = e[torch.arange(n), torch.where(live, labels.cpu(), 0)]
+    want_r, want_g, want_q = (torch.where(live, t, 0.0) for t in (c / s_k, (e_y / s_k - 1) * c, e_y - s_k))
+    step = torch.finfo(bf16).eps
+    assert ((r - want_r).abs() <= 1e-5 * want_r.abs()).all()
+    assert ((g - want_g).abs() <= step * want_g.abs()).all()
+    assert ((q - want_q).abs() <= step * want_q.abs()).all()
+
+
 def test_lce_rows_reference_is_not_above_the_tiles_max(monkeypatch):
     """K's GEMM (cuBLAS here, the CPU's BLAS in the interpreter) and the tiles sum in other orders: with
     cancelling logits of ~1e6 the sampled max lands above the tiles' row max in some rows (by 0.25 on one
