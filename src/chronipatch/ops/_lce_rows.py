@@ -70,12 +70,12 @@ def _settle_kernel(
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K is
     ``p_reference``'s, as the tile holding m chose, and the tiles stored against other references r_j are
     rescaled by ``exp2_step(r_j, K)``, a power of 2: 1 where a +inf r_j is the row's max, nan for a row of
-    -inf logits, as its p); the label's entry of p set
-    to q = e_y - s_K and g's, g_y = (p_y - 1) c, both rounded to p's dtype and written to QLAB and GLAB; the
-    row's factor r = c / s_K to R, c = 1 / DIVISOR (1 for a divisor 0). An ignored row keeps its 0s. The row's
-    references are scanned SCAN at a time; only a row with a factor other than 1 (rare: its max lay past
-    the margin) walks its tiles, and then only those with one (a loop over every tile took 46 us per
-    1,664-row chunk at 8192 x 896 on the H200, for one label entry per row)."""
+    -inf logits, as its p); the label's entry of p set to q = e_y - s_K and g's, g_y = (p_y - 1) c, both
+    rounded to p's dtype and written to QLAB and GLAB; the row's factor r = c / s_K to R, c = 1 / DIVISOR (1
+    for a divisor 0). An ignored row keeps its 0s. The row's references are scanned SCAN at a time; only a
+    row with a factor other than 1 (rare: its max lay past the margin) walks its tiles, and then only those
+    with one (a loop over every tile took 46 us per 1,664-row chunk at 8192 x 896 on the H200, for one label
+    entry per row)."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     r = 0.0
@@ -172,9 +172,9 @@ def _label_rows_kernel(
             q = tl.load(QLAB + rows, mask=live, other=0.0)[:, None]
             r = tl.load(R + rows, mask=live, other=0.0)[:, None]
             mask = live[:, None] & col_ok[None, :]
-            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
-            h_r = (h.to(tl.float32) * r).to(H.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(g * h.to(tl.float32) - q * h_r, axis=0)
+            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h_r = (h * r).to(H.dtype.element_ty).to(tl.float32)  # h holds H's values exactly
+            acc += tl.sum(g * h - q * h_r, axis=0)
         d = tl.load(DW + y * stride_dw + cols, mask=col_ok, other=0.0).to(tl.float32)
         tl.store(DW + y * stride_dw + cols, (d + acc).to(DW.dtype.element_ty), mask=col_ok)
 
