@@ -139,7 +139,7 @@ def _settle_launches(monkeypatch) -> list[tuple]:
 
 def test_lce_rows_rescale_past_the_margin_is_exact(monkeypatch):
     """Rows whose max lies past the margin (here ~42 above the sample) keep p's bits through the settle
-    kernel's rescale: every tile moves by a power of 2 (``_lce_tiles.p_reference``'s steps of ln 2), so each
+    kernel's rescale: every tile moves by a power of 2 (``_math.p_reference``'s steps of ln 2), so each
     nonzero entry keeps its mantissa; the tile holding the max is not touched, nor is any other row."""
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block

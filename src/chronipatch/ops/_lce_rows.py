@@ -14,7 +14,7 @@ the recompute path's g, with one factor r = c / s_K per row (0 in an ignored row
 label entry holds exp(z_y - K) - s_K. So dh[chunk] = r (p W) (an fp32 GEMM result, scaled, rounded once) and
 dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row whose max does exceed K + 32
 (a sample far off, or a +inf logit outside it) takes a reference past it
-(``_lce_tiles.p_reference``: a whole number of ln 2 steps from K, so that the settle kernel's rescale of
+(``_math.p_reference``: a whole number of ln 2 steps from K, so that the settle kernel's rescale of
 the row's other tiles is a multiplication by a power of 2, exact).
 The label's entry: in p it is q = exp(z_y - K) - s_K rounded to bf16 (``_settle_kernel``), at the scale of the
 row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x, dh 1.4x stock's error at a
@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._lce_tiles import REF_MARGIN, _scored, exp2_step, p_reference, tiles_fwd
-from ._math import centred
+from ._lce_tiles import REF_MARGIN, _scored, tiles_fwd
+from ._math import centred, exp2_step, p_reference
 from ._utils import cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
 
 # Bytes of one chunk of p at most: rows per chunk <= P_BYTES // (2 V), a multiple of BM, spread evenly

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._math import centred, exp_flushed, recentred_entropy
+from ._math import centred, exp_flushed, p_reference, recentred_entropy
 from ._utils import capability, cdiv, pow2, sms_for
 
 # (BM, BN, BK, warps, stages, programs per SM), one config for both passes, which must tile alike (see
@@ -187,26 +187,6 @@ def _fwd_tiles_kernel(
                 cols = col0 + tl.arange(0, BN)
                 p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
                 tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
-
-
-@triton.jit
-def p_reference(m, ref, MARGIN: tl.constexpr):
-    """The reference p is stored against, for logits of max m in a row of sampled max ref: ref while m <= ref
-    + MARGIN, else the first ref + k ln 2 (k an integer) not below m, so that moving p from one reference to
-    another multiplies it by a power of 2, exactly (with the max itself as the row's reference, the settle
-    kernel's rescale rounded every other tile's p a second time); m itself where that is not finite (a nan
-    max or reference, an infinite max)."""
-    grid = ref + 0.6931471805599453 * tl.math.ceil((m - ref) * 1.4426950408889634)
-    grid = tl.where(tl.abs(grid) < float("inf"), grid, m)  # False for nan too
-    return tl.where(m <= ref + MARGIN, ref, grid)
-
-
-@triton.jit
-def exp2_step(r, k):
-    """exp(r - k) for references r, k of one row (``p_reference``): 2^round((r - k) / ln 2), a power of 2 (the
-    step differs from the exact exponential by the fp32 rounding of r and k, ~1e-5 relative); 1 where an
-    infinite r meets the same k, 0 where r is -inf or k +inf alone, nan with a nan."""
-    return tl.exp2(tl.math.floor(centred(r, k) * 1.4426950408889634 + 0.5))
 
 
 @triton.jit

@@ -1,5 +1,5 @@
-"""Triton math shared by the op kernels: an exp as accurate as the one stock torch uses, and the exp that a
-result rounded to a given dtype needs.
+"""Triton math shared by the op kernels: an exp as accurate as the one stock torch uses, the exp that a
+result rounded to a given dtype needs, and the softmax references of the loss's tiles, whose moves are exact.
 
 ``tl.exp(x)`` is ``exp2(x * log2(e))`` with the product rounded first: up to ``|x| * 2^-24`` relative
 error (dozens of fp32 ulps at |x| ~ 40). Cody-Waite reduction keeps it to a few ulps at any x:
@@ -49,6 +49,26 @@ def exp_flushed(x):
 def centred(z, m):
     """z - m, with 0 where a +inf logit meets its +inf row max (it holds the probability)."""
     return tl.where((z == m) & (z == float("inf")), 0.0, z - m)
+
+
+@triton.jit
+def p_reference(m, ref, MARGIN: tl.constexpr):
+    """The reference p is stored against, for logits of max m in a row of sampled max ref: ref while m <= ref
+    + MARGIN, else the first ref + k ln 2 (k an integer) not below m, so that moving p from one reference to
+    another multiplies it by a power of 2, exactly (with the max itself as the row's reference, the settle
+    kernel's rescale rounded every other tile's p a second time); m itself where that is not finite (a nan
+    max or reference, an infinite max)."""
+    grid = ref + 0.6931471805599453 * tl.math.ceil((m - ref) * 1.4426950408889634)
+    grid = tl.where(tl.abs(grid) < float("inf"), grid, m)  # False for nan too
+    return tl.where(m <= ref + MARGIN, ref, grid)
+
+
+@triton.jit
+def exp2_step(r, k):
+    """exp(r - k) for references r, k of one row (``p_reference``): 2^round((r - k) / ln 2), a power of 2 (the
+    step differs from the exact exponential by the fp32 rounding of r and k, ~1e-5 relative); 1 where an
+    infinite r meets the same k, 0 where r is -inf or k +inf alone, nan with a nan."""
+    return tl.exp2(tl.math.floor(centred(r, k) * 1.4426950408889634 + 0.5))
 
 
 @triton.jit
