@@ -15,8 +15,8 @@ import diag_forms  # noqa: E402
 lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
 real = diag_forms.real
 FORMS = ("stock", "rc", "op", "op_q_post")
-record = {k: [] for k in ("native_dh", "native_dw", "native_vs_op_dh", "native_vs_op_dw")}
-record |= {f"{f}_{g}": [] for f in FORMS for g in ("dh", "dw")}
+record = {k: [] for k in ("native_dh", "native_dw", "native_hs", "native_vs_op_dh", "native_vs_op_dw")}
+record |= {f"{f}_{g}": [] for f in FORMS for g in ("dh", "dw", "hs")}
 
 
 @torch.autocast("cuda", enabled=False)
@@ -41,10 +41,14 @@ def spy(hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, nee
         th, tw = _truth(hidden, weight, labels, c, live)
         record["native_dh"].append(rel(out[3], th))
         record["native_dw"].append(rel(out[4], tw))
+        # sum_i dh_i h_i per feature, as a norm weight before the head sums it: errors alike in rows add up
+        ths = (th * hidden.double()).sum(0)
+        record["native_hs"].append(rel((out[3].double() * hidden.double()).sum(0), ths))
         for f in FORMS:
             dh, dw = diag_forms._grads(f, hidden, weight, labels, c, live)
             record[f"{f}_dh"].append(rel(dh, th))
             record[f"{f}_dw"].append(rel(dw, tw))
+            record[f"{f}_hs"].append(rel((dh.double() * hidden.double()).sum(0), ths))
             if f == "op":
                 record["native_vs_op_dh"].append(rel(out[3], dh.double()))
                 record["native_vs_op_dw"].append(rel(out[4], dw.double()))
@@ -58,6 +62,6 @@ run_against_truth("llama-3.2-1b", 0, 50, ("eager",))
 stock = {g: torch.tensor(record[f"stock_{g}"]) for g in ("dh", "dw")}
 for key, vals in record.items():
     v = torch.tensor(vals)
-    g = key[-2:]
+    g = key.rsplit("_", 1)[1]
     ratio = (v / stock[g]).median().item() if not key.startswith("native_vs") else float("nan")
     print(f"{key:18s} median {v.median().item():.3e}  / stock {ratio:.3f}  first {v[0]:.3e} last {v[-1]:.3e}")
