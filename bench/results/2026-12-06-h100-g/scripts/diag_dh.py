@@ -59,7 +59,7 @@ lce._fwd_bwd = spy
 from invariant_probe import run_against_truth  # noqa: E402
 
 run_against_truth("llama-3.2-1b", 0, 50, ("eager",))
-stock = {g: torch.tensor(record[f"stock_{g}"]) for g in ("dh", "dw")}
+stock = {g: torch.tensor(record[f"stock_{g}"]) for g in ("dh", "dw", "hs")}
 for key, vals in record.items():
     v = torch.tensor(vals)
     g = key.rsplit("_", 1)[1]

@@ -8,7 +8,9 @@ bf16(e_y - s) at the label, and the exact remainders of its terms join dh and dW
 op_q_post: dW's after its GEMM's rounding).
 nat: the kernels' dh with op_once's dW; nat_mm32: the same with p W as an fp32 GEMM of the upcast operands;
 op_K: op_once with p against the kernels' reference K (the sampled max, not the row's: the row's largest p is
-then rounded too, alike in every row where the model predicts alike)."""
+then rounded too, alike in every row where the model predicts alike). A suffix _K takes that K for op_q or
+op_q_post (op_q_post_K emulates bc8af7a's kernels); _top adds the exact remainder of the row's largest entry,
+r (e_a - bf16(e_a)), to dh (before its rounding) and dW (with the label's)."""
 
 import importlib
 import sys
@@ -34,20 +36,27 @@ def _grads(form, h, w, y, c, live):
         return (g @ w), (g.T @ h)
     # op_K: p against the kernels' own reference K per row (the sampled max, lowered by the rounding bound)
     ref = importlib.import_module("chronipatch.ops._lce_rows").row_references(h, w)[:, None]
-    e = torch.exp(z - (ref if form == "op_K" else z.amax(1, keepdim=True)))
+    e = torch.exp(z - (ref if "_K" in form else z.amax(1, keepdim=True)))
     s = e.sum(1)
     r = c * live / s
     g_y = ((e[rows, yy] / s - 1) * c).to(bf).float() * live
     p = e.to(bf)
     h_r = r[:, None] * hf if form == "op_hr32" else (r[:, None] * hf).to(bf).float()
-    if form in ("op_q", "op_q_post"):  # p holds bf16(e_y - s) at the label; the exact remainders join dh, dW
+    if form.startswith(("op_q", "op_q_post")):  # p holds bf16(e_y - s) at the label; exact remainders join
         q = (e[rows, yy] - s).to(bf).float() * live
         p[rows, yy] = q.to(bf)
-        dh = (r[:, None] * (p.float() @ wf) + (g_y - r * q)[:, None] * wf[yy]).to(bf)
+        dh = r[:, None] * (p.float() @ wf) + (g_y - r * q)[:, None] * wf[yy]
         dw = p.float().T @ h_r
-        if form == "op_q_post":  # dW's remainders after its GEMM's rounding
+        if form.startswith("op_q_post"):  # dW's remainders after its GEMM's rounding
             dw = dw.to(bf).float()
-        return dh, dw.index_add(0, yy, g_y[:, None] * hf - q[:, None] * h_r).to(bf)
+        dw = dw.index_add(0, yy, g_y[:, None] * hf - q[:, None] * h_r)
+        if form.endswith("_top"):  # the row's largest entry exact too, where it is not the label's
+            a = z.argmax(1)
+            share.append((a == a.mode().values).float().mean().item())
+            d = torch.where(live & (a != yy), e[rows, a] - p[rows, a].float(), 0.0)  # e_a - bf16(e_a)
+            dh += (r * d)[:, None] * wf[a]
+            dw = dw.index_add(0, a, (r * d)[:, None] * hf)
+        return dh.to(bf), dw.to(bf)
     p[rows, yy] = 0
     dh = (r[:, None] * (p.float() @ wf) + g_y[:, None] * wf[yy]).to(bf)
     dw = p.float().T @ h_r
@@ -81,7 +90,9 @@ def mm_fp32(a, b):
     return a.float() @ b.float()
 
 
+share = []  # per step, the share of rows whose largest logit is at the batch's most common column
 for form in sys.argv[1:]:
+    share.clear()
     lce._fwd_bwd = real if form == "native" else emulated
     rows_mod.mm_f32 = mm_fp32 if form == "nat_mm32" else mm_f32
     t = time.time()
@@ -95,3 +106,6 @@ for form in sys.argv[1:]:
         [(names[i].replace("model.layers.", ""), round(med[i].item(), 3)) for i in top],
         flush=True,
     )
+    if share:
+        mid = sorted(share)[len(share) // 2]
+        print("  rows at the common argmax, first/median/last step:", share[0], mid, share[-1])
