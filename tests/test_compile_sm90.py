@@ -255,7 +255,14 @@ def _cases() -> list[tuple]:
             f"lce_rows_references_bf16_bm{bm}",
             "_lce_rows",
             "_references_kernel",
-            {"H": "*bf16", "W": "*bf16", "W_NORM": "*fp32", "K": "*fp32", "bound_scale": "fp32"}
+            {
+                "H": "*bf16",
+                "W": "*bf16",
+                "W_NORM": "*fp32",
+                "K": "*fp32",
+                "bound_scale": "fp32",
+                "spread": "fp32",
+            }
             | _ints("n", "hdim", "stride_h", "stride_w", "step", "samples"),
             {"BM": bm, "BS": 128, "BK": 64, "UPCAST": False},
             {"num_warps": 4, "num_stages": 3},

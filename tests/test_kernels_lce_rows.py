@@ -5,6 +5,7 @@ through the interpreter on CPU and natively on CUDA."""
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -290,11 +291,13 @@ def test_lce_label_rows_kernel(n, h, ignore_index):
 
 
 def _torch_references(hidden, weight):
-    """``_lce_rows.row_references`` in torch: the sampled logits (an fp32 GEMM) less the rounding bound."""
+    """``_lce_rows.row_references`` in torch: the sampled logits (an fp32 GEMM) less the rounding bound, less
+    each row's spread."""
     sample = weight[:: max(1, weight.shape[0] // rows.SAMPLES)][: rows.SAMPLES]
     z = hidden.float() @ sample.float().T
     norms = [torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample)]
     k = (z - torch.outer(*norms) * (4 * hidden.shape[1] * 2.0**-24)).amax(dim=1)
+    k -= rows.REF_SPREAD * rows.row_offsets(k.shape[0])
     return torch.where(k == float("inf"), float("nan"), k)
 
 
@@ -315,6 +318,21 @@ def test_lce_row_references_kernel(n, h, v, monkeypatch):
         hid[0, 1], hid[2, 0] = float("nan"), float("inf")
         got = rows.row_references(hid, w).cpu()
         assert got[[0, 2]].isnan().all() and not got[1].isnan() and not got[3:].isnan().any()
+
+
+def test_lce_row_references_spread_alike_rows_over_a_binade():
+    """Rows that predict alike (here the same hidden row 64 times) get references that put their p at 64
+    places spread over one binade: exp(m - K_i) / exp(m - K_0) = 2^f_i with every gap between sorted f_i
+    below 2 / 64, so p's bf16 roundings differ between rows. (The kernel's spread set to 0 gives one f for
+    all, the rows' roundings in step.)"""
+    torch.manual_seed(0)
+    hid = _r(1, 32, dtype=torch.bfloat16).expand(64, 32).contiguous()
+    w = _r(500, 32, dtype=torch.bfloat16)
+    k = rows.row_references(hid, w).double().cpu()
+    f = ((k[0] - k) / math.log(2)).sort().values
+    assert f.min() > -1e-6 and f.max() < 1
+    gaps = torch.cat([f.diff(), (1 + f[:1] - f[-1:])])  # around the circle: f and f + 1 are one place
+    assert gaps.max() < 2 / 64, gaps.max()
 
 
 def test_lce_eager_function_runs_the_one_pass(monkeypatch):

@@ -16,6 +16,12 @@ dW += p^T (r h) are cuBLAS GEMMs, and no pass over [R, V] turns p into g. A row 
 (a sample far off, or a +inf logit outside it) takes a reference past it
 (``_math.p_reference``: a whole number of ln 2 steps from K, so that the settle kernel's rescale of
 the row's other tiles is a multiplication by a power of 2, exact).
+K is also lowered by ln 2 u_i, u_i spread evenly over [0, 1) by row index (``REF_SPREAD``): where a model
+predicts alike in every row, as it does once it has learnt the tokens' frequencies, one shared m - K would
+round every row's p alike, and whatever sums over rows (dW, and through dh the norm weight before the head)
+would add those roundings up in step. Spread over a binade they average out. Without the spread,
+Llama-3.2-1B's tied embedding and final norm took 1.2x stock's gradient error against the fp32 model; a torch
+emulation with the row's max as K (p = 1 exactly there) 1.0x (bench/results/2026-12-06-h200).
 The label's entry: in p it is q = exp(z_y - K) - s_K rounded to bf16 (``_settle_kernel``), at the scale of the
 row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x, dh 1.4x stock's error at a
 random-init head, ``bench/lce_grad_error.py``). The exact remainders are added apart: dh adds (g_y - r q) W[y]
@@ -52,6 +58,9 @@ from ._utils import cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
 # of op peak (bench/results/2026-12-04-h200/chunk_ab_call16.log).
 P_BYTES = 512 << 20
 SAMPLES = 1024  # vocabulary columns whose logits give each row's reference K
+# Each row's K is lowered by REF_SPREAD u_i, u_i = frac(i phi) spread evenly over [0, 1) (row_offsets): with
+# ln 2, the rows' p sit at every position of their binade, so their bf16 roundings differ from row to row.
+REF_SPREAD = 0.6931471805599453
 SETTLE_TILES = 8  # tiles of p per step of the settle kernel's rescale
 SETTLE_SCAN = 1024  # tile references per step of its scan
 SCALE_BLOCK = 4096  # elements per step of the gradient scaling's programs
@@ -238,14 +247,14 @@ def scale_grad(t: Tensor, g: Tensor, in_place: bool) -> Tensor:
 
 @triton.jit
 def _references_kernel(
-    H, W, W_NORM, K, n, hdim, stride_h, stride_w, step, samples, bound_scale,
+    H, W, W_NORM, K, n, hdim, stride_h, stride_w, step, samples, bound_scale, spread,
     BM: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """K of BM rows: max_j (z_ij - bound_scale |h_i| |w_j|) over the sampled columns j (weight rows j step,
-    their norms in W_NORM), z = h w_j^T summed in fp32 from exact 2-byte products, as the tiles sum; nan
-    where any term is nan or the max is +inf. One launch where cuBLAS's GEMM and torch's norm, outer product
-    and max took nine (each a host round trip while the GPU waits to start the loss). UPCAST as
-    ``_lce_tiles._tile_logits``."""
+    their norms in W_NORM), z = h w_j^T summed in fp32 from exact 2-byte products, as the tiles sum, less
+    spread u_i (``_row_offset``); nan where any term is nan or the max is +inf. One launch where cuBLAS's
+    GEMM and torch's norm, outer product and max took nine (each a host round trip while the GPU waits to
+    start the loss). UPCAST as ``_lce_tiles._tile_logits``."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n
     h_sq = tl.zeros((BM,), tl.float32)  # apart from the GEMM's loop, which then holds nothing else
@@ -276,7 +285,20 @@ def _references_kernel(
         nan = tl.maximum(nan, tl.max((z != z).to(tl.int32), axis=1))  # tl.max may drop a nan
         best = tl.maximum(best, tl.max(z, axis=1))
     best = tl.where((nan > 0) | (best == float("inf")), float("nan"), best)
-    tl.store(K + rows, best, mask=row_ok)
+    tl.store(K + rows, best - spread * _row_offset(rows), mask=row_ok)
+
+
+@triton.jit
+def _row_offset(rows):
+    """u_i = frac(i phi) (phi the golden ratio, in 32-bit fixed point): any run of rows spreads evenly over
+    [0, 1). ``row_offsets`` in torch."""
+    return ((rows.to(tl.int64) * 2654435769) & 0xFFFFFFFF).to(tl.float32) * 2.0**-32
+
+
+def row_offsets(n: int, device=None) -> Tensor:
+    """u_i of ``_row_offset`` for rows 0..n-1, as fp32."""
+    rows = torch.arange(n, dtype=torch.int64, device=device)
+    return ((rows * 2654435769) & 0xFFFFFFFF).to(torch.float32) * 2.0**-32
 
 
 def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
@@ -287,7 +309,8 @@ def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
     4 H 2^-24 |h| |w| is twice both. That is ~0.03 at Qwen2.5-0.5B's scale; where logits cancel heavily it
     is more, and a row whose max then lies past the margin takes its tiles' own maxima. A K above m by more
     than ~88 would underflow every p of its row into a nan row (its rescale exp(K - m) overflows); +inf (an
-    overflow in one order of summing) or nan becomes nan, which every tile takes as past the margin."""
+    overflow in one order of summing) or nan becomes nan, which every tile takes as past the margin. Row i's
+    K is then lowered by ``REF_SPREAD`` u_i (``row_offsets``), a different place in p's binade per row."""
     n, hdim = hidden.shape
     step = max(1, weight.shape[0] // SAMPLES)
     sample = weight[::step][:SAMPLES]
@@ -298,7 +321,7 @@ def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
         bm = next((bm for bm in REF_ROWS if cdiv(n, bm) >= sms * 7 // 8), REF_ROWS[-1])
         _references_kernel[(cdiv(n, bm),)](
             hidden, weight, w_norm, k, n, hdim, hidden.stride(0), weight.stride(0), step, sample.shape[0],
-            4 * hdim * 2.0**-24, BM=bm, BS=REF_SAMPLES, BK=REF_K, UPCAST=not hidden.is_cuda,
+            4 * hdim * 2.0**-24, REF_SPREAD, BM=bm, BS=REF_SAMPLES, BK=REF_K, UPCAST=not hidden.is_cuda,
             num_warps=4, num_stages=3,
         )  # fmt: skip
     return k

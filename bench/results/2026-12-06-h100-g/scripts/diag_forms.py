@@ -10,7 +10,8 @@ nat: the kernels' dh with op_once's dW; nat_mm32: the same with p W as an fp32 G
 op_K: op_once with p against the kernels' reference K (the sampled max, not the row's: the row's largest p is
 then rounded too, alike in every row where the model predicts alike). A suffix _K takes that K for op_q or
 op_q_post (op_q_post_K emulates bc8af7a's kernels); _top adds the exact remainder of the row's largest entry,
-r (e_a - bf16(e_a)), to dh (before its rounding) and dW (with the label's)."""
+r (e_a - bf16(e_a)), to dh (before its rounding) and dW (with the label's). The kernels' K is now
+spread over rows (REF_SPREAD); a suffix _nd sets that spread to 0 for the kernels and the emulation alike."""
 
 import importlib
 import sys
@@ -50,7 +51,7 @@ def _grads(form, h, w, y, c, live):
         if form.startswith("op_q_post"):  # dW's remainders after its GEMM's rounding
             dw = dw.to(bf).float()
         dw = dw.index_add(0, yy, g_y[:, None] * hf - q[:, None] * h_r)
-        if form.endswith("_top"):  # the row's largest entry exact too, where it is not the label's
+        if "_top" in form:  # the row's largest entry exact too, where it is not the label's
             a = z.argmax(1)
             share.append((a == a.mode().values).float().mean().item())
             d = torch.where(live & (a != yy), e[rows, a] - p[rows, a].float(), 0.0)  # e_a - bf16(e_a)
@@ -91,9 +92,11 @@ def mm_fp32(a, b):
 
 
 share = []  # per step, the share of rows whose largest logit is at the batch's most common column
+spread = rows_mod.REF_SPREAD
 for form in sys.argv[1:]:
     share.clear()
-    lce._fwd_bwd = real if form == "native" else emulated
+    rows_mod.REF_SPREAD = 0.0 if form.endswith("_nd") else spread  # _nd: the references not spread over rows
+    lce._fwd_bwd = real if form.startswith("native") else emulated
     rows_mod.mm_f32 = mm_fp32 if form == "nat_mm32" else mm_f32
     t = time.time()
     curve, names, errors = run_against_truth("llama-3.2-1b", 0, 50, ("eager",))
