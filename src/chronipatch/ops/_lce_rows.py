@@ -21,7 +21,8 @@ predicts alike in every row, as it does once it has learnt the tokens' frequenci
 round every row's p alike, and whatever sums over rows (dW, and through dh the norm weight before the head)
 would add those roundings up in step. Spread over a binade they average out. Without the spread,
 Llama-3.2-1B's tied embedding and final norm took 1.2x stock's gradient error against the fp32 model; a torch
-emulation with the row's max as K (p = 1 exactly there) 1.0x (bench/results/2026-12-06-h200).
+emulation with the row's max as K (p = 1 exactly there) 1.0x (bench/results/2026-12-06-h200); with the spread
+not yet measured.
 The label's entry: in p it is q = exp(z_y - K) - s_K rounded to bf16 (``_settle_kernel``), at the scale of the
 row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x, dh 1.4x stock's error at a
 random-init head, ``bench/lce_grad_error.py``). The exact remainders are added apart: dh adds (g_y - r q) W[y]
@@ -31,10 +32,12 @@ products, an fp32 sum), with g_y rounded as stock rounds it (where c = 1 / n is 
 entry of stock's g carries bf16(c)'s rounding, +0.39% at n = 510). The label's term stays in p for dW's sake:
 a frequent token's label terms and the rest of its row largely cancel once a model has learnt its frequency,
 and added after the GEMM's rounding (p's entry 0) they left that rounding of the larger part in Llama-3.2-1B's
-tied embedding, 1.22x stock's error against the fp32 model; this form, emulated in torch inside the same loop,
-1.00x (bench/results/2026-12-06-h100-g). dW keeps r h's rounding in its other entries, a rounding of each
-label row before its small remainder joins it, and one rounding per chunk after the first where it sums over
-chunks (chunks of ``P_BYTES`` of p keep them few).
+tied embedding, 1.22x stock's error against the fp32 model; this form, emulated in torch inside the same loop
+with the row's max as K, 1.00x (bench/results/2026-12-06-h100-g). The kernels themselves, with the sampled K,
+1.19-1.21x, and an emulation with that K (the form before, dW rounded once) 1.26x (2026-12-06-h200): what the
+spread above is for. dW keeps r h's rounding in its other entries, a rounding of each label row before its
+small remainder joins it, and one rounding per chunk after the first where it sums over chunks
+(chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
