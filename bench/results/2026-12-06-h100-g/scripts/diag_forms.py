@@ -43,7 +43,7 @@ def _grads(form, h, w, y, c, live):
     g_y = ((e[rows, yy] / s - 1) * c).to(bf).float() * live
     p = e.to(bf)
     h_r = r[:, None] * hf if form == "op_hr32" else (r[:, None] * hf).to(bf).float()
-    if form.startswith(("op_q", "op_q_post")):  # p holds bf16(e_y - s) at the label; exact remainders join
+    if form.startswith("op_q"):  # p holds bf16(e_y - s) at the label; exact remainders join
         q = (e[rows, yy] - s).to(bf).float() * live
         p[rows, yy] = q.to(bf)
         dh = r[:, None] * (p.float() @ wf) + (g_y - r * q)[:, None] * wf[yy]
