@@ -245,8 +245,8 @@ def _cases() -> list[tuple]:
             "_lce_rows",
             "_label_rows_kernel",
             {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "END": "*i64"}
-            | dict.fromkeys(("R", "GLAB", "QLAB"), "*fp32")
-            | _ints("stride_dw", "stride_h", "hdim", "vocab", "ignore_index"),
+            | dict.fromkeys(("SUMS", "R", "GLAB", "QLAB"), "*fp32")
+            | _ints("stride_dw", "stride_s", "stride_h", "hdim", "vocab", "ignore_index"),
             {"ROWS": 16, "BLOCK": 256},
         )
     )
