@@ -135,7 +135,8 @@ def test_padded_compile_bench_smoke(tmp_path):
 
 
 def test_rms_kernels_bench_smoke(tmp_path):
-    """``bench/rms_kernels.py --smoke``: every launch shape it would time gives the default's results."""
+    """``bench/rms_kernels.py --smoke``: every row count and program count it would time gives the default's
+    results (one warp count each: the interpreter ignores num_warps)."""
     shapes = _run("rms_kernels.py", tmp_path, result="_smoke")["shapes"]
     assert [s["shape"] for s in shapes] == ["33x96", "40x256"] and all(len(s["bwd_us"]) > 10 for s in shapes)
 
