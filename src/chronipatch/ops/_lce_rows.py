@@ -26,21 +26,18 @@ emulation with the row's max as K (p = 1 exactly there) 1.0x (bench/results/2026
 The label's entry: in p it is q = exp(z_y - K) - s_K rounded to bf16 (``_settle_kernel``), at the scale of the
 row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x, dh 1.4x stock's error at a
 random-init head, ``bench/lce_grad_error.py``). The exact remainders are added apart: dh adds (g_y - r q) W[y]
-before its one rounding, and dW's row y is set after the GEMMs (``_label_rows_kernel``) to the fp32 sum
-over chunks of p[:, y]^T (r h) (``label_sums``: p's label columns gathered, an fp32 GEMM a chunk) plus sum_{i:
-y_i = y} g_y,i h_i - q_i (r_i h_i) (the rows in label order, a stable sort: a fixed order, no atomics; exact
-products, an fp32 sum), rounded once as stock's one GEMM rounds it. dW's GEMM rounds its sums once per chunk,
-and its label rows then took the remainders in a second rounding: 1.40x stock's error at a random-init head in
-one chunk (512 rows), 1.98x over five (8192 rows; bench/results/2026-12-07-h100). g_y is rounded as stock
-rounds it (where c = 1 / n is not a power of 2, every label entry of stock's g carries bf16(c)'s rounding,
-+0.39% at n = 510). The label's term stays in p for dW's sake:
-a frequent token's label terms and the rest of its row largely cancel once a model has learnt its frequency,
-and added after the GEMM's rounding (p's entry 0) they left that rounding of the larger part in Llama-3.2-1B's
-tied embedding, 1.22x stock's error against the fp32 model; this form, emulated in torch inside the same loop
-with the row's max as K, 1.00x (bench/results/2026-12-06-h100-g). The kernels themselves, with the sampled K,
-1.19-1.21x, and an emulation with that K (the form before, dW rounded once) 1.26x (2026-12-06-h200): what the
-spread above is for. dW's other rows keep r h's rounding, and one rounding per chunk after the first where
-they sum over chunks (chunks of ``P_BYTES`` of p keep them few).
+before its one rounding, and dW's row y is set after the GEMMs to the fp32 sum over chunks of p[:, y]^T (r h)
+plus sum_{i: y_i = y} g_y,i h_i - q_i (r_i h_i), rounded once as stock's one GEMM rounds it
+(``_lce_label_rows``: rounded per chunk and then with the remainders, 1.40x stock's error at a random-init
+head in one chunk, 1.98x over five). g_y is rounded as stock rounds it (where c = 1 / n is not a power of 2,
+every label entry of stock's g carries bf16(c)'s rounding, +0.39% at n = 510). The label's term stays in p for
+dW's sake: a frequent token's label terms and the rest of its row largely cancel once a model has learnt its
+frequency, and added after the GEMM's rounding (p's entry 0) they left that rounding of the larger part in
+Llama-3.2-1B's tied embedding, 1.22x stock's error against the fp32 model; this form, emulated in torch inside
+the same loop with the row's max as K, 1.00x (bench/results/2026-12-06-h100-g). The kernels themselves, with
+the sampled K, 1.19-1.21x, and an emulation with that K (the form before, dW rounded once) 1.26x
+(2026-12-06-h200): what the spread above is for. dW's other rows keep r h's rounding, and one rounding per
+chunk after the first where they sum over chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
@@ -55,9 +52,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._lce_label_rows import label_order, label_sums, set_label_rows
 from ._lce_tiles import REF_MARGIN, _scored, tiles_fwd
 from ._math import centred, exp2_step, p_reference
-from ._utils import addmm_acc, cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
+from ._utils import cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
 
 # Bytes of one chunk of p at most: rows per chunk <= P_BYTES // (2 V), a multiple of BM, spread evenly
 # (8192 x 896, V = 151,936: 5 chunks of 1,664 rows). 1 GiB (3 chunks) ran 1-3% faster, at 0.3-0.6 GB more
@@ -74,7 +72,6 @@ SCALE_BLOCK = 4096  # elements per step of the gradient scaling's programs
 # of 64 would leave more than an eighth of the SMs idle: 8192 rows make 128 programs of 64 on 132 SMs, 2048
 # rows 128 of 16), sampled columns and features per step.
 REF_ROWS, REF_SAMPLES, REF_K = (64, 32, 16), 128, 64
-LABEL_ROWS, LABEL_COLS = 16, 256  # the label-rows kernel's step: rows of one label, and features a program
 
 
 @triton.jit
@@ -158,74 +155,6 @@ def _scale_rows_kernel(
         if NEED_DW:
             h = tl.load(H + row * stride_h + ks, mask=mask, other=0.0).to(tl.float32)
             tl.store(HR + row * stride_hr + ks, tl.where(keep, h * r, 0.0).to(HR.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _label_rows_kernel(
-    DW, SUMS, H, ORDER, SORTED, END, R, GLAB, QLAB, stride_dw, stride_s, stride_h, hdim, vocab, ignore_index,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """dW's label rows, BLOCK features of a label y: dW[y] = SUMS[j] + sum_{i: y_i = y} g_i h_i - q_i r_i h_i,
-    rounded once: SUMS[j] the fp32 sum of every row's p entry at y times r h (``label_sums``), the rest the
-    exact remainders (r h rounded to h's dtype, as the GEMMs took it), exact products summed in fp32 over the
-    label's rows in sorted order, ROWS at a time (ORDER: a stable argsort of the labels, SORTED the sorted
-    labels, END the end of each one's run, j its start). The program at the first row of a run does the
-    work, the others return: each row of dW has one writer, in a fixed order."""
-    j = tl.program_id(0)
-    y = tl.load(SORTED + j)
-    first = (j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0)) != y)
-    if first & _scored(y, ignore_index, vocab):
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        col_ok = cols < hdim
-        end = tl.load(END + j)
-        acc = tl.load(SUMS + j.to(tl.int64) * stride_s + cols, mask=col_ok, other=0.0)
-        # ROWS rows a step: a frequent token's run (a few % of the rows in text) in few dependent loads.
-        for i0 in range(j, end, ROWS):
-            i = i0 + tl.arange(0, ROWS)
-            live = i < end
-            rows = tl.load(ORDER + i, mask=live, other=0)
-            g = tl.load(GLAB + rows, mask=live, other=0.0)[:, None]
-            q = tl.load(QLAB + rows, mask=live, other=0.0)[:, None]
-            r = tl.load(R + rows, mask=live, other=0.0)[:, None]
-            mask = live[:, None] & col_ok[None, :]
-            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h_r = (h * r).to(H.dtype.element_ty).to(tl.float32)  # h holds H's values exactly
-            acc += tl.sum(g * h - q * h_r, axis=0)
-        tl.store(DW + y * stride_dw + cols, acc.to(DW.dtype.element_ty), mask=col_ok)
-
-
-def label_order(labels: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(sorted labels, a stable argsort, the sorted labels clamped into [0, V) as columns of p): the label
-    order of ``label_sums`` and ``set_label_rows`` (no host sync)."""
-    sorted_y, order = torch.sort(labels, stable=True)
-    return sorted_y, order, sorted_y.clamp(0, max(vocab - 1, 0))
-
-
-def label_sums(sums: Tensor, p: Tensor, cols: Tensor, h_r: Tensor) -> None:
-    """sums += p[:, cols]^T (r h) in fp32 for one chunk: each label column's share of dW's GEMM, summed over
-    the chunks without rounding (a label in every row's sorted place: a frequent one's columns repeat)."""
-    addmm_acc(sums, p.index_select(1, cols).T, h_r)
-
-
-def set_label_rows(
-    dw: Tensor, sums: Tensor, hidden: Tensor, order: tuple[Tensor, Tensor], r: Tensor, g_label: Tensor,
-    q_label: Tensor, ignore_index: int,
-) -> None:  # fmt: skip
-    """dW[y] = sums[j] + sum_{i: y_i = y} g_i h_i - q_i (r_i h_i), rounded once, for every label y in place,
-    j its first place in label order (``order``: ``label_order``'s sorted labels and argsort; r, g_label,
-    q_label: [N] fp32, the settle kernel's factor, g's label entry and p's). torch's index_add_ would sum with
-    atomics on CUDA, in no fixed order; the rows go in label order instead."""
-    n, hdim = hidden.shape
-    if n == 0:
-        return
-    sorted_y, perm = order
-    end = torch.searchsorted(sorted_y, sorted_y, right=True)
-    block = min(pow2(hdim), LABEL_COLS)
-    with device_of(hidden):
-        _label_rows_kernel[(n, cdiv(hdim, block))](
-            dw, sums, hidden, perm, sorted_y, end, r, g_label, q_label, dw.stride(0), sums.stride(0),
-            hidden.stride(0), hdim, dw.shape[0], ignore_index, ROWS=LABEL_ROWS, BLOCK=block, num_warps=4,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -367,7 +296,7 @@ def rows_fwd_bwd(
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
     r_all, g_label, q_label = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
     if need_dw:  # dW's label rows: their GEMM sums kept in fp32 as well, in label order
-        sorted_y, order, label_cols = label_order(labels, vocab)
+        sorted_y, order, slot, label_cols, count = label_order(labels, vocab)
         sums = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
 
     def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
@@ -393,10 +322,10 @@ def rows_fwd_bwd(
                 torch.mm(p.T, h_r, out=dw)
             else:
                 dw.addmm_(p.T, h_r)
-            label_sums(sums, p, label_cols, h_r)
+            label_sums(sums, p, h_r, label_cols, count)
 
     ref = row_references(hidden, weight) if ref is None else ref
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
     if need_dw:
-        set_label_rows(dw, sums, hidden, (sorted_y, order), r_all, g_label, q_label, ignore_index)
+        set_label_rows(dw, sums, hidden, (sorted_y, order, slot), r_all, g_label, q_label, ignore_index)
     return (*out, dh, dw)
