@@ -244,20 +244,10 @@ def _cases() -> list[tuple]:
             "lce_rows_label_rows_bf16",
             "_lce_label_rows",
             "_label_rows_kernel",
-            {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "SLOT": "*i64", "END": "*i64"}
+            {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "END": "*i64"}
             | dict.fromkeys(("SUMS", "R", "GLAB", "QLAB"), "*fp32")
             | _ints("stride_dw", "stride_s", "stride_h", "hdim", "vocab", "ignore_index"),
             {"ROWS": 16, "BLOCK": 256},
-        )
-    )
-    cases.append(
-        (
-            "lce_rows_label_sums_bf16",
-            "_lce_label_rows",
-            "_label_sums_kernel",
-            {"SUMS": "*fp32", "P": "*bf16", "HR": "*bf16", "COLS": "*i64", "COUNT": "*i64"}
-            | _ints("rows", "hdim", "stride_s", "stride_p", "stride_hr"),
-            {"BJ": 64, "BR": 64, "BH": 128, "UPCAST": False},
         )
     )
     cases += [

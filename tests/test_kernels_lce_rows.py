@@ -282,51 +282,24 @@ def test_lce_label_rows_kernel(n, h, ignore_index):
     terms = g.double()[:, None] * hid.double() - q.double()[:, None] * h_r.double()
     summed = (labels != ignore_index) & (labels >= 0) & (labels < v)
     for y in (labels, torch.full_like(labels, ignore_index)):
-        sorted_y, order, slot, _, _ = labels_mod.label_order(y, v)
-        sums = _r(n, h, dtype=torch.float32, scale=0.1)  # only each distinct label's slot is read
+        sorted_y, order, _ = labels_mod.label_order(y, v)
+        sums = _r(n, h, dtype=torch.float32, scale=0.1)  # only each label's first place is read
         first = torch.ones(n, dtype=torch.bool, device=KERNEL_DEVICE)
         first[1:] = sorted_y[1:] != sorted_y[:-1]
         ok = summed if y is labels else torch.zeros_like(summed)
         base = torch.zeros(v, h, dtype=torch.float64, device=KERNEL_DEVICE)
         keep = first & (sorted_y >= 0) & (sorted_y < v) & (sorted_y != ignore_index)
-        base[sorted_y[keep]] = sums[slot[keep]].double()
+        base[sorted_y[keep]] = sums[keep].double()
         want = base.index_add(0, torch.where(ok, y, 0), torch.where(ok[:, None], terms, 0))
         got = dw.clone()
         h_in = hid.contiguous() if y is not labels else hid
-        labels_mod.set_label_rows(got, sums, h_in, (sorted_y, order, slot), r, g, q, ignore_index)
+        labels_mod.set_label_rows(got, sums, h_in, (sorted_y, order), r, g, q, ignore_index)
         touched = torch.isin(torch.arange(v, device=KERNEL_DEVICE), y[ok])
         assert torch.equal(got[~touched], dw[~touched])
         if y is labels:
             step = torch.finfo(torch.bfloat16).eps * want[touched].abs()
             assert touched.any() or n <= 4
             assert ((got[touched].double() - want[touched]).abs() <= step).all()
-
-
-@pytest.mark.parametrize("k,n,h", [(0, 5, 8), (1, 1, 8), (70, 130, 40), (33, 66, 300)], ids=str)
-def test_lce_label_sums_kernel(k, n, h):
-    """The label sums: sums[j] += p[:, cols[j]]^T (r h) for each distinct label j of the N rows' labels (a
-    chunk of k rows; p's columns strided by V; an fp32 dot a step, to within fp32 rounding of the fp64 sum),
-    slots from ``label_order``: one per distinct label in sorted order, the tail past their count (repeated
-    labels, few distinct ones) untouched bit for bit; labels outside [0, V) take column 0 or V - 1."""
-    torch.manual_seed(k + n + h)
-    v = 97
-    labels = torch.randint(-1, v + 1, (n,), device=KERNEL_DEVICE)
-    labels[: n // 2] = 7  # a frequent label
-    labels = labels[torch.randperm(n, device=KERNEL_DEVICE)]
-    sorted_y, _, slot, cols, count = labels_mod.label_order(labels, v)
-    distinct = sorted_y.unique()
-    assert int(count) == distinct.numel() and torch.equal(cols[: int(count)], distinct.clamp(0, v - 1))
-    assert torch.equal(sorted_y, distinct[slot])
-    p = _r(k, v + 3, dtype=torch.bfloat16)[:, :v]
-    h_r = _r(k, h, dtype=torch.bfloat16)
-    sums = _r(n, h, dtype=torch.float32)
-    want = sums.double()
-    want[: int(count)] += p.double()[:, cols[: int(count)]].T @ h_r.double()
-    got = sums.clone()
-    labels_mod.label_sums(got, p, h_r, cols, count)
-    assert torch.equal(got[int(count) :], sums[int(count) :])
-    tol = 1e-5 * (p.double().abs().T @ h_r.double().abs())[cols[: int(count)]] + 1e-6
-    assert ((got[: int(count)].double() - want[: int(count)]).abs() <= tol).all()
 
 
 def test_lce_rows_label_rows_of_dw_rounded_once_over_chunks(monkeypatch):

@@ -296,7 +296,7 @@ def rows_fwd_bwd(
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
     r_all, g_label, q_label = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
     if need_dw:  # dW's label rows: their GEMM sums kept in fp32 as well, in label order
-        sorted_y, order, slot, label_cols, count = label_order(labels, vocab)
+        sorted_y, order, label_cols = label_order(labels, vocab)
         sums = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
 
     def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
@@ -322,10 +322,10 @@ def rows_fwd_bwd(
                 torch.mm(p.T, h_r, out=dw)
             else:
                 dw.addmm_(p.T, h_r)
-            label_sums(sums, p, h_r, label_cols, count)
+            label_sums(sums, p, label_cols, h_r)
 
     ref = row_references(hidden, weight) if ref is None else ref
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
     if need_dw:
-        set_label_rows(dw, sums, hidden, (sorted_y, order, slot), r_all, g_label, q_label, ignore_index)
+        set_label_rows(dw, sums, hidden, (sorted_y, order), r_all, g_label, q_label, ignore_index)
     return (*out, dh, dw)
