@@ -73,7 +73,7 @@ def label_sums(sums: Tensor, p: Tensor, cols: Tensor, h_r: Tensor) -> None:
 
 
 def set_label_rows(
-    dw: Tensor, sums: Tensor, hidden: Tensor, order: tuple[Tensor, ...], r: Tensor, g_label: Tensor,
+    dw: Tensor, sums: Tensor, hidden: Tensor, order: tuple[Tensor, Tensor], r: Tensor, g_label: Tensor,
     q_label: Tensor, ignore_index: int,
 ) -> None:  # fmt: skip
     """dW[y] = sums[j] + sum_{i: y_i = y} g_i h_i - q_i (r_i h_i), rounded once, for every label y in place,
