@@ -31,6 +31,7 @@ CASES = [
     ("fwd", *FWD, True, dict(TOKEN_STATS=False, STORE_P=False)),
     ("fwd_stats", *FWD, True, dict(TOKEN_STATS=True, STORE_P=False)),
     ("fwd_p", *FWD, True, dict(TOKEN_STATS=False, STORE_P=True)),
+    ("fwd_p_capture", *FWD, True, dict(TOKEN_STATS=False, STORE_P=True, CAPTURE=True)),  # with dW's labels
     ("fwd_p_stats", *FWD, True, dict(TOKEN_STATS=True, STORE_P=True)),
     ("fwd_p_even_v", *FWD, True, dict(TOKEN_STATS=False, STORE_P=True, EVEN_V=True)),  # no column mask
     ("fwd_ptr", *FWD, False, dict(TOKEN_STATS=False, STORE_P=False)),
@@ -52,6 +53,10 @@ def _type(name: str, dt: str, tma: bool, tile: tuple, store_p: bool) -> str:
         return "*bf16" if store_p else f"*{dt}"
     if name in ("AP", "LABELS"):
         return "*i64"
+    if name == "SLOT":
+        return "*i32"
+    if name == "LP":
+        return "*bf16" if store_p else f"*{dt}"
     return "*fp32" if name[0].isupper() else "i32"
 
 
@@ -69,7 +74,8 @@ def compile_case(mod: str, name: str, dt: str, tma: bool, extra: dict):
     store_p = extra.get("STORE_P", False)
     constexprs = dict(BM=bm, BN=bn, BK=bk, EVEN_K=True, UPCAST=False, TMA=tma, NUM_PROGS=132 * per_sm)
     # The forward at Qwen's vocabulary (151,936 = 593.5 tiles of 256) unless a case says EVEN_V (Llama's).
-    constexprs |= ({"MARGIN": tiles.REF_MARGIN, "EVEN_V": False} if "STORE_P" in extra else {}) | extra
+    fwd = {"MARGIN": tiles.REF_MARGIN, "EVEN_V": False, "CAPTURE": False}
+    constexprs |= (fwd if "STORE_P" in extra else {}) | extra
     signature = {p.name: _type(p.name, dt, tma, tile, store_p) for p in kernel.params}
     signature |= {p.name: "constexpr" for p in kernel.params if p.is_constexpr}
     aligned = {

@@ -181,10 +181,12 @@ def _cases() -> list[tuple]:
                         | parts
                         | {"P": "*bf16" if p else f"*{dt}", "RP": "*fp32", "REF": "*fp32", "LABELS": "*i64"}
                         | {"PD": f"tensordesc<bf16[{bm}, {bn}]>" if p and tma else "*bf16" if p else f"*{dt}"}
-                        | _ints("stride_p", "ignore_index"),
+                        | {"SLOT": "*i32" if p else "*i64", "LP": "*bf16" if p else f"*{dt}"}
+                        | _ints("stride_p", "stride_lp", "ignore_index"),
                         # Both forms of the column mask: bf16 masked (Qwen's vocabulary), fp16 not (EVEN_V).
                         shape
-                        | {"TOKEN_STATS": token_stats, "STORE_P": p, "MARGIN": 32.0, "EVEN_V": dt == "fp16"},
+                        | {"TOKEN_STATS": token_stats, "STORE_P": p, "CAPTURE": p and tma, "MARGIN": 32.0}
+                        | {"EVEN_V": dt == "fp16"},
                         {"num_warps": warps, "num_stages": min(stages, P_STAGES) if p and tma else stages},
                     )
                     for token_stats in (True, False)
@@ -221,9 +223,9 @@ def _cases() -> list[tuple]:
             "_lce_rows",
             "_settle_kernel",
             dict.fromkeys(("RP", "REF", "M", "S", "ZLAB", "DIVISOR", "R", "GLAB", "QLAB"), "*fp32")
-            | {"P": "*bf16", "LABELS": "*i64"}
-            | _ints("stride_p", "vocab", "n_tiles_v", "ignore_index"),
-            {"BN": 256, "MARGIN": 32.0, "TILES": 8, "SCAN": 1024},
+            | {"P": "*bf16", "LABELS": "*i64", "SLOT": "*i32", "LP": "*bf16"}
+            | _ints("stride_p", "stride_lp", "vocab", "n_tiles_v", "ignore_index"),
+            {"BN": 256, "MARGIN": 32.0, "TILES": 8, "SCAN": 1024, "CAPTURE": True},
         )
     )
     cases.append(
@@ -244,7 +246,7 @@ def _cases() -> list[tuple]:
             "lce_rows_label_rows_bf16",
             "_lce_label_rows",
             "_label_rows_kernel",
-            {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "END": "*i64"}
+            {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "SLOTS": "*i32", "END": "*i64"}
             | dict.fromkeys(("SUMS", "R", "GLAB", "QLAB"), "*fp32")
             | _ints("stride_dw", "stride_s", "stride_h", "hdim", "vocab", "ignore_index"),
             {"ROWS": 16, "BLOCK": 256},

@@ -120,6 +120,49 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
         assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 40], ids=["ignore-100", "ignore-40"])
+def test_lce_rows_tiles_capture_p_label_columns(ignore_index, monkeypatch):
+    """The tiles' copy of p's label columns by slot (``_lce_label_rows``; the settle kernel's label entries
+    and rescales go there too) is bit for bit p's columns as gathered after the settle kernel (what
+    ``slot_columns`` gathers where the tiles do not capture), in every chunk: labels repeated across tiles and
+    chunks, two rows past the margin (their other tiles rescaled), ignored rows, an ignore_index inside [0, V)
+    and labels outside it."""
+    small_lce_tiles(monkeypatch)
+    monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
+    monkeypatch.setattr(rows, "SAMPLES", 64)
+    monkeypatch.setattr(rows, "SETTLE_TILES", 4)
+    torch.manual_seed(5)
+    n, v = 40, 260
+    hid, w = _r(n, 16, dtype=torch.bfloat16), _r(v, 16, dtype=torch.bfloat16, scale=0.25)
+    hid[:, 0] = 0.0
+    hid[[2, 21], 0], w[201, 0] = 16.0, 16.0  # a logit ~256 off the sample in two rows
+    labels = torch.randint(0, 13, (n,), device=KERNEL_DEVICE) * 20  # 13 labels over 9 tiles
+    labels[[4, 30]] = ignore_index
+    labels[7], labels[8] = v + 3, -5
+    far = lce.lce_fwd_triton(hid, w, labels, -100)[1][:, 0] > rows.row_references(hid, w) + tiles.REF_MARGIN
+    assert far.nonzero().flatten().tolist() == [2, 21]
+    seen, tiles_fwd = [], rows.tiles_fwd
+
+    def spy(*args):
+        on_rows = args[5]
+
+        def record(r0, p, *a):
+            on_rows(r0, p, *a)
+            seen.append((p.clone(), a[-1].clone()))
+
+        return tiles_fwd(*args[:5], record, *args[6:])
+
+    monkeypatch.setattr(rows, "tiles_fwd", spy)
+    rows.rows_fwd_bwd(hid, w, labels, ignore_index, False, torch.tensor(30.0), True, True)
+    order = labels_mod.label_order(labels)
+    sorted_y, _, slots = order
+    scored = slots[(sorted_y != ignore_index) & (sorted_y >= 0) & (sorted_y < v)].long().unique()
+    assert len(seen) == 3 and len(scored) >= 10
+    cols = labels_mod.slot_columns(order, v)
+    for p, lp in seen:
+        assert torch.equal(lp[scored], p.index_select(1, cols).T[scored])
+
+
 def _settle_launches(monkeypatch) -> list[tuple]:
     """Records each launch of the settle kernel: (p before it, p after it, its other arguments after it,
     tensors cloned)."""
@@ -282,18 +325,20 @@ def test_lce_label_rows_kernel(n, h, ignore_index):
     terms = g.double()[:, None] * hid.double() - q.double()[:, None] * h_r.double()
     summed = (labels != ignore_index) & (labels >= 0) & (labels < v)
     for y in (labels, torch.full_like(labels, ignore_index)):
-        sorted_y, order, _ = labels_mod.label_order(y, v)
-        sums = _r(n, h, dtype=torch.float32, scale=0.1)  # only each label's first place is read
+        order = labels_mod.label_order(y)
+        sorted_y, _, slots = order
+        sums = _r(n, h, dtype=torch.float32, scale=0.1)  # only the distinct labels' slots are read
         first = torch.ones(n, dtype=torch.bool, device=KERNEL_DEVICE)
         first[1:] = sorted_y[1:] != sorted_y[:-1]
+        assert torch.equal(slots.long(), first.long().cumsum(0) - 1)
         ok = summed if y is labels else torch.zeros_like(summed)
         base = torch.zeros(v, h, dtype=torch.float64, device=KERNEL_DEVICE)
         keep = first & (sorted_y >= 0) & (sorted_y < v) & (sorted_y != ignore_index)
-        base[sorted_y[keep]] = sums[keep].double()
+        base[sorted_y[keep]] = sums[slots[keep].long()].double()
         want = base.index_add(0, torch.where(ok, y, 0), torch.where(ok[:, None], terms, 0))
         got = dw.clone()
         h_in = hid.contiguous() if y is not labels else hid
-        labels_mod.set_label_rows(got, sums, h_in, (sorted_y, order), r, g, q, ignore_index)
+        labels_mod.set_label_rows(got, sums, h_in, order, r, g, q, ignore_index)
         touched = torch.isin(torch.arange(v, device=KERNEL_DEVICE), y[ok])
         assert torch.equal(got[~touched], dw[~touched])
         if y is labels:

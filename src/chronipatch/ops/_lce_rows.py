@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._lce_label_rows import label_order, label_sums, set_label_rows
+from ._lce_label_rows import label_order, label_sums, set_label_rows, slot_columns, slot_map
 from ._lce_tiles import REF_MARGIN, _scored, tiles_fwd
 from ._math import centred, exp2_step, p_reference
 from ._utils import cdiv, device_of, eager_cuda, mm_f32, pow2, sms_for
@@ -76,8 +76,9 @@ REF_ROWS, REF_SAMPLES, REF_K = (64, 32, 16), 128, 64
 
 @triton.jit
 def _settle_kernel(
-    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, GLAB, QLAB, stride_p, vocab, n_tiles_v, ignore_index,
-    BN: tl.constexpr, MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
+    P, RP, REF, M, S, ZLAB, LABELS, DIVISOR, R, GLAB, QLAB, SLOT, LP, stride_p, stride_lp, vocab, n_tiles_v,
+    ignore_index, BN: tl.constexpr, MARGIN: tl.constexpr, TILES: tl.constexpr, SCAN: tl.constexpr,
+    CAPTURE: tl.constexpr,
 ):  # fmt: skip
     """One row: K = REF (the sample's max) unless the row's max m exceeds it by more than MARGIN (then K is
     ``p_reference``'s, as the tile holding m chose, and the tiles stored against other references r_j are
@@ -87,7 +88,8 @@ def _settle_kernel(
     for a divisor 0). An ignored row keeps its 0s. The row's references are scanned SCAN at a time; only a
     row with a factor other than 1 (rare: its max lay past the margin) walks its tiles, and then only those
     with one (a loop over every tile took 46 us per 1,664-row chunk at 8192 x 896 on the H200, for one label
-    entry per row)."""
+    entry per row). CAPTURE: what it writes into p's label columns goes into their slots of LP as well (the
+    tile forward's copy, ``_lce_tiles``; SLOT the column -> slot map)."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(LABELS + row)
     r = 0.0
@@ -115,7 +117,11 @@ def _settle_kernel(
                     # Not the label's entry: the store below is its only writer.
                     mask = (f != 1.0)[:, None] & (cols < vocab) & (cols != y)
                     p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
-                    tl.store(P + row * stride_p + cols, (p * f[:, None]).to(P.dtype.element_ty), mask=mask)
+                    p = (p * f[:, None]).to(P.dtype.element_ty)
+                    tl.store(P + row * stride_p + cols, p, mask=mask)
+                    if CAPTURE:
+                        slot = tl.load(SLOT + cols, mask=mask, other=-1).to(tl.int64)
+                        tl.store(LP + slot * stride_lp + row, p, mask=mask & (slot >= 0))
         if (y >= 0) & (y < vocab):  # the label check runs apart
             # g's label entry, rounded as stock rounds it; p's, q = e_y - s_K rounded, so that the GEMMs sum
             # r q (about g_y) with the rest of the row before their one rounding, and dh and dW add the
@@ -124,6 +130,8 @@ def _settle_kernel(
             g_y = ((e_y / s_k - 1.0) * c).to(P.dtype.element_ty).to(tl.float32)
             q = (e_y - s_k).to(P.dtype.element_ty)
             tl.store(P + row * stride_p + y, q)
+            if CAPTURE:
+                tl.store(LP + tl.load(SLOT + y).to(tl.int64) * stride_lp + row, q)
             q_y = q.to(tl.float32)
     tl.store(R + row, r)
     tl.store(GLAB + row, g_y)
@@ -295,18 +303,22 @@ def rows_fwd_bwd(
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
     r_all, g_label, q_label = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
-    if need_dw:  # dW's label rows: their GEMM sums kept in fp32 as well, in label order
-        sorted_y, order, label_cols = label_order(labels, vocab)
+    slots = cols = None
+    if need_dw:  # dW's label rows: their GEMM sums kept in fp32 as well, by slot
+        order = label_order(labels)
+        slots = slot_map(order, vocab, ignore_index)
         sums = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
 
-    def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor) -> None:
+    def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor, lp) -> None:
+        nonlocal cols
         k = p.shape[0]
         y = labels[r0 : r0 + k]
         r, g_y, q_y = (t[r0 : r0 + k].unsqueeze(1) for t in (r_all, g_label, q_label))
         _settle_kernel[(k,)](
-            p, rp, ref[r0:], m, s, zlab, y, divisor, r, g_y, q_y, p.stride(0), vocab, rp.shape[1],
+            p, rp, ref[r0:], m, s, zlab, y, divisor, r, g_y, q_y, y if lp is None else slots,
+            p if lp is None else lp, p.stride(0), 0 if lp is None else lp.stride(0), vocab, rp.shape[1],
             ignore_index, BN=bn, MARGIN=REF_MARGIN, TILES=SETTLE_TILES,
-            SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])), num_warps=4,
+            SCAN=min(SETTLE_SCAN, pow2(rp.shape[1])), CAPTURE=lp is not None, num_warps=4,
         )  # fmt: skip
         hdim = hidden.shape[1]
         pw = mm_f32(p, weight) if need_dh else r
@@ -322,10 +334,14 @@ def rows_fwd_bwd(
                 torch.mm(p.T, h_r, out=dw)
             else:
                 dw.addmm_(p.T, h_r)
-            label_sums(sums, p, label_cols, h_r)
+            if lp is None:  # not captured by the tiles (``tiles_fwd``): gathered from p
+                cols = slot_columns(order, vocab) if cols is None else cols
+                lp = p.index_select(1, cols).T
+            label_sums(sums, lp, h_r)
 
     ref = row_references(hidden, weight) if ref is None else ref
-    out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, P_BYTES // (2 * vocab), ref)
+    p_rows = P_BYTES // (2 * vocab)
+    out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, p_rows, ref, slots)
     if need_dw:
-        set_label_rows(dw, sums, hidden, (sorted_y, order), r_all, g_label, q_label, ignore_index)
+        set_label_rows(dw, sums, hidden, order, r_all, g_label, q_label, ignore_index)
     return (*out, dh, dw)

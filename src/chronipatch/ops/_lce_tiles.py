@@ -125,20 +125,23 @@ def _fold(z, m, keep, TOKEN_STATS: tl.constexpr, KEEP: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles_kernel(
-    H, W, HD, WD, MP, SP, EP, AP, P, PD, RP, REF, LABELS, stride_h, stride_w, stride_p, n, vocab, hdim,
-    n_tiles_v, group, ignore_index, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    H, W, HD, WD, MP, SP, EP, AP, P, PD, RP, REF, LABELS, SLOT, LP, stride_h, stride_w, stride_p, stride_lp,
+    n, vocab, hdim, n_tiles_v, group, ignore_index, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr, MARGIN: tl.constexpr, NUM_PROGS: tl.constexpr,
+    TOKEN_STATS: tl.constexpr, STORE_P: tl.constexpr, CAPTURE: tl.constexpr, MARGIN: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
 ):  # fmt: skip
     """Per row of each tile: max, sum exp(z - r) (with TOKEN_STATS the entropy sum and the first argmax) into
     the [N, T] partials, r the tile's max. With STORE_P also p = exp(z - r) into P [N, V] (bf16; 0 in an
     ignored row) and r into RP, where r is the row's REF unless the tile's max exceeds it by more than MARGIN
     (then ``p_reference``'s step at or above that max): with REF near the row's max, every tile of the row
     shares it; without TOKEN_STATS an ignored row's partial sums are 0 too (its loss is 0, and nothing else
-    reads its s). Persistent: NUM_PROGS programs walk the tiles, and the pipelined loop issues the next tile's
-    loads during this one's epilogue (the loop asks for warp specialization, which triton 3.6 does not apply
-    on sm_90: the same machine code with or without). The label's logit is the merge's: searched for here, in
-    the tiles that hold one, it cost 1 ms of 4.7 at 8192 x 896.
+    reads its s). With CAPTURE p's columns that are some row's label (SLOT [columns]: the column's slot, -1
+    for none) also into LP [slots, rows] (``_lce_label_rows``: gathered from P afterwards, they read 40% of
+    its sectors again). Persistent: NUM_PROGS programs walk the tiles, and the pipelined loop issues the next
+    tile's loads during this one's epilogue (the loop asks for warp specialization, which triton 3.6 does not
+    apply on sm_90: the same machine code with or without). The label's logit is the merge's: searched for
+    here, in the tiles that hold one, it cost 1 ms of 4.7 at 8192 x 896.
     """
     num_tiles = tl.cdiv(n, BM) * n_tiles_v
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True, warp_specialize=TMA):
@@ -181,12 +184,18 @@ def _fwd_tiles_kernel(
         if STORE_P:
             if TOKEN_STATS:
                 p = tl.where(keep[:, None], p, 0.0)  # exactly 0, even where the row's logits are nan
+            p = p.to(tl.bfloat16)
             if TMA:  # by TMA from shared memory, off the epilogue's critical path; clipped to [n, V]
-                PD.store([row0, col0], p.to(tl.bfloat16))
+                PD.store([row0, col0], p)
             else:
                 cols = col0 + tl.arange(0, BN)
                 p_ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
-                tl.store(p_ptr, p.to(P.dtype.element_ty), mask=live[:, None] & (cols < vocab)[None, :])
+                tl.store(p_ptr, p, mask=live[:, None] & (cols < vocab)[None, :])
+            if CAPTURE:
+                # SLOT covers whole tiles (-1 past the vocabulary) and LP whole row blocks: no mask but the
+                # slot's (with the rows' too: 519 instructions a tile, this 182; bench/lce_sass.py, sm_90).
+                slot = tl.load(SLOT + col0 + tl.arange(0, BN))
+                tl.store(LP + (slot * stride_lp)[None, :] + rows[:, None], p, mask=(slot >= 0)[None, :])
 
 
 @triton.jit
@@ -304,6 +313,12 @@ def _loads(hidden: Tensor, weight: Tensor, tma: bool, bm: int, bn: int, bk: int)
     return TensorDescriptor.from_tensor(hidden, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk])
 
 
+def tile_columns(vocab: int) -> int:
+    """The vocabulary rounded up to whole tiles of every config (the length of ``tiles_fwd``'s slot map)."""
+    bn = max(TILE[1], TILE_PTR[1])  # a multiple of the other's
+    return cdiv(vocab, bn) * bn
+
+
 def row_aligned(rows: int, cols: int, dtype: torch.dtype, device) -> Tensor:
     """An empty 2-byte [rows, cols] whose rows start 16-byte aligned (the stride a TMA store needs); its
     leading columns are views with that stride too."""
@@ -320,6 +335,7 @@ def _group_m(hidden: Tensor, bm: int) -> int:
 def tiles_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool,
     on_rows: Callable[..., None] | None = None, p_rows: int = 0, ref: Tensor | None = None,
+    slot_map: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(m, s, entropy sum e, argmax, label logit, loss) per row; e and argmax empty without ``token_stats``.
     With ``on_rows`` and without ``token_stats`` an ignored row's s is 0 (its p is 0, and its loss).
@@ -328,7 +344,9 @@ def tiles_fwd(
     [k, V] (bf16, 0 in ignored rows) the tiles also store, r_j the row's ``ref`` ([N] fp32) unless the
     tile's max exceeds it by more than ``REF_MARGIN``; after each chunk's merge ``on_rows(r0, p, rp, bn, m,
     s, zlab)`` runs: rp the chunk's [k, T] references r_j over tiles of ``bn`` columns, then the chunk's m,
-    s and label logits."""
+    s and label logits, and ``lp``: with ``slot_map`` ([``tile_columns(V)``] int32, each column's slot or -1;
+    with ``on_rows``) on the TMA path the chunk's label columns of p, [N, k] bf16: p[:, c] in row
+    slot_map[c] (other rows unwritten), else None."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
@@ -354,6 +372,14 @@ def tiles_fwd(
     # p's rows padded to 16 bytes: the stride a TMA store needs.
     p = row_aligned(cap, vocab, torch.bfloat16, hidden.device) if on_rows else hidden
     rp = torch.empty(cap, t, **f32) if on_rows else mp
+    # LP's columns: whole row blocks (the tiles' rows past the chunk land where no one reads). Captured on the
+    # TMA path, by 32-bit offsets (64-bit ones spilled registers with token stats, and pointer stores on
+    # sm_80): where LP is under 2^31 elements.
+    lp_cols = cdiv(cap, bm) * bm
+    capture = slot_map is not None and tma and n * lp_cols < 2**31
+    if capture:
+        assert slot_map.dtype == torch.int32 and slot_map.shape[0] >= t * bn, "slot_map: see tile_columns"
+    lp = row_aligned(n, lp_cols, torch.bfloat16, hidden.device) if capture else p
     zlab, loss = torch.empty(n, **f32), torch.empty(n, **f32)  # every row written by the merge
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
     e = torch.empty(n, **f32) if token_stats else None
@@ -362,12 +388,13 @@ def tiles_fwd(
         h, y, k = hidden[r0 : r0 + chunk], labels[r0 : r0 + chunk], min(chunk, n - r0)
         pd = TensorDescriptor.from_tensor(p[:k], [bm, bn]) if tma and on_rows else p
         parts = (mp, sp, ep, ap, p, pd, rp, sp if ref is None else ref[r0:], y)
+        parts += (slot_map if capture else y, lp)
         _fwd_tiles_kernel[(min(progs, cdiv(k, bm) * t),)](
             h, weight, *_loads(h, weight, tma, bm, bn, bk), *parts, h.stride(0), weight.stride(0),
-            p.stride(0), k, vocab, hdim, t, _group_m(hidden, bm), ignore_index, BM=bm, BN=bn, BK=bk,
-            EVEN_K=hdim % bk == 0, EVEN_V=vocab % bn == 0, UPCAST=not hidden.is_cuda, TMA=tma,
-            TOKEN_STATS=token_stats, STORE_P=on_rows is not None, MARGIN=REF_MARGIN, NUM_PROGS=progs,
-            num_warps=warps,
+            p.stride(0), lp.stride(0), k, vocab, hdim, t, _group_m(hidden, bm), ignore_index, BM=bm, BN=bn,
+            BK=bk, EVEN_K=hdim % bk == 0, EVEN_V=vocab % bn == 0, UPCAST=not hidden.is_cuda, TMA=tma,
+            TOKEN_STATS=token_stats, STORE_P=on_rows is not None, CAPTURE=capture, MARGIN=REF_MARGIN,
+            NUM_PROGS=progs, num_warps=warps,
             num_stages=min(stages, P_STAGES) if tma and on_rows else stages,
         )  # fmt: skip
         outs = (m, s, e, arg) if token_stats else (m, s, s, labels)  # the last two stand-ins again
@@ -378,7 +405,8 @@ def tiles_fwd(
             BLOCK_H=min(pow2(hdim), MERGE_BLOCK), TOKEN_STATS=token_stats, num_warps=4,
         )  # fmt: skip
         if on_rows is not None:
-            on_rows(r0, p[:k], rp[:k], bn, m[r0 : r0 + k], s[r0 : r0 + k], zlab[r0 : r0 + k])
+            chunk_lp = lp[:, :k] if capture else None
+            on_rows(r0, p[:k], rp[:k], bn, m[r0 : r0 + k], s[r0 : r0 + k], zlab[r0 : r0 + k], chunk_lp)
     if not token_stats:
         e, arg = m.new_empty(0), labels.new_empty(0)
     return m, s, e, arg, zlab, loss
