@@ -153,7 +153,9 @@ def test_lce_rows_tiles_capture_p_label_columns(ignore_index, monkeypatch):
         return tiles_fwd(*args[:5], record, *args[6:])
 
     monkeypatch.setattr(rows, "tiles_fwd", spy)
-    rows.rows_fwd_bwd(hid, w, labels, ignore_index, False, torch.tensor(30.0), True, True)
+    rows.rows_fwd_bwd(
+        hid, w, labels, ignore_index, False, torch.tensor(30.0, device=KERNEL_DEVICE), True, True
+    )
     order = labels_mod.label_order(labels)
     sorted_y, _, slots = order
     scored = slots[(sorted_y != ignore_index) & (sorted_y >= 0) & (sorted_y < v)].long().unique()
