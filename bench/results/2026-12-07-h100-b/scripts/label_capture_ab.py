@@ -1,5 +1,5 @@
-"""(Runs at 2cd4003.) What the fp32 label sums cost the one pass, by how p's label columns reach their GEMM: ``rows_fwd_bwd``
-(bf16, dh and dW, Zipf labels) with the columns captured by the tile forward (as landed), gathered from p
+"""(Runs at 2cd4003.) What the fp32 label sums cost the one pass, by how p's label columns reach their GEMM:
+``rows_fwd_bwd`` (bf16, dh and dW, Zipf labels) with the columns captured by the tile forward, gathered from p
 after the settle kernel (``slot_columns`` + index_select: the tiles given no slot map, as on the pointer
 path) and without label sums at all (dW's label rows then wrong; timing only), medians of
 ``triton.testing.do_bench`` in one process; then dW's largest difference between the first two forms (the
