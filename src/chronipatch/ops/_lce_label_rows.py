@@ -10,8 +10,9 @@ into an [N, R] buffer by slot (``_lce_tiles``: CAPTURE), the settle kernel its l
 ``label_sums`` adds that buffer times r h per chunk by an fp32-output cuBLAS GEMM (2 N^2 H over the chunks,
 the slots past the distinct labels' count unwritten, their sums unread); then ``set_label_rows`` adds the
 remainders, the label's rows in a fixed order, and rounds once. Gathering the columns from p after the tile
-forward read 40% of p's sectors again: 0.45 ms at 8192 x 896, 6.5 at 32,768 x 896 (H200,
-bench/results/2026-12-07-h200).
+forward (``slot_columns``: what the pointer-load path still does) read 40% of p's sectors again: 0.45 ms at
+8192 x 896, 6.5 at 32,768 x 896 (H200, bench/results/2026-12-07-h200). Captured, the pass ran 0.1-0.2 ms
+faster at 8192 x 896 and 1.5-3.5 ms at 32,768 x 896 on the H100, dW the same bit for bit (2026-12-07-h100-b).
 """
 
 from __future__ import annotations

@@ -28,16 +28,15 @@ row's sum, up to 2^-9 c off where stock rounds g_y = (p_y - 1) c itself (dW 2.5x
 random-init head, ``bench/lce_grad_error.py``). The exact remainders are added apart: dh adds (g_y - r q) W[y]
 before its one rounding, and dW's row y is set after the GEMMs to the fp32 sum over chunks of p[:, y]^T (r h)
 plus sum_{i: y_i = y} g_y,i h_i - q_i (r_i h_i), rounded once as stock's one GEMM rounds it
-(``_lce_label_rows``: rounded per chunk and then with the remainders, 1.40x stock's error at a random-init
-head in one chunk, 1.98x over five). g_y is rounded as stock rounds it (where c = 1 / n is not a power of 2,
-every label entry of stock's g carries bf16(c)'s rounding, +0.39% at n = 510). The label's term stays in p for
-dW's sake: a frequent token's label terms and the rest of its row largely cancel once a model has learnt its
-frequency, and added after the GEMM's rounding (p's entry 0) they left that rounding of the larger part in
-Llama-3.2-1B's tied embedding, 1.22x stock's error against the fp32 model; this form, emulated in torch inside
-the same loop with the row's max as K, 1.00x (bench/results/2026-12-06-h100-g). The kernels themselves, with
-the sampled K, 1.19-1.21x, and an emulation with that K (the form before, dW rounded once) 1.26x
-(2026-12-06-h200): what the spread above is for. dW's other rows keep r h's rounding, and one rounding per
-chunk after the first where they sum over chunks (chunks of ``P_BYTES`` of p keep them few).
+(``_lce_label_rows``, which says what rounding them per chunk cost). g_y is rounded as stock rounds it (where
+c = 1 / n is not a power of 2, every label entry of stock's g carries bf16(c)'s rounding, +0.39% at n = 510).
+The label's term stays in p for dW's sake: a frequent token's label terms and the rest of its row largely
+cancel once a model has learnt its frequency, and added after the GEMM's rounding (p's entry 0) they left that
+rounding of the larger part in Llama-3.2-1B's tied embedding, 1.22x stock's error against the fp32 model; this
+form, emulated in torch inside the same loop with the row's max as K, 1.00x (bench/results/2026-12-06-h100-g).
+The kernels themselves, with the sampled K, 1.19-1.21x, and an emulation with that K (the form before, dW
+rounded once) 1.26x (2026-12-06-h200): what the spread above is for. dW's other rows keep r h's rounding, and
+one rounding per chunk after the first where they sum over chunks (chunks of ``P_BYTES`` of p keep them few).
 
 The gradients are of the loss itself, so the autograd backward only scales them by its upstream gradient
 (``scale_grad``: exact when that is 1 or a power of 2, and in place skipped for 1). fp16 inputs keep the
