@@ -241,6 +241,19 @@ def _cases() -> list[tuple]:
             {"NEED_DH": True, "NEED_DW": True, "BLOCK": 1024},
         )
     )
+    from chronipatch.ops._lce_label_rows import SUMS_TILE
+
+    cases.append(
+        (
+            "lce_rows_label_sums_bf16",
+            "_lce_label_rows",
+            "_label_sums_kernel",
+            {"SUMS": "*fp32", "LP": "*bf16", "HR": "*bf16", "COUNT": "*i32"}
+            | _ints("rows", "hdim", "stride_s", "stride_lp", "stride_lp_i", "stride_hr"),
+            {"BJ": SUMS_TILE[0], "BH": SUMS_TILE[1], "BR": SUMS_TILE[2], "UPCAST": False},
+            {"num_warps": SUMS_TILE[3], "num_stages": 3},
+        )
+    )
     cases.append(
         (
             "lce_rows_label_rows_bf16",

@@ -349,6 +349,35 @@ def test_lce_label_rows_kernel(n, h, ignore_index):
             assert ((got[touched].double() - want[touched]).abs() <= step).all()
 
 
+@pytest.mark.parametrize("k,n,h", [(0, 5, 8), (1, 1, 8), (70, 300, 40), (33, 66, 300)], ids=str)
+@pytest.mark.parametrize("layout", ["captured", "gathered"])
+def test_lce_label_sums_kernel(k, n, h, layout):
+    """The label sums: sums[j] += lp[j] (r h) for each slot j below the distinct labels' count (an fp32 dot a
+    step, to within fp32 rounding of the fp64 sum), the slots past it untouched bit for bit, whatever lp
+    holds there (nan here); lp as the tiles' copy ([N, k], rows of unit stride) or the gather's transpose."""
+    torch.manual_seed(k + n + h)
+    v = 97
+    labels = torch.randint(-1, v + 1, (n,), device=KERNEL_DEVICE)
+    labels[: n // 2] = 7  # a frequent label: few distinct ones
+    labels = labels[torch.randperm(n, device=KERNEL_DEVICE)]
+    sorted_y, _, slots = labels_mod.label_order(labels)
+    count = int(slots[-1]) + 1
+    assert count == sorted_y.unique().numel()
+    lp = _r(n, k, dtype=torch.bfloat16)
+    lp[count:] = float("nan")
+    if layout == "gathered":
+        lp = lp.T.contiguous().T
+    h_r = _r(k, h, dtype=torch.bfloat16)
+    sums = _r(n, h, dtype=torch.float32)
+    want = sums.double()
+    want[:count] += lp[:count].double() @ h_r.double()
+    got = sums.clone()
+    labels_mod.label_sums(got, lp, h_r, slots[-1:] + 1)
+    assert torch.equal(got[count:], sums[count:])
+    tol = 1e-5 * (lp[:count].double().abs() @ h_r.double().abs()) + 1e-6
+    assert ((got[:count].double() - want[:count]).abs() <= tol).all()
+
+
 def test_lce_rows_label_rows_of_dw_rounded_once_over_chunks(monkeypatch):
     """A near-uniform softmax and one label in most rows: dW's label rows, about -c sum h (from p's label
     entries in every chunk's GEMM, and the remainders), come out the same in chunks of 16 rows as in one

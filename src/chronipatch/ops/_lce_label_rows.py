@@ -5,14 +5,15 @@ g_y / r) and rounds once per chunk; for a label row that rounding and then the e
     dW[y] = sum_i p_iy (r_i h_i)  +  sum_{i: y_i = y} g_y,i h_i - q_i (r_i h_i)
 would round it twice or more: 1.40x stock's error at a random-init head in one chunk, 1.98x over five
 (bench/results/2026-12-07-h100). So the first sum is kept apart in fp32: each distinct label gets a slot
-(``label_order``; ``slot_map``: column -> slot), the tile forward stores p's label columns as it stores p
-into an [N, R] buffer by slot (``_lce_tiles``: CAPTURE), the settle kernel its label entries q there too, and
-``label_sums`` adds that buffer times r h per chunk by an fp32-output cuBLAS GEMM (2 N^2 H over the chunks,
-the slots past the distinct labels' count unwritten, their sums unread); then ``set_label_rows`` adds the
-remainders, the label's rows in a fixed order, and rounds once. Gathering the columns from p after the tile
-forward (``slot_columns``: what the pointer-load path still does) read 40% of p's sectors again: 0.45 ms at
-8192 x 896, 6.5 at 32,768 x 896 (H200, bench/results/2026-12-07-h200). Captured, the pass ran 0.1-0.2 ms
-faster at 8192 x 896 and 1.5-3.5 ms at 32,768 x 896 on the H100, dW the same bit for bit (2026-12-07-h100-b).
+(``label_order``; ``slot_map``: column -> slot), the tile forward stores p's label columns as it stores p into
+an [N, R] buffer by slot (``_lce_tiles``: CAPTURE), the settle kernel its label entries q there too, and
+``label_sums`` adds that buffer times r h per chunk, a Triton GEMM over the slots of the D distinct labels
+(2 D N H over the chunks; D is known only on the device, so the programs past it return at once; the slots
+past it are never written); then ``set_label_rows`` adds the remainders, the label's rows in a fixed order,
+and rounds once. Gathering the columns from p after the tile forward (``slot_columns``: what the pointer-load
+path still does) read 40% of p's sectors again: 0.45 ms at 8192 x 896, 6.5 at 32,768 x 896 (H200,
+bench/results/2026-12-07-h200). Captured, the pass ran 0.1-0.2 ms faster at 8192 x 896 and 1.5-3.5 ms at
+32,768 x 896 on the H100, dW the same bit for bit (2026-12-07-h100-b).
 """
 
 from __future__ import annotations
@@ -23,9 +24,44 @@ import triton.language as tl
 from torch import Tensor
 
 from ._lce_tiles import _scored, tile_columns
-from ._utils import addmm_acc, cdiv, device_of, pow2
+from ._utils import cdiv, device_of, pow2
 
+# The label sums' tile (slots, features, rows of the chunk a step) and warps; programs past the count return.
+SUMS_TILE = (128, 128, 64, 8)
 LABEL_ROWS, LABEL_COLS = 16, 256  # the label-rows kernel's step: rows of one label, and features a program
+
+
+@triton.jit
+def _label_sums_kernel(
+    SUMS, LP, HR, COUNT, rows, hdim, stride_s, stride_lp, stride_lp_i, stride_hr,
+    BJ: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """SUMS[j] += sum_i LP[j, i] HR[i] for BJ slots j < COUNT (one element: the distinct labels' count, known
+    only on the device) and BH features, an fp32 dot over the chunk's rows BR at a time (LP: the tiles' copy,
+    unit stride over rows, or the gathered one's transpose). Feature blocks of one
+    slot block are neighbouring programs: LP's rows meet in L2. UPCAST as ``_lce_tiles._tile_logits``."""
+    j0 = tl.program_id(1) * BJ
+    count = tl.load(COUNT)
+    if j0 < count:
+        js = j0 + tl.arange(0, BJ)
+        hs = tl.program_id(0) * BH + tl.arange(0, BH)
+        j_ok = js < count  # LP's slots past the count hold whatever the buffer held
+        h_ok = hs < hdim
+        acc = tl.zeros((BJ, BH), dtype=tl.float32)
+        for i0 in range(0, rows, BR):
+            i = i0 + tl.arange(0, BR)
+            i_ok = i < rows
+            a_ptrs = LP + js[:, None].to(tl.int64) * stride_lp + i[None, :].to(tl.int64) * stride_lp_i
+            a = tl.load(a_ptrs, mask=j_ok[:, None] & i_ok[None, :], other=0.0)
+            b_ptrs = HR + i[:, None].to(tl.int64) * stride_hr + hs[None, :]
+            b = tl.load(b_ptrs, mask=i_ok[:, None] & h_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        ptrs = SUMS + js[:, None].to(tl.int64) * stride_s + hs[None, :]
+        mask = j_ok[:, None] & h_ok[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=mask) + acc, mask=mask)
 
 
 @triton.jit
@@ -96,10 +132,19 @@ def _scored_rows(y: Tensor, ignore_index: int, vocab: int) -> Tensor:
     return (y != ignore_index) & (y >= 0) & (y < vocab)
 
 
-def label_sums(sums: Tensor, lp: Tensor, h_r: Tensor) -> None:
-    """sums += lp (r h) in fp32 for one chunk (lp: the chunk's label columns of p by slot, [N, k]): each label
-    column's share of dW's GEMM, summed over the chunks without rounding."""
-    addmm_acc(sums, lp, h_r)
+def label_sums(sums: Tensor, lp: Tensor, h_r: Tensor, count: Tensor) -> None:
+    """sums[j] += lp[j] (r h) in fp32 for one chunk and each slot j < count (lp: the chunk's label columns of
+    p by slot, [N, k]; count: ``label_order``'s last slot + 1, on the device): each label column's share of
+    dW's GEMM, summed over the chunks without rounding; the slots past the count untouched."""
+    rows, hdim = h_r.shape
+    if rows == 0:
+        return
+    bj, bh, br, warps = SUMS_TILE
+    with device_of(h_r):
+        _label_sums_kernel[(cdiv(hdim, bh), cdiv(lp.shape[0], bj))](
+            sums, lp, h_r, count, rows, hdim, sums.stride(0), *lp.stride(), h_r.stride(0), BJ=bj, BH=bh,
+            BR=br, UPCAST=not h_r.is_cuda, num_warps=warps, num_stages=3,
+        )  # fmt: skip
 
 
 def set_label_rows(

@@ -305,7 +305,7 @@ def rows_fwd_bwd(
     slots = cols = None
     if need_dw:  # dW's label rows: their GEMM sums kept in fp32 as well, by slot
         order = label_order(labels)
-        slots = slot_map(order, vocab, ignore_index)
+        slots, count = slot_map(order, vocab, ignore_index), order[2][-1:] + 1
         sums = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
 
     def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor, lp) -> None:
@@ -336,7 +336,7 @@ def rows_fwd_bwd(
             if lp is None:  # not captured by the tiles (``tiles_fwd``): gathered from p
                 cols = slot_columns(order, vocab) if cols is None else cols
                 lp = p.index_select(1, cols).T
-            label_sums(sums, lp, h_r)
+            label_sums(sums, lp, h_r, count)
 
     ref = row_references(hidden, weight) if ref is None else ref
     p_rows = P_BYTES // (2 * vocab)
