@@ -181,7 +181,7 @@ def _cases() -> list[tuple]:
                         | parts
                         | {"P": "*bf16" if p else f"*{dt}", "RP": "*fp32", "REF": "*fp32", "LABELS": "*i64"}
                         | {"PD": f"tensordesc<bf16[{bm}, {bn}]>" if p and tma else "*bf16" if p else f"*{dt}"}
-                        | {"SLOT": "*i32" if p else "*i64", "LP": "*bf16" if p else f"*{dt}"}
+                        | {"SLOT": "*i32" if p and tma else "*i64", "LP": "*bf16" if p else f"*{dt}"}
                         | _ints("stride_p", "stride_lp", "ignore_index"),
                         # Both forms of the column mask: bf16 masked (Qwen's vocabulary), fp16 not (EVEN_V).
                         shape

@@ -120,13 +120,14 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
         assert (got.float() - recomputed.float()).abs().max() <= 2 * ulp
 
 
+@pytest.mark.parametrize("token_stats", [False, True], ids=["no-stats", "token-stats"])
 @pytest.mark.parametrize("ignore_index", [-100, 40], ids=["ignore-100", "ignore-40"])
-def test_lce_rows_tiles_capture_p_label_columns(ignore_index, monkeypatch):
+def test_lce_rows_tiles_capture_p_label_columns(ignore_index, token_stats, monkeypatch):
     """The tiles' copy of p's label columns by slot (``_lce_label_rows``; the settle kernel's label entries
     and rescales go there too) is bit for bit p's columns as gathered after the settle kernel (what
     ``slot_columns`` gathers where the tiles do not capture), in every chunk: labels repeated across tiles and
     chunks, two rows past the margin (their other tiles rescaled), ignored rows, an ignore_index inside [0, V)
-    and labels outside it."""
+    and labels outside it; with and without token stats (whose tiles zero the ignored rows' p apart)."""
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
     monkeypatch.setattr(rows, "SAMPLES", 64)
@@ -153,9 +154,8 @@ def test_lce_rows_tiles_capture_p_label_columns(ignore_index, monkeypatch):
         return tiles_fwd(*args[:5], record, *args[6:])
 
     monkeypatch.setattr(rows, "tiles_fwd", spy)
-    rows.rows_fwd_bwd(
-        hid, w, labels, ignore_index, False, torch.tensor(30.0, device=KERNEL_DEVICE), True, True
-    )
+    divisor = torch.tensor(30.0, device=KERNEL_DEVICE)
+    rows.rows_fwd_bwd(hid, w, labels, ignore_index, token_stats, divisor, True, True)
     order = labels_mod.label_order(labels)
     sorted_y, _, slots = order
     scored = slots[(sorted_y != ignore_index) & (sorted_y >= 0) & (sorted_y < v)].long().unique()

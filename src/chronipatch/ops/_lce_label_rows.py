@@ -109,8 +109,8 @@ def label_order(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def slot_map(order: tuple[Tensor, Tensor, Tensor], vocab: int, ignore_index: int) -> Tensor:
-    """[``tile_columns(V)``] int32: each scored label's slot at its column, -1 elsewhere (the tile forward's
-    CAPTURE map; ignored and out-of-range labels go to a spare last entry, which no tile reads)."""
+    """[``tile_columns(V)`` + 1] int32: each scored label's slot at its column, -1 elsewhere (the tile
+    forward's CAPTURE map; ignored and out-of-range labels go to a spare last entry, which no tile reads)."""
     sorted_y, _, slots = order
     spare = tile_columns(vocab)
     out = torch.full((spare + 1,), -1, dtype=torch.int32, device=sorted_y.device)

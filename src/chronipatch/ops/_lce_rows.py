@@ -308,7 +308,9 @@ def rows_fwd_bwd(
         slots, count = slot_map(order, vocab, ignore_index), order[2][-1:] + 1
         sums = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
 
-    def on_rows(r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor, lp) -> None:
+    def on_rows(
+        r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor, lp: Tensor | None
+    ) -> None:
         nonlocal cols
         k = p.shape[0]
         y = labels[r0 : r0 + k]

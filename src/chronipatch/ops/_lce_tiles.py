@@ -343,10 +343,10 @@ def tiles_fwd(
     With ``on_rows`` the rows go in chunks of at most ``p_rows`` (a multiple of BM), whose p = exp(z - r_j)
     [k, V] (bf16, 0 in ignored rows) the tiles also store, r_j the row's ``ref`` ([N] fp32) unless the
     tile's max exceeds it by more than ``REF_MARGIN``; after each chunk's merge ``on_rows(r0, p, rp, bn, m,
-    s, zlab)`` runs: rp the chunk's [k, T] references r_j over tiles of ``bn`` columns, then the chunk's m,
-    s and label logits, and ``lp``: with ``slot_map`` ([``tile_columns(V)``] int32, each column's slot or -1;
-    with ``on_rows``) on the TMA path the chunk's label columns of p, [N, k] bf16: p[:, c] in row
-    slot_map[c] (other rows unwritten), else None."""
+    s, zlab, lp)`` runs: rp the chunk's [k, T] references r_j over tiles of ``bn`` columns, then the chunk's
+    m, s and label logits, and lp: with ``slot_map`` (int32, at least ``tile_columns(V)`` long, each
+    column's slot or -1; with ``on_rows``) on the TMA path the chunk's label columns of p, [N, k] bf16:
+    p[:, c] in row slot_map[c] (other rows unwritten), else None."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     tma, (bm, bn, bk, warps, stages, per_sm) = _config(hidden, weight)
@@ -375,11 +375,11 @@ def tiles_fwd(
     # LP's columns: whole row blocks (the tiles' rows past the chunk land where no one reads). Captured on the
     # TMA path, by 32-bit offsets (64-bit ones spilled registers with token stats, and pointer stores on
     # sm_80): where LP is under 2^31 elements.
-    lp_cols = cdiv(cap, bm) * bm
-    capture = slot_map is not None and tma and n * lp_cols < 2**31
+    lp = row_aligned(n, cdiv(cap, bm) * bm, torch.bfloat16, hidden.device) if slot_map is not None else p
+    capture = slot_map is not None and tma and n * lp.stride(0) < 2**31
     if capture:
         assert slot_map.dtype == torch.int32 and slot_map.shape[0] >= t * bn, "slot_map: see tile_columns"
-    lp = row_aligned(n, lp_cols, torch.bfloat16, hidden.device) if capture else p
+    lp = lp if capture else p
     zlab, loss = torch.empty(n, **f32), torch.empty(n, **f32)  # every row written by the merge
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
     e = torch.empty(n, **f32) if token_stats else None
