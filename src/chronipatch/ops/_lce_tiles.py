@@ -372,14 +372,15 @@ def tiles_fwd(
     # p's rows padded to 16 bytes: the stride a TMA store needs.
     p = row_aligned(cap, vocab, torch.bfloat16, hidden.device) if on_rows else hidden
     rp = torch.empty(cap, t, **f32) if on_rows else mp
-    # LP's columns: whole row blocks (the tiles' rows past the chunk land where no one reads). Captured on the
-    # TMA path, by 32-bit offsets (64-bit ones spilled registers with token stats, and pointer stores on
-    # sm_80): where LP is under 2^31 elements.
-    lp = row_aligned(n, cdiv(cap, bm) * bm, torch.bfloat16, hidden.device) if slot_map is not None else p
-    capture = slot_map is not None and tma and n * lp.stride(0) < 2**31
+    # LP's columns: whole row blocks (the tiles' rows past the chunk land where no one reads; a multiple of
+    # 8, so also row_aligned's stride). Captured on the TMA path, by 32-bit offsets (64-bit ones spilled
+    # registers with token stats, and pointer stores on sm_80): where LP is under 2^31 elements. Decided
+    # before LP is allocated: an uncaptured pass holds none.
+    lp_cols = cdiv(cap, bm) * bm
+    capture = slot_map is not None and tma and n * lp_cols < 2**31
     if capture:
         assert slot_map.dtype == torch.int32 and slot_map.shape[0] >= t * bn, "slot_map: see tile_columns"
-    lp = lp if capture else p
+    lp = row_aligned(n, lp_cols, torch.bfloat16, hidden.device) if capture else p
     zlab, loss = torch.empty(n, **f32), torch.empty(n, **f32)  # every row written by the merge
     m, s = torch.empty(n, **f32), torch.empty(n, **f32)
     e = torch.empty(n, **f32) if token_stats else None
