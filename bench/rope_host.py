@@ -41,6 +41,17 @@ def _args_kernel(X, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, 
     tl.store(X, s)
 
 
+class _Plain(torch.autograd.Function):
+    """chronipatch's eager RoPE Function, its backward without ``once_differentiable`` or the device check."""
+
+    forward = staticmethod(rope_mod._RoPEEager.forward)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        return *rope_mod._direct_fwd(dq, dk, cos, sin, backward=True), None, None, None
+
+
 def arg_count_rows(dev) -> list[tuple[str, float]]:
     """A bare launch with 1 pointer and n integers (the rest passed as constexpr None)."""
     x = torch.zeros(1, device=dev, dtype=torch.int64)
@@ -94,6 +105,10 @@ def layer_rows(dev, b: int, t: int) -> list[tuple[str, object]]:
         # As bench/ops.py calls it: Liger rotates the leaves' memory in place (values drift; timing only).
         torch.autograd.backward(LigerRopeFunction.apply(ql, kl, cos, sin), (dq, dk))
 
+    def ours_plain_fwd_bwd():
+        q.grad = k.grad = None
+        torch.autograd.backward(_Plain.apply(q, k, cos, sin, False), (dq, dk))
+
     def ours_fwd():
         ops.rope(q, k, cos, sin)
 
@@ -113,8 +128,25 @@ def layer_rows(dev, b: int, t: int) -> list[tuple[str, object]]:
         ("ours: ops.rope fwd (graph dropped)", ours_fwd),
         ("liger: LigerRopeFunction fwd (graph dropped)", liger_fwd),
         ("ours: ops.rope fwd+bwd", ours_fwd_bwd),
+        ("ours: fwd+bwd, backward without once_differentiable", ours_plain_fwd_bwd),
         ("liger: fwd+bwd", liger_fwd_bwd),
     ]
+
+
+def op_table(fn, n: int = 200) -> str:
+    """torch.profiler's CPU-side table over ``n`` calls: the autograd engine's nodes and the aten ops that
+    cProfile cannot see (AccumulateGrad's copies, allocations, launches)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
 
 
 def profile(fn, n: int = 2000) -> str:
@@ -146,6 +178,14 @@ def main() -> None:
     named = dict(rows)
     for name in ("ours: ops.rope fwd+bwd", "liger: fwd+bwd"):
         lines += ["", f"## cProfile, 2000 x {name}", "```", profile(named[name]), "```"]
+        lines += ["", f"## torch.profiler (CPU), 200 x {name}", "```", op_table(named[name]), "```"]
+    big = dict(layer_rows(dev, 4, 2048))
+    lines += ["", "## host µs per call, B4 T2048 q14/k2 d64 (bench/ops.py's shape; the GPU may bound it)", ""]
+    for name in ("ours: ops.rope fwd+bwd", "liger: fwd+bwd", "ours: ops.rope fwd (graph dropped)"):
+        fn = big[name]
+        for _ in range(20):
+            fn()
+        lines.append(f"| {name} | {per_call_us(fn, n=300):.1f} |")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
