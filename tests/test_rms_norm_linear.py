@@ -313,3 +313,22 @@ def test_eager_function_matches_the_registered_op(trainable, residual, stacked):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(g is not None for g in eager[-len(names) :]), names  # every trainable input gets a gradient
+
+
+@pytest.mark.parametrize("op", ["rms_norm_linear", "swiglu_linear"])
+def test_eager_function_refuses_a_second_derivative(monkeypatch, op):
+    """The eager CUDA path's ``autograd.Function`` (CPU tensors here) with ``create_graph=True``: its
+    gradients carry a node that refuses a second derivative, never a silently graph-less tensor."""
+    mod = importlib.import_module(f"chronipatch.ops.{op}")
+    monkeypatch.setattr(mod, "eager_cuda", lambda *t: True)
+    x, nw, weights, _ = _case((2, 5, 32), [16], False, seed=7)
+    x, nw, w = (t.clone().requires_grad_() for t in (x, nw, weights[0]))
+    if op == "rms_norm_linear":
+        (out,) = mod._RMSNormLinearEager.apply(x, nw, EPS, [False], None, False, w)
+    else:
+        out = mod._SwiGLULinearEager.apply(x, nw.expand_as(x), w, None)
+    assert type(out.grad_fn).__name__.endswith("EagerBackward")
+    first = torch.autograd.grad((out**2).sum(), x, create_graph=True)[0]
+    assert first.requires_grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()

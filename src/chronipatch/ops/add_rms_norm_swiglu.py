@@ -17,7 +17,15 @@ from torch import Tensor
 
 from . import rms_norm_linear as rnl
 from . import swiglu_linear as sl
-from ._utils import autocast_dtype, check, check_tensors, eager_cuda, same_floats, unit_stride
+from ._utils import (
+    autocast_dtype,
+    check,
+    check_tensors,
+    eager_cuda,
+    once_differentiable,
+    same_floats,
+    unit_stride,
+)
 from .rms_norm_linear import add_rms_norm_linear
 from .swiglu_linear import swiglu_linear
 
@@ -38,7 +46,7 @@ class _AddRMSNormSwiGLUEager(torch.autograd.Function):
         return s, out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, ds, dout):
         s, norm_weight, rstd, wg, wu, g, u, wd = ctx.saved_tensors
         need = ctx.needs_input_grad[5:]  # the three weights, then the biases given

@@ -68,6 +68,7 @@ from ._utils import (
     fast_fp64,
     last_use,
     on_gpu,
+    once_differentiable,
     tf32_matmuls,
 )
 
@@ -289,7 +290,7 @@ class _LceWithGradEager(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_loss, *_):
         return *_backward_with_grad(ctx, grad_loss), None
 

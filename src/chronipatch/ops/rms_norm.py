@@ -35,6 +35,7 @@ from ._utils import (
     eager_cuda,
     last_dense,
     on_gpu,
+    once_differentiable,
     pow2,
     same_floats,
     saveable,
@@ -377,7 +378,7 @@ class _RMSNormEager(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy):
         # Compiled autograd traces this backward with fake tensors: the registered op then.
         bwd = _direct_bwd if eager_cuda(dy) else _rms_norm_bwd

@@ -42,6 +42,7 @@ from ._utils import (
     direct,
     eager_cuda,
     on_gpu,
+    once_differentiable,
     same_floats,
     saveable,
     unit_stride,
@@ -203,7 +204,7 @@ class _RMSNormLinearEager(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, *douts):
         x, norm_weight, rstd, *weights = ctx.saved_tensors
         n = len(weights)

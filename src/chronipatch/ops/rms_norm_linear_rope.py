@@ -22,6 +22,7 @@ from ._utils import (
     check_tensors,
     direct,
     eager_cuda,
+    once_differentiable,
     same_floats,
     saveable,
     unit_stride,
@@ -47,7 +48,7 @@ class _RMSNormLinearRoPEEager(torch.autograd.Function):
         return q, k, v
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dq, dk, dv):
         x, norm_weight, rstd, cos, sin, *weights = ctx.saved_tensors
         n = len(weights)

@@ -30,6 +30,7 @@ from ._utils import (
     eager_cuda,
     last_dense,
     on_gpu,
+    once_differentiable,
     pow2,
 )
 
@@ -195,7 +196,7 @@ class _RoPEEager(torch.autograd.Function):
         return _direct_fwd(q, k, cos, sin, dense=dense)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         # Compiled autograd traces this backward with fake tensors: the registered op then.

@@ -16,7 +16,18 @@ from torch.library import triton_op, wrap_triton
 
 from . import reference
 from ._math import exp_for
-from ._utils import HALF, cdiv, check, check_same, check_tensors, direct, eager_cuda, on_gpu, same_floats
+from ._utils import (
+    HALF,
+    cdiv,
+    check,
+    check_same,
+    check_tensors,
+    direct,
+    eager_cuda,
+    on_gpu,
+    once_differentiable,
+    same_floats,
+)
 
 BLOCK = 2048
 
@@ -141,7 +152,7 @@ class _SwiGLUEager(torch.autograd.Function):
         return _direct_fwd(gate, up)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dout):
         # Compiled autograd traces this backward with fake tensors: the registered op then.
         return (_direct_bwd if eager_cuda(dout) else _swiglu_bwd)(dout, *ctx.saved_tensors)

@@ -30,6 +30,7 @@ from ._utils import (
     direct,
     eager_cuda,
     on_gpu,
+    once_differentiable,
     same_floats,
     saveable,
 )
@@ -105,7 +106,7 @@ class _SwiGLULinearEager(torch.autograd.Function):
         return _direct_fwd(gate, up, weight, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dout):
         need_dw, need_db = ctx.needs_input_grad[2:]
         # Compiled autograd traces this backward with fake tensors: the registered op then.
