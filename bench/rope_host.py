@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from chronipatch import ops
 from overhead import per_call_us
@@ -42,7 +43,7 @@ def _args_kernel(X, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, 
 
 
 class _Plain(torch.autograd.Function):
-    """chronipatch's eager RoPE Function, its backward without ``once_differentiable`` or the device check."""
+    """chronipatch's eager RoPE Function, its backward without the device check."""
 
     forward = staticmethod(rope_mod._RoPEEager.forward)
 
@@ -50,6 +51,14 @@ class _Plain(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         return *rope_mod._direct_fwd(dq, dk, cos, sin, backward=True), None, None, None
+
+
+class _Guarded(torch.autograd.Function):
+    """chronipatch's eager RoPE Function, its backward always through torch's ``once_differentiable`` (its
+    ``no_grad`` context on every call), as before 8b75618."""
+
+    forward = staticmethod(rope_mod._RoPEEager.forward)
+    backward = staticmethod(once_differentiable(rope_mod._RoPEEager.backward.__wrapped__))
 
 
 def arg_count_rows(dev) -> list[tuple[str, float]]:
@@ -109,6 +118,10 @@ def layer_rows(dev, b: int, t: int) -> list[tuple[str, object]]:
         q.grad = k.grad = None
         torch.autograd.backward(_Plain.apply(q, k, cos, sin, False), (dq, dk))
 
+    def ours_guarded_fwd_bwd():
+        q.grad = k.grad = None
+        torch.autograd.backward(_Guarded.apply(q, k, cos, sin, False), (dq, dk))
+
     def ours_fwd():
         ops.rope(q, k, cos, sin)
 
@@ -128,7 +141,8 @@ def layer_rows(dev, b: int, t: int) -> list[tuple[str, object]]:
         ("ours: ops.rope fwd (graph dropped)", ours_fwd),
         ("liger: LigerRopeFunction fwd (graph dropped)", liger_fwd),
         ("ours: ops.rope fwd+bwd", ours_fwd_bwd),
-        ("ours: fwd+bwd, backward without once_differentiable", ours_plain_fwd_bwd),
+        ("ours: fwd+bwd, backward without the device check", ours_plain_fwd_bwd),
+        ("ours: fwd+bwd, backward through torch's once_differentiable", ours_guarded_fwd_bwd),
         ("liger: fwd+bwd", liger_fwd_bwd),
     ]
 
@@ -181,7 +195,8 @@ def main() -> None:
         lines += ["", f"## torch.profiler (CPU), 200 x {name}", "```", op_table(named[name]), "```"]
     big = dict(layer_rows(dev, 4, 2048))
     lines += ["", "## host µs per call, B4 T2048 q14/k2 d64 (bench/ops.py's shape; the GPU may bound it)", ""]
-    for name in ("ours: ops.rope fwd+bwd", "liger: fwd+bwd", "ours: ops.rope fwd (graph dropped)"):
+    names = ["ours: ops.rope fwd+bwd", "ours: fwd+bwd, backward through torch's once_differentiable"]
+    for name in (*names, "liger: fwd+bwd", "ours: ops.rope fwd (graph dropped)"):
         fn = big[name]
         for _ in range(20):
             fn()
