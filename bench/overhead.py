@@ -44,7 +44,7 @@ def launch_table(dev) -> list[tuple[str, float]]:
     kern = rms_mod._fwd_kernel
 
     def raw():
-        kern[(1,)](x, w, y, rstd, 64, 64, 8, 64, 1e-6, BLOCK_N=64, ROWS=16, num_warps=4)
+        kern[(1,)](x, w, y, rstd, x, y, 64, 64, 64, 8, 64, 1e-6, BLOCK_N=64, ROWS=16, ADD=False, num_warps=4)
 
     def launcher():
         rms_mod.rms_norm_fwd_triton(x, w, 1e-6, wrap=False)
