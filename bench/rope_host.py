@@ -42,6 +42,14 @@ def _args_kernel(X, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, 
     tl.store(X, s)
 
 
+@triton.jit
+def _ptrs_kernel(P0, P1, P2, P3, P4, P5, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                 a16, a17, a18, a19, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):  # fmt: skip
+    """RoPE's kernel's signature (6 pointers, 20 integers, constexprs) around a one-element store."""
+    s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11 + a12 + a13 + a14 + a15 + a16 + a17
+    tl.store(P0, (s + a18 + a19 + B0 + B1 + B2).to(P0.dtype.element_ty))
+
+
 class _Plain(torch.autograd.Function):
     """chronipatch's eager RoPE Function, its backward without the device check."""
 
@@ -99,6 +107,19 @@ def layer_rows(dev, b: int, t: int) -> list[tuple[str, object]]:
             D=d, BLOCK_HQ=16, BLOCK_HK=2, BLOCK_D=64, TOKENS=tokens, BACKWARD=False, num_warps=warps,
         )  # fmt: skip
 
+    args = (qd, kd, cos, sin, qo, ko, b * t, t, *sq[:3], *sk[:3], *sqo[:3], *sko[:3], 0, d, 0, d, hq, hk)
+    consts = dict(D=d, BLOCK_HQ=16, BLOCK_HK=2, BLOCK_D=64, TOKENS=tokens, BACKWARD=False)
+    grid = (triton.cdiv(b * t, tokens),)
+    ints = [16 * (i + 3) for i in range(20)]
+
+    def variant_rows():
+        return [
+            ("ours: bare launch, args in one tuple", lambda: kern[grid](*args, **consts, num_warps=warps)),
+            ("ours: bare launch, args in one tuple, no num_warps", lambda: kern[grid](*args, **consts)),
+            ("6 pointers + 20 ints + 3 constexprs, bare launch", lambda: _ptrs_kernel[grid](
+                qo, kd, cos, sin, qd, ko, *ints, B0=1, B1=2, B2=3)),
+        ]  # fmt: skip
+
     def liger_raw():
         _triton_rope[(b * t,)](
             lq, lq.stride(1), lk, lk.stride(1), cos, cos.stride(-2), sin, sin.stride(-2), t, b, 1, hq, hk, d,
@@ -132,6 +153,7 @@ def layer_rows(dev, b: int, t: int) -> list[tuple[str, object]]:
         return [torch.empty(b, t, x.shape[1], d, **bf).transpose(1, 2) for x in (q, k)]
 
     return [
+        *variant_rows(),
         ("torch.empty x2 + transpose x2", allocs),
         ("_fits + eager_cuda", lambda: rope_mod._fits(q, k, cos, sin) and eager_cuda(q, k, cos, sin)),
         ("ours: bare JIT launch (args prebuilt)", ours_raw),
