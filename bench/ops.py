@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import statistics
 import time
 from pathlib import Path
 
@@ -111,7 +112,10 @@ def _inputs(op: table.Op, dims, dev, dtype) -> list:
     return op.build(dims, dev, dtype)
 
 
-def run_case(name: str, dims: tuple, dev, dtype, impls, warmup, rep) -> list[dict]:
+def run_case(name: str, dims: tuple, dev, dtype, impls, warmup, rep, rounds: int = 1) -> list[dict]:
+    """One row per implementation. With ``rounds`` > 1 its ``ms`` is the median of that many do_bench medians,
+    the implementations timed in turn round by round once all are built, so that a host whose speed drifts
+    during the case weighs on every implementation alike."""
     op = table.OPS[name]
     args32 = [_to32(a) for a in _inputs(op, dims, dev, dtype)]
     ref = _outs(op.makers["hf_eager"](args32, dev)(*args32))
@@ -120,7 +124,7 @@ def run_case(name: str, dims: tuple, dev, dtype, impls, warmup, rep) -> list[dic
     ref, ref_grads = [o.detach() for o in ref], [args32[i].grad for i in op.grad_idx]
     del args32
     floor_ms = op.floor(dims, torch.finfo(dtype).bits // 8) * 1e3
-    rows = []
+    rows, kept = [], {}
     for impl in impls:
         row = dict.fromkeys(COLUMNS)
         row.update(op=name, shape=op.label.format(*dims), impl=impl, floor_ms=floor_ms, note="")
@@ -160,12 +164,16 @@ def run_case(name: str, dims: tuple, dev, dtype, impls, warmup, rep) -> list[dic
                 a.grad = None
             mem = peak_extra_bytes(step, dev)
             row["peak_extra_MiB"] = None if mem is None else mem / 2**20
-            row["ms"] = timeit(step, warmup, rep, dev)
+            if rounds > 1:
+                kept[impl] = (row, step)  # timed below, in turn with the others
+            else:
+                row["ms"] = timeit(step, warmup, rep, dev)
             try:
                 row["gpu_ms"] = kernel_ms(step, dev)
             except Exception as e:  # the timing above stands without it
                 row["note"] = f"gpu_ms: {short_error(e)}"
-            row["pct_floor"] = 100 * floor_ms / row["ms"]
+            if row["ms"] is not None:
+                row["pct_floor"] = 100 * floor_ms / row["ms"]
         except table.Skip as e:
             row["note"] = f"skipped: {e}"
         except Exception as e:
@@ -175,7 +183,21 @@ def run_case(name: str, dims: tuple, dev, dtype, impls, warmup, rep) -> list[dic
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        print(f"  {name:10s} {row['shape']:24s} {impl:20s} ms={row['ms']} {row['note']}", flush=True)
+        ms = "(timed in the rounds below)" if impl in kept else row["ms"]
+        print(f"  {name:10s} {row['shape']:24s} {impl:20s} ms={ms} {row['note']}", flush=True)
+    times = {impl: [] for impl in kept}
+    for _ in range(rounds if kept else 0):
+        for impl, (row, step) in kept.items():
+            try:
+                times[impl].append(timeit(step, warmup, rep, dev))
+            except Exception as e:  # the row keeps what the other rounds measured
+                row["note"] = f"a round failed: {short_error(e)}"
+    for impl, (row, _) in kept.items():
+        if times[impl]:
+            row["ms"] = statistics.median(times[impl])
+            row["pct_floor"] = 100 * floor_ms / row["ms"]
+            print(f"  {name:10s} {row['shape']:24s} {impl:20s} ms={row['ms']} rounds={times[impl]}")
+    del kept
     torch._dynamo.reset()
     return rows
 
@@ -213,6 +235,9 @@ def main() -> None:
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list: {','.join(IMPLS)}")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved timing rounds of each case but the loss's (median)"
+    )
     args = ap.parse_args()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16
@@ -233,7 +258,8 @@ def main() -> None:
     )
     meta["notes"] = [
         f"{dtype}; ms = median of one forward + backward (fixed random upstream grad, ones for the loss),"
-        f" timed with {timer}, warmup {warmup} ms, rep {rep} ms",
+        f" timed with {timer}, warmup {warmup} ms, rep {rep} ms; every case but the loss's: the median of"
+        f" {args.rounds} such medians, the implementations timed in turn round by round",
         _floor_note(measured=dev.type == "cuda"),
         *NOTES,
     ]
@@ -247,7 +273,9 @@ def main() -> None:
     rows = []
     for name, dims in table.SMOKE_CASES if args.smoke else table.CASES:
         if table.OPS[name].group in groups:
-            rows += run_case(name, dims, dev, dtype, impls, warmup, rep)
+            # The loss's cases hold GBs per implementation and run GPU-bound: timed once, one after another.
+            rounds = 1 if table.OPS[name].group == "lce" else max(1, args.rounds)
+            rows += run_case(name, dims, dev, dtype, impls, warmup, rep, rounds)
             # Written after every case: a run cut short keeps what it measured.
             sections = _pivots(rows, impls, gpu=dev.type == "cuda") + extra
             json_path, md_path = write_results(
