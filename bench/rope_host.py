@@ -5,7 +5,8 @@
 At small shapes the GPU waits for the host, so ``bench/ops.py``'s wall time of RoPE is the host's time. This
 prints µs per call (best of 5 rounds of 1000 calls, on tensors small enough that the GPU never holds the host
 back) for each layer of one fwd + bwd, chronipatch's and Liger's side by side, the launch cost of a bare
-Triton kernel by its count of runtime arguments, and a cProfile of 2000 fwd + bwd of each.
+Triton kernel by its count of runtime arguments and of RoPE's own kernel in three forms, a cProfile of 2000
+fwd + bwd of each and torch.profiler's CPU table of 200, then the fwd + bwd at bench/ops.py's shape.
 """
 
 from __future__ import annotations
