@@ -42,7 +42,7 @@ def test_ops_bench_smoke(tmp_path):
             worst = stock.setdefault((r["op"], r["shape"]), [0.0, 0.0])
             worst[:] = max(worst[0], r["fwd_err"]), max(worst[1], r["grad_err"])
     for r in ours:
-        assert not r["note"].startswith("error"), r
+        assert not r["note"].startswith("error") and "round failed" not in r["note"], r
         # The script's own error columns: no worse than HF's (eager or compiled) on the same inputs.
         fwd, grad = stock[r["op"], r["shape"]]
         assert r["ms"] > 0 and r["fwd_err"] <= 1.1 * fwd + 1e-6 and r["grad_err"] <= 1.1 * grad + 1e-6, r
