@@ -104,21 +104,26 @@ def _hf_vs_ops(dev) -> list:
     ]
 
 
-def profile_calls(dev) -> str:
-    x = torch.randn(8, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+def cprofile_calls(fn, n: int = 2000, rows: int = 30) -> str:
+    """cProfile of ``n`` calls of ``fn`` after 20 warm-up calls, its ``rows`` costliest by own time."""
     for _ in range(20):
-        ops.rms_norm(x, w, 1e-6).sum().backward()
+        fn()
     torch.cuda.synchronize()
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(2000):
-        ops.rms_norm(x, w, 1e-6).sum().backward()
+    for _ in range(n):
+        fn()
     torch.cuda.synchronize()
     prof.disable()
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(rows)
     return s.getvalue()
+
+
+def profile_calls(dev) -> str:
+    x = torch.randn(8, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    return cprofile_calls(lambda: ops.rms_norm(x, w, 1e-6).sum().backward())
 
 
 def lce_kernels(dev) -> str:

@@ -12,10 +12,7 @@ fwd + bwd of each and torch.profiler's CPU table of 200, then the fwd + bwd at b
 from __future__ import annotations
 
 import argparse
-import cProfile
 import importlib
-import io
-import pstats
 from pathlib import Path
 
 import torch
@@ -24,7 +21,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from chronipatch import ops
-from overhead import per_call_us
+from overhead import cprofile_calls, per_call_us
 
 rope_mod = importlib.import_module("chronipatch.ops.rope")
 
@@ -186,21 +183,6 @@ def op_table(fn, n: int = 200) -> str:
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
 
 
-def profile(fn, n: int = 2000) -> str:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    prof.disable()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-    return s.getvalue()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/out")
@@ -214,7 +196,7 @@ def main() -> None:
         lines.append(f"| {name} | {per_call_us(fn):.1f} |")
     named = dict(rows)
     for name in ("ours: ops.rope fwd+bwd", "liger: fwd+bwd"):
-        lines += ["", f"## cProfile, 2000 x {name}", "```", profile(named[name]), "```"]
+        lines += ["", f"## cProfile, 2000 x {name}", "```", cprofile_calls(named[name], rows=25), "```"]
         lines += ["", f"## torch.profiler (CPU), 200 x {name}", "```", op_table(named[name]), "```"]
     big = dict(layer_rows(dev, 4, 2048))
     lines += ["", "## host µs per call, B4 T2048 q14/k2 d64 (bench/ops.py's shape; the GPU may bound it)", ""]
