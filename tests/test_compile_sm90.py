@@ -241,7 +241,7 @@ def _cases() -> list[tuple]:
             {"NEED_DH": True, "NEED_DW": True, "BLOCK": 1024},
         )
     )
-    from chronipatch.ops._lce_label_rows import SUMS_TILE
+    from chronipatch.ops._lce_label_rows import LABEL_COLS, LABEL_ROWS, LABEL_RUNS, LABEL_WARPS, SUMS_TILE
 
     cases.append(
         (
@@ -261,8 +261,9 @@ def _cases() -> list[tuple]:
             "_label_rows_kernel",
             {"DW": "*bf16", "H": "*bf16", "ORDER": "*i64", "SORTED": "*i64", "SLOTS": "*i32", "END": "*i64"}
             | dict.fromkeys(("SUMS", "R", "GLAB", "QLAB"), "*fp32")
-            | _ints("stride_dw", "stride_s", "stride_h", "hdim", "vocab", "ignore_index"),
-            {"ROWS": 16, "BLOCK": 256},
+            | _ints("n", "stride_dw", "stride_s", "stride_h", "hdim", "vocab", "ignore_index"),
+            {"RUNS": LABEL_RUNS, "ROWS": LABEL_ROWS, "BLOCK": LABEL_COLS},
+            {"num_warps": LABEL_WARPS},
         )
     )
     cases += [

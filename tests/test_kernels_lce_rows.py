@@ -300,20 +300,29 @@ def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
 
 @pytest.mark.parametrize("n,h", [(0, 8), (1, 8), (60, 40), (33, 1100)], ids=str)
 @pytest.mark.parametrize("ignore_index", [-100, 2], ids=["ignore-100", "ignore-2"])
-def test_lce_label_rows_kernel(n, h, ignore_index):
+@pytest.mark.parametrize("runs", ["long", "spread"])
+def test_lce_label_rows_kernel(n, h, ignore_index, runs):
     """dW's label rows: dW[y] = sums[j] + sum_{i: y_i = y} g_i h_i - q_i (r_i h_i) (sums: the fp32 GEMM sums
     in label order, j the label's first place; r h rounded to bf16 as dW's GEMM takes it), summed in fp32 and
     rounded once (to within one bf16 step: the interpreter truncates), over runs of one label from one row to
-    most of them (steps of ``LABEL_ROWS``, a ragged last one); ignored rows (inf hidden states allowed;
-    ignore_index also inside [0, V)), labels outside [0, V) (the label check reports them apart) and
-    unlabelled rows of dW untouched, bit for bit. Hidden rows strided; several column blocks at 1100; no
-    rows; every row ignored."""
+    most of them (steps of ``LABEL_ROWS``, a ragged last one; ``long``), or labels of one row each with a few
+    runs, one across the programs' blocks of ``LABEL_RUNS`` places (``spread``); ignored rows (inf hidden
+    states allowed; ignore_index also inside [0, V)), labels outside [0, V) (the label check reports them
+    apart) and unlabelled rows of dW untouched, bit for bit. Hidden rows strided; several column blocks at
+    1100; no rows; every row ignored."""
     torch.manual_seed(n + h)
-    v = 50
+    v = 50 if runs == "long" else 3 * n + 10
     dw = _r(v, h, dtype=torch.bfloat16, scale=0.01)
     hid = _r(n, 2 * h, dtype=torch.bfloat16)[:, :h]  # a row stride of 2 h
-    labels = torch.randint(0, 6, (n,), device=KERNEL_DEVICE)  # few labels: long runs
-    labels[: n * 2 // 3] = 3  # one run of most rows
+    if runs == "long":
+        labels = torch.randint(0, 6, (n,), device=KERNEL_DEVICE)  # few labels: long runs
+        labels[: n * 2 // 3] = 3  # one run of most rows
+    else:
+        labels = torch.randperm(v, device=KERNEL_DEVICE)[:n].sort().values  # distinct, in sorted order
+        block = labels_mod.LABEL_RUNS
+        if n > block + 4:
+            labels[block - 2 : block + 2] = labels[block - 2]  # a run from one program's places into the next
+            labels[n - 3 :] = labels[n - 3]  # and one at the end
     labels = labels[torch.randperm(n, device=KERNEL_DEVICE)]
     if n > 4:
         labels[1], labels[2], labels[3] = ignore_index, v + 7, -5

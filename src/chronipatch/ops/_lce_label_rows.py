@@ -28,7 +28,9 @@ from ._utils import cdiv, device_of, pow2
 
 # The label sums' tile (slots, features, rows of the chunk a step) and warps; programs past the count return.
 SUMS_TILE = (128, 128, 64, 8)
-LABEL_ROWS, LABEL_COLS = 16, 256  # the label-rows kernel's step: rows of one label, and features a program
+# The label-rows kernel's program: sorted places whose runs it writes, rows of one run a step, features, and
+# warps (4 spilled registers at these blocks on sm_90).
+LABEL_RUNS, LABEL_ROWS, LABEL_COLS, LABEL_WARPS = 16, 16, 256, 8
 
 
 @triton.jit
@@ -66,37 +68,62 @@ def _label_sums_kernel(
 
 @triton.jit
 def _label_rows_kernel(
-    DW, SUMS, H, ORDER, SORTED, SLOTS, END, R, GLAB, QLAB, stride_dw, stride_s, stride_h, hdim, vocab,
-    ignore_index, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    DW, SUMS, H, ORDER, SORTED, SLOTS, END, R, GLAB, QLAB, n, stride_dw, stride_s, stride_h, hdim, vocab,
+    ignore_index, RUNS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """dW's label rows, BLOCK features of a label y: dW[y] = SUMS[slot] + sum_{i: y_i = y} g_i h_i -
-    q_i r_i h_i, rounded once: SUMS the fp32 sum of every row's p entry at y times r h (``label_sums``), the
-    rest the exact remainders (r h rounded to h's dtype, as the GEMMs took it), exact products summed in fp32
-    over the label's rows in sorted order, ROWS at a time (ORDER: a stable argsort of the labels, SORTED the
-    sorted labels, SLOTS their slots, END the end of each one's run, j its start). The program at the first
-    row of a run does the work, the others return: each row of dW has one writer, in a fixed order."""
-    j = tl.program_id(0)
-    y = tl.load(SORTED + j)
-    first = (j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0)) != y)
-    if first & _scored(y, ignore_index, vocab):
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        col_ok = cols < hdim
-        end = tl.load(END + j)
-        slot = tl.load(SLOTS + j).to(tl.int64)
-        acc = tl.load(SUMS + slot * stride_s + cols, mask=col_ok, other=0.0)
-        # ROWS rows a step: a frequent token's run (a few % of the rows in text) in few dependent loads.
-        for i0 in range(j, end, ROWS):
+    """dW's label rows, BLOCK features of the labels whose runs start at RUNS sorted places: dW[y] =
+    SUMS[slot] + sum_{i: y_i = y} g_i h_i - q_i r_i h_i, rounded once: SUMS the fp32 sum of every row's p
+    entry at y times r h (``label_sums``), the rest the exact remainders (r h rounded to h's dtype, as the
+    GEMMs took it), exact products summed in fp32 over the label's rows in sorted order (ORDER: a stable
+    argsort of the labels, SORTED the sorted labels, SLOTS their slots, END the end of each one's run). Each
+    row of dW has one writer, the program holding its run's first place, and a fixed order. A label of one
+    row (most, where labels are spread over a large vocabulary) takes one [RUNS, BLOCK] step for all of them;
+    a longer run, ROWS of its rows a step, so that a frequent token's run (a few % of the rows in text) takes
+    few dependent loads. (One program per place, 16x the programs, took 0.32 ms at 8192 x 896 on the H100,
+    bench/results/2026-12-07-h100-c.)"""
+    idx = tl.arange(0, RUNS)
+    j = tl.program_id(0) * RUNS + idx
+    j_ok = j < n
+    y = tl.load(SORTED + j, mask=j_ok, other=ignore_index)
+    first = j_ok & ((j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0), mask=j_ok) != y))
+    first &= _scored(y, ignore_index, vocab)
+    end = tl.load(END + j, mask=first, other=0)
+    single = first & (end == j + 1)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < hdim
+    # The runs of one row, together.
+    mask = single[:, None] & col_ok[None, :]
+    rows = tl.load(ORDER + j, mask=single, other=0)
+    slot = tl.load(SLOTS + j, mask=single, other=0).to(tl.int64)
+    g = tl.load(GLAB + rows, mask=single, other=0.0)[:, None]
+    q = tl.load(QLAB + rows, mask=single, other=0.0)[:, None]
+    r = tl.load(R + rows, mask=single, other=0.0)[:, None]
+    acc = tl.load(SUMS + slot[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
+    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h_r = (h * r).to(H.dtype.element_ty).to(tl.float32)  # h holds H's values exactly
+    acc += g * h - q * h_r
+    tl.store(DW + y.to(tl.int64)[:, None] * stride_dw + cols[None, :], acc.to(DW.dtype.element_ty), mask=mask)
+    # The longer runs, one at a time (the smallest place left first).
+    todo = first & (end > j + 1)
+    for _ in range(0, tl.sum(todo.to(tl.int32), axis=0)):
+        at = tl.min(tl.where(todo, idx, RUNS), axis=0)
+        todo &= idx != at
+        j1 = tl.program_id(0) * RUNS + at
+        y1 = tl.load(SORTED + j1)
+        end1 = tl.load(END + j1)
+        acc1 = tl.load(SUMS + tl.load(SLOTS + j1).to(tl.int64) * stride_s + cols, mask=col_ok, other=0.0)
+        for i0 in range(j1, end1, ROWS):
             i = i0 + tl.arange(0, ROWS)
-            live = i < end
-            rows = tl.load(ORDER + i, mask=live, other=0)
-            g = tl.load(GLAB + rows, mask=live, other=0.0)[:, None]
-            q = tl.load(QLAB + rows, mask=live, other=0.0)[:, None]
-            r = tl.load(R + rows, mask=live, other=0.0)[:, None]
-            mask = live[:, None] & col_ok[None, :]
-            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h_r = (h * r).to(H.dtype.element_ty).to(tl.float32)  # h holds H's values exactly
-            acc += tl.sum(g * h - q * h_r, axis=0)
-        tl.store(DW + y * stride_dw + cols, acc.to(DW.dtype.element_ty), mask=col_ok)
+            live = i < end1
+            rows1 = tl.load(ORDER + i, mask=live, other=0)
+            g1 = tl.load(GLAB + rows1, mask=live, other=0.0)[:, None]
+            q1 = tl.load(QLAB + rows1, mask=live, other=0.0)[:, None]
+            r1 = tl.load(R + rows1, mask=live, other=0.0)[:, None]
+            mask1 = live[:, None] & col_ok[None, :]
+            h1 = tl.load(H + rows1[:, None] * stride_h + cols[None, :], mask=mask1, other=0.0).to(tl.float32)
+            h_r1 = (h1 * r1).to(H.dtype.element_ty).to(tl.float32)
+            acc1 += tl.sum(g1 * h1 - q1 * h_r1, axis=0)
+        tl.store(DW + y1 * stride_dw + cols, acc1.to(DW.dtype.element_ty), mask=col_ok)
 
 
 def label_order(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -162,7 +189,8 @@ def set_label_rows(
     end = torch.searchsorted(sorted_y, sorted_y, right=True)
     block = min(pow2(hdim), LABEL_COLS)
     with device_of(hidden):
-        _label_rows_kernel[(n, cdiv(hdim, block))](
-            dw, sums, hidden, perm, sorted_y, slots, end, r, g_label, q_label, dw.stride(0), sums.stride(0),
-            hidden.stride(0), hdim, dw.shape[0], ignore_index, ROWS=LABEL_ROWS, BLOCK=block, num_warps=4,
+        _label_rows_kernel[(cdiv(n, LABEL_RUNS), cdiv(hdim, block))](
+            dw, sums, hidden, perm, sorted_y, slots, end, r, g_label, q_label, n, dw.stride(0),
+            sums.stride(0), hidden.stride(0), hdim, dw.shape[0], ignore_index, RUNS=LABEL_RUNS,
+            ROWS=LABEL_ROWS, BLOCK=block, num_warps=LABEL_WARPS,
         )  # fmt: skip
