@@ -498,10 +498,11 @@ def test_lce_eager_function_runs_the_one_pass(monkeypatch):
 
 @pytest.mark.parametrize("ignored", [3, 20], ids=["all-rows", "supervised-rows"])
 def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_prefetch, ignored):
-    """The eager bf16 training call starts the label check, queues the rows' references before waiting for
-    the counts (which the check then reads: no count of its own) and hands the references to the one pass:
-    the same bits as the one pass computing them itself. Where it then scores only the supervised rows, it
-    drops them (those rows' own are computed, as the registered op computes them)."""
+    """The eager bf16 training call starts the label check, queues the one pass's first launches (the rows'
+    references, the labels' order, slot map and count, the zeroed label sums) before waiting for the counts
+    (which the check then reads: no count of its own) and hands them to the one pass: the same bits as the
+    one pass computing them itself. Where it then scores only the supervised rows, it drops them (those rows'
+    own are computed, as the registered op computes them)."""
     from chronipatch.ops import _labels
 
     small_lce_tiles(monkeypatch)
@@ -509,9 +510,9 @@ def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_
     for mod in (lce, rows):  # CPU tensors here: the direct branch as a CUDA call would take it
         monkeypatch.setattr(mod, "eager_cuda", lambda *tensors: True)
     monkeypatch.setattr(lce, "prefetch_label_check", cpu_prefetch)  # its steps with CPU stand-ins
-    order, real_counts, real_refs = [], _labels.label_counts, lce.row_references
+    order, real_counts, real_prep = [], _labels.label_counts, lce.rows_prep
     monkeypatch.setattr(_labels, "label_counts", lambda *a: order.append("counts") or real_counts(*a))
-    monkeypatch.setattr(lce, "row_references", lambda *a: order.append("references") or real_refs(*a))
+    monkeypatch.setattr(lce, "rows_prep", lambda *a: order.append("prep") or real_prep(*a))
     handed, real = [], rows.rows_fwd_bwd
     monkeypatch.setattr(lce, "rows_fwd_bwd", lambda *args: handed.append(args[-1]) or real(*args))
     torch.manual_seed(0)
@@ -521,12 +522,15 @@ def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_
     x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
     loss = ops.linear_cross_entropy(x, wt, labels, shift=False)
     loss.backward()
-    assert order == ["counts", "references"]
+    assert order == ["counts", "prep"]
     supervised = labels != -100
     keep = supervised.nonzero().squeeze(1) if ignored > 10 else torch.arange(40, device=KERNEL_DEVICE)
     assert (handed[0] is None) == (ignored > 10)
     if handed[0] is not None:
-        assert torch.equal(handed[0], rows.row_references(hid, w))
+        want = rows.rows_prep(hid, w, labels, -100, True)
+        assert torch.equal(handed[0].ref, rows.row_references(hid, w))
+        assert all(torch.equal(a, b) for a, b in zip(handed[0].order, want.order))
+        assert torch.equal(handed[0].slots, want.slots) and torch.equal(handed[0].count, want.count)
     divisor = supervised.sum().float()
     want = lce.lce_fwd_bwd_triton(hid[keep], w, labels[keep], divisor, -100, False, True, True)
     assert torch.equal(loss, want[0]) and torch.equal(x.grad[keep], want[3]) and torch.equal(wt.grad, want[4])

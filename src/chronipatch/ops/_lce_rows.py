@@ -46,6 +46,8 @@ range.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -289,24 +291,45 @@ def dw_rows(hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     return torch.where((labels != ignore_index).unsqueeze(1), hidden, 0.0)
 
 
+class RowsPrep(NamedTuple):
+    """What the one pass needs before its first tile, from its inputs alone (no label count): an eager call
+    queues it ahead of its label check's wait, so that the GPU runs it while the host waits."""
+
+    ref: Tensor  # each row's reference K (``row_references``)
+    order: tuple[Tensor, Tensor, Tensor] | None  # ``label_order``; None without dW
+    slots: Tensor | None  # ``slot_map``: the tiles' capture map
+    count: Tensor | None  # the distinct labels' count, [1] on the device
+    sums: Tensor | None  # [N, H] fp32 zeros: dW's label sums by slot
+
+
+def rows_prep(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, need_dw: bool) -> RowsPrep:
+    """The one pass's ``RowsPrep`` of these rows."""
+    ref = row_references(hidden, weight)
+    if not need_dw:
+        return RowsPrep(ref, None, None, None, None)
+    order = label_order(labels)  # dW's label rows: their GEMM sums kept in fp32 as well, by slot
+    slots = slot_map(order, weight.shape[0], ignore_index)
+    sums = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    return RowsPrep(ref, order, slots, order[2][-1:] + 1, sums)
+
+
 def rows_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, token_stats: bool, divisor: Tensor,
-    need_dh: bool, need_dw: bool, ref: Tensor | None = None,
+    need_dh: bool, need_dw: bool, prep: RowsPrep | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """(m, s, entropy sum, argmax, label logit, loss) per row as ``tiles_fwd`` (s 0 in an ignored row without
     ``token_stats``), then dh and dw of sum_i c l_i (bf16 hidden and weight; c = 1 / ``divisor``, one element,
-    or 1 where it is 0); one that is not needed is empty. ``ref``: ``row_references(hidden, weight)`` when
-    the caller has queued it already."""
+    or 1 where it is 0); one that is not needed is empty. ``prep``: ``rows_prep`` of these rows when the
+    caller has queued it already."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
+    ref, order, slots, count, sums = (
+        rows_prep(hidden, weight, labels, ignore_index, need_dw) if prep is None else prep
+    )
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if need_dw else weight.new_empty(0)
     r_all, g_label, q_label = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
-    slots = cols = None
-    if need_dw:  # dW's label rows: their GEMM sums kept in fp32 as well, by slot
-        order = label_order(labels)
-        slots, count = slot_map(order, vocab, ignore_index), order[2][-1:] + 1
-        sums = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    cols = None
 
     def on_rows(
         r0: int, p: Tensor, rp: Tensor, bn: int, m: Tensor, s: Tensor, zlab: Tensor, lp: Tensor | None
@@ -340,7 +363,6 @@ def rows_fwd_bwd(
                 lp = p.index_select(1, cols).T
             label_sums(sums, lp, h_r, count)
 
-    ref = row_references(hidden, weight) if ref is None else ref
     p_rows = P_BYTES // (2 * vocab)
     out = tiles_fwd(hidden, weight, labels, ignore_index, token_stats, on_rows, p_rows, ref, slots)
     if need_dw:

@@ -55,7 +55,7 @@ from ._labels import (
     targets_of,
 )
 from ._lce_chunks import chunks_bwd, chunks_fwd
-from ._lce_rows import dw_rows, row_references, rows_fwd_bwd, scale_grad
+from ._lce_rows import RowsPrep, dw_rows, rows_fwd_bwd, rows_prep, scale_grad
 from ._lce_tiles import tiles_fwd
 from ._lce_tiles_bwd import tiles_bwd
 from ._utils import (
@@ -136,25 +136,25 @@ def lce_bwd_triton(
 
 def lce_fwd_bwd_triton(
     hidden: Tensor, weight: Tensor, labels: Tensor, divisor: Tensor, ignore_index: int, token_stats: bool,
-    need_dh: bool, need_dw: bool, ref: Tensor | None = None,
+    need_dh: bool, need_dw: bool, prep: RowsPrep | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """(loss = sum of the rows' losses / divisor, entropy, correct, dh, dw): bf16 in one pass (``_lce_rows``,
-    given its rows' references ``ref`` where they are queued already), other dtypes by the forward, then the
-    backward."""
+    given its ``rows_prep`` where that is queued already), other dtypes by the forward, then the backward."""
     args = (hidden, weight, labels, divisor, ignore_index, token_stats, need_dh, need_dw)
-    return _fwd_bwd(*args, lce_fwd_triton, lce_bwd_triton, one_pass=hidden.dtype == torch.bfloat16, ref=ref)
+    one_pass = hidden.dtype == torch.bfloat16
+    return _fwd_bwd(*args, lce_fwd_triton, lce_bwd_triton, one_pass=one_pass, prep=prep)
 
 
 def _fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, divisor: Tensor, ignore_index: int, token_stats: bool,
     need_dh: bool, need_dw: bool, fwd: Callable, bwd: Callable, one_pass: bool = False,
-    ref: Tensor | None = None,
+    prep: RowsPrep | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """The loss / divisor and its gradients: by ``rows_fwd_bwd`` with ``one_pass``, else by ``fwd`` then
     ``bwd`` with every row's dloss = 1 / divisor."""
     if one_pass:  # the kernels take 1 / divisor themselves: no launches before the first tile
         _, s, e, arg, _, rows, dh, dw = rows_fwd_bwd(
-            hidden, weight, labels, ignore_index, token_stats, divisor, need_dh, need_dw, ref
+            hidden, weight, labels, ignore_index, token_stats, divisor, need_dh, need_dw, prep
         )
         entropy, correct = _token_stats(s, e, arg, labels, token_stats)
     divisor = torch.where(divisor != 0, divisor, 1.0).float()  # nothing supervised: a finite 0
@@ -283,7 +283,7 @@ class _LceWithGradEager(torch.autograd.Function):
     (``eager_cuda``)."""
 
     @staticmethod
-    def forward(ctx, *args):  # the op's eight arguments, then the rows' references (or None)
+    def forward(ctx, *args):  # the op's eight arguments, then the one pass's ``RowsPrep`` (or None)
         with device_of(args[0]):
             out = lce_fwd_bwd_triton(*args)
         _setup_with_grad(ctx, args, out)
@@ -351,21 +351,21 @@ def linear_cross_entropy(
     prefetched = label_counts_matching(label_check, labels, (vocab, ignore_index, shift), num_items_in_batch)
     labels = targets_of(labels, ignore_index, shift)
     flat = labels.reshape(-1).contiguous()  # once, for the check's kernel and the loss's
-    ref = None
+    prep = None
     if prefetched is None and one_pass and eager_cuda(h, w) and h.shape[0] > 0:
-        # The check at the call: its counts start for the host, the rows' references (which read no labels)
-        # are queued behind them, and only then does the host wait, instead of launching them while the GPU,
-        # drained by the sync, waits on it.
+        # The check at the call: its counts start for the host, the one pass's first launches (the rows'
+        # references, the labels' order; no count) are queued behind them, and only then does the host wait,
+        # instead of launching them while the GPU, drained by the sync, waits on it.
         now = prefetch_label_check(flat, vocab, ignore_index, False, num_items_in_batch)
         with device_of(h), torch.no_grad():
-            ref = row_references(h, w)
+            prep = rows_prep(h, w, flat, ignore_index, need_dw)
         prefetched = label_counts_matching(now, flat, (vocab, ignore_index, False), num_items_in_batch)
     n_valid = check_values(op, flat, vocab, ignore_index, num_items_in_batch, prefetched)
     keep = None
     if n_valid is not None and not return_token_stats and n_valid <= (1 - COMPACT_IGNORED) * flat.numel():
         keep = supervised_positions(flat, ignore_index, n_valid)  # no second sync
         h, flat = h.index_select(0, keep), flat.index_select(0, keep)
-        ref = None  # the selected rows' own, as the registered op computes them (the same bits)
+        prep = None  # the selected rows' own, as the registered op computes them (the same bits)
     if one_pass:
         divisor = (
             torch.ones((), device=h.device)
@@ -374,7 +374,7 @@ def linear_cross_entropy(
         )
         args = (h, w, flat, divisor, int(ignore_index), bool(return_token_stats), need_dh, need_dw)
         if eager_cuda(h, w, flat, divisor):
-            loss, entropy, correct, _, _ = _LceWithGradEager.apply(*args, ref)
+            loss, entropy, correct, _, _ = _LceWithGradEager.apply(*args, prep)
         else:
             loss, entropy, correct, _, _ = _lce_with_grad(*args)
         if return_token_stats:
