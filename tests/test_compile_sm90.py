@@ -251,7 +251,7 @@ def _cases() -> list[tuple]:
             {"SUMS": "*fp32", "LP": "*bf16", "HR": "*bf16", "COUNT": "*i32"}
             | _ints("rows", "hdim", "stride_s", "stride_lp", "stride_lp_i", "stride_hr"),
             {"BJ": SUMS_TILE[0], "BH": SUMS_TILE[1], "BR": SUMS_TILE[2], "UPCAST": False},
-            {"num_warps": SUMS_TILE[3], "num_stages": 3},
+            {"num_warps": SUMS_TILE[3], "num_stages": SUMS_TILE[4]},
         )
     )
     cases.append(

@@ -26,8 +26,10 @@ from torch import Tensor
 from ._lce_tiles import _scored, tile_columns
 from ._utils import cdiv, device_of, pow2
 
-# The label sums' tile (slots, features, rows of the chunk a step) and warps; programs past the count return.
-SUMS_TILE = (128, 128, 64, 8)
+# The label sums' tile (slots, features, rows of the chunk a step), warps and stages; programs past the count
+# return. Of ten tiles on the H100, 4 stages ran 3-6% faster than 3 at hidden 896, 2048 and 4096, uniform
+# and Zipf labels (4 warps faster still, but they spill registers; 2026-12-07-h100-d).
+SUMS_TILE = (128, 128, 64, 8, 4)
 # The label-rows kernel's program: sorted places whose runs it writes, rows of one run a step, features, and
 # warps (4 spilled registers at these blocks on sm_90).
 LABEL_RUNS, LABEL_ROWS, LABEL_COLS, LABEL_WARPS = 16, 16, 256, 8
@@ -166,11 +168,11 @@ def label_sums(sums: Tensor, lp: Tensor, h_r: Tensor, count: Tensor) -> None:
     rows, hdim = h_r.shape
     if rows == 0:
         return
-    bj, bh, br, warps = SUMS_TILE
+    bj, bh, br, warps, stages = SUMS_TILE
     with device_of(h_r):
         _label_sums_kernel[(cdiv(hdim, bh), cdiv(lp.shape[0], bj))](
             sums, lp, h_r, count, rows, hdim, sums.stride(0), *lp.stride(), h_r.stride(0), BJ=bj, BH=bh,
-            BR=br, UPCAST=not h_r.is_cuda, num_warps=warps, num_stages=3,
+            BR=br, UPCAST=not h_r.is_cuda, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
 
