@@ -1,0 +1,168 @@
+"""dW's label rows in the one pass (``_lce_rows``), rounded once as stock's one GEMM rounds them.
+
+Row y of dW is sum_i g_iy h_i over every row i. dW's GEMM sums p^T (r h) (p's label entry q standing for g's
+g_y / r) and rounds once per chunk; for a label row that rounding and then the exact remainders'
+    dW[y] = sum_i p_iy (r_i h_i)  +  sum_{i: y_i = y} g_y,i h_i - q_i (r_i h_i)
+would round it twice or more: 1.40x stock's error at a random-init head in one chunk, 1.98x over five
+(bench/results/2026-12-07-h100). So the first sum is kept apart in fp32: each distinct label gets a slot
+(``label_order``; ``slot_map``: column -> slot), the tile forward stores p's label columns as it stores p into
+an [N, R] buffer by slot (``_lce_tiles``: CAPTURE), the settle kernel its label entries q there too, and
+``label_sums`` adds that buffer times r h per chunk, a Triton GEMM over the slots of the D distinct labels
+(2 D N H over the chunks; D is known only on the device, so the programs past it return at once; the slots
+past it are never written); then ``set_label_rows`` adds the remainders, the label's rows in a fixed order,
+and rounds once. Gathering the columns from p after the tile forward (``slot_columns``: what the pointer-load
+path still does) read 40% of p's sectors again: 0.45 ms at 8192 x 896, 6.5 at 32,768 x 896 (H200,
+bench/results/2026-12-07-h200). Captured, the pass ran 0.1-0.2 ms faster at 8192 x 896 and 1.5-3.5 ms at
+32,768 x 896 on the H100, dW the same bit for bit (2026-12-07-h100-b).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from chronipatch.ops._lce_tiles import _scored, tile_columns
+from chronipatch.ops._utils import cdiv, device_of, pow2
+
+# The label sums' tile (slots, features, rows of the chunk a step) and warps; programs past the count return.
+SUMS_TILE = (128, 128, 64, 8)
+LABEL_ROWS, LABEL_COLS = 16, 256  # the label-rows kernel's step: rows of one label, and features a program
+
+
+@triton.jit
+def _label_sums_kernel(
+    SUMS, LP, HR, COUNT, rows, hdim, stride_s, stride_lp, stride_lp_i, stride_hr,
+    BJ: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """SUMS[j] += sum_i LP[j, i] HR[i] for BJ slots j < COUNT (one element: the distinct labels' count, known
+    only on the device) and BH features, an fp32 dot over the chunk's rows BR at a time (LP: the tiles' copy,
+    unit stride over rows, or the gathered one's transpose). Feature blocks of one
+    slot block are neighbouring programs: LP's rows meet in L2. UPCAST as ``_lce_tiles._tile_logits``."""
+    j0 = tl.program_id(1) * BJ
+    count = tl.load(COUNT)
+    if j0 < count:
+        js = j0 + tl.arange(0, BJ)
+        hs = tl.program_id(0) * BH + tl.arange(0, BH)
+        j_ok = js < count  # LP's slots past the count hold whatever the buffer held
+        h_ok = hs < hdim
+        acc = tl.zeros((BJ, BH), dtype=tl.float32)
+        for i0 in range(0, rows, BR):
+            i = i0 + tl.arange(0, BR)
+            i_ok = i < rows
+            a_ptrs = LP + js[:, None].to(tl.int64) * stride_lp + i[None, :].to(tl.int64) * stride_lp_i
+            a = tl.load(a_ptrs, mask=j_ok[:, None] & i_ok[None, :], other=0.0)
+            b_ptrs = HR + i[:, None].to(tl.int64) * stride_hr + hs[None, :]
+            b = tl.load(b_ptrs, mask=i_ok[:, None] & h_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        ptrs = SUMS + js[:, None].to(tl.int64) * stride_s + hs[None, :]
+        mask = j_ok[:, None] & h_ok[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=mask) + acc, mask=mask)
+
+
+@triton.jit
+def _label_rows_kernel(
+    DW, SUMS, H, ORDER, SORTED, SLOTS, END, R, GLAB, QLAB, stride_dw, stride_s, stride_h, hdim, vocab,
+    ignore_index, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """dW's label rows, BLOCK features of a label y: dW[y] = SUMS[slot] + sum_{i: y_i = y} g_i h_i -
+    q_i r_i h_i, rounded once: SUMS the fp32 sum of every row's p entry at y times r h (``label_sums``), the
+    rest the exact remainders (r h rounded to h's dtype, as the GEMMs took it), exact products summed in fp32
+    over the label's rows in sorted order, ROWS at a time (ORDER: a stable argsort of the labels, SORTED the
+    sorted labels, SLOTS their slots, END the end of each one's run, j its start). The program at the first
+    row of a run does the work, the others return: each row of dW has one writer, in a fixed order."""
+    j = tl.program_id(0)
+    y = tl.load(SORTED + j)
+    first = (j == 0) | (tl.load(SORTED + tl.maximum(j - 1, 0)) != y)
+    if first & _scored(y, ignore_index, vocab):
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        col_ok = cols < hdim
+        end = tl.load(END + j)
+        slot = tl.load(SLOTS + j).to(tl.int64)
+        acc = tl.load(SUMS + slot * stride_s + cols, mask=col_ok, other=0.0)
+        # ROWS rows a step: a frequent token's run (a few % of the rows in text) in few dependent loads.
+        for i0 in range(j, end, ROWS):
+            i = i0 + tl.arange(0, ROWS)
+            live = i < end
+            rows = tl.load(ORDER + i, mask=live, other=0)
+            g = tl.load(GLAB + rows, mask=live, other=0.0)[:, None]
+            q = tl.load(QLAB + rows, mask=live, other=0.0)[:, None]
+            r = tl.load(R + rows, mask=live, other=0.0)[:, None]
+            mask = live[:, None] & col_ok[None, :]
+            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h_r = (h * r).to(H.dtype.element_ty).to(tl.float32)  # h holds H's values exactly
+            acc += tl.sum(g * h - q * h_r, axis=0)
+        tl.store(DW + y * stride_dw + cols, acc.to(DW.dtype.element_ty), mask=col_ok)
+
+
+def label_order(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sorted labels, a stable argsort, each sorted label's slot: its rank among the distinct labels): the
+    label order of ``slot_map``, ``label_sums`` and ``set_label_rows`` (no host sync)."""
+    sorted_y, order = torch.sort(labels, stable=True)
+    first = torch.ones_like(sorted_y, dtype=torch.int32)
+    first[1:] = sorted_y[1:] != sorted_y[:-1]
+    return sorted_y, order, first.cumsum(0, dtype=torch.int32) - 1
+
+
+def slot_map(order: tuple[Tensor, Tensor, Tensor], vocab: int, ignore_index: int) -> Tensor:
+    """[``tile_columns(V)`` + 1] int32: each scored label's slot at its column, -1 elsewhere (the tile
+    forward's CAPTURE map; ignored and out-of-range labels go to a spare last entry, which no tile reads)."""
+    sorted_y, _, slots = order
+    spare = tile_columns(vocab)
+    out = torch.full((spare + 1,), -1, dtype=torch.int32, device=sorted_y.device)
+    out[torch.where(_scored_rows(sorted_y, ignore_index, vocab), sorted_y, spare)] = slots
+    return out
+
+
+def slot_columns(order: tuple[Tensor, Tensor, Tensor], vocab: int) -> Tensor:
+    """[N] int64: each slot's column of p (0 past the distinct labels' count; ignored labels' slots clamped
+    into [0, V)), for gathering p's label columns where the tiles did not capture them."""
+    sorted_y, _, slots = order
+    cols = torch.zeros_like(sorted_y)
+    cols[slots.long()] = sorted_y.clamp(0, max(vocab - 1, 0))
+    return cols
+
+
+def _scored_rows(y: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """``_scored`` in torch."""
+    return (y != ignore_index) & (y >= 0) & (y < vocab)
+
+
+def label_sums(sums: Tensor, lp: Tensor, h_r: Tensor, count: Tensor) -> None:
+    """sums[j] += lp[j] (r h) in fp32 for one chunk and each slot j < count (lp: the chunk's label columns of
+    p by slot, [N, k]; count: ``label_order``'s last slot + 1, on the device): each label column's share of
+    dW's GEMM, summed over the chunks without rounding; the slots past the count untouched."""
+    rows, hdim = h_r.shape
+    if rows == 0:
+        return
+    bj, bh, br, warps = SUMS_TILE
+    with device_of(h_r):
+        _label_sums_kernel[(cdiv(hdim, bh), cdiv(lp.shape[0], bj))](
+            sums, lp, h_r, count, rows, hdim, sums.stride(0), *lp.stride(), h_r.stride(0), BJ=bj, BH=bh,
+            BR=br, UPCAST=not h_r.is_cuda, num_warps=warps, num_stages=3,
+        )  # fmt: skip
+
+
+def set_label_rows(
+    dw: Tensor, sums: Tensor, hidden: Tensor, order: tuple[Tensor, Tensor, Tensor], r: Tensor,
+    g_label: Tensor, q_label: Tensor, ignore_index: int,
+) -> None:  # fmt: skip
+    """dW[y] = sums[slot] + sum_{i: y_i = y} g_i h_i - q_i (r_i h_i), rounded once, for every label y in
+    place (``order``: ``label_order``'s; r, g_label, q_label: [N] fp32, the settle kernel's factor, g's label
+    entry and p's). torch's index_add_ would sum with atomics on CUDA, in no fixed order; the rows go in label
+    order instead."""
+    n, hdim = hidden.shape
+    if n == 0:
+        return
+    sorted_y, perm, slots = order
+    end = torch.searchsorted(sorted_y, sorted_y, right=True)
+    block = min(pow2(hdim), LABEL_COLS)
+    with device_of(hidden):
+        _label_rows_kernel[(n, cdiv(hdim, block))](
+            dw, sums, hidden, perm, sorted_y, slots, end, r, g_label, q_label, dw.stride(0), sums.stride(0),
+            hidden.stride(0), hdim, dw.shape[0], ignore_index, ROWS=LABEL_ROWS, BLOCK=block, num_warps=4,
+        )  # fmt: skip
