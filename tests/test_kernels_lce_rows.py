@@ -298,18 +298,20 @@ def test_lce_gradient_scaling_kernel(n, dtype, monkeypatch):
         assert bool((out != 0).any()) == written
 
 
-@pytest.mark.parametrize("n,h", [(0, 8), (1, 8), (60, 40), (33, 1100)], ids=str)
+@pytest.mark.parametrize("n,h", [(0, 8), (1, 8), (60, 40), (33, 1100), (200, 24)], ids=str)
 @pytest.mark.parametrize("ignore_index", [-100, 2], ids=["ignore-100", "ignore-2"])
 @pytest.mark.parametrize("runs", ["long", "spread"])
-def test_lce_label_rows_kernel(n, h, ignore_index, runs):
+@pytest.mark.parametrize("terms", ["cancelling", "apart"])
+def test_lce_label_rows_kernel(n, h, ignore_index, runs, terms):
     """dW's label rows: dW[y] = sums[j] + sum_{i: y_i = y} g_i h_i - q_i (r_i h_i) (sums: the fp32 GEMM sums
     in label order, j the label's first place; r h rounded to bf16 as dW's GEMM takes it), summed in fp32 and
     rounded once (to within one bf16 step: the interpreter truncates), over runs of one label from one row to
-    most of them (steps of ``LABEL_ROWS``, a ragged last one; ``long``), or labels of one row each with a few
-    runs, one across the programs' blocks of ``LABEL_RUNS`` places (``spread``); ignored rows (inf hidden
-    states allowed; ignore_index also inside [0, V)), labels outside [0, V) (the label check reports them
-    apart) and unlabelled rows of dW untouched, bit for bit. Hidden rows strided; several column blocks at
-    1100; no rows; every row ignored."""
+    most of them (steps of ``LABEL_ROWS``, a ragged last one, at 200 rows; ``long``), or labels of one row
+    each with a few runs, one across the programs' blocks of ``LABEL_RUNS`` places (``spread``); ignored rows
+    (inf hidden states allowed; ignore_index also inside [0, V)), labels outside [0, V) (the label check
+    reports them apart) and unlabelled rows of dW untouched, bit for bit. Hidden rows strided; several column
+    blocks at 1100; no rows; every row ignored. p's label entries q as in training, where q r h cancels g h
+    (``cancelling``: exactly, here), or apart from it, so that each row's remainder weighs in the sum."""
     torch.manual_seed(n + h)
     v = 50 if runs == "long" else 3 * n + 10
     dw = _r(v, h, dtype=torch.bfloat16, scale=0.01)
@@ -331,7 +333,10 @@ def test_lce_label_rows_kernel(n, h, ignore_index, runs):
     # Powers of 2: r h is then exact in bf16 however it is rounded (the interpreter truncates, the GPU rounds
     # to nearest), so the kernel's r h is the GEMM's operand here on either.
     r = 2.0 ** -torch.randint(5, 15, (n,), device=KERNEL_DEVICE).float()
-    q = (g / r).to(torch.bfloat16).float()  # p's label entry: q r h is most of g h
+    q = g / r  # p's label entry: q r h is most of g h
+    if terms == "apart":
+        q = q * (0.5 + torch.rand(n, device=KERNEL_DEVICE))
+    q = q.to(torch.bfloat16).float()
     h_r = (r[:, None] * hid.float()).to(torch.bfloat16)
     terms = g.double()[:, None] * hid.double() - q.double()[:, None] * h_r.double()
     summed = (labels != ignore_index) & (labels >= 0) & (labels < v)

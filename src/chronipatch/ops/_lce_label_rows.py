@@ -31,8 +31,10 @@ from ._utils import cdiv, device_of, pow2
 # and Zipf labels (4 warps faster still, but they spill registers; 2026-12-07-h100-d).
 SUMS_TILE = (128, 128, 64, 8, 4)
 # The label-rows kernel's program: sorted places whose runs it writes, rows of one run a step, features, and
-# warps (4 spilled registers at these blocks on sm_90).
-LABEL_RUNS, LABEL_ROWS, LABEL_COLS, LABEL_WARPS = 16, 16, 256, 8
+# warps. Of ten blocks on the H100 these ran fastest or near it with uniform labels and with Zipf's long runs
+# (0.033 and 0.092 ms at 8192 x 896, against 0.042 and 0.288 with 16 rows of 256 features a step;
+# bench/results/2026-12-07-h100-d, call 2).
+LABEL_RUNS, LABEL_ROWS, LABEL_COLS, LABEL_WARPS = 16, 64, 64, 4
 
 
 @triton.jit
@@ -81,8 +83,8 @@ def _label_rows_kernel(
     row of dW has one writer, the program holding its run's first place, and a fixed order. A label of one
     row (most, where labels are spread over a large vocabulary) takes one [RUNS, BLOCK] step for all of them;
     a longer run, ROWS of its rows a step, so that a frequent token's run (a few % of the rows in text) takes
-    few dependent loads. (One program per place, 16x the programs, took 0.32 ms at 8192 x 896 on the H100,
-    bench/results/2026-12-07-h100-c.)"""
+    few dependent loads. At 8192 x 896 on the H100 this took 0.033 ms with uniform labels (0.092 with Zipf's),
+    where one program per place took 0.30 (bench/results/2026-12-07-h100-d)."""
     idx = tl.arange(0, RUNS)
     j = tl.program_id(0) * RUNS + idx
     j_ok = j < n
