@@ -2,15 +2,16 @@
 
     python bench/lce_host.py [--rows 512] [--hidden 64] [--vocab 4096] [--calls 300]
 
-After the label check's host sync the GPU queue is empty: every host step between that sync and the first
-tile launch is GPU idle time in an isolated call (a patched model prefetches the check and keeps its queue
-full). This runs ``ops.linear_cross_entropy``'s CUDA eager path on CPU bf16 tensors with every Triton launch
-a no-op (the label counts stubbed to "all valid"; the check's pinned copy and CUDA event stood in for), and
-reports the median µs from the call to the first ``_fwd_tiles_kernel`` launch and, where the check waits on
-its event, from that wait, the launches in order (the wait as ``|wait|``) and the top-level ATen ops of one
-call. Compare trees on one machine; the figures are the CPU's, not a GPU host's, and leave out Triton's own
-host cost per launch (argument binding, cache lookup; tens of µs), which a tree launching more Triton kernels
-pays more of.
+After the label check's host sync the GPU has only what was queued before it (the check, and the one pass's
+``rows_prep``: references, label order, slot map): every host step between that sync and the first tile
+launch beyond that work's GPU time is GPU idle time in an isolated call (a patched model prefetches the check
+and keeps its queue full). This runs ``ops.linear_cross_entropy``'s CUDA eager path on CPU bf16 tensors with
+every Triton launch a no-op (the label counts stubbed to "all valid"; the check's pinned copy and CUDA event
+stood in for), and reports the median µs from the call to the first ``_fwd_tiles_kernel`` launch and, where
+the check waits on its event, from that wait, the launches in order (the wait as ``|wait|``) and the
+top-level ATen ops of one call. Compare trees on one machine; the figures are the CPU's, not a GPU host's, and
+leave out Triton's own host cost per launch (argument binding, cache lookup; tens of µs), which a tree
+launching more Triton kernels pays more of.
 """
 
 from __future__ import annotations

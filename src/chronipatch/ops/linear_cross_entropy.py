@@ -278,8 +278,8 @@ _lce_with_grad.register_autograd(
 
 
 class _LceWithGradEager(torch.autograd.Function):
-    """``linear_cross_entropy_with_grad``'s launchers without custom-op dispatch (~80 us of host time, while
-    the GPU waits for the loss's first kernel after the label check's sync), for eager CUDA calls
+    """``linear_cross_entropy_with_grad``'s launchers without custom-op dispatch (~80 us of host time after
+    the label check's sync, where the GPU has only the work queued before it), for eager CUDA calls
     (``eager_cuda``)."""
 
     @staticmethod
