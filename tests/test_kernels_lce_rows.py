@@ -502,12 +502,14 @@ def test_lce_eager_function_runs_the_one_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("ignored", [3, 20], ids=["all-rows", "supervised-rows"])
-def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_prefetch, ignored):
+@pytest.mark.parametrize("frozen", [False, True], ids=["head", "frozen-head"])
+def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_prefetch, ignored, frozen):
     """The eager bf16 training call starts the label check, queues the one pass's first launches (the rows'
     references, the labels' order, slot map and count, the zeroed label sums) before waiting for the counts
     (which the check then reads: no count of its own) and hands them to the one pass: the same bits as the
     one pass computing them itself. Where it then scores only the supervised rows, it drops them (those rows'
-    own are computed, as the registered op computes them)."""
+    own are computed, as the registered op computes them). A frozen head (no dW) queues the references
+    alone."""
     from chronipatch.ops import _labels
 
     small_lce_tiles(monkeypatch)
@@ -524,7 +526,7 @@ def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_
     hid, w = _r(40, 16, dtype=torch.bfloat16), _r(100, 16, dtype=torch.bfloat16, scale=0.5)
     labels = torch.randint(0, 100, (40,), device=KERNEL_DEVICE)
     labels[torch.randperm(40)[:ignored]] = -100
-    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    x, wt = hid.clone().requires_grad_(), w.clone().requires_grad_(not frozen)
     loss = ops.linear_cross_entropy(x, wt, labels, shift=False)
     loss.backward()
     assert order == ["counts", "prep"]
@@ -532,13 +534,17 @@ def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_
     keep = supervised.nonzero().squeeze(1) if ignored > 10 else torch.arange(40, device=KERNEL_DEVICE)
     assert (handed[0] is None) == (ignored > 10)
     if handed[0] is not None:
-        want = rows.rows_prep(hid, w, labels, -100, True)
+        want = rows.rows_prep(hid, w, labels, -100, not frozen)
         assert torch.equal(handed[0].ref, rows.row_references(hid, w))
-        assert all(torch.equal(a, b) for a, b in zip(handed[0].order, want.order))
-        assert torch.equal(handed[0].slots, want.slots) and torch.equal(handed[0].count, want.count)
+        if frozen:
+            assert handed[0][1:] == (None,) * 4
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(handed[0].order, want.order))
+            assert torch.equal(handed[0].slots, want.slots) and torch.equal(handed[0].count, want.count)
     divisor = supervised.sum().float()
-    want = lce.lce_fwd_bwd_triton(hid[keep], w, labels[keep], divisor, -100, False, True, True)
-    assert torch.equal(loss, want[0]) and torch.equal(x.grad[keep], want[3]) and torch.equal(wt.grad, want[4])
+    want = lce.lce_fwd_bwd_triton(hid[keep], w, labels[keep], divisor, -100, False, True, not frozen)
+    assert torch.equal(loss, want[0]) and torch.equal(x.grad[keep], want[3])
+    assert wt.grad is None if frozen else torch.equal(wt.grad, want[4])
     assert not x.grad[~supervised].any()
 
 
