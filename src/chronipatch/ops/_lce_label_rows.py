@@ -71,6 +71,19 @@ def _label_sums_kernel(
 
 
 @triton.jit
+def _remainders(H, R, GLAB, QLAB, rows, live, cols, col_ok, stride_h):
+    """g_i h_i - q_i (r_i h_i) of the rows ``rows`` (0 where ``live`` is not) over the features ``cols``: r h
+    rounded to h's dtype, as dW's GEMM took it, and the products of the 2-byte values exact in fp32."""
+    g = tl.load(GLAB + rows, mask=live, other=0.0)[:, None]
+    q = tl.load(QLAB + rows, mask=live, other=0.0)[:, None]
+    r = tl.load(R + rows, mask=live, other=0.0)[:, None]
+    mask = live[:, None] & col_ok[None, :]
+    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h_r = (h * r).to(H.dtype.element_ty).to(tl.float32)  # h holds H's values exactly
+    return g * h - q * h_r
+
+
+@triton.jit
 def _label_rows_kernel(
     DW, SUMS, H, ORDER, SORTED, SLOTS, END, R, GLAB, QLAB, n, stride_dw, stride_s, stride_h, hdim, vocab,
     ignore_index, RUNS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -99,13 +112,8 @@ def _label_rows_kernel(
     mask = single[:, None] & col_ok[None, :]
     rows = tl.load(ORDER + j, mask=single, other=0)
     slot = tl.load(SLOTS + j, mask=single, other=0).to(tl.int64)
-    g = tl.load(GLAB + rows, mask=single, other=0.0)[:, None]
-    q = tl.load(QLAB + rows, mask=single, other=0.0)[:, None]
-    r = tl.load(R + rows, mask=single, other=0.0)[:, None]
     acc = tl.load(SUMS + slot[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
-    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h_r = (h * r).to(H.dtype.element_ty).to(tl.float32)  # h holds H's values exactly
-    acc += g * h - q * h_r
+    acc += _remainders(H, R, GLAB, QLAB, rows, single, cols, col_ok, stride_h)
     tl.store(DW + y.to(tl.int64)[:, None] * stride_dw + cols[None, :], acc.to(DW.dtype.element_ty), mask=mask)
     # The longer runs, one at a time (the smallest place left first).
     todo = first & (end > j + 1)
@@ -120,13 +128,7 @@ def _label_rows_kernel(
             i = i0 + tl.arange(0, ROWS)
             live = i < end1
             rows1 = tl.load(ORDER + i, mask=live, other=0)
-            g1 = tl.load(GLAB + rows1, mask=live, other=0.0)[:, None]
-            q1 = tl.load(QLAB + rows1, mask=live, other=0.0)[:, None]
-            r1 = tl.load(R + rows1, mask=live, other=0.0)[:, None]
-            mask1 = live[:, None] & col_ok[None, :]
-            h1 = tl.load(H + rows1[:, None] * stride_h + cols[None, :], mask=mask1, other=0.0).to(tl.float32)
-            h_r1 = (h1 * r1).to(H.dtype.element_ty).to(tl.float32)
-            acc1 += tl.sum(g1 * h1 - q1 * h_r1, axis=0)
+            acc1 += tl.sum(_remainders(H, R, GLAB, QLAB, rows1, live, cols, col_ok, stride_h), axis=0)
         tl.store(DW + y1 * stride_dw + cols, acc1.to(DW.dtype.element_ty), mask=col_ok)
 
 
