@@ -318,9 +318,14 @@ def smoke_args(doc: str) -> tuple[argparse.Namespace, str]:
 def write_lines(name: str, payload: dict[str, Any], lines: Sequence[str], out_dir: str | os.PathLike) -> None:
     """Write ``<name>.json`` (``payload``) and ``<name>.md`` (``lines``), for scripts whose summary is prose
     lines rather than a table (``rms_kernels.py``, ``rms_dw_sum.py``)."""
+    write_markdown(name, lines, out_dir)
+    (Path(out_dir) / f"{name}.json").write_text(json.dumps(payload, indent=1))
+
+
+def write_markdown(name: str, lines: Sequence[str], out_dir: str | os.PathLike) -> None:
+    """Write ``<name>.md`` (``lines``) into ``out_dir``, made if missing."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 

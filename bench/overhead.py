@@ -15,11 +15,11 @@ import importlib
 import io
 import pstats
 import time
-from pathlib import Path
 
 import torch
 
 from chronipatch import ops
+from common import write_markdown
 
 rms_mod = importlib.import_module("chronipatch.ops.rms_norm")  # the module (ops.rms_norm is the function)
 
@@ -191,11 +191,8 @@ def main() -> None:
     lines += ["", "## cProfile, 2000 x ops.rms_norm fwd+bwd", "```", profile_calls(dev), "```"]
     lines += ["", "## linear_cross_entropy 8192x896 V=151936 bf16, 5 x fwd+bwd"]
     lines += ["```", lce_kernels(dev), "```"]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.md").write_text(text + "\n")
+    print("\n".join(lines))
+    write_markdown("overhead", lines, args.out)
 
 
 if __name__ == "__main__":

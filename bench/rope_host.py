@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 
 import torch
 import triton
@@ -21,6 +20,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from chronipatch import ops
+from common import write_markdown
 from overhead import cprofile_calls, per_call_us
 
 rope_mod = importlib.import_module("chronipatch.ops.rope")
@@ -206,11 +206,8 @@ def main() -> None:
         for _ in range(20):
             fn()
         lines.append(f"| {name} | {per_call_us(fn, n=300):.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rope_host.md").write_text(text + "\n")
+    print("\n".join(lines))
+    write_markdown("rope_host", lines, args.out)
 
 
 if __name__ == "__main__":
