@@ -364,11 +364,12 @@ def test_lce_label_rows_kernel(n, h, ignore_index, runs, terms):
 
 
 @pytest.mark.parametrize("k,n,h", [(0, 5, 8), (1, 1, 8), (70, 300, 40), (33, 66, 300)], ids=str)
-@pytest.mark.parametrize("layout", ["captured", "gathered"])
+@pytest.mark.parametrize("layout", ["captured", "aligned", "gathered"])
 def test_lce_label_sums_kernel(k, n, h, layout):
     """The label sums: sums[j] += lp[j] (r h) for each slot j below the distinct labels' count (an fp32 dot a
     step, to within fp32 rounding of the fp64 sum), the slots past it untouched bit for bit, whatever lp
-    holds there (nan here); lp as the tiles' copy ([N, k], rows of unit stride) or the gather's transpose."""
+    holds there (nan here); lp as the tiles' copy ([N, k], rows of unit stride; "aligned": rows 16-byte
+    aligned as the tiles store it, read by TMA where r h's rows are aligned too) or the gather's transpose."""
     torch.manual_seed(k + n + h)
     v = 97
     labels = torch.randint(-1, v + 1, (n,), device=KERNEL_DEVICE)
@@ -381,6 +382,8 @@ def test_lce_label_sums_kernel(k, n, h, layout):
     lp[count:] = float("nan")
     if layout == "gathered":
         lp = lp.T.contiguous().T
+    elif layout == "aligned":
+        lp = tiles.row_aligned(n, k, torch.bfloat16, KERNEL_DEVICE).copy_(lp)
     h_r = _r(k, h, dtype=torch.bfloat16)
     sums = _r(n, h, dtype=torch.float32)
     want = sums.double()

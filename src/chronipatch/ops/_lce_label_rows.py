@@ -22,14 +22,17 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._lce_tiles import _scored, tile_columns
+from ._lce_tiles import _scored, _tma, tile_columns
 from ._utils import cdiv, device_of, pow2
 
 # The label sums' tile (slots, features, rows of the chunk a step), warps and stages; programs past the count
-# return. Of ten tiles on the H100, 4 stages ran 3-6% faster than 3 at hidden 896, 2048 and 4096, uniform
-# and Zipf labels (4 warps faster still, but they spill registers; 2026-12-07-h100-d).
-SUMS_TILE = (128, 128, 64, 8, 4)
+# return. Operands by TMA (the tiles' copy of p's columns), 5 stages: 15-21% faster a chunk than pointer
+# loads in 4 stages at hidden 896, 2048 and 4096, uniform and Zipf-like label counts (0.081 -> 0.067 ms at
+# 896, 0.322 -> 0.267 at 4096); of eight TMA tiles the least in total, fastest in three of the six cases
+# (bench/results/2026-12-07-h100-e).
+SUMS_TILE = (128, 128, 64, 8, 5)
 # The label-rows kernel's program: sorted places whose runs it writes, rows of one run a step, features, and
 # warps. Of ten blocks on the H100 these ran fastest or near it with uniform labels and with Zipf's long runs
 # (0.033 and 0.092 ms at 8192 x 896, against 0.042 and 0.288 with 16 rows of 256 features a step;
@@ -39,28 +42,35 @@ LABEL_RUNS, LABEL_ROWS, LABEL_COLS, LABEL_WARPS = 16, 64, 64, 4
 
 @triton.jit
 def _label_sums_kernel(
-    SUMS, LP, HR, COUNT, rows, hdim, stride_s, stride_lp, stride_lp_i, stride_hr,
-    BJ: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr,
+    SUMS, LP, HR, LPD, HRD, COUNT, rows, hdim, stride_s, stride_lp, stride_lp_i, stride_hr,
+    BJ: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """SUMS[j] += sum_i LP[j, i] HR[i] for BJ slots j < COUNT (one element: the distinct labels' count, known
     only on the device) and BH features, an fp32 dot over the chunk's rows BR at a time (LP: the tiles' copy,
-    unit stride over rows, or the gathered one's transpose). Feature blocks of one
-    slot block are neighbouring programs: LP's rows meet in L2. UPCAST as ``_lce_tiles._tile_logits``."""
+    unit stride over rows, or the gathered one's transpose). With TMA the operands come through the
+    descriptors LPD, HRD (past the chunk's rows they read 0; slots past the count are read, never stored).
+    Feature blocks of one slot block are neighbouring programs: LP's rows meet in L2. UPCAST as
+    ``_lce_tiles._tile_logits``."""
     j0 = tl.program_id(1) * BJ
     count = tl.load(COUNT)
     if j0 < count:
+        h0 = tl.program_id(0) * BH
         js = j0 + tl.arange(0, BJ)
-        hs = tl.program_id(0) * BH + tl.arange(0, BH)
+        hs = h0 + tl.arange(0, BH)
         j_ok = js < count  # LP's slots past the count hold whatever the buffer held
         h_ok = hs < hdim
         acc = tl.zeros((BJ, BH), dtype=tl.float32)
         for i0 in range(0, rows, BR):
-            i = i0 + tl.arange(0, BR)
-            i_ok = i < rows
-            a_ptrs = LP + js[:, None].to(tl.int64) * stride_lp + i[None, :].to(tl.int64) * stride_lp_i
-            a = tl.load(a_ptrs, mask=j_ok[:, None] & i_ok[None, :], other=0.0)
-            b_ptrs = HR + i[:, None].to(tl.int64) * stride_hr + hs[None, :]
-            b = tl.load(b_ptrs, mask=i_ok[:, None] & h_ok[None, :], other=0.0)
+            if TMA:
+                a = LPD.load([j0, i0])
+                b = HRD.load([i0, h0])
+            else:
+                i = i0 + tl.arange(0, BR)
+                i_ok = i < rows
+                a_ptrs = LP + js[:, None].to(tl.int64) * stride_lp + i[None, :].to(tl.int64) * stride_lp_i
+                a = tl.load(a_ptrs, mask=j_ok[:, None] & i_ok[None, :], other=0.0)
+                b_ptrs = HR + i[:, None].to(tl.int64) * stride_hr + hs[None, :]
+                b = tl.load(b_ptrs, mask=i_ok[:, None] & h_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -173,10 +183,13 @@ def label_sums(sums: Tensor, lp: Tensor, h_r: Tensor, count: Tensor) -> None:
     if rows == 0:
         return
     bj, bh, br, warps, stages = SUMS_TILE
+    tma = _tma(lp, h_r)  # the tiles' copy (rows of unit stride, 16-byte aligned) on Hopper or newer
+    lpd = TensorDescriptor.from_tensor(lp, [bj, br]) if tma else lp
+    hrd = TensorDescriptor.from_tensor(h_r, [br, bh]) if tma else h_r
     with device_of(h_r):
         _label_sums_kernel[(cdiv(hdim, bh), cdiv(lp.shape[0], bj))](
-            sums, lp, h_r, count, rows, hdim, sums.stride(0), *lp.stride(), h_r.stride(0), BJ=bj, BH=bh,
-            BR=br, UPCAST=not h_r.is_cuda, num_warps=warps, num_stages=stages,
+            sums, lp, h_r, lpd, hrd, count, rows, hdim, sums.stride(0), *lp.stride(), h_r.stride(0), BJ=bj,
+            BH=bh, BR=br, UPCAST=not h_r.is_cuda, TMA=tma, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
 
