@@ -435,11 +435,16 @@ def _torch_references(hidden, weight):
 @pytest.mark.parametrize(
     "n,h,v", [(1, 16, 300), (70, 100, 5000), (130, 64, 2049), (65, 24, 1024), (300, 40, 3000)]
 )
-def test_lce_row_references_kernel(n, h, v, monkeypatch):
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-group", "grouped"])
+def test_lce_row_references_kernel(n, h, v, grouped, monkeypatch):
     """Each row's reference K: the max of its sampled logits, lowered by the rounding bound, within fp32
     summation order of torch's; nan where a hidden state is nan or inf (every tile then takes its own max).
-    Row blocks of 16, 32 and 64 (the interpreter counts 4 SMs)."""
+    Row blocks of 16, 32 and 64 (the interpreter counts 4 SMs). Grouped: the samples in blocks of 32 split
+    over programs (the last group ragged where 96 samples make 3 blocks over 2 groups), merged by
+    ``_references_merge_kernel``: the same K bit for bit as one group's, nan rows too."""
     monkeypatch.setattr(rows, "SAMPLES", 96)  # every few columns, the last sample block ragged
+    monkeypatch.setattr(rows, "REF_SAMPLES", 32 if grouped else rows.REF_SAMPLES)
+    monkeypatch.setattr(rows, "REF_PER_SM", 4 if grouped else 0)
     torch.manual_seed(n)
     hid = _r(n, h, dtype=torch.bfloat16, scale=3.0)
     w = _r(v, h, dtype=torch.bfloat16)
@@ -449,6 +454,28 @@ def test_lce_row_references_kernel(n, h, v, monkeypatch):
         hid[0, 1], hid[2, 0] = float("nan"), float("inf")
         got = rows.row_references(hid, w).cpu()
         assert got[[0, 2]].isnan().all() and not got[1].isnan() and not got[3:].isnan().any()
+    if grouped:
+        launches = []
+        merge = _Recorded(rows._references_merge_kernel, launches)
+        monkeypatch.setattr(rows, "_references_merge_kernel", merge)
+        got = rows.row_references(hid, w)
+        assert launches and all(groups > 1 for groups in launches)
+        monkeypatch.setattr(rows, "REF_PER_SM", 0)
+        torch.testing.assert_close(got, rows.row_references(hid, w), rtol=0, atol=0, equal_nan=True)
+
+
+class _Recorded:
+    """A kernel that records each launch's GROUPS before it runs."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.launches.append(kw["GROUPS"])
+            return self.kernel[grid](*args, **kw)
+
+        return launch
 
 
 def test_lce_row_references_spread_alike_rows_over_a_binade():

@@ -73,6 +73,11 @@ SCALE_BLOCK = 4096  # elements per step of the gradient scaling's programs
 # of 64 would leave more than an eighth of the SMs idle: 8192 rows make 128 programs of 64 on 132 SMs, 2048
 # rows 128 of 16), sampled columns and features per step.
 REF_ROWS, REF_SAMPLES, REF_K = (64, 32, 16), 128, 64
+# Programs a multiprocessor the references aim for: where the rows make fewer, the samples go in groups (8192
+# rows: 3 groups; 0.400 -> 0.262 ms at hidden 4096, 0.073 -> 0.064 at 896 on the H100; 4 a multiprocessor ran
+# slower than 2; bench/results/2026-12-07-h100-e).
+REF_PER_SM = 2
+MERGE_ROWS = 1024  # rows per program of the groups' merge
 
 
 @triton.jit
@@ -205,14 +210,16 @@ def scale_grad(t: Tensor, g: Tensor, in_place: bool) -> Tensor:
 
 @triton.jit
 def _references_kernel(
-    H, W, W_NORM, K, n, hdim, stride_h, stride_w, step, samples, bound_scale, spread,
-    BM: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+    H, W, W_NORM, K, n, hdim, stride_h, stride_w, step, samples, per_group, bound_scale, spread,
+    BM: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
     """K of BM rows: max_j (z_ij - bound_scale |h_i| |w_j|) over the sampled columns j (weight rows j step,
     their norms in W_NORM), z = h w_j^T summed in fp32 from exact 2-byte products, as the tiles sum, less
     spread u_i (``_row_offset``); nan where any term is nan or the max is +inf. One launch where cuBLAS's
     GEMM and torch's norm, outer product and max took nine (each a host round trip while the GPU waits to
-    start the loss). UPCAST as ``_lce_tiles._tile_logits``."""
+    start the loss). Program (i, g) takes the samples [g per_group, (g + 1) per_group): unless FINAL (one
+    group) it writes that group's max (nan as above) into K[g] ([groups, N]), and ``_references_merge_kernel``
+    takes the max over the groups. UPCAST as ``_lce_tiles._tile_logits``."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n
     h_sq = tl.zeros((BM,), tl.float32)  # apart from the GEMM's loop, which then holds nothing else
@@ -224,7 +231,8 @@ def _references_kernel(
     h_bound = bound_scale * tl.sqrt(h_sq)
     best = tl.full((BM,), float("-inf"), tl.float32)
     nan = tl.zeros((BM,), tl.int32)
-    for s0 in range(0, samples, BS):
+    first = tl.program_id(1) * per_group
+    for s0 in range(first, tl.minimum(first + per_group, samples), BS):
         cols = s0 + tl.arange(0, BS)
         col_ok = cols < samples
         w_rows = cols.to(tl.int64) * step
@@ -243,6 +251,24 @@ def _references_kernel(
         nan = tl.maximum(nan, tl.max((z != z).to(tl.int32), axis=1))  # tl.max may drop a nan
         best = tl.maximum(best, tl.max(z, axis=1))
     best = tl.where((nan > 0) | (best == float("inf")), float("nan"), best)
+    if FINAL:
+        tl.store(K + rows, best - spread * _row_offset(rows), mask=row_ok)
+    else:
+        tl.store(K + tl.program_id(1) * n + rows, best, mask=row_ok)
+
+
+@triton.jit
+def _references_merge_kernel(PART, K, n, spread, GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+    """K = max over the groups' maxima PART [GROUPS, N] (nan where any is nan), less spread u_i."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    nan = tl.zeros((BLOCK,), tl.int1)
+    for g in tl.static_range(GROUPS):
+        part = tl.load(PART + g * n + rows, mask=row_ok, other=float("-inf"))
+        nan |= part != part
+        best = tl.maximum(best, part)
+    best = tl.where(nan, float("nan"), best)
     tl.store(K + rows, best - spread * _row_offset(rows), mask=row_ok)
 
 
@@ -277,11 +303,21 @@ def row_references(hidden: Tensor, weight: Tensor) -> Tensor:
         w_norm = torch.linalg.vector_norm(sample, dim=1, dtype=torch.float32)
         sms = sms_for(hidden)
         bm = next((bm for bm in REF_ROWS if cdiv(n, bm) >= sms * 7 // 8), REF_ROWS[-1])
-        _references_kernel[(cdiv(n, bm),)](
-            hidden, weight, w_norm, k, n, hdim, hidden.stride(0), weight.stride(0), step, sample.shape[0],
-            4 * hdim * 2.0**-24, REF_SPREAD, BM=bm, BS=REF_SAMPLES, BK=REF_K, UPCAST=not hidden.is_cuda,
-            num_warps=4, num_stages=3,
+        # The samples in groups, so that the programs fill REF_PER_SM a multiprocessor where the rows alone
+        # leave them short.
+        blocks = cdiv(sample.shape[0], REF_SAMPLES)
+        per_group = cdiv(blocks, max(1, min(blocks, cdiv(REF_PER_SM * sms, cdiv(n, bm))))) * REF_SAMPLES
+        groups = cdiv(sample.shape[0], per_group)
+        part = k if groups == 1 else torch.empty(groups, n, dtype=torch.float32, device=hidden.device)
+        _references_kernel[(cdiv(n, bm), groups)](
+            hidden, weight, w_norm, part, n, hdim, hidden.stride(0), weight.stride(0), step, sample.shape[0],
+            per_group, 4 * hdim * 2.0**-24, REF_SPREAD, BM=bm, BS=REF_SAMPLES, BK=REF_K,
+            UPCAST=not hidden.is_cuda, FINAL=groups == 1, num_warps=4, num_stages=3,
         )  # fmt: skip
+        if groups > 1:
+            _references_merge_kernel[(cdiv(n, MERGE_ROWS),)](
+                part, k, n, REF_SPREAD, GROUPS=groups, BLOCK=MERGE_ROWS, num_warps=4
+            )
     return k
 
 
