@@ -243,17 +243,23 @@ def _cases() -> list[tuple]:
     )
     from chronipatch.ops._lce_label_rows import LABEL_COLS, LABEL_ROWS, LABEL_RUNS, LABEL_WARPS, SUMS_TILE
 
-    cases.append(
+    bj, bh, br = SUMS_TILE[:3]
+    cases += [
         (
-            "lce_rows_label_sums_bf16",
+            f"lce_rows_label_sums_bf16{'' if tma else '_pointer_loads'}",
             "_lce_label_rows",
             "_label_sums_kernel",
             {"SUMS": "*fp32", "LP": "*bf16", "HR": "*bf16", "COUNT": "*i32"}
+            | {
+                "LPD": f"tensordesc<bf16[{bj}, {br}]>" if tma else "*bf16",
+                "HRD": f"tensordesc<bf16[{br}, {bh}]>" if tma else "*bf16",
+            }
             | _ints("rows", "hdim", "stride_s", "stride_lp", "stride_lp_i", "stride_hr"),
-            {"BJ": SUMS_TILE[0], "BH": SUMS_TILE[1], "BR": SUMS_TILE[2], "UPCAST": False},
+            {"BJ": bj, "BH": bh, "BR": br, "UPCAST": False, "TMA": tma},
             {"num_warps": SUMS_TILE[3], "num_stages": SUMS_TILE[4]},
         )
-    )
+        for tma in (True, False)
+    ]
     cases.append(
         (
             "lce_rows_label_rows_bf16",
@@ -279,8 +285,8 @@ def _cases() -> list[tuple]:
                 "bound_scale": "fp32",
                 "spread": "fp32",
             }
-            | _ints("n", "hdim", "stride_h", "stride_w", "step", "samples"),
-            {"BM": bm, "BS": 128, "BK": 64, "UPCAST": False},
+            | _ints("n", "hdim", "stride_h", "stride_w", "step", "samples", "per_group"),
+            {"BM": bm, "BS": 128, "BK": 64, "UPCAST": False, "FINAL": bm != 64},
             {"num_warps": 4, "num_stages": 3},
         )
         for bm in (64, 32, 16)
@@ -422,6 +428,9 @@ def test_kernel_compiles_for_h100(compiled, ptx, case):
         assert ("div.rn.f32" in ptx) == case.startswith("lce_bwd")
     if case.startswith("lce_rows_references"):  # the sampled logits on tensor cores too (wgmma: M = 64)
         assert ("wgmma.mma_async" if case.endswith("bm64") else "mma.sync") in ptx
+    if case.startswith("lce_rows_label_sums"):  # on wgmma, its operands by TMA where the copy's rows allow
+        assert "wgmma.mma_async" in ptx
+        assert ("cp.async.bulk.tensor" in ptx) == (not case.endswith("_pointer_loads"))
     if case.startswith(("lce_tiles_fwd", "lce_tiles_bwd")):  # the logits GEMM on Hopper's tensor cores
         assert "wgmma.mma_async" in ptx
         assert ("cp.async.bulk.tensor" in ptx) == (not case.endswith("_pointer_loads"))  # TMA loads
