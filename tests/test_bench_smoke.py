@@ -103,7 +103,10 @@ def test_lce_host_bench_smoke():
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "to the first tile launch" in proc.stdout
     assert "from the check's wait to the first tile launch" in proc.stdout, proc.stdout
-    order = "launches: _label_counts_kernel _references_kernel |wait| _fwd_tiles_kernel"
+    # 8192 rows on 132 SMs: the references in groups, then their merge, all before the wait
+    order = (
+        "launches: _label_counts_kernel _references_kernel _references_merge_kernel |wait| _fwd_tiles_kernel"
+    )
     assert order in proc.stdout, proc.stdout
 
 
