@@ -104,7 +104,8 @@ def main() -> None:
     op = functools.partial(step, one_pass_loss)
     # The one pass's forward alone: the tiles also store p (its chunks' GEMMs left out).
     rows_mod = importlib.import_module("chronipatch.ops._lce_rows")
-    ref, p_rows = rows_mod.row_references(h, w), rows_mod.P_BYTES // (2 * a.v)
+    refs_mod = importlib.import_module("chronipatch.ops._lce_refs")
+    ref, p_rows = refs_mod.row_references(h, w), rows_mod.P_BYTES // (2 * a.v)
 
     def fwd_p():
         tiles.tiles_fwd(h, w, labels, -100, False, lambda *args: None, p_rows, ref)

@@ -4,7 +4,7 @@
 
 - label counts (``_labels.label_counts`` on CUDA: one program) against the torch ops that counted before,
   at 8,192, 1M and 16M labels;
-- the rows' references (``_lce_rows.row_references``: one kernel and the sampled rows' norms) against
+- the rows' references (``_lce_refs.row_references``: one kernel and the sampled rows' norms) against
   cuBLAS's sampled GEMM and torch's norms, outer product and max, at the loss's shapes of ``bench/ops.py``
   and fewer rows.
 
@@ -32,18 +32,18 @@ from common import env_info, meta_header, smoke_args
 
 labels_mod = importlib.import_module("chronipatch.ops._labels")
 torch_counts = labels_mod._counts_by_torch  # the torch ops the kernel replaced, as CPU tensors still run them
-rows_mod = importlib.import_module("chronipatch.ops._lce_rows")
+refs_mod = importlib.import_module("chronipatch.ops._lce_refs")
 
 
 def torch_references(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The rows' references as cuBLAS and torch computed them before the kernel."""
-    sample = weight[:: max(1, weight.shape[0] // rows_mod.SAMPLES)][: rows_mod.SAMPLES]
+    sample = weight[:: max(1, weight.shape[0] // refs_mod.SAMPLES)][: refs_mod.SAMPLES]
     z = torch.zeros(hidden.shape[0], sample.shape[0], dtype=torch.float32, device=hidden.device)
     addmm_acc(z, hidden, sample.T)
     norms = (torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample))
     bound = torch.outer(*norms).mul_(4 * hidden.shape[1] * 2.0**-24)
     k = z.sub_(bound).amax(dim=1)
-    k -= rows_mod.REF_SPREAD * rows_mod.row_offsets(k.shape[0], k.device)
+    k -= refs_mod.REF_SPREAD * refs_mod.row_offsets(k.shape[0], k.device)
     return torch.where(k == float("inf"), float("nan"), k)
 
 
@@ -79,11 +79,11 @@ def main() -> None:
     for n, h, v in shapes:
         hidden = torch.randn(n, h, device=dev, dtype=torch.bfloat16)
         weight = (torch.randn(v, h, device=dev) * h**-0.5).to(torch.bfloat16)
-        got, want = rows_mod.row_references(hidden, weight), torch_references(hidden, weight)
+        got, want = refs_mod.row_references(hidden, weight), torch_references(hidden, weight)
         err = (got - want).abs().max().item()
         assert err <= 1e-3 * want.abs().max().item() + 1e-4, (err, n, h, v)
         row = {"shape": f"{n}x{h} V={v}", "max_abs_diff": err}
-        row["kernel_ms"] = ms(partial(rows_mod.row_references, hidden, weight))
+        row["kernel_ms"] = ms(partial(refs_mod.row_references, hidden, weight))
         row["torch_ms"] = ms(partial(torch_references, hidden, weight))
         out["references"].append(row)
         print(row, flush=True)

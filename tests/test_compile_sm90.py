@@ -275,7 +275,7 @@ def _cases() -> list[tuple]:
     cases += [
         (
             f"lce_rows_references_bf16_bm{bm}",
-            "_lce_rows",
+            "_lce_refs",
             "_references_kernel",
             {
                 "H": "*bf16",

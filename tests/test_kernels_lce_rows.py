@@ -21,6 +21,7 @@ lce = importlib.import_module("chronipatch.ops.linear_cross_entropy")
 tiles = importlib.import_module("chronipatch.ops._lce_tiles")
 rows = importlib.import_module("chronipatch.ops._lce_rows")
 labels_mod = importlib.import_module("chronipatch.ops._lce_label_rows")
+refs_mod = importlib.import_module("chronipatch.ops._lce_refs")
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,7 @@ def test_lce_rows_kernels(n, h, v, tma, monkeypatch):
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 16)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
     monkeypatch.setattr(rows, "SETTLE_SCAN", 4)  # the settle kernel's scan in steps, a ragged last one
-    monkeypatch.setattr(rows, "SAMPLES", 8)  # K a few units below each row's max: no factor of exactly 1
+    monkeypatch.setattr(refs_mod, "SAMPLES", 8)  # K a few units below each row's max: no factor of exactly 1
     torch.manual_seed(v + n)
     bf16 = torch.bfloat16
     hid, w = _r(n, h, dtype=bf16), _r(v, h, dtype=bf16, scale=0.5)
@@ -90,7 +91,7 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
     monkeypatch.setattr(tiles, "MERGE_BLOCK", 4)  # 9 tiles of 32 columns: three merge blocks
-    monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
+    monkeypatch.setattr(refs_mod, "SAMPLES", 64)  # every 4th column of 260
     # The settle kernel's scan and its rescale of the far rows in steps of 4 tiles, a ragged last one.
     monkeypatch.setattr(rows, "SETTLE_SCAN", 4)
     monkeypatch.setattr(rows, "SETTLE_TILES", 4)
@@ -104,7 +105,7 @@ def test_lce_rows_reference_from_the_sample(far, monkeypatch):
         hid[[2, 17], 0], w[far, 0] = 16.0, 16.0
     labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
     labels[[5, 17]] = -100
-    refs = rows.row_references(hid, w)
+    refs = refs_mod.row_references(hid, w)
     stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
     far_rows = stats[:, 0] > refs + tiles.REF_MARGIN
     assert far_rows.sum() == (2 if far else 0)
@@ -130,7 +131,7 @@ def test_lce_rows_tiles_capture_p_label_columns(ignore_index, token_stats, monke
     and labels outside it; with and without token stats (whose tiles zero the ignored rows' p apart)."""
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
-    monkeypatch.setattr(rows, "SAMPLES", 64)
+    monkeypatch.setattr(refs_mod, "SAMPLES", 64)
     monkeypatch.setattr(rows, "SETTLE_TILES", 4)
     torch.manual_seed(5)
     n, v = 40, 260
@@ -140,7 +141,9 @@ def test_lce_rows_tiles_capture_p_label_columns(ignore_index, token_stats, monke
     labels = torch.randint(0, 13, (n,), device=KERNEL_DEVICE) * 20  # 13 labels over 9 tiles
     labels[[4, 30]] = ignore_index
     labels[7], labels[8] = v + 3, -5
-    far = lce.lce_fwd_triton(hid, w, labels, -100)[1][:, 0] > rows.row_references(hid, w) + tiles.REF_MARGIN
+    far = (
+        lce.lce_fwd_triton(hid, w, labels, -100)[1][:, 0] > refs_mod.row_references(hid, w) + tiles.REF_MARGIN
+    )
     assert far.nonzero().flatten().tolist() == [2, 21]
     seen, tiles_fwd = [], rows.tiles_fwd
 
@@ -190,7 +193,7 @@ def test_lce_rows_rescale_past_the_margin_is_exact(monkeypatch):
     nonzero entry keeps its mantissa; the tile holding the max is not touched, nor is any other row."""
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
-    monkeypatch.setattr(rows, "SAMPLES", 64)  # every 4th column of 260
+    monkeypatch.setattr(refs_mod, "SAMPLES", 64)  # every 4th column of 260
     seen = _settle_launches(monkeypatch)
     torch.manual_seed(4)
     bf16 = torch.bfloat16
@@ -256,13 +259,14 @@ def test_lce_rows_reference_is_not_above_the_tiles_max(monkeypatch):
     margin here) still matches the recompute path."""
     small_lce_tiles(monkeypatch)
     monkeypatch.setattr(rows, "P_BYTES", 1)  # chunks of one row block
-    monkeypatch.setattr(rows, "SAMPLES", 260)  # every column: K would be the row max itself but for rounding
+    # Every column sampled: K would be the row max itself but for rounding.
+    monkeypatch.setattr(refs_mod, "SAMPLES", 260)
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     hid, w = _r(20, 64, dtype=bf16, scale=300.0), _r(260, 64, dtype=bf16, scale=300.0)
     labels = torch.randint(0, 260, (20,), device=KERNEL_DEVICE)
     stats = lce.lce_fwd_triton(hid, w, labels, -100)[1]
-    assert (rows.row_references(hid, w) <= stats[:, 0]).all()
+    assert (refs_mod.row_references(hid, w) <= stats[:, 0]).all()
     divisor = (labels != -100).sum().float()
     loss, _, _, dh, dw = lce.lce_fwd_bwd_triton(hid, w, labels, divisor, -100, False, True, True)
     rows_re = lce.lce_fwd_triton(hid, w, labels, -100)[0]
@@ -422,13 +426,13 @@ def test_lce_rows_label_rows_of_dw_rounded_once_over_chunks(monkeypatch):
 
 
 def _torch_references(hidden, weight):
-    """``_lce_rows.row_references`` in torch: the sampled logits (an fp32 GEMM) less the rounding bound, less
+    """``_lce_refs.row_references`` in torch: the sampled logits (an fp32 GEMM) less the rounding bound, less
     each row's spread."""
-    sample = weight[:: max(1, weight.shape[0] // rows.SAMPLES)][: rows.SAMPLES]
+    sample = weight[:: max(1, weight.shape[0] // refs_mod.SAMPLES)][: refs_mod.SAMPLES]
     z = hidden.float() @ sample.float().T
     norms = [torch.linalg.vector_norm(t, dim=1, dtype=torch.float32) for t in (hidden, sample)]
     k = (z - torch.outer(*norms) * (4 * hidden.shape[1] * 2.0**-24)).amax(dim=1)
-    k -= rows.REF_SPREAD * rows.row_offsets(k.shape[0])
+    k -= refs_mod.REF_SPREAD * refs_mod.row_offsets(k.shape[0])
     return torch.where(k == float("inf"), float("nan"), k)
 
 
@@ -442,26 +446,26 @@ def test_lce_row_references_kernel(n, h, v, grouped, monkeypatch):
     Row blocks of 16, 32 and 64 (the interpreter counts 4 SMs). Grouped: the samples in blocks of 32 split
     over programs (the last group ragged where 96 samples make 3 blocks over 2 groups), merged by
     ``_references_merge_kernel``: the same K bit for bit as one group's, nan rows too."""
-    monkeypatch.setattr(rows, "SAMPLES", 96)  # every few columns, the last sample block ragged
-    monkeypatch.setattr(rows, "REF_SAMPLES", 32 if grouped else rows.REF_SAMPLES)
-    monkeypatch.setattr(rows, "REF_PER_SM", 4 if grouped else 0)
+    monkeypatch.setattr(refs_mod, "SAMPLES", 96)  # every few columns, the last sample block ragged
+    monkeypatch.setattr(refs_mod, "REF_SAMPLES", 32 if grouped else refs_mod.REF_SAMPLES)
+    monkeypatch.setattr(refs_mod, "REF_PER_SM", 4 if grouped else 0)
     torch.manual_seed(n)
     hid = _r(n, h, dtype=torch.bfloat16, scale=3.0)
     w = _r(v, h, dtype=torch.bfloat16)
     want = _torch_references(hid.cpu(), w.cpu())
-    torch.testing.assert_close(rows.row_references(hid, w).cpu(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(refs_mod.row_references(hid, w).cpu(), want, rtol=1e-5, atol=1e-4)
     if n > 2:
         hid[0, 1], hid[2, 0] = float("nan"), float("inf")
-        got = rows.row_references(hid, w).cpu()
+        got = refs_mod.row_references(hid, w).cpu()
         assert got[[0, 2]].isnan().all() and not got[1].isnan() and not got[3:].isnan().any()
     if grouped:
         launches = []
-        merge = _Recorded(rows._references_merge_kernel, launches)
-        monkeypatch.setattr(rows, "_references_merge_kernel", merge)
-        got = rows.row_references(hid, w)
+        merge = _Recorded(refs_mod._references_merge_kernel, launches)
+        monkeypatch.setattr(refs_mod, "_references_merge_kernel", merge)
+        got = refs_mod.row_references(hid, w)
         assert launches and all(groups > 1 for groups in launches)
-        monkeypatch.setattr(rows, "REF_PER_SM", 0)
-        torch.testing.assert_close(got, rows.row_references(hid, w), rtol=0, atol=0, equal_nan=True)
+        monkeypatch.setattr(refs_mod, "REF_PER_SM", 0)
+        torch.testing.assert_close(got, refs_mod.row_references(hid, w), rtol=0, atol=0, equal_nan=True)
 
 
 class _Recorded:
@@ -486,7 +490,7 @@ def test_lce_row_references_spread_alike_rows_over_a_binade():
     torch.manual_seed(0)
     hid = _r(1, 32, dtype=torch.bfloat16).expand(64, 32).contiguous()
     w = _r(500, 32, dtype=torch.bfloat16)
-    k = rows.row_references(hid, w).double().cpu()
+    k = refs_mod.row_references(hid, w).double().cpu()
     f = ((k[0] - k) / math.log(2)).sort().values
     assert f.min() > -1e-6 and f.max() < 1
     gaps = torch.cat([f.diff(), (1 + f[:1] - f[-1:])])  # around the circle: f and f + 1 are one place
@@ -565,7 +569,7 @@ def test_lce_eager_call_queues_the_references_before_its_check(monkeypatch, cpu_
     assert (handed[0] is None) == (ignored > 10)
     if handed[0] is not None:
         want = rows.rows_prep(hid, w, labels, -100, not frozen)
-        assert torch.equal(handed[0].ref, rows.row_references(hid, w))
+        assert torch.equal(handed[0].ref, refs_mod.row_references(hid, w))
         if frozen:
             assert handed[0][1:] == (None,) * 4
         else:
