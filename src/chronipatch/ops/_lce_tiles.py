@@ -170,8 +170,9 @@ def _fwd_tiles_kernel(
         r = m
         keep = live
         if STORE_P:
-            # Read after the GEMM: loaded before it, the flattened pipelined loop loads it a tile ahead
-            # (sm_90, triton 3.6), and a tile could take another tile's rows' references.
+            # Read after the GEMM. Loaded at the tile's start, the pipelined loop carries them to the epilogue
+            # with the tile's coordinates (p bit for bit the same) but no faster: the latency was hidden
+            # already (H200, triton 3.6; bench/results/2026-12-07-h200-b/capture_ab_call1.log).
             ref = tl.load(REF + rows, mask=live, other=0.0)
             r = p_reference(m, ref, MARGIN)
             tl.store(RP + part, r, mask=live)
