@@ -171,8 +171,8 @@ def _fwd_tiles_kernel(
         keep = live
         if STORE_P:
             # Read after the GEMM. Loaded at the tile's start, the pipelined loop carries them to the epilogue
-            # with the tile's coordinates (p bit for bit the same) but no faster: the latency was hidden
-            # already (H200, triton 3.6; bench/results/2026-12-07-h200-b/capture_ab_call1.log).
+            # with the tile's coordinates (p bit for bit the same) and the kernel runs no faster (H200, triton
+            # 3.6; bench/results/2026-12-07-h200-b/capture_ab_call1.log).
             ref = tl.load(REF + rows, mask=live, other=0.0)
             r = p_reference(m, ref, MARGIN)
             tl.store(RP + part, r, mask=live)
