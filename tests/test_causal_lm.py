@@ -155,6 +155,40 @@ def test_fsdp2_gathering_hooks_leave_the_head_fused(op_calls):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fsdp2_sharded_layers_are_swapped(op_calls, family):
+    """``fully_shard`` on each decoder layer makes an ``FSDP<cls>`` subclass whose forward transformers'
+    ``GradientCheckpointingLayer`` wraps once more: the layers are still swapped (their norms run inside the
+    projections), and loss and gradients equal stock's."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        stock = tiny_model(family)
+        patched = copy.deepcopy(stock)
+        for layer in patched.model.layers:
+            fully_shard(layer)
+        fully_shard(patched)
+        report = chronipatch.apply(patched)
+        ids, labels = batch()
+        op_calls.clear()
+        ours = _losses_and_grads(patched, input_ids=ids, labels=labels)
+        # Each layer's two norms inside the projections they feed (the MLP's with the residual add).
+        n_layers = len(patched.model.layers)
+        assert report.ops()["rms_norm_linear"] == n_layers, str(report)
+        assert op_calls["rms_norm_linear"] == 2 * op_calls["add_rms_norm_swiglu"] == 2 * n_layers
+        grads = {name: grad.full_tensor() for name, grad in ours[1].items()}
+        _assert_same((ours[0], grads), _losses_and_grads(stock, input_ids=ids, labels=labels))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_global_module_hooks_leave_the_head_fused(op_calls):
     """A measuring tool's global module hooks (``FlopCounterMode``) do not unfuse the loss."""
     from torch.utils.flop_counter import FlopCounterMode

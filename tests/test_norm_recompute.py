@@ -156,6 +156,30 @@ def test_compiled_forward_runs_the_eager_ops(family, op_calls):
     assert graph == eager, (graph, eager)
 
 
+def test_output_capturing_hooks_keep_the_layers_fused(op_calls):
+    """The first ``output_attentions`` / ``output_hidden_states`` call installs transformers' capturing hooks
+    on the attention modules for good; they read the attention's output only, so later training steps, eager
+    and compiled, still run the norms inside the projections. The captured outputs equal stock's."""
+    stock = tiny_model("llama", attn_implementation="eager")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    ids, labels = batch()
+    with torch.no_grad():
+        outs = [
+            m.eval()(input_ids=ids, output_attentions=True, output_hidden_states=True)
+            for m in (stock, patched)
+        ]
+    for a, b in zip(outs[0].attentions + outs[0].hidden_states, outs[1].attentions + outs[1].hidden_states):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(layer.self_attn._forward_hooks for layer in patched.model.layers)  # installed for good
+    op_calls.clear()
+    assert_same(loss_and_grads(patched.train(), ids, labels), loss_and_grads(stock.train(), ids, labels))
+    layers = COMMON["num_hidden_layers"]
+    assert op_calls["rms_norm_linear_rope"] == op_calls["add_rms_norm_swiglu"] == layers
+    graph = _graph_ops(patched, ids, labels)
+    assert graph["rms_norm_linear"] == 2 * layers and graph["rope"] == layers, graph
+
+
 def test_compiled_forward_fuses_where_the_binding_traces_to_none(monkeypatch):
     """torch 2.11's dynamo traces ``bound_forward`` (the function behind a module's bound forward) to
     None; the compiled forward must still find the fused path (``layers.runs`` reads ``apply``'s own mark)."""

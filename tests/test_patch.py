@@ -132,6 +132,32 @@ def test_apply_twice_is_noop_and_switches():
     assert model(ids, labels=ids).logits is not None  # stock head kept
 
 
+def test_subclass_with_a_forward_of_its_own_is_left_alone(op_calls):
+    """A user's subclass of a supported class that overrides forward keeps its forward, and the report names
+    it; its layer keeps the stock norm before the projections, and the model equals stock's."""
+    stock = tiny_model("llama")
+
+    class ScaledNorm(type(stock.model.norm)):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) * 2
+
+    for layer in (stock.model.norm, stock.model.layers[0].input_layernorm):
+        layer.__class__ = ScaledNorm
+    patched = copy.deepcopy(stock)
+    report = chronipatch.apply(patched)
+    own = "ScaledNorm has a forward of its own"
+    assert {(path, why) for path, _, why in report.left} == {
+        ("model.norm", own),
+        ("model.layers.0.input_layernorm", own),
+    }
+    assert "forward" not in patched.model.norm.__dict__ and "ScaledNorm" in str(report)
+    assert report.ops()["rms_norm"] == 2 * 2 + 1 - 2
+    ids, labels = batch()
+    op_calls.clear()
+    assert_same(loss_and_grads(patched, ids, labels), loss_and_grads(stock, ids, labels))
+    assert op_calls["linear_cross_entropy"] == 1
+
+
 def test_unsupported_models_error():
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)

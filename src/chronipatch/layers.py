@@ -100,8 +100,26 @@ def _decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, 
 
 
 def fuses_norm(module: torch.nn.Module, fn) -> bool:
-    """Whether ``module`` runs ``fn`` and nothing else on a call: it may then take the norm's input."""
-    return runs(module, fn) and no_hooks(module)
+    """Whether ``module`` runs ``fn`` and nothing else that reads its input on a call: it may then take the
+    norm's input. transformers' output-capturing hooks that read only outputs do not count."""
+    if not runs(module, fn) or any(_GLOBAL_HOOKS):
+        return False
+    hooks, *others = own_hooks(module)
+    return not any(others) and all(_reads_output_only(hook) for hook in hooks.values())
+
+
+@torch.compiler.assume_constant_result  # read at trace time: dynamo cannot trace a closure's cells
+def _reads_output_only(hook) -> bool:
+    """Whether ``hook`` is transformers' output-capturing hook of another output than the hidden states
+    (``output_attentions``: the module's output alone). The first ``output_attentions`` or
+    ``output_hidden_states`` call installs such hooks for good, inert outside such calls; the hidden
+    states' one may read the module's input."""
+    code = getattr(hook, "__code__", None)
+    if code is None or code.co_name != "output_capturing_hook" or "key" not in code.co_freevars:
+        return False
+    if not getattr(hook, "__module__", "").startswith("transformers."):
+        return False
+    return hook.__closure__[code.co_freevars.index("key")].cell_contents != "hidden_states"
 
 
 def normed_projections(norm, x: torch.Tensor, projections) -> list[torch.Tensor]:

@@ -65,12 +65,27 @@ class PatchReport:
 
 
 def _hf_class(module: nn.Module, by_class: dict) -> str | None:
-    """The supported HF class this module is, also through wrappers that subclass it without their
-    own forward (FSDP2's ``FSDP<cls>``); a user subclass that overrides forward is not ours to swap."""
-    for klass in type(module).__mro__:
-        if klass.__name__ in by_class:
-            return klass.__name__ if type(module).forward is klass.forward else None
-    return None
+    """The supported HF class this module is or subclasses (FSDP2's ``FSDP<cls>``, a user's class)."""
+    return next((k.__name__ for k in type(module).__mro__ if k.__name__ in by_class), None)
+
+
+def _own_forward(module: nn.Module, cls: str) -> bool:
+    """Whether the module's class overrides the forward of the HF class ``cls`` it subclasses: a user's
+    forward is not ours to swap (a wrapper without one, as FSDP2's ``FSDP<cls>``, is)."""
+    klass = next(k for k in type(module).__mro__ if k.__name__ == cls)
+    return _unwrapped_forward(type(module), klass) is not klass.forward
+
+
+def _unwrapped_forward(cls: type, klass: type):
+    """``cls.forward`` less transformers' checkpointing wrappers: ``GradientCheckpointingLayer`` wraps the
+    forward of every subclass again, FSDP2's ``FSDP<cls>`` included, and only the outermost checkpoints."""
+    forward = cls.forward
+    # ``functools.wraps`` copies the name: the wrapper is known by its code's.
+    while forward is not klass.forward and getattr(forward, "__code__", None) is not None:
+        if forward.__code__.co_name != "forward_with_checkpointing" or not hasattr(forward, "__wrapped__"):
+            break
+        forward = forward.__wrapped__
+    return forward
 
 
 def _compiled(model: nn.Module) -> bool:
@@ -194,6 +209,9 @@ def apply(
             continue
         if "forward" in module.__dict__:
             report.left.append((path, cls, "forward already replaced by someone else"))
+            continue
+        if _own_forward(module, cls):
+            report.left.append((path, cls, f"{type(module).__name__} has a forward of its own"))
             continue
         why = swap.why_not(module)
         if why:
