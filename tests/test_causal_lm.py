@@ -273,3 +273,28 @@ def test_logits_to_keep_as_tensors_slices_as_stock(keep):
         got = patched.eval()(ids, logits_to_keep=keep).logits
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", ["shift_labels", "labels"])
+def test_loss_of_rows_a_bool_mask_keeps_is_stock(op_calls, targets):
+    """A bool ``logits_to_keep`` [B, T] keeps [num_true, H] rows (transformers' form for packed training):
+    their fused loss, against ``shift_labels`` of the kept positions or (every position kept) the labels
+    shifted within each row, with ``num_items_in_batch``, equals stock's, gradients too."""
+    import transformers.modeling_utils as mu
+
+    if not hasattr(mu, "slice_logits_to_keep"):
+        pytest.skip("this transformers slices by 1-D positions only")
+    stock, patched = _pair()
+    ids, labels = batch()
+    labels[0, :3] = -100
+    if targets == "labels":
+        keep = torch.ones_like(labels, dtype=torch.bool)
+        kw = dict(labels=labels, num_items_in_batch=torch.tensor(7))
+    else:
+        keep = torch.arange(labels.numel()).view(labels.shape) % 3 != 0
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        kw = dict(labels=labels, shift_labels=shifted[keep], num_items_in_batch=torch.tensor(7))
+    op_calls.clear()
+    ours = _losses_and_grads(patched, input_ids=ids, logits_to_keep=keep, **kw)
+    assert op_calls["linear_cross_entropy"] == 1
+    _assert_same(ours, _losses_and_grads(stock, input_ids=ids, logits_to_keep=keep, **kw))

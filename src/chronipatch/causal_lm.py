@@ -124,9 +124,20 @@ def causal_lm_forward(
     # As stock: a loss where labels are given; ``shift_labels`` given too are its targets, already shifted.
     shift_labels = kwargs.get("shift_labels")
     targets = None if labels is None else labels if shift_labels is None else shift_labels
+    ignore_index = kwargs.get("ignore_index", -100)
+    shift = shift_labels is None
+    # A boolean mask keeps [num_true, H] rows (packed training), whose logits stock's loss reads in order
+    # against its flattened targets: shifted within each row first where they are the labels.
+    flat_rows = (
+        isinstance(logits_to_keep, torch.Tensor)
+        and logits_to_keep.dtype == torch.bool
+        and logits_to_keep.ndim == 2
+    )
+    if targets is not None and flat_rows:
+        targets = (F.pad(targets, (0, 1), value=ignore_index)[..., 1:] if shift else targets).reshape(1, -1)
+        shift = False
     if targets is not None and targets.ndim == 1:
         targets = targets[None]  # one unbatched row, which stock's flattening loss takes (batch size 1)
-    ignore_index = kwargs.get("ignore_index", -100)
     fused = targets is not None and plain_head(self.lm_head)
     # The loss's label check starts before the backbone: its one host sync then finds the counts already
     # there instead of draining the GPU queue that the backbone's launches filled.
@@ -136,7 +147,7 @@ def causal_lm_forward(
             targets,
             self.lm_head.weight.shape[0],
             ignore_index,
-            shift=shift_labels is None,
+            shift=shift,
             num_items=kwargs.get("num_items_in_batch"),
         )
     outputs = self.model(
@@ -161,12 +172,12 @@ def causal_lm_forward(
     else:
         weight = head_weight(self.lm_head)
         loss = ops.linear_cross_entropy(
-            hidden_states,
+            hidden_states[None] if flat_rows else hidden_states,
             weight,
             targets,
             ignore_index=ignore_index,
             num_items_in_batch=kwargs.get("num_items_in_batch"),
-            shift=shift_labels is None,
+            shift=shift,
             label_check=label_check,
         )
         if return_logits:
