@@ -153,6 +153,19 @@ def test_no_adapter_rejected(tmp_path):
     assert trainer.optimizer_cls_and_kwargs is None
 
 
+@pytest.mark.parametrize(
+    ("ratio", "lr_embedding"), [(0.0, 1e-6), (float("inf"), 1e-6), (True, 1e-6), (16.0, -1.0)]
+)
+def test_bad_settings_rejected(tmp_path, ratio, lr_embedding):
+    model = lora_model()
+    with pytest.raises(ValueError, match="must be a finite real number"):
+        loraplus_param_groups(model, LR, ratio, lr_embedding)
+    trainer = make_trainer(model, tmp_path)
+    with pytest.raises(ValueError, match="must be a finite real number"):
+        install(trainer, ratio, lr_embedding)
+    assert trainer.optimizer_cls_and_kwargs is None
+
+
 def test_explicit_optimizer_conflicts(tmp_path):
     model = lora_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -86,6 +86,27 @@ def test_packing_without_a_row_size_is_refused_before_anything_changes(tmp_path)
     assert not chronipatch.is_patched(trainer.model) and trainer.data_collator is collator
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(loraplus_ratio=-16.0), r"loraplus_ratio must be a finite real number > 0, got -16\.0"),
+        (dict(loraplus_ratio=float("nan")), "loraplus_ratio must be a finite real number > 0, got nan"),
+        (dict(loraplus_ratio="16"), "loraplus_ratio must be a finite real number > 0, got '16'"),
+        (dict(loraplus_lr_embedding=-1e-6), "loraplus_lr_embedding must be a finite real number >= 0"),
+        (dict(packing="yes"), "packing must be True, False or None, got 'yes'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_changes(tmp_path, kw, match):
+    """A negative or nan LoRA+ ratio would train lora_B uphill or fill it with nan, a string one fail inside
+    ``train()``: integrate refuses each, naming it, with the trainer and its model as they were."""
+    trainer = _trainer(tmp_path, integrate=False, peft=True, steps=1)
+    collator = trainer.data_collator
+    with pytest.raises((ValueError, TypeError), match=match):
+        ctrl.integrate(trainer, **kw)
+    assert not chronipatch.is_patched(trainer.model) and trainer.data_collator is collator
+    assert trainer.optimizer_cls_and_kwargs is None and not hasattr(trainer, "_chronipatch")
+
+
 def test_loraplus_on_embedding_adapters_alone_trains(tmp_path):
     """LoRA on the embeddings alone builds an ``embedding`` group and no lora_A/lora_B pair: training runs,
     as with peft's own LoRA+ optimizer."""
@@ -157,3 +178,15 @@ def test_revert_after_bf16_training_under_accelerates_wrapper(tmp_path):
     ours.model(input_ids=ids, labels=ids, fused_lm_head=True)
     assert ours._cb.counter["calls"] == calls + 1
     torch.save(ours.model, io.BytesIO())  # the mark is a flag: the model still pickles
+
+
+def test_packing_statistics_with_loader_workers_are_not_logged_as_zeros(tmp_path, caplog):
+    """DataLoader workers collate with copies of the collator, whose counters the main process never sees:
+    its log then leaves the packing statistics out, with a warning, instead of logging zeros."""
+    trainer = _trainer(tmp_path, integrate=False, steps=2, dataloader_num_workers=1)
+    ctrl.integrate(trainer, packing=True)
+    with caplog.at_level("WARNING", logger="chronipatch"):
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and not any(key.startswith("packing/") for h in logged for key in h), logged
+    assert "counted inside the 1 DataLoader workers and not logged" in caplog.text

@@ -12,6 +12,8 @@ built inside ``Trainer.create_optimizer`` — before a resumed checkpoint's opti
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -48,6 +50,17 @@ def _group_of(name: str, param: torch.Tensor) -> str:
     return "other"
 
 
+def check_settings(
+    ratio, lr_embedding, names=("ratio", "lr_embedding"), where="chronipatch.loraplus"
+) -> None:
+    """LoRA+'s ratio (> 0: B's rate over A's) and the embedding adapters' rate (>= 0) as finite reals; a
+    negative, nan or string one would train B uphill, fill it with nan or fail inside ``train()``."""
+    for name, value, least in ((names[0], ratio, "> 0"), (names[1], lr_embedding, ">= 0")):
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not real or value < 0 or (value == 0 and least == "> 0"):
+            raise ValueError(f"{where}: {name} must be a finite real number {least}, got {value!r:.40}")
+
+
 def loraplus_param_groups(
     model: nn.Module,
     lr: float,
@@ -64,6 +77,7 @@ def loraplus_param_groups(
 
     Raises ``ValueError`` if the model carries no LoRA adapter.
     """
+    check_settings(ratio, lr_embedding)
     if not has_lora(model):
         raise ValueError(
             "LoRA+ needs a LoRA model (no parameter named lora_B / lora_embedding_B found); "
@@ -103,6 +117,7 @@ class LoraPlusFactory:
         lr_embedding: float = 1e-6,
         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
     ) -> None:
+        check_settings(ratio, lr_embedding)
         self.ratio = ratio
         self.lr_embedding = lr_embedding
         self.optimizer_cls = optimizer_cls
@@ -129,6 +144,7 @@ def install(
     Takes lr, weight decay and the Adam betas/eps from ``trainer.args`` as they are when the optimizer is
     built; this replaces ``args.optim``.
     """
+    check_settings(ratio, lr_embedding)
     if not has_lora(trainer.model):  # full fine-tuning: the trainer's optimizer, given or not, stays
         return False
     if trainer.optimizer is not None:

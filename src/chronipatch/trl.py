@@ -175,13 +175,22 @@ class ChronipatchCallback(TrainerCallback):
         self.step_lrs = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.collator is not None and args.dataloader_num_workers > 0:
+            # Each worker collates with its own copy of the collator: the main process's counters stay 0.
+            log.warning(
+                "chronipatch: packing statistics are counted inside the %d DataLoader workers and not "
+                "logged; dataloader_num_workers=0 logs them",
+                args.dataloader_num_workers,
+            )
         if self.ratio is None or optimizer is None:
             return
         lrs = loraplus.group_learning_rates(optimizer)
         a, b = lrs.get("lr/lora_A"), lrs.get("lr/lora_B")
         # Adapters on embeddings alone build an ``embedding`` group and no lora_A/lora_B pair.
         built = {"lr/lora_A", "lr/lora_B", "lr/lora_B_no_decay", "lr/embedding"} & lrs.keys()
-        if not built or (a is not None and b is not None and abs(b - self.ratio * a) > 1e-12 * max(1.0, b)):
+        if not built or (
+            a is not None and b is not None and not abs(b - self.ratio * a) <= 1e-12 * max(1.0, b)
+        ):
             raise RuntimeError(f"chronipatch: LoRA+ groups not built as asked (ratio {self.ratio}): {lrs}")
         log.info("chronipatch: LoRA+ learning rates %s", lrs)
 
@@ -196,7 +205,7 @@ class ChronipatchCallback(TrainerCallback):
         extra = {"chronipatch/fused_loss_calls": self.counter["calls"]}
         if self.step_lrs is not None:
             extra.update(self.step_lrs)
-        if self.collator is not None:
+        if self.collator is not None and not args.dataloader_num_workers:
             extra.update(self.collator.stats.as_dict())
         logs.update(extra)  # what later callbacks (reporters) receive
         if state.log_history:  # Trainer stored a copy of logs just before this event
@@ -247,6 +256,13 @@ def integrate(
         return callback
     options = {k: v.value if isinstance(v, _Default) else v for k, v in given.items()}
     loraplus_ratio, loraplus_lr_embedding, packing = options.values()
+    if packing is not None and not isinstance(packing, bool):
+        raise TypeError(
+            f"chronipatch.trl.integrate: packing must be True, False or None, got {packing!r:.40}"
+        )
+    if loraplus_ratio is not None:
+        names = ("loraplus_ratio", "loraplus_lr_embedding")
+        loraplus.check_settings(loraplus_ratio, loraplus_lr_embedding, names, "chronipatch.trl.integrate")
     if trainer.processing_class is not None and getattr(trainer.processing_class, "pad_token", 1) is None:
         raise ValueError("chronipatch.trl.integrate: the tokenizer has no pad token; set tokenizer.pad_token")
     owner, trl_forward = _fused_lm_head_owner(trainer)
