@@ -190,3 +190,18 @@ def test_packing_statistics_with_loader_workers_are_not_logged_as_zeros(tmp_path
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and not any(key.startswith("packing/") for h in logged for key in h), logged
     assert "counted inside the 1 DataLoader workers and not logged" in caplog.text
+
+
+def test_packing_under_attention_dropout_is_refused_before_anything_changes(tmp_path):
+    """The varlen attention that packed rows run has no dropout: integrate refuses a model with attention
+    dropout before patching it, where the first step would have raised."""
+    trainer = _trainer(tmp_path, integrate=False, steps=1)
+    for module in trainer.model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    collator = trainer.data_collator
+    with pytest.raises(ValueError, match=r"attention_dropout is 0\.1; set it to 0"):
+        ctrl.integrate(trainer, packing=True)
+    assert not chronipatch.is_patched(trainer.model) and trainer.data_collator is collator
+    ctrl.integrate(trainer)  # unpacked rows keep stock's dropout
+    assert chronipatch.is_patched(trainer.model)

@@ -276,6 +276,15 @@ def integrate(
             f"max_length is {trainer.args.max_length!r}; set it (TRL then truncates examples to it, as "
             "without packing)"
         )
+    flash = str(getattr(trainer.model.config, "_attn_implementation", "")).startswith("flash_attention")
+    dropout = max(
+        (float(getattr(m, "attention_dropout", 0.0) or 0.0) for m in trainer.model.modules()), default=0
+    )
+    if (trl_packs or packing) and not flash and dropout > 0:
+        raise ValueError(
+            "chronipatch.trl.integrate: packed rows run the varlen attention, which has no attention "
+            f"dropout, and the model's attention_dropout is {dropout:g}; set it to 0"
+        )
     # LoRA+ first too: it refuses a trainer given its own optimizer, and changes only the optimizer factory.
     ratio = None
     if loraplus_ratio is not None:
