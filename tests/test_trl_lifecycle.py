@@ -205,3 +205,21 @@ def test_packing_under_attention_dropout_is_refused_before_anything_changes(tmp_
     assert not chronipatch.is_patched(trainer.model) and trainer.data_collator is collator
     ctrl.integrate(trainer)  # unpacked rows keep stock's dropout
     assert chronipatch.is_patched(trainer.model)
+
+
+def test_packing_names_the_collator_it_replaces(tmp_path, caplog):
+    """packing=True replaces the trainer's collator: TRL's own silently, a user's with a warning naming it."""
+    trainer = _trainer(tmp_path / "a", integrate=False, steps=1)
+    with caplog.at_level("WARNING", logger="chronipatch"):
+        ctrl.integrate(trainer, packing=True)
+    assert "replaces" not in caplog.text
+
+    class MyCollator:
+        def __call__(self, examples):
+            raise AssertionError("replaced")
+
+    trainer = _trainer(tmp_path / "b", integrate=False, steps=1)
+    trainer.data_collator = MyCollator()
+    with caplog.at_level("WARNING", logger="chronipatch"):
+        ctrl.integrate(trainer, packing=True)
+    assert "packing=True replaces the trainer's MyCollator with PackingCollator" in caplog.text

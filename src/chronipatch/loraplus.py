@@ -149,8 +149,9 @@ def install(
         return False
     if trainer.optimizer is not None:
         raise RuntimeError(
-            "trainer already has an optimizer (passed via `optimizers=`); it would silently win over "
-            "LoRA+. Pass optimizers=(None, scheduler) or skip loraplus.install."
+            "trainer already has an optimizer (passed via `optimizers=`, or built by an earlier train()); it "
+            "would silently win over LoRA+. Pass optimizers=(None, scheduler), integrate before training, or "
+            "skip LoRA+ (loraplus_ratio=None)."
         )
     current = getattr(trainer, "optimizer_cls_and_kwargs", None)
     if current is not None and not _is_loraplus(current[0]):

@@ -296,6 +296,12 @@ def integrate(
     _wire(trainer, counter, varlen)
     collator = None
     if packing and not trl_packs:
+        given = trainer.data_collator
+        if given is not None and not type(given).__module__.startswith("trl."):  # not the one TRL built
+            log.warning(
+                "chronipatch: packing=True replaces the trainer's %s with PackingCollator",
+                type(given).__name__,
+            )
         collator = PackingCollator(max_length=trainer.args.max_length)
         trainer.data_collator = collator
 
