@@ -298,3 +298,28 @@ def test_loss_of_rows_a_bool_mask_keeps_is_stock(op_calls, targets):
     ours = _losses_and_grads(patched, input_ids=ids, logits_to_keep=keep, **kw)
     assert op_calls["linear_cross_entropy"] == 1
     _assert_same(ours, _losses_and_grads(stock, input_ids=ids, logits_to_keep=keep, **kw))
+
+
+def test_bool_mask_loss_compiles_in_one_graph_and_names_a_short_target():
+    """The kept rows' count is data-dependent: compiled with ``fullgraph`` (dynamo capturing the mask's
+    output shape, as stock needs too) the loss equals stock's eager one; eager, a mask that keeps fewer rows
+    than the plain labels' targets raises naming both counts."""
+    import transformers.modeling_utils as mu
+
+    if not hasattr(mu, "slice_logits_to_keep"):
+        pytest.skip("this transformers slices by 1-D positions only")
+    stock, patched = _pair()
+    ids, labels = batch()
+    keep = torch.arange(labels.numel()).view(labels.shape) % 3 != 0
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)[keep]
+    want = stock(input_ids=ids, labels=labels, shift_labels=shifted, logits_to_keep=keep).loss
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(patched, fullgraph=True)
+        got = compiled(input_ids=ids, labels=labels, shift_labels=shifted, logits_to_keep=keep).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    kept = int(keep.sum())
+    with pytest.raises(
+        ValueError, match=rf"keeps {kept} positions, and the loss has {labels.numel()} targets"
+    ):
+        patched(input_ids=ids, labels=labels, logits_to_keep=keep)

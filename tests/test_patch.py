@@ -133,22 +133,32 @@ def test_apply_twice_is_noop_and_switches():
 
 
 def test_subclass_with_a_forward_of_its_own_is_left_alone(op_calls):
-    """A user's subclass of a supported class that overrides forward keeps its forward, and the report names
-    it; its layer keeps the stock norm before the projections, and the model equals stock's."""
+    """A user's subclass of a supported class that overrides forward (also one level up, past transformers'
+    checkpointing wrapper) keeps its forward, and the report names the class whose forward it is; the model
+    equals stock's."""
     stock = tiny_model("llama")
 
     class ScaledNorm(type(stock.model.norm)):
         def forward(self, hidden_states):
             return super().forward(hidden_states) * 2
 
+    class LoggedLayer(type(stock.model.layers[1])):  # transformers wraps its forward for checkpointing
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class LoggedLayerAgain(LoggedLayer):  # no forward of its own: LoggedLayer's runs
+        pass
+
     for layer in (stock.model.norm, stock.model.layers[0].input_layernorm):
         layer.__class__ = ScaledNorm
+    stock.model.layers[1].__class__ = LoggedLayerAgain
     patched = copy.deepcopy(stock)
     report = chronipatch.apply(patched)
     own = "ScaledNorm has a forward of its own"
     assert {(path, why) for path, _, why in report.left} == {
         ("model.norm", own),
         ("model.layers.0.input_layernorm", own),
+        ("model.layers.1", "LoggedLayer has a forward of its own"),
     }
     assert "forward" not in patched.model.norm.__dict__ and "ScaledNorm" in str(report)
     assert report.ops()["rms_norm"] == 2 * 2 + 1 - 2

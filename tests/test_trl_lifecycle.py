@@ -189,7 +189,7 @@ def test_packing_statistics_with_loader_workers_are_not_logged_as_zeros(tmp_path
         trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and not any(key.startswith("packing/") for h in logged for key in h), logged
-    assert "counted inside the 1 DataLoader workers and not logged" in caplog.text
+    assert "counted inside the DataLoader's workers (dataloader_num_workers=1) and not logged" in caplog.text
 
 
 def test_packing_under_attention_dropout_is_refused_before_anything_changes(tmp_path):
@@ -222,4 +222,7 @@ def test_packing_names_the_collator_it_replaces(tmp_path, caplog):
     trainer.data_collator = MyCollator()
     with caplog.at_level("WARNING", logger="chronipatch"):
         ctrl.integrate(trainer, packing=True)
-    assert "packing=True replaces the trainer's MyCollator with PackingCollator" in caplog.text
+    assert (
+        "replaces the trainer's collator test_packing_names_the_collator_it_replaces.<locals>.MyCollator"
+        in (caplog.text)
+    )

@@ -170,6 +170,17 @@ def causal_lm_forward(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
     else:
+        if flat_rows:
+            # The kept rows' count is known only now (under compile, a value of its own): stated for the
+            # graph, named for the caller.
+            kept, n = hidden_states.shape[0], targets.shape[-1]
+            if not torch.compiler.is_compiling() and kept != n:
+                raise ValueError(
+                    f"chronipatch: a bool logits_to_keep keeps {kept} positions, and the loss has {n} "
+                    "targets: pass shift_labels of the kept positions (labels are shifted for it only where "
+                    "every position is kept)"
+                )
+            torch._check(kept == n)
         weight = head_weight(self.lm_head)
         loss = ops.linear_cross_entropy(
             hidden_states[None] if flat_rows else hidden_states,

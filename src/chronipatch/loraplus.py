@@ -55,9 +55,10 @@ def check_settings(
 ) -> None:
     """LoRA+'s ratio (> 0: B's rate over A's) and the embedding adapters' rate (>= 0) as finite reals; a
     negative, nan or string one would train B uphill, fill it with nan or fail inside ``train()``."""
-    for name, value, least in ((names[0], ratio, "> 0"), (names[1], lr_embedding, ">= 0")):
+    for name, value, strict in ((names[0], ratio, True), (names[1], lr_embedding, False)):
         real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        if not real or value < 0 or (value == 0 and least == "> 0"):
+        if not real or value < 0 or (value == 0 and strict):
+            least = "> 0" if strict else ">= 0"
             raise ValueError(f"{where}: {name} must be a finite real number {least}, got {value!r:.40}")
 
 

@@ -76,12 +76,19 @@ def _own_forward(module: nn.Module, cls: str) -> bool:
     return _unwrapped_forward(type(module), klass) is not klass.forward
 
 
-def _unwrapped_forward(cls: type, klass: type):
-    """``cls.forward`` less transformers' checkpointing wrappers: ``GradientCheckpointingLayer`` wraps the
-    forward of every subclass again, FSDP2's ``FSDP<cls>`` included, and only the outermost checkpoints."""
+def _forward_owner(cls: type) -> str:
+    """The name of the class whose forward ``cls`` runs, past transformers' checkpointing wrappers."""
+    parts = _unwrapped_forward(cls).__qualname__.split(".")
+    return parts[-2] if len(parts) > 1 else cls.__name__
+
+
+def _unwrapped_forward(cls: type, klass: type | None = None):
+    """``cls.forward`` less transformers' checkpointing wrappers (down to ``klass.forward`` if given):
+    ``GradientCheckpointingLayer`` wraps the forward of every subclass again, FSDP2's ``FSDP<cls>``
+    included, and only the outermost checkpoints."""
     forward = cls.forward
     # ``functools.wraps`` copies the name: the wrapper is known by its code's.
-    while forward is not klass.forward and getattr(forward, "__code__", None) is not None:
+    while (klass is None or forward is not klass.forward) and getattr(forward, "__code__", None) is not None:
         if forward.__code__.co_name != "forward_with_checkpointing" or not hasattr(forward, "__wrapped__"):
             break
         forward = forward.__wrapped__
@@ -211,7 +218,7 @@ def apply(
             report.left.append((path, cls, "forward already replaced by someone else"))
             continue
         if _own_forward(module, cls):
-            report.left.append((path, cls, f"{type(module).__name__} has a forward of its own"))
+            report.left.append((path, cls, f"{_forward_owner(type(module))} has a forward of its own"))
             continue
         why = swap.why_not(module)
         if why:

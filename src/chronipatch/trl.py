@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import types
 
 from transformers import TrainerCallback
@@ -178,8 +179,8 @@ class ChronipatchCallback(TrainerCallback):
         if self.collator is not None and args.dataloader_num_workers > 0:
             # Each worker collates with its own copy of the collator: the main process's counters stay 0.
             log.warning(
-                "chronipatch: packing statistics are counted inside the %d DataLoader workers and not "
-                "logged; dataloader_num_workers=0 logs them",
+                "chronipatch: packing statistics are counted inside the DataLoader's workers "
+                "(dataloader_num_workers=%d) and not logged; dataloader_num_workers=0 logs them",
                 args.dataloader_num_workers,
             )
         if self.ratio is None or optimizer is None:
@@ -277,14 +278,15 @@ def integrate(
             "without packing)"
         )
     flash = str(getattr(trainer.model.config, "_attn_implementation", "")).startswith("flash_attention")
-    dropout = max(
-        (float(getattr(m, "attention_dropout", 0.0) or 0.0) for m in trainer.model.modules()), default=0
-    )
-    if (trl_packs or packing) and not flash and dropout > 0:
-        raise ValueError(
-            "chronipatch.trl.integrate: packed rows run the varlen attention, which has no attention "
-            f"dropout, and the model's attention_dropout is {dropout:g}; set it to 0"
-        )
+    if (trl_packs or packing) and not flash:
+        rates = (getattr(m, "attention_dropout", 0.0) for m in trainer.model.modules())
+        dropout = max((float(r) for r in rates if isinstance(r, numbers.Real)), default=0.0)
+        if dropout > 0:
+            raise ValueError(
+                "chronipatch.trl.integrate: packed rows (TRL's packing or padding_free, or packing=True) "
+                "run the varlen attention, which has no dropout, and the model's attention_dropout is "
+                f"{dropout:g}; set it to 0"
+            )
     # LoRA+ first too: it refuses a trainer given its own optimizer, and changes only the optimizer factory.
     ratio = None
     if loraplus_ratio is not None:
@@ -297,10 +299,10 @@ def integrate(
     collator = None
     if packing and not trl_packs:
         given = trainer.data_collator
-        if given is not None and not type(given).__module__.startswith("trl."):  # not the one TRL built
+        if given is not None and not type(given).__module__.startswith("trl."):  # not one of TRL's
+            name = getattr(given, "__qualname__", None) or type(given).__qualname__
             log.warning(
-                "chronipatch: packing=True replaces the trainer's %s with PackingCollator",
-                type(given).__name__,
+                "chronipatch: packing=True replaces the trainer's collator %s with PackingCollator", name
             )
         collator = PackingCollator(max_length=trainer.args.max_length)
         trainer.data_collator = collator
