@@ -180,6 +180,28 @@ def test_output_capturing_hooks_keep_the_layers_fused(op_calls):
     assert graph["rms_norm_linear"] == 2 * layers and graph["rope"] == layers, graph
 
 
+def test_a_capturing_hook_that_may_read_the_input_unfuses(op_calls):
+    """transformers' capturing hook of the hidden states may read the module's input: on an attention it
+    keeps the stock norm before it (the MLP's side stays fused), and the model equals stock's."""
+    capturing = pytest.importorskip("transformers.utils.output_capturing")
+    install = getattr(capturing, "install_output_capuring_hook", None) or getattr(
+        capturing, "install_output_capturing_hook", None
+    )
+    if install is None:
+        pytest.skip("this transformers installs its capturing hooks otherwise")
+    stock = tiny_model("llama")
+    patched = copy.deepcopy(stock)
+    chronipatch.apply(patched)
+    for model in (stock, patched):
+        for layer in model.model.layers:
+            install(layer.self_attn, "hidden_states", 0)
+    ids, labels = batch()
+    op_calls.clear()
+    assert_same(loss_and_grads(patched, ids, labels), loss_and_grads(stock, ids, labels))
+    layers = COMMON["num_hidden_layers"]
+    assert op_calls["rms_norm_linear_rope"] == 0 and op_calls["add_rms_norm_swiglu"] == layers
+
+
 def test_compiled_forward_fuses_where_the_binding_traces_to_none(monkeypatch):
     """torch 2.11's dynamo traces ``bound_forward`` (the function behind a module's bound forward) to
     None; the compiled forward must still find the fused path (``layers.runs`` reads ``apply``'s own mark)."""
