@@ -102,10 +102,7 @@ def _decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, 
 def fuses_norm(module: torch.nn.Module, fn) -> bool:
     """Whether ``module`` runs ``fn`` and nothing else that reads its input on a call: it may then take the
     norm's input. transformers' output-capturing hooks that read only outputs do not count."""
-    if not runs(module, fn) or any(_GLOBAL_HOOKS):
-        return False
-    hooks, *others = own_hooks(module)
-    return not any(others) and all(_reads_output_only(hook) for hook in hooks.values())
+    return runs(module, fn) and no_hooks(module, inert=_reads_output_only)
 
 
 @torch.compiler.assume_constant_result  # read at trace time: dynamo cannot trace a closure's cells
@@ -214,9 +211,13 @@ def own_hooks(m: torch.nn.Module) -> tuple[dict, ...]:
     return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
 
 
-def no_hooks(m: torch.nn.Module) -> bool:
-    """No hooks of its own nor global ones: a module call would run nothing but its forward."""
-    return not any(own_hooks(m)) and not any(_GLOBAL_HOOKS)
+def no_hooks(m: torch.nn.Module, inert=None) -> bool:
+    """No hooks of its own nor global ones: a module call would run nothing but its forward. ``inert``:
+    forward hooks for which it is true do not count."""
+    forward, *others = own_hooks(m)
+    if any(others) or any(_GLOBAL_HOOKS):
+        return False
+    return not forward or (inert is not None and all(inert(hook) for hook in forward.values()))
 
 
 def plain_linear(m: torch.nn.Module) -> bool:

@@ -277,8 +277,8 @@ def integrate(
             f"max_length is {trainer.args.max_length!r}; set it (TRL then truncates examples to it, as "
             "without packing)"
         )
-    flash = str(getattr(trainer.model.config, "_attn_implementation", "")).startswith("flash_attention")
-    if (trl_packs or packing) and not flash:
+    varlen = trl_packs or bool(packing)
+    if varlen and not _flash(trainer.model):
         rates = (getattr(m, "attention_dropout", 0.0) for m in trainer.model.modules())
         dropout = max((float(r) for r in rates if isinstance(r, numbers.Real)), default=0.0)
         if dropout > 0:
@@ -294,7 +294,7 @@ def integrate(
             ratio = loraplus_ratio
         else:
             log.info("chronipatch: no LoRA adapters (full fine-tuning); optimizer groups left as they are")
-    counter, varlen = {"calls": 0}, trl_packs or bool(packing)
+    counter = {"calls": 0}
     _wire(trainer, counter, varlen)
     collator = None
     if packing and not trl_packs:
@@ -311,6 +311,11 @@ def integrate(
     trainer.callback_handler.callbacks.insert(1, callback)  # before reporters, so they see our log keys
     trainer._chronipatch = callback
     return callback
+
+
+def _flash(model) -> bool:
+    """Whether the user chose flash-attn, whose own varlen kernel reads ``cu_seq_lens`` (with dropout)."""
+    return str(model.config._attn_implementation).startswith("flash_attention")
 
 
 def _wired(trainer) -> bool:
@@ -336,5 +341,5 @@ def _wire(trainer, counter: dict, varlen: bool) -> None:
         # On the model's own config, undone by revert: a cache would hide the packed boundaries from the mask
         # logic. flash-attn's own varlen kernel, when the user chose it, reads cu_seq_lens too: kept.
         own_config(model, use_cache=False)
-        if not str(model.config._attn_implementation).startswith("flash_attention"):
+        if not _flash(model):
             select_varlen(model)
