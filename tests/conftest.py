@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -13,8 +15,12 @@ except ImportError:  # pragma: no cover
     _CUDA = False
 if not _CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# A fresh compile cache per session: a stale on-disk graph must never stand in for today's ops.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="chronipatch-inductor-"))
+# A fresh compile cache per session: a stale on-disk graph must never stand in for today's ops. It goes
+# when the session ends, so runs do not pile caches up in the temporary directory.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="chronipatch-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
