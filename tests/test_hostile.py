@@ -190,6 +190,10 @@ ERRORS = [
         lambda: PackingCollator(max_length=4.5),
         "max_length",
     ),
+    ("packing", lambda: PackingCollator(8, window=2.5), r"window must be None or an int >= 1, got 2\.5"),
+    ("packing", lambda: PackingCollator(8, window=True), "window must be None or an int >= 1, got True"),
+    ("packing", lambda: PackingCollator(8, window="2"), "window must be None or an int >= 1, got '2'"),
+    ("packing", lambda: PackingCollator(8, ignore_index=None), "ignore_index must be an int, got None"),
     # --- varlen attention
     ("attention", lambda: _attn(cu_seq_lens_q=cu10.float(), max_length_q=6), "1-D integer tensor"),
     ("attention", lambda: _attn(cu_seq_lens_q=cu10[None], max_length_q=6), "1-D integer tensor"),

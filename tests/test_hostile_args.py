@@ -284,6 +284,43 @@ def test_compiled_lce_gives_nan_rows_for_labels_out_of_range():
     assert torch.compile(lambda h, w, y: ops.linear_cross_entropy(h, w, y))(h, w, labels).isnan()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the one pass's gradients
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_lce_label_out_of_range_makes_its_gradients_nan(dtype, reduction):
+    """The kernels give an out-of-range row the softmax's gradient without its one-hot term; compiled,
+    with no check to raise, the row's NaN loss takes its gradients to NaN, rather than train on them."""
+    h, w, _ = _lce_case(dtype)
+    labels = torch.tensor([[0, 1, 8, 2, -100], [3, 4, 5, 6, 7]])
+    fn = torch.compile(lambda h, w, y: ops.linear_cross_entropy(h, w, y, shift=False, reduction=reduction))
+    loss = fn(h, w, labels)
+    dh, dw = torch.autograd.grad(loss.sum(), (h, w))
+    assert dh[0, 2].isnan().all() and dw.isnan().all()
+    if reduction == "none":  # the other rows' own gradients stay finite
+        assert loss[0, 2].isnan() and not loss.flatten()[torch.arange(10) != 2].isnan().any()
+        assert not dh.flatten(0, 1)[torch.arange(10) != 2].isnan().any()
+    fine = labels.clone()
+    fine[0, 2] = 7
+    dh, dw = torch.autograd.grad(fn(h, w, fine).sum(), (h, w))
+    assert dh.isfinite().all() and dw.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("items", [0, torch.tensor(0)])
+def test_compiled_lce_mean_by_zero_items_is_stock_inf(dtype, items):
+    """Compiled, a mean over supervised labels by ``num_items_in_batch`` 0 is stock's sum / 0 (inf), not
+    the sum; with every label ignored it stays a finite 0 with zero gradients."""
+    h, w, labels = _lce_case(dtype)
+    fn = torch.compile(lambda h, w, y, n: ops.linear_cross_entropy(h, w, y, num_items_in_batch=n))
+    loss = fn(h, w, labels, items)
+    assert loss.isinf() and loss > 0
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert not dh[:, :-1].isfinite().any() and not dw.isfinite().any()  # the last position: ignored
+    ignored = torch.full_like(labels, -100)
+    loss = fn(h, w, ignored, items)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert loss == 0 and not dh.any() and not dw.any()
+
+
 def test_lce_complex_num_items_off_the_real_line_is_named():
     h, w, labels = _lce_case()
     with pytest.raises(

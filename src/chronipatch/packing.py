@@ -136,8 +136,15 @@ class PackingCollator:
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 2:
             raise ValueError(f"max_length must be an int >= 2, got {size!r}")
         self.max_length = int(size)  # numpy's too: a Python int, as max_length_q/k must be
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be None or >= 1, got {self.window}")
+        window = self.window
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+                raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+            self.window = int(window)
+        index = self.ignore_index
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise ValueError(f"ignore_index must be an int, got {index!r}")
+        self.ignore_index = int(index)
         if self.long_documents not in _LONG_DOCUMENT_MODES:
             raise ValueError(
                 f"long_documents must be one of {_LONG_DOCUMENT_MODES}, got {self.long_documents!r}"

@@ -254,6 +254,24 @@ def check_values(
     return n_valid
 
 
+def unchecked_factor(flat: Tensor, vocab: int, ignore_index: int, num_items, reduction: str) -> Tensor:
+    """Where ``check_values`` could not run (compiled calls), stock's answer for what it would raise, as a
+    factor of the loss (a factor per row with ``reduction="none"``): NaN for a label out of range, whose loss
+    row is NaN already (the factor takes its gradient along: the kernels leave out the missing one-hot
+    term, which would train on what is left); inf for a mean over supervised labels by a
+    ``num_items_in_batch`` of 0 (stock's sum / 0; the loss divides such a sum by 1); else 1."""
+    supervised = flat != ignore_index
+    bad = supervised & ((flat < 0) | (flat >= vocab))
+    nan = torch.full((), float("nan"), device=flat.device)
+    if reduction == "none":
+        return torch.where(bad, nan, 1.0)
+    factor = torch.where(bad.any(), nan, 1.0)
+    if reduction == "mean" and num_items is not None:
+        zero = (mean_divisor(flat, ignore_index, num_items, None) == 0) & supervised.any()
+        factor = torch.where(zero, float("inf"), factor)
+    return factor
+
+
 def label_counts_matching(
     check: LabelCheck | None, labels: Tensor, key: tuple, num_items=None
 ) -> Tensor | None:

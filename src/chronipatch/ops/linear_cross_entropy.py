@@ -53,6 +53,7 @@ from ._labels import (
     prefetch_label_check,
     supervised_positions,
     targets_of,
+    unchecked_factor,
 )
 from ._lce_chunks import chunks_bwd, chunks_fwd
 from ._lce_rows import RowsPrep, dw_rows, rows_fwd_bwd, rows_prep, scale_grad
@@ -377,6 +378,8 @@ def linear_cross_entropy(
             loss, entropy, correct, _, _ = _LceWithGradEager.apply(*args, prep)
         else:
             loss, entropy, correct, _, _ = _lce_with_grad(*args)
+        if n_valid is None and flat.numel():
+            loss = loss * unchecked_factor(flat, vocab, ignore_index, num_items_in_batch, reduction)
         if return_token_stats:
             return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
         return loss
@@ -395,6 +398,9 @@ def linear_cross_entropy(
     else:
         divisor = mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         loss = rows.sum() / torch.where(divisor != 0, divisor, 1.0)  # nothing supervised: a finite 0
+    if n_valid is None and flat.numel():
+        factor = unchecked_factor(flat, vocab, ignore_index, num_items_in_batch, reduction)
+        loss = loss * factor.reshape(loss.shape)
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
     return loss
