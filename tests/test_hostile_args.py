@@ -321,6 +321,46 @@ def test_compiled_lce_mean_by_zero_items_is_stock_inf(dtype, items):
     assert loss == 0 and not dh.any() and not dw.any()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_lce_of_a_data_dependent_row_count_compiles(reduction):
+    """Rows kept by a mask inside the compiled function have a count dynamo cannot guard on: the loss
+    must not branch on it (``fullgraph``), and gives stock's answer."""
+    h, w, labels = _lce_case()
+    labels[:, ::2] = -100
+
+    def kept(h, w, y):
+        keep = y != -100
+        return ops.linear_cross_entropy(h[keep], w, y[keep], shift=False, reduction=reduction)
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = torch.compile(kept, fullgraph=True)(h, w, labels)
+    torch.testing.assert_close(got, kept(h, w, labels))
+
+
+def test_compiled_lce_loss_stays_fp32_under_an_fp64_default_dtype():
+    h, w, labels = _lce_case()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss = torch.compile(lambda h, w, y: ops.linear_cross_entropy(h, w, y))(h, w, labels)
+    finally:
+        torch.set_default_dtype(old)
+    assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("items", [0.0, torch.tensor(-0.0)])  # a float's guard takes -0.0 for 0.0
+def test_compiled_lce_nan_wins_over_a_zero_items_inf(items):
+    """A label out of range makes the loss and every gradient NaN, also with ``num_items_in_batch`` 0 (whose
+    inf alone would make them +-inf); without the bad label, -0.0 gives stock's sum / -0.0, -inf."""
+    h, w, labels = _lce_case(torch.bfloat16)
+    fn = torch.compile(lambda h, w, y, n: ops.linear_cross_entropy(h, w, y, num_items_in_batch=n))
+    bad = labels.clone()
+    bad[0, 2] = 8
+    dh, dw = torch.autograd.grad(loss := fn(h, w, bad, items), (h, w))
+    assert loss.isnan() and dh[0, 1].isnan().all() and dw.isnan().all()
+    assert fn(h, w, labels, items) == (float("-inf") if torch.is_tensor(items) else float("inf"))
+
+
 def test_lce_complex_num_items_off_the_real_line_is_named():
     h, w, labels = _lce_case()
     with pytest.raises(

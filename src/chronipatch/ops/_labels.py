@@ -254,22 +254,25 @@ def check_values(
     return n_valid
 
 
-def unchecked_factor(flat: Tensor, vocab: int, ignore_index: int, num_items, reduction: str) -> Tensor:
+def unchecked_factor(
+    flat: Tensor, vocab: int, ignore_index: int, items: Tensor | None, reduction: str
+) -> Tensor:
     """Where ``check_values`` could not run (compiled calls), stock's answer for what it would raise, as a
-    factor of the loss (a factor per row with ``reduction="none"``): NaN for a label out of range, whose loss
-    row is NaN already (the factor takes its gradient along: the kernels leave out the missing one-hot
-    term, which would train on what is left); inf for a mean over supervised labels by a
-    ``num_items_in_batch`` of 0 (stock's sum / 0; the loss divides such a sum by 1); else 1."""
+    fp32 factor of the loss (one per row with ``reduction="none"``): NaN for a label out of range, whose loss
+    row is NaN already (the factor takes its gradients along: the kernels leave out the missing one-hot term,
+    and an optimizer would apply the rest); +-inf for a mean over supervised labels by ``items``, the
+    divisor ``num_items_in_batch`` gives (None without one), of 0 (stock's sum / 0; the loss divides such a
+    sum by 1); else 1."""
     supervised = flat != ignore_index
     bad = supervised & ((flat < 0) | (flat >= vocab))
-    nan = torch.full((), float("nan"), device=flat.device)
+    nan = torch.full((), float("nan"), device=flat.device, dtype=torch.float32)
     if reduction == "none":
         return torch.where(bad, nan, 1.0)
-    factor = torch.where(bad.any(), nan, 1.0)
-    if reduction == "mean" and num_items is not None:
-        zero = (mean_divisor(flat, ignore_index, num_items, None) == 0) & supervised.any()
-        factor = torch.where(zero, float("inf"), factor)
-    return factor
+    factor = torch.ones((), device=flat.device, dtype=torch.float32)
+    if items is not None:
+        inf = torch.copysign(torch.full_like(factor, float("inf")), items.float())  # sum / -0.0 is -inf
+        factor = torch.where((items == 0) & supervised.any(), inf, factor)
+    return torch.where(bad.any(), nan, factor)  # last: NaN wins over inf
 
 
 def label_counts_matching(

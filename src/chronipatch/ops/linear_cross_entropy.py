@@ -369,7 +369,7 @@ def linear_cross_entropy(
         prep = None  # the selected rows' own, as the registered op computes them (the same bits)
     if one_pass:
         divisor = (
-            torch.ones((), device=h.device)
+            torch.ones((), device=h.device, dtype=torch.float32)
             if reduction == "sum"
             else mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         )
@@ -378,8 +378,9 @@ def linear_cross_entropy(
             loss, entropy, correct, _, _ = _LceWithGradEager.apply(*args, prep)
         else:
             loss, entropy, correct, _, _ = _lce_with_grad(*args)
-        if n_valid is None and flat.numel():
-            loss = loss * unchecked_factor(flat, vocab, ignore_index, num_items_in_batch, reduction)
+        if n_valid is None and (torch.compiler.is_compiling() or flat.numel()):
+            items = divisor if num_items_in_batch is not None else None
+            loss = loss * unchecked_factor(flat, vocab, ignore_index, items, reduction)
         if return_token_stats:
             return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
         return loss
@@ -398,9 +399,9 @@ def linear_cross_entropy(
     else:
         divisor = mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
         loss = rows.sum() / torch.where(divisor != 0, divisor, 1.0)  # nothing supervised: a finite 0
-    if n_valid is None and flat.numel():
-        factor = unchecked_factor(flat, vocab, ignore_index, num_items_in_batch, reduction)
-        loss = loss * factor.reshape(loss.shape)
+    if n_valid is None and (torch.compiler.is_compiling() or flat.numel()):
+        items = divisor if reduction == "mean" and num_items_in_batch is not None else None
+        loss = loss * unchecked_factor(flat, vocab, ignore_index, items, reduction).reshape(loss.shape)
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
     return loss
