@@ -23,8 +23,9 @@ case $call in
   step diag3 120 python abl/diag3.py
   step patch_gpu 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_patch_gpu.py
   ;;
-2)
-  step lce_tests 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_lce_rows.py tests/test_ops_gpu.py -k "lce or truth or cross"
+2)  # call 3; call 2 had reached patch_gpu's 200 s limit
+  step patch_gpu 330 python -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_patch_gpu.py
+  step lce_tests 240 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_lce_rows.py tests/test_ops_gpu.py -k "lce or truth or cross"
   step inv_llama 260 python -m pytest -m gpu -q -p no:cacheprovider tests/test_invariants_gpu.py -k "bf16 and llama"
   ;;
 esac
