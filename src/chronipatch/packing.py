@@ -104,6 +104,17 @@ def _as_1d_long(value: Any, key: str, index: int, bools: bool = False) -> torch.
     return t
 
 
+def _an_int(value: Any, rule: str, least: int | None = None) -> int:
+    """``value`` as a Python int (numpy's too), or ValueError stating ``rule``: bools are not counts."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or (least is not None and value < least)
+    ):
+        raise ValueError(f"{rule}, got {value!r}")
+    return int(value)
+
+
 @dataclass
 class PackingCollator:
     """Collate examples into one padding-free packed sequence of shape `[1, total_tokens]`.
@@ -132,19 +143,11 @@ class PackingCollator:
     last_row_offsets: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        size = self.max_length
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {size!r}")
-        self.max_length = int(size)  # numpy's too: a Python int, as max_length_q/k must be
-        window = self.window
-        if window is not None:
-            if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-                raise ValueError(f"window must be None or an int >= 1, got {window!r}")
-            self.window = int(window)
-        index = self.ignore_index
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
-            raise ValueError(f"ignore_index must be an int, got {index!r}")
-        self.ignore_index = int(index)
+        # numpy's ints too, kept as Python ints (as max_length_q/k must be)
+        self.max_length = _an_int(self.max_length, "max_length must be an int >= 2", least=2)
+        if self.window is not None:
+            self.window = _an_int(self.window, "window must be None or an int >= 1", least=1)
+        self.ignore_index = _an_int(self.ignore_index, "ignore_index must be an int")
         if self.long_documents not in _LONG_DOCUMENT_MODES:
             raise ValueError(
                 f"long_documents must be one of {_LONG_DOCUMENT_MODES}, got {self.long_documents!r}"

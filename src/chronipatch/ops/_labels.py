@@ -74,9 +74,14 @@ def label_counts(targets: Tensor, vocab: int, ignore_index: int, num_items: Tens
     return _counts_by_torch(flat, vocab, ignore_index, num_items)
 
 
-def _counts_by_torch(flat: Tensor, vocab: int, ignore_index: int, num_items: Tensor | None) -> Tensor:
+def _supervised_and_bad(flat: Tensor, vocab: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The masks of the labels not ignored, and of those among them outside [0, V)."""
     valid = flat != ignore_index
-    bad = valid & ((flat < 0) | (flat >= vocab))
+    return valid, valid & ((flat < 0) | (flat >= vocab))
+
+
+def _counts_by_torch(flat: Tensor, vocab: int, ignore_index: int, num_items: Tensor | None) -> Tensor:
+    valid, bad = _supervised_and_bad(flat, vocab, ignore_index)
     # gather, not flat[i]: indexing by a 0-dim device tensor reads it on the host (a sync).
     first = flat.gather(0, bad.int().argmax().view(1)).squeeze(0)
     n_valid = valid.sum()
@@ -263,8 +268,7 @@ def unchecked_factor(
     and an optimizer would apply the rest); +-inf for a mean over supervised labels by ``items``, the
     divisor ``num_items_in_batch`` gives (None without one), of 0 (stock's sum / 0; the loss divides such a
     sum by 1); else 1."""
-    supervised = flat != ignore_index
-    bad = supervised & ((flat < 0) | (flat >= vocab))
+    supervised, bad = _supervised_and_bad(flat, vocab, ignore_index)
     nan = torch.full((), float("nan"), device=flat.device, dtype=torch.float32)
     if reduction == "none":
         return torch.where(bad, nan, 1.0)

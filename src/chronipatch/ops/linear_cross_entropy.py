@@ -378,29 +378,24 @@ def linear_cross_entropy(
             loss, entropy, correct, _, _ = _LceWithGradEager.apply(*args, prep)
         else:
             loss, entropy, correct, _, _ = _lce_with_grad(*args)
-        if n_valid is None and (torch.compiler.is_compiling() or flat.numel()):
-            items = divisor if num_items_in_batch is not None else None
-            loss = loss * unchecked_factor(flat, vocab, ignore_index, items, reduction)
-        if return_token_stats:
-            return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
-        return loss
-    args = (h, w, flat, int(ignore_index), bool(return_token_stats))
-    if not (need_dh or need_dw) and eager_cuda(h, w, flat):  # no graph to record: the launchers directly
-        with device_of(h):
-            rows, _, entropy, correct = lce_fwd_triton(*args)
     else:
-        rows, _, entropy, correct = _lce(*args)
-    if keep is not None:
-        rows = rows.new_zeros(labels.numel()).index_copy(0, keep, rows)
-    if reduction == "none":
-        loss = rows.reshape(labels.shape)
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        divisor = mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
-        loss = rows.sum() / torch.where(divisor != 0, divisor, 1.0)  # nothing supervised: a finite 0
+        args = (h, w, flat, int(ignore_index), bool(return_token_stats))
+        if not (need_dh or need_dw) and eager_cuda(h, w, flat):  # no graph to record: the launchers directly
+            with device_of(h):
+                rows, _, entropy, correct = lce_fwd_triton(*args)
+        else:
+            rows, _, entropy, correct = _lce(*args)
+        if keep is not None:
+            rows = rows.new_zeros(labels.numel()).index_copy(0, keep, rows)
+        if reduction == "none":
+            loss = rows.reshape(labels.shape)
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            divisor = mean_divisor(labels, ignore_index, num_items_in_batch, n_valid)
+            loss = rows.sum() / torch.where(divisor != 0, divisor, 1.0)  # nothing supervised: a finite 0
     if n_valid is None and (torch.compiler.is_compiling() or flat.numel()):
-        items = divisor if reduction == "mean" and num_items_in_batch is not None else None
+        items = divisor if num_items_in_batch is not None else None  # a mean's (check_arguments)
         loss = loss * unchecked_factor(flat, vocab, ignore_index, items, reduction).reshape(loss.shape)
     if return_token_stats:
         return loss, TokenStats(entropy.reshape(labels.shape), correct.reshape(labels.shape))
