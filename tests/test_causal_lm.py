@@ -127,66 +127,61 @@ def test_hooked_head_compiles_in_one_graph():
     torch.testing.assert_close(ours, stock(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp2_gathering_hooks_leave_the_head_fused(op_calls):
-    """FSDP2's own hooks on the head (a unit of its own, or shared with the embedding: ``fully_shard([...])``
-    registers closures) are not a user's: the loss stays fused and equals stock's; a user's hook is seen."""
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of this process alone, for FSDP2's ``fully_shard``."""
     import socket
 
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        stock, patched = _pair()
-        fully_shard([patched.lm_head, patched.model.embed_tokens])
-        fully_shard(patched)
-        assert causal_lm.plain_head(patched.lm_head)
-        ids, labels = batch()
-        op_calls.clear()
-        ours = patched(input_ids=ids, labels=labels)
-        assert op_calls["linear_cross_entropy"] == 1 and ours.logits is None
-        torch.testing.assert_close(ours.loss, stock(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
-        patched.lm_head.register_forward_hook(lambda mod, args, out: out)
-        assert not causal_lm.plain_head(patched.lm_head)
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp2_gathering_hooks_leave_the_head_fused(op_calls, world_of_one):
+    """FSDP2's own hooks on the head (a unit of its own, or shared with the embedding: ``fully_shard([...])``
+    registers closures) are not a user's: the loss stays fused and equals stock's; a user's hook is seen."""
+    from torch.distributed.fsdp import fully_shard
+
+    stock, patched = _pair()
+    fully_shard([patched.lm_head, patched.model.embed_tokens])
+    fully_shard(patched)
+    assert causal_lm.plain_head(patched.lm_head)
+    ids, labels = batch()
+    op_calls.clear()
+    ours = patched(input_ids=ids, labels=labels)
+    assert op_calls["linear_cross_entropy"] == 1 and ours.logits is None
+    torch.testing.assert_close(ours.loss, stock(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    patched.lm_head.register_forward_hook(lambda mod, args, out: out)
+    assert not causal_lm.plain_head(patched.lm_head)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_fsdp2_sharded_layers_are_swapped(op_calls, family):
+def test_fsdp2_sharded_layers_are_swapped(op_calls, family, world_of_one):
     """``fully_shard`` on each decoder layer makes an ``FSDP<cls>`` subclass whose forward transformers'
     ``GradientCheckpointingLayer`` wraps once more: the layers are still swapped (their norms run inside the
     projections), and loss and gradients equal stock's."""
-    import socket
-
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        stock = tiny_model(family)
-        patched = copy.deepcopy(stock)
-        for layer in patched.model.layers:
-            fully_shard(layer)
-        fully_shard(patched)
-        report = chronipatch.apply(patched)
-        ids, labels = batch()
-        op_calls.clear()
-        ours = _losses_and_grads(patched, input_ids=ids, labels=labels)
-        # Each layer's two norms inside the projections they feed (the MLP's with the residual add).
-        n_layers = len(patched.model.layers)
-        assert report.ops()["rms_norm_linear"] == n_layers, str(report)
-        assert op_calls["rms_norm_linear"] == 2 * op_calls["add_rms_norm_swiglu"] == 2 * n_layers
-        grads = {name: grad.full_tensor() for name, grad in ours[1].items()}
-        _assert_same((ours[0], grads), _losses_and_grads(stock, input_ids=ids, labels=labels))
-    finally:
-        dist.destroy_process_group()
+    stock = tiny_model(family)
+    patched = copy.deepcopy(stock)
+    for layer in patched.model.layers:
+        fully_shard(layer)
+    fully_shard(patched)
+    report = chronipatch.apply(patched)
+    ids, labels = batch()
+    op_calls.clear()
+    ours = _losses_and_grads(patched, input_ids=ids, labels=labels)
+    # Each layer's two norms inside the projections they feed (the MLP's with the residual add).
+    n_layers = len(patched.model.layers)
+    assert report.ops()["rms_norm_linear"] == n_layers, str(report)
+    assert op_calls["rms_norm_linear"] == 2 * op_calls["add_rms_norm_swiglu"] == 2 * n_layers
+    grads = {name: grad.full_tensor() for name, grad in ours[1].items()}
+    _assert_same((ours[0], grads), _losses_and_grads(stock, input_ids=ids, labels=labels))
 
 
 def test_global_module_hooks_leave_the_head_fused(op_calls):
@@ -275,15 +270,25 @@ def test_logits_to_keep_as_tensors_slices_as_stock(keep):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _needs_bool_masks():
+    import transformers.modeling_utils as mu
+
+    if not hasattr(mu, "slice_logits_to_keep"):
+        pytest.skip("this transformers slices by 1-D positions only")
+
+
+def _every_third_left_out(labels):
+    """A bool ``logits_to_keep`` leaving out every third position, and ``shift_labels`` of the kept ones."""
+    keep = torch.arange(labels.numel()).view(labels.shape) % 3 != 0
+    return keep, torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)[keep]
+
+
 @pytest.mark.parametrize("targets", ["shift_labels", "labels"])
 def test_loss_of_rows_a_bool_mask_keeps_is_stock(op_calls, targets):
     """A bool ``logits_to_keep`` [B, T] keeps [num_true, H] rows (transformers' form for packed training):
     their fused loss, against ``shift_labels`` of the kept positions or (every position kept) the labels
     shifted within each row, with ``num_items_in_batch``, equals stock's, gradients too."""
-    import transformers.modeling_utils as mu
-
-    if not hasattr(mu, "slice_logits_to_keep"):
-        pytest.skip("this transformers slices by 1-D positions only")
+    _needs_bool_masks()
     stock, patched = _pair()
     ids, labels = batch()
     labels[0, :3] = -100
@@ -291,9 +296,8 @@ def test_loss_of_rows_a_bool_mask_keeps_is_stock(op_calls, targets):
         keep = torch.ones_like(labels, dtype=torch.bool)
         kw = dict(labels=labels, num_items_in_batch=torch.tensor(7))
     else:
-        keep = torch.arange(labels.numel()).view(labels.shape) % 3 != 0
-        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-        kw = dict(labels=labels, shift_labels=shifted[keep], num_items_in_batch=torch.tensor(7))
+        keep, shifted = _every_third_left_out(labels)
+        kw = dict(labels=labels, shift_labels=shifted, num_items_in_batch=torch.tensor(7))
     op_calls.clear()
     ours = _losses_and_grads(patched, input_ids=ids, logits_to_keep=keep, **kw)
     assert op_calls["linear_cross_entropy"] == 1
@@ -304,14 +308,10 @@ def test_bool_mask_loss_compiles_in_one_graph_and_names_a_short_target():
     """The kept rows' count is data-dependent: compiled with ``fullgraph`` (dynamo capturing the mask's
     output shape, as stock needs too) the loss equals stock's eager one; eager, a mask that keeps fewer rows
     than the plain labels' targets raises naming both counts."""
-    import transformers.modeling_utils as mu
-
-    if not hasattr(mu, "slice_logits_to_keep"):
-        pytest.skip("this transformers slices by 1-D positions only")
+    _needs_bool_masks()
     stock, patched = _pair()
     ids, labels = batch()
-    keep = torch.arange(labels.numel()).view(labels.shape) % 3 != 0
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)[keep]
+    keep, shifted = _every_third_left_out(labels)
     want = stock(input_ids=ids, labels=labels, shift_labels=shifted, logits_to_keep=keep).loss
     torch._dynamo.reset()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
